@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_ft.losses import selective_log_softmax
+from lit_ft.rl import response_mask_after_eos
 
 
 @dataclass
@@ -25,13 +26,6 @@ class SamplingSpec:
     """0 disables top-k filtering (PPO samples from the full distribution)."""
     top_p: float = 1.0
     """1.0 disables nucleus filtering."""
-
-
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """[B, R] mask: 1 up to and including the first EOS of each row, 0 after it."""
-    is_eos = responses == eos_token_id
-    after = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS seen strictly before this position
-    return (after == 0).long()
 
 
 @torch.no_grad()
@@ -54,7 +48,7 @@ def generate(model, input_ids, attention_mask, spec: SamplingSpec, eos_token_id:
         kwargs.update(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     responses = out[:, input_ids.shape[1]:]
-    mask = response_mask(responses, eos_token_id)
+    mask = response_mask_after_eos(responses, eos_token_id, pad_token_id).long()
     return responses.masked_fill(mask == 0, pad_token_id), mask
 
 

@@ -1,0 +1,193 @@
+"""Memory-aware language-model losses and the Bradley-Terry reward-model loss.
+
+Pure functions over tensors (imports torch only). The causal-LM loss never materialises the full
+``[N, V]`` fp32 logits: rows are processed in chunks, and each chunk runs under non-reentrant activation
+checkpointing so the backward pass recomputes that chunk's logits instead of keeping all of them alive
+(the same idea as the "chunked cross-entropy" / "cut cross-entropy" tricks used by large-vocabulary trainers).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "causal_lm_loss",
+    "selective_log_softmax",
+    "entropy_from_logits",
+    "bradley_terry_loss",
+]
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs; fp64 stays fp64 (so double-precision tests stay exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _chunked_rows(
+    fn: Callable[..., Tensor], x: Tensor, *others: Tensor, chunk_size: int, shared: tuple[Tensor, ...] = ()
+) -> list[Tensor]:
+    """Apply ``fn(x_chunk, *other_chunks, *shared)`` to row chunks of ``x`` (and same-length ``others``).
+
+    Under autograd each chunk is wrapped in non-reentrant ``torch.utils.checkpoint``: only the chunk's inputs
+    are kept and its large intermediates (logits, log-probs) are recomputed one chunk at a time in backward.
+    ``torch.split`` (not slicing) gives a single backward node, so the input gradient is assembled once.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    x_chunks = x.split(chunk_size)
+    other_chunks = [o.split(chunk_size) for o in others]
+    grad = _needs_grad(x, *others, *shared)
+    out = []
+    for i, xc in enumerate(x_chunks):
+        args = (xc, *(oc[i] for oc in other_chunks), *shared)
+        if grad:
+            # The chunk functions are deterministic, so saving/restoring RNG state is wasted work.
+            out.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            out.append(fn(*args))
+    return out
+
+
+def causal_lm_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    chunk_size: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy computed from final hidden states, chunked over tokens.
+
+    Args:
+        hidden: ``[B, T, H]`` decoder final hidden states (after the final norm), any float dtype.
+        lm_head_weight: ``[V, H]`` output projection (no bias, as in Llama-style LMs).
+        labels: ``[B, T]`` unshifted token ids; position ``t`` predicts ``labels[:, t + 1]``. Positions whose
+            shifted label equals ``ignore_index`` are dropped before any logits are computed.
+        ignore_index: label value that marks a position as not trained on.
+        chunk_size: rows of the gathered ``[N, H]`` hidden states per logits chunk; peak extra memory is
+            about ``chunk_size * V`` fp32 values, in forward and in backward.
+
+    Returns:
+        ``(loss_sum, n_tokens)``: fp32 (fp64 for fp64 input) scalar sum of token losses, and a long scalar
+        token count. Divide outside (e.g. after an all-reduce of ``n_tokens``) to get a mean that weighs every
+        token equally.
+        With no trainable token the loss is an exact zero still attached to the graph (so DDP and
+        ``backward()`` keep working), never NaN.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"lm_head_weight must be [V, {hidden.shape[2]}], got {tuple(lm_head_weight.shape)}")
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != ignore_index  # [B, T-1]
+    n_tokens = keep.sum()
+    h = hidden[:, :-1][keep]  # [N, H]: logits are only ever computed for trained positions
+    targets = shift_labels[keep]  # [N]
+    # Matmul in the activations' dtype (bf16 tensor cores); a differing weight dtype is cast once ([V, H]).
+    weight = lm_head_weight if lm_head_weight.dtype == hidden.dtype else lm_head_weight.to(hidden.dtype)
+    acc = _softmax_dtype(hidden.dtype)
+    if h.shape[0] == 0:
+        zero = (hidden.sum() * 0).to(acc)
+        if weight.requires_grad:
+            zero = zero + (weight.sum() * 0).to(acc)
+        return zero, n_tokens
+
+    def chunk_loss(h_chunk: Tensor, t_chunk: Tensor, w: Tensor) -> Tensor:
+        logits = (h_chunk @ w.t()).to(acc)  # [n, V] exists for one chunk at a time
+        return F.cross_entropy(logits, t_chunk, reduction="sum")
+
+    parts = _chunked_rows(chunk_loss, h, targets, chunk_size=chunk_size, shared=(weight,))
+    return torch.stack(parts).sum(), n_tokens
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = 1024) -> Tensor:
+    """Log-probability of the chosen tokens, ``log_softmax(logits)[..., index]``.
+
+    Args:
+        logits: ``[B, T, V]`` (any float dtype).
+        index: ``[B, T]`` token ids in ``[0, V)``.
+        chunk_size: rows (of the flattened ``B * T``) converted to fp32 at a time, so a bf16 input never
+            gets a full ``[B, T, V]`` fp32 copy, in forward or (via checkpointing) in backward.
+
+    Returns:
+        ``[B, T]`` fp32 log-probabilities (fp64 for fp64 input).
+    """
+    if logits.shape[:-1] != index.shape:
+        raise ValueError(f"index shape {tuple(index.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}")
+    acc = _softmax_dtype(logits.dtype)
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_idx = index.reshape(-1, 1).long()
+
+    def chunk_fn(x: Tensor, idx: Tensor) -> Tensor:
+        # log p_i = x_i - logsumexp(x), in fp32.
+        x = x.to(acc)
+        return (x.gather(-1, idx) - torch.logsumexp(x, dim=-1, keepdim=True)).squeeze(-1)
+
+    parts = _chunked_rows(chunk_fn, flat, flat_idx, chunk_size=chunk_size)
+    if not parts:
+        return flat.new_zeros(index.shape, dtype=acc)
+    return torch.cat(parts).reshape(index.shape)
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 1024) -> Tensor:
+    """Entropy of the softmax distribution per position, ``-sum_v p_v log p_v``.
+
+    Args:
+        logits: ``[B, T, V]`` (any float dtype).
+        chunk_size: rows converted to fp32 at a time (see :func:`selective_log_softmax`).
+
+    Returns:
+        ``[B, T]`` fp32 entropies (fp64 for fp64 input).
+    """
+    acc = _softmax_dtype(logits.dtype)
+    flat = logits.reshape(-1, logits.shape[-1])
+
+    def chunk_fn(x: Tensor) -> Tensor:
+        logp = torch.log_softmax(x.to(acc), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    parts = _chunked_rows(chunk_fn, flat, chunk_size=chunk_size)
+    if not parts:
+        return flat.new_zeros(logits.shape[:-1], dtype=acc)
+    return torch.cat(parts).reshape(logits.shape[:-1])
+
+
+def bradley_terry_loss(
+    r_chosen: Tensor,
+    r_rejected: Tensor,
+    margin: Tensor | float | None = None,
+    center_coef: float = 0.0,
+) -> Tensor:
+    """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1).
+
+    ``mean(-log sigmoid(r_chosen - r_rejected - margin)) + center_coef * mean((r_chosen + r_rejected)**2)``.
+    The margin term follows Llama 2 (Touvron et al. 2023, eq. 2); the centering term keeps rewards near zero
+    mean, which the loss alone leaves undetermined (Eisenstein et al. 2023, "Helping or Herding?").
+
+    Args:
+        r_chosen: ``[B]`` scalar rewards of the preferred responses.
+        r_rejected: ``[B]`` scalar rewards of the rejected responses.
+        margin: optional ``[B]`` tensor or float: how much the chosen reward should exceed the rejected.
+        center_coef: weight of the reward-centering penalty (0 disables it).
+
+    Returns:
+        fp32 scalar loss.
+    """
+    if r_chosen.shape != r_rejected.shape:
+        raise ValueError(f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} differ in shape")
+    rc, rr = r_chosen.float(), r_rejected.float()
+    diff = rc - rr
+    if margin is not None:
+        diff = diff - (margin.float() if isinstance(margin, Tensor) else margin)
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((rc + rr) ** 2).mean()
+    return loss

@@ -1,0 +1,173 @@
+"""lit_ft.losses against independent references: full-logits F.cross_entropy, log_softmax+gather, hand numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_ft.losses import bradley_terry_loss, causal_lm_loss, entropy_from_logits, selective_log_softmax
+
+B, T, H, V = 3, 7, 8, 11
+
+
+def _inputs(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :3] = -100  # a masked prompt
+    labels[1, -2:] = -100  # masked padding
+    labels[2, 4] = -100  # a hole
+    return hidden, weight, labels
+
+
+def _reference(hidden, weight, labels):
+    """The naive computation: full [B, T, V] logits, shift, F.cross_entropy(sum)."""
+    logits = hidden @ weight.t()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((labels[:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 4096])
+def test_causal_lm_loss_matches_full_cross_entropy_and_grads(chunk_size):
+    hidden, weight, labels = _inputs()
+    loss, n = causal_lm_loss(hidden, weight, labels, chunk_size=chunk_size)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref, ref_n = _reference(h2, w2, labels)
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+
+    assert n.dtype == torch.long and n.dim() == 0 and int(n) == ref_n == 13
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10)
+    # The last position predicts nothing, so it gets no gradient.
+    assert gh[:, -1].abs().sum() == 0
+
+
+def test_causal_lm_loss_shift_is_hand_checkable():
+    # One sequence, H = V = 2, identity head: logits equal the hidden states.
+    hidden = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    labels = torch.tensor([[-100, 1]])  # position 0 predicts token 1 from logits (0, 0): loss log 2
+    loss, n = causal_lm_loss(hidden, torch.eye(2), labels)
+    assert int(n) == 1 and math.isclose(float(loss), math.log(2), rel_tol=1e-6)
+
+
+def test_causal_lm_loss_custom_ignore_index_and_no_grad():
+    hidden, weight, labels = _inputs(seed=1)
+    labels = labels.masked_fill(labels == -100, 0).masked_fill(labels == 3, -1)
+    with torch.no_grad():
+        loss, n = causal_lm_loss(hidden, weight, labels, ignore_index=-1, chunk_size=3)
+        ref = F.cross_entropy((hidden @ weight.t())[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-1, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    assert int(n) == int((labels[:, 1:] != -1).sum())
+
+
+def test_causal_lm_loss_all_masked_is_connected_zero():
+    hidden, weight, _ = _inputs(dtype=torch.bfloat16)
+    labels = torch.full((B, T), -100)
+    loss, n = causal_lm_loss(hidden, weight, labels)
+    assert int(n) == 0 and loss.dtype == torch.float32 and float(loss.detach()) == 0.0
+    loss.backward()  # still part of the graph
+    assert hidden.grad is not None and torch.all(hidden.grad == 0)
+    assert weight.grad is not None and torch.all(weight.grad == 0)
+
+
+def test_causal_lm_loss_bf16_returns_fp32_close_to_fp32_reference():
+    hidden, weight, labels = _inputs(dtype=torch.float32)
+    loss, _ = causal_lm_loss(hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16(), labels, chunk_size=4)
+    ref, _ = _reference(hidden.detach(), weight.detach(), labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=3e-2, atol=0.2)
+
+
+def test_causal_lm_loss_never_saves_full_logits_for_backward():
+    """What autograd keeps for backward (outside the per-chunk checkpoints) must total far less than [N, V]:
+    without recomputation every chunk's logits/log-probs would be kept (about 2 * N * V elements)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 65, 4, generator=g, requires_grad=True)
+    weight = torch.randn(500, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 500, (2, 65), generator=g)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n = causal_lm_loss(hidden, weight, labels, chunk_size=16)
+    assert int(n) == 128
+    assert sum(sizes) < int(n) * 500 // 2  # inputs of each chunk (hidden rows, targets, weight) only
+    # Sanity check that the hook would catch the naive version.
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _reference(hidden, weight, labels)
+    assert max(sizes) >= int(n) * 500
+    loss.backward()
+    assert hidden.grad is not None
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_selective_log_softmax_matches_gather(chunk_size):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, V, (B, T), generator=g)
+    out = selective_log_softmax(logits, index, chunk_size=chunk_size)
+    ref = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(B, T, generator=g, dtype=torch.float64)
+    (g1,) = torch.autograd.grad((out * w).sum(), logits)
+    (g2,) = torch.autograd.grad((ref * w).sum(), logits)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_selective_log_softmax_bf16_is_fp32():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, T, V, generator=g) * 5
+    index = torch.randint(0, V, (B, T), generator=g)
+    out = selective_log_softmax(logits.bfloat16(), index, chunk_size=2)
+    ref = torch.log_softmax(logits.bfloat16().float(), -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+
+
+def test_entropy_from_logits_matches_loop():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    out = entropy_from_logits(logits, chunk_size=2)
+    for b in range(2):
+        for t in range(3):
+            z = [math.exp(v) for v in logits[b, t].tolist()]
+            p = [v / sum(z) for v in z]
+            assert math.isclose(float(out[b, t]), -sum(pi * math.log(pi) for pi in p), rel_tol=1e-12)
+    uniform = entropy_from_logits(torch.zeros(1, 1, 8, dtype=torch.bfloat16))
+    assert uniform.dtype == torch.float32 and math.isclose(float(uniform), math.log(8), rel_tol=1e-6)
+
+
+def test_bradley_terry_hand_numbers():
+    l = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]))
+    assert math.isclose(float(l), math.log(1 + math.exp(-1)), rel_tol=1e-6)
+    # Mean over pairs: diffs 1 and -2.
+    l = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2
+    assert math.isclose(float(l), expected, rel_tol=1e-6)
+    # Margin 1 turns a diff of 1 into 0: log 2. Tensor and float margins agree.
+    l = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=torch.tensor([1.0]))
+    assert math.isclose(float(l), math.log(2), rel_tol=1e-6)
+    assert math.isclose(float(bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=1.0)), math.log(2), rel_tol=1e-6)
+    # Centering: (1 + 0)^2 = 1 and (3 + 1)^2 = 16, mean 8.5, times 0.1.
+    rc, rr = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0])
+    base = bradley_terry_loss(rc, rr)
+    assert math.isclose(float(bradley_terry_loss(rc, rr, center_coef=0.1)), float(base) + 0.85, rel_tol=1e-6)
+
+
+def test_bradley_terry_gradient_pushes_rewards_apart():
+    rc, rr = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    bradley_terry_loss(rc, rr).backward()
+    # d/dr_c of -log sigmoid(r_c - r_r) at 0 is -1/2, averaged over 2 pairs.
+    torch.testing.assert_close(rc.grad, torch.full((2,), -0.25))
+    torch.testing.assert_close(rr.grad, torch.full((2,), 0.25))

@@ -1,0 +1,234 @@
+"""lit_ft.rl against plain Python loops, hand-derived numbers and Monte Carlo on known distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_ft.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_rewards,
+    first_true_index,
+    gae,
+    kl_controller,
+    kl_estimate,
+    last_true_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    ratio_guard,
+    response_mask_after_eos,
+)
+
+
+def _prefix_mask(lengths, T):
+    return torch.tensor([[1 if t < n else 0 for t in range(T)] for n in lengths], dtype=torch.bool)
+
+
+def test_masked_stats_match_python():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    vals = [1.0, 2.0, 3.0, 4.0]
+    mean = sum(vals) / 4
+    var_b = sum((v - mean) ** 2 for v in vals) / 4
+    assert float(masked_sum(x, mask)) == 10.0
+    assert float(masked_mean(x, mask)) == mean
+    assert math.isclose(float(masked_var(x, mask, unbiased=False)), var_b, rel_tol=1e-6)
+    assert math.isclose(float(masked_var(x, mask)), var_b * 4 / 3, rel_tol=1e-6)
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 3.5]))
+    torch.testing.assert_close(masked_sum(x, mask.float(), dim=0), torch.tensor([4.0, 2.0, 4.0]))
+    # Float and bool masks agree; an empty mask gives 0, not NaN.
+    assert float(masked_mean(x, mask.float())) == mean
+    assert float(masked_mean(x, torch.zeros_like(mask))) == 0.0
+    with pytest.raises(ValueError):
+        masked_var(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    std = math.sqrt(sum((v - 2.5) ** 2 for v in [1, 2, 3, 4]) / 3 + 1e-8)
+    w = masked_whiten(x, mask)
+    expected = torch.tensor([[(1 - 2.5) / std, (2 - 2.5) / std, 0.0], [(3 - 2.5) / std, 0.0, (4 - 2.5) / std]])
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), (expected + 2.5) * mask)
+
+
+def test_kl_estimators_exact_values_and_signs():
+    lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5]])
+    torch.testing.assert_close(kl_estimate(lp, ref, "k1"), torch.tensor([[0.5, -1.0, 0.0]]))
+    k3 = kl_estimate(lp, ref, "k3")
+    expected = [(math.exp(r - p) - 1) - (r - p) for p, r in zip(lp[0].tolist(), ref[0].tolist())]
+    torch.testing.assert_close(k3, torch.tensor([expected]))
+    assert torch.all(k3 >= 0)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, generator=g) * 3, torch.randn(50, generator=g) * 3
+    assert torch.all(kl_estimate(a, b, "k3") >= 0)
+    for est in ("k1", "k2", "k3"):
+        assert torch.all(kl_estimate(a, a, est) == 0)
+    with pytest.raises(ValueError):
+        kl_estimate(a, b, "k4")
+
+
+def test_kl_estimators_are_unbiased_monte_carlo():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
+    true_kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    logp, logq = p.log()[x], q.log()[x]
+    for est in ("k1", "k3"):
+        assert math.isclose(float(kl_estimate(logp, logq, est).mean()), true_kl, rel_tol=0.03)
+
+
+def test_index_helpers_and_response_mask():
+    m = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert first_true_index(m).tolist() == [1, 4, 0]
+    assert last_true_index(m).tolist() == [2, -1, 3]
+    eos, pad = 2, 0
+    tokens = torch.tensor(
+        [
+            [5, 6, 2, 0, 0],  # EOS then pads
+            [5, 2, 7, 2, 0],  # two EOS: cut after the first
+            [5, 6, 7, 8, 9],  # truncated: keep all
+            [2, 0, 0, 0, 0],  # immediate EOS
+            [5, 6, 0, 0, 0],  # no EOS but pads (pad != eos): pads are not real tokens
+        ]
+    )
+    expected = [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert response_mask_after_eos(tokens, eos, pad).int().tolist() == expected
+    # pad == eos (SmolLM2): the first pad is the EOS and is kept.
+    tokens = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8]])
+    assert response_mask_after_eos(tokens, 2, 2).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_compute_rewards_places_score_on_last_token():
+    scores = torch.tensor([1.0, -2.0])
+    lp = torch.tensor([[-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5]])
+    ref = torch.tensor([[-1.2, -0.8, -1.0], [-1.0, -0.5, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    rewards, kl = compute_rewards(scores, lp, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.2, -0.2, 0.0], [0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.02, 0.02, 1.0], [-0.05, -2.0, 0.0]]))
+    _, kl3 = compute_rewards(scores, lp, ref, mask.float(), kl_coef=0.1, estimator="k3")
+    assert torch.all(kl3 >= 0) and kl3[1, 2] == 0
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        compute_rewards(scores, lp, ref, torch.tensor([[1, 0, 0], [0, 0, 0]]), kl_coef=0.1)
+
+
+def _gae_loop(values, rewards, lengths, gamma, lam):
+    """Reference: for each row, standard GAE over its first `n` tokens, terminal value 0, zeros after."""
+    B, T = len(values), len(values[0])
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        n = lengths[b]
+        for t in range(n):
+            a = 0.0
+            for k in range(t, n):  # A_t = sum_k (gamma * lam)^(k - t) * delta_k
+                v_next = values[b][k + 1] if k + 1 < n else 0.0
+                delta = rewards[b][k] + gamma * v_next - values[b][k]
+                a += (gamma * lam) ** (k - t) * delta
+            adv[b][t] = a
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0)])
+def test_gae_matches_python_loop(gamma, lam):
+    g = torch.Generator().manual_seed(1)
+    B, T = 5, 9
+    lengths = [9, 1, 4, 6, 0]
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)  # garbage after the mask must be ignored
+    mask = _prefix_mask(lengths, T)
+    adv, ret = gae(values, rewards, mask, gamma, lam)
+    ref = torch.tensor(_gae_loop(values.tolist(), rewards.tolist(), lengths, gamma, lam), dtype=torch.float64)
+    torch.testing.assert_close(adv, ref)
+    torch.testing.assert_close(ret, adv + values)
+    assert torch.all(adv[~mask] == 0)
+
+
+def test_gae_hand_numbers():
+    # One row, two tokens: V = (1, 2), r = (0, 3), gamma = 0.5, lam = 0.5.
+    # delta_1 = 3 + 0 - 2 = 1; delta_0 = 0 + 0.5 * 2 - 1 = 0; A_1 = 1; A_0 = 0 + 0.25 * 1 = 0.25.
+    adv, ret = gae(torch.tensor([[1.0, 2.0, 7.0]]), torch.tensor([[0.0, 3.0, 5.0]]), torch.tensor([[1, 1, 0]]), 0.5, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.25, 1.0, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.25, 3.0, 7.0]]))
+
+
+def test_ppo_policy_loss_hand_numbers():
+    # Token 0: ratio e^0.5 ~ 1.6487 > 1.2 with A = 1: max(-1.6487, -1.2) = -1.2 (clipped term larger).
+    # Token 1: ratio e^-0.1 ~ 0.9048 inside [0.8, 1.2], A = -2: both terms 1.8097 (not counted as clipped).
+    # Token 2: masked out (huge ratio must not leak into any statistic).
+    lp = torch.tensor([[0.5, -0.1, 5.0]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, -2.0, 1.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = ppo_policy_loss(lp, old, adv, mask, cliprange=0.2)
+    r0, r1 = math.exp(0.5), math.exp(-0.1)
+    assert math.isclose(float(loss), (-1.2 + 2 * r1) / 2, rel_tol=1e-6)
+    assert math.isclose(float(stats["clipfrac"]), 0.5)
+    assert math.isclose(float(stats["approxkl"]), 0.5 * (0.25 + 0.01) / 2, rel_tol=1e-6)
+    assert math.isclose(float(stats["ratio_mean"]), (r0 + r1) / 2, rel_tol=1e-6)
+    assert math.isclose(float(stats["ratio_max"]), r0, rel_tol=1e-6)
+    # Gradient flows only through the unclipped token: d/dlp1 of (-A * e^lp1) / 2 = 2 * r1 / 2.
+    lp = lp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(lp, old, adv, mask, cliprange=0.2)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, r1, 0.0]]))
+    assert all(not v.requires_grad for v in stats.values())
+
+
+def test_ppo_value_loss_hand_numbers():
+    # Token 0: v = 2, old = 0, R = 3, c = 0.5: clipped v = 0.5; (2-3)^2 = 1 < (0.5-3)^2 = 6.25 -> 6.25, clipped.
+    # Token 1: v = 1, old = 0.9, R = 0: inside the clip range -> 1.
+    # Token 2: masked.
+    v = torch.tensor([[2.0, 1.0, 100.0]])
+    old = torch.tensor([[0.0, 0.9, 0.0]])
+    ret = torch.tensor([[3.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    loss, stats = ppo_value_loss(v, old, ret, mask, cliprange_value=0.5)
+    assert math.isclose(float(loss), 0.5 * (6.25 + 1.0) / 2, rel_tol=1e-6)
+    assert math.isclose(float(stats["vf_clipfrac"]), 0.5)
+
+
+def test_ratio_guard_both_sides():
+    mask = torch.tensor([[1, 1, 0]])
+    old = torch.zeros(1, 3)
+    lp = torch.tensor([[math.log(2.0), math.log(4.0), 50.0]])  # masked mean ratio 3
+    assert ratio_guard(lp, old, mask, threshold=2.9) is True
+    assert ratio_guard(lp, old, mask, threshold=3.1) is False
+
+
+def test_fixed_kl_controller():
+    c = kl_controller(False, 0.05, 6.0, 10000)
+    assert isinstance(c, FixedKLController) and c.value == 0.05
+    c.update(100.0, 512)
+    assert c.value == 0.05
+    c2 = FixedKLController(1.0)
+    c2.load_state_dict(c.state_dict())
+    assert c2.value == 0.05
+
+
+def test_adaptive_kl_controller_hand_numbers():
+    c = kl_controller(True, 0.1, target=6.0, horizon=1000)
+    assert isinstance(c, AdaptiveKLController)
+    c.update(6.6, n_steps=100)  # error 0.1: 0.1 * (1 + 0.1 * 0.1) = 0.101
+    assert math.isclose(c.value, 0.101)
+    c.update(torch.tensor(60.0), n_steps=100)  # error 9 clipped to 0.2: * 1.02
+    assert math.isclose(c.value, 0.101 * 1.02)
+    c.update(0.0, n_steps=500)  # error -1 clipped to -0.2: * 0.9
+    assert math.isclose(c.value, 0.101 * 1.02 * 0.9)
+    c.update(6.0, n_steps=500)  # on target: unchanged
+    assert math.isclose(c.value, 0.101 * 1.02 * 0.9)
+    restored = AdaptiveKLController(1.0, target=1.0, horizon=1.0)
+    restored.load_state_dict(c.state_dict())
+    assert (restored.value, restored.target, restored.horizon) == (c.value, 6.0, 1000.0)
+    with pytest.raises(ValueError):
+        kl_controller(True, 0.1, target=None, horizon=1000)
