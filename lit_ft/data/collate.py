@@ -1,0 +1,143 @@
+"""Collators: lists of tokenized rows to tensor batches. Dataclasses, so DataLoader workers can pickle them.
+
+Batch keys (the modules rely on exactly these):
+
+- SFT: ``input_ids`` Long[B, T] right-padded with the pad id, ``attention_mask`` Long[B, T], ``labels``
+  Long[B, T] (-100 on prompt tokens and padding; aligned with input_ids, the loss shifts).
+- SFT packed: the same keys, plus ``position_ids`` Long[B, T] restarting at 0 for each packed sequence and
+  ``seq_lens`` Long[num_seqs]; ``attention_mask`` is all ones (a model that sees ``position_ids`` and no mask
+  can build the block-diagonal mask itself).
+- Preference: ``input_ids`` Long[2B, T] (chosen rows 0..B-1, then rejected rows B..2B-1), right-padded,
+  ``attention_mask``, ``margin`` Float[B] (0 where the data has none).
+- Prompt: ``input_ids`` Long[B, T] LEFT-padded, ``attention_mask``, ``prompts`` list[str], ``answers`` list[str | None].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _padded_length(longest: int, multiple: int | None) -> int:
+    if multiple and longest % multiple:
+        return longest + multiple - longest % multiple
+    return longest
+
+
+def pad_rows(rows: list[list[int]], value: int, length: int, left: bool = False) -> torch.Tensor:
+    """Long[len(rows), length]: each row padded with ``value`` on the right (or left)."""
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+            else:
+                out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _mask(rows: list[list[int]], length: int, left: bool = False) -> torch.Tensor:
+    return pad_rows([[1] * len(r) for r in rows], 0, length, left)
+
+
+@dataclass
+class SFTCollator:
+    """Right-padded SFT batches: ``input_ids``, ``attention_mask``, ``labels``."""
+
+    pad_token_id: int
+    """Id written into padding positions of ``input_ids`` (labels there are -100 whatever it is)."""
+    pad_to_multiple_of: int | None = None
+    """Round the padded length up to a multiple of this (tensor-core friendly shapes)."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [r["input_ids"] for r in rows]
+        length = _padded_length(max(len(x) for x in ids), self.pad_to_multiple_of)
+        return {
+            "input_ids": pad_rows(ids, self.pad_token_id, length),
+            "attention_mask": _mask(ids, length),
+            "labels": pad_rows([r["labels"] for r in rows], IGNORE_INDEX, length),
+        }
+
+
+@dataclass
+class PackedSFTCollator:
+    """Padding-free SFT batches: rows are packed greedily, in order, into rows of at most ``max_length``.
+
+    Position ids restart at 0 for each sequence, and the label of each sequence's first token is -100 so
+    that no token is predicted from the previous sequence. Packed rows shorter than the longest are filled
+    with pad tokens (labels -100, position ids continuing); ``seq_lens`` lists the real sequences only.
+    """
+
+    pad_token_id: int
+    """Id for the tail that evens out packed rows of different lengths."""
+    max_length: int
+    """Longest packed row (rows are never longer than this after tokenization)."""
+    pad_to_multiple_of: int | None = None
+    """Round the packed length up to a multiple of this."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        bins: list[list[dict]] = []
+        for row in rows:
+            if bins and sum(len(r["input_ids"]) for r in bins[-1]) + len(row["input_ids"]) <= self.max_length:
+                bins[-1].append(row)
+            else:
+                bins.append([row])
+        ids, labels, positions, lens = [], [], [], []
+        for b in bins:
+            ids.append([t for r in b for t in r["input_ids"]])
+            labels.append([t for r in b for t in [IGNORE_INDEX] + list(r["labels"][1:])])
+            positions.append([p for r in b for p in range(len(r["input_ids"]))])
+            lens += [len(r["input_ids"]) for r in b]
+        length = _padded_length(max(len(x) for x in ids), self.pad_to_multiple_of)
+        for p in positions:  # the padding tail counts on from 0 like one more (ignored) sequence
+            p += list(range(length - len(p)))
+        return {
+            "input_ids": pad_rows(ids, self.pad_token_id, length),
+            "attention_mask": torch.ones(len(bins), length, dtype=torch.long),
+            "labels": pad_rows(labels, IGNORE_INDEX, length),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "seq_lens": torch.tensor(lens, dtype=torch.long),
+        }
+
+
+@dataclass
+class PreferenceCollator:
+    """Chosen-then-rejected batches: ``input_ids`` [2B, T] right-padded, ``attention_mask``, ``margin`` [B]."""
+
+    pad_token_id: int
+    """Id written into padding positions."""
+    pad_to_multiple_of: int | None = None
+    """Round the padded length up to a multiple of this."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+        length = _padded_length(max(len(x) for x in ids), self.pad_to_multiple_of)
+        margin = [float(r["margin"]) if r.get("margin") is not None else 0.0 for r in rows]
+        return {
+            "input_ids": pad_rows(ids, self.pad_token_id, length),
+            "attention_mask": _mask(ids, length),
+            "margin": torch.tensor(margin, dtype=torch.float),
+        }
+
+
+@dataclass
+class PromptCollator:
+    """Left-padded prompt batches for generation: ``input_ids``, ``attention_mask``, ``prompts``, ``answers``."""
+
+    pad_token_id: int
+    """Id written into padding positions (on the left, so every prompt ends where generation starts)."""
+    pad_to_multiple_of: int | None = None
+    """Round the padded length up to a multiple of this."""
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids = [r["input_ids"] for r in rows]
+        length = _padded_length(max(len(x) for x in ids), self.pad_to_multiple_of)
+        return {
+            "input_ids": pad_rows(ids, self.pad_token_id, length, left=True),
+            "attention_mask": _mask(ids, length, left=True),
+            "prompts": [r["prompt"] for r in rows],
+            "answers": [r.get("answer") for r in rows],
+        }

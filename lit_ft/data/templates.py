@@ -1,0 +1,136 @@
+"""Render canonical records into text segments: ``[(text, trainable), ...]``.
+
+Concatenating the segment texts gives the full training text; ``trainable`` marks the response segments
+(every assistant turn). Three templates:
+
+- ``chat``: the tokenizer's own chat template. Turn i's response is render(messages[:i+1]) minus
+  render(messages[:i], add_generation_prompt=True), so each segment is exactly what the template emits,
+  including its end-of-turn token.
+- ``alpaca``: ``### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n`` (Taori et al. 2023,
+  Stanford Alpaca), each response followed by the EOS token. A system prompt, if any, is the preamble.
+- ``plain``: prompt + response + EOS, concatenated as is (the data supplies its own separators).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lit_ft.errors import ConfigError
+
+TemplateName = Literal["chat", "alpaca", "plain"]
+Segments = list[tuple[str, bool]]
+
+
+def check_template(template: str, tokenizer) -> None:
+    """Refuse a template the tokenizer cannot render."""
+    if template not in ("chat", "alpaca", "plain"):
+        raise ConfigError(f"data.template: unknown template '{template}'; expected chat, alpaca or plain")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "data.template='chat' but the tokenizer has no chat template; use template 'alpaca' or 'plain', "
+            "or a tokenizer (model) that ships one"
+        )
+    if template != "chat" and tokenizer.eos_token is None:
+        raise ConfigError(f"data.template='{template}' appends the EOS token but the tokenizer has none")
+
+
+def _prepare(messages: list[dict], system_prompt: str | None, input: str | None) -> list[dict]:
+    """Apply the default system prompt (the data's own system turn wins) and append ``input`` to the first user turn."""
+    msgs = [dict(m) for m in messages]
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    if input:
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[first]["content"] = f"{msgs[first]['content']}\n\n{input}"
+    return msgs
+
+
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _chat_segments(messages: list[dict], tokenizer) -> Segments:
+    segments: Segments = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _chat(tokenizer, messages[: i + 1])
+        if not before.startswith(done) or not full.startswith(before):
+            raise ConfigError(
+                "the tokenizer's chat template does not render conversations incrementally (a prefix renders "
+                "differently from the whole), so responses cannot be located; use data.template 'alpaca' or 'plain'"
+            )
+        segments += [(before[len(done):], False), (full[len(before):], True)]
+        done = full
+    return [s for s in segments if s[0]]
+
+
+def _alpaca_prompt(user: str, input: str | None, first: bool, preamble: str | None) -> str:
+    text = (f"{preamble}\n\n" if preamble and first else "") + ("" if first else "\n\n")
+    text += f"### Instruction:\n{user}\n\n"
+    if input:
+        text += f"### Input:\n{input}\n\n"
+    return text + "### Response:\n"
+
+
+def _text_segments(messages: list[dict], tokenizer, template: str, input: str | None) -> Segments:
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    turns = [m for m in messages if m["role"] != "system"]
+    segments: Segments = []
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            if template == "alpaca":
+                segments.append((_alpaca_prompt(m["content"], input if i == 0 else None, i == 0, system), False))
+            else:
+                prefix = f"{system}\n\n" if system and i == 0 else ""
+                user = f"{m['content']}\n\n{input}" if input and i == 0 else m["content"]
+                segments.append((prefix + user, False))
+        else:
+            segments.append((m["content"] + tokenizer.eos_token, True))
+    return segments
+
+
+def render_segments(
+    messages: list[dict], tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
+    input: str | None = None, generation_prompt: bool = False,
+) -> Segments:
+    """Segments of a conversation; with ``generation_prompt`` the text ends ready for the next assistant turn.
+
+    Args:
+        messages: canonical chat messages (a conversation ending with an assistant turn, or a prompt ending with a user turn).
+        tokenizer: a Hugging Face tokenizer (its chat template and EOS token are used).
+        template: which template renders the text.
+        system_prompt: a system prompt for rows that have none.
+        input: the alpaca ``input`` of the first user turn.
+        generation_prompt: append the opening of an assistant turn (for prompts).
+    """
+    if template == "chat":
+        msgs = _prepare(messages, system_prompt, input)
+        segments = _chat_segments(msgs, tokenizer)
+        if generation_prompt:
+            done = "".join(s for s, _ in segments)
+            segments.append((_chat(tokenizer, msgs, add_generation_prompt=True)[len(done):], False))
+        return [s for s in segments if s[0]]
+    msgs = _prepare(messages, system_prompt, None) if template == "plain" else list(messages)
+    if template == "alpaca" and system_prompt and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return _text_segments(msgs, tokenizer, template, input)
+
+
+def render_prompt(
+    messages: list[dict], tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
+    input: str | None = None,
+) -> str:
+    """The prompt text a model continues with its response (chat: with the generation prompt)."""
+    return "".join(t for t, _ in render_segments(messages, tokenizer, template, system_prompt, input, True))
+
+
+def render_pair(
+    prompt: list[dict], response: str, tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
+) -> tuple[str, str]:
+    """(prompt_text, response_text) of one prompt and one final response, as the template renders them."""
+    segments = render_segments(prompt + [{"role": "assistant", "content": response}], tokenizer, template,
+                               system_prompt)
+    return "".join(t for t, _ in segments[:-1]), segments[-1][0]

@@ -1,0 +1,148 @@
+"""Tokenize rendered segments into model inputs, with completion-only labels and an overlong policy.
+
+Labels are aligned with ``input_ids`` (not shifted): the loss shifts them, as Hugging Face models do.
+Each segment is tokenized on its own without added special tokens (the rendered chat text already holds
+them; alpaca/plain append the EOS token as text), so response boundaries are exact. Because pad == EOS on
+many tokenizers (SmolLM2), labels are built from segments, never by masking pad ids: the EOS ending each
+response stays in the labels.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+from lit_ft.data.records import DataReport
+from lit_ft.data.templates import TemplateName, render_pair, render_prompt, render_segments
+from lit_ft.errors import DataError
+
+IGNORE_INDEX = -100
+Overlong = Literal["drop", "truncate_prompt", "error"]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _too_long(file: str, line: int, total: int, max_length: int, detail: str) -> DataError:
+    return DataError(
+        f"{total} tokens exceed data.max_length={max_length} ({detail}); raise data.max_length or set "
+        "data.overlong to 'drop' or 'truncate_prompt'", file=file, line=line)
+
+
+def tokenize_segments(
+    segments: list[tuple[str, bool]], tokenizer, max_length: int, overlong: Overlong = "drop",
+    completion_only: bool = True, file: str = "<data>", line: int = 0,
+) -> tuple[list[int], list[int], str]:
+    """``(input_ids, labels, drop_reason)``; drop_reason is "" for a kept row (then ids are never empty).
+
+    A kept row has at least one trainable label after position 0 (position 0 is never predicted). Under
+    ``truncate_prompt`` the sequence is cut from the left; the row is dropped as ``too_long`` when that
+    would cut into the final response. Under ``error`` any overlong row raises a DataError.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    last_response = 0
+    for text, trainable in segments:
+        seg = _ids(tokenizer, text)
+        ids += seg
+        labels += seg if (trainable or not completion_only) else [IGNORE_INDEX] * len(seg)
+        if trainable:
+            last_response = len(seg)
+    if len(ids) > max_length:
+        if overlong == "error":
+            detail = f"prompt {len(ids) - last_response}, response {last_response}"
+            raise _too_long(file, line, len(ids), max_length, detail)
+        if overlong == "drop" or last_response >= max_length:
+            return [], [], "too_long"
+        ids, labels = ids[-max_length:], labels[-max_length:]
+    if not any(label != IGNORE_INDEX for label in labels[1:]):
+        return [], [], "no_trainable_tokens"
+    return ids, labels, ""
+
+
+def sft_example(
+    record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
+    overlong: Overlong, completion_only: bool, file: str,
+) -> dict:
+    """Dataset.map function: an instruction record to ``input_ids``, ``labels`` and ``drop``."""
+    segments = render_segments(record["messages"], tokenizer, template, system_prompt, record.get("input"))
+    ids, labels, drop = tokenize_segments(segments, tokenizer, max_length, overlong, completion_only, file,
+                                          record["line"])
+    return {"input_ids": ids, "labels": labels, "drop": drop}
+
+
+def preference_example(
+    record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
+    overlong: Overlong, file: str,
+) -> dict:
+    """Dataset.map function: a preference record to ``chosen_input_ids``, ``rejected_input_ids``, ``margin``, ``drop``.
+
+    Both sides share the prompt tokens; ``truncate_prompt`` cuts the shared prompt from the left so both
+    responses keep their ends (at least one prompt token must remain).
+    """
+    prompt_text, chosen_text = render_pair(record["prompt"], record["chosen"], tokenizer, template, system_prompt)
+    _, rejected_text = render_pair(record["prompt"], record["rejected"], tokenizer, template, system_prompt)
+    prompt, chosen, rejected = (_ids(tokenizer, t) for t in (prompt_text, chosen_text, rejected_text))
+    longest = max(len(chosen), len(rejected))
+    drop = ""
+    if len(prompt) + longest > max_length:
+        if overlong == "error":
+            detail = f"prompt {len(prompt)}, chosen {len(chosen)}, rejected {len(rejected)}"
+            raise _too_long(file, record["line"], len(prompt) + longest, max_length, detail)
+        keep = max_length - longest
+        if overlong == "drop" or keep < 1:
+            drop = "too_long"
+        else:
+            prompt = prompt[-keep:]
+    if drop:
+        prompt = chosen = rejected = []
+    return {"chosen_input_ids": prompt + chosen, "rejected_input_ids": prompt + rejected,
+            "margin": record.get("margin"), "drop": drop}
+
+
+def prompt_example(
+    record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
+    overlong: Overlong, file: str,
+) -> dict:
+    """Dataset.map function: a prompt record to ``input_ids``, ``prompt`` (rendered text), ``answer``, ``drop``."""
+    text = render_prompt(record["prompt"], tokenizer, template, system_prompt, record.get("input"))
+    ids, drop = _ids(tokenizer, text), ""
+    if len(ids) > max_length:
+        if overlong == "error":
+            raise _too_long(file, record["line"], len(ids), max_length, "prompt only")
+        if overlong == "drop":
+            ids, text, drop = [], "", "too_long"
+        else:  # keep the end of the prompt, next to where the response starts
+            ids = ids[-max_length:]
+            text = tokenizer.decode(ids)
+    return {"input_ids": ids, "prompt": text, "answer": record.get("answer"), "drop": drop}
+
+
+_EXAMPLE_FNS = {"instruction": sft_example, "preference": preference_example, "prompt": prompt_example}
+
+
+def tokenize_records(records: list[dict], kind: str, report: DataReport, num_proc: int | None = None,
+                     **settings) -> "datasets.Dataset":  # noqa: F821
+    """Tokenize canonical records with ``datasets.Dataset.map`` and drop (counting into ``report``) what failed.
+
+    ``settings`` are the keyword arguments of the kind's ``*_example`` function after ``tokenizer`` (the
+    map fingerprint covers them, so a changed setting re-tokenizes). Returns a Dataset of the output columns.
+    """
+    import datasets
+
+    if not records:
+        return datasets.Dataset.from_dict({})
+    ds = datasets.Dataset.from_list(records)
+    ds = ds.map(
+        _EXAMPLE_FNS[kind], fn_kwargs=settings, num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=[c for c in ds.column_names if c != "line"], desc=f"tokenizing {report.source}",
+    )
+    counts = Counter(ds["drop"])
+    for reason, n in counts.items():
+        if reason:
+            report.drop(reason, n)
+    report.check()
+    if len(counts) > 1 or "" not in counts:
+        ds = ds.select([i for i, d in enumerate(ds["drop"]) if not d])
+    return ds.remove_columns("drop")
