@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import torch
 
 from lit_ft.errors import ConfigError
 from lit_ft.models import trainable_state_dict
 
 IDENTITY_KEY = "lit_ft_base"
+MODULE_KEY = "lit_ft_module"
+BASE_FILE = "lit_ft_base.json"
 
 
 def slim(module: torch.nn.Module, checkpoint: dict, identity: dict) -> None:
@@ -18,6 +24,34 @@ def slim(module: torch.nn.Module, checkpoint: dict, identity: dict) -> None:
     """
     checkpoint["state_dict"] = trainable_state_dict(module)
     checkpoint[IDENTITY_KEY] = identity
+    checkpoint[MODULE_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
+    # Hyper-parameters as plain dicts, so the checkpoint loads with torch.load(weights_only=True).
+    hparams = checkpoint.get("hyper_parameters")
+    if hparams is not None:
+        checkpoint["hyper_parameters"] = {k: _plain(v) for k, v in hparams.items()}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def as_spec(cls, value):
+    """Accept a dataclass instance or its plain-dict form (as stored in a checkpoint); None stays None."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in value:
+                v = value[f.name]
+                inner = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+                kwargs[f.name] = as_spec(type(inner), v) if dataclasses.is_dataclass(inner) else v
+        return cls(**kwargs)
+    raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
 
 
 def check_identity(checkpoint: dict, identity: dict) -> None:
@@ -31,3 +65,20 @@ def check_identity(checkpoint: dict, identity: dict) -> None:
         raise ConfigError(
             f"the checkpoint was trained on another base model ({lines}); set model.base to match or start a new run"
         )
+
+
+def save_adapter(model, path, tokenizer=None, identity: dict | None = None, **peft_kwargs) -> Path:
+    """Write a PEFT adapter directory (what `PeftModel.from_pretrained` and serving stacks load unchanged),
+    with the tokenizer files and `lit_ft_base.json` naming the base it was trained on."""
+    path = Path(path)
+    model.save_pretrained(path, **peft_kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    if identity is not None:
+        (path / BASE_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+    return path
+
+
+def read_base_identity(adapter_dir) -> dict | None:
+    f = Path(adapter_dir) / BASE_FILE
+    return json.loads(f.read_text()) if f.exists() else None

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, optim
+from lit_ft import checkpointing
+from lit_ft import optim as optim_mod
 from lit_ft.losses import causal_lm_loss
 from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
 
@@ -26,7 +27,7 @@ class SFTModule(L.LightningModule):
         self,
         base: ModelSpec = ModelSpec(),
         lora: LoraSpec | None = LoraSpec(),
-        optim: optim.OptimSpec = optim.OptimSpec(),
+        optim: optim_mod.OptimSpec = optim_mod.OptimSpec(),
         loss_chunk_size: int = 4096,
     ):
         """
@@ -38,7 +39,9 @@ class SFTModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.base, self.lora, self.optim = base, lora, optim
+        self.base = checkpointing.as_spec(ModelSpec, base)
+        self.lora = checkpointing.as_spec(LoraSpec, lora)
+        self.optim = checkpointing.as_spec(optim_mod.OptimSpec, optim)
         self.loss_chunk_size = loss_chunk_size
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter only
@@ -51,6 +54,7 @@ class SFTModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.model = build_model(self.base, self.lora, "causal_lm", device=device)
+        self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be active while training
         rank_zero_info(describe(self.model))
 
     def _decoder_and_head(self):
@@ -89,6 +93,12 @@ class SFTModule(L.LightningModule):
             # Token-weighted: val/loss is the mean over all validation tokens, not over batches.
             self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)
 
+    def on_validation_epoch_start(self) -> None:
+        # Fresh, normal (non-inference) metric state: a `trainer.validate` under inference mode must not leave
+        # inference tensors behind for a later `fit` to update in place.
+        with torch.inference_mode(False):
+            self.val_loss.reset()
+
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
             return
@@ -98,7 +108,7 @@ class SFTModule(L.LightningModule):
         self.log("val/ppl", torch.exp(loss.clamp(max=50)))
 
     def configure_optimizers(self):
-        return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
+        return optim_mod.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
@@ -110,8 +120,4 @@ class SFTModule(L.LightningModule):
 
     def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
         """Write the adapter in PEFT format (what `PeftModel.from_pretrained` loads)."""
-        path = Path(path)
-        self.model.save_pretrained(path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        return path
+        return checkpointing.save_adapter(self.model, path, tokenizer, self.base.identity())

@@ -1,0 +1,85 @@
+"""Export a trained adapter, or merge it into the base weights.
+
+    # adapter from a Lightning checkpoint (trainable state only) -> PEFT directory
+    python -m lit_ft.export adapter --ckpt runs/sft/checkpoints/last.ckpt --out runs/sft/adapter
+    # adapter merged into a plain HF model directory (AutoModelForCausalLM.from_pretrained loads it)
+    python -m lit_ft.export merge --adapter runs/sft/adapter --out runs/sft/merged
+
+A base that was trained quantized (4-bit/8-bit) is merged into a de-quantized copy of the base: the merged
+model is a normal float checkpoint, not a quantized one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from lit_ft.checkpointing import IDENTITY_KEY, MODULE_KEY, read_base_identity
+from lit_ft.errors import ConfigError
+from lit_ft.models import ModelSpec, load_base, load_tokenizer
+
+
+def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+    """Rebuild the LightningModule recorded in a lit_ft checkpoint, load its trainable state, save the adapter."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if MODULE_KEY not in state:
+        raise ConfigError(f"{ckpt} is not a lit_ft checkpoint (no '{MODULE_KEY}' entry)")
+    module_path, _, name = state[MODULE_KEY].rpartition(".")
+    cls = getattr(importlib.import_module(module_path), name)
+    module = cls(**state["hyper_parameters"])
+    module.configure_model()
+    missing = set(state["state_dict"]) - set(module.state_dict())
+    if missing:
+        raise ConfigError(f"{ckpt} holds tensors this module does not have, e.g. {sorted(missing)[:3]}")
+    module.load_state_dict(state["state_dict"], strict=False)
+    base_name = tokenizer or state[IDENTITY_KEY]["name_or_path"]
+    tok = load_tokenizer(None if base_name == ModelSpec().identity()["name_or_path"] else base_name)
+    return module.save_adapter(out, tokenizer=tok)
+
+
+def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32") -> Path:
+    """Merge LoRA weights into the base (`merge_and_unload`) and save a plain HF model + tokenizer."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    identity = read_base_identity(adapter) or {}
+    name = base or identity.get("name_or_path") or cfg.get("base_model_name_or_path")
+    spec = ModelSpec(name_or_path=None if name == ModelSpec().identity()["name_or_path"] else name, dtype=dtype)
+    if identity.get("quantization", "none") != "none":
+        print(f"note: trained on a {identity['quantization']} base; merging into a de-quantized {dtype} copy")
+    task = "score" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+    model = PeftModel.from_pretrained(load_base(spec, task), str(adapter)).merge_and_unload()
+    out = Path(out)
+    model.save_pretrained(out)
+    tok = load_tokenizer(str(adapter)) if (adapter / "tokenizer_config.json").exists() else load_tokenizer(spec.name_or_path)
+    tok.save_pretrained(out)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lit_ft.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("adapter", help="PEFT adapter directory from a Lightning checkpoint")
+    a.add_argument("--ckpt", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--tokenizer", default=None, help="tokenizer to save alongside (default: the base's)")
+    m = sub.add_parser("merge", help="merge an adapter into its base and save a plain HF model")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    if args.command == "adapter":
+        print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer))
+    else:
+        print(merge(args.adapter, args.out, args.base, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
