@@ -1,0 +1,250 @@
+"""PPOModule on a tiny random Llama: KL, masking, guards, early stop, adapter roles, resume, learning, 4-bit."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from lit_ft.generation import SamplingSpec
+from lit_ft.models import ALL_PROJECTIONS, LoraSpec, ModelSpec
+from lit_ft.optim import OptimSpec
+from lit_ft.plots import MetricsPlot
+from lit_ft.ppo import PPOModule, PPOSpec, Rollout
+
+MAX_NEW = 8
+QUESTIONS = ["What is 12 plus 30?", "hello there", "Add the numbers.", "the quick brown fox", "reward model",
+             "how can I help you", "question answer", "The lazy dog"]
+
+
+def uppercase_share(prompts, responses, answers):
+    """Programmatic reward: upper-case letters per sampled token (about 0.1 for the random tiny model)."""
+    return [min(1.0, sum(c.isascii() and c.isupper() for c in r) / MAX_NEW) for r in responses]
+
+
+def uppercase_reward(prompts, responses, answers):
+    """`uppercase_share` on a 0..2 scale: with beta = 0.1 the KL-regularised optimum (p ~ p_ref * exp(r / beta)
+    per token) has a share of about 0.6 at a KL of about 0.7 nats per token (5.5 per 8-token response)."""
+    return [2.0 * s for s in uppercase_share(prompts, responses, answers)]
+
+
+def nan_reward(prompts, responses, answers):
+    return [float("nan")] + [0.0] * (len(responses) - 1)
+
+
+def prompt_loader(tokenizer, batch_size=8, n=32, seed=0):
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                           tokenize=False, add_generation_prompt=True) for i in range(n)]
+
+    def collate(rows):
+        enc = tokenizer(rows, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "prompts": rows,
+                "answers": [None] * len(rows)}
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(texts, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=g)
+
+
+def make_module(model_dir, ppo=None, lr=1e-3, reward_fn="tests.test_ppo.uppercase_share", **kw):
+    kw.setdefault("lora", LoraSpec(r=8, alpha=16, dropout=0.1))
+    return PPOModule(base=ModelSpec(name_or_path=model_dir, dtype="float32"), reward_fn=reward_fn,
+                     sampling=SamplingSpec(max_new_tokens=MAX_NEW), ppo=ppo or PPOSpec(mini_batch_size=4, ppo_epochs=2),
+                     optim=OptimSpec(lr=lr, scheduler="constant", warmup_ratio=0.0), sample_table_every=0, **kw)
+
+
+def trainer(rollouts, epochs=1, **kw):
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=rollouts, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+def params(module, *fragments):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if any(f in n for f in fragments)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread avoids spinning threads (100x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """An SFT adapter and a reward export (SEQ_CLS LoRA + score head + normalization) with non-zero weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("adapters")
+    torch.manual_seed(0)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS, task_type="CAUSAL_LM"))
+    rm = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    for m in (sft, rm):
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    sft.save_pretrained(root / "sft")
+    rm.save_pretrained(root / "reward")
+    (root / "reward" / "reward_normalization.json").write_text(json.dumps({"gain": 2.0, "bias": -0.5}))
+    return str(root / "sft"), str(root / "reward")
+
+
+def test_kl_is_exactly_zero_when_policy_equals_reference(tiny_model_dir, tokenizer, adapters):
+    for sft in (None, adapters[0]):  # new LoRA vs disabled adapters; SFT copy vs frozen SFT adapter
+        module = make_module(tiny_model_dir, sft_adapter=sft)
+        module.configure_model()
+        batch = next(iter(prompt_loader(tokenizer)))
+        ro = module.rollout(batch, module.sampling)
+        module.evaluate_rollout(ro)
+        assert torch.equal(ro.old_logprobs, ro.ref_logprobs)
+        assert bool(ro.mask.any())
+
+
+def test_post_eos_tokens_carry_no_loss(tiny_model_dir, tokenizer, adapters):
+    from lit_ft.rl import ppo_policy_loss, ppo_value_loss, response_mask_after_eos
+
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0], reward_adapter=adapters[1])
+    module.configure_model()
+    batch = next(iter(prompt_loader(tokenizer)))
+    eos = tokenizer.eos_token_id
+    responses = torch.randint(3, len(tokenizer), (8, MAX_NEW))
+    responses[:, 3] = eos
+    mask = response_mask_after_eos(responses, eos, eos).long()
+    garbage = responses.clone()
+    garbage[:, 4:] = torch.randint(3, len(tokenizer), (8, MAX_NEW - 4))
+    losses = []
+    for resp in (responses, garbage):
+        ro = Rollout(batch["input_ids"], batch["attention_mask"], resp, mask)
+        module.evaluate_rollout(ro)
+        ro.advantages, ro.returns = torch.linspace(-1, 1, 8 * MAX_NEW).view(8, MAX_NEW) * mask, mask * 0.5
+        with torch.no_grad():
+            logprobs = module.policy_forward(ro)[0]
+            pg, _ = ppo_policy_loss(logprobs + 0.01, ro.old_logprobs, ro.advantages, mask, 0.2)
+            vf, _ = ppo_value_loss(ro.values + 0.3, ro.values, ro.returns, mask, 0.2)
+        scores = module.score(batch, ro)[0]
+        losses.append(torch.stack([pg, vf, *scores]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+
+
+def test_trainable_adapters_change_frozen_ones_do_not(tiny_model_dir, tokenizer, adapters):
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0], reward_adapter=adapters[1])
+    module.configure_model()
+    before = params(module, "lora_", "value_head", "reward_head", "embed_tokens", "q_proj.base_layer")
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    after = params(module, "lora_", "value_head", "reward_head", "embed_tokens", "q_proj.base_layer")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    for role in (".policy.", ".value.", "value_head"):
+        assert any(role in n for n in changed), f"{role} did not train"
+    for role in (".ref.", ".reward.", "reward_head", "embed_tokens", "base_layer"):
+        assert not any(role in n for n in changed), f"{role} changed"
+    assert module.trainer.callback_metrics["ppo/skipped_minibatches"] == 0
+    assert "objective/reward_model" in module.trainer.callback_metrics
+
+
+def test_ratio_guard_skips_minibatches(tiny_model_dir, tokenizer):
+    module = make_module(tiny_model_dir, ppo=PPOSpec(mini_batch_size=4, ppo_epochs=2, ratio_threshold=0.5))
+    module.configure_model()
+    before = params(module, ".policy.")
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert module.trainer.callback_metrics["ppo/skipped_minibatches"] == 4  # 2 epochs x 2 minibatches, all ratios ~1
+    assert all(torch.equal(before[n], p) for n, p in params(module, ".policy.").items())
+
+
+def test_nan_scores_skip_the_batch(tiny_model_dir, tokenizer):
+    module = make_module(tiny_model_dir, reward_fn="tests.test_ppo.nan_reward")
+    module.configure_model()
+    before = params(module, ".policy.", ".value.", "value_head")
+    trainer(2).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert module.counters["skipped_batches"] == 2
+    assert all(torch.equal(before[n], p) for n, p in params(module, ".policy.", ".value.", "value_head").items())
+
+
+@pytest.mark.parametrize("target_kl, epochs", [(None, 4), (1e-9, 1)])
+def test_target_kl_early_stop(tiny_model_dir, tokenizer, target_kl, epochs):
+    module = make_module(tiny_model_dir, lr=1e-2, ppo=PPOSpec(mini_batch_size=4, ppo_epochs=4, target_kl=target_kl))
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert module.trainer.callback_metrics["ppo/epochs"] == epochs
+
+
+def test_resume_restores_kl_controller_and_adapters(tiny_model_dir, tokenizer, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    spec = PPOSpec(mini_batch_size=4, ppo_epochs=1, init_kl_coef=0.2, target=0.001, horizon=20.0)
+    module = make_module(tiny_model_dir, ppo=spec)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(2, enable_checkpointing=True, callbacks=[ckpt]).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    saved_coef, saved = module.kl_ctl.value, params(module, ".policy.", ".value.", "value_head")
+    assert saved_coef != pytest.approx(0.2)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert all(".ref." not in k and "base_layer" not in k and "embed" not in k for k in state["state_dict"])
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["coef"] = pl_module.kl_ctl.value
+            seen["params"] = params(pl_module, ".policy.", ".value.", "value_head")
+
+    fresh = make_module(tiny_model_dir, ppo=spec)
+    trainer(2, epochs=2, callbacks=[Probe()]).fit(fresh, train_dataloaders=prompt_loader(tokenizer),
+                                                  ckpt_path=str(tmp_path / "last.ckpt"))
+    assert seen["coef"] == saved_coef
+    assert saved.keys() == seen["params"].keys()
+    assert all(torch.equal(saved[n], seen["params"][n]) for n in saved)
+
+
+def test_learns_programmatic_reward_with_bounded_kl(tiny_model_dir, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    lora = LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=ALL_PROJECTIONS + ["lm_head"])
+    ppo = PPOSpec(mini_batch_size=8, ppo_epochs=4, init_kl_coef=0.1, adaptive_kl=False)
+    module = make_module(tiny_model_dir, ppo=ppo, lr=1e-2, lora=lora, value_model="shared_trunk",
+                         reward_fn="tests.test_ppo.uppercase_reward")
+    plot = MetricsPlot(path=str(tmp_path / "metrics.png"))
+    start = time.perf_counter()
+    trainer(40, epochs=1, callbacks=[plot]).fit(module, train_dataloaders=prompt_loader(tokenizer, 16, 16 * 40))
+    assert time.perf_counter() - start < 60
+    scores = [v / 2 for _, v in plot.history["objective/scores"]]
+    kls = [v for _, v in plot.history["objective/kl"]]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    assert max(kls) < 16.0  # under 3x the regularised optimum (about 5.5 nats): the penalty holds the policy
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+
+
+def test_save_adapter_is_peft_loadable(tiny_model_dir, tokenizer, adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0], reward_adapter=adapters[1])
+    module.configure_model()
+    module.save_adapter(tmp_path / "out", tokenizer)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "out"))
+    ours = {n.replace(".policy.", "."): p for n, p in module.model.named_parameters() if ".policy." in n}
+    theirs = {n.replace(".default.", "."): p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    assert (tmp_path / "out" / "value" / "adapter_model.safetensors").exists()
+
+
+def test_4bit_base_runs_one_iteration(tiny_model_dir, tokenizer):
+    pytest.importorskip("bitsandbytes")
+    module = PPOModule(base=ModelSpec(name_or_path=tiny_model_dir, quantization="nf4", compute_dtype="float32"),
+                       lora=LoraSpec(r=4, alpha=8), reward_fn="tests.test_ppo.uppercase_share",
+                       sampling=SamplingSpec(max_new_tokens=4), ppo=PPOSpec(mini_batch_size=4, ppo_epochs=1),
+                       sample_table_every=0)
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert torch.isfinite(module.trainer.callback_metrics["ppo/loss/policy"])
