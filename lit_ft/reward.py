@@ -1,0 +1,160 @@
+"""Bradley-Terry reward modelling with LoRA / QLoRA as a LightningModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import MeanMetric
+
+from lit_ft import checkpointing, optim, scoring
+from lit_ft.losses import bradley_terry_loss
+from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
+
+STATS_KEY = "reward_stats"
+
+
+class RewardModule(L.LightningModule):
+    """A scalar reward model trained on preference pairs (Ouyang et al. 2022, sec. 3.5).
+
+    Batches carry `input_ids` and `attention_mask` of shape [2B, T], right-padded, rows 0..B-1 the chosen
+    responses and rows B..2B-1 the rejected ones, and `margin` [B] (0 where the data has none). Chosen and
+    rejected go through ONE forward pass; the reward of a row is the score head applied to the hidden state of
+    its last real token (found from the attention mask, since pad == EOS for many tokenizers).
+    """
+
+    def __init__(
+        self,
+        base: ModelSpec = ModelSpec(),
+        lora: LoraSpec | None = LoraSpec(),
+        optim: optim.OptimSpec = optim.OptimSpec(),
+        center_coef: float = 0.0,
+        use_margin: bool = True,
+        normalize_on_fit_end: bool = True,
+    ):
+        """
+        Args:
+            base: the base model and how it is held (dtype, quantization, checkpointing).
+            lora: the adapter to train (ignored when base.adapter names an existing one). A new LoRA with
+                task SEQ_CLS also makes the 1-output `score` head trainable and saves it with the adapter.
+            optim: optimizer and learning-rate schedule.
+            center_coef: weight of the reward-centering penalty mean((r_chosen + r_rejected)^2)
+                (Eisenstein et al. 2023; 1e-2 is a common value); 0 disables it.
+            use_margin: subtract the batch's `margin` inside the sigmoid (Llama 2, Touvron et al. 2023).
+            normalize_on_fit_end: export `reward_normalization.json` with the gain and bias that give the rewards
+                of the last validation epoch's chosen and rejected responses mean 0 and std 1.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.base, self.lora, self.optim = base, lora, optim
+        self.center_coef, self.use_margin, self.normalize_on_fit_end = center_coef, use_margin, normalize_on_fit_end
+        self.model = None
+        self.strict_loading = False  # checkpoints hold the adapter and head only
+        self.train_accuracy = MeanMetric()
+        self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
+        # (mean, std) of the validation rewards, NaN until a validation epoch ran. A buffer rides in the
+        # checkpoint's state_dict, so ExportAdapter(best=True) restores the stats of the best weights with them.
+        self.register_buffer(STATS_KEY, torch.full((2,), float("nan"), dtype=torch.float64))
+
+    # -- model ----------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.model = build_model(self.base, self.lora, "score", device=device)
+        rank_zero_info(describe(self.model))
+
+    def rewards(self, batch: dict) -> torch.Tensor:
+        """Raw fp32 rewards [2B] of every row of the batch (chosen rows first), one forward pass."""
+        return scoring.sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
+
+    def pair_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, r_chosen [B], r_rejected [B]) of one preference batch."""
+        r_chosen, r_rejected = self.rewards(batch).chunk(2)
+        margin = batch.get("margin") if self.use_margin else None
+        return bradley_terry_loss(r_chosen, r_rejected, margin, self.center_coef), r_chosen, r_rejected
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # 1. One forward over the 2B rows; split into chosen and rejected rewards; Bradley-Terry loss.
+        loss, r_chosen, r_rejected = self.pair_loss(batch)
+        # 2. Pairwise accuracy of this batch (a share of pairs, so it is weighted by the number of pairs).
+        pairs = r_chosen.shape[0]
+        self.train_accuracy((r_chosen > r_rejected).float().detach())  # forward: this batch's value for on_step
+        # 3. Log with the batch size Lightning cannot infer from a dict of tensors.
+        self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
+        self.log("train/accuracy", self.train_accuracy, prog_bar=True, batch_size=pairs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, r_chosen, r_rejected = self.pair_loss(batch)
+        pairs = r_chosen.shape[0]
+        rewards = torch.cat([r_chosen, r_rejected])
+        self.val_loss.update(loss, weight=pairs)
+        self.val_accuracy.update((r_chosen > r_rejected).float())
+        self.val_margin.update(r_chosen - r_rejected)
+        self.val_reward.update(rewards)
+        self.val_reward_sq.update(rewards.double() ** 2)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        mean = self.val_reward.compute().double()
+        std = (self.val_reward_sq.compute().double() - mean**2).clamp(min=0).sqrt()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
+        self.log("val/margin", self.val_margin.compute())
+        self.log("val/reward_mean", mean.float())
+        self.log("val/reward_std", std.float())
+        if not self.trainer.sanity_checking:
+            self.reward_stats.copy_(torch.stack([mean, std]))
+        for metric in (self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq):
+            metric.reset()
+
+    def configure_optimizers(self):
+        return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
+
+    # -- checkpoints and export -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpointing.slim(self, checkpoint, self.base.identity())
+        checkpoint["state_dict"][STATS_KEY] = self.reward_stats.detach().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpointing.check_identity(checkpoint, self.base.identity())
+
+    def normalization(self) -> tuple[float, float] | None:
+        """(gain, bias) that standardise the last validation epoch's rewards, or None when there are none."""
+        mean, std = (float(x) for x in self.reward_stats)
+        if mean != mean or std != std:  # NaN: no validation epoch ran
+            return None
+        return scoring.normalization_from_stats(mean, std)
+
+    def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
+        """Write the reward model in the export format of `lit_ft.scoring` (what `RewardScorer` and PPO load).
+
+        PEFT format (LoRA weights and the `score` head in `adapter_model.safetensors`), tokenizer files, and
+        with `normalize_on_fit_end` the `reward_normalization.json` of the last validation epoch.
+        """
+        path = Path(path)
+        self.model.save_pretrained(path)
+        if not scoring.head_keys(path):
+            # A reward adapter without its head reloads with a freshly initialised one: random rewards.
+            raise RuntimeError(f"{path}/{scoring.ADAPTER_WEIGHTS} lacks the score head; add 'score' to "
+                               "model.lora.modules_to_save")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        norm_file = path / scoring.NORMALIZATION_FILE
+        norm = self.normalization() if self.normalize_on_fit_end else None
+        if norm is not None:
+            scoring.write_normalization(path, *norm)
+        else:
+            norm_file.unlink(missing_ok=True)  # never leave a stale file from an earlier export
+            if self.normalize_on_fit_end:
+                rank_zero_warn("no validation epoch ran: the reward adapter is exported without normalization")
+        return path
