@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -23,9 +24,23 @@ from lit_ft.errors import ConfigError
 from lit_ft.models import ModelSpec, load_base, load_tokenizer
 
 
+def load_checkpoint(ckpt: str | Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain values only, never pickled code (a checkpoint from
+    an untrusted source cannot run anything); a file holding pickled objects is refused with a ConfigError."""
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{ckpt}: refused: the checkpoint holds pickled Python objects, which weights_only=True loading does "
+            f"not execute ({first[:200]}). lit_ft checkpoints hold tensors and plain values only; re-save it "
+            "with plain hyper-parameters, or load it yourself only if you trust its origin"
+        ) from e
+
+
 def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
     """Rebuild the LightningModule recorded in a lit_ft checkpoint, load its trainable state, save the adapter."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_checkpoint(ckpt)
     if MODULE_KEY not in state:
         raise ConfigError(f"{ckpt} is not a lit_ft checkpoint (no '{MODULE_KEY}' entry)")
     module_path, _, name = state[MODULE_KEY].rpartition(".")

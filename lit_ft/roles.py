@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from lit_ft import scoring
 from lit_ft.errors import ConfigError
 from lit_ft.losses import entropy_from_logits, selective_log_softmax
 from lit_ft.models import LoraSpec, ModelSpec, load_base, lora_config, prepare_for_training
-from lit_ft.rl import last_true_index
 
 POLICY, REF, VALUE, REWARD = "policy", "ref", "value", "reward"
-_WEIGHTS, _NORMALIZATION, _HEAD = "adapter_model.safetensors", "reward_normalization.json", "score"
+_HEAD = scoring.HEAD_NAME
 
 
 # ---------------------------------------------------------------------------------------------- reward export
@@ -54,30 +53,32 @@ class RewardExport:
 
 
 def read_reward_export(path: str | Path) -> RewardExport:
-    """Read a reward directory (PEFT SEQ_CLS adapter + `score` head + optional `reward_normalization.json`)."""
+    """Read a reward directory (PEFT SEQ_CLS adapter + `score` head + optional `reward_normalization.json`)
+    through `lit_ft.scoring`, which owns the export format."""
     from peft import PeftConfig
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "adapter_config.json").exists() or not (path / _WEIGHTS).exists():
-        raise ConfigError(f"reward_adapter: {path} needs adapter_config.json and {_WEIGHTS} (a reward export)")
-    state = load_file(str(path / _WEIGHTS))
-    weight_keys = [k for k in state if k.endswith(f"{_HEAD}.weight")]
-    if len(weight_keys) != 1:
-        raise ConfigError(f"reward_adapter: {path / _WEIGHTS} needs one key ending in '{_HEAD}.weight', found {weight_keys}")
-    bias_key = weight_keys[0][: -len("weight")] + "bias"
-    head_w, head_b = state.pop(weight_keys[0]), state.pop(bias_key, None)
-    if head_w.shape[0] != 1:
-        raise ConfigError(f"reward_adapter: the score head has {head_w.shape[0]} outputs, expected 1")
+    if not (path / "adapter_config.json").exists() or not (path / scoring.ADAPTER_WEIGHTS).exists():
+        raise ConfigError(
+            f"reward_adapter: {path} needs adapter_config.json and {scoring.ADAPTER_WEIGHTS} (a reward export)"
+        )
+    try:
+        head = scoring.load_score_head(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"reward_adapter: {e}") from e
+    if head.out_features != 1:
+        raise ConfigError(f"reward_adapter: the score head has {head.out_features} outputs, expected 1")
+    state = load_file(str(path / scoring.ADAPTER_WEIGHTS))
+    for key in scoring.head_keys(path):
+        state.pop(key)
     config = copy.deepcopy(PeftConfig.from_pretrained(str(path)))
     # The LoRA weights go onto the causal LM's decoder (same module names as the *ForSequenceClassification
     # decoder); the head is ours, so PEFT must not look for a `score` module to wrap.
     config.task_type, config.modules_to_save = "CAUSAL_LM", None
-    gain, bias = 1.0, 0.0
-    if (path / _NORMALIZATION).exists():
-        norm = json.loads((path / _NORMALIZATION).read_text())
-        gain, bias = float(norm["gain"]), float(norm["bias"])
-    return RewardExport(config, state, head_w.float(), None if head_b is None else head_b.float(), gain, bias)
+    gain, bias = scoring.read_normalization(path)
+    head_bias = head.bias.detach().float() if head.bias is not None else None
+    return RewardExport(config, state, head.weight.detach().float(), head_bias, gain, bias)
 
 
 def linear_head(hidden_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -233,8 +234,7 @@ def head_values(head: nn.Module, hidden: Tensor) -> Tensor:
 
 def last_token_scores(head: nn.Module, hidden: Tensor, mask: Tensor) -> Tensor:
     """Head output at each row's last real token (from the attention mask: pad == EOS must not stop it)."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return head_values(head, hidden[rows, last_true_index(mask)])
+    return scoring.scores_from_hidden(hidden.float(), mask, head)
 
 
 def value_head_from(reward: RewardExport | None, hidden_size: int) -> nn.Linear:
@@ -266,7 +266,7 @@ def export_adapter(model, name: str, path: Path, head: nn.Linear | None = None) 
         state[f"base_model.model.{_HEAD}.weight"] = head.weight
         state[f"base_model.model.{_HEAD}.bias"] = head.bias
     config.save_pretrained(str(path))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / _WEIGHTS),
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / scoring.ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     return path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import lightning as L
 import pytest
@@ -215,9 +214,7 @@ def test_learns_programmatic_reward_with_bounded_kl(tiny_model_dir, tokenizer, t
     module = make_module(tiny_model_dir, ppo=ppo, lr=1e-2, lora=lora, value_model="shared_trunk",
                          reward_fn="tests.test_ppo.uppercase_reward")
     plot = MetricsPlot(path=str(tmp_path / "metrics.png"))
-    start = time.perf_counter()
     trainer(40, epochs=1, callbacks=[plot]).fit(module, train_dataloaders=prompt_loader(tokenizer, 16, 16 * 40))
-    assert time.perf_counter() - start < 60
     scores = [v / 2 for _, v in plot.history["objective/scores"]]
     kls = [v for _, v in plot.history["objective/kl"]]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5

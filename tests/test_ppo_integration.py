@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import lightning as L
@@ -67,7 +66,6 @@ def test_ppo_iterations_on_smollm2(smollm2_dir, tmp_path, one_thread):
     from lit_ft.plots import MetricsPlot
     from lit_ft.ppo import PPOModule, PPOSpec
 
-    start = time.perf_counter()
     sft, reward = _fresh_adapters(smollm2_dir, tmp_path)
     dm = PromptDataModule(train_file=str(ROOT / "data/demo/prompts_train.jsonl"),
                           val_file=str(ROOT / "data/demo/prompts_val.jsonl"), tokenizer=smollm2_dir,
@@ -85,4 +83,3 @@ def test_ppo_iterations_on_smollm2(smollm2_dir, tmp_path, one_thread):
     assert len(plot.history["objective/scores"]) == 2 and (tmp_path / "metrics.png").exists()
     module.save_adapter(tmp_path / "out", dm.tokenizer)
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-    assert time.perf_counter() - start < 90

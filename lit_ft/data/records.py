@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,21 +121,59 @@ def _read_hub(name: str, split: str, setting: str) -> tuple[list[dict], list[int
 
 
 def _read_table(path: Path, suffix: str) -> tuple[list[dict], list[int]]:
+    if suffix == ".csv":
+        return _read_csv(path)
     import datasets
 
     try:
-        if suffix == ".csv":
-            ds = datasets.Dataset.from_csv(str(path), keep_in_memory=True)
-        else:
-            ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     except Exception as e:
         raise DataError(f"cannot read {suffix[1:]} file: {type(e).__name__}: {e}", file=str(path)) from e
-    first = 2 if suffix == ".csv" else 1  # CSV line 1 is the header
-    return list(ds), list(range(first, first + len(ds)))
+    return list(ds), list(range(1, len(ds) + 1))
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
+    """CSV rows as text, with the source line where each row starts (line 1 is the header).
+
+    Read with the ``csv`` module rather than pandas: every cell stays text (pandas would turn an answer "42"
+    into an int and fail the string check), multi-line quoted cells keep true line numbers, a UTF-8 BOM is
+    accepted, and bad bytes are reported by line. An empty cell is a missing value (None). Columns with an
+    empty header (a trailing comma, an unnamed index column) are ignored; a row with more cells than the
+    header has columns is an error.
+    """
+    import csv
+    import io
+
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8",
+                        file=str(path), line=data.count(b"\n", 0, e.start) + 1) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return [], []
+        rows, lines, start = [], [], reader.line_num + 1
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                if len(cells) > len(header):
+                    raise DataError(f"{len(cells)} cells but the header has {len(header)} columns",
+                                    file=str(path), line=start)
+                rows.append({k: (c if c != "" else None) for k, c in zip(header, cells) if k.strip()}
+                            | {k: None for k in header[len(cells):] if k.strip()})
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"invalid CSV: {e}", file=str(path), line=reader.line_num) from None
+    if not rows and any(k.strip() for k in header):
+        raise DataError("no rows: the file has a header but no data rows", file=str(path))
+    return rows, lines
 
 
 def _read_json(path: Path, skip_bad_rows: bool, report: DataReport) -> tuple[list[dict], list[int]]:
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not an error
     if data.lstrip()[:1] == b"[":
         return _read_json_array(path, data)
     rows, lines = [], []
@@ -167,7 +206,8 @@ def _parse_json_line(raw: bytes, is_last: bool, newline_after: bool) -> dict:
             raise RowError("invalid_json", f"invalid JSON: the last line is cut off ({e.msg}); is the file truncated?")
         raise RowError("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
     if not isinstance(obj, dict):
-        raise RowError("invalid_json", f"expected a JSON object per line, got {type(obj).__name__}")
+        raise RowError("invalid_json", f"expected a JSON object per line, got {type(obj).__name__} "
+                                        "(a .json file may also hold one array of objects)")
     return obj
 
 
@@ -307,9 +347,8 @@ def _preference(row: dict, fmt: str) -> dict:
         prompt = check_messages(p, "prompt", end="user") if isinstance(p, list) else _user(_text(row, "prompt"))
         c, r = _text(row, "chosen"), _text(row, "rejected")
     margin = row.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise RowError("margin", f"expected a number or null, got {type(margin).__name__}")
-    return {"prompt": prompt, "chosen": c, "rejected": r, "margin": None if margin is None else float(margin)}
+    margin = None if margin is None else _number(margin, "margin", "a number or null")
+    return {"prompt": prompt, "chosen": c, "rejected": r, "margin": margin}
 
 
 def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
@@ -345,17 +384,30 @@ def responses(record: dict) -> list[str]:
     return [record[k] for k in ("chosen", "rejected") if k in record]
 
 
-def _score(row: dict, score_field: str) -> float:
-    value = row.get(score_field)
+def _number(value: Any, key: str, expected: str) -> float:
+    """A finite float from a number (or, for CSV cells, numeric text); NaN/inf would poison a loss silently."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise RowError(key, f"expected {expected}, got str ({value[:40]!r})") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RowError(score_field, f"expected a number (data.score_field), got {type(value).__name__}")
+        raise RowError(key, f"expected {expected}, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise RowError(key, f"expected {expected}, got {value} (not finite: it would make the loss NaN)")
     return float(value)
+
+
+def _score(row: dict, score_field: str) -> float:
+    return _number(row.get(score_field), score_field, "a number (data.score_field)")
 
 
 def _quality_drop(record: dict, kind: Kind, seen: set | None) -> str | None:
     """The reason to drop a well-formed record, or None to keep it."""
     if kind != "prompt" and any(not r.strip() for r in responses(record)):
         return "empty_response"
+    if kind == "prompt" and not any(m["content"].strip() for m in record["prompt"] if m["role"] == "user"):
+        return "empty_prompt"  # a rollout needs something to answer
     if kind == "preference" and record["chosen"] == record["rejected"]:
         return "chosen_equals_rejected"
     if seen is not None:
@@ -439,6 +491,8 @@ _REQUIRED = {
 def _check_columns(rows: list[dict], source: str, kind: Kind, format: str) -> None:
     """A format the file cannot have: unknown name, or (for tables, whose rows share keys) a missing column."""
     known = {"instruction": INSTRUCTION_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS}[kind]
+    if format == "auto" and not rows:
+        return  # every row was dropped while reading (skip_bad_rows): "no rows left" is reported later
     if format not in known:
         raise ConfigError(f"data.format: unknown {kind} format '{format}'; expected 'auto' or one of {list(known)}")
     if not rows or source.lower().endswith((".json", ".jsonl")):
@@ -446,4 +500,5 @@ def _check_columns(rows: list[dict], source: str, kind: Kind, format: str) -> No
     required = _REQUIRED.get((kind, format), (format,) if kind == "prompt" else ())
     for column in required:
         if column not in rows[0]:
-            raise DataError(f"column '{column}' is missing (columns: {sorted(rows[0])})", file=source, field=column)
+            raise DataError(f"column '{column}' is missing (columns: {sorted(rows[0])})", file=source,
+                            line=1 if source.lower().endswith(".csv") else None, field=column)
