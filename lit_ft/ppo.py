@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, optim, roles
+from lit_ft import checkpointing, metrics, optim, roles
 from lit_ft.callbacks import resolve_callable
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
@@ -101,10 +101,6 @@ class Rollout:
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if getattr(self, f.name) is not None})
 
 
-# Resuming loads checkpoints with torch.load(weights_only=True); the hyper-parameters hold these plain dataclasses.
-torch.serialization.add_safe_globals([ModelSpec, LoraSpec, SamplingSpec, PPOSpec, optim.OptimSpec])
-
-
 class PPOModule(L.LightningModule):
     """PPO with a KL penalty over LoRA adapters of one base (see the module docstring for the run length)."""
 
@@ -143,7 +139,11 @@ class PPOModule(L.LightningModule):
         self.save_hyperparameters()
         if reward_adapter is None and reward_fn is None:
             raise ValueError("PPOModule needs a reward: set reward_adapter and/or reward_fn")
-        self.base, self.lora, self.sampling, self.ppo, self.optim = base, lora, sampling, ppo, optim
+        # Specs arrive as dataclasses (CLI, Python) or as the plain dicts a checkpoint stores (lit_ft.export).
+        base, lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
+        sampling, ppo = checkpointing.as_spec(SamplingSpec, sampling), checkpointing.as_spec(PPOSpec, ppo)
+        self.base, self.lora, self.sampling, self.ppo = base, lora, sampling, ppo
+        self.optim = checkpointing.as_spec(optim.OptimSpec, optim)
         self.sft_adapter = sft_adapter or base.adapter
         self.reward_adapter, self.value_model = reward_adapter, value_model
         self.reward_fn = resolve_callable(reward_fn) if reward_fn else None
@@ -351,6 +351,9 @@ class PPOModule(L.LightningModule):
         ro = self.rollout(batch, replace(self.sampling, do_sample=False, min_new_tokens=None))
         scores, _, _ = self.score(batch, ro)
         self.val_scores.update(scores)
+
+    def on_validation_epoch_start(self) -> None:
+        metrics.fresh(self.val_scores)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_scores.update_count:

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, optim, scoring
+from lit_ft import checkpointing, metrics, optim, scoring
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
 
@@ -48,7 +48,9 @@ class RewardModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.base, self.lora, self.optim = base, lora, optim
+        self.base = checkpointing.as_spec(ModelSpec, base)
+        self.lora = checkpointing.as_spec(LoraSpec, lora)
+        self.optim = checkpointing.as_spec(optim.OptimSpec, optim)
         self.center_coef, self.use_margin, self.normalize_on_fit_end = center_coef, use_margin, normalize_on_fit_end
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter and head only
@@ -100,6 +102,9 @@ class RewardModule(L.LightningModule):
         self.val_margin.update(r_chosen - r_rejected)
         self.val_reward.update(rewards)
         self.val_reward_sq.update(rewards.double() ** 2)
+
+    def on_validation_epoch_start(self) -> None:
+        metrics.fresh(self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
