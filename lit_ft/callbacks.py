@@ -125,11 +125,14 @@ class SampleGenerations(L.Callback):
         if trainer.sanity_checking:
             return
         score, results = self.evaluate(trainer, pl_module)
+        self._last = (trainer.global_step, score, results)
         pl_module.log(f"val/{self.metric_name}", score)
         self._log_table(trainer, results)
 
     def on_train_end(self, trainer, pl_module):
-        score, results = self.evaluate(trainer, pl_module)
+        step, score, results = getattr(self, "_last", (None, None, None))
+        if step != trainer.global_step:  # no validation ran on the final weights: evaluate them now
+            score, results = self.evaluate(trainer, pl_module)
         self._print("after training", score, results)
         if self.before is not None:
             rank_zero_info(f"{self.metric_name}: {self.before:.3f} -> {score:.3f}")

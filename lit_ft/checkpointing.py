@@ -22,13 +22,27 @@ def slim(module: torch.nn.Module, checkpoint: dict, identity: dict) -> None:
     Call from `on_save_checkpoint`. The frozen base is never written: a LoRA checkpoint is a small fraction
     of the base model's size.
     """
-    checkpoint["state_dict"] = trainable_state_dict(module)
+    state = checkpoint.get("state_dict")
+    if state is None:
+        checkpoint["state_dict"] = trainable_state_dict(module)
+    else:
+        # Filter what the strategy gathered (FSDP: the full, unsharded tensors) rather than reading parameters,
+        # which under FSDP are local shards with wrapper prefixes in their names.
+        names = {_unwrapped(n) for n, p in module.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in names}
     checkpoint[IDENTITY_KEY] = identity
     checkpoint[MODULE_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
     # Hyper-parameters as plain dicts, so the checkpoint loads with torch.load(weights_only=True).
     hparams = checkpoint.get("hyper_parameters")
     if hparams is not None:
         checkpoint["hyper_parameters"] = {k: _plain(v) for k, v in hparams.items()}
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter name without the FSDP / activation-checkpointing wrapper prefixes."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _plain(value):

@@ -72,8 +72,14 @@ class ModelSpec:
     """Quantize the 4-bit quantization constants too (QLoRA's double quantization)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype the 4-bit layers de-quantize to for their matmuls."""
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Storage dtype of the packed 4-bit weights; FSDP needs it equal to the other weights' dtype (bfloat16)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant, so frozen inputs keep LoRA trainable)."""
+    liger_kernel: bool = False
+    """Swap RMSNorm, SwiGLU and RoPE for Liger's fused Triton kernels (`pip install liger-kernel`; CUDA only).
+    Same function, fewer passes over memory and fewer saved activations. Liger patches transformers' RoPE
+    function for the whole process (its own design), so every model of that architecture built later uses it."""
     adapter: str | None = None
     """An existing PEFT adapter directory to start from (for example the SFT adapter under RM or PPO); when
     set, it is trained further instead of a new adapter made from the LoRA settings."""
@@ -224,7 +230,7 @@ def quantization_config(spec: ModelSpec):
         bnb_4bit_quant_type=spec.quantization,
         bnb_4bit_use_double_quant=spec.double_quant,
         bnb_4bit_compute_dtype=_DTYPES[spec.compute_dtype],
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=torch.uint8 if spec.quant_storage == "uint8" else _DTYPES[spec.quant_storage],
     )
 
 
@@ -270,12 +276,49 @@ def prepare_for_training(model, spec: ModelSpec):
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    if spec.liger_kernel:
+        apply_liger_kernel(model)
     if spec.gradient_checkpointing:
         # Non-reentrant checkpointing (torch.utils.checkpoint, use_reentrant=False) tracks gradients to LoRA
         # weights even when the checkpointed block's inputs do not require grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def apply_liger_kernel(model) -> None:
+    """Fused RMSNorm / SwiGLU / RoPE from Liger-Kernel (Hsu et al. 2024) on a loaded base model.
+
+    Only the layer kernels: the loss stays lit_ft's chunked cross-entropy, so Liger's fused linear cross-entropy
+    (which replaces the model's forward) is never applied.
+    """
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise ConfigError("model.liger_kernel needs the liger-kernel package: `pip install liger-kernel`") from e
+    if not torch.cuda.is_available():
+        raise ConfigError("model.liger_kernel needs a CUDA device (its kernels are Triton GPU kernels)")
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+
+
+def compile_decoder_layers(model, backend: str = "inductor") -> int:
+    """`torch.compile` each decoder layer in place (the blocks repeat, so one compiled graph serves them all).
+
+    Layers, not the whole model: the embedding, mask construction and lit_ft's chunked loss stay eager, graphs stay
+    small (fast compiles) and gradient checkpointing still wraps each compiled layer. Inductor fuses the
+    element-wise work (RMSNorm's float32 round trip, RoPE, SwiGLU, LoRA dropout and adds) and its min-cut
+    partitioner recomputes cheap element-wise results in backward instead of saving them. Returns the number of
+    layers compiled.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(inner.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError(f"compile: {type(inner).__name__} has no decoder `layers` to compile")
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
 
 
 def check_lora(lora: LoraSpec) -> None:

@@ -27,9 +27,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, roles
+from lit_ft import checkpointing, metrics, optim, resume, roles
 from lit_ft.callbacks import resolve_callable
 from lit_ft.generation import SamplingSpec, generate
+from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
 from lit_ft.rl import compute_rewards, gae, kl_controller, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss, ratio_guard
@@ -143,7 +144,7 @@ class PPOModule(L.LightningModule):
         base, lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
         sampling, ppo = checkpointing.as_spec(SamplingSpec, sampling), checkpointing.as_spec(PPOSpec, ppo)
         self.base, self.lora, self.sampling, self.ppo = base, lora, sampling, ppo
-        self.optim = checkpointing.as_spec(optim.OptimSpec, optim)
+        self.optim = checkpointing.as_spec(OptimSpec, optim)
         self.sft_adapter = sft_adapter or base.adapter
         self.reward_adapter, self.value_model = reward_adapter, value_model
         self.reward_fn = resolve_callable(reward_fn) if reward_fn else None
@@ -376,6 +377,8 @@ class PPOModule(L.LightningModule):
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
     # -- checkpoints and export -----------------------------------------------------------------------------
+
+    configure_callbacks = resume.configure_callbacks  # RNG states in checkpoints: exact resume
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.roles.restore_flags()

@@ -9,8 +9,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, scoring
+from lit_ft import checkpointing, metrics, optim, resume, scoring
 from lit_ft.losses import bradley_terry_loss
+from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
 
 STATS_KEY = "reward_stats"
@@ -50,7 +51,7 @@ class RewardModule(L.LightningModule):
         self.save_hyperparameters()
         self.base = checkpointing.as_spec(ModelSpec, base)
         self.lora = checkpointing.as_spec(LoraSpec, lora)
-        self.optim = checkpointing.as_spec(optim.OptimSpec, optim)
+        self.optim = checkpointing.as_spec(OptimSpec, optim)
         self.center_coef, self.use_margin, self.normalize_on_fit_end = center_coef, use_margin, normalize_on_fit_end
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter and head only
@@ -125,6 +126,8 @@ class RewardModule(L.LightningModule):
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
     # -- checkpoints and export -----------------------------------------------------------------------------
+
+    configure_callbacks = resume.configure_callbacks  # RNG states in checkpoints: exact resume
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.slim(self, checkpoint, self.base.identity())

@@ -9,10 +9,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing
+from lit_ft import checkpointing, metrics, resume
 from lit_ft import optim as optim_mod
+from lit_ft.guards import NonFiniteGuard
 from lit_ft.losses import causal_lm_loss
-from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
+from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
 
 
 class SFTModule(L.LightningModule):
@@ -29,6 +30,8 @@ class SFTModule(L.LightningModule):
         lora: LoraSpec | None = LoraSpec(),
         optim: optim_mod.OptimSpec = optim_mod.OptimSpec(),
         loss_chunk_size: int = 4096,
+        compile: bool = False,
+        max_consecutive_skips: int = 10,
     ):
         """
         Args:
@@ -36,6 +39,10 @@ class SFTModule(L.LightningModule):
             lora: the adapter to train (ignored when base.adapter names an existing one).
             optim: optimizer and learning-rate schedule.
             loss_chunk_size: tokens per chunk of the cross-entropy (bounds the float32 logits in memory).
+            compile: `torch.compile` each decoder layer (inductor). Same function, fused element-wise kernels and
+                fewer saved activations; the first steps pay the compilation (about a minute on a GPU).
+            max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
+                (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.guards).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -43,9 +50,11 @@ class SFTModule(L.LightningModule):
         self.lora = checkpointing.as_spec(LoraSpec, lora)
         self.optim = checkpointing.as_spec(optim_mod.OptimSpec, optim)
         self.loss_chunk_size = loss_chunk_size
+        self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter only
         self.val_loss = MeanMetric()
+        self.guard = NonFiniteGuard(max_consecutive_skips)
 
     # -- model ----------------------------------------------------------------------------------------------
 
@@ -55,6 +64,8 @@ class SFTModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.model = build_model(self.base, self.lora, "causal_lm", device=device)
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be active while training
+        if self.compile_layers:
+            compile_decoder_layers(self.model)
         rank_zero_info(describe(self.model))
 
     def _decoder_and_head(self):
@@ -94,10 +105,7 @@ class SFTModule(L.LightningModule):
             self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)
 
     def on_validation_epoch_start(self) -> None:
-        # Fresh, normal (non-inference) metric state: a `trainer.validate` under inference mode must not leave
-        # inference tensors behind for a later `fit` to update in place.
-        with torch.inference_mode(False):
-            self.val_loss.reset()
+        metrics.fresh(self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
@@ -110,7 +118,16 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self):
         return optim_mod.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # Skip (and count) a step whose loss or gradients are not finite, instead of writing NaN into the adapter.
+        self.guard.optimizer_step(self, optimizer, optimizer_closure)
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        self.guard.lr_scheduler_step(self, scheduler, metric)  # a skipped step does not advance the schedule
+
     # -- checkpoints and export -----------------------------------------------------------------------------
+
+    configure_callbacks = resume.configure_callbacks  # RNG states in checkpoints: exact resume
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.slim(self, checkpoint, self.base.identity())

@@ -37,3 +37,57 @@ def test_overrides_and_model_name_link(tmp_path):
     assert cli.datamodule.max_length == 512
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.datamodule.tokenizer_name == "some/model"
+
+
+STRATEGIES = [c for c in CONFIGS if "/strategies/" in c]
+
+
+class _StrategyOnlyCLI(LitFTCLI):
+    """Parses and instantiates everything but the Trainer (Lightning's FSDP refuses a CPU accelerator)."""
+
+    def instantiate_trainer(self, **kwargs):
+        return self.config_init["trainer"]
+
+
+@pytest.mark.parametrize("config", STRATEGIES, ids=[Path(c).stem for c in STRATEGIES])
+def test_strategy_config_composes_with_a_stage(config, tmp_path):
+    import importlib.util
+
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    from lit_ft.resume import AtomicCheckpointIO
+    from lit_ft.strategies import wrap_decoder_layers
+
+    if "deepspeed" in config and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    args = ["--config", "configs/sft.yaml", "--config", config, "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    if "ddp" in config:  # DDP instantiates on the CPU: the whole Trainer
+        cli = _cli(args + ["--trainer.accelerator", "cpu"])
+        strategy = cli.trainer.strategy
+        assert isinstance(strategy, DDPStrategy)
+        assert strategy._ddp_kwargs["find_unused_parameters"] is False
+        assert isinstance(strategy.checkpoint_io, AtomicCheckpointIO)
+    else:
+        cli = _StrategyOnlyCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                               subclass_mode_data=True, run=False, args=args, save_config_callback=None)
+        strategy = cli.trainer.strategy
+        if "fsdp" in config:
+            assert isinstance(strategy, FSDPStrategy)
+            assert strategy.kwargs["use_orig_params"] is True
+            assert strategy.kwargs["auto_wrap_policy"] is wrap_decoder_layers
+        else:
+            assert isinstance(strategy, DeepSpeedStrategy)
+    assert cli.model.__class__.__name__ == "SFTModule"  # the stage config is intact
+
+
+def test_fsdp_policy_wraps_decoder_layers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft.strategies import wrap_decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    wrapped = [type(m).__name__ for m in model.modules() if wrap_decoder_layers(m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == ["LlamaDecoderLayer"] * model.config.num_hidden_layers
+    assert wrap_decoder_layers(model, recurse=True, nonwrapped_numel=0)

@@ -25,6 +25,7 @@ from lit_ft.data.records import DataReport, Kind, is_hub_name, load_records, rea
 from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong, tokenize_records
 from lit_ft.errors import ConfigError, DataError
+from lit_ft.resume import ResumableDataLoader
 
 InstructionFormat = Literal["auto", "alpaca", "prompt_completion", "messages", "question_answer"]
 PreferenceFormat = Literal["auto", "prompt_chosen_rejected", "chat", "hh"]
@@ -72,9 +73,15 @@ def tokenize_split(records: list[dict], kind: Kind, report: DataReport, file: st
 
 
 def make_loader(ds, batch_size: int, collate, num_workers: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    """Training (shuffle=True): a seeded loader whose position is saved in checkpoints and restored on resume,
+    mid-epoch included (`lit_ft.resume.ResumableDataLoader`). Evaluation: a plain ordered DataLoader."""
+    if shuffle:
+        return ResumableDataLoader(ds, batch_size=batch_size, shuffle=True, seed=seed, collate_fn=collate,
+                                   num_workers=num_workers)
+    # A private generator: each new iterator draws a base seed, which must not shift the global torch RNG
+    # (a validation pass would otherwise change the dropout masks of the training steps after it).
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 def load_tokenizer_for(name: str | None):

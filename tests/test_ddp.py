@@ -1,0 +1,61 @@
+"""SFT under DDP with two CPU processes (gloo): the same losses and weights as one process on the same global
+batch, one checkpoint writer, and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests import ddp_run
+from tests.test_resume import ROWS
+
+SCRIPT = Path(__file__).parent / "ddp_run.py"
+
+
+def _run(*args, timeout=150):
+    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent.parent), OMP_NUM_THREADS="1", PL_DISABLE_FORK="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=str(SCRIPT.parent.parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _losses(out: Path, tag: str, rank: int) -> dict[int, float]:
+    return {int(k): v for k, v in json.loads((out / f"{tag}_losses_rank{rank}.json").read_text()).items()}
+
+
+def test_ddp_two_processes_match_one_and_resume(tiny_model_dir, tiny_tokenizer, tmp_path):
+    # Rows whose completions have equal token counts: the mean of per-rank token means (what DDP's gradient
+    # average gives) is then the global token mean of one process.
+    by_length: dict[int, list[dict]] = {}
+    for r in ROWS:
+        by_length.setdefault(len(tiny_tokenizer(r["completion"])["input_ids"]), []).append(r)
+    rows = max(by_length.values(), key=len)[:8]
+    assert len(rows) == 8
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    ddp_run.main(str(one), tiny_model_dir, str(train), 1, 6)  # one process (this one), 6 steps without a break
+    _run(two, tiny_model_dir, train, 2, 4)  # two processes, stopped after step 4 ...
+    _run(two, tiny_model_dir, train, 2, 6, two / "ckpt" / "last.ckpt")  # ... and resumed to 6
+
+    single = _losses(one, "run", 0)
+    ranks = [{**_losses(two, "run", r), **_losses(two, "resumed", r)} for r in (0, 1)]
+    assert sorted(single) == sorted(ranks[0]) == sorted(ranks[1]) == [1, 2, 3, 4, 5, 6]
+    for step, loss in single.items():
+        assert abs((ranks[0][step] + ranks[1][step]) / 2 - loss) < 1e-5, (step, loss, ranks[0][step], ranks[1][step])
+    w1, w2 = torch.load(one / "run_adapter.pt"), torch.load(two / "resumed_adapter.pt")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+
+    # One writer: exactly the files ModelCheckpoint names, no temporary leftovers from a second rank.
+    assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["epoch=2-step=6.ckpt", "last.ckpt"]
+    state = torch.load(two / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    assert len(state["callbacks"]["ResumeRNG"]["ranks"]) == 2  # each rank's RNG state, gathered

@@ -1,0 +1,111 @@
+"""Speed/memory switches compute the same function: loss and LoRA gradients with and without each option.
+
+`SFTModule(compile=True)` is checked with inductor on a GPU and with `aot_eager` on the CPU (AOTAutograd's
+graph capture and min-cut partitioning, eager kernels: no C++ toolchain or minutes of compiling in CI).
+`ModelSpec(liger_kernel=True)` runs Triton kernels and is checked only where CUDA and liger-kernel exist.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+import torch
+
+from lit_ft import models, sft
+from lit_ft.models import LoraSpec, ModelSpec
+from lit_ft.sft import SFTModule
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _module(model_dir: str, **kw) -> SFTModule:
+    base = ModelSpec(name_or_path=model_dir, dtype="float32", liger_kernel=kw.pop("liger_kernel", False))
+    # No dropout: the option must give the same function, and compiled dropout draws other random masks.
+    module = SFTModule(base=base, lora=LoraSpec(r=4, alpha=8, dropout=0.0), **kw)
+    return _init(module)
+
+
+def _init(module: SFTModule) -> SFTModule:
+    torch.manual_seed(0)  # the same LoRA A in every module compared
+    module.configure_model()
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; make the adapter matter so its gradients are compared too
+            torch.nn.init.normal_(p, std=0.02)
+    return module.to(DEVICE)
+
+
+def _batch(vocab: int, packed: bool = False) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt part without loss
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if packed:  # two sequences per row, restarting positions
+        batch["position_ids"] = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
+def _loss_and_grads(module: SFTModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss_sum, n = module.token_loss(batch)
+    loss = loss_sum / n
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in module.model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _assert_same(ref, out, rtol: float = 1e-4):
+    (l_ref, g_ref), (l_out, g_out) = ref, out
+    torch.testing.assert_close(l_out, l_ref, rtol=rtol, atol=1e-5)
+    assert g_ref.keys() == g_out.keys() and g_ref
+    for name in g_ref:
+        err = (g_out[name] - g_ref[name]).norm() / g_ref[name].norm().clamp(min=1e-12)
+        assert err < 10 * rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compile_matches_eager(tiny_model_dir, tiny_tokenizer, monkeypatch, packed):
+    backend = "inductor" if CUDA else "aot_eager"
+    monkeypatch.setattr(sft, "compile_decoder_layers", functools.partial(models.compile_decoder_layers, backend=backend))
+    torch._dynamo.reset()
+    batch = _batch(len(tiny_tokenizer), packed)
+    ref = _loss_and_grads(_module(tiny_model_dir), batch)
+    compiled = _module(tiny_model_dir, compile=True)
+    assert compiled.compile_layers and callable(compiled.compile)  # the flag does not hide nn.Module.compile
+    layers = compiled.model.get_base_model().get_decoder().layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    _assert_same(ref, _loss_and_grads(compiled, batch))
+
+
+def test_compile_with_gradient_checkpointing(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    backend = "inductor" if CUDA else "aot_eager"
+    monkeypatch.setattr(sft, "compile_decoder_layers", functools.partial(models.compile_decoder_layers, backend=backend))
+    torch._dynamo.reset()
+    batch = _batch(len(tiny_tokenizer))
+    ref = _loss_and_grads(_module(tiny_model_dir), batch)
+    module = SFTModule(
+        base=ModelSpec(name_or_path=tiny_model_dir, dtype="float32", gradient_checkpointing=True),
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+        compile=True,
+    )
+    _assert_same(ref, _loss_and_grads(_init(module), batch))
+
+
+@pytest.mark.skipif(not CUDA or importlib.util.find_spec("liger_kernel") is None, reason="needs CUDA and liger-kernel")
+def test_liger_kernel_matches_eager(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    # Liger swaps module-level functions of transformers: restore them after this test.
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    batch = _batch(len(tiny_tokenizer))
+    ref = _loss_and_grads(_module(tiny_model_dir), batch)
+    _assert_same(ref, _loss_and_grads(_module(tiny_model_dir, liger_kernel=True), batch))
+
+
+def test_liger_kernel_refused_without_cuda(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Exception, match="liger"):
+        models.apply_liger_kernel(torch.nn.Linear(2, 2))
