@@ -378,7 +378,8 @@ def build_model(
         model = get_peft_model(model, lora_config(lora, task))
     else:
         raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
-    return model
+    # from_pretrained returns eval mode; training mode turns LoRA dropout on (evaluation code switches it off).
+    return model.train(trainable)
 
 
 def describe(model) -> str:

@@ -63,7 +63,6 @@ class SFTModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.model = build_model(self.base, self.lora, "causal_lm", device=device)
-        self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be active while training
         if self.compile_layers:
             compile_decoder_layers(self.model)
         rank_zero_info(describe(self.model))

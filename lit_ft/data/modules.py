@@ -346,6 +346,7 @@ class PromptDataModule(LightningDataModule):
         self.tokenizer = None
         self.train_dataset = self.val_dataset = None
         self.train_report = self.val_report = None
+        self.val_records: list[dict] = []
 
     def prepare_data(self) -> None:
         prepare_hub(self.train_file, self.val_file)
@@ -364,9 +365,16 @@ class PromptDataModule(LightningDataModule):
                                             True, **settings)
         self.val_dataset = tokenize_split(val, "prompt", self.val_report, self.val_file or self.train_file,
                                           self.num_proc, False, **settings)
+        self.val_records = val
 
     def collator(self) -> PromptCollator:
         return PromptCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
+        """(rendered prompt text, answer) of the first ``n`` validation records that have an answer."""
+        rows = [r for r in self.val_records if r.get("answer") is not None][:n]
+        return [(render_prompt(r["prompt"], self.tokenizer, self.template, self.system_prompt, r.get("input")),
+                 r["answer"]) for r in rows]
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train_dataset, self.batch_size, self.collator(), self.num_workers, True, self.seed)
