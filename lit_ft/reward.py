@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, metrics, optim, resume, scoring
+from lit_ft.guards import NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
@@ -34,6 +35,7 @@ class RewardModule(L.LightningModule):
         center_coef: float = 0.0,
         use_margin: bool = True,
         normalize_on_fit_end: bool = True,
+        max_consecutive_skips: int = 10,
     ):
         """
         Args:
@@ -46,6 +48,8 @@ class RewardModule(L.LightningModule):
             use_margin: subtract the batch's `margin` inside the sigmoid (Llama 2, Touvron et al. 2023).
             normalize_on_fit_end: export `reward_normalization.json` with the gain and bias that give the rewards
                 of the last validation epoch's chosen and rejected responses mean 0 and std 1.
+            max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
+                (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.guards).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -53,6 +57,7 @@ class RewardModule(L.LightningModule):
         self.lora = checkpointing.as_spec(LoraSpec, lora)
         self.optim = checkpointing.as_spec(OptimSpec, optim)
         self.center_coef, self.use_margin, self.normalize_on_fit_end = center_coef, use_margin, normalize_on_fit_end
+        self.guard = NonFiniteGuard(max_consecutive_skips)
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter and head only
         self.train_accuracy = MeanMetric()
@@ -124,6 +129,13 @@ class RewardModule(L.LightningModule):
 
     def configure_optimizers(self):
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # Skip (and count) a step whose loss or gradients are not finite, instead of writing NaN into the adapter.
+        self.guard.optimizer_step(self, optimizer, optimizer_closure)
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        self.guard.lr_scheduler_step(self, scheduler, metric)  # a skipped step does not advance the schedule
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 

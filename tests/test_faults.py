@@ -264,3 +264,34 @@ def test_with_a_grad_scaler_only_the_loss_is_checked():
     with pytest.warns(UserWarning, match="non-finite"):
         assert not guard.optimizer_step(module, optimizer, lambda: torch.tensor(1.5))
     assert len(steps) == 1 and guard.skipped == 1 and guard.last_skipped
+
+
+def test_reward_module_skips_a_nan_step(tiny_model_dir, tmp_path):
+    """The reward stage uses the same guard: a NaN loss leaves the adapter, head and optimizer untouched."""
+    from lit_ft.data.modules import PreferenceDataModule
+    from lit_ft.reward import RewardModule
+
+    class FaultyRM(RewardModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 1 else loss
+
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            before = _trainable(self) if self.global_step == 1 else None
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            if before is not None:
+                self.unchanged = all(torch.equal(before[k], v) for k, v in _trainable(self).items())
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{a} plus {a}?", "chosen": str(2 * a), "rejected": str(2 * a + 1)})
+                             + "\n" for a in range(8)))
+    dm = PreferenceDataModule(train_file=str(pairs), tokenizer=tiny_model_dir, batch_size=2, val_split=0)
+    module = FaultyRM(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+                      optim=OptimSpec(lr=1e-2, warmup_ratio=0.0), normalize_on_fit_end=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
+        trainer.fit(module, datamodule=dm)
+    assert module.unchanged and module.guard.skipped == 1
+    assert all(torch.isfinite(t).all() for t in _trainable(module).values())
