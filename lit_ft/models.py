@@ -148,6 +148,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and state dict.
     config = loaded.config
+    # The plain copy is not quantized: drop the GGUF marker, or loading the cache would mark the model as
+    # GGUF-quantized again (and refuse save_pretrained, so no merged model could ever be written).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.eos_token_id = eos_id
     config.pad_token_id = eos_id
     config.bos_token_id = tok.convert_tokens_to_ids("<|im_start|>")

@@ -228,8 +228,9 @@ def token_logprobs(model, hidden_r: Tensor, responses: Tensor, temperature: floa
 
 
 def head_values(head: nn.Module, hidden: Tensor) -> Tensor:
-    """A 1-output head over hidden states [..., H] -> [...] fp32."""
-    return head(hidden.float()).squeeze(-1)
+    """A 1-output head over hidden states [..., H] -> [...] fp32 (in the head's dtype: under `bf16-true`
+    Lightning casts the heads to bf16 too)."""
+    return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def last_token_scores(head: nn.Module, hidden: Tensor, mask: Tensor) -> Tensor:

@@ -1,0 +1,374 @@
+"""One PPO iteration of lit_ft's PPOModule, timed phase by phase, with generation against the bandwidth bound.
+
+Same method as `bench_sft.py` (whose helpers it reuses): a randomly initialised Llama-shaped model is built once and
+saved to --model-dir (with a stand-in tokenizer), every variant runs in its own process, the first --warmup
+iterations are untimed, peak = torch.cuda.max_memory_allocated over the timed iterations.
+
+    python benchmarks/bench_ppo.py --workload w5 --variants lit --json $OUT/w5.json
+    python benchmarks/bench_ppo.py --workload w5_8b --variants lit --iters 1 --warmup 0 --json $OUT/w5_8b.json
+    python benchmarks/bench_ppo.py --workload w5 --tiny --variants lit --json /tmp/w5.json   # CPU dry run
+
+The driver also writes the reward model: a fresh SEQ_CLS LoRA with its `score` head, made by `RewardModule` on the
+same base and exported with `RewardModule.save_adapter` (the format `lit_ft.scoring` defines and PPO reads). PPO then
+holds four roles on one base: a new LoRA policy, the base without adapters as the reference, the frozen reward
+adapter + head, and a value adapter + head initialised from the reward model (`value_model="adapter"`).
+
+The iteration runs through a Lightning Trainer (`PPOModule.training_step`); the phases are timed by wrapping the
+module's own methods with synchronised timers: `rollout` (generation, HF `generate` with the KV cache),
+`score` (reward adapter over prompt + response), `evaluate_rollout` (no-grad passes: policy log-probs + entropy,
+reference log-probs, values), `ppo_update` (`ppo_epochs` x minibatch forward/backward/optimizer steps).
+The gap between their sum and the whole `training_step` is the KL-shaped rewards, GAE, whitening and logging.
+
+Variants: `lit` with modifiers joined by '+': `e<N>` (ppo_epochs=N, default 4), `gc` (gradient checkpointing),
+`mb<N>` (mini_batch_size=N, default 8).
+
+Bandwidth bound of decoding: every decode step streams the base weights once (the input embedding excluded: it is
+a lookup; a tied LM head counted once), so tokens/s <= batch x HBM bandwidth / weight bytes. KV-cache reads, LoRA
+weights and the prefill are not in the bound (they only lower the achievable share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sft import build_random_model, make_tokenizer, versions  # noqa: E402  (also puts ROOT on sys.path)
+
+HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e, nominal
+
+
+@dataclass
+class Workload:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    prompts: int  # rollout batch (prompts per iteration)
+    prompt_len: int
+    new_tokens: int
+    quant: str = "none"  # none | nf4
+    ppo_epochs: int = 4
+    mini_batch_size: int = 8
+    lora: dict = field(default_factory=lambda: dict(r=16, alpha=32, dropout=0.05))
+
+    @property
+    def seq(self) -> int:  # what bench_sft.build_random_model reads (max_position_embeddings)
+        return self.prompt_len + self.new_tokens
+
+
+WORKLOADS = {
+    # Llama-3.2-1B shape, bf16 base, 64 prompts x 128 tokens, 256 new tokens
+    "w5": Workload("w5", 2048, 16, 32, 8, 8192, 128256, True, 64, 128, 256),
+    # Llama-3.1-8B shape, NF4 + double quant base, every role an adapter, 16 prompts x 128 tokens, 256 new tokens
+    "w5_8b": Workload("w5_8b", 4096, 32, 32, 8, 14336, 128256, False, 16, 128, 256, quant="nf4"),
+}
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, prompts=4, prompt_len=8,
+            new_tokens=8, mini_batch_size=2)
+
+
+# ---------------------------------------------------------------------------------------------- model and data
+
+
+def build_reward_adapter(w: Workload, model_dir: Path) -> Path:
+    """A fresh SEQ_CLS LoRA + score head on the base, exported by RewardModule.save_adapter (no training: the
+    weights do not change the cost). The base is loaded unquantized on the CPU: the adapter's shapes do not depend
+    on how the base is held."""
+    from lit_ft.models import LoraSpec, ModelSpec
+    from lit_ft.reward import RewardModule
+
+    path = model_dir / "reward_adapter"
+    if (path / "adapter_config.json").exists():
+        return path
+    t = time.time()
+    torch.manual_seed(2)
+    rm = RewardModule(base=ModelSpec(name_or_path=str(model_dir), dtype="bfloat16"), lora=LoraSpec(**w.lora),
+                      normalize_on_fit_end=False)
+    rm.configure_model()
+    with torch.no_grad():  # PEFT inits lora_B to 0; random B makes the reward adapter differ from the base
+        for n, p in rm.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    rm.save_adapter(path)
+    del rm
+    print(f"built reward adapter {path} in {time.time() - t:.0f}s", flush=True)
+    return path
+
+
+def make_prompts(w: Workload, n: int) -> list[dict]:
+    """`n` rollout batches as the PPO data module yields them: left-padded ids (here no padding), mask, texts."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, w.vocab, (w.prompts, w.prompt_len), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "prompts": [f"prompt {i}.{j}" for j in range(w.prompts)]})
+    return out
+
+
+class Listed(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def weight_bytes(model) -> dict:
+    """Bytes a decode step streams: base weights (LoRA excluded; untied input embedding excluded) + 4-bit absmax."""
+    inner = model.get_base_model()
+    emb = inner.get_input_embeddings().weight
+    tied = inner.get_output_embeddings().weight is emb
+    total, lora, quant_state = 0, 0, 0
+    for n, p in model.named_parameters():
+        b = p.numel() * p.element_size()
+        if "lora_" in n:
+            lora += b
+        elif p is emb and not tied:
+            continue
+        else:
+            total += b
+            qs = getattr(p, "quant_state", None)
+            if qs is not None:
+                quant_state += qs.absmax.numel() * qs.absmax.element_size()
+                if getattr(qs, "state2", None) is not None:
+                    quant_state += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    return {"base": total + quant_state, "quant_state": quant_state, "lora_all_adapters": lora, "tied": tied}
+
+
+# ---------------------------------------------------------------------------------------------- one variant
+
+
+class PhaseTimer:
+    """Wraps a module's methods: synchronised wall time of every call, per iteration."""
+
+    def __init__(self, device: str):
+        self.device, self.iters, self.current = device, [], None
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def wrap(self, obj, name: str, phase: str | None = None):
+        fn = getattr(obj, name)
+
+        def timed(*a, **kw):
+            self.sync()
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            self.sync()
+            key = phase or name
+            self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - t
+            return out
+
+        setattr(obj, name, timed)
+
+
+def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
+    import lightning as L
+
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.models import LoraSpec, ModelSpec
+    from lit_ft.ppo import PPOModule, PPOSpec
+
+    epochs = next((int(m[1:]) for m in mods if m[:1] == "e" and m[1:].isdigit()), w.ppo_epochs)
+    mbs = next((int(m[2:]) for m in mods if m[:2] == "mb" and m[2:].isdigit()), w.mini_batch_size)
+    gc = "gc" in mods
+    base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",
+                     attn_implementation="sdpa", quantization=w.quant, double_quant=True, compute_dtype="bfloat16",
+                     gradient_checkpointing=gc)
+    precision = "bf16-mixed" if w.quant != "none" or "mixed" in mods else "bf16-true"
+    if device != "cuda":
+        precision = args.cpu_precision
+
+    class Module(PPOModule):
+        def on_fit_start(self) -> None:
+            # Workaround: `bf16-true` casts the whole LightningModule, the fp32 value/reward heads included, and
+            # `roles.head_values` then feeds fp32 hidden states to a bf16 head (dtype error). Re-cast the heads to
+            # fp32 in place (same Parameter objects, so the optimizer built before this hook keeps them).
+            if precision == "bf16-true":
+                for head in (self.value_head, self.reward_head):
+                    if head is not None:
+                        head.float()
+
+    module = Module(base=base, lora=LoraSpec(**w.lora), value_model="adapter",
+                    reward_adapter=str(Path(args.model_dir) / "reward_adapter"),
+                    sampling=SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True),
+                    ppo=PPOSpec(ppo_epochs=epochs, mini_batch_size=mbs), sample_table_every=0)
+
+    timer = PhaseTimer(device)
+    for name in ("rollout", "score", "evaluate_rollout", "ppo_update"):
+        timer.wrap(module, name)
+    info: dict = {}
+
+    class IterCb(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if "weight_bytes" not in info:
+                info["weight_bytes"] = weight_bytes(pl_module.model)
+                info["adapters"] = list(pl_module.model.peft_config)
+                info["model_load_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
+            if batch_idx == args.warmup and device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            timer.sync()
+            timer.current = {"start": time.perf_counter()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            timer.sync()
+            cur = timer.current
+            cur["iteration"] = time.perf_counter() - cur.pop("start")
+            m = trainer.callback_metrics
+            for k in ("time/rollout", "time/update", "ppo/response_length", "objective/scores", "objective/kl",
+                      "ppo/loss/policy", "ppo/loss/value", "ppo/epochs"):
+                if k in m:
+                    cur[k] = float(m[k])
+            cur["response_width"] = info.get("response_width")
+            timer.iters.append(cur)
+
+    # the response width (generated columns, whatever EOS did) from the rollout's own output
+    inner_rollout = module.rollout
+
+    def rollout(batch, sampling):
+        ro = inner_rollout(batch, sampling)
+        info["response_width"] = int(ro.responses.shape[1])
+        return ro
+
+    module.rollout = rollout
+
+    loader = torch.utils.data.DataLoader(Listed(make_prompts(w, args.iters)), batch_size=None, shuffle=False)
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+                        max_epochs=1, limit_train_batches=args.iters, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[IterCb()], deterministic=False)
+    t = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    fit_s = time.perf_counter() - t
+    timed = timer.iters[args.warmup:] or timer.iters[-1:]
+    keys = [k for k in timed[0] if isinstance(timed[0][k], (int, float)) and all(k in it for it in timed)]
+    mean = {k: sum(it[k] for it in timed) / len(timed) for k in keys}
+    wb = info["weight_bytes"]
+    gen_tokens = w.prompts * mean["response_width"]
+    gen_tps = gen_tokens / mean["rollout"]
+    bound = w.prompts * HBM_BYTES_PER_S / wb["base"]
+    return dict(
+        precision=precision, fp32_heads_workaround=precision == "bf16-true", ppo_epochs=epochs, mini_batch_size=mbs,
+        gradient_checkpointing=gc,
+        iterations=timer.iters, timed_iterations=len(timed), mean=mean, fit_s=fit_s,
+        generation_tokens=gen_tokens, generation_tokens_per_s=gen_tps,
+        decode_step_ms=1e3 * mean["rollout"] / mean["response_width"],
+        bandwidth_bound_tokens_per_s=bound, bandwidth_share=gen_tps / bound, **info,
+    )
+
+
+def run_variant(args) -> dict:
+    w = workload(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    impl, *mods = args.variant.split("+")
+    t = time.time()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    extra = {"lit": lambda: run_lit(w, args, device, set(mods))}[impl]()
+    return dict(workload=w.name, variant=args.variant, iters=args.iters, warmup=args.warmup,
+                peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
+                peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else 0.0,
+                wall_s=time.time() - t, **extra)
+
+
+def workload(args) -> Workload:
+    w = WORKLOADS[args.workload]
+    if args.tiny:
+        w = Workload(**{**asdict(w), **TINY, "name": w.name})
+    return w
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def drive(args) -> None:
+    w = workload(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.model_dir = args.model_dir or f"/tmp/lit_ft_bench_{w.name}{'_tiny' if args.tiny else ''}"
+    model_dir = Path(args.model_dir)
+    build_random_model(w, model_dir, device)
+    if not (model_dir / "tokenizer_config.json").exists():
+        make_tokenizer().save_pretrained(model_dir)  # PPOModule loads the tokenizer from the base directory
+    build_reward_adapter(w, model_dir)
+    results = []
+    for variant in args.variants.split(","):
+        out = Path(args.json).with_suffix(f".{variant.replace('+', '_')}.part.json")
+        cmd = [sys.executable, __file__, "--workload", args.workload, "--variant", variant, "--model-dir",
+               args.model_dir, "--iters", str(args.iters), "--warmup", str(args.warmup), "--json", str(out),
+               "--cpu-precision", args.cpu_precision]
+        if args.tiny:
+            cmd.append("--tiny")
+        t = time.time()
+        print(f"--- {w.name} {variant}", flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+            ok, tail = proc.returncode == 0 and out.exists(), (proc.stdout + proc.stderr)[-3000:]
+        except subprocess.TimeoutExpired as e:
+            ok, tail = False, f"timeout after {args.variant_timeout}s: {str(e.stdout or '')[-2000:]}"
+        if ok:
+            res = json.loads(out.read_text())
+            out.unlink()
+        else:
+            print(tail, flush=True)
+            res = dict(workload=w.name, variant=variant, error=tail[-800:], wall_s=time.time() - t)
+        results.append(res)
+        Path(args.json).write_text(json.dumps(dict(workload=asdict(w), versions=versions(), results=results),
+                                              indent=1))
+    print_table(w, results)
+
+
+def print_table(w: Workload, results: list[dict]) -> None:
+    print(f"\n{w.name}: {w.prompts} prompts x {w.prompt_len} tokens, {w.new_tokens} new tokens, quant {w.quant}, "
+          f"LoRA {w.lora}")
+    print(f"{'variant':14s} {'gen s':>7s} {'score s':>7s} {'no-grad s':>9s} {'update s':>8s} {'iter s':>7s} "
+          f"{'gen tok/s':>9s} {'bound':>8s} {'share':>6s} {'peak GiB':>8s}")
+    for r in results:
+        if "mean" not in r:
+            print(f"{r['variant']:14s} FAILED: {r['error'][-160:]!r}")
+            continue
+        m = r["mean"]
+        print(f"{r['variant']:14s} {m['rollout']:7.2f} {m['score']:7.2f} {m['evaluate_rollout']:9.2f} "
+              f"{m['ppo_update']:8.2f} {m['iteration']:7.2f} {r['generation_tokens_per_s']:9.0f} "
+              f"{r['bandwidth_bound_tokens_per_s']:8.0f} {r['bandwidth_share']:6.1%} {r['peak_gib']:8.2f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="w5")
+    p.add_argument("--variants", default="lit", help="comma-separated (driver mode)")
+    p.add_argument("--variant", help="run this one variant in this process (used by the driver)")
+    p.add_argument("--model-dir", help="where the random model is saved (default /tmp/lit_ft_bench_<workload>)")
+    p.add_argument("--iters", type=int, default=2, help="PPO iterations (rollout batches), warm-up included")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
+    p.add_argument("--cpu-precision", default="32-true", help="Lightning precision on a CPU (dry runs)")
+    p.add_argument("--variant-timeout", type=int, default=540)
+    p.add_argument("--json", required=True, help="where to write the results")
+    args = p.parse_args(argv)
+    if args.variant:
+        res = run_variant(args)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: v for k, v in res.items() if k != "iterations"}), flush=True)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Reward-model throughput and memory: lit_ft (RewardModule + Lightning Trainer) against TRL's RewardTrainer.
+
+Same method as `bench_sft.py` (whose helpers it reuses): a randomly initialised Llama-shaped model is built once and
+saved to --model-dir, every variant runs in its own process, warm-up steps are untimed, the timed steps are
+synchronised at both ends, peak = torch.cuda.max_memory_allocated over the timed steps.
+
+    python benchmarks/bench_reward.py --variants trl,lit,lit+compile --json $OUT/w4.json
+    python benchmarks/bench_reward.py --tiny --variants trl,lit --steps 2 --warmup 1 --json /tmp/w4.json  # CPU dry run
+
+Every batch is `pairs` chosen rows followed by `pairs` rejected rows of exactly `seq` random tokens (no padding).
+Variants: `trl` (trl.RewardTrainer with its defaults: gradient checkpointing on, bf16 autocast, dropout disabled),
+and `lit` with modifiers joined by '+': `mixed` (precision bf16-mixed instead of bf16-true), `gc` (gradient
+checkpointing), `liger` (ModelSpec(liger_kernel=True)), `compile` (torch.compile of each decoder layer with
+`lit_ft.models.compile_decoder_layers`: RewardModule has no `compile` switch of its own, so the benchmark calls it
+after `configure_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sft import Clock, build_random_model, make_tokenizer, versions  # noqa: E402  (also puts ROOT on sys.path)
+
+PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200
+
+
+@dataclass
+class Workload:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    seq: int  # tokens of every chosen and every rejected row
+    pairs: int  # preference pairs per micro-batch (2 * pairs rows per forward)
+    lr: float = 2e-4
+    lora: dict = field(default_factory=lambda: dict(r=16, alpha=32, dropout=0.05))
+
+
+WORKLOADS = {
+    # Llama-3.2-1B shape, LoRA r16 on every projection, bf16 weights, 8 pairs of 1024-token rows
+    "w4": Workload("w4", 2048, 16, 32, 8, 8192, 128256, True, 1024, 8),
+}
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, seq=64, pairs=2)
+
+
+def flops_per_token(w: Workload) -> dict:
+    """Model FLOPs per trained token: 4N over the decoder's matmul weights (frozen: forward + input gradients),
+    6 per LoRA weight, attention 12*L*T*d (no causal halving). No LM head: the score head reads one position per row."""
+    d, i, L = w.hidden, w.intermediate, w.layers
+    kv = d // w.heads * w.kv_heads
+    n = (d * d * 2 + d * kv * 2 + 3 * d * i) * L
+    r = w.lora["r"]
+    lora = L * r * ((d + d) * 2 + (d + kv) * 2 + (d + i) * 3)
+    attn = 12 * L * w.seq * d
+    return dict(n_matmul=n, n_lora=lora, attention=attn, total=4 * n + 6 * lora + attn)
+
+
+def make_pairs(w: Workload, n: int) -> torch.Tensor:
+    """[n, 2 * pairs, seq] random token ids (rows 0..pairs-1 chosen, the rest rejected)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, w.vocab, (n, 2 * w.pairs, w.seq), generator=g)
+
+
+class PairBatches(torch.utils.data.Dataset):
+    """What lit_ft's preference collator yields: chosen-then-rejected rows, attention mask, margin."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        x = self.ids[i]
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "margin": torch.zeros(x.shape[0] // 2)}
+
+
+# ---------------------------------------------------------------------------------------------- runners
+
+
+def run_trl(w: Workload, args, device: str, clock: Clock) -> dict:
+    import datasets
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+    from lit_ft.models import ALL_PROJECTIONS
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model_dir, num_labels=1, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        attn_implementation="sdpa")
+    ids = make_pairs(w, args.warmup + args.steps)  # TRL's collator puts chosen rows first, as ours does
+    chosen, rejected = ids[:, : w.pairs].reshape(-1, w.seq), ids[:, w.pairs :].reshape(-1, w.seq)
+    ds = datasets.Dataset.from_dict({"chosen_ids": chosen.tolist(), "rejected_ids": rejected.tolist()})
+    peft_config = LoraConfig(r=w.lora["r"], lora_alpha=w.lora["alpha"], lora_dropout=w.lora["dropout"],
+                             target_modules=list(ALL_PROJECTIONS), task_type="SEQ_CLS", modules_to_save=["score"])
+
+    class TimerCb(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            clock.step_start(state.global_step)
+
+        def on_step_end(self, a, state, control, **kw):
+            clock.step_end(state.global_step - 1)
+
+    cfg = trl.RewardConfig(
+        output_dir="/tmp/trl_rm_bench", per_device_train_batch_size=w.pairs, max_steps=args.warmup + args.steps,
+        learning_rate=w.lr, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000, save_strategy="no",
+        report_to="none", max_length=w.seq, bf16=device == "cuda", use_cpu=device != "cuda",
+        dataloader_num_workers=0, seed=0,
+    )
+    trainer = trl.RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=make_tokenizer(),
+                                peft_config=peft_config, callbacks=[TimerCb()])
+    out = trainer.train()
+    return {"gradient_checkpointing": cfg.gradient_checkpointing, "disable_dropout": cfg.disable_dropout,
+            "trl": trl.__version__, "train_loss": out.training_loss}
+
+
+def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
+    import lightning as L
+
+    from lit_ft.models import LoraSpec, ModelSpec, compile_decoder_layers
+    from lit_ft.optim import OptimSpec
+    from lit_ft.reward import RewardModule
+
+    gc = "gc" in mods
+    base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",
+                     attn_implementation="sdpa", gradient_checkpointing=gc, liger_kernel="liger" in mods)
+
+    class Module(RewardModule):
+        def configure_model(self) -> None:
+            fresh = self.model is None
+            super().configure_model()
+            if fresh and "compile" in mods:
+                compile_decoder_layers(self.model)
+
+    module = Module(base=base, lora=LoraSpec(**w.lora),
+                    optim=OptimSpec(lr=w.lr, warmup_steps=0, scheduler="constant"), normalize_on_fit_end=False)
+    precision = "bf16-mixed" if "mixed" in mods else "bf16-true"
+    if device != "cuda":
+        precision = args.cpu_precision
+
+    class TimerCb(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.step_start(trainer.global_step)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.step_end(trainer.global_step - 1, outputs["loss"].detach())
+
+    loader = torch.utils.data.DataLoader(PairBatches(make_pairs(w, args.warmup + args.steps)), batch_size=None,
+                                         shuffle=False, pin_memory=device == "cuda")
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+                        max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[TimerCb()], deterministic=False)
+    trainer.fit(module, train_dataloaders=loader)
+    extra = {"precision": precision, "gradient_checkpointing": gc}
+    if "compile" in mods:
+        from torch._dynamo.utils import counters
+
+        extra["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+    return extra
+
+
+# ---------------------------------------------------------------------------------------------- one variant
+
+
+def run_variant(args) -> dict:
+    w = workload(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clock = Clock(args.warmup, device)
+    impl, *mods = args.variant.split("+")
+    t = time.time()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    runner = {"trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
+    extra = runner(w, args, device, clock)
+    elapsed = clock.t1 - clock.t0
+    pairs_per_s = args.steps * w.pairs / elapsed
+    tps = pairs_per_s * 2 * w.seq
+    fl = flops_per_token(w)
+    losses = [float(x) for x in clock.losses]
+    return dict(
+        workload=w.name, variant=args.variant, steps=args.steps, warmup=args.warmup, pairs_per_step=w.pairs,
+        tokens_per_step=2 * w.pairs * w.seq, seconds=elapsed, pairs_per_s=pairs_per_s, tokens_per_s=tps,
+        peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0,
+        peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else 0.0,
+        mfu=tps * fl["total"] / (PEAK_TFLOPS * 1e12), flops_per_token=fl, first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None, losses=losses, wall_s=time.time() - t, **extra,
+    )
+
+
+def workload(args) -> Workload:
+    w = WORKLOADS[args.workload]
+    if args.tiny:
+        w = Workload(**{**asdict(w), **TINY, "name": w.name})
+    if args.lora_dropout is not None:
+        w.lora = {**w.lora, "dropout": args.lora_dropout}
+    return w
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def drive(args) -> None:
+    w = workload(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the SFT benchmark's builder: same field names; `seq`/`batch` only size max_position_embeddings
+    args.model_dir = args.model_dir or f"/tmp/lit_ft_bench_{w.name}{'_tiny' if args.tiny else ''}"
+    build_random_model(w, Path(args.model_dir), device)
+    results = []
+    for variant in args.variants.split(","):
+        out = Path(args.json).with_suffix(f".{variant.replace('+', '_')}.part.json")
+        cmd = [sys.executable, __file__, "--workload", args.workload, "--variant", variant, "--model-dir",
+               args.model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out),
+               "--cpu-precision", args.cpu_precision]
+        if args.tiny:
+            cmd.append("--tiny")
+        if args.lora_dropout is not None:
+            cmd += ["--lora-dropout", str(args.lora_dropout)]
+        t = time.time()
+        print(f"--- {w.name} {variant}", flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+            ok, tail = proc.returncode == 0 and out.exists(), (proc.stdout + proc.stderr)[-3000:]
+        except subprocess.TimeoutExpired as e:
+            ok, tail = False, f"timeout after {args.variant_timeout}s: {str(e.stdout or '')[-2000:]}"
+        if ok:
+            res = json.loads(out.read_text())
+            out.unlink()
+        else:
+            print(tail, flush=True)
+            res = dict(workload=w.name, variant=variant, error=tail[-800:], wall_s=time.time() - t)
+        results.append(res)
+        Path(args.json).write_text(json.dumps(dict(workload=asdict(w), versions=versions(), results=results),
+                                              indent=1))
+    print_table(w, results)
+
+
+def print_table(w: Workload, results: list[dict]) -> None:
+    ref = {r["variant"]: r for r in results if "pairs_per_s" in r}
+    print(f"\n{w.name}: {w.pairs} pairs x 2 x {w.seq} tokens per step, LoRA {w.lora}; "
+          f"FLOPs/token {flops_per_token(w)['total'] / 1e9:.2f} G; MFU vs {PEAK_TFLOPS:.0f} TFLOP/s")
+    print(f"{'variant':24s} {'pairs/s':>8s} {'tok/s':>9s} {'peak GB':>8s} {'MFU':>6s} {'vs trl':>6s} {'loss0':>7s} "
+          f"{'lossN':>7s}")
+    for r in results:
+        if "pairs_per_s" not in r:
+            print(f"{r['variant']:24s} FAILED: {r['error'][-160:]!r}")
+            continue
+        vs = f"{r['pairs_per_s'] / ref['trl']['pairs_per_s']:.2f}" if "trl" in ref else "-"
+        print(f"{r['variant']:24s} {r['pairs_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['peak_gb']:8.1f} "
+              f"{r['mfu']:6.1%} {vs:>6s} {r['first_loss'] or 0:7.3f} {r['last_loss'] or 0:7.3f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="w4")
+    p.add_argument("--variants", default="trl,lit", help="comma-separated (driver mode)")
+    p.add_argument("--variant", help="run this one variant in this process (used by the driver)")
+    p.add_argument("--model-dir", help="where the random model is saved (default /tmp/lit_ft_bench_<workload>)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warm-up)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="override the workload's LoRA dropout (0.05)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
+    p.add_argument("--cpu-precision", default="32-true", help="Lightning precision of `lit` on a CPU (dry runs)")
+    p.add_argument("--variant-timeout", type=int, default=540)
+    p.add_argument("--json", required=True, help="where to write the results")
+    args = p.parse_args(argv)
+    if args.variant:
+        res = run_variant(args)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()
