@@ -23,7 +23,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -32,7 +32,7 @@ from lit_ft.callbacks import resolve_callable
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
-from lit_ft.rl import compute_rewards, gae, kl_controller, masked_mean, masked_whiten, ppo_policy_loss, \
+from lit_ft.rl import compute_rewards, gae, kl_controller, kl_looks_wrong, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss, ratio_guard
 
 
@@ -197,6 +197,9 @@ class PPOModule(L.LightningModule):
         # 4. Adaptive KL controller on the mean sequence KL (Ziegler et al. 2019), over all ranks.
         seq_kl = self.trainer.strategy.reduce(kl.sum(1).mean(), reduce_op="mean")
         self.kl_ctl.update(seq_kl, ro.mask.shape[0] * self.trainer.world_size)
+        if kl_looks_wrong(seq_kl):
+            rank_zero_warn(f"objective/kl = {float(seq_kl):.3f} < 0: responses do not look sampled from the policy "
+                           "whose log-probs PPO uses; check sampling.top_k / top_p / temperature")
         # 5. GAE advantages whitened over the batch's response tokens; returns = advantages + values.
         if self.ppo.whiten_rewards:
             rewards = masked_whiten(rewards, ro.mask, shift_mean=False)

@@ -311,3 +311,13 @@ def kl_controller(
             raise ValueError("an adaptive KL controller needs both target and horizon")
         return AdaptiveKLController(init_kl_coef, target, horizon)
     return FixedKLController(init_kl_coef)
+
+
+def kl_looks_wrong(mean_seq_kl: float, tolerance: float = 0.1) -> bool:
+    """True when the batch-mean sequence KL is clearly negative.
+
+    Sampled from the policy itself, the k1 estimate averages to KL(policy || ref) >= 0; a clearly negative mean
+    means the responses were not sampled from the distribution whose log-probs are used (top-k/top-p filtering,
+    a temperature not applied to the log-probs, or a reference that is not the policy's start).
+    """
+    return float(mean_seq_kl) < -abs(tolerance)

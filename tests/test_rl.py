@@ -232,3 +232,11 @@ def test_adaptive_kl_controller_hand_numbers():
     assert (restored.value, restored.target, restored.horizon) == (c.value, 6.0, 1000.0)
     with pytest.raises(ValueError):
         kl_controller(True, 0.1, target=None, horizon=1000)
+
+
+def test_negative_mean_kl_is_flagged():
+    from lit_ft.rl import kl_looks_wrong
+
+    assert kl_looks_wrong(-0.5)
+    assert not kl_looks_wrong(-0.05)  # sampling noise around a near-zero KL
+    assert not kl_looks_wrong(torch.tensor(2.0))
