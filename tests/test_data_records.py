@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lit_ft.data.records import load_records, read_rows, split_hh
+from lit_ft.data.readers import read_rows
+from lit_ft.data.records import load_records, split_hh
 from lit_ft.errors import ConfigError, DataError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
-from lit_ft.data.records import DataReport
+from lit_ft.data.readers import DataReport
 from lit_ft.data.templates import check_template, render_pair, render_prompt, render_segments
 from lit_ft.data.tokenize import (
     IGNORE_INDEX, preference_example, prompt_example, sft_example, tokenize_records, tokenize_segments,

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
-from lit_ft.data.records import DataReport, Kind, is_hub_name, load_records, read_rows
+from lit_ft.data.readers import DataReport, is_hub_name, read_rows
+from lit_ft.data.records import Kind, load_records
 from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong, tokenize_records
 from lit_ft.errors import ConfigError, DataError

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Literal
 
-from lit_ft.data.records import DataReport
+from lit_ft.data.readers import DataReport
 from lit_ft.data.templates import TemplateName, render_pair, render_prompt, render_segments
 from lit_ft.errors import DataError
 

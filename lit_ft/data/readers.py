@@ -1,0 +1,218 @@
+"""Reading rows from local files (JSON, JSON Lines, CSV, Parquet) or a hub dataset, with the 1-based source line
+of every row kept, so later errors can name it (CSV: the header is line 1; Parquet and hub data: row index + 1)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lit_ft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one source: ``rows_read == rows_kept + sum(dropped.values())``."""
+
+    source: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` rows dropped for ``reason`` (they leave ``rows_kept``)."""
+        if count:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+            self.rows_kept -= count
+
+    def check(self) -> None:
+        assert self.rows_read == self.rows_kept + sum(self.dropped.values()), self
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items()))
+        total = sum(self.dropped.values())
+        return f"{self.source}: read {self.rows_read} rows, kept {self.rows_kept}, dropped {total}" + (
+            f" ({reasons})" if reasons else ""
+        )
+
+
+class RowError(Exception):
+    """A bad field in one row; the caller adds file and line and turns it into a DataError or a drop."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def is_hub_name(source: str) -> bool:
+    """True when ``source`` names a hub dataset rather than a local file or folder."""
+    if os.path.exists(source) or source.startswith(("/", ".", "~")) or source.endswith(LOCAL_SUFFIXES):
+        return False
+    return True
+
+
+def read_rows(
+    source: str, split: str = "train", skip_bad_rows: bool = False, setting: str = "data.train_file"
+) -> tuple[list[dict], list[int], DataReport]:
+    """Read raw rows with their 1-based source lines.
+
+    Args:
+        source: a ``.json`` (array or JSON Lines), ``.jsonl``, ``.csv`` or ``.parquet`` file, or a hub dataset name.
+        split: the split to take from a hub dataset.
+        skip_bad_rows: drop (and count) unparsable JSON lines instead of raising.
+        setting: the setting that named ``source``, quoted in errors.
+    """
+    report = DataReport(source=os.path.basename(source) or source)
+    if is_hub_name(source):
+        rows, lines = _read_hub(source, split, setting)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{setting}: file not found: {source}")
+        suffix = path.suffix.lower()
+        if suffix in (".json", ".jsonl"):
+            rows, lines = _read_json(path, skip_bad_rows, report)
+        elif suffix in (".csv", ".parquet"):
+            rows, lines = _read_table(path, suffix)
+        else:
+            raise ConfigError(f"{setting}: unsupported file type '{suffix}' ({source}); use {', '.join(LOCAL_SUFFIXES)}")
+    if not rows and not report.dropped:
+        raise DataError("no rows: the file is empty", file=str(source))
+    report.rows_read += len(rows)
+    report.rows_kept += len(rows)
+    return rows, lines, report
+
+
+def _read_hub(name: str, split: str, setting: str) -> tuple[list[dict], list[int]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, unknown split: all say the same thing to the user
+        raise ConfigError(
+            f"{setting}: the hub dataset '{name}' could not be reached or loaded ({type(e).__name__}: {e}); "
+            f"pass a local file ({', '.join(LOCAL_SUFFIXES)}) instead"
+        ) from e
+    return list(ds), list(range(1, len(ds) + 1))
+
+
+def _read_table(path: Path, suffix: str) -> tuple[list[dict], list[int]]:
+    if suffix == ".csv":
+        return _read_csv(path)
+    import datasets
+
+    try:
+        ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as e:
+        raise DataError(f"cannot read {suffix[1:]} file: {type(e).__name__}: {e}", file=str(path)) from e
+    return list(ds), list(range(1, len(ds) + 1))
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
+    """CSV rows as text, with the source line where each row starts (line 1 is the header).
+
+    Read with the ``csv`` module rather than pandas: every cell stays text (pandas would turn an answer "42"
+    into an int and fail the string check), multi-line quoted cells keep true line numbers, a UTF-8 BOM is
+    accepted, and bad bytes are reported by line. An empty cell is a missing value (None). Columns with an
+    empty header (a trailing comma, an unnamed index column) are ignored; a row with more cells than the
+    header has columns is an error.
+    """
+    import csv
+    import io
+
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8",
+                        file=str(path), line=data.count(b"\n", 0, e.start) + 1) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return [], []
+        rows, lines, start = [], [], reader.line_num + 1
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                if len(cells) > len(header):
+                    raise DataError(f"{len(cells)} cells but the header has {len(header)} columns",
+                                    file=str(path), line=start)
+                rows.append({k: (c if c != "" else None) for k, c in zip(header, cells) if k.strip()}
+                            | {k: None for k in header[len(cells):] if k.strip()})
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"invalid CSV: {e}", file=str(path), line=reader.line_num) from None
+    if not rows and any(k.strip() for k in header):
+        raise DataError("no rows: the file has a header but no data rows", file=str(path))
+    return rows, lines
+
+
+def _read_json(path: Path, skip_bad_rows: bool, report: DataReport) -> tuple[list[dict], list[int]]:
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not an error
+    if data.lstrip()[:1] == b"[":
+        return _read_json_array(path, data)
+    rows, lines = [], []
+    raw_lines = data.split(b"\n")
+    last = max((i for i, b in enumerate(raw_lines) if b.strip()), default=-1)
+    for i, raw in enumerate(raw_lines):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(_parse_json_line(raw, is_last=i == last, newline_after=i < len(raw_lines) - 1))
+            lines.append(i + 1)
+        except RowError as e:
+            if not skip_bad_rows:
+                raise DataError(e.message, file=str(path), line=i + 1) from None
+            report.rows_read += 1
+            report.rows_kept += 1
+            report.drop(e.field or "invalid_json")
+    return rows, lines
+
+
+def _parse_json_line(raw: bytes, is_last: bool, newline_after: bool) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RowError("invalid_utf8", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if is_last and (not newline_after or e.pos >= len(text.rstrip()) - 1):
+            raise RowError("invalid_json", f"invalid JSON: the last line is cut off ({e.msg}); is the file truncated?")
+        raise RowError("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
+    if not isinstance(obj, dict):
+        raise RowError("invalid_json", f"expected a JSON object per line, got {type(obj).__name__} "
+                                        "(a .json file may also hold one array of objects)")
+    return obj
+
+
+def _read_json_array(path: Path, data: bytes) -> tuple[list[dict], list[int]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError("not valid UTF-8", file=str(path), line=data.count(b"\n", 0, e.start) + 1) from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e.msg} at column {e.colno}", file=str(path), line=e.lineno) from None
+    # Recover each element's line by decoding the array one element at a time.
+    decoder, pos, lines = json.JSONDecoder(), text.index("[") + 1, []
+    for _ in items:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
+    for item, line in zip(items, lines):
+        if not isinstance(item, dict):
+            raise DataError(f"expected a JSON object, got {type(item).__name__}", file=str(path), line=line)
+    return items, lines
