@@ -24,6 +24,14 @@ def resolve_callable(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+@rank_zero_only
+def log_table(trainer, key: str, columns: list[str], rows: list[list]) -> None:
+    """A W&B table of samples, when a W&B logger is attached (rank zero only)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, _LightningWandbLogger):
+            logger.log_table(key, columns=columns, data=rows, step=trainer.global_step)
+
+
 class WandbLogger(_LightningWandbLogger):
     """Lightning's W&B logger, offline unless credentials are set (runs sync later with `wandb sync DIR`)."""
 
@@ -138,12 +146,8 @@ class SampleGenerations(L.Callback):
             rank_zero_info(f"{self.metric_name}: {self.before:.3f} -> {score:.3f}")
         self.after = score
 
-    @rank_zero_only
     def _log_table(self, trainer, results) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, _LightningWandbLogger):
-                logger.log_table("val/samples", columns=["prompt", "generation", "reference"],
-                                 data=[list(r) for r in results], step=trainer.global_step)
+        log_table(trainer, "val/samples", ["prompt", "generation", "reference"], [list(r) for r in results])
 
 
 class ExportAdapter(L.Callback):

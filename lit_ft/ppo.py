@@ -28,7 +28,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, metrics, optim, resume, roles
-from lit_ft.callbacks import resolve_callable
+from lit_ft.callbacks import log_table, resolve_callable
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
@@ -367,12 +367,8 @@ class PPOModule(L.LightningModule):
     def maybe_log_table(self, prompts: list[str], texts: list[str], scores: Tensor) -> None:
         if not self.sample_table_every or (self.counters["rollouts"] - 1) % self.sample_table_every:
             return
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
-                rows = [[p, t, float(s)] for p, t, s in zip(prompts, texts, scores.tolist())]
-                logger.log_table("ppo/samples", columns=["prompt", "response", "score"], data=rows, step=self.global_step)
+        rows = [[p, t, float(s)] for p, t, s in zip(prompts, texts, scores.tolist())]
+        log_table(self.trainer, "ppo/samples", ["prompt", "response", "score"], rows)
 
     def configure_optimizers(self):
         self.roles.restore_flags()
