@@ -1,4 +1,4 @@
-"""Batched sampling with the KV cache from left-padded prompts, and log-probs of given responses."""
+"""Batched sampling with the KV cache from left-padded prompts (log-probs of the responses: `lit_ft.roles`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_ft.losses import selective_log_softmax
 from lit_ft.rl import response_mask_after_eos
 
 
@@ -50,16 +49,3 @@ def generate(model, input_ids, attention_mask, spec: SamplingSpec, eos_token_id:
     responses = out[:, input_ids.shape[1]:]
     mask = response_mask_after_eos(responses, eos_token_id, pad_token_id).long()
     return responses.masked_fill(mask == 0, pad_token_id), mask
-
-
-def response_logprobs(model, input_ids, attention_mask, responses, response_mask_, temperature: float = 1.0):
-    """Log-probs [B, R] of `responses` following left-padded prompts [B, P] under `model` (logits / T)."""
-    full = torch.cat([input_ids, responses], dim=1)
-    mask = torch.cat([attention_mask, response_mask_], dim=1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=full, attention_mask=mask, position_ids=positions).logits
-    prompt_len = input_ids.shape[1]
-    logits = logits[:, prompt_len - 1 : -1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    return selective_log_softmax(logits, responses)
