@@ -56,6 +56,32 @@ def _netrc_has_wandb() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+class PrintMetrics(L.Callback):
+    """Logged metrics as plain lines of text, for log files (SLURM, nohup, CI) where progress bars do not show.
+
+    One line after each validation with every `val/` metric, and one every `every_n_steps` training batches with
+    the training metrics (`train/`, `objective/`, `ppo/` ...); 0 prints validation lines only.
+    """
+
+    def __init__(self, every_n_steps: int = 0, train_prefixes: tuple[str, ...] = ("train/", "objective/", "ppo/")):
+        self.every_n_steps, self.train_prefixes = every_n_steps, tuple(train_prefixes)
+
+    @staticmethod
+    def _line(trainer, what: str, keep) -> None:
+        values = {k: v for k, v in trainer.callback_metrics.items() if keep(k) and v.numel() == 1}
+        if values:
+            text = "  ".join(f"{k} {float(v):.4g}" for k, v in sorted(values.items()))
+            rank_zero_info(f"[{what} step {trainer.global_step}] {text}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and (batch_idx + 1) % self.every_n_steps == 0:
+            self._line(trainer, "train", lambda k: k.startswith(self.train_prefixes))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._line(trainer, "validation", lambda k: k.startswith("val/"))
+
+
 class ThroughputLogger(L.Callback):
     """Logs `perf/tokens_per_sec`: non-pad tokens of the training batches over wall time."""
 

@@ -292,19 +292,59 @@ def build_model(
     With `spec.adapter` the existing adapter is loaded (trainable when `trainable`); otherwise a new one is
     made from `lora`.
     """
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     model = prepare_for_training(load_base(spec, task, device), spec)
     if spec.adapter is not None:
-        if not (Path(spec.adapter) / "adapter_config.json").exists():
-            raise ConfigError(f"model.adapter: {spec.adapter} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=trainable)
+        model = load_adapter(model, spec.adapter, task, trainable)
     elif lora is not None:
         model = get_peft_model(model, lora_config(lora, task))
     else:
         raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
     # from_pretrained returns eval mode; training mode turns LoRA dropout on (evaluation code switches it off).
     return model.train(trainable)
+
+
+def load_adapter(model, path: str, task: Literal["causal_lm", "score"], trainable: bool):
+    """Put the PEFT adapter saved in `path` on `model` (a base model built for `task`).
+
+    A causal-LM adapter (the SFT adapter) under a score model starts the reward model from the SFT policy, as
+    InstructGPT does (Ouyang et al. 2022, sec. 3.5): the same LoRA weights on the same trunk, re-typed as a
+    SEQ_CLS adapter so that a new `score` head trains and saves with it. The export is then an ordinary reward
+    adapter on the base model, independent of the SFT adapter it started from.
+    """
+    import dataclasses
+
+    from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    if not (Path(path) / "adapter_config.json").exists():
+        raise ConfigError(f"model.adapter: {path} has no adapter_config.json")
+    config = PeftConfig.from_pretrained(path)
+    saved = config.task_type
+    if task == "causal_lm" or saved == TaskType.SEQ_CLS:
+        if task == "causal_lm" and saved == TaskType.SEQ_CLS:
+            raise ConfigError(
+                f"model.adapter: {path} is a reward adapter (task_type SEQ_CLS) and has no language-model head; "
+                "a causal-LM stage needs a CAUSAL_LM adapter such as the SFT export"
+            )
+        return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    if saved not in (None, TaskType.CAUSAL_LM) or config.peft_type != "LORA":
+        raise ConfigError(f"model.adapter: {path} is a {config.peft_type} {saved} adapter; a reward model can "
+                          "start from a LoRA CAUSAL_LM (SFT) or SEQ_CLS (reward) adapter")
+    config = dataclasses.replace(config, task_type=TaskType.SEQ_CLS, inference_mode=not trainable)
+    model = get_peft_model(model, config)
+    # The new head keeps its fresh initialisation: it is handed back as it is, the LoRA weights come from `path`.
+    weights = get_peft_model_state_dict(model)
+    loaded = load_peft_weights(path)
+    strays = sorted(set(loaded) - set(weights))
+    if strays:
+        raise ConfigError(f"model.adapter: {path} does not fit this base model (unexpected {strays[:3]})")
+    weights.update(loaded)
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise ConfigError(f"model.adapter: {path} does not fit this base model ({result.unexpected_keys[:3]})")
+    return model
 
 
 def describe(model) -> str:

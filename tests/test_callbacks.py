@@ -42,3 +42,35 @@ def test_resolve_callable_names_bad_paths():
     assert resolve_callable("lit_ft.tasks.correctness_reward") is correctness_reward
     with pytest.raises(ValueError, match="not a dotted path"):
         resolve_callable("correctness_reward")
+
+
+def test_print_metrics_writes_validation_and_training_lines(caplog):
+    import lightning as L
+    import torch
+
+    from lit_ft.callbacks import PrintMetrics
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def training_step(self, batch, batch_idx):
+            loss = (self.w * batch[0]).sum()
+            self.log("train/loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/accuracy", torch.tensor(0.75))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.full((4, 1), 2.0)), batch_size=1)
+    trainer = L.Trainer(max_steps=4, val_check_interval=4, callbacks=[PrintMetrics(every_n_steps=2)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    with caplog.at_level("INFO"):
+        trainer.fit(Tiny(), data, data)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
+    assert lines == ["[train step 2] train/loss 2", "[train step 4] train/loss 2", "[validation step 4] val/accuracy 0.75"]

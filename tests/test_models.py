@@ -99,3 +99,31 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path):
 
 def test_trust_remote_code_is_off_by_default():
     assert ModelSpec().trust_remote_code is False
+
+
+def test_reward_model_starts_from_the_sft_adapter(tiny_model_dir, tmp_path):
+    """A CAUSAL_LM (SFT) adapter under a score model: same LoRA weights, same trunk output, a new trainable head."""
+    sft = build_model(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4))
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)  # a trained-looking adapter (fresh lora_B is zero)
+    sft.save_pretrained(str(tmp_path / "sft"))
+    rm = build_model(ModelSpec(name_or_path=tiny_model_dir, adapter=str(tmp_path / "sft")), None, "score")
+    assert rm.peft_config["default"].task_type == "SEQ_CLS"
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    x = torch.randint(0, 300, (2, 9))
+    sft.eval(), rm.eval()
+    with torch.no_grad():
+        h_sft = sft.get_base_model().model(input_ids=x).last_hidden_state
+        h_rm = rm.get_base_model().model(input_ids=x).last_hidden_state
+    torch.testing.assert_close(h_rm, h_sft, rtol=0, atol=0)
+    # The exported reward adapter is an ordinary SEQ_CLS adapter with its head.
+    rm.save_pretrained(str(tmp_path / "rm"))
+    again = build_model(ModelSpec(name_or_path=tiny_model_dir, adapter=str(tmp_path / "rm")), None, "score").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, rm(input_ids=x).logits, rtol=0, atol=0)
+    # A reward adapter has no language-model head: a causal-LM stage refuses it by name.
+    with pytest.raises(ConfigError, match="is a reward adapter .*SEQ_CLS"):
+        build_model(ModelSpec(name_or_path=tiny_model_dir, adapter=str(tmp_path / "rm")), None)
