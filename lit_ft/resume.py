@@ -9,10 +9,12 @@ on CPU with a fixed seed):
 - `ResumableDataLoader`: the datamodules' training loader (`lit_ft.data.modules.make_loader`). Its order is a
   permutation seeded by `seed + epoch` (the `DistributedSampler` recipe, so every rank agrees on it) and its
   `state_dict()` records the epoch and how far into that order the consumed batches reach. Lightning saves and
-  loads it with the fit loop (it checks for the `state_dict`/`load_state_dict` protocol).
+  loads it with the fit loop (it checks for the `state_dict`/`load_state_dict` protocol); `ResumeLoaderState`
+  applies it where Lightning would drop it (a run whose length is set in epochs).
 - `ResumeRNG`: a callback that stores the torch (CPU and CUDA), numpy and Python RNG states of every rank in the
   checkpoint and puts them back just before the first training batch after a resume. The lit_ft modules add it
-  themselves (`configure_callbacks = resume.configure_callbacks`, one line in the class body).
+  and `ResumeLoaderState` themselves (`configure_callbacks = resume.configure_callbacks`, one line in the class
+  body).
 - `AtomicCheckpointIO`: writes each checkpoint to a temporary file in the same directory, fsyncs it and renames it
   over the final name, so a crash during a save leaves the previous checkpoint intact; it loads with
   `weights_only=True` (lit_ft checkpoints hold tensors and plain values only). Pass it as `Trainer(plugins=[...])`.
@@ -190,12 +192,33 @@ class ResumeRNG(L.Callback):
         self._pending = None
 
 
+class ResumeLoaderState(L.Callback):
+    """Applies the checkpointed position of the training loader where Lightning would drop it.
+
+    Lightning hands a loader its saved `state_dict` only while it builds the training loader after the
+    checkpoint's loop state was read. `optim.configure` asks `trainer.estimated_stepping_batches`, which builds the
+    loader earlier, during `strategy.setup`, whenever the run length is set in epochs (`max_epochs`: the PPO recipe,
+    and any SFT or reward run without `max_steps`); the saved position then stays pending and a mid-epoch resume
+    starts its epoch again from the first batch (Lightning issue #20550). At `on_train_start` (after the restore,
+    before the first batch is fetched) this loads the pending states and recreates the fetcher's iterator, as
+    Lightning's own path does. A no-op when Lightning already loaded them.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loop = trainer.fit_loop
+        if not getattr(loop, "_combined_loader_states_to_load", None):
+            return
+        loop._load_combined_loader_states()
+        if getattr(loop, "_data_fetcher", None) is not None:
+            iter(loop._data_fetcher)
+
+
 def configure_callbacks(module: L.LightningModule) -> list[L.Callback]:
-    """A LightningModule opts into RNG resume with `configure_callbacks = resume.configure_callbacks`.
+    """A LightningModule opts into exact resume with `configure_callbacks = resume.configure_callbacks`.
 
     Lightning adds these to the Trainer's callbacks (replacing one of the same type), with or without the CLI.
     """
-    return [ResumeRNG()]
+    return [ResumeRNG(), ResumeLoaderState()]
 
 
 # ------------------------------------------------------------------------------------------------ atomic files

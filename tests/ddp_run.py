@@ -1,7 +1,9 @@
-"""SFT under DDP on the CPU (gloo), run by tests/test_ddp.py as a script: Lightning's launcher re-runs this file
-for rank 1, as it does `train.py` under `strategy: ddp`.
+"""SFT or reward modelling under DDP on the CPU (gloo), run by tests/test_ddp.py as a script: Lightning's launcher
+re-runs this file for rank 1, as it does `train.py` under `strategy: ddp`.
 
-    python tests/ddp_run.py OUT MODEL_DIR TRAIN_FILE DEVICES MAX_STEPS [CKPT_PATH]
+    python tests/ddp_run.py STAGE OUT MODEL_DIR TRAIN_FILE DEVICES MAX_STEPS [CKPT_PATH]
+
+STAGE is `sft` (instruction rows) or `reward` (preference pairs).
 """
 
 import json
@@ -12,11 +14,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_ft.data.modules import InstructionDataModule
+from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.optim import OptimSpec
 from lit_ft.resume import AtomicCheckpointIO
+from lit_ft.reward import RewardModule
 from lit_ft.sft import SFTModule
+
+# stage -> (data module, LightningModule); both take the same arguments.
+STAGES = {"sft": (InstructionDataModule, SFTModule), "reward": (PreferenceDataModule, RewardModule)}
 
 
 class LocalLosses(L.Callback):
@@ -27,14 +33,16 @@ class LocalLosses(L.Callback):
         self.losses[trainer.global_step] = outputs["loss"].item()
 
 
-def main(out: str, model_dir: str, train_file: str, devices: int, max_steps: int, ckpt_path: str | None = None):
+def main(stage: str, out: str, model_dir: str, train_file: str, devices: int, max_steps: int,
+         ckpt_path: str | None = None):
     out = Path(out)
+    datamodule, module_class = STAGES[stage]
     L.seed_everything(0)
-    # The global batch is 4 rows: 4 on one process, 2 on each of two.
-    dm = InstructionDataModule(train_file=train_file, val_split=0.0, tokenizer=model_dir,
-                               batch_size=4 // devices, max_length=64)
-    module = SFTModule(base=ModelSpec(name_or_path=model_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0),
-                       optim=OptimSpec(lr=1e-2, warmup_ratio=0.0, scheduler="constant"))
+    # The global batch is 4 rows (reward: 4 pairs): 4 on one process, 2 on each of two.
+    dm = datamodule(train_file=train_file, val_split=0.0, tokenizer=model_dir, batch_size=4 // devices,
+                    max_length=64)
+    module = module_class(base=ModelSpec(name_or_path=model_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+                          optim=OptimSpec(lr=1e-2, warmup_ratio=0.0, scheduler="constant"))
     rec = LocalLosses()
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=max_steps,
@@ -51,4 +59,4 @@ def main(out: str, model_dir: str, train_file: str, devices: int, max_steps: int
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], a[2], int(a[3]), int(a[4]), a[5] if len(a) > 5 else None)
+    main(a[0], a[1], a[2], a[3], int(a[4]), int(a[5]), a[6] if len(a) > 6 else None)

@@ -1,5 +1,5 @@
-"""SFT under DDP with two CPU processes (gloo): the same losses and weights as one process on the same global
-batch, one checkpoint writer, and resume."""
+"""SFT and reward modelling under DDP with two CPU processes (gloo): the same losses and weights as one process on
+the same global batch, one checkpoint writer, and resume."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests import ddp_run
-from tests.test_resume import ROWS
+from tests.test_resume import PAIRS, ROWS
 
 SCRIPT = Path(__file__).parent / "ddp_run.py"
 
@@ -28,21 +29,39 @@ def _losses(out: Path, tag: str, rank: int) -> dict[int, float]:
     return {int(k): v for k, v in json.loads((out / f"{tag}_losses_rank{rank}.json").read_text()).items()}
 
 
-def test_ddp_two_processes_match_one_and_resume(tiny_model_dir, tiny_tokenizer, tmp_path):
+def _sft_rows(tokenizer) -> list[dict]:
     # Rows whose completions have equal token counts: the mean of per-rank token means (what DDP's gradient
     # average gives) is then the global token mean of one process.
     by_length: dict[int, list[dict]] = {}
     for r in ROWS:
-        by_length.setdefault(len(tiny_tokenizer(r["completion"])["input_ids"]), []).append(r)
-    rows = max(by_length.values(), key=len)[:8]
-    assert len(rows) == 8
+        by_length.setdefault(len(tokenizer(r["completion"])["input_ids"]), []).append(r)
+    return max(by_length.values(), key=len)[:12]
+
+
+def _reward_rows(tokenizer) -> list[dict]:
+    return PAIRS[:12]  # a mean over pairs: equal pair counts per rank make the mean of rank means the global one
+
+
+# stage, its 12 training rows (3 global batches of 4 an epoch), and the absolute tolerance of the final weights.
+# Adam divides by sqrt(v) + 1e-8: where a reward gradient is near 1e-8, float noise of the all-reduce (relative
+# 1e-6) moves the step visibly; a wrong gradient or batch would move it by about the learning rate, 1e-2.
+CASES = [("sft", _sft_rows, 1e-6), ("reward", _reward_rows, 1e-4)]
+
+
+@pytest.mark.parametrize("stage, rows, atol", CASES, ids=[c[0] for c in CASES])
+def test_ddp_two_processes_match_one_and_resume(stage, rows, atol, tiny_model_dir, tiny_tokenizer, tmp_path):
+    rows = rows(tiny_tokenizer)
+    assert len(rows) == 12
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     one, two = tmp_path / "one", tmp_path / "two"
-    ddp_run.main(str(one), tiny_model_dir, str(train), 1, 6)  # one process (this one), 6 steps without a break
-    _run(two, tiny_model_dir, train, 2, 4)  # two processes, stopped after step 4 ...
-    _run(two, tiny_model_dir, train, 2, 6, two / "ckpt" / "last.ckpt")  # ... and resumed to 6
+    ddp_run.main(stage, str(one), tiny_model_dir, str(train), 1, 6)  # one process (this one), 6 steps in one go
+    _run(stage, two, tiny_model_dir, train, 2, 4)  # two processes, stopped after step 4 (mid-epoch) ...
+    state = torch.load(two / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state == {"epoch": 1, "position": 4, "seed": 0, "size": 12}  # global: both ranks' rows
+    _run(stage, two, tiny_model_dir, train, 2, 6, two / "ckpt" / "last.ckpt")  # ... and resumed to 6
 
     single = _losses(one, "run", 0)
     ranks = [{**_losses(two, "run", r), **_losses(two, "resumed", r)} for r in (0, 1)]
@@ -52,10 +71,10 @@ def test_ddp_two_processes_match_one_and_resume(tiny_model_dir, tiny_tokenizer, 
     w1, w2 = torch.load(one / "run_adapter.pt"), torch.load(two / "resumed_adapter.pt")
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=atol)
 
     # One writer: exactly the files ModelCheckpoint names, no temporary leftovers from a second rank.
-    assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["epoch=2-step=6.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]
     state = torch.load(two / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert len(state["callbacks"]["ResumeRNG"]["ranks"]) == 2  # each rank's RNG state, gathered

@@ -1,9 +1,12 @@
-"""Exact resume (a killed run continued from `last.ckpt` repeats the uninterrupted one bit for bit), the
-resumable loader, atomic checkpoint writes, and exporting the best checkpoint's adapter."""
+"""Exact resume (a killed run continued from `last.ckpt` repeats the uninterrupted one bit for bit) for the three
+stages (SFT, reward model, PPO), the resumable loader, atomic checkpoint writes, and exporting the best
+checkpoint's adapter."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -12,14 +15,85 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_ft.callbacks import ExportAdapter
-from lit_ft.data.modules import InstructionDataModule
+from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
+from lit_ft.generation import SamplingSpec
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.optim import OptimSpec
+from lit_ft.ppo import PPOModule, PPOSpec
 from lit_ft.resume import AtomicCheckpointIO, ResumableDataLoader, ResumeRNG
+from lit_ft.reward import RewardModule
 from lit_ft.sft import SFTModule
 
 ROWS = [{"prompt": f"What is {a} plus {b}?", "completion": f"The answer is {a + b}."} for a in range(4) for b in range(4)]
-TOTAL = 12  # 16 rows / batch 4 = 4 steps an epoch: 3 epochs
+PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
+          "rejected": f"The answer is {a + b + 1}."} for a in range(4) for b in range(4)]
+PROMPTS = [{"prompt": q} for q in ("What is 12 plus 30?", "hello there", "Add the numbers.", "the quick brown fox",
+                                   "reward model", "how can I help you", "question answer", "The lazy dog")]
+# Dropout on (RNG matters), a schedule that depends on the step count, weight decay.
+LORA = LoraSpec(r=4, alpha=8, dropout=0.2)
+OPTIM = OptimSpec(lr=1e-2, weight_decay=0.01, warmup_ratio=0.25, scheduler="cosine")
+# Per rollout: sampled responses and their scores, KL and its adaptive coefficient, the PPO losses.
+PPO_METRICS = ("objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/response_length",
+               "ppo/loss/policy", "ppo/loss/value", "ppo/returns/mean")
+
+
+def _loss(trainer, outputs) -> torch.Tensor:
+    return outputs["loss"].detach().clone()
+
+
+def _ppo_metrics(trainer, outputs) -> torch.Tensor:
+    return torch.stack([trainer.callback_metrics[k].detach().clone() for k in PPO_METRICS])
+
+
+def _ppo_module(model_dir) -> PPOModule:
+    # Random response lengths (Python RNG) and sampling (torch RNG); an adaptive KL coefficient that moves every
+    # rollout (target far below the KL, short horizon); two PPO epochs of two shuffled minibatches per rollout.
+    return PPOModule(base=ModelSpec(name_or_path=model_dir, dtype="float32"), lora=LORA,
+                     reward_fn="tests.test_ppo.uppercase_share",
+                     sampling=SamplingSpec(max_new_tokens=8, min_new_tokens=4),
+                     ppo=PPOSpec(ppo_epochs=2, mini_batch_size=2, init_kl_coef=0.2, target=0.001, horizon=20.0),
+                     optim=OptimSpec(lr=1e-3, weight_decay=0.01, warmup_ratio=0.25, scheduler="cosine"),
+                     sample_table_every=0)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage under the kill-and-resume test: its data and module, and what is compared after every batch."""
+
+    rows: list[dict]
+    datamodule: type
+    module: Callable[[str], L.LightningModule]
+    record: Callable  # (trainer, outputs of the batch) -> tensor compared with torch.equal
+    epochs: int
+    kills: dict[str, int]  # training batches done when the run dies: one mid-epoch, one at an epoch end
+    steps_per_batch: int = 1  # optimizer steps per training batch (PPO: ppo_epochs x minibatches per rollout)
+    # Run length as `max_steps` (configs/sft.yaml) or as `max_epochs` (configs/ppo.yaml; the loader is then built
+    # before the checkpoint is read, see lit_ft.resume.ResumeLoaderState).
+    by_steps: bool = False
+    batch_size: int = 4
+    data_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    @property
+    def total(self) -> int:
+        return self.epochs * self.batches_per_epoch
+
+
+STAGES = {
+    # 16 rows (pairs) / batch 4 = 4 steps an epoch, 3 epochs.
+    "sft": Stage(ROWS, InstructionDataModule, lambda d: SFTModule(base=ModelSpec(name_or_path=d), lora=LORA,
+                                                                  optim=OPTIM),
+                 _loss, epochs=3, kills={"mid_epoch": 7, "epoch_end": 8}, by_steps=True),
+    "reward": Stage(PAIRS, PreferenceDataModule, lambda d: RewardModule(ModelSpec(name_or_path=d), LORA, OPTIM),
+                    _loss, epochs=3, kills={"mid_epoch": 7, "epoch_end": 8}),
+    # 8 prompts / batch 4 = 2 rollouts an epoch, 3 epochs; 2 PPO epochs x 2 minibatches = 4 optimizer steps a rollout.
+    "ppo": Stage(PROMPTS, PromptDataModule, _ppo_module, _ppo_metrics, epochs=3,
+                 kills={"mid_epoch": 3, "epoch_end": 4}, steps_per_batch=4, data_kwargs={"answer_field": None}),
+}
+KILLS = [(s, k) for s, stage in STAGES.items() for k in stage.kills]
 
 
 class Killed(RuntimeError):
@@ -27,111 +101,153 @@ class Killed(RuntimeError):
 
 
 class Recorder(L.Callback):
-    """Per-step training losses (exact tensors), and a simulated kill after a given step's checkpoint."""
+    """`record(trainer, outputs)` after every training batch, keyed by the batch's number in the run (from 1;
+    SFT and reward: the global step), and a simulated kill before batch `kill_after + 1` (after the checkpoint
+    that `ModelCheckpoint` wrote at the end of batch `kill_after`)."""
 
-    def __init__(self, kill_after: int | None = None):
-        self.losses: dict[int, torch.Tensor] = {}
-        self.kill_after = kill_after
+    def __init__(self, record=_loss, kill_after: int | None = None):
+        self.record, self.kill_after = record, kill_after
+        self.values: dict[int, torch.Tensor] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.kill_after is not None and trainer.global_step == self.kill_after:
-            raise Killed(f"killed after step {self.kill_after}")
+        if self.kill_after is not None and trainer.fit_loop.epoch_loop.total_batch_idx == self.kill_after:
+            raise Killed(f"killed after batch {self.kill_after}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step] = outputs["loss"].detach().clone()
+        self.values[trainer.fit_loop.epoch_loop.total_batch_idx + 1] = self.record(trainer, outputs)
 
 
-@pytest.fixture(scope="module")
-def data(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("resume_data")
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
-    dm = InstructionDataModule(train_file=str(d / "train.jsonl"), val_file=str(d / "val.jsonl"),
-                               tokenizer=tiny_model_dir, batch_size=4, max_length=64)
-    dm.setup("fit")
-    return dm
+def _final(module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor (PPO: policy and value adapters and the value head), and PPO's counters and KL
+    coefficient."""
+    state = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    if isinstance(module, PPOModule):
+        state.update({f"counters/{k}": torch.tensor(v) for k, v in module.counters.items()})
+        state["kl_coef"] = torch.tensor(module.kl_ctl.value, dtype=torch.float64)
+    return state
 
 
-def _module(model_dir) -> SFTModule:
-    # Dropout on (RNG matters), a schedule that depends on the step count, weight decay.
-    return SFTModule(base=ModelSpec(name_or_path=model_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.2),
-                     optim=OptimSpec(lr=1e-2, weight_decay=0.01, warmup_ratio=0.25, scheduler="cosine"))
+class Runs:
+    """One stage's data module, its uninterrupted run and its killed runs, each run once per test module."""
 
+    def __init__(self, stage: Stage, model_dir: str, tmp_path_factory):
+        self.stage, self.model_dir, self.tmp = stage, model_dir, tmp_path_factory
+        d = tmp_path_factory.mktemp("resume_data")
+        (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage.rows))
+        (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage.rows[:4]))
+        self.dm = stage.datamodule(train_file=str(d / "train.jsonl"), val_file=str(d / "val.jsonl"),
+                                   tokenizer=model_dir, batch_size=stage.batch_size, max_length=64,
+                                   **stage.data_kwargs)
+        self.dm.setup("fit")
+        self._uninterrupted = None
+        self._killed: dict[int, tuple[Path, dict]] = {}
 
-def _fit(root: Path, model_dir, dm, recorder, ckpt_path=None, every=1, **kw):
-    L.seed_everything(0)
-    ckpt = ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, every_n_train_steps=every, save_top_k=-1)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=TOTAL, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(root), callbacks=[ckpt, recorder], plugins=[AtomicCheckpointIO()],
-        num_sanity_val_steps=0, limit_val_batches=1, **kw,
-    )
-    module = _module(model_dir)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    return module, trainer
+    def fit(self, root: Path, recorder: Recorder, ckpt_path=None, every: int | None = None):
+        """A run of the stage, checkpointing every `every` training batches (default: at the end)."""
+        stage = self.stage
+        L.seed_everything(0)
+        ckpt = ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, save_top_k=-1,
+                               every_n_train_steps=(every or stage.total) * stage.steps_per_batch)
+        length = {"max_steps": stage.total} if stage.by_steps else {"max_epochs": stage.epochs}
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=str(root), callbacks=[ckpt, recorder], plugins=[AtomicCheckpointIO()],
+            num_sanity_val_steps=0, limit_val_batches=1, **length,
+        )
+        module = stage.module(self.model_dir)
+        trainer.fit(module, datamodule=self.dm, ckpt_path=ckpt_path)
+        return module, trainer
 
+    def resume(self, ckpt_path, root: Path) -> tuple[dict, L.LightningModule, L.Trainer]:
+        rec = Recorder(self.stage.record)
+        module, trainer = self.fit(root, rec, ckpt_path=str(ckpt_path))
+        return rec.values, module, trainer
 
-def _adapter(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    @property
+    def uninterrupted(self) -> tuple[dict, dict]:
+        """(recorded values per batch, final trainable weights) of the run that is never stopped."""
+        if self._uninterrupted is None:
+            rec = Recorder(self.stage.record)
+            module, _ = self.fit(self.tmp.mktemp("whole"), rec)
+            self._uninterrupted = rec.values, _final(module)
+        return self._uninterrupted
 
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, data, tmp_path_factory):
-    rec = Recorder()
-    module, _ = _fit(tmp_path_factory.mktemp("whole"), tiny_model_dir, data, rec, every=TOTAL)
-    return rec.losses, _adapter(module)
-
-
-@pytest.fixture(scope="module")
-def killed(tiny_model_dir, data, tmp_path_factory):
-    """kill_after -> (checkpoint dir of a run killed after that step, its recorded losses); runs once each."""
-    runs = {}
-
-    def run(kill_after: int):
-        if kill_after not in runs:
-            root = tmp_path_factory.mktemp(f"killed_{kill_after}")
-            rec = Recorder(kill_after=kill_after)
+    def killed(self, kill_after: int) -> tuple[Path, dict]:
+        """(checkpoint dir, recorded values) of a run killed after batch `kill_after`."""
+        if kill_after not in self._killed:
+            root = self.tmp.mktemp(f"killed_{kill_after}")
+            rec = Recorder(self.stage.record, kill_after=kill_after)
             with pytest.raises(Killed):
-                _fit(root, tiny_model_dir, data, rec, every=kill_after)
-            runs[kill_after] = root / "ckpt", rec.losses
-        return runs[kill_after]
-
-    return run
+                self.fit(root, rec, every=kill_after)
+            self._killed[kill_after] = root / "ckpt", rec.values
+        return self._killed[kill_after]
 
 
-@pytest.mark.parametrize("kill_after", [7, 8], ids=["mid_epoch", "epoch_end"])
-def test_killed_run_resumes_exactly(kill_after, uninterrupted, killed, tiny_model_dir, data, tmp_path):
-    """Steps after the kill and the final adapter equal the uninterrupted run's exactly (torch.equal)."""
-    losses, weights = uninterrupted
-    ckpt_dir, first = killed(kill_after)
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> Callable[[str], Runs]:
+    cache: dict[str, Runs] = {}
+
+    def get(name: str) -> Runs:
+        if name not in cache:
+            cache[name] = Runs(STAGES[name], tiny_model_dir, tmp_path_factory)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("stage, kill", KILLS, ids=[f"{s}-{k}" for s, k in KILLS])
+def test_killed_run_resumes_exactly(stage, kill, runs, tmp_path):
+    """Batches after the kill (SFT, reward: the loss; PPO: the rollout's metrics) and the final trainable weights
+    equal the uninterrupted run's exactly (torch.equal)."""
+    run, spec = runs(stage), STAGES[stage]
+    kill_after = spec.kills[kill]
+    values, weights = run.uninterrupted
+    ckpt_dir, first = run.killed(kill_after)
     assert sorted(first) == list(range(1, kill_after + 1))
+    for batch, value in first.items():
+        assert torch.equal(value, values[batch]), batch
     state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == kill_after and "ResumeRNG" in state["callbacks"]
+    assert state["global_step"] == kill_after * spec.steps_per_batch and "ResumeRNG" in state["callbacks"]
+    assert state["optimizer_states"] and state["lr_schedulers"]
+    epoch = (kill_after - 1) // spec.batches_per_epoch
+    position = spec.batch_size * (kill_after - epoch * spec.batches_per_epoch)
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader_state == {"epoch": 1, "position": 4 * (kill_after - 4), "seed": 0, "size": 16}
+    assert loader_state == {"epoch": epoch, "position": position, "seed": 0, "size": len(spec.rows)}
 
-    second = Recorder()
-    module, trainer = _fit(tmp_path, tiny_model_dir, data, second, ckpt_path=str(ckpt_dir / "last.ckpt"),
-                           every=TOTAL)
-    assert trainer.global_step == TOTAL
-    assert sorted(second.losses) == list(range(kill_after + 1, TOTAL + 1))
-    for step, loss in second.losses.items():
-        assert torch.equal(loss, losses[step]), (step, loss.item(), losses[step].item())
-    resumed = _adapter(module)
+    second, module, trainer = run.resume(ckpt_dir / "last.ckpt", tmp_path)
+    assert trainer.global_step == spec.total * spec.steps_per_batch
+    assert sorted(second) == list(range(kill_after + 1, spec.total + 1))
+    for batch, value in second.items():
+        assert torch.equal(value, values[batch]), (batch, value.tolist(), values[batch].tolist())
+    resumed = _final(module)
     assert resumed.keys() == weights.keys()
-    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert [k for k in weights if not torch.equal(resumed[k], weights[k])] == []
 
 
-def test_without_rng_state_dropout_differs(uninterrupted, killed, tiny_model_dir, data, tmp_path):
-    """The RNG callback is what makes dropout repeat: dropping its state changes the steps after a resume."""
-    losses, _ = uninterrupted
-    ckpt_dir, _ = killed(7)
+def _without(state: dict, *path: str) -> None:
+    *parents, last = path
+    for key in parents:
+        state = state[key]
+    del state[last]
+
+
+# What repeats the interrupted run only because the checkpoint carries it: without it the batch right after the
+# resume differs (dropout masks, sampled responses, the KL penalty's coefficient).
+DROPS = [("sft", ("callbacks", "ResumeRNG")), ("reward", ("callbacks", "ResumeRNG")),
+         ("ppo", ("callbacks", "ResumeRNG")), ("ppo", ("kl_controller",))]
+
+
+@pytest.mark.parametrize("stage, path", DROPS, ids=[f"{s}-{p[-1]}" for s, p in DROPS])
+def test_resume_without_saved_state_differs(stage, path, runs, tmp_path):
+    run = runs(stage)
+    values, _ = run.uninterrupted
+    kill_after = STAGES[stage].kills["mid_epoch"]
+    ckpt_dir, _ = run.killed(kill_after)
     state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
-    del state["callbacks"]["ResumeRNG"]
-    torch.save(state, tmp_path / "no_rng.ckpt")
-    rec = Recorder()
-    _fit(tmp_path, tiny_model_dir, data, rec, ckpt_path=str(tmp_path / "no_rng.ckpt"), every=TOTAL)
-    assert not torch.equal(rec.losses[8], losses[8])
+    _without(state, *path)
+    torch.save(state, tmp_path / "partial.ckpt")
+    second, _, _ = run.resume(tmp_path / "partial.ckpt", tmp_path)
+    assert not torch.equal(second[kill_after + 1], values[kill_after + 1])
 
 
 def test_loader_resumes_mid_epoch_and_across_world_sizes():
@@ -220,7 +336,7 @@ def test_checkpoint_io_loads_weights_only(tmp_path):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
 
 
-def test_export_adapter_best_exports_best_not_last(tiny_model_dir, data, tmp_path):
+def test_export_adapter_best_exports_best_not_last(tiny_model_dir, runs, tmp_path):
     """With best=True the exported adapter holds the weights of the best-scoring checkpoint."""
     from safetensors.torch import load_file
 
@@ -233,8 +349,8 @@ def test_export_adapter_best_exports_best_not_last(tiny_model_dir, data, tmp_pat
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path),
                         callbacks=[Score(), ckpt, ExportAdapter(str(tmp_path / "adapter"), best=True)])
-    module = _module(tiny_model_dir)
-    trainer.fit(module, datamodule=data)
+    module = STAGES["sft"].module(tiny_model_dir)
+    trainer.fit(module, datamodule=runs("sft").dm)
     assert Path(ckpt.best_model_path).name == "epoch=0-step=2.ckpt"
 
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
