@@ -6,11 +6,17 @@ memory, no patched modules or compile caches shared between variants), prints a 
 
     python benchmarks/bench_sft.py --workload w1 --variants hf,trl,lit,lit+compile --json $OUT/w1.json
     python benchmarks/bench_sft.py --workload w1 --tiny --variants hf,trl,lit --json /tmp/w1.json   # CPU dry run
+    python benchmarks/bench_sft.py --workload w2 --variants trl,trl+pack,lit,lit+nopack --json $OUT/w2.json
 
 Variants: `hf` (plain loop: model(input_ids, labels) + torch AdamW; W3 adds peft.prepare_model_for_kbit_training),
 `trl` (trl.SFTTrainer with its defaults: gradient checkpointing on, bf16 autocast), and `lit` with modifiers joined
 by '+': `mixed` (precision bf16-mixed instead of bf16-true), `compile` (SFTModule(compile=True)), `liger`
 (ModelSpec(liger_kernel=True)), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's).
+
+W2 trains on real variable-length data (GSM8K, chat-formatted, loss on the assistant turn only) and counts REAL
+(non-pad) tokens: `trl` pads, `trl+pack` is TRL's padding-free BFD packing, `trl+pf` TRL's padding-free flattening
+without packing, `lit` is SFTModule with PackedSFTCollator (InstructionDataModule(packing=True)), `lit+nopack` pads;
+`mb<N>` sets the micro-batch (sequences, or packed rows for `trl+pack`), `nogc` also applies to TRL.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ class Workload:
     lr: float = 2e-4
     repeat_batch: bool = False  # same batch every step (the smoke test: the loss must fall)
     lora: dict = field(default_factory=lambda: dict(r=16, alpha=32, dropout=0.05))
+    # Real data (data="gsm8k"): `seq` is the packed row length (and the longest sequence), `batch` the padded
+    # micro-batch in sequences, `seqs_per_step` the sequences of one optimizer step (gradient accumulation makes up
+    # the rest for smaller micro-batches).
+    data: str = "random"  # random | gsm8k
+    seqs_per_step: int = 0
 
 
 WORKLOADS = {
@@ -58,8 +69,13 @@ WORKLOADS = {
     # small Llama, QLoRA through the Trainer with paged AdamW: GPU correctness of the QLoRA path
     "qlora_smoke": Workload("qlora_smoke", 512, 4, 8, 4, 1536, 32000, False, 256, 8, quant="nf4", gc=True,
                             lr=1e-3, repeat_batch=True),
+    # Llama-3.2-1B shape, LoRA SFT on GSM8K (chat-formatted, ~217 tokens a sequence): 64 sequences a step
+    # (~13.9k real tokens), padded micro-batches of 8, packed rows of 2048
+    "w2": Workload("w2", 2048, 16, 32, 8, 8192, 128256, True, 2048, 8, data="gsm8k", seqs_per_step=64),
 }
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, seq=64, batch=2)
+# Real data keeps the tokenizer's ids (< 49152, SmolLM2), so the tiny model keeps that vocabulary
+TINY_DATA = dict(TINY, vocab=49152, seq=1024, batch=2, seqs_per_step=4)
 
 
 def flops_per_token(w: Workload) -> dict:
@@ -77,6 +93,15 @@ def flops_per_token(w: Workload) -> dict:
     lora = L * r * ((d + d) * 2 + (d + kv) * 2 + (d + i) * 3)
     attn = 12 * L * w.seq * d
     return dict(n_matmul=n, n_lora=lora, attention=attn, total=4 * n + 6 * lora + attn)
+
+
+def flops_per_real_token(w: Workload, timed: dict) -> dict:
+    """As flops_per_token, per REAL token of variable-length sequences: a sequence of length l costs the matmuls
+    per token and 12*L*l*d of attention per token, so the attention term averages to 12*L*d*sum(l^2)/sum(l).
+    Padding, and attention across the sequences of a packed row (masked out), are not useful work and not counted."""
+    fl = flops_per_token(w)
+    attn = 12 * w.layers * w.hidden * timed["sum_len_sq"] / timed["real_tokens"]
+    return dict(fl, attention=attn, total=fl["total"] - fl["attention"] + attn)
 
 
 # ---------------------------------------------------------------------------------------------- model and data
@@ -162,6 +187,60 @@ class Clock:
         self.t1 = time.perf_counter()
 
 
+# ---------------------------------------------------------------------------------------------- real data (W2)
+
+
+def save_data_tokenizer(args) -> None:
+    """The data's tokenizer (SmolLM2's, in --data-dir/tokenizer) saved next to the random model, where both TRL and
+    lit_ft load it from (lit_ft resolves a tokenizer by model name and wants a model directory)."""
+    if not (Path(args.model_dir) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(Path(args.data_dir) / "tokenizer")).save_pretrained(args.model_dir)
+
+
+def data_subset(w: Workload, args) -> Path:
+    """GSM8K train in a seeded random order, cut to what the run needs (warmup + steps + 2 steps of margin), as
+    question/answer jsonl: every variant reads the same rows in the same order (the padded and lit variants consume
+    exactly the same sequences in every step; TRL's packing re-orders them into its best-fit-decreasing rows)."""
+    lines = [x for x in (Path(args.data_dir) / "train.jsonl").read_text().splitlines() if x.strip()]
+    order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(0)).tolist()
+    n = min(len(lines), (args.warmup + args.steps + 2) * w.seqs_per_step)
+    out = Path(f"/tmp/lit_ft_bench_{w.name}_gsm8k_{n}.jsonl")
+    rows = [json.loads(lines[i]) for i in order[:n]]
+    out.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows))
+    return out
+
+
+def modifier(mods: set[str], prefix: str) -> int | None:
+    """The N of a modifier like mb8 (None when absent)."""
+    return next((int(m[len(prefix):]) for m in mods if m.startswith(prefix) and m[len(prefix):].isdigit()), None)
+
+
+class TokenCount:
+    """Wraps a collator and records, for every micro-batch in the order they are built (the order they are trained
+    in, whatever the loader prefetches), the real (non-pad) tokens, the token slots the model computes over
+    (rows x padded length), the loss tokens (labels that are predicted: not -100, not position 0), the sequences
+    and the sum of their squared lengths (attention FLOPs). A TRL packed row lists its sequences in seq_lengths."""
+
+    def __init__(self, collate):
+        self.collate, self.batches = collate, []
+
+    def __call__(self, rows):
+        out = self.collate(rows)
+        lens = [n for r in rows for n in (r["seq_lengths"] if "seq_lengths" in r else [len(r["input_ids"])])]
+        self.batches.append(dict(sequences=len(lens), real_tokens=sum(lens), sum_len_sq=sum(n * n for n in lens),
+                                 slot_tokens=out["input_ids"].numel(),
+                                 loss_tokens=int((out["labels"][:, 1:] != -100).sum())))
+        return out
+
+    def window(self, start: int, stop: int) -> dict:
+        part = self.batches[start:stop]
+        if len(part) != stop - start:
+            raise RuntimeError(f"{len(self.batches)} micro-batches were built, the timed window is {start}..{stop}")
+        return {k: sum(b[k] for b in part) for k in part[0]}
+
+
 # ---------------------------------------------------------------------------------------------- runners
 
 
@@ -225,9 +304,8 @@ def run_trl(w: Workload, args, device: str, clock: Clock) -> dict:
             "train_loss": out.training_loss}
 
 
-def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
-    import lightning as L
-
+def lit_module(w: Workload, args, device: str, mods: set[str]):
+    """(SFTModule, precision, extra) for a lit variant's modifiers."""
     from lit_ft.models import LoraSpec, ModelSpec
     from lit_ft.optim import OptimSpec
     from lit_ft.sft import SFTModule
@@ -244,6 +322,33 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     precision = "bf16-mixed" if "mixed" in mods or w.quant != "none" and "true" not in mods else "bf16-true"
     if device != "cuda":
         precision = "32-true"
+    extra = {"precision": precision, "gradient_checkpointing": gc, "optimizer": optimizer, "loss_chunk_size": chunk}
+    return module, precision, extra
+
+
+def lit_trainer(device: str, precision: str, max_steps: int, callback, accumulate: int = 1):
+    import lightning as L
+
+    return L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+                     max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback], deterministic=False,
+                     accumulate_grad_batches=accumulate)
+
+
+def lit_after_fit(module, mods: set[str], device: str, batch: dict, extra: dict) -> dict:
+    if "compile" in mods:
+        from torch._dynamo.utils import counters
+
+        extra["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+    if "profile" in mods and device == "cuda":
+        extra["attention_kernels"] = attention_kernels(module, batch, device)
+    return extra
+
+
+def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
+    import lightning as L
+
+    module, precision, extra = lit_module(w, args, device, mods)
 
     class TimerCb(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -254,28 +359,136 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
 
     ids = make_batches(w, args.warmup + args.steps)
     loader = torch.utils.data.DataLoader(Batches(ids), batch_size=None, shuffle=False, pin_memory=device == "cuda")
-    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
-                        max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[TimerCb()], deterministic=False)
+    trainer = lit_trainer(device, precision, args.warmup + args.steps, TimerCb())
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"precision": precision, "gradient_checkpointing": gc, "optimizer": optimizer, "loss_chunk_size": chunk}
-    if "compile" in mods:
-        from torch._dynamo.utils import counters
-
-        extra["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
-    if "profile" in mods and device == "cuda":
-        extra["attention_kernels"] = attention_kernels(module, ids, device)
-    return extra
+    x = ids[0]
+    return lit_after_fit(module, mods, device, {"input_ids": x, "attention_mask": torch.ones_like(x),
+                                                "labels": x.clone()}, extra)
 
 
-def attention_kernels(module, ids: torch.Tensor, device: str) -> list[str]:
+def run_lit_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
+    """SFTModule on GSM8K: InstructionDataModule (chat template, completion-only labels) tokenizes; its collator
+    (PackedSFTCollator with `packing`, the default; SFTCollator with `nopack`) builds micro-batches of `mb`
+    sequences in the order of the shared subset; Lightning accumulates gradients over the rest of the step."""
+    import lightning as L
+
+    from lit_ft.data.modules import InstructionDataModule
+
+    module, precision, extra = lit_module(w, args, device, mods)
+    pack = "nopack" not in mods
+    mb = modifier(mods, "mb") or (w.seqs_per_step if pack else w.batch)
+    if w.seqs_per_step % mb:
+        raise ValueError(f"micro-batch {mb} does not divide {w.seqs_per_step} sequences a step")
+    ga = w.seqs_per_step // mb
+    dm = InstructionDataModule(train_file=str(data_subset(w, args)), val_split=0.0, format="question_answer",
+                               template="chat", tokenizer=args.model_dir, max_length=w.seq, completion_only=True,
+                               dedup=False, packing=pack, batch_size=mb)
+    dm.setup("fit")
+    counter = TokenCount(dm.collator())
+    micro_losses = []
+
+    class TimerCb(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx % ga == 0:
+                clock.step_start(trainer.global_step)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            micro_losses.append(outputs["loss"].detach() * ga)  # Lightning hands it back divided by the accumulation
+            if (batch_idx + 1) % ga == 0:
+                clock.step_end(trainer.global_step - 1)
+
+    loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=mb, shuffle=False, collate_fn=counter,
+                                         pin_memory=device == "cuda")
+    trainer = lit_trainer(device, precision, args.warmup + args.steps, TimerCb(), ga)
+    trainer.fit(module, train_dataloaders=loader)
+    # Each step's loss is the token-weighted mean over its micro-batches (what TRL logs), for the cross-checks
+    losses = [float(x) for x in micro_losses]
+    for s in range(len(losses) // ga):
+        part = range(s * ga, (s + 1) * ga)
+        n = sum(counter.batches[i]["loss_tokens"] for i in part)
+        clock.losses.append(sum(losses[i] * counter.batches[i]["loss_tokens"] for i in part) / max(n, 1))
+    extra.update(packing=pack, micro_batch=mb, grad_accum=ga,
+                 timed=counter.window(args.warmup * ga, (args.warmup + args.steps) * ga))
+    return lit_after_fit(module, mods, device, dm.collator()([dm.train_dataset[i] for i in range(mb)]), extra)
+
+
+def run_trl_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
+    """trl.SFTTrainer on GSM8K as conversational prompt/completion rows (user question, assistant answer), so that
+    its completion-only loss covers exactly the assistant turn, like lit_ft's chat template segments.
+
+    `trl`: padded micro-batches of `mb` sequences, the same sequences per step as lit. `trl+pf`: the same
+    micro-batches flattened padding-free (SFTConfig(padding_free=True), max_length=None, as TRL requires without
+    packing). `trl+pack`: SFTConfig(packing=True, packing_strategy="bfd"), which turns padding_free on: rows of up
+    to `seq` tokens packed best-fit-decreasing over the subset, k rows a step with k = round(sequences a step x mean
+    length / seq), `mb` rows a micro-batch (default k), flattened into one row. TRL's defaults otherwise (gradient
+    checkpointing unless `nogc`, bf16 autocast, its fused LM-head loss, gradient clipping 1.0).
+    """
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    rows = [json.loads(x) for x in data_subset(w, args).read_text().splitlines()]
+    convs = [{"prompt": [{"role": "user", "content": r["question"]}],
+              "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows]
+    pack, pf = "pack" in mods, "pf" in mods
+    per_step = w.seqs_per_step
+    if pack:
+        lens = [len(tok(tok.apply_chat_template(c["prompt"] + c["completion"], tokenize=False),
+                        add_special_tokens=False)["input_ids"]) for c in convs]
+        per_step = max(1, round(w.seqs_per_step * sum(lens) / len(lens) / w.seq))
+    mb = modifier(mods, "mb") or (per_step if pack else w.batch)
+    if per_step % mb:
+        raise ValueError(f"micro-batch {mb} does not divide {per_step} {'rows' if pack else 'sequences'} a step")
+    ga = per_step // mb
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, attn_implementation="sdpa",
+                                                 dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    ds = datasets.Dataset.from_list(convs)
+    gc = {"gradient_checkpointing": False} if "nogc" in mods else {}
+    cfg = trl.SFTConfig(
+        output_dir="/tmp/trl_bench", per_device_train_batch_size=mb, gradient_accumulation_steps=ga,
+        max_steps=args.warmup + args.steps, learning_rate=w.lr, lr_scheduler_type="constant", warmup_steps=0,
+        logging_steps=1, save_strategy="no", report_to="none", max_length=None if pf and not pack else w.seq,
+        packing=pack, packing_strategy="bfd", padding_free=pf or pack, completion_only_loss=True,
+        bf16=device == "cuda", use_cpu=device != "cuda", dataloader_num_workers=0, seed=0, **gc,
+    )
+
+    class Trainer(trl.SFTTrainer):
+        def _get_train_sampler(self, *a, **kw):
+            # the subset is already in a random order: read it in order, as lit does (packed rows: TRL's sampler)
+            return super()._get_train_sampler(*a, **kw) if pack else torch.utils.data.SequentialSampler(
+                self.train_dataset)
+
+    logged = []
+
+    class TimerCb(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            clock.step_start(state.global_step)
+
+        def on_step_end(self, a, state, control, **kw):
+            clock.step_end(state.global_step - 1)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                logged.append(float(logs["loss"]))
+
+    trainer = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora_config(w),
+                      callbacks=[TimerCb()])
+    counter = trainer.data_collator = TokenCount(trainer.data_collator)
+    out = trainer.train()
+    clock.losses = logged
+    return {"gradient_checkpointing": cfg.gradient_checkpointing, "trl": trl.__version__,
+            "train_loss": out.training_loss, "packing": pack, "padding_free": trainer.padding_free,
+            "micro_batch": mb, "grad_accum": ga, "rows_in_dataset": len(trainer.train_dataset),
+            "timed": counter.window(args.warmup * ga, (args.warmup + args.steps) * ga)}
+
+
+def attention_kernels(module, batch: dict, device: str) -> list[str]:
     """Names of the CUDA kernels of one training step that do attention (shows which SDPA backend ran)."""
     from torch.profiler import ProfilerActivity, profile
 
     module.to(device)  # Lightning moved it back to the CPU at the end of fit
-    x = ids[0].to(device)
-    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    batch = {k: v.to(device) for k, v in batch.items()}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         loss_sum, n = module.token_loss(batch)
         (loss_sum / n).backward()
@@ -296,15 +509,26 @@ def run_variant(args) -> dict:
     t = time.time()
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # what every runner gets by default
-    runner = {"hf": run_hf, "trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
+    if w.data == "random":
+        runner = {"hf": run_hf, "trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
+    else:
+        save_data_tokenizer(args)  # (the driver did it already; for a --variant run on its own)
+        runner = {"trl": lambda *a: run_trl_data(*a, set(mods)), "lit": lambda *a: run_lit_data(*a, set(mods))}[impl]
     extra = runner(w, args, device, clock)
     elapsed = clock.t1 - clock.t0
-    tokens = args.steps * w.batch * w.seq
+    timed = extra.pop("timed", None)
+    if timed is None:
+        tokens = args.steps * w.batch * w.seq
+        fl = flops_per_token(w)
+        counts = dict(tokens_per_step=w.batch * w.seq)
+    else:  # real data: real (non-pad) tokens only, FLOPs of the real sequences only
+        tokens = timed["real_tokens"]
+        fl = flops_per_real_token(w, timed)
+        counts = dict(tokens_per_step=tokens / args.steps, fill=tokens / timed["slot_tokens"], timed=timed)
     tps = tokens / elapsed
-    fl = flops_per_token(w)
     losses = [float(x) for x in clock.losses]
     res = dict(
-        workload=w.name, variant=args.variant, steps=args.steps, warmup=args.warmup, tokens_per_step=w.batch * w.seq,
+        workload=w.name, variant=args.variant, steps=args.steps, warmup=args.warmup, **counts,
         seconds=elapsed, tokens_per_s=tps,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0,
         peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else 0.0,
@@ -317,7 +541,7 @@ def run_variant(args) -> dict:
 def workload(args) -> Workload:
     w = WORKLOADS[args.workload]
     if args.tiny:
-        w = Workload(**{**asdict(w), **TINY, "name": w.name})
+        w = Workload(**{**asdict(w), **(TINY if w.data == "random" else TINY_DATA), "name": w.name})
     if args.lora_dropout is not None:
         w.lora = {**w.lora, "dropout": args.lora_dropout}
     return w
@@ -344,11 +568,14 @@ def drive(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.model_dir = args.model_dir or f"/tmp/lit_ft_bench_{w.name}{'_tiny' if args.tiny else ''}"
     build_random_model(w, Path(args.model_dir), device)
+    if w.data != "random":
+        save_data_tokenizer(args)
     results = []
     for variant in args.variants.split(","):
         out = Path(args.json).with_suffix(f".{variant.replace('+', '_')}.part.json")
         cmd = [sys.executable, __file__, "--workload", args.workload, "--variant", variant, "--model-dir",
-               args.model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out)]
+               args.model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out),
+               "--data-dir", args.data_dir]
         if args.tiny:
             cmd.append("--tiny")
         if args.lora_dropout is not None:
@@ -371,6 +598,8 @@ def drive(args) -> None:
 
 def print_table(w: Workload, results: list[dict]) -> None:
     ref = {r["variant"]: r for r in results if "tokens_per_s" in r}
+    if w.data != "random":
+        return print_data_table(w, results, ref)
     print(f"\n{w.name}: seq {w.seq} x micro-batch {w.batch}, quant {w.quant}, LoRA {w.lora}; "
           f"FLOPs/token {flops_per_token(w)['total'] / 1e9:.2f} G; MFU vs {PEAK_TFLOPS:.0f} TFLOP/s")
     print(f"{'variant':28s} {'tok/s':>9s} {'peak GB':>8s} {'MFU':>6s} {'vs hf':>6s} {'vs trl':>6s} {'loss0':>7s} "
@@ -384,6 +613,27 @@ def print_table(w: Workload, results: list[dict]) -> None:
               f"{vs('trl'):>6s} {r['first_loss'] or 0:7.3f} {r['last_loss'] or 0:7.3f}")
 
 
+def print_data_table(w: Workload, results: list[dict], ref: dict) -> None:
+    trl = [r for r in ref.values() if r["variant"].split("+")[0] == "trl"]
+    best = max(trl, key=lambda r: r["tokens_per_s"]) if trl else None
+    fl = next((r["flops_per_token"]["total"] for r in ref.values()), 0.0)
+    print(f"\n{w.name}: {w.data}, {w.seqs_per_step} sequences a step, padded micro-batch {w.batch}, packed rows of "
+          f"{w.seq}, LoRA {w.lora}; tokens = REAL (non-pad) tokens; FLOPs/real token {fl / 1e9:.2f} G; "
+          f"MFU vs {PEAK_TFLOPS:.0f} TFLOP/s; best TRL: {best['variant'] if best else '-'}")
+    print(f"{'variant':28s} {'tok/s':>9s} {'tok/step':>8s} {'fill':>5s} {'mb x ga':>8s} {'peak GB':>8s} {'MFU':>6s} "
+          f"{'vs trl':>6s} {'vs best':>7s} {'loss0':>7s} {'lossN':>7s}")
+    for r in results:
+        if "tokens_per_s" not in r:
+            print(f"{r['variant']:28s} FAILED: {r['error'][-160:]!r}")
+            continue
+        vs_trl = f"{r['tokens_per_s'] / ref['trl']['tokens_per_s']:.2f}" if "trl" in ref else "-"
+        vs_best = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else "-"
+        mbga = f"{r.get('micro_batch')}x{r.get('grad_accum')}"
+        print(f"{r['variant']:28s} {r['tokens_per_s']:9.0f} {r['tokens_per_step']:8.0f} {r['fill']:5.0%} {mbga:>8s} "
+              f"{r['peak_gb']:8.1f} {r['mfu']:6.1%} {vs_trl:>6s} {vs_best:>7s} {r['first_loss'] or 0:7.3f} "
+              f"{r['last_loss'] or 0:7.3f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="w1")
@@ -394,6 +644,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--lora-dropout", type=float, default=None, help="override the workload's LoRA dropout (0.05)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
+    p.add_argument("--data-dir", default=str(ROOT / ".gsm8k"),
+                   help="real-data workloads: train.jsonl (question/answer) and tokenizer/ (default ROOT/.gsm8k)")
     p.add_argument("--variant-timeout", type=int, default=540)
     p.add_argument("--json", required=True, help="where to write the results")
     args = p.parse_args(argv)

@@ -12,7 +12,6 @@ MODE=$1
 OUT=${2:-/tmp/gpu_runs}
 mkdir -p "$OUT" runs
 PY=${PY:-python3}
-PORT=29400
 
 run() {  # run NAME CONFIG [--config MORE.yaml ...] [CLI arguments ...]: configs/NAME-renamed copy of CONFIG
   local name=$1 cfg=$2 stage; shift 2
@@ -21,9 +20,8 @@ run() {  # run NAME CONFIG [--config MORE.yaml ...] [CLI arguments ...]: configs
       -e "s#runs/reward/adapter#runs/${RM_DIR:-rm_sft}/adapter#g; s#runs/sft/adapter#runs/${SFT_DIR:-sft}/adapter#g" \
       -e "s#class_path: lit_ft.callbacks.WandbLogger#class_path: lightning.pytorch.loggers.CSVLogger#" \
       -e "s#init_args: {project: lit_ft, name: \([a-z_]*\),#init_args: {name: \1,#" "$cfg" > "$OUT/$name.yaml"
-  PORT=$((PORT + 1))
-  local t0=$(date +%s)
-  MASTER_PORT=$PORT $PY train.py fit --config "$OUT/$name.yaml" --trainer.accelerator gpu "$@" > "$OUT/$name.log" 2>&1
+  local t0=$(date +%s) port=$((29400 + $(echo -n "$name" | cksum | cut -d' ' -f1) % 2000))  # runs go in parallel
+  MASTER_PORT=$port $PY train.py fit --config "$OUT/$name.yaml" --trainer.accelerator gpu "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc $? in $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
 }
 

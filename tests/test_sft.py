@@ -78,6 +78,55 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir, tmp_path):
     torch.testing.assert_close(sum_a, sum_b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_collator_loss_matches_unpacked_sequences(tiny_model_dir, tmp_path, attn):
+    """PackedSFTCollator rows (several sequences a row, restarting position_ids, a padding tail) through SFTModule
+    give the token-weighted loss, and the LoRA gradients, of the same sequences run one at a time without packing
+    or padding: no token sees, or is predicted from, another sequence. fp32, LoRA B random so the adapter acts."""
+    from lit_ft.data.collate import PackedSFTCollator
+
+    train, _ = _write_data(tmp_path)
+    dm = InstructionDataModule(train_file=train, val_split=0.0, tokenizer=tiny_model_dir, max_length=128, dedup=False)
+    dm.setup("fit")
+    rows = [dict(dm.train_dataset[i]) for i in range(len(dm.train_dataset))]
+    for i, r in enumerate(rows):  # unequal lengths (cut 0-4 prompt tokens), so packed rows end unevenly
+        cut = (i * 7) % 5
+        r["input_ids"], r["labels"] = r["input_ids"][cut:], r["labels"][cut:]
+    batch = PackedSFTCollator(dm.tokenizer.pad_token_id, max_length=128)(rows)
+    starts = [int(n) for n in (batch["position_ids"] == 0).sum(1)]  # sequences a row (+1 where a padding tail)
+    assert batch["input_ids"].shape[0] > 1 and min(starts) >= 2, starts
+    assert int(batch["seq_lens"].sum()) < batch["input_ids"].numel(), "no packed row has a padding tail"
+    assert (batch["labels"] != -100).any(1).all()
+
+    torch.manual_seed(0)
+    module = _module(tiny_model_dir, dtype="float32", attn_implementation=attn)
+    module.configure_model()
+    module.model.eval()
+    lora = [p for n, p in module.model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+
+    loss_sum, n_tokens = module.token_loss(batch)
+    packed_grads = torch.autograd.grad(loss_sum / n_tokens, lora)
+
+    sums, counts = [], []
+    for r in rows:
+        ids = torch.tensor([r["input_ids"]])
+        s, n = module.token_loss({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                  "labels": torch.tensor([r["labels"]])})
+        sums.append(s)
+        counts.append(n)
+    total = sum(counts)
+    assert int(n_tokens) == int(total)
+    reference = sum(sums) / total
+    reference_grads = torch.autograd.grad(reference, lora)
+    torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-6, atol=1e-6)
+    for a, b in zip(packed_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sft")
