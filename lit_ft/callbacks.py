@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lit_ft import strategies
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.models import eval_mode
 
@@ -134,7 +135,7 @@ class SampleGenerations(L.Callback):
         rows = dm.held_out_prompts(self.num_prompts)
         model = pl_module.model
         results = []
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), strategies.for_generation(trainer):
             for i in range(0, len(rows), self.batch_size):
                 chunk = rows[i : i + self.batch_size]
                 enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True, padding_side="left",

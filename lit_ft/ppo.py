@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, resume, roles
+from lit_ft import checkpointing, metrics, optim, resume, roles, strategies
 from lit_ft.callbacks import log_table, resolve_callable
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.optim import OptimSpec
@@ -161,7 +161,7 @@ class PPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        device = strategies.model_device(self, self.base)
         export = roles.read_reward_export(self.reward_adapter) if self.reward_adapter else None
         model, trainable = roles.build_roles(self.base, self.lora, self.sft_adapter, export, self.value_model, device)
         if self.ppo.disable_dropout:
@@ -226,7 +226,7 @@ class PPOModule(L.LightningModule):
         if sampling.min_new_tokens is not None:
             n = random.randint(sampling.min_new_tokens, sampling.max_new_tokens)
         tok = self.tokenizer
-        with eval_mode(self.model):
+        with eval_mode(self.model), strategies.for_generation(self._trainer):
             responses, mask = generate(self.model, batch["input_ids"], batch["attention_mask"], sampling,
                                        tok.eos_token_id, tok.pad_token_id, max_new_tokens=n)
         return Rollout(batch["input_ids"], batch["attention_mask"], responses, mask)

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, resume, scoring
+from lit_ft import checkpointing, metrics, optim, resume, scoring, strategies
 from lit_ft.guards import NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.optim import OptimSpec
@@ -72,7 +72,7 @@ class RewardModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        device = strategies.model_device(self, self.base)
         self.model = build_model(self.base, self.lora, "score", device=device)
         rank_zero_info(describe(self.model))
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, resume
+from lit_ft import checkpointing, metrics, resume, strategies
 from lit_ft import optim as optim_mod
 from lit_ft.guards import NonFiniteGuard
 from lit_ft.losses import causal_lm_loss
@@ -61,7 +61,7 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        device = strategies.model_device(self, self.base)
         self.model = build_model(self.base, self.lora, "causal_lm", device=device)
         if self.compile_layers:
             compile_decoder_layers(self.model)

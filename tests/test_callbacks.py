@@ -74,3 +74,20 @@ def test_print_metrics_writes_validation_and_training_lines(caplog):
         trainer.fit(Tiny(), data, data)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
     assert lines == ["[train step 2] train/loss 2", "[train step 4] train/loss 2", "[validation step 4] val/accuracy 0.75"]
+
+
+def test_generation_runs_in_the_trainers_precision_context():
+    """Sample generations and PPO rollouts run outside training_step: `for_generation` gives them its autocast."""
+    import lightning as L
+    import torch
+
+    from lit_ft.strategies import for_generation
+
+    for precision, expected in (("bf16-mixed", True), ("32-true", False)):
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)
+        with for_generation(trainer):
+            assert torch.is_autocast_enabled("cpu") is expected
+            if expected:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with for_generation(None):
+        assert not torch.is_autocast_enabled("cpu")

@@ -1,0 +1,65 @@
+"""Sharded strategies on one CUDA device (skipped without one; CI has none): FSDP with LoRA and with QLoRA trains,
+generates through `strategies.full_parameters` and checkpoints; DeepSpeed ZeRO-3 is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def rows(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "completion": f"{i} + 1 = {i + 1}",
+                                        "answer": str(i + 1)}) + "\n" for i in range(40)))
+    return str(path)
+
+
+def _fit(strategy, model_dir, rows, tmp_path, precision, **base):
+    import lightning as L
+
+    from lit_ft.callbacks import SampleGenerations
+    from lit_ft.data.modules import InstructionDataModule
+    from lit_ft.models import LoraSpec, ModelSpec
+    from lit_ft.sft import SFTModule
+
+    dm = InstructionDataModule(train_file=rows, val_file=rows, tokenizer=model_dir, batch_size=4, max_length=64)
+    module = SFTModule(base=ModelSpec(name_or_path=model_dir, **base), lora=LoraSpec(r=4))
+    gens = SampleGenerations(num_prompts=4, max_new_tokens=4)
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision=precision, max_steps=3,
+                        limit_val_batches=1, logger=False, enable_progress_bar=False, callbacks=[gens],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, dm)
+    return trainer, gens
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora"])
+def test_fsdp_trains_generates_and_checkpoints(variant, tiny_model_dir, rows, tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_ft.strategies import wrap_decoder_layers
+
+    if variant == "lora":  # frozen and LoRA tensors share FSDP units, so they share a dtype
+        base, precision = dict(dtype="float32"), "bf16-mixed"
+    else:  # 4-bit weights stored as bf16, like the rest of the unit
+        base = dict(quantization="nf4", quant_storage="bfloat16", dtype="bfloat16", gradient_checkpointing=True)
+        precision = "bf16-true"
+    trainer, gens = _fit(FSDPStrategy(auto_wrap_policy=wrap_decoder_layers), tiny_model_dir, rows, tmp_path,
+                         precision, **base)
+    assert trainer.global_step == 3 and gens.before is not None
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_deepspeed_zero3_is_refused_by_name(tiny_model_dir, rows, tmp_path):
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lit_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 is not supported"):
+        _fit(DeepSpeedStrategy(stage=3), tiny_model_dir, rows, tmp_path, "bf16-mixed")
