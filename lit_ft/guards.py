@@ -42,6 +42,9 @@ def grads_finite(optimizer) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+GUARD_KEY = "lit_ft_guard"  # checkpoint key of the skip counters
+
+
 class NonFiniteGuard:
     """Skip-and-count state of one module; see the module docstring."""
 
@@ -92,6 +95,13 @@ class NonFiniteGuard:
                 "model.max_consecutive_skips"
             )
         return finite
+
+    def state_dict(self) -> dict:
+        """The skip counters, saved with the checkpoint so a resumed run keeps counting where it stopped."""
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
 
     def lr_scheduler_step(self, module: L.LightningModule, scheduler, metric) -> None:
         """Advance the scheduler unless the optimizer step just skipped."""

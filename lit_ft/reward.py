@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, metrics, optim, resume, scoring, strategies
-from lit_ft.guards import NonFiniteGuard
+from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
@@ -143,10 +143,13 @@ class RewardModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.slim(self, checkpoint, self.base.identity())
+        checkpoint[GUARD_KEY] = self.guard.state_dict()
         checkpoint["state_dict"][STATS_KEY] = self.reward_stats.detach().clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_identity(checkpoint, self.base.identity())
+        if GUARD_KEY in checkpoint:
+            self.guard.load_state_dict(checkpoint[GUARD_KEY])
 
     def normalization(self) -> tuple[float, float] | None:
         """(gain, bias) that standardise the last validation epoch's rewards, or None when there are none."""

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, metrics, resume, strategies
 from lit_ft import optim as optim_mod
-from lit_ft.guards import NonFiniteGuard
+from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import causal_lm_loss
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
 
@@ -130,9 +130,12 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.slim(self, checkpoint, self.base.identity())
+        checkpoint[GUARD_KEY] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_identity(checkpoint, self.base.identity())
+        if GUARD_KEY in checkpoint:
+            self.guard.load_state_dict(checkpoint[GUARD_KEY])
 
     def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
         """Write the adapter in PEFT format (what `PeftModel.from_pretrained` loads)."""

@@ -114,6 +114,12 @@ def test_consecutive_nans_stop_the_run_and_the_last_checkpoint_is_good(tiny_mode
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
     for name, tensor in state["state_dict"].items():
         torch.testing.assert_close(tensor, good[name], rtol=0, atol=0)
+    # the skip counters ride in the checkpoint: a resumed run keeps counting where this one stopped
+    saved = state["lit_ft_guard"]
+    assert saved["skipped"] == saved["consecutive"] >= 2
+    resumed = _module(tiny_model_dir)
+    resumed.on_load_checkpoint(state)
+    assert (resumed.guard.skipped, resumed.guard.consecutive) == (saved["skipped"], saved["consecutive"])
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
