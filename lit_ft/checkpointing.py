@@ -89,8 +89,13 @@ def save_adapter(model, path, tokenizer=None, identity: dict | None = None, **pe
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     if identity is not None:
-        (path / BASE_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+        write_base_identity(path, identity)
     return path
+
+
+def write_base_identity(adapter_dir, identity: dict) -> None:
+    """`lit_ft_base.json`: the base model an adapter directory was trained on."""
+    (Path(adapter_dir) / BASE_FILE).write_text(json.dumps(identity, indent=2) + "\n")
 
 
 def read_base_identity(adapter_dir) -> dict | None:

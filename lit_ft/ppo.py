@@ -15,6 +15,7 @@ Do not set ``trainer.gradient_clip_val`` or ``accumulate_grad_batches``: use ``p
 
 from __future__ import annotations
 
+
 import random
 import time
 from dataclasses import dataclass, fields, replace
@@ -397,5 +398,6 @@ class PPOModule(L.LightningModule):
         roles.export_adapter(self.model, roles.POLICY, path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+        checkpointing.write_base_identity(path, self.base.identity())
         roles.export_value(self.model, self.value_head, path / "value", self.roles.has_value_adapter)
         return path

@@ -161,17 +161,14 @@ class RewardModule(L.LightningModule):
     def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
         """Write the reward model in the export format of `lit_ft.scoring` (what `RewardScorer` and PPO load).
 
-        PEFT format (LoRA weights and the `score` head in `adapter_model.safetensors`), tokenizer files, and
-        with `normalize_on_fit_end` the `reward_normalization.json` of the last validation epoch.
+        PEFT format (LoRA weights and the `score` head in `adapter_model.safetensors`), tokenizer files, the base
+        identity (`lit_ft_base.json`) and with `normalize_on_fit_end` the `reward_normalization.json` of the last validation epoch.
         """
-        path = Path(path)
-        self.model.save_pretrained(path)
+        path = checkpointing.save_adapter(self.model, path, tokenizer, self.base.identity())
         if not scoring.head_keys(path):
             # A reward adapter without its head reloads with a freshly initialised one: random rewards.
             raise RuntimeError(f"{path}/{scoring.ADAPTER_WEIGHTS} lacks the score head; add 'score' to "
                                "model.lora.modules_to_save")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
         norm_file = path / scoring.NORMALIZATION_FILE
         norm = self.normalization() if self.normalize_on_fit_end else None
         if norm is not None:

@@ -35,13 +35,24 @@ def make_problem(rng: random.Random) -> tuple[str, str, str]:
     return question, f"{a} {op} {b} = {result}", str(result)
 
 
-def wrong_response(response: str, answer: str, rng: random.Random) -> str:
-    """A plausible wrong answer: off by one, by ten, or with the digits swapped."""
+WRONG_KINDS = ("near_miss", "wrong_operation")
+
+
+def wrong_response(response: str, answer: str, rng: random.Random) -> tuple[str, str]:
+    """(a plausible wrong response, its kind). Half are near misses (off by one or ten, digits swapped), the slips
+    a model that carries or borrows wrongly makes; half apply the other operation (a - b for a + b and vice
+    versa), the slip of a model that misreads the question. The reward demo reports its accuracy per kind."""
     value = int(answer)
+    left = response.rsplit("=", 1)[0]
+    kind = rng.choice(WRONG_KINDS)
+    if kind == "wrong_operation":
+        a, op, b = left.split()
+        wrong = int(a) - int(b) if op == "+" else int(a) + int(b)
+        if wrong != value:
+            return left + f"= {wrong}", kind
     candidates = {value + 1, value - 1, value + 10, value - 10, int(answer[::-1]) if len(answer) > 1 else value + 2}
     candidates.discard(value)
-    wrong = rng.choice(sorted(candidates))
-    return response.rsplit("=", 1)[0] + f"= {wrong}"
+    return left + f"= {rng.choice(sorted(candidates))}", "near_miss"
 
 
 def extract_answer(text: str) -> str | None:
@@ -77,7 +88,7 @@ def generate(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, seed: i
         _write(out / f"sft_{split}.jsonl", [{"prompt": q, "completion": r, "answer": a} for q, r, a in rows])
         _write(
             out / f"pref_{split}.jsonl",
-            [{"prompt": q, "chosen": r, "rejected": wrong_response(r, a, rng)} for q, r, a in rows],
+            [{"prompt": q, "chosen": r, "rejected": w, "kind": k} for q, r, a in rows for w, k in [wrong_response(r, a, rng)]],
         )
         _write(out / f"prompts_{split}.jsonl", [{"prompt": q, "answer": a} for q, _, a in rows])
 

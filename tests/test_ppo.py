@@ -235,6 +235,9 @@ def test_save_adapter_is_peft_loadable(tiny_model_dir, tokenizer, adapters, tmp_
     theirs = {n.replace(".default.", "."): p for n, p in loaded.named_parameters() if "lora_" in n}
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
     assert (tmp_path / "out" / "value" / "adapter_model.safetensors").exists()
+    from lit_ft.checkpointing import read_base_identity
+
+    assert read_base_identity(tmp_path / "out") == module.base.identity()
 
 
 def test_4bit_base_runs_one_iteration(tiny_model_dir, tokenizer):

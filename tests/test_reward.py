@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from lit_ft import scoring
+from lit_ft import checkpointing, scoring
 from lit_ft.models import LoraSpec, ModelSpec, trainable_state_dict
 from lit_ft.optim import OptimSpec
 from lit_ft.reward import RewardModule
@@ -163,6 +163,7 @@ def test_head_saved_and_reloaded_three_ways(tiny_model_dir, tiny_tokenizer, tmp_
                 p.add_(torch.randn_like(p) * 0.5)
     module.reward_stats.copy_(torch.tensor([0.3, 2.0], dtype=torch.float64))
     out = module.save_adapter(tmp_path / "rm", tokenizer=tok)
+    assert checkpointing.read_base_identity(out) == module.base.identity()
 
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
         head_key = [k for k in f.keys() if k.endswith("score.weight")]
