@@ -65,6 +65,8 @@ class RewardModule(L.LightningModule):
         self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
         # (mean, std) of the validation rewards, NaN until a validation epoch ran. A buffer rides in the
         # checkpoint's state_dict, so ExportAdapter(best=True) restores the stats of the best weights with them.
+        self._groups: dict[str, int] = {}  # validation subset -> row of _group_counts (see on_validation_epoch_start)
+        self._group_counts = torch.zeros(0, 2, dtype=torch.float64)
         self.register_buffer(STATS_KEY, torch.full((2,), float("nan"), dtype=torch.float64))
 
     # -- model ----------------------------------------------------------------------------------------------
@@ -108,9 +110,17 @@ class RewardModule(L.LightningModule):
         self.val_margin.update(r_chosen - r_rejected)
         self.val_reward.update(rewards)
         self.val_reward_sq.update(rewards.double() ** 2)
+        if self._groups and "group" in batch:  # per-subset accuracy: (correct, pairs) summed per group
+            index = torch.tensor([self._groups[g] for g in batch["group"]], device=r_chosen.device)
+            correct = (r_chosen > r_rejected).double()
+            self._group_counts.index_add_(0, index, torch.stack([correct, torch.ones_like(correct)], dim=1))
 
     def on_validation_epoch_start(self) -> None:
         metrics.fresh(self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq)
+        # Subsets come from the datamodule (PreferenceDataModule(group_field=...)), the same list on every rank.
+        groups = getattr(self.trainer.datamodule, "val_groups", None) or []
+        self._groups = {g: i for i, g in enumerate(groups)}
+        self._group_counts = torch.zeros(len(groups), 2, dtype=torch.float64, device=self.device)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
@@ -122,6 +132,11 @@ class RewardModule(L.LightningModule):
         self.log("val/margin", self.val_margin.compute())
         self.log("val/reward_mean", mean.float())
         self.log("val/reward_std", std.float())
+        if self._groups:
+            counts = self.trainer.strategy.reduce(self._group_counts, reduce_op="sum")
+            for group, i in self._groups.items():
+                if counts[i, 1] > 0:
+                    self.log(f"val/accuracy/{group}", (counts[i, 0] / counts[i, 1]).float())
         if not self.trainer.sanity_checking:
             self.reward_stats.copy_(torch.stack([mean, std]))
         for metric in (self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq):

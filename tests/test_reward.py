@@ -148,6 +148,44 @@ def test_one_forward_pass_of_2b_rows_and_val_metrics(tiny_model_dir, tiny_tokeni
     assert module.reward_stats.tolist() == pytest.approx([r.mean().item(), r.std(unbiased=False).item()], abs=1e-5)
 
 
+def test_accuracy_per_subset_from_the_group_field(tiny_model_dir, tmp_path):
+    """PreferenceDataModule(group_field=...) -> val/accuracy/<subset>, each the share of its own pairs ranked right."""
+    from lit_ft.data.modules import PreferenceDataModule
+
+    kinds = ["near", "far", "near", "far"]
+    rows = [{"prompt": p, "chosen": c, "rejected": r, "kind": k} for (p, c, r), k in zip(PAIRS, kinds)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = PreferenceDataModule(train_file=str(tmp_path / "val.jsonl"), val_file=str(tmp_path / "val.jsonl"),
+                              tokenizer=tiny_model_dir, group_field="kind", batch_size=3, max_length=64)
+    module = _module(tiny_model_dir)
+    with torch.no_grad():  # rewards that differ between pairs
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n or "score" in n:
+                p.add_(torch.randn_like(p))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    assert dm.val_groups == ["far", "near"]
+    right, groups = [], []
+    with torch.no_grad():  # the same batches, recomputed directly
+        for batch in dm.val_dataloader():
+            r_c, r_r = module.eval().rewards(batch).chunk(2)
+            right += (r_c > r_r).tolist()
+            groups += batch["group"]
+    assert groups == kinds
+    for kind in ("near", "far"):
+        expected = sum(ok for ok, k in zip(right, kinds) if k == kind) / kinds.count(kind)
+        assert metrics[f"val/accuracy/{kind}"] == pytest.approx(expected)
+    assert metrics["val/accuracy"] == pytest.approx(sum(right) / len(right))
+    # A pair without a subset name is an error naming the file, line and field.
+    from lit_ft.errors import DataError
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "kind": None}) + "\n")
+    bad = PreferenceDataModule(train_file=str(tmp_path / "bad.jsonl"), val_split=0.0, tokenizer=tiny_model_dir,
+                               group_field="kind")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field .kind.: expected a subset name"):
+        bad.setup("fit")
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 

@@ -105,7 +105,8 @@ class PackedSFTCollator:
 
 @dataclass
 class PreferenceCollator:
-    """Chosen-then-rejected batches: ``input_ids`` [2B, T] right-padded, ``attention_mask``, ``margin`` [B]."""
+    """Chosen-then-rejected batches: ``input_ids`` [2B, T] right-padded, ``attention_mask``, ``margin`` [B], and
+    ``group`` (list of B subset names) when the data names subsets."""
 
     pad_token_id: int
     """Id written into padding positions."""
@@ -116,11 +117,14 @@ class PreferenceCollator:
         ids = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
         length = _padded_length(max(len(x) for x in ids), self.pad_to_multiple_of)
         margin = [float(r["margin"]) if r.get("margin") is not None else 0.0 for r in rows]
-        return {
+        batch = {
             "input_ids": pad_rows(ids, self.pad_token_id, length),
             "attention_mask": _mask(ids, length),
             "margin": torch.tensor(margin, dtype=torch.float),
         }
+        if rows[0].get("group") is not None:
+            batch["group"] = [r["group"] for r in rows]
+        return batch
 
 
 @dataclass

@@ -221,6 +221,7 @@ class PreferenceDataModule(LightningDataModule):
         overlong: Literal["drop", "truncate_prompt", "error"] = "truncate_prompt",
         dedup: bool = True,
         skip_bad_rows: bool = False,
+        group_field: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         pad_to_multiple_of: int | None = None,
@@ -243,6 +244,8 @@ class PreferenceDataModule(LightningDataModule):
             overlong: pairs longer than ``max_length``: drop them, cut the shared prompt from the left, or error.
             dedup: drop exact duplicate pairs.
             skip_bad_rows: drop and count malformed rows instead of failing on the first.
+            group_field: a column naming each pair's subset (its source, its kind of error...): validation then
+                reports `val/accuracy/<subset>` beside the overall accuracy, as reward benchmarks do.
             batch_size: pairs per training batch (the model sees twice as many rows).
             eval_batch_size: pairs per validation batch; None = ``batch_size``.
             pad_to_multiple_of: round padded lengths up to a multiple of this.
@@ -257,6 +260,9 @@ class PreferenceDataModule(LightningDataModule):
         self.max_length, self.overlong, self.dedup, self.skip_bad_rows = max_length, overlong, dedup, skip_bad_rows
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
+        self.group_field = group_field
+        self.val_groups: list[str] = []
+        """The subsets of the validation pairs, sorted (empty without `group_field`)."""
         self.tokenizer = None
         self.train_dataset = self.val_dataset = None
         self.train_report = self.val_report = None
@@ -271,7 +277,8 @@ class PreferenceDataModule(LightningDataModule):
         check_template(self.template, self.tokenizer)
         train, self.train_report, val, self.val_report = load_splits(
             "preference", self.train_file, self.val_file, self.val_split, self.seed, format=self.format,
-            skip_bad_rows=self.skip_bad_rows, dedup=self.dedup)
+            skip_bad_rows=self.skip_bad_rows, dedup=self.dedup, group_field=self.group_field)
+        self.val_groups = sorted({r["group"] for r in val}) if self.group_field else []
         settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
                         max_length=self.max_length, overlong=self.overlong)
         self.train_dataset = tokenize_split(train, "preference", self.train_report, self.train_file,

@@ -193,6 +193,13 @@ def _number(value: Any, key: str, expected: str) -> float:
     return float(value)
 
 
+def _group(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None or isinstance(value, (dict, list)) or str(value) == "":
+        raise RowError(key, f"expected a subset name (a string or number), got {value!r}")
+    return str(value)
+
+
 def _score(row: dict, score_field: str) -> float:
     return _number(row.get(score_field), score_field, "a number (data.score_field)")
 
@@ -223,6 +230,7 @@ def load_records(
     score_field: str | None = None,
     min_score: float | None = None,
     answer_field: str | None = "answer",
+    group_field: str | None = None,
     setting: str = "data.train_file",
 ) -> tuple[list[dict], DataReport]:
     """Read, validate, normalise and filter one source into canonical records (see the module docstring).
@@ -237,6 +245,7 @@ def load_records(
         score_field: a numeric column to filter on with ``min_score``.
         min_score: drop rows whose ``score_field`` is below this.
         answer_field: ground-truth answer column of prompt records (None: no answers).
+        group_field: a column naming each row's subset, kept as the record's ``group`` (a string).
         setting: the setting that named ``source``, quoted in errors.
     """
     rows, lines, report = read_rows(source, split, skip_bad_rows, setting)
@@ -252,6 +261,8 @@ def load_records(
     for row, line in zip(rows, lines):
         try:
             record = build(row, format)
+            if group_field is not None:
+                record["group"] = _group(row, group_field)
             low = score_field is not None and min_score is not None and _score(row, score_field) < min_score
         except RowError as e:
             if not skip_bad_rows:

@@ -76,7 +76,8 @@ def preference_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
     overlong: Overlong, file: str,
 ) -> dict:
-    """Dataset.map function: a preference record to ``chosen_input_ids``, ``rejected_input_ids``, ``margin``, ``drop``.
+    """Dataset.map function: a preference record to ``chosen_input_ids``, ``rejected_input_ids``, ``margin``,
+    ``group`` (None without a group field), ``drop``.
 
     Both sides share the prompt tokens; ``truncate_prompt`` cuts the shared prompt from the left so both
     responses keep their ends (at least one prompt token must remain).
@@ -98,7 +99,7 @@ def preference_example(
     if drop:
         prompt = chosen = rejected = []
     return {"chosen_input_ids": prompt + chosen, "rejected_input_ids": prompt + rejected,
-            "margin": record.get("margin"), "drop": drop}
+            "margin": record.get("margin"), "group": record.get("group"), "drop": drop}
 
 
 def prompt_example(
