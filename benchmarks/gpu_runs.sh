@@ -2,7 +2,7 @@
 # Whole-pipeline runs of the shipped configs on one GPU (results in BENCHMARKS.md):
 #   bash benchmarks/gpu_runs.sh demo OUT_DIR        SFT -> RM -> PPO in float32 as on the CPU, several RM and PPO
 #                                                    recipes side by side (to choose the demo's settings in minutes)
-#   bash benchmarks/gpu_runs.sh strategies OUT_DIR  every configs/strategies/*.yaml composed with configs/sft.yaml
+#   bash benchmarks/gpu_runs.sh strategies OUT_DIR  each configs/strategies/*.yaml composed with configs/sft.yaml
 #                                                    (LoRA) and configs/sft_qlora.yaml (QLoRA) on one GPU: a short
 #                                                    fit, a resume from its last checkpoint, the adapter reloaded
 # Each run gets its own copy of the config (its runs/ paths renamed, W&B replaced by a CSV logger) and log file;
@@ -56,13 +56,13 @@ elif [ "$MODE" = strategies ]; then
   FSDP_LORA="--model.base.dtype float32 --trainer.precision bf16-mixed"
   FSDP_QLORA="--model.base.quant_storage bfloat16 --model.base.dtype bfloat16 --trainer.precision bf16-true"
   SHORT="--trainer.devices 1 --trainer.max_steps 20 --trainer.val_check_interval 20"
-  for s in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
+  for s in ddp fsdp deepspeed_zero2; do
     extra_lora=""; extra_qlora=""
     [ $s = fsdp ] && extra_lora=$FSDP_LORA && extra_qlora=$FSDP_QLORA
     run "lora_$s" configs/sft.yaml --config configs/strategies/$s.yaml $SHORT $extra_lora &
     run "qlora_$s" configs/sft_qlora.yaml --config configs/strategies/$s.yaml $SHORT $extra_qlora &
   done; wait
-  for s in ddp fsdp deepspeed_zero2 deepspeed_zero3; do   # resume each from its last checkpoint for 10 more steps
+  for s in ddp fsdp deepspeed_zero2; do   # resume each from its last checkpoint for 10 more steps
     extra_lora=""; extra_qlora=""
     [ $s = fsdp ] && extra_lora=$FSDP_LORA && extra_qlora=$FSDP_QLORA
     for k in lora qlora; do
