@@ -10,9 +10,9 @@ synchronised at both ends, peak = torch.cuda.max_memory_allocated over the timed
 Every batch is `pairs` chosen rows followed by `pairs` rejected rows of exactly `seq` random tokens (no padding).
 Variants: `trl` (trl.RewardTrainer with its defaults: gradient checkpointing on, bf16 autocast, dropout disabled),
 and `lit` with modifiers joined by '+': `mixed` (precision bf16-mixed instead of bf16-true), `gc` (gradient
-checkpointing), `liger` (ModelSpec(liger_kernel=True)), `compile` (torch.compile of each decoder layer with
-`lit_ft.models.compile_decoder_layers`: RewardModule has no `compile` switch of its own, so the benchmark calls it
-after `configure_model`).
+checkpointing), `liger` (ModelSpec(liger_kernel=True)), `compile` (RewardModule(compile=True): torch.compile of each
+decoder layer; the W4 figures in BENCHMARKS.md were measured when the benchmark called
+`lit_ft.models.compile_decoder_layers` itself after `configure_model`, which is what the switch does).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def run_trl(w: Workload, args, device: str, clock: Clock) -> dict:
 def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
     import lightning as L
 
-    from lit_ft.models import LoraSpec, ModelSpec, compile_decoder_layers
+    from lit_ft.models import LoraSpec, ModelSpec
     from lit_ft.optim import OptimSpec
     from lit_ft.reward import RewardModule
 
@@ -139,15 +139,8 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",
                      attn_implementation="sdpa", gradient_checkpointing=gc, liger_kernel="liger" in mods)
 
-    class Module(RewardModule):
-        def configure_model(self) -> None:
-            fresh = self.model is None
-            super().configure_model()
-            if fresh and "compile" in mods:
-                compile_decoder_layers(self.model)
-
-    module = Module(base=base, lora=LoraSpec(**w.lora),
-                    optim=OptimSpec(lr=w.lr, warmup_steps=0, scheduler="constant"), normalize_on_fit_end=False)
+    module = RewardModule(base=base, lora=LoraSpec(**w.lora), optim=OptimSpec(lr=w.lr, warmup_steps=0, scheduler="constant"),
+                          normalize_on_fit_end=False, compile="compile" in mods)
     precision = "bf16-mixed" if "mixed" in mods else "bf16-true"
     if device != "cuda":
         precision = args.cpu_precision

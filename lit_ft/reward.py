@@ -13,7 +13,7 @@ from lit_ft import checkpointing, metrics, optim, resume, scoring, strategies
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.optim import OptimSpec
-from lit_ft.models import LoraSpec, ModelSpec, build_model, describe
+from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
 
 STATS_KEY = "reward_stats"
 
@@ -36,6 +36,7 @@ class RewardModule(L.LightningModule):
         use_margin: bool = True,
         normalize_on_fit_end: bool = True,
         max_consecutive_skips: int = 10,
+        compile: bool = False,
     ):
         """
         Args:
@@ -50,6 +51,8 @@ class RewardModule(L.LightningModule):
                 of the last validation epoch's chosen and rejected responses mean 0 and std 1.
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
                 (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.guards).
+            compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=True)`: the same
+                function with fused element-wise kernels (1.44x pairs/s on the W4 benchmark, BENCHMARKS.md).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -58,6 +61,7 @@ class RewardModule(L.LightningModule):
         self.optim = checkpointing.as_spec(OptimSpec, optim)
         self.center_coef, self.use_margin, self.normalize_on_fit_end = center_coef, use_margin, normalize_on_fit_end
         self.guard = NonFiniteGuard(max_consecutive_skips)
+        self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter and head only
         self.train_accuracy = MeanMetric()
@@ -76,6 +80,8 @@ class RewardModule(L.LightningModule):
             return
         device = strategies.model_device(self, self.base)
         self.model = build_model(self.base, self.lora, "score", device=device)
+        if self.compile_layers:
+            compile_decoder_layers(self.model)
         rank_zero_info(describe(self.model))
 
     def rewards(self, batch: dict) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Speed/memory switches compute the same function: loss and LoRA gradients with and without each option.
 
-`SFTModule(compile=True)` is checked with inductor on a GPU and with `aot_eager` on the CPU (AOTAutograd's
+`SFTModule(compile=True)` and `RewardModule(compile=True)` are checked with inductor on a GPU and with `aot_eager` on the CPU (AOTAutograd's
 graph capture and min-cut partitioning, eager kernels: no C++ toolchain or minutes of compiling in CI).
 `ModelSpec(liger_kernel=True)` runs Triton kernels and is checked only where CUDA and liger-kernel exist.
 """
@@ -109,3 +109,34 @@ def test_liger_kernel_refused_without_cuda(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(Exception, match="liger"):
         models.apply_liger_kernel(torch.nn.Linear(2, 2))
+
+
+def test_reward_compile_matches_eager(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from lit_ft import reward
+    from lit_ft.reward import RewardModule
+
+    backend = "inductor" if CUDA else "aot_eager"
+    monkeypatch.setattr(reward, "compile_decoder_layers",
+                        functools.partial(models.compile_decoder_layers, backend=backend))
+
+    def rm(**kw):
+        base = ModelSpec(name_or_path=tiny_model_dir, dtype="float32")
+        return _init(RewardModule(base=base, lora=LoraSpec(r=4, alpha=8, dropout=0.0), center_coef=0.01, **kw))
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, len(tiny_tokenizer), (4, 16), generator=g)  # 2 pairs: chosen rows, then rejected rows
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = mask[3, 10:] = 0  # right padding: the score is read at the last real token
+    batch = {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "margin": torch.zeros(2, device=DEVICE)}
+
+    def loss_and_grads(module):
+        loss = module.pair_loss(batch)[0]
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+    ref = loss_and_grads(rm())
+    compiled = rm(compile=True)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.get_base_model().get_decoder().layers)
+    out = loss_and_grads(compiled)
+    assert any("score" in n for n in out[1])  # the head's gradient is compared too
+    _assert_same(ref, out)
