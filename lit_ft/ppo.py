@@ -30,6 +30,7 @@ from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, metrics, optim, resume, roles, strategies
 from lit_ft.callbacks import log_table, resolve_callable
+from lit_ft.errors import ConfigError
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
@@ -163,6 +164,12 @@ class PPOModule(L.LightningModule):
         if self.model is not None:
             return
         device = strategies.model_device(self, self.base)
+        if self._trainer is not None and type(self.trainer.strategy).__name__ == "FSDPStrategy":
+            raise ConfigError(
+                "trainer.strategy: PPO under FSDP is not supported (rollouts generate inside the training step, "
+                "where FSDP cannot gather full parameters); use configs/strategies/ddp.yaml, where each rank rolls "
+                "out its own prompts, with a 4-bit base (model.base.quantization nf4) for large models"
+            )
         export = roles.read_reward_export(self.reward_adapter) if self.reward_adapter else None
         model, trainable = roles.build_roles(self.base, self.lora, self.sft_adapter, export, self.value_model, device)
         if self.ppo.disable_dropout:
