@@ -90,8 +90,9 @@ class ModelSpec:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def resolve_name(name_or_path: str | None) -> tuple[str, str | None]:
-    """Return (directory or hub id, gguf file name or None) for `from_pretrained`."""
+def resolve_name(name_or_path: str | None, kind: Literal["model", "tokenizer"] = "model") -> tuple[str, str | None]:
+    """Return (directory or hub id, gguf file name or None) for `from_pretrained` of a model or a tokenizer (a
+    tokenizer may come from a directory that holds only the tokenizer files)."""
     if name_or_path is None:
         return default_model_dir(), None
     p = Path(name_or_path).expanduser()
@@ -100,8 +101,12 @@ def resolve_name(name_or_path: str | None) -> tuple[str, str | None]:
             raise ConfigError(f"model.name_or_path: GGUF file {p} does not exist")
         return str(p.parent), p.name
     if p.exists():
-        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-            raise ConfigError(f"model.name_or_path: {p} is a directory without config.json")
+        markers = ["config.json", "adapter_config.json"]
+        if kind == "tokenizer":
+            markers += ["tokenizer_config.json", "tokenizer.json"]
+        if not any((p / m).exists() for m in markers):
+            what = "config.json" if kind == "model" else "config.json or tokenizer files"
+            raise ConfigError(f"model.name_or_path: {p} is a directory without {what}")
         return str(p), None
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ConfigError(f"model.name_or_path: local path {name_or_path} does not exist")
@@ -119,7 +124,7 @@ def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = Fa
     """
     from transformers import AutoTokenizer
 
-    where, gguf = resolve_name(name_or_path)
+    where, gguf = resolve_name(name_or_path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(
             where, gguf_file=gguf, trust_remote_code=trust_remote_code, revision=revision

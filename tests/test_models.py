@@ -97,6 +97,16 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path):
     assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
 
 
+def test_tokenizer_loads_from_a_directory_holding_only_a_tokenizer(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save_pretrained(str(tmp_path))  # no config.json: a tokenizer alone
+    assert load_tokenizer(str(tmp_path)).get_vocab() == tiny_tokenizer.get_vocab()
+    with pytest.raises(ConfigError, match="without config.json$"):
+        build_model(ModelSpec(name_or_path=str(tmp_path)), LoraSpec(r=4))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="without config.json or tokenizer files"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
 def test_trust_remote_code_is_off_by_default():
     assert ModelSpec().trust_remote_code is False
 
