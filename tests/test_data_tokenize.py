@@ -191,14 +191,19 @@ def test_packing_restarts_positions_and_never_predicts_across_boundaries():
             {"input_ids": [20, 21], "labels": [20, 21]},
             {"input_ids": [30, 31, 32, 33], "labels": [-100, -100, 32, 33]}]
     b = PackedSFTCollator(pad_token_id=0, max_length=6)(rows)
-    # rows 1+2 fit in 6 tokens; row 3 starts a second packed row, padded to 5
-    assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21], [30, 31, 32, 33, 0]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    assert b["labels"].tolist() == [[-100, 11, 12, -100, 21], [-100, -100, 32, 33, -100]]
-    assert b["seq_lens"].tolist() == [3, 2, 4] and b["attention_mask"].eq(1).all()
+    # first-fit decreasing: the 4-token row opens the first packed row, the 3-token one does not fit beside it and
+    # opens the second, the 2-token one fills the first; the second is padded to 6
+    assert b["input_ids"].tolist() == [[30, 31, 32, 33, 20, 21], [10, 11, 12, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert b["labels"].tolist() == [[-100, -100, 32, 33, -100, 21], [-100, 11, 12, -100, -100, -100]]
+    assert b["seq_lens"].tolist() == [4, 2, 3] and b["attention_mask"].eq(1).all()
     # no label at a position where a sequence starts (its predictor would be another sequence's token)
     starts = b["position_ids"] == 0
     assert (b["labels"][starts] == IGNORE_INDEX).all()
+    # packing in order would need three rows for lengths 3, 4, 2, 3 in rows of 6; first-fit decreasing needs two
+    rows = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate([3, 4, 2, 3], start=1)]
+    b = PackedSFTCollator(pad_token_id=0, max_length=6)(rows)
+    assert b["input_ids"].tolist() == [[2, 2, 2, 2, 3, 3], [1, 1, 1, 4, 4, 4]]
 
 
 def test_collators_pickle():

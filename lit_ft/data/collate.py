@@ -64,7 +64,8 @@ class SFTCollator:
 
 @dataclass
 class PackedSFTCollator:
-    """Padding-free SFT batches: rows are packed greedily, in order, into rows of at most ``max_length``.
+    """Padding-free SFT batches: the batch's sequences are packed first-fit decreasing (longest first, each into
+    the first packed row with room) into rows of at most ``max_length``: fewer, fuller rows than packing in order.
 
     Position ids restart at 0 for each sequence, and the label of each sequence's first token is -100 so
     that no token is predicted from the previous sequence. Packed rows shorter than the longest are filled
@@ -80,11 +81,16 @@ class PackedSFTCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         bins: list[list[dict]] = []
-        for row in rows:
-            if bins and sum(len(r["input_ids"]) for r in bins[-1]) + len(row["input_ids"]) <= self.max_length:
-                bins[-1].append(row)
-            else:
+        room: list[int] = []
+        for row in sorted(rows, key=lambda r: -len(r["input_ids"])):  # stable: equal lengths keep their order
+            n = len(row["input_ids"])
+            fit = next((i for i, free in enumerate(room) if n <= free), None)
+            if fit is None:
                 bins.append([row])
+                room.append(self.max_length - n)
+            else:
+                bins[fit].append(row)
+                room[fit] -= n
         ids, labels, positions, lens = [], [], [], []
         for b in bins:
             ids.append([t for r in b for t in r["input_ids"]])
