@@ -190,7 +190,26 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     if task == "score" and model.config.pad_token_id is None:
         # The score is read at the last non-pad token, which transformers finds through pad_token_id.
         model.config.pad_token_id = model.config.eos_token_id
+    if spec.quantization in ("nf4", "fp4"):
+        disable_cpu_4bit_repacking(model)
     return model
+
+
+def disable_cpu_4bit_repacking(model) -> int:
+    """Keep bitsandbytes 4-bit layers differentiable on CPU after an eval pass.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a ``Linear4bit`` weight in place the first time it runs
+    in eval mode without grad (validation, generation, PPO rollouts) and from then on multiplies with a kernel that
+    has no backward: the input gradient through every frozen 4-bit layer is silently dropped, so LoRA weights
+    below it train on a wrong gradient. The repacking also fails outright for layers narrower than the 64-wide
+    quantization block. Returns the number of layers switched to the differentiable de-quantize path.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def _default_device() -> torch.device:

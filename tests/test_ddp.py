@@ -42,14 +42,17 @@ def _reward_rows(tokenizer) -> list[dict]:
     return PAIRS[:12]  # a mean over pairs: equal pair counts per rank make the mean of rank means the global one
 
 
-# stage, its 12 training rows (3 global batches of 4 an epoch), and the absolute tolerance of the final weights.
-# Adam divides by sqrt(v) + 1e-8: where a reward gradient is near 1e-8, float noise of the all-reduce (relative
-# 1e-6) moves the step visibly; a wrong gradient or batch would move it by about the learning rate, 1e-2.
-CASES = [("sft", _sft_rows, 1e-6), ("reward", _reward_rows, 1e-4)]
+# stage and its 12 training rows (3 global batches of 4 an epoch).
+CASES = [("sft", _sft_rows), ("reward", _reward_rows)]
+# Final weights: Adam divides by sqrt(v) + 1e-8, so where a gradient is near 1e-8 the float noise of the all-reduce
+# (relative 1e-7) moves a single element's step by up to ~1e-4 (how much depends on the CPU's kernels); a wrong
+# gradient or batch moves every element by about the learning rate (1e-2) per step. Hence a loose bound on the
+# largest difference and a tight one on the mean (reward gradients are noisier: mean differences near 1e-6).
+MAX_DIFF, MEAN_DIFF = 1e-3, 1e-5  # a tenth and a thousandth of one step
 
 
-@pytest.mark.parametrize("stage, rows, atol", CASES, ids=[c[0] for c in CASES])
-def test_ddp_two_processes_match_one_and_resume(stage, rows, atol, tiny_model_dir, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("stage, rows", CASES, ids=[c[0] for c in CASES])
+def test_ddp_two_processes_match_one_and_resume(stage, rows, tiny_model_dir, tiny_tokenizer, tmp_path):
     rows = rows(tiny_tokenizer)
     assert len(rows) == 12
     train = tmp_path / "train.jsonl"
@@ -71,7 +74,8 @@ def test_ddp_two_processes_match_one_and_resume(stage, rows, atol, tiny_model_di
     w1, w2 = torch.load(one / "run_adapter.pt"), torch.load(two / "resumed_adapter.pt")
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=atol)
+        diff = (w2[k] - w1[k]).abs()
+        assert diff.max() < MAX_DIFF and diff.mean() < MEAN_DIFF, (k, diff.max().item(), diff.mean().item())
 
     # One writer: exactly the files ModelCheckpoint names, no temporary leftovers from a second rank.
     assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]

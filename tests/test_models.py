@@ -137,3 +137,51 @@ def test_reward_model_starts_from_the_sft_adapter(tiny_model_dir, tmp_path):
     # A reward adapter has no language-model head: a causal-LM stage refuses it by name.
     with pytest.raises(ConfigError, match="is a reward adapter .*SEQ_CLS"):
         build_model(ModelSpec(name_or_path=tiny_model_dir, adapter=str(tmp_path / "rm")), None)
+
+
+def test_4bit_layers_keep_their_gradient_after_an_eval_pass(tiny_model_dir):
+    """Validation or a rollout (eval mode, no grad) must not change the next training step's gradients.
+
+    bitsandbytes repacks 4-bit weights for an AVX512-BF16 kernel without a backward on such CPUs; the factory turns
+    that off. Reference: the same model (same seed) that never ran an eval pass.
+    """
+    spec = ModelSpec(name_or_path=tiny_model_dir, quantization="nf4")
+    x = torch.randint(0, 300, (2, 10))
+
+    def lora_grads(eval_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(spec, LoraSpec(r=4, dropout=0.0))
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=x)
+        model.train()
+        model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference, after_eval = lora_grads(False), lora_grads(True)
+    assert any(g.abs().sum() > 0 for g in reference.values())
+    for name, grad in reference.items():
+        torch.testing.assert_close(after_eval[name], grad, msg=name)
+
+
+def test_a_4bit_layer_passes_the_input_gradient_after_an_eval_pass():
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lit_ft.models import disable_cpu_4bit_repacking
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    assert disable_cpu_4bit_repacking(layer) == 1
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    x = torch.randn(4, 128)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ weight.T)
+    layer.train()
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(4, -1))

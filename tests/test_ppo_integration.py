@@ -20,7 +20,7 @@ def test_ppo_config_parses(tmp_path, monkeypatch):
                    run=False, args=["--config", str(ROOT / "configs/ppo.yaml"), "--trainer.logger", "false"])
     assert isinstance(cli.model, PPOModule)
     assert cli.model.ppo.target == 6.0 and cli.model.ppo.target_kl is None
-    assert cli.model.reward_fn is not None and cli.model.reward_fn_weight == 1.0
+    assert cli.model.reward_fn is not None and cli.model.reward_fn_weight == 2.0
 
 
 def _fresh_adapters(model_dir: str, root: Path) -> tuple[str, str]:
