@@ -194,7 +194,8 @@ class PPOModule(L.LightningModule):
         ro = self.rollout(batch, self.sampling)
         # 2. Score prompt+response (reward adapter at the last real token and/or the reward callable).
         scores, texts, parts = self.score(batch, ro)
-        if not torch.isfinite(scores).all():
+        # Decided on every rank alike: under DDP the update's gradient all-reduce needs all ranks.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(scores).all()), all=True):
             self.counters["skipped_batches"] += 1
             self.log("ppo/skipped_batches", float(self.counters["skipped_batches"]))
             return None
@@ -302,26 +303,35 @@ class PPOModule(L.LightningModule):
         opt, p = self.optimizers(), self.ppo
         self.model.train()
         n, mbs, ga = len(ro.mask), p.mini_batch_size, p.gradient_accumulation_steps
+        params = [q for group in opt.optimizer.param_groups for q in group["params"]]
         totals: dict[str, list[Tensor]] = {}
         epochs = 0
-        for epochs in range(1, p.ppo_epochs + 1):
-            order, epoch_kl = torch.randperm(n, device=ro.mask.device), []
-            groups = [order[i : i + mbs] for i in range(0, n, mbs)]
-            for j, idx in enumerate(groups):
-                stats = self.minibatch_step(ro.rows(idx), scale=1.0 / min(ga, len(groups) - j // ga * ga))
-                if stats is None:
-                    self.counters["skipped_minibatches"] += 1
-                else:
-                    epoch_kl.append(stats["ppo/policy/approxkl"])
-                    for k, v in stats.items():
-                        totals.setdefault(k, []).append(v)
-                if (j + 1) % ga == 0 or j + 1 == len(groups):
-                    if p.max_grad_norm is not None:
-                        self.clip_gradients(opt, gradient_clip_val=p.max_grad_norm, gradient_clip_algorithm="norm")
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            if p.target_kl is not None and epoch_kl and torch.stack(epoch_kl).mean() > 1.5 * p.target_kl:
-                break  # TRL's former early stopping: KL above 1.5 x target_kl
+        # Under DDP, gradients are averaged once per optimizer step (not after each of the policy's and the value
+        # adapter's backward passes, which touch different parameters).
+        with strategies.manual_gradient_sync(self.trainer):
+            for epochs in range(1, p.ppo_epochs + 1):
+                order, epoch_kl = torch.randperm(n, device=ro.mask.device), []
+                groups = [order[i : i + mbs] for i in range(0, n, mbs)]
+                contributed = False
+                for j, idx in enumerate(groups):
+                    stats = self.minibatch_step(ro.rows(idx), scale=1.0 / min(ga, len(groups) - j // ga * ga))
+                    if stats is None:
+                        self.counters["skipped_minibatches"] += 1
+                    else:
+                        contributed = True
+                        epoch_kl.append(stats["ppo/policy/approxkl"])
+                        for k, v in stats.items():
+                            totals.setdefault(k, []).append(v)
+                    if (j + 1) % ga == 0 or j + 1 == len(groups):
+                        if strategies.average_gradients(self.trainer, params, contributed):
+                            if p.max_grad_norm is not None:
+                                self.clip_gradients(opt, gradient_clip_val=p.max_grad_norm,
+                                                    gradient_clip_algorithm="norm")
+                            opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        contributed = False
+                if p.target_kl is not None and self._mean_over_ranks(epoch_kl) > 1.5 * p.target_kl:
+                    break  # TRL's former early stopping: KL above 1.5 x target_kl (every rank stops alike)
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -329,6 +339,12 @@ class PPOModule(L.LightningModule):
         out.update({"ppo/epochs": torch.tensor(float(epochs)),
                     "ppo/skipped_minibatches": torch.tensor(float(self.counters["skipped_minibatches"]))})
         return out
+
+    def _mean_over_ranks(self, values: list[Tensor]) -> float:
+        """Mean of every rank's `values` (one all-reduce under DDP; 0 when there are none)."""
+        total = torch.stack([torch.stack(values).sum() if values else torch.zeros(()), torch.tensor(float(len(values)))])
+        total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
+        return float(total[0] / total[1]) if total[1] > 0 else 0.0
 
     def minibatch_step(self, mb: Rollout, scale: float) -> dict[str, Tensor] | None:
         """Policy and value losses of one minibatch, back-propagated (each role's backward before switching)."""

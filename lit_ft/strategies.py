@@ -71,3 +71,43 @@ def for_generation(trainer):
 
             stack.enter_context(FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False))
         yield
+
+
+@contextlib.contextmanager
+def manual_gradient_sync(trainer):
+    """Turn DDP's all-reduce after every backward off for the duration (a no-op without DDP).
+
+    For manual optimization whose backward passes touch different parameters before one optimizer step (PPO: the
+    policy adapter's backward, then the value adapter's, each finished before the adapters switch): DDP's reducer
+    expects every trainable parameter in every backward. Inside this context gradients stay local;
+    `average_gradients` then averages them once per optimizer step.
+    """
+    model = trainer.strategy.model if trainer is not None else None
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def average_gradients(trainer, params: list[torch.nn.Parameter], contributed: bool) -> bool:
+    """Average `params`' gradients over the ranks in one all-reduce (a missing gradient counts as zero).
+
+    `contributed`: whether this rank back-propagated anything since the last step (PPO's ratio guard may skip every
+    minibatch of a step on one rank); the mean is over contributing ranks only. Returns whether any rank
+    contributed, i.e. whether the optimizer should step. Every rank must call it, with `params` in the same order.
+    """
+    if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return contributed
+    device = params[0].device
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([float(contributed)], device=device)])
+    torch.distributed.all_reduce(flat)
+    count = float(flat[-1])
+    if count == 0:
+        return False
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p).div(count).to(p.dtype)
+        offset += g.numel()
+    return True

@@ -71,7 +71,7 @@ def test_ddp_two_processes_match_one_and_resume(stage, rows, tiny_model_dir, tin
     assert sorted(single) == sorted(ranks[0]) == sorted(ranks[1]) == [1, 2, 3, 4, 5, 6]
     for step, loss in single.items():
         assert abs((ranks[0][step] + ranks[1][step]) / 2 - loss) < 1e-5, (step, loss, ranks[0][step], ranks[1][step])
-    w1, w2 = torch.load(one / "run_adapter.pt"), torch.load(two / "resumed_adapter.pt")
+    w1, w2 = torch.load(one / "run_adapter_rank0.pt"), torch.load(two / "resumed_adapter_rank0.pt")
     assert w1.keys() == w2.keys()
     for k in w1:
         diff = (w2[k] - w1[k]).abs()
@@ -82,3 +82,63 @@ def test_ddp_two_processes_match_one_and_resume(stage, rows, tiny_model_dir, tin
     state = torch.load(two / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert len(state["callbacks"]["ResumeRNG"]["ranks"]) == 2  # each rank's RNG state, gathered
+
+
+def test_ppo_under_ddp_keeps_the_ranks_in_step(tiny_model_dir, tmp_path):
+    """PPO's update does two backward passes per minibatch (policy adapter, then value adapter) over different
+    parameters, which DDP's per-backward all-reduce refuses; lit_ft averages the gradients once per optimizer step
+    instead. Each rank rolls out its own prompts, so the ranks' losses differ while their weights must stay equal."""
+    from tests.test_resume import PROMPTS
+
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    _run("ppo", tmp_path, tiny_model_dir, train, 2, 0)  # 8 prompts, 2 rollouts of 2 prompts per rank
+    losses = [_losses(tmp_path, "run", r) for r in (0, 1)]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2]
+    assert losses[0] != losses[1], "both ranks rolled out the same prompts"
+    w0, w1 = (torch.load(tmp_path / f"run_adapter_rank{r}.pt") for r in (0, 1))
+    assert w0.keys() == w1.keys() and any(".value." in k or "value_head" in k for k in w0)
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+    # New LoRA (no SFT adapter) starts with B = 0, the value head (no reward model) at 0: both must have moved.
+    for role in ("policy", "value"):
+        assert any(w.abs().sum() > 0 for k, w in w0.items() if f"lora_B.{role}" in k), role
+    assert any(w.abs().sum() > 0 for k, w in w0.items() if "value_head" in k)
+
+
+def _average_on_rank(rank: int, world: int, port: int, contributed: list[bool], out: str):
+    import types
+
+    from lit_ft.strategies import average_gradients
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+        if contributed[rank]:
+            a.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
+            b.grad = torch.tensor([4.0, -4.0], dtype=torch.bfloat16) * (rank + 1)  # `a` alone may miss a grad
+        stepped = average_gradients(types.SimpleNamespace(world_size=world), [a, b], contributed[rank])
+        torch.save({"stepped": stepped, "a": a.grad, "b": b.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("contributed, a, b", [
+    ([True, True, True], [2.0, 4.0, 6.0], [8.0, -8.0]),        # mean over ranks of (r + 1) x grad
+    ([True, False, True], [2.0, 4.0, 6.0], [8.0, -8.0]),       # rank 1 skipped: mean of ranks 0 and 2
+    ([False, False, False], None, None),                       # nobody back-propagated: no step
+])
+def test_average_gradients_is_the_mean_over_contributing_ranks(contributed, a, b, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_average_on_rank, args=(3, port, contributed, str(tmp_path)), nprocs=3)
+    for rank in range(3):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["stepped"] == (a is not None)
+        if a is not None:
+            torch.testing.assert_close(got["a"], torch.tensor(a), rtol=0, atol=0)
+            assert got["b"].dtype == torch.bfloat16
+            torch.testing.assert_close(got["b"], torch.tensor(b, dtype=torch.bfloat16), rtol=0, atol=0)
