@@ -342,8 +342,10 @@ class PPOModule(L.LightningModule):
 
     def _mean_over_ranks(self, values: list[Tensor]) -> float:
         """Mean of every rank's `values` (one all-reduce under DDP; 0 when there are none)."""
-        total = torch.stack([torch.stack(values).sum() if values else torch.zeros(()), torch.tensor(float(len(values)))])
-        total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
+        total = torch.zeros(2, device=self.device)
+        if values:
+            total[0], total[1] = torch.stack(values).sum(), len(values)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
         return float(total[0] / total[1]) if total[1] > 0 else 0.0
 
     def minibatch_step(self, mb: Rollout, scale: float) -> dict[str, Tensor] | None:

@@ -91,14 +91,18 @@ def manual_gradient_sync(trainer):
 
 
 def average_gradients(trainer, params: list[torch.nn.Parameter], contributed: bool) -> bool:
-    """Average `params`' gradients over the ranks in one all-reduce (a missing gradient counts as zero).
+    """Under DDP (inside `manual_gradient_sync`), average `params`' gradients over the ranks in one all-reduce (a
+    missing gradient counts as zero).
 
     `contributed`: whether this rank back-propagated anything since the last step (PPO's ratio guard may skip every
     minibatch of a step on one rank); the mean is over contributing ranks only. Returns whether any rank
     contributed, i.e. whether the optimizer should step. Every rank must call it, with `params` in the same order.
+    Other multi-process strategies reduce gradients themselves; they only get the step decision agreed.
     """
     if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
         return contributed
+    if not isinstance(getattr(trainer.strategy, "model", None), torch.nn.parallel.DistributedDataParallel):
+        return trainer.strategy.reduce_boolean_decision(contributed, all=False)
     device = params[0].device
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([float(contributed)], device=device)])

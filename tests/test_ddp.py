@@ -117,7 +117,9 @@ def _average_on_rank(rank: int, world: int, port: int, contributed: list[bool], 
         if contributed[rank]:
             a.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
             b.grad = torch.tensor([4.0, -4.0], dtype=torch.bfloat16) * (rank + 1)  # `a` alone may miss a grad
-        stepped = average_gradients(types.SimpleNamespace(world_size=world), [a, b], contributed[rank])
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))  # what Lightning's DDP wraps
+        trainer = types.SimpleNamespace(world_size=world, strategy=types.SimpleNamespace(model=ddp))
+        stepped = average_gradients(trainer, [a, b], contributed[rank])
         torch.save({"stepped": stepped, "a": a.grad, "b": b.grad}, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
