@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -33,75 +33,10 @@ from lit_ft.callbacks import log_table, resolve_callable
 from lit_ft.errors import ConfigError
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.optim import OptimSpec
+from lit_ft.ppo_spec import PPOSpec, Rollout
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
 from lit_ft.rl import compute_rewards, gae, kl_controller, kl_looks_wrong, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss, ratio_guard
-
-
-@dataclass
-class PPOSpec:
-    """PPO hyper-parameters; defaults follow Ziegler et al. 2019 and TRL's former PPOTrainer."""
-
-    ppo_epochs: int = 4
-    """Optimisation epochs over each rollout batch."""
-    mini_batch_size: int = 8
-    """Rows per forward/backward (also the chunk size of the no-grad rollout passes)."""
-    gradient_accumulation_steps: int = 1
-    """Minibatches per optimizer step (an optimizer step sees mini_batch_size * this many rows)."""
-    cliprange: float = 0.2
-    """Clip range of the policy ratio (Schulman et al. 2017)."""
-    cliprange_value: float = 0.2
-    """Clip range of the value update around the rollout's values."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
-    gamma: float = 1.0
-    """Discount."""
-    lam: float = 0.95
-    """GAE lambda (Schulman et al. 2016)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward (Schulman 2020); k1 = logp - ref_logp as in Ziegler et al."""
-    init_kl_coef: float = 0.2
-    """Initial (or fixed) KL penalty coefficient beta."""
-    adaptive_kl: bool = True
-    """Adapt beta towards `target` (Ziegler et al. 2019, sec. 2.2)."""
-    target: float = 6.0
-    """Target sequence KL (nats) of the adaptive controller."""
-    horizon: float = 10000.0
-    """Horizon (in episodes) of the adaptive controller."""
-    target_kl: float | None = None
-    """Early stop: skip the remaining PPO epochs of a rollout once an epoch's mean approxkl exceeds
-    1.5 * target_kl (TRL's former `target_kl` with `early_stopping=True`). None disables it."""
-    ratio_threshold: float | None = 10.0
-    """Skip a minibatch whose mean policy ratio exceeds this (loss spikes); None disables the guard."""
-    whiten_rewards: bool = False
-    """Rescale the per-token rewards to unit variance before GAE (mean kept)."""
-    score_clip: float | None = None
-    """Clip scores to [-score_clip, score_clip]."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of responses that never emit EOS (truncated)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm of each optimizer step."""
-    disable_dropout: bool = True
-    """Zero every dropout (rollout, old log-probs and updates then compare one function; Huang et al. 2024)."""
-
-
-@dataclass
-class Rollout:
-    """One batch of prompts with sampled responses and everything PPO computes from them (rows = episodes)."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    responses: Tensor
-    mask: Tensor
-    old_logprobs: Tensor | None = None
-    ref_logprobs: Tensor | None = None
-    values: Tensor | None = None
-    entropy: Tensor | None = None
-    advantages: Tensor | None = None
-    returns: Tensor | None = None
-
-    def rows(self, idx) -> "Rollout":
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if getattr(self, f.name) is not None})
 
 
 class PPOModule(L.LightningModule):
