@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,10 +118,13 @@ def _average_on_rank(rank: int, world: int, port: int, contributed: list[bool], 
         if contributed[rank]:
             a.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
             b.grad = torch.tensor([4.0, -4.0], dtype=torch.bfloat16) * (rank + 1)  # `a` alone may miss a grad
-        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))  # what Lightning's DDP wraps
+        # Lightning's DDPStrategy.model is a DistributedDataParallel; an instance without its constructor (whose
+        # collectives and reducer are not what is tested here, and which can deadlock gloo's teardown) stands in.
+        ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
         trainer = types.SimpleNamespace(world_size=world, strategy=types.SimpleNamespace(model=ddp))
         stepped = average_gradients(trainer, [a, b], contributed[rank])
         torch.save({"stepped": stepped, "a": a.grad, "b": b.grad}, f"{out}/rank{rank}.pt")
+        torch.distributed.barrier()  # no rank tears the group down while another still talks
     finally:
         torch.distributed.destroy_process_group()
 
@@ -136,7 +140,14 @@ def test_average_gradients_is_the_mean_over_contributing_ranks(contributed, a, b
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_average_on_rank, args=(3, port, contributed, str(tmp_path)), nprocs=3)
+    ranks = torch.multiprocessing.spawn(_average_on_rank, args=(3, port, contributed, str(tmp_path)), nprocs=3,
+                                        join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            pytest.fail("the three ranks did not finish within 120 s")
     for rank in range(3):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["stepped"] == (a is not None)
