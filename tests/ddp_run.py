@@ -37,6 +37,15 @@ class LocalLosses(L.Callback):
             self.losses[trainer.global_step] = outputs["loss"].item()
 
 
+def _shipped_ddp():
+    """DDPStrategy with the settings of configs/strategies/ddp.yaml, so the tests run what users run."""
+    import yaml
+    from lightning.pytorch.strategies import DDPStrategy
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs/strategies/ddp.yaml").read_text())
+    return DDPStrategy(**config["trainer"]["strategy"]["init_args"])
+
+
 def main(stage: str, out: str, model_dir: str, train_file: str, devices: int, max_steps: int,
          ckpt_path: str | None = None):
     out = Path(out)
@@ -55,7 +64,7 @@ def main(stage: str, out: str, model_dir: str, train_file: str, devices: int, ma
         length = dict(max_steps=max_steps)
     rec = LocalLosses()
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", **length,
+        accelerator="cpu", devices=devices, strategy=_shipped_ddp() if devices > 1 else "auto", **length,
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
         limit_val_batches=0, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
         callbacks=[rec, ModelCheckpoint(dirpath=str(out / "ckpt"), save_last=True, every_n_train_steps=2)],
