@@ -33,8 +33,8 @@ from lit_ft.callbacks import log_table, resolve_callable
 from lit_ft.errors import ConfigError
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.optim import OptimSpec
-from lit_ft.ppo_spec import PPOSpec, Rollout
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
+from lit_ft.ppo_spec import PPOSpec, Rollout
 from lit_ft.rl import compute_rewards, gae, kl_controller, kl_looks_wrong, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss, ratio_guard
 
@@ -258,12 +258,7 @@ class PPOModule(L.LightningModule):
                         for k, v in stats.items():
                             totals.setdefault(k, []).append(v)
                     if (j + 1) % ga == 0 or j + 1 == len(groups):
-                        if strategies.average_gradients(self.trainer, params, contributed):
-                            if p.max_grad_norm is not None:
-                                self.clip_gradients(opt, gradient_clip_val=p.max_grad_norm,
-                                                    gradient_clip_algorithm="norm")
-                            opt.step()
-                        opt.zero_grad(set_to_none=True)
+                        self._optimizer_step(opt, params, contributed)
                         contributed = False
                 if p.target_kl is not None and self._mean_over_ranks(epoch_kl) > 1.5 * p.target_kl:
                     break  # TRL's former early stopping: KL above 1.5 x target_kl (every rank stops alike)
@@ -274,6 +269,14 @@ class PPOModule(L.LightningModule):
         out.update({"ppo/epochs": torch.tensor(float(epochs)),
                     "ppo/skipped_minibatches": torch.tensor(float(self.counters["skipped_minibatches"]))})
         return out
+
+    def _optimizer_step(self, opt, params: list[Tensor], contributed: bool) -> None:
+        """Average the gradients over the ranks (DDP), clip, step unless no rank back-propagated, zero."""
+        if strategies.average_gradients(self.trainer, params, contributed):
+            if self.ppo.max_grad_norm is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def _mean_over_ranks(self, values: list[Tensor]) -> float:
         """Mean of every rank's `values` (one all-reduce under DDP; 0 when there are none)."""
