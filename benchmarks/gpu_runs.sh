@@ -2,6 +2,9 @@
 # Whole-pipeline runs of the shipped configs on one GPU (results in BENCHMARKS.md):
 #   bash benchmarks/gpu_runs.sh demo OUT_DIR        SFT -> RM -> PPO in float32 as on the CPU, several RM and PPO
 #                                                    recipes side by side (to choose the demo's settings in minutes)
+#   bash benchmarks/gpu_runs.sh ppo OUT_DIR         PPO recipes side by side from existing runs/sft/adapter and
+#                                                    runs/reward/adapter (48 rollouts each, held-out exact match on
+#                                                    200 prompts every 8 rollouts; RUN_LIMIT seconds per run)
 #   bash benchmarks/gpu_runs.sh strategies OUT_DIR  each configs/strategies/*.yaml composed with configs/sft.yaml
 #                                                    (LoRA) and configs/sft_qlora.yaml (QLoRA) on one GPU: a short
 #                                                    fit, a resume from its last checkpoint, the adapter reloaded
@@ -21,7 +24,7 @@ run() {  # run NAME CONFIG [--config MORE.yaml ...] [CLI arguments ...]: configs
       -e "s#class_path: lit_ft.callbacks.WandbLogger#class_path: lightning.pytorch.loggers.CSVLogger#" \
       -e "s#init_args: {project: lit_ft, name: \([a-z_]*\),#init_args: {name: \1,#" "$cfg" > "$OUT/$name.yaml"
   local t0=$(date +%s) port=$((29400 + $(echo -n "$name" | cksum | cut -d' ' -f1) % 2000))  # runs go in parallel
-  MASTER_PORT=$port $PY train.py fit --config "$OUT/$name.yaml" --trainer.accelerator gpu "$@" > "$OUT/$name.log" 2>&1
+  MASTER_PORT=$port timeout ${RUN_LIMIT:-3000} $PY train.py fit --config "$OUT/$name.yaml" --trainer.accelerator gpu "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc $? in $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
 }
 
@@ -49,23 +52,33 @@ if [ "$MODE" = demo ]; then
     "ppo_b64_fn_only|--model.reward_adapter null --data.batch_size 64 --model.ppo.mini_batch_size 16 --trainer.limit_train_batches 24 --trainer.val_check_interval 24"
   )
   for v in "${PPO[@]}"; do run "${v%%|*}" configs/ppo.yaml ${v#*|} & done; wait
+elif [ "$MODE" = ppo ]; then
+  export SFT_DIR=sft RM_DIR=reward OMP_NUM_THREADS=1
+  LONG="--trainer.limit_train_batches 48 --trainer.val_check_interval 8"
+  K4="--model.ppo.samples_per_prompt 4 --data.batch_size 8"   # 8 prompts x 4 samples = 32 episodes, as shipped
+  PPO=(
+    "ppo_k1_s0|$LONG"
+    "ppo_k1_s1|$LONG --seed_everything 1"
+    "ppo_k4_s0|$LONG $K4"
+    "ppo_k4_s1|$LONG $K4 --seed_everything 1"
+    "ppo_k8_s0|$LONG --model.ppo.samples_per_prompt 8 --data.batch_size 4"
+    "ppo_k4_lr3e-4|$LONG $K4 --model.optim.lr 3.0e-4"
+    "ppo_k4_fn_only|$LONG $K4 --model.reward_adapter null"
+    "ppo_k4_b128|$LONG --model.ppo.samples_per_prompt 4 --data.batch_size 32 --model.ppo.mini_batch_size 32"
+  )
+  for v in "${PPO[@]}"; do run "${v%%|*}" configs/ppo.yaml ${v#*|} & done; wait
 elif [ "$MODE" = strategies ]; then
   FSDP_LORA="--model.base.dtype float32 --trainer.precision bf16-mixed"
   FSDP_QLORA="--model.base.quant_storage bfloat16 --model.base.dtype bfloat16 --trainer.precision bf16-true"
   SHORT="--trainer.devices 1 --trainer.max_steps 20 --trainer.val_check_interval 20"
-  for s in ddp fsdp deepspeed_zero2; do
-    extra_lora=""; extra_qlora=""
-    [ $s = fsdp ] && extra_lora=$FSDP_LORA && extra_qlora=$FSDP_QLORA
-    run "lora_$s" configs/sft.yaml --config configs/strategies/$s.yaml $SHORT $extra_lora &
-    run "qlora_$s" configs/sft_qlora.yaml --config configs/strategies/$s.yaml $SHORT $extra_qlora &
-  done; wait
-  for s in ddp fsdp deepspeed_zero2; do   # resume each from its last checkpoint for 10 more steps
-    extra_lora=""; extra_qlora=""
-    [ $s = fsdp ] && extra_lora=$FSDP_LORA && extra_qlora=$FSDP_QLORA
-    for k in lora qlora; do
-      cfg=configs/sft.yaml; extra=$extra_lora; [ $k = qlora ] && cfg=configs/sft_qlora.yaml && extra=$extra_qlora
-      run "${k}_${s}_resume" $cfg --config configs/strategies/$s.yaml $SHORT $extra \
-        --trainer.max_steps 30 --ckpt_path runs/${k}_$s/checkpoints/last.ckpt &
+  # STRATEGIES / KINDS pick a subset, e.g. STRATEGIES=fsdp KINDS=lora (FSDP refuses a quantized base by design)
+  for s in ${STRATEGIES:-ddp fsdp deepspeed_zero2}; do
+    for k in ${KINDS:-lora qlora}; do
+      cfg=configs/sft.yaml; extra=""; [ $k = qlora ] && cfg=configs/sft_qlora.yaml
+      [ $s = fsdp ] && { [ $k = lora ] && extra=$FSDP_LORA || extra=$FSDP_QLORA; }
+      run "${k}_$s" $cfg --config configs/strategies/$s.yaml $SHORT $extra && \
+        run "${k}_${s}_resume" $cfg --config configs/strategies/$s.yaml $SHORT $extra \
+          --trainer.max_steps 30 --ckpt_path runs/${k}_$s/checkpoints/last.ckpt &   # 10 more steps from last.ckpt
     done
   done; wait
   for d in runs/lora_* runs/qlora_*; do   # the exported adapter loads in a fresh single-GPU process

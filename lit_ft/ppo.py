@@ -39,6 +39,14 @@ from lit_ft.rl import compute_rewards, gae, kl_controller, kl_looks_wrong, maske
     ppo_value_loss, ratio_guard
 
 
+def repeat_prompts(batch: dict, k: int) -> dict:
+    """Each prompt row `k` times in a row (tensors along dim 0, lists element by element): k episodes a prompt."""
+    if k == 1:
+        return batch
+    return {key: v.repeat_interleave(k, dim=0) if isinstance(v, Tensor) else [x for x in v for _ in range(k)]
+            for key, v in batch.items()}
+
+
 class PPOModule(L.LightningModule):
     """PPO with a KL penalty over LoRA adapters of one base (see the module docstring for the run length)."""
 
@@ -81,6 +89,8 @@ class PPOModule(L.LightningModule):
         base, lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
         sampling, ppo = checkpointing.as_spec(SamplingSpec, sampling), checkpointing.as_spec(PPOSpec, ppo)
         self.base, self.lora, self.sampling, self.ppo = base, lora, sampling, ppo
+        if ppo.samples_per_prompt < 1:
+            raise ConfigError(f"model.ppo.samples_per_prompt: must be >= 1, got {ppo.samples_per_prompt}")
         self.optim = checkpointing.as_spec(OptimSpec, optim)
         self.sft_adapter = sft_adapter or base.adapter
         self.reward_adapter, self.value_model = reward_adapter, value_model
@@ -126,6 +136,7 @@ class PPOModule(L.LightningModule):
         t0 = time.perf_counter()
         # 1. Rollout: sample with the policy adapter (eval mode, KV cache); tokens after EOS are masked out.
         self.counters["rollouts"] += 1
+        batch = repeat_prompts(batch, self.ppo.samples_per_prompt)
         ro = self.rollout(batch, self.sampling)
         # 2. Score prompt+response (reward adapter at the last real token and/or the reward callable).
         scores, texts, parts = self.score(batch, ro)

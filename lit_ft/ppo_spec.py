@@ -13,6 +13,10 @@ from torch import Tensor
 class PPOSpec:
     """PPO hyper-parameters; defaults follow Ziegler et al. 2019 and TRL's former PPOTrainer."""
 
+    samples_per_prompt: int = 1
+    """Responses sampled for each prompt of a batch (a rollout then holds batch_size x this many episodes). Several
+    samples of one prompt give PPO correct and wrong answers to the same question to contrast, where a
+    nearly deterministic policy rarely varies its answer across prompts (OpenRLHF's `n_samples_per_prompt`)."""
     ppo_epochs: int = 4
     """Optimisation epochs over each rollout batch."""
     mini_batch_size: int = 8

@@ -272,3 +272,43 @@ def test_200_iterations_keep_memory_flat(tiny_model_dir, tokenizer):
     assert len(probe.rss) == 200
     settled, end = probe.rss[49], probe.rss[-1]
     assert end - settled < 25.0, f"RSS grew {end - settled:.1f} MiB from iteration 50 to 200"
+
+
+SEEN: list[tuple[list, list, list]] = []
+
+
+def recording_reward(prompts, responses, answers):
+    SEEN.append((list(prompts), list(responses), list(answers)))
+    return [0.0] * len(responses)
+
+
+def test_repeat_prompts_keeps_rows_together():
+    from lit_ft.ppo import repeat_prompts
+
+    batch = {"input_ids": torch.tensor([[0, 1], [2, 3]]), "attention_mask": torch.tensor([[0, 1], [1, 1]]),
+             "prompts": ["a", "b"], "answers": ["1", None]}
+    out = repeat_prompts(batch, 3)
+    assert out["input_ids"].tolist() == [[0, 1]] * 3 + [[2, 3]] * 3
+    assert out["attention_mask"].tolist() == [[0, 1]] * 3 + [[1, 1]] * 3
+    assert out["prompts"] == ["a"] * 3 + ["b"] * 3 and out["answers"] == ["1"] * 3 + [None] * 3
+    assert repeat_prompts(batch, 1) is batch
+
+
+def test_samples_per_prompt_rolls_out_each_prompt_k_times(tiny_model_dir, tokenizer):
+    SEEN.clear()
+    module = make_module(tiny_model_dir, reward_fn="tests.test_ppo.recording_reward",
+                         ppo=PPOSpec(mini_batch_size=6, ppo_epochs=1, samples_per_prompt=3))
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer, batch_size=4))
+    (prompts, responses, answers), = SEEN
+    assert len(prompts) == len(responses) == len(answers) == 12
+    assert all(prompts[i] == prompts[i - i % 3] for i in range(12))  # each prompt's 3 episodes side by side
+    assert len({prompts[i] for i in range(0, 12, 3)}) > 1
+    # the 3 responses of a prompt are separate samples: a random model does not repeat its 8-token answers
+    assert sum(len(set(responses[i : i + 3])) for i in range(0, 12, 3)) > 4
+
+
+def test_samples_per_prompt_must_be_positive(tiny_model_dir):
+    from lit_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.ppo.samples_per_prompt: must be >= 1, got 0"):
+        make_module(tiny_model_dir, ppo=PPOSpec(samples_per_prompt=0))

@@ -1,5 +1,6 @@
-"""Sharded strategies on one CUDA device (skipped without one; CI has none): FSDP with LoRA and with QLoRA trains,
-generates through `strategies.full_parameters` and checkpoints; DeepSpeed ZeRO-3 is refused by name."""
+"""Sharded strategies on one CUDA device (skipped without one; CI has none): FSDP with LoRA trains, generates
+through `strategies.for_generation` and checkpoints; a quantized base under FSDP and DeepSpeed ZeRO-3 are refused
+by name."""
 
 from __future__ import annotations
 
@@ -37,22 +38,28 @@ def _fit(strategy, model_dir, rows, tmp_path, precision, **base):
     return trainer, gens
 
 
-@pytest.mark.parametrize("variant", ["lora", "qlora"])
-def test_fsdp_trains_generates_and_checkpoints(variant, tiny_model_dir, rows, tmp_path):
+def test_fsdp_lora_trains_generates_and_checkpoints(tiny_model_dir, rows, tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from lit_ft.strategies import wrap_decoder_layers
 
-    if variant == "lora":  # frozen and LoRA tensors share FSDP units, so they share a dtype
-        base, precision = dict(dtype="float32"), "bf16-mixed"
-    else:  # 4-bit weights stored as bf16, like the rest of the unit
-        base = dict(quantization="nf4", quant_storage="bfloat16", dtype="bfloat16", gradient_checkpointing=True)
-        precision = "bf16-true"
+    # frozen and LoRA tensors share FSDP units, so they share a dtype: fp32 weights, bf16 autocast
     trainer, gens = _fit(FSDPStrategy(auto_wrap_policy=wrap_decoder_layers), tiny_model_dir, rows, tmp_path,
-                         precision, **base)
+                         "bf16-mixed", dtype="float32")
     assert trainer.global_step == 3 and gens.before is not None
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_fsdp_refuses_a_quantized_base_by_name(tiny_model_dir, rows, tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_ft.errors import ConfigError
+    from lit_ft.strategies import wrap_decoder_layers
+
+    with pytest.raises(ConfigError, match=r"model.base.quantization=nf4 under FSDP is not supported"):
+        _fit(FSDPStrategy(auto_wrap_policy=wrap_decoder_layers), tiny_model_dir, rows, tmp_path, "bf16-true",
+             quantization="nf4", quant_storage="bfloat16", dtype="bfloat16")
 
 
 def test_deepspeed_zero3_is_refused_by_name(tiny_model_dir, rows, tmp_path):
