@@ -66,6 +66,19 @@ elif [ "$MODE" = ppo ]; then
     "ppo_k4_fn_only|$LONG $K4 --model.reward_adapter null"
     "ppo_k4_b128|$LONG --model.ppo.samples_per_prompt 4 --data.batch_size 32 --model.ppo.mini_batch_size 32"
   )
+  if [ "${SWEEP:-1}" = 2 ]; then  # second sweep: one prompt a sample (sweep 1's best), 32 rollouts, more seeds
+    LONG="--trainer.limit_train_batches 32 --trainer.val_check_interval 8"
+    PPO=(
+      "ppo_s2|$LONG --seed_everything 2"
+      "ppo_s3|$LONG --seed_everything 3"
+      "ppo_lr2e-4_s0|$LONG --model.optim.lr 2.0e-4"
+      "ppo_lr2e-4_s1|$LONG --model.optim.lr 2.0e-4 --seed_everything 1"
+      "ppo_epochs4_s0|$LONG --model.ppo.ppo_epochs 4"
+      "ppo_shared_s0|$LONG --model.value_model shared_trunk"
+      "ppo_shared_s1|$LONG --model.value_model shared_trunk --seed_everything 1"
+      "ppo_fn_only_s0|$LONG --model.reward_adapter null"
+    )
+  fi
   for v in "${PPO[@]}"; do run "${v%%|*}" configs/ppo.yaml ${v#*|} & done; wait
 elif [ "$MODE" = strategies ]; then
   FSDP_LORA="--model.base.dtype float32 --trainer.precision bf16-mixed"

@@ -127,6 +127,7 @@ class SFTModule(L.LightningModule):
     # -- checkpoints and export -----------------------------------------------------------------------------
 
     configure_callbacks = resume.configure_callbacks  # RNG states in checkpoints: exact resume
+    configure_gradient_clipping = strategies.configure_gradient_clipping  # norm clipping under FSDP too
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.slim(self, checkpoint, self.base.identity())

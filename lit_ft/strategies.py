@@ -28,6 +28,18 @@ def wrap_decoder_layers(module: torch.nn.Module, recurse: bool, nonwrapped_numel
     return True if recurse else is_decoder_layer(module)
 
 
+def configure_gradient_clipping(module, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    """`LightningModule.configure_gradient_clipping` of the lit_ft modules: Lightning's clipping, except clipping
+    by norm under FSDP, which Lightning's FSDP precision plugin refuses ("not supported for FSDPPrecision", seen on
+    the H200 with configs/sft.yaml's `gradient_clip_val: 1.0`). There the root FSDP unit clips: it computes the
+    global norm over every shard and scales the local gradients alike."""
+    fsdp = type(module.trainer.strategy).__name__ == "FSDPStrategy"
+    if fsdp and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":  # a str enum
+        module.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+
 def model_device(module, spec=None) -> torch.device | None:
     """The device a LightningModule builds its model on in `configure_model` (None outside a Trainer), after
     checking that the Trainer's strategy can hold that model (`spec`: its `ModelSpec`)."""

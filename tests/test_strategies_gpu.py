@@ -20,7 +20,7 @@ def rows(tmp_path):
     return str(path)
 
 
-def _fit(strategy, model_dir, rows, tmp_path, precision, **base):
+def _fit(strategy, model_dir, rows, tmp_path, precision, clip=None, **base):
     import lightning as L
 
     from lit_ft.callbacks import SampleGenerations
@@ -32,8 +32,8 @@ def _fit(strategy, model_dir, rows, tmp_path, precision, **base):
     module = SFTModule(base=ModelSpec(name_or_path=model_dir, **base), lora=LoraSpec(r=4))
     gens = SampleGenerations(num_prompts=4, max_new_tokens=4)
     trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision=precision, max_steps=3,
-                        limit_val_batches=1, logger=False, enable_progress_bar=False, callbacks=[gens],
-                        default_root_dir=str(tmp_path))
+                        gradient_clip_val=clip, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                        callbacks=[gens], default_root_dir=str(tmp_path))
     trainer.fit(module, dm)
     return trainer, gens
 
@@ -45,7 +45,7 @@ def test_fsdp_lora_trains_generates_and_checkpoints(tiny_model_dir, rows, tmp_pa
 
     # frozen and LoRA tensors share FSDP units, so they share a dtype: fp32 weights, bf16 autocast
     trainer, gens = _fit(FSDPStrategy(auto_wrap_policy=wrap_decoder_layers), tiny_model_dir, rows, tmp_path,
-                         "bf16-mixed", dtype="float32")
+                         "bf16-mixed", clip=1.0, dtype="float32")  # norm clipping as configs/sft.yaml
     assert trainer.global_step == 3 and gens.before is not None
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
