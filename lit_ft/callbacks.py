@@ -195,8 +195,10 @@ class ExportAdapter(L.Callback):
         if self.best and trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             state = torch.load(trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)
             pl_module.load_state_dict(state["state_dict"], strict=False)
+        state = strategies.gathered_model_state(trainer)  # collective under FSDP: every rank takes part
         if trainer.is_global_zero:
             dm = trainer.datamodule
-            path = pl_module.save_adapter(self.dirpath, tokenizer=getattr(dm, "tokenizer", None))
+            kwargs = {"state_dict": state} if state is not None else {}
+            path = pl_module.save_adapter(self.dirpath, tokenizer=getattr(dm, "tokenizer", None), **kwargs)
             rank_zero_info(f"adapter written to {path}")
         trainer.strategy.barrier()

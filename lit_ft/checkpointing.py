@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from lit_ft.errors import ConfigError
 from lit_ft.models import trainable_state_dict
+from lit_ft.strategies import FSDP_INFIX
 
 IDENTITY_KEY = "lit_ft_base"
 MODULE_KEY = "lit_ft_module"
@@ -81,16 +83,36 @@ def check_identity(checkpoint: dict, identity: dict) -> None:
         )
 
 
-def save_adapter(model, path, tokenizer=None, identity: dict | None = None, **peft_kwargs) -> Path:
+def save_adapter(model, path, tokenizer=None, identity: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write a PEFT adapter directory (what `PeftModel.from_pretrained` and serving stacks load unchanged),
-    with the tokenizer files and `lit_ft_base.json` naming the base it was trained on."""
+    with the tokenizer files and `lit_ft_base.json` naming the base it was trained on. `state_dict`: the model's
+    full state where its own `state_dict()` holds shards (FSDP: `strategies.gathered_model_state`)."""
     path = Path(path)
-    model.save_pretrained(path, **peft_kwargs)
+    if state_dict is None:
+        model.save_pretrained(path)
+    else:
+        _save_gathered_adapter(model, path, state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     if identity is not None:
         write_base_identity(path, identity)
     return path
+
+
+def _save_gathered_adapter(model, path: Path, state_dict: dict) -> None:
+    """PEFT's adapter files from a gathered FSDP state. PEFT selects adapter tensors by the model's module names,
+    which hold FSDP's infix at every wrapped decoder layer (PEFT strips it only at the root), so `state_dict` is keyed
+    by those names and the infix leaves the written keys here, giving the plain names `PeftModel` loads."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    weights = get_peft_model_state_dict(model, state_dict=state_dict)
+    weights = {k.replace(FSDP_INFIX, ""): v.detach().cpu().contiguous() for k, v in weights.items()}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(model.peft_config["default"])
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    config.save_pretrained(str(path))
 
 
 def write_base_identity(adapter_dir, identity: dict) -> None:

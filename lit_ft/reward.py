@@ -180,13 +180,13 @@ class RewardModule(L.LightningModule):
             return None
         return scoring.normalization_from_stats(mean, std)
 
-    def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
+    def save_adapter(self, path: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
         """Write the reward model in the export format of `lit_ft.scoring` (what `RewardScorer` and PPO load).
 
         PEFT format (LoRA weights and the `score` head in `adapter_model.safetensors`), tokenizer files, the base
         identity (`lit_ft_base.json`) and with `normalize_on_fit_end` the `reward_normalization.json` of the last validation epoch.
         """
-        path = checkpointing.save_adapter(self.model, path, tokenizer, self.base.identity())
+        path = checkpointing.save_adapter(self.model, path, tokenizer, self.base.identity(), state_dict)
         if not scoring.head_keys(path):
             # A reward adapter without its head reloads with a freshly initialised one: random rewards.
             raise RuntimeError(f"{path}/{scoring.ADAPTER_WEIGHTS} lacks the score head; add 'score' to "

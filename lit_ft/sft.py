@@ -138,6 +138,6 @@ class SFTModule(L.LightningModule):
         if GUARD_KEY in checkpoint:
             self.guard.load_state_dict(checkpoint[GUARD_KEY])
 
-    def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
-        """Write the adapter in PEFT format (what `PeftModel.from_pretrained` loads)."""
-        return checkpointing.save_adapter(self.model, path, tokenizer, self.base.identity())
+    def save_adapter(self, path: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+        """Write the adapter in PEFT format (what `PeftModel.from_pretrained` loads); `state_dict` under FSDP."""
+        return checkpointing.save_adapter(self.model, path, tokenizer, self.base.identity(), state_dict)

@@ -85,6 +85,22 @@ def for_generation(trainer):
         yield
 
 
+FSDP_INFIX = "_fsdp_wrapped_module."
+
+
+def gathered_model_state(trainer) -> dict | None:
+    """The LightningModule's `model` state gathered from every rank when the strategy shards it (FSDP), keyed by the
+    model's own parameter and buffer names (which hold FSDP's `_fsdp_wrapped_module.` infix at each wrapped layer);
+    None where `model.state_dict()` is whole. Collective under FSDP: every rank calls it; rank zero gets the tensors
+    (on the CPU with several ranks), as Lightning gathers a full checkpoint."""
+    if trainer is None or type(trainer.strategy).__name__ != "FSDPStrategy":
+        return None
+    full = trainer.strategy.lightning_module_state_dict()  # FSDP's full state dict: keys without the infix
+    model = trainer.lightning_module.model
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return {n: full["model." + n.replace(FSDP_INFIX, "")] for n in names if "model." + n.replace(FSDP_INFIX, "") in full}
+
+
 @contextlib.contextmanager
 def manual_gradient_sync(trainer):
     """Turn DDP's all-reduce after every backward off for the duration (a no-op without DDP).

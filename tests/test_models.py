@@ -185,3 +185,32 @@ def test_a_4bit_layer_passes_the_input_gradient_after_an_eval_pass():
     x.requires_grad_(True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, weight.sum(0).expand(4, -1))
+
+
+def test_adapter_from_a_gathered_state_matches_peft_save_pretrained(tiny_model_dir, tmp_path):
+    """The FSDP export path (adapter files written from a gathered state dict) writes what PEFT's own
+    save_pretrained writes: same tensors, same config, loadable. (FSDP itself needs a GPU:
+    tests/test_strategies_gpu.py runs the gathered path there.)"""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_ft.checkpointing import save_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"],
+                                      task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    save_adapter(model, tmp_path / "peft")
+    save_adapter(model, tmp_path / "gathered", state_dict={k: v.clone() for k, v in model.state_dict().items()})
+    ref, ours = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "gathered"))
+    assert sorted(ours) == sorted(ref) and any("score" in k for k in ours) and any("lora_B" in k for k in ours)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "gathered")]
+    assert configs[0] == configs[1] and configs[1]["inference_mode"] is True

@@ -20,7 +20,7 @@ def rows(tmp_path):
     return str(path)
 
 
-def _fit(strategy, model_dir, rows, tmp_path, precision, clip=None, **base):
+def _fit(strategy, model_dir, rows, tmp_path, precision, clip=None, callbacks=(), **base):
     import lightning as L
 
     from lit_ft.callbacks import SampleGenerations
@@ -33,22 +33,34 @@ def _fit(strategy, model_dir, rows, tmp_path, precision, clip=None, **base):
     gens = SampleGenerations(num_prompts=4, max_new_tokens=4)
     trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision=precision, max_steps=3,
                         gradient_clip_val=clip, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                        callbacks=[gens], default_root_dir=str(tmp_path))
+                        callbacks=[gens, *callbacks], default_root_dir=str(tmp_path))
     trainer.fit(module, dm)
     return trainer, gens
 
 
-def test_fsdp_lora_trains_generates_and_checkpoints(tiny_model_dir, rows, tmp_path):
+def test_fsdp_lora_trains_generates_checkpoints_and_exports(tiny_model_dir, rows, tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
+    from lit_ft.callbacks import ExportAdapter
     from lit_ft.strategies import wrap_decoder_layers
 
     # frozen and LoRA tensors share FSDP units, so they share a dtype: fp32 weights, bf16 autocast
+    export = tmp_path / "adapter"
     trainer, gens = _fit(FSDPStrategy(auto_wrap_policy=wrap_decoder_layers), tiny_model_dir, rows, tmp_path,
-                         "bf16-mixed", clip=1.0, dtype="float32")  # norm clipping as configs/sft.yaml
+                         "bf16-mixed", clip=1.0, callbacks=[ExportAdapter(str(export))], dtype="float32")
     assert trainer.global_step == 3 and gens.before is not None
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+    # The export holds every LoRA tensor in its full shape (FSDP's own state_dict() gave an empty file), and it
+    # loads onto a plain base in a process without FSDP with the trained values.
+    saved = load_file(str(export / "adapter_model.safetensors"))
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(export))
+    lora = {n: p for n, p in plain.named_parameters() if "lora_" in n}
+    assert len(saved) == len(lora) > 0
+    assert any(float(p.abs().max()) > 0 for n, p in lora.items() if "lora_B" in n)  # trained (lora_B starts at 0)
 
 
 def test_fsdp_refuses_a_quantized_base_by_name(tiny_model_dir, rows, tmp_path):
