@@ -193,8 +193,13 @@ class ExportAdapter(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         if self.best and trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
-            state = torch.load(trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)
-            pl_module.load_state_dict(state["state_dict"], strict=False)
+            best = trainer.checkpoint_callback.best_model_path
+            state = torch.load(best, map_location="cpu", weights_only=True)
+            unmatched = pl_module.load_state_dict(state["state_dict"], strict=False).unexpected_keys
+            if unmatched:  # e.g. under FSDP, whose wrapped parameter names differ: never export the last weights silently
+                raise RuntimeError(f"ExportAdapter(best=True): {len(unmatched)} tensors of {best} match no parameter "
+                                   f"of the module (first: {unmatched[0]}); use best=False, or export that checkpoint "
+                                   "with `python -m lit_ft.export`")
         state = strategies.gathered_model_state(trainer)  # collective under FSDP: every rank takes part
         if trainer.is_global_zero:
             dm = trainer.datamodule

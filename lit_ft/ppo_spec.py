@@ -14,9 +14,10 @@ class PPOSpec:
     """PPO hyper-parameters; defaults follow Ziegler et al. 2019 and TRL's former PPOTrainer."""
 
     samples_per_prompt: int = 1
-    """Responses sampled for each prompt of a batch (a rollout then holds batch_size x this many episodes). Several
-    samples of one prompt give PPO correct and wrong answers to the same question to contrast, where a
-    nearly deterministic policy rarely varies its answer across prompts (OpenRLHF's `n_samples_per_prompt`)."""
+    """Responses sampled for each prompt of a batch, side by side (a rollout then holds batch_size x this many
+    episodes; OpenRLHF's `n_samples_per_prompt`): correct and wrong answers to one question to contrast. On the
+    demo task, fewer prompts x more samples at equal episodes learned less than distinct prompts; more episodes a
+    rollout (32 prompts x 4) learned fastest per rollout (BENCHMARKS.md, fourth session)."""
     ppo_epochs: int = 4
     """Optimisation epochs over each rollout batch."""
     mini_batch_size: int = 8

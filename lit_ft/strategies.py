@@ -37,7 +37,7 @@ def configure_gradient_clipping(module, optimizer, gradient_clip_val=None, gradi
     if fsdp and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":  # a str enum
         module.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
         return
-    module.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+    module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def model_device(module, spec=None) -> torch.device | None:
@@ -98,7 +98,8 @@ def gathered_model_state(trainer) -> dict | None:
     full = trainer.strategy.lightning_module_state_dict()  # FSDP's full state dict: keys without the infix
     model = trainer.lightning_module.model
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    return {n: full["model." + n.replace(FSDP_INFIX, "")] for n in names if "model." + n.replace(FSDP_INFIX, "") in full}
+    keys = {n: "model." + n.replace(FSDP_INFIX, "") for n in names}
+    return {n: full[k] for n, k in keys.items() if k in full}  # empty on ranks other than zero
 
 
 @contextlib.contextmanager

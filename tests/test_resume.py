@@ -361,3 +361,24 @@ def test_export_adapter_best_exports_best_not_last(tiny_model_dir, runs, tmp_pat
         name = next(k for k in best if k.endswith(key.replace(".weight", ".default.weight")))
         assert torch.equal(value, best[name])
     assert any(not torch.equal(best[k], last[k]) for k in best)
+
+
+def test_export_adapter_best_refuses_a_checkpoint_that_matches_no_parameter(tiny_model_dir, runs, tmp_path):
+    """A best checkpoint whose tensors the module cannot take (as under FSDP's wrapped names) is an error, not a
+    silent export of the last weights."""
+    module = STAGES["sft"].module(tiny_model_dir)
+    slim = module.on_save_checkpoint
+
+    def renamed(checkpoint):  # the module's own (slim) checkpoint, its tensors under other names
+        slim(checkpoint)
+        checkpoint["state_dict"] = {k.replace("model.", "model.wrapped.", 1): v for k, v in checkpoint["state_dict"].items()}
+
+    module.on_save_checkpoint = renamed
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="train/loss", save_top_k=1, every_n_train_steps=1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+                        callbacks=[ckpt, ExportAdapter(str(tmp_path / "adapter"), best=True)])
+    with pytest.raises(RuntimeError, match=r"ExportAdapter\(best=True\): \d+ tensors of .*step=\d\.ckpt match no "
+                                           r"parameter of the module \(first: model\.wrapped\."):
+        trainer.fit(module, datamodule=runs("sft").dm)
+    assert not (tmp_path / "adapter").exists()
