@@ -60,8 +60,10 @@ def _netrc_has_wandb() -> bool:
 class PrintMetrics(L.Callback):
     """Logged metrics as plain lines of text, for log files (SLURM, nohup, CI) where progress bars do not show.
 
-    One line after each validation with every `val/` metric, and one every `every_n_steps` training batches with
-    the training metrics (`train/`, `objective/`, `ppo/` ...); 0 prints validation lines only.
+    One line after each validation with every `val/` metric (the sanity check's too, labelled as such: with
+    `num_sanity_val_steps` covering the validation batches it is the before-training figure), and one every
+    `every_n_steps` training batches with the training metrics (`train/`, `objective/`, `ppo/` ...); 0 prints
+    validation lines only.
     """
 
     def __init__(self, every_n_steps: int = 0, train_prefixes: tuple[str, ...] = ("train/", "objective/", "ppo/")):
@@ -79,8 +81,8 @@ class PrintMetrics(L.Callback):
             self._line(trainer, "train", lambda k: k.startswith(self.train_prefixes))
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._line(trainer, "validation", lambda k: k.startswith("val/"))
+        sanity = f" (sanity check, {trainer.num_sanity_val_steps} batches)" if trainer.sanity_checking else ""
+        self._line(trainer, f"validation{sanity}", lambda k: k.startswith("val/"))
 
 
 class ThroughputLogger(L.Callback):

@@ -101,7 +101,9 @@ class PPOModule(L.LightningModule):
         self.model = self.roles = self.tokenizer = None
         self.kl_ctl = kl_controller(ppo.adaptive_kl, ppo.init_kl_coef, ppo.target, ppo.horizon)
         self.counters = {"rollouts": 0, "skipped_batches": 0, "skipped_minibatches": 0}
-        self.val_scores = MeanMetric()
+        self.val_scores = MeanMetric()  # held-out greedy responses: the score and its parts (val/reward_model ...)
+        parts = ["no_eos"] + ["reward_model"] * (reward_adapter is not None) + ["reward_fn"] * (reward_fn is not None)
+        self.val_parts = torch.nn.ModuleDict({k: MeanMetric() for k in parts})
 
     # -- model ----------------------------------------------------------------------------------------------
 
@@ -328,16 +330,21 @@ class PPOModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ro = self.rollout(batch, replace(self.sampling, do_sample=False, min_new_tokens=None))
-        scores, _, _ = self.score(batch, ro)
+        scores, _, parts = self.score(batch, ro)
         self.val_scores.update(scores)
+        for k, v in parts.items():  # batch means, weighted by the batch's rows
+            self.val_parts[k].update(v, weight=len(scores))
 
     def on_validation_epoch_start(self) -> None:
-        metrics.fresh(self.val_scores)
+        metrics.fresh(self.val_scores, *self.val_parts.values())
 
     def on_validation_epoch_end(self) -> None:
         if self.val_scores.update_count:
             self.log("val/scores", self.val_scores.compute(), prog_bar=True)
-            self.val_scores.reset()
+            for k, m in self.val_parts.items():
+                self.log(f"val/{k}", m.compute())
+        for m in (self.val_scores, *self.val_parts.values()):
+            m.reset()
 
     def maybe_log_table(self, prompts: list[str], texts: list[str], scores: Tensor) -> None:
         if not self.sample_table_every or (self.counters["rollouts"] - 1) % self.sample_table_every:

@@ -56,8 +56,9 @@ def make_module(model_dir, ppo=None, lr=1e-3, reward_fn="tests.test_ppo.uppercas
 
 def trainer(rollouts, epochs=1, **kw):
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("num_sanity_val_steps", 0)
     return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=rollouts, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
+                     enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
 def params(module, *fragments):
@@ -312,3 +313,23 @@ def test_samples_per_prompt_must_be_positive(tiny_model_dir):
 
     with pytest.raises(ConfigError, match=r"model.ppo.samples_per_prompt: must be >= 1, got 0"):
         make_module(tiny_model_dir, ppo=PPOSpec(samples_per_prompt=0))
+
+
+def test_validation_logs_the_score_parts_and_prints_the_sanity_check(tiny_model_dir, tokenizer, caplog):
+    """Held-out greedy responses: val/scores and its parts (val/reward_fn, val/no_eos); the sanity check's
+    validation is printed too (the before-training figure) and the parts add up to the score."""
+    import logging
+
+    from lit_ft.callbacks import PrintMetrics
+
+    module = make_module(tiny_model_dir, reward_fn="tests.test_ppo.uppercase_reward", reward_fn_weight=0.5,
+                         ppo=PPOSpec(mini_batch_size=4, ppo_epochs=1, missing_eos_penalty=0.25))
+    t = trainer(1, num_sanity_val_steps=1, limit_val_batches=1, callbacks=[PrintMetrics()])
+    with caplog.at_level(logging.INFO):
+        t.fit(module, train_dataloaders=prompt_loader(tokenizer), val_dataloaders=prompt_loader(tokenizer, seed=1))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[validation")]
+    assert lines[0].startswith("[validation (sanity check, 1 batches) step 0] ") and len(lines) == 2
+    m = t.callback_metrics
+    assert {"val/scores", "val/reward_fn", "val/no_eos"} <= set(m) and "val/reward_model" not in m
+    assert torch.allclose(m["val/scores"], 0.5 * m["val/reward_fn"] - 0.25 * m["val/no_eos"])
+    assert 0 < float(m["val/no_eos"]) <= 1  # a random tiny model rarely stops within 8 tokens
