@@ -47,6 +47,14 @@ def repeat_prompts(batch: dict, k: int) -> dict:
             for key, v in batch.items()}
 
 
+# Strategies PPO refuses, and why (checked in `setup`, before any model is built or moved).
+_UNSUPPORTED_STRATEGIES = {
+    "FSDPStrategy": "rollouts generate inside the training step, where FSDP cannot gather full parameters",
+    "DeepSpeedStrategy": "measured on an H200 with ZeRO-2: the update (the policy's and the value adapter's backward "
+                         "passes, then one step) ran without an error but left trainable weights unchanged",
+}
+
+
 class PPOModule(L.LightningModule):
     """PPO with a KL penalty over LoRA adapters of one base (see the module docstring for the run length)."""
 
@@ -111,12 +119,6 @@ class PPOModule(L.LightningModule):
         if self.model is not None:
             return
         device = strategies.model_device(self, self.base)
-        if self._trainer is not None and type(self.trainer.strategy).__name__ == "FSDPStrategy":
-            raise ConfigError(
-                "trainer.strategy: PPO under FSDP is not supported (rollouts generate inside the training step, "
-                "where FSDP cannot gather full parameters); use configs/strategies/ddp.yaml, where each rank rolls "
-                "out its own prompts, with a 4-bit base (model.base.quantization nf4) for large models"
-            )
         export = roles.read_reward_export(self.reward_adapter) if self.reward_adapter else None
         model, trainable = roles.build_roles(self.base, self.lora, self.sft_adapter, export, self.value_model, device)
         if self.ppo.disable_dropout:
@@ -131,6 +133,15 @@ class PPOModule(L.LightningModule):
         self.tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
         self.tokenizer = self.tokenizer or load_tokenizer(self.base.name_or_path, self.base.trust_remote_code)
         rank_zero_info(describe(model))
+
+    def setup(self, stage: str) -> None:
+        name = type(self.trainer.strategy).__name__
+        if name in _UNSUPPORTED_STRATEGIES:
+            raise ConfigError(
+                f"trainer.strategy: PPO under {name.removesuffix('Strategy')} is not supported "
+                f"({_UNSUPPORTED_STRATEGIES[name]}); use configs/strategies/ddp.yaml, where each rank rolls out its "
+                "own prompts, with a 4-bit base (model.base.quantization nf4) for large models"
+            )
 
     # -- training -------------------------------------------------------------------------------------------
 

@@ -82,3 +82,25 @@ def test_deepspeed_zero3_is_refused_by_name(tiny_model_dir, rows, tmp_path):
 
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 is not supported"):
         _fit(DeepSpeedStrategy(stage=3), tiny_model_dir, rows, tmp_path, "bf16-mixed")
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_ppo_refuses_deepspeed_and_fsdp_by_name(strategy, tiny_model_dir):
+    """PPO under ZeRO-2 ran without an error but left trainable weights unchanged (H200, 2026-12-01): refused, as
+    FSDP is, before any model is built."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    import lightning as L
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    from transformers import AutoTokenizer
+
+    from lit_ft.errors import ConfigError
+    from tests.test_ppo import make_module, prompt_loader
+
+    chosen, name = (DeepSpeedStrategy(stage=2), "DeepSpeed") if strategy == "deepspeed" else (FSDPStrategy(), "FSDP")
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=chosen, max_epochs=1, limit_train_batches=1,
+                        logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    module = make_module(tiny_model_dir)
+    with pytest.raises(ConfigError, match=rf"trainer.strategy: PPO under {name} is not supported"):
+        trainer.fit(module, train_dataloaders=prompt_loader(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    assert module.model is None
