@@ -28,13 +28,17 @@ def wrap_decoder_layers(module: torch.nn.Module, recurse: bool, nonwrapped_numel
     return True if recurse else is_decoder_layer(module)
 
 
+def is_fsdp(trainer) -> bool:
+    """The trainer runs Lightning's FSDPStrategy (by name: no import of the FSDP stack where it is not used)."""
+    return trainer is not None and type(trainer.strategy).__name__ == "FSDPStrategy"
+
+
 def configure_gradient_clipping(module, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
     """`LightningModule.configure_gradient_clipping` of the lit_ft modules: Lightning's clipping, except clipping
     by norm under FSDP, which Lightning's FSDP precision plugin refuses ("not supported for FSDPPrecision", seen on
     the H200 with configs/sft.yaml's `gradient_clip_val: 1.0`). There the root FSDP unit clips: it computes the
     global norm over every shard and scales the local gradients alike."""
-    fsdp = type(module.trainer.strategy).__name__ == "FSDPStrategy"
-    if fsdp and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":  # a str enum
+    if is_fsdp(module.trainer) and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":  # a str enum
         module.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
         return
     module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -78,7 +82,7 @@ def for_generation(trainer):
     strategy = trainer.strategy
     with contextlib.ExitStack() as stack:
         stack.enter_context(strategy.precision_plugin.forward_context())
-        if type(strategy).__name__ == "FSDPStrategy":
+        if is_fsdp(trainer):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             stack.enter_context(FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False))
@@ -93,7 +97,7 @@ def gathered_model_state(trainer) -> dict | None:
     model's own parameter and buffer names (which hold FSDP's `_fsdp_wrapped_module.` infix at each wrapped layer);
     None where `model.state_dict()` is whole. Collective under FSDP: every rank calls it; rank zero gets the tensors
     (on the CPU with several ranks), as Lightning gathers a full checkpoint."""
-    if trainer is None or type(trainer.strategy).__name__ != "FSDPStrategy":
+    if not is_fsdp(trainer):
         return None
     full = trainer.strategy.lightning_module_state_dict()  # FSDP's full state dict: keys without the infix
     model = trainer.lightning_module.model

@@ -371,7 +371,8 @@ def test_export_adapter_best_refuses_a_checkpoint_that_matches_no_parameter(tiny
 
     def renamed(checkpoint):  # the module's own (slim) checkpoint, its tensors under other names
         slim(checkpoint)
-        checkpoint["state_dict"] = {k.replace("model.", "model.wrapped.", 1): v for k, v in checkpoint["state_dict"].items()}
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k.replace("model.", "model.wrapped.", 1): v for k, v in state.items()}
 
     module.on_save_checkpoint = renamed
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="train/loss", save_top_k=1, every_n_train_steps=1)

@@ -1,6 +1,6 @@
 """Sharded strategies on one CUDA device (skipped without one; CI has none): FSDP with LoRA trains, generates
-through `strategies.for_generation` and checkpoints; a quantized base under FSDP and DeepSpeed ZeRO-3 are refused
-by name."""
+through `strategies.for_generation`, clips, checkpoints and exports; a quantized base under FSDP, DeepSpeed ZeRO-3
+and PPO under FSDP or DeepSpeed are refused by name."""
 
 from __future__ import annotations
 
