@@ -1,4 +1,11 @@
-"""Slim, self-describing Lightning checkpoints: trainable state only, plus the identity of the frozen base."""
+"""Slim, self-describing Lightning checkpoints: trainable state only, the identity of the frozen base, a digest.
+
+Resuming follows one rule per setting (`check_resume`; README "What happens when..."): settings that change what
+the saved tensors mean are refused with the key named (the LoRA shape and scale, the optimizer type, the value
+model's kind); every other changed setting applies from the resumed step on, with a log line saying so (the
+learning rate, betas, eps and weight decay are put into the restored optimizer by `optim.apply_on_resume`; a new
+run length continues the schedule from where it was; a new batch size continues from the same sample).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,29 @@ import dataclasses
 import json
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
+from lit_ft import integrity, optim
 from lit_ft.errors import ConfigError
+from lit_ft.integrity import BASE_FILE, read_base_identity  # noqa: F401 (re-exported)
 from lit_ft.models import trainable_state_dict
 from lit_ft.strategies import FSDP_INFIX
 
 IDENTITY_KEY = "lit_ft_base"
 MODULE_KEY = "lit_ft_module"
-BASE_FILE = "lit_ft_base.json"
+RUN_KEY = "lit_ft_run"  # trainer settings a resume compares: accumulation, world size
+RESUMED_ATTR = "_lit_ft_resumed"  # on the module after a restore: the checkpoint's settings, for apply_on_resume
 
 
-def slim(module: torch.nn.Module, checkpoint: dict, identity: dict) -> None:
-    """Keep only trainable tensors in `checkpoint["state_dict"]` and record which base they belong to.
+def slim(module: torch.nn.Module, checkpoint: dict, identity: dict, extra: dict | None = None,
+         extra_state: dict | None = None) -> None:
+    """Keep only trainable tensors in `checkpoint["state_dict"]` (plus the module's `extra_state` tensors), record
+    which base they belong to, add the module's `extra` entries and seal the whole checkpoint with its digest (`integrity.seal`).
 
-    Call from `on_save_checkpoint`. The frozen base is never written: a LoRA checkpoint is a small fraction
-    of the base model's size.
+    Call from `on_save_checkpoint`, as its last step. The frozen base is never written: a LoRA checkpoint is a
+    small fraction of the base model's size.
     """
     state = checkpoint.get("state_dict")
     if state is None:
@@ -38,6 +52,15 @@ def slim(module: torch.nn.Module, checkpoint: dict, identity: dict) -> None:
     hparams = checkpoint.get("hyper_parameters")
     if hparams is not None:
         checkpoint["hyper_parameters"] = {k: _plain(v) for k, v in hparams.items()}
+    schedule = getattr(module, "_lit_ft_schedule", None)
+    trainer = getattr(module, "_trainer", None)
+    run = {"schedule_total": schedule["total"] if schedule else None}
+    if trainer is not None:
+        run.update(accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size)
+    checkpoint[RUN_KEY] = run
+    checkpoint["state_dict"].update(extra_state or {})
+    checkpoint.update(extra or {})
+    integrity.seal(checkpoint)
 
 
 def _unwrapped(name: str) -> str:
@@ -71,16 +94,96 @@ def as_spec(cls, value):
 
 
 def check_identity(checkpoint: dict, identity: dict) -> None:
-    """Refuse to load adapters onto a different base. Call from `on_load_checkpoint`."""
+    """Refuse to load adapters onto a different base (name, revision, quantization or weights)."""
     saved = checkpoint.get(IDENTITY_KEY)
     if saved is None:
         return
-    diff = {k: (saved.get(k), identity.get(k)) for k in identity if saved.get(k) != identity.get(k)}
+    diff = integrity.identity_diff(saved, identity)
     if diff:
         lines = ", ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(
-            f"the checkpoint was trained on another base model ({lines}); set model.base to match or start a new run"
+            f"the checkpoint was trained on another base model ({lines}; checkpoint: "
+            f"{integrity.describe_identity(saved)}; this run: {integrity.describe_identity(identity)}); set "
+            "model.base to match or start a new run"
         )
+
+
+# Settings whose change would make the saved tensors mean something else: a resume with another value is refused.
+REFUSED_ON_RESUME = {
+    "model.lora.r": "the saved LoRA matrices have the old rank",
+    "model.lora.alpha": "the saved LoRA weights were trained under the old scale alpha / r",
+    "model.lora.target_modules": "the saved adapter covers the old modules",
+    "model.lora.bias": "the saved trainable biases follow the old setting",
+    "model.lora.modules_to_save": "the saved adapter holds the old fully-trained modules",
+    "model.lora.use_rslora": "the saved LoRA weights were trained under the old scale",
+    "model.lora.use_dora": "DoRA adds magnitude vectors the saved adapter does (not) have",
+    "model.optim.optimizer": "the saved optimizer state belongs to the old optimizer",
+    "model.value_model": "the saved value model is of the old kind",
+}
+
+
+def _flat(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not str(k).startswith("_"):  # LightningCLI's _class_path / _instantiator
+                out.update(_flat(f"{prefix}.{k}", v))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def settings_diff(saved: dict, current: dict, prefix: str) -> dict[str, tuple]:
+    """Dotted keys (e.g. `model.lora.r`) whose values differ between two hyper-parameter dicts."""
+    a, b = _flat(prefix, _plain_dict(saved)), _flat(prefix, _plain_dict(current))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _plain_dict(hparams) -> dict:
+    return {k: _plain(v) for k, v in dict(hparams or {}).items()}
+
+
+def check_resume(module, checkpoint: dict, identity: dict) -> None:
+    """Everything a module checks in `on_load_checkpoint`, before any tensor is loaded: the digest (truncation and
+    flipped bytes), the base's identity, and the rule for every changed setting (module docstring)."""
+    trainer = getattr(module, "_trainer", None)
+    integrity.verify(checkpoint, getattr(trainer, "ckpt_path", None) if trainer is not None else None)
+    check_identity(checkpoint, identity)
+    changed = settings_diff(checkpoint.get("hyper_parameters") or {}, module.hparams, "model")
+    refused = {k: v for k, v in changed.items() if k in REFUSED_ON_RESUME}
+    if refused:
+        k, (old, new) = next(iter(refused.items()))
+        raise ConfigError(f"{k} changed since the checkpoint ({old!r} -> {new!r}) and cannot change on resume: "
+                          f"{REFUSED_ON_RESUME[k]}. Set it back, or start a new run from the exported adapter "
+                          "(model.base.adapter)")
+    for k, (old, new) in changed.items():
+        if not k.startswith("model.optim."):  # the optimizer's own lines come from optim.apply_on_resume
+            rank_zero_info(f"resume: {k} changed since the checkpoint ({old!r} -> {new!r}); the new value applies")
+    run = checkpoint.get(RUN_KEY) or {}
+    if trainer is not None:
+        for key in ("accumulate_grad_batches", "world_size"):
+            now = getattr(trainer, key)
+            if run.get(key) is not None and run[key] != now:
+                rank_zero_info(f"resume: trainer {key} changed since the checkpoint ({run[key]} -> {now}); the run "
+                               "continues from the same sample, but is no longer an exact repeat of an uninterrupted one")
+    setattr(module, RESUMED_ATTR, {"optim": (checkpoint.get("hyper_parameters") or {}).get("optim"),
+                                  "schedule_total": run.get("schedule_total")})
+
+
+class ResumeSettings(L.Callback):
+    """After a restore, puts this run's optimizer settings into the restored optimizer and schedule
+    (`optim.apply_on_resume`), logging each change; see the module docstring for the rule per setting."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        saved = getattr(pl_module, RESUMED_ATTR, None)
+        spec = getattr(pl_module, "optim", None)
+        if saved is None or not isinstance(spec, optim.OptimSpec) or not trainer.optimizers:
+            return
+        setattr(pl_module, RESUMED_ATTR, None)
+        saved_spec = as_spec(optim.OptimSpec, saved["optim"]) if saved.get("optim") else spec
+        configs = trainer.lr_scheduler_configs
+        scheduler = configs[0].scheduler if configs else None
+        optim.apply_on_resume(pl_module, trainer.optimizers[0], scheduler, spec, saved_spec,
+                              saved.get("schedule_total"), lambda m: rank_zero_info(f"resume: {m}"))
 
 
 def save_adapter(model, path, tokenizer=None, identity: dict | None = None, state_dict: dict | None = None) -> Path:
@@ -120,6 +223,3 @@ def write_base_identity(adapter_dir, identity: dict) -> None:
     (Path(adapter_dir) / BASE_FILE).write_text(json.dumps(identity, indent=2) + "\n")
 
 
-def read_base_identity(adapter_dir) -> dict | None:
-    f = Path(adapter_dir) / BASE_FILE
-    return json.loads(f.read_text()) if f.exists() else None

@@ -13,22 +13,34 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import pickle
 from pathlib import Path
 
-import torch
-
 from lit_ft.checkpointing import IDENTITY_KEY, MODULE_KEY, read_base_identity
 from lit_ft.errors import ConfigError
-from lit_ft.models import ModelSpec, load_base, load_tokenizer
+from lit_ft.integrity import check_adapter_base, load_verified
+from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer
+from lit_ft.runs import atomic_directory
+
+# The only classes an export builds from a checkpoint's `lit_ft_module` entry: a checkpoint cannot name any other
+# callable to be imported or called.
+MODULE_CLASSES = {
+    "lit_ft.sft.SFTModule",
+    "lit_ft.reward.RewardModule",
+    "lit_ft.ppo.PPOModule",
+}
 
 
 def load_checkpoint(ckpt: str | Path) -> dict:
     """``torch.load(weights_only=True)``: tensors and plain values only, never pickled code (a checkpoint from
-    an untrusted source cannot run anything); a file holding pickled objects is refused with a ConfigError."""
+    an untrusted source cannot run anything); a file holding pickled objects is refused with a ConfigError, a
+    truncated or corrupted one with a CheckpointError naming the newest checkpoint beside it that verifies."""
+    if not Path(ckpt).is_file():
+        raise ConfigError(f"--ckpt: {ckpt} is not a file")
     try:
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
+        return load_verified(ckpt)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
@@ -43,17 +55,34 @@ def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | 
     state = load_checkpoint(ckpt)
     if MODULE_KEY not in state:
         raise ConfigError(f"{ckpt} is not a lit_ft checkpoint (no '{MODULE_KEY}' entry)")
-    module_path, _, name = state[MODULE_KEY].rpartition(".")
-    cls = getattr(importlib.import_module(module_path), name)
-    module = cls(**state["hyper_parameters"])
+    cls = module_class(state[MODULE_KEY], ckpt)
+    module = cls(**init_arguments(cls, state.get("hyper_parameters") or {}))
     module.configure_model()
     missing = set(state["state_dict"]) - set(module.state_dict())
     if missing:
         raise ConfigError(f"{ckpt} holds tensors this module does not have, e.g. {sorted(missing)[:3]}")
     module.load_state_dict(state["state_dict"], strict=False)
     base_name = tokenizer or state[IDENTITY_KEY]["name_or_path"]
-    tok = load_tokenizer(None if base_name == ModelSpec().identity()["name_or_path"] else base_name)
-    return module.save_adapter(out, tokenizer=tok)
+    tok = load_tokenizer(None if base_name == DEFAULT_MODEL_NAME else base_name)
+    with atomic_directory(out) as tmp:  # a kill during the export leaves no partial directory
+        module.save_adapter(tmp, tokenizer=tok)
+    return Path(out)
+
+
+def module_class(name: str, ckpt) -> type:
+    """The LightningModule class a checkpoint names, from `MODULE_CLASSES` only (checked before any import)."""
+    if not isinstance(name, str) or name not in MODULE_CLASSES:
+        raise ConfigError(f"{ckpt}: refused: its '{MODULE_KEY}' entry names {name!r}, which is not one of lit_ft's "
+                          f"modules ({', '.join(sorted(MODULE_CLASSES))}); nothing was imported or called")
+    module_path, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module_path), attr)
+
+
+def init_arguments(cls: type, hparams: dict) -> dict:
+    """The hyper-parameters that are arguments of `cls.__init__`: LightningCLI also stores `_class_path` and
+    `_instantiator` among them, and an older or newer checkpoint may hold settings this version does not know."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in hparams.items() if k in params and k != "self"}
 
 
 def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32") -> Path:
@@ -64,16 +93,17 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     identity = read_base_identity(adapter) or {}
     name = base or identity.get("name_or_path") or cfg.get("base_model_name_or_path")
-    spec = ModelSpec(name_or_path=None if name == ModelSpec().identity()["name_or_path"] else name, dtype=dtype)
+    spec = ModelSpec(name_or_path=None if name == DEFAULT_MODEL_NAME else name, dtype=dtype)
     if identity.get("quantization", "none") != "none":
         print(f"note: trained on a {identity['quantization']} base; merging into a de-quantized {dtype} copy")
+    check_adapter_base(adapter, spec.identity(), "--adapter")
     task = "score" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
     model = PeftModel.from_pretrained(load_base(spec, task), str(adapter)).merge_and_unload()
-    out = Path(out)
-    model.save_pretrained(out)
     tok = load_tokenizer(str(adapter)) if (adapter / "tokenizer_config.json").exists() else load_tokenizer(spec.name_or_path)
-    tok.save_pretrained(out)
-    return out
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return Path(out)
 
 
 def main(argv=None) -> None:

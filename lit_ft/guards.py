@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_ft import integrity
 from lit_ft.errors import LitFTError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,85 @@ def grads_finite(optimizer) -> bool:
 GUARD_KEY = "lit_ft_guard"  # checkpoint key of the skip counters
 
 
+def newest_good_checkpoint(trainer) -> str:
+    """The newest checkpoint of the run's checkpoint directories that verifies (finite weights included)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            good = integrity.newest_verified(cb.dirpath)
+            if good is not None:
+                return str(good)
+    return "none (no checkpoint was written yet)"
+
+
+def check_weights_finite(module: L.LightningModule, optimizer) -> None:
+    """Stop the run when an optimizer step made a trainable weight NaN/inf, before anything can be saved.
+
+    The gradient check cannot see this: the update itself can be non-finite with finite gradients (Adam with
+    `eps 0` on a gradient that is exactly 0, an overflowing lr). One device sync per step.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if integrity.trainable_finite(params):
+        return
+    trainer = module.trainer
+    raise NonFiniteError(
+        f"optimizer step {trainer.global_step} made trainable weights NaN/inf (the update itself, with finite "
+        "gradients: check model.optim.eps > 0 and lower model.optim.lr); stopped before anything was saved. The "
+        f"newest checkpoint with finite weights: {newest_good_checkpoint(trainer)}"
+    )
+
+
+class CountWeighting:
+    """The loss of an optimizer step as the sum over every item (loss token, preference pair) of every micro-batch
+    on every rank, divided by their total count, as transformers does since 4.46.
+
+    Dividing each micro-batch by its own count (the mean per micro-batch) makes a token of a short micro-batch
+    weigh more than one of a long micro-batch under gradient accumulation and DDP. Here each micro-batch's loss
+    is its *sum* divided by a constant `unit` (the first micro-batch's count, kept in the checkpoint, so the
+    values stay of the usual size), and before the optimizer step the accumulated gradients are multiplied by
+    `accumulate_grad_batches * world_size * unit / total count` (the total summed over the ranks: one
+    all-reduce per step), which undoes Lightning's division by the accumulation steps and DDP's mean over ranks.
+    Under DeepSpeed, which owns the gradients, each micro-batch keeps its own mean.
+    """
+
+    def __init__(self):
+        self.unit: float | None = None
+        self.window: torch.Tensor | None = None
+
+    def loss(self, module: L.LightningModule, loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        if _is_deepspeed(module):
+            return loss_sum / count.clamp(min=1)
+        count = count.detach().float()
+        self.window = count if self.window is None else self.window + count
+        if self.unit is None:
+            self.unit = max(float(count), 1.0)  # one host sync, once per run
+        return loss_sum / self.unit
+
+    def rescale(self, module: L.LightningModule, optimizer) -> None:
+        """Turn the accumulated gradients into those of the count-weighted mean (before clipping and the step)."""
+        if self.window is None or self.unit is None:
+            return
+        trainer = module.trainer
+        total = trainer.strategy.reduce(self.window.clone(), reduce_op="sum")
+        self.window = None
+        factor = trainer.accumulate_grad_batches * trainer.world_size * self.unit / total.clamp(min=1)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].device))
+
+    def state_dict(self) -> dict:
+        return {"unit": self.unit}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.unit = state.get("unit")
+
+
+def _is_deepspeed(module) -> bool:
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and type(trainer.strategy).__name__.startswith("DeepSpeed")
+
+
 class NonFiniteGuard:
     """Skip-and-count state of one module; see the module docstring."""
 
@@ -55,6 +135,7 @@ class NonFiniteGuard:
         self.skipped = 0
         self.consecutive = 0
         self.last_skipped = False
+        self.weighting = CountWeighting()
 
     def optimizer_step(self, module: L.LightningModule, optimizer, closure: Callable | None) -> bool:
         """Run ``closure``, then step ``optimizer`` unless the loss or a gradient is not finite; True if stepped."""
@@ -66,6 +147,7 @@ class NonFiniteGuard:
             optimizer.step(closure=lambda: loss)
             self.last_skipped = False
             return True
+        self.weighting.rescale(module, optimizer)
         finite = bool(torch.isfinite(loss.detach()).all())
         if finite and getattr(module.trainer.precision_plugin, "scaler", None) is None:
             finite = grads_finite(optimizer)
@@ -77,6 +159,7 @@ class NonFiniteGuard:
             # The closure already ran: hand its result to the optimizer (and the precision plugin's clipping
             # and on_before_optimizer_step hook) without running forward/backward again.
             optimizer.step(closure=lambda: loss)
+            check_weights_finite(module, optimizer)
         else:
             optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -98,10 +181,11 @@ class NonFiniteGuard:
 
     def state_dict(self) -> dict:
         """The skip counters, saved with the checkpoint so a resumed run keeps counting where it stopped."""
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "weighting": self.weighting.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self.weighting.load_state_dict(state.get("weighting") or {})
 
     def lr_scheduler_step(self, module: L.LightningModule, scheduler, metric) -> None:
         """Advance the scheduler unless the optimizer step just skipped."""

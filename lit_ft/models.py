@@ -17,6 +17,7 @@ import torch
 
 from lit_ft.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: F401 (re-exported)
 from lit_ft.errors import ConfigError
+from lit_ft.integrity import check_adapter_base, weights_fingerprint
 
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,15 +80,34 @@ class ModelSpec:
     set, it is trained further instead of a new adapter made from the LoRA settings."""
 
     def identity(self) -> dict:
-        """What a checkpoint records so a resume can refuse a different base."""
+        """What a checkpoint records so a resume can refuse a different base: the name, revision, quantization and
+        a fingerprint of the weights themselves (`integrity.weights_fingerprint`; None for a hub id that is not in
+        the local cache)."""
         return {
             "name_or_path": self.name_or_path or DEFAULT_MODEL_NAME,
             "revision": self.revision,
             "quantization": self.quantization,
+            "weights": weights_fingerprint(local_weights_path(self.name_or_path, self.revision)),
         }
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
+
+def local_weights_path(name_or_path: str | None, revision: str | None = None) -> str | None:
+    """The local file or directory holding a base's weights: the bundled default's cache, a `.gguf` file, a local
+    directory, or a hub id's snapshot in the local cache (None when it is not there; nothing is downloaded)."""
+    if name_or_path is None:
+        return default_model_dir()
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return str(p)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, revision=revision, local_files_only=True)
+    except Exception:  # not cached, or not a valid repo id: no fingerprint
+        return None
 
 
 def resolve_name(name_or_path: str | None, kind: Literal["model", "tokenizer"] = "model") -> tuple[str, str | None]:
@@ -320,6 +340,7 @@ def build_model(
 
     model = prepare_for_training(load_base(spec, task, device), spec)
     if spec.adapter is not None:
+        check_adapter_base(spec.adapter, spec.identity(), "model.base.adapter")
         model = load_adapter(model, spec.adapter, task, trainable)
     elif lora is not None:
         model = get_peft_model(model, lora_config(lora, task))

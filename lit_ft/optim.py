@@ -60,25 +60,94 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
     return cls(groups, **kwargs)
 
 
-def lr_lambda(spec: OptimSpec, total_steps: int):
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the decay."""
+def _decay(spec: OptimSpec, progress: float) -> float:
+    """The decay's shape at `progress` in [0, 1]: 1 -> 0 (cosine or linear), or 1 throughout (constant)."""
+    if spec.scheduler == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * progress)) if spec.scheduler == "cosine" else 1 - progress
+
+
+def lr_lambda(spec: OptimSpec, total_steps: int, resume: dict | None = None):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the decay.
+
+    `resume` (filled in after a restore by `apply_on_resume` when the run's length changed) holds `step` and `mult`:
+    from that step on, the decay continues from the multiplier the schedule had reached and ends at the floor at
+    the new `total_steps`, so extending `max_steps` neither jumps the lr nor stretches what already ran.
+    """
     total = max(int(total_steps), 1)
     warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil(spec.warmup_ratio * total)
+    resume = resume if resume is not None else {}
 
     def fn(step: int) -> float:
+        if resume and step >= resume["step"]:
+            progress = min((step - resume["step"]) / max(total - resume["step"], 1), 1.0)
+            return spec.min_lr_ratio + (resume["mult"] - spec.min_lr_ratio) * _decay(spec, progress)
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if spec.scheduler == "constant":
-            return 1.0
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if spec.scheduler == "cosine" else 1 - progress
-        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * _decay(spec, progress)
 
     return fn
 
 
+SCHEDULE_KEY = "lit_ft_schedule"  # checkpoint entry: the schedule's length, so a resume can tell it changed
+
+
 def configure(module, spec: OptimSpec, total_steps: int) -> dict:
-    """What a LightningModule's `configure_optimizers` returns: the optimizer and a per-step schedule."""
+    """What a LightningModule's `configure_optimizers` returns: the optimizer and a per-step schedule.
+
+    The schedule's length and a (so far empty) resume record are kept on the module: the checkpoint records the
+    length, and `apply_on_resume` uses both after a restore."""
     opt = make_optimizer(module.named_parameters(), spec)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec, total_steps))
+    module._lit_ft_schedule = {"total": int(total_steps), "resume": {}}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec, total_steps, module._lit_ft_schedule["resume"]))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def apply_on_resume(module, optimizer, scheduler, spec: OptimSpec, saved_spec: OptimSpec, saved_total: int | None,
+                    log) -> None:
+    """After a restore: give the restored optimizer and schedule this run's settings (the documented resume rule).
+
+    Lightning restores the optimizer's param groups and the schedule's `base_lrs` from the checkpoint, which would
+    silently keep the old lr, betas, eps and weight decay. Here each changed one is set to the new value and logged.
+    When the run's length changed, the schedule continues from where it was (see `lr_lambda`).
+    """
+    state = getattr(module, "_lit_ft_schedule", None)
+    step = scheduler.last_epoch if scheduler is not None else 0
+    if state is not None and saved_total is not None and saved_total != state["total"]:
+        if step >= state["total"]:
+            log(f"the run's length changed ({saved_total} -> {state['total']} optimizer steps) but {step} steps are "
+                "already done: nothing left to train")
+        else:
+            mult = lr_lambda(saved_spec, saved_total)(step)
+            warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil(spec.warmup_ratio * state["total"])
+            if step >= warmup:
+                state["resume"].update(step=step, mult=mult)
+            log(f"the run's length changed ({saved_total} -> {state['total']} optimizer steps): the lr schedule "
+                f"continues from step {step} at {mult:.4g} x lr and reaches its floor at step {state['total']}")
+    changed = [k for k in ("lr", "betas", "eps", "weight_decay")
+               if _plain(getattr(spec, k)) != _plain(getattr(saved_spec, k))]
+    for k in changed:
+        log(f"model.optim.{k} changed since the checkpoint ({_plain(getattr(saved_spec, k))} -> "
+            f"{_plain(getattr(spec, k))}): the new value applies from this step on")
+    for k in ("scheduler", "warmup_ratio", "warmup_steps", "min_lr_ratio"):
+        if getattr(spec, k) != getattr(saved_spec, k):
+            log(f"model.optim.{k} changed since the checkpoint ({getattr(saved_spec, k)} -> {getattr(spec, k)}): "
+                f"the lr follows the new schedule from step {step} on")
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = tuple(spec.betas), spec.eps
+        group["weight_decay"] = spec.weight_decay if _decays(group) else 0.0  # as `_param_groups` splits them
+        group["initial_lr"] = spec.lr
+    if scheduler is not None:
+        scheduler.base_lrs = [spec.lr for _ in optimizer.param_groups]
+        for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = spec.lr * fn(step)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _decays(group: dict) -> bool:
+    return any(p.ndim >= 2 for p in group["params"])
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v

@@ -28,7 +28,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, resume, roles, strategies
+from lit_ft import checkpointing, metrics, optim, roles, runs, strategies
+from lit_ft.guards import check_weights_finite
 from lit_ft.callbacks import log_table, resolve_callable
 from lit_ft.errors import ConfigError
 from lit_ft.generation import SamplingSpec, generate
@@ -271,9 +272,10 @@ class PPOModule(L.LightningModule):
             for epochs in range(1, p.ppo_epochs + 1):
                 order, epoch_kl = torch.randperm(n, device=ro.mask.device), []
                 groups = [order[i : i + mbs] for i in range(0, n, mbs)]
+                scales = self._token_scales(ro.mask, groups, ga)
                 contributed = False
                 for j, idx in enumerate(groups):
-                    stats = self.minibatch_step(ro.rows(idx), scale=1.0 / min(ga, len(groups) - j // ga * ga))
+                    stats = self.minibatch_step(ro.rows(idx), scale=scales[j])
                     if stats is None:
                         self.counters["skipped_minibatches"] += 1
                     else:
@@ -300,7 +302,18 @@ class PPOModule(L.LightningModule):
             if self.ppo.max_grad_norm is not None:
                 self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
+            check_weights_finite(self, opt)
         opt.zero_grad(set_to_none=True)
+
+    def _token_scales(self, mask: Tensor, groups: list[Tensor], ga: int) -> Tensor:
+        """Per-minibatch loss weights that make each optimizer step's losses token-weighted: a minibatch's token mean
+        times its share of the response tokens of its accumulation group on all ranks (times the number of ranks,
+        which `strategies.average_gradients` divides by again). One all-reduce per PPO epoch."""
+        tokens = torch.stack([mask[idx].sum() for idx in groups]).float()
+        step_of = torch.arange(len(groups), device=tokens.device) // ga
+        per_step = torch.zeros(int(step_of[-1]) + 1, device=tokens.device).index_add_(0, step_of, tokens)
+        per_step = self.trainer.strategy.reduce(per_step, reduce_op="sum")
+        return tokens * self.trainer.world_size / per_step[step_of].clamp(min=1)
 
     def _mean_over_ranks(self, values: list[Tensor]) -> float:
         """Mean of every rank's `values` (one all-reduce under DDP; 0 when there are none)."""
@@ -370,16 +383,15 @@ class PPOModule(L.LightningModule):
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
-    configure_callbacks = resume.configure_callbacks  # RNG states in checkpoints: exact resume
+    configure_callbacks = runs.configure_callbacks  # exact resume, resume rules, run lock, preemption
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.roles.restore_flags()
-        checkpointing.slim(self, checkpoint, self.base.identity())
-        checkpoint["kl_controller"] = self.kl_ctl.state_dict()
-        checkpoint["ppo_counters"] = dict(self.counters)
+        checkpointing.slim(self, checkpoint, self.base.identity(),
+                           extra={"kl_controller": self.kl_ctl.state_dict(), "ppo_counters": dict(self.counters)})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpointing.check_identity(checkpoint, self.base.identity())
+        checkpointing.check_resume(self, checkpoint, self.base.identity())
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.counters.update(checkpoint.get("ppo_counters", {}))

@@ -32,8 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
+
+from lit_ft import integrity
+from lit_ft.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------------ data order
 
@@ -103,6 +106,14 @@ class ResumableDataLoader(DataLoader):
                          num_workers=num_workers, persistent_workers=num_workers > 0, drop_last=drop_last,
                          generator=torch.Generator().manual_seed(seed))
         self._epoch, self._position = 0, 0
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str | None:
+        """Content digest of the training rows (`dataset_digest`), computed once."""
+        if self._digest is None:
+            self._digest = dataset_digest(self.dataset)
+        return self._digest
 
     def __iter__(self):
         # A generator: nothing runs until the first batch is asked for, after Lightning's `set_epoch`.
@@ -113,11 +124,21 @@ class ResumableDataLoader(DataLoader):
             self._position = min(self._position + step, sampler.total_size)
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str | None]:
         return {"epoch": self._epoch, "position": self._position, "seed": self.sampler.seed,
-                "size": len(self.dataset)}
+                "size": len(self.dataset), "digest": self.digest, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("digest") and self.digest and state["digest"] != self.digest:
+            raise ConfigError(
+                f"data.train_file: the training data changed since the checkpoint (content digest "
+                f"{state['digest'][:12]} -> {self.digest[:12]}, rows {state.get('size')} -> {len(self.dataset)}): "
+                "its saved position would point into other rows. Restore the data the run was started with, or "
+                "start a new run from the exported adapter (model.base.adapter)"
+            )
+        if state.get("batch_size") is not None and state["batch_size"] != self.batch_size:
+            rank_zero_info(f"resume: data.batch_size changed since the checkpoint ({state['batch_size']} -> "
+                           f"{self.batch_size}); the epoch continues from the same sample")
         if state.get("seed") != self.sampler.seed or state.get("size") != len(self.dataset):
             rank_zero_warn(
                 f"the training data or its seed changed since the checkpoint (size {state.get('size')} -> "
@@ -127,6 +148,24 @@ class ResumableDataLoader(DataLoader):
         self.sampler.set_epoch(int(state["epoch"]))
         self.sampler.start = min(int(state["position"]), self.sampler.total_size)
         self._epoch, self._position = int(state["epoch"]), self.sampler.start
+
+
+def dataset_digest(dataset) -> str | None:
+    """SHA-256 of a `datasets.Dataset`'s rows in their order (its Arrow IPC stream, selections applied), so a resume
+    notices edited or reordered data, not only a changed row count; None for other dataset types."""
+    if not hasattr(dataset, "with_format") or not hasattr(dataset, "column_names"):
+        return None
+    import hashlib
+
+    import pyarrow as pa
+
+    table = dataset.with_format("arrow")[:] if len(dataset) else None
+    if table is None:
+        return hashlib.sha256(b"").hexdigest()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(memoryview(sink.getvalue())).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ RNG state
@@ -253,8 +292,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         _fsync_dir(folder)
 
+    def __init__(self, fallback_to_verified: bool = True):
+        """
+        Args:
+            fallback_to_verified: when a `last*.ckpt` (what `--ckpt_path last` picks) fails its digest or does not
+                load, resume from the newest checkpoint beside it that verifies, saying so. Any other path is refused.
+        """
+        super().__init__()
+        self.fallback_to_verified = fallback_to_verified
+
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None):
-        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+        """Load with `weights_only=True` and verify the digest (`lit_ft.integrity`): a truncated or corrupted file is
+        refused with a message naming it and the newest checkpoint beside it that verifies."""
+        if weights_only is False or "://" in str(path) and not str(path).startswith("file://"):
+            return super().load_checkpoint(path, map_location, weights_only=weights_only)
+        path = str(path).removeprefix("file://")
+        try:
+            return integrity.load_verified(path)
+        except integrity.CheckpointError as e:
+            if not (self.fallback_to_verified and os.path.basename(path).startswith("last")):
+                raise
+            good = integrity.newest_verified(os.path.dirname(os.path.abspath(path)), exclude=path)
+            if good is None:
+                raise
+            rank_zero_warn(f"{e}. Resuming from {good} instead.")
+            return integrity.load_verified(good)
 
 
 def _fsync_dir(folder: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, resume, scoring, strategies
+from lit_ft import checkpointing, metrics, optim, runs, scoring, strategies
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.optim import OptimSpec
@@ -105,7 +105,8 @@ class RewardModule(L.LightningModule):
         # 3. Log with the batch size Lightning cannot infer from a dict of tensors.
         self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
         self.log("train/accuracy", self.train_accuracy, prog_bar=True, batch_size=pairs)
-        return loss
+        # 4. Pair-weighted over the whole optimizer step (every micro-batch, every rank): guards.CountWeighting.
+        return self.guard.weighting.loss(self, loss * pairs, torch.tensor(pairs, device=loss.device))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, r_chosen, r_rejected = self.pair_loss(batch)
@@ -160,16 +161,15 @@ class RewardModule(L.LightningModule):
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
-    configure_callbacks = resume.configure_callbacks  # RNG states in checkpoints: exact resume
+    configure_callbacks = runs.configure_callbacks  # exact resume, resume rules, run lock, preemption
     configure_gradient_clipping = strategies.configure_gradient_clipping  # norm clipping under FSDP too
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpointing.slim(self, checkpoint, self.base.identity())
-        checkpoint[GUARD_KEY] = self.guard.state_dict()
-        checkpoint["state_dict"][STATS_KEY] = self.reward_stats.detach().clone()
+        checkpointing.slim(self, checkpoint, self.base.identity(), extra={GUARD_KEY: self.guard.state_dict()},
+                           extra_state={STATS_KEY: self.reward_stats.detach().clone()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpointing.check_identity(checkpoint, self.base.identity())
+        checkpointing.check_resume(self, checkpoint, self.base.identity())
         if GUARD_KEY in checkpoint:
             self.guard.load_state_dict(checkpoint[GUARD_KEY])
 

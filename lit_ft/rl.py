@@ -77,7 +77,8 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """Normalise ``x`` to zero mean / unit variance over masked positions: ``(x - mean) / sqrt(var + 1e-8)``.
 
     With ``shift_mean=False`` the mean is added back (only the scale changes), as the reference code does for
-    rewards (Ziegler et al. 2019). Uses the unbiased variance. Positions where ``mask`` is 0 are set to 0.
+    rewards (Ziegler et al. 2019). Uses the unbiased variance. A float ``mask`` weights the mean and variance;
+    positions where it is 0 are set to 0 and every other position is whitened, never scaled by its weight.
     Shapes: ``x``, ``mask`` ``[B, T]`` -> ``[B, T]``.
     """
     xf = _f(x)
@@ -85,7 +86,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     whitened = (xf - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * _f(mask)
+    return torch.where(mask != 0, whitened, torch.zeros_like(whitened))
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:

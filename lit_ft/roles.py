@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lit_ft import scoring
 from lit_ft.errors import ConfigError
+from lit_ft.integrity import check_adapter_base
 from lit_ft.losses import entropy_from_logits, selective_log_softmax
 from lit_ft.models import LoraSpec, ModelSpec, load_base, lora_config, prepare_for_training
 
@@ -50,6 +51,7 @@ class RewardExport:
     head_bias: Tensor | None
     gain: float = 1.0
     bias: float = 0.0
+    path: str | None = None
 
 
 def read_reward_export(path: str | Path) -> RewardExport:
@@ -78,7 +80,7 @@ def read_reward_export(path: str | Path) -> RewardExport:
     config.task_type, config.modules_to_save = "CAUSAL_LM", None
     gain, bias = scoring.read_normalization(path)
     head_bias = head.bias.detach().float() if head.bias is not None else None
-    return RewardExport(config, state, head.weight.detach().float(), head_bias, gain, bias)
+    return RewardExport(config, state, head.weight.detach().float(), head_bias, gain, bias, str(path))
 
 
 def linear_head(hidden_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -111,9 +113,12 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
     from peft import PeftModel, get_peft_model
 
     model = prepare_for_training(load_base(base, "causal_lm", device), base)
+    if reward is not None and reward.path is not None:
+        check_adapter_base(reward.path, base.identity(), "model.reward_adapter")
     if sft_adapter is not None:
         if not (Path(sft_adapter) / "adapter_config.json").exists():
             raise ConfigError(f"sft_adapter: {sft_adapter} has no adapter_config.json")
+        check_adapter_base(sft_adapter, base.identity(), "model.sft_adapter")
         model = PeftModel.from_pretrained(model, sft_adapter, adapter_name=POLICY, is_trainable=True)
         model.load_adapter(sft_adapter, adapter_name=REF, is_trainable=False)
     elif lora is not None:

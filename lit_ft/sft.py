@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, resume, strategies
+from lit_ft import checkpointing, metrics, runs, strategies
 from lit_ft import optim as optim_mod
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import causal_lm_loss
@@ -89,11 +89,12 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self.token_loss(batch)
-        # 1. Mean over this micro-batch's loss tokens; an all-masked batch gives 0 still joined to the graph.
-        loss = loss_sum / n_tokens.clamp(min=1)
-        # 2. Log with the batch size Lightning cannot infer from a dict of tensors.
+        # 1. Token-weighted over the whole optimizer step (every micro-batch of the accumulation, every rank): the
+        #    sum over this micro-batch's tokens, rescaled before the step (guards.CountWeighting).
+        loss = self.guard.weighting.loss(self, loss_sum, n_tokens)
+        # 2. Log this micro-batch's mean per token, with the batch size Lightning cannot infer from a dict.
         bsz = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+        self.log("train/loss", loss_sum.detach() / n_tokens.clamp(min=1), prog_bar=True, batch_size=bsz)
         self.log("train/loss_tokens", n_tokens.float(), batch_size=bsz, reduce_fx="sum")
         return loss
 
@@ -126,15 +127,14 @@ class SFTModule(L.LightningModule):
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
-    configure_callbacks = resume.configure_callbacks  # RNG states in checkpoints: exact resume
+    configure_callbacks = runs.configure_callbacks  # exact resume, resume rules, run lock, preemption
     configure_gradient_clipping = strategies.configure_gradient_clipping  # norm clipping under FSDP too
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpointing.slim(self, checkpoint, self.base.identity())
-        checkpoint[GUARD_KEY] = self.guard.state_dict()
+        checkpointing.slim(self, checkpoint, self.base.identity(), extra={GUARD_KEY: self.guard.state_dict()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpointing.check_identity(checkpoint, self.base.identity())
+        checkpointing.check_resume(self, checkpoint, self.base.identity())
         if GUARD_KEY in checkpoint:
             self.guard.load_state_dict(checkpoint[GUARD_KEY])
 

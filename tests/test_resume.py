@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_ft import integrity
 from lit_ft.callbacks import ExportAdapter
 from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
 from lit_ft.generation import SamplingSpec
@@ -212,7 +213,10 @@ def test_killed_run_resumes_exactly(stage, kill, runs, tmp_path):
     epoch = (kill_after - 1) // spec.batches_per_epoch
     position = spec.batch_size * (kill_after - epoch * spec.batches_per_epoch)
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader_state == {"epoch": epoch, "position": position, "seed": 0, "size": len(spec.rows)}
+    digest = loader_state.pop("digest")
+    assert loader_state == {"epoch": epoch, "position": position, "seed": 0, "size": len(spec.rows),
+                            "batch_size": spec.batch_size}
+    assert isinstance(digest, str) and len(digest) == 64  # the rows' content (tests/test_checkpoint_safety.py)
 
     second, module, trainer = run.resume(ckpt_dir / "last.ckpt", tmp_path)
     assert trainer.global_step == spec.total * spec.steps_per_batch
@@ -245,6 +249,7 @@ def test_resume_without_saved_state_differs(stage, path, runs, tmp_path):
     ckpt_dir, _ = run.killed(kill_after)
     state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     _without(state, *path)
+    integrity.seal(state)  # as written by a version without that state (an edited, unsealed one is refused)
     torch.save(state, tmp_path / "partial.ckpt")
     second, _, _ = run.resume(tmp_path / "partial.ckpt", tmp_path)
     assert not torch.equal(second[kill_after + 1], values[kill_after + 1])
@@ -262,7 +267,7 @@ def test_loader_resumes_mid_epoch_and_across_world_sizes():
     it = iter(part)
     seen = [next(it).tolist() for _ in range(2)]
     state = part.state_dict()
-    assert state == {"epoch": 1, "position": 4, "seed": 3, "size": 10}
+    assert state == {"epoch": 1, "position": 4, "seed": 3, "size": 10, "digest": None, "batch_size": 2}
 
     again = ResumableDataLoader(ds, batch_size=2, seed=3)
     again.load_state_dict(state)
@@ -373,6 +378,7 @@ def test_export_adapter_best_refuses_a_checkpoint_that_matches_no_parameter(tiny
         slim(checkpoint)
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k.replace("model.", "model.wrapped.", 1): v for k, v in state.items()}
+        integrity.seal(checkpoint)
 
     module.on_save_checkpoint = renamed
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="train/loss", save_top_k=1, every_n_train_steps=1)
