@@ -32,7 +32,7 @@ RESUMED_ATTR = "_lit_ft_resumed"  # on the module after a restore: the checkpoin
 
 def slim(module: torch.nn.Module, checkpoint: dict, identity: dict, extra: dict | None = None,
          extra_state: dict | None = None) -> None:
-    """Keep only trainable tensors in `checkpoint["state_dict"]` (plus the module's `extra_state` tensors), record
+    """Keep only trainable tensors in `checkpoint["state_dict"]` (plus the module's `extra_state` tensors: statistics, exempt from the finiteness check), record
     which base they belong to, add the module's `extra` entries and seal the whole checkpoint with its digest (`integrity.seal`).
 
     Call from `on_save_checkpoint`, as its last step. The frozen base is never written: a LoRA checkpoint is a
@@ -59,6 +59,7 @@ def slim(module: torch.nn.Module, checkpoint: dict, identity: dict, extra: dict 
         run.update(accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size)
     checkpoint[RUN_KEY] = run
     checkpoint["state_dict"].update(extra_state or {})
+    checkpoint[integrity.STATS_KEYS] = sorted(extra_state or {})
     checkpoint.update(extra or {})
     integrity.seal(checkpoint)
 

@@ -81,7 +81,7 @@ class CountWeighting:
 
     Dividing each micro-batch by its own count (the mean per micro-batch) makes a token of a short micro-batch
     weigh more than one of a long micro-batch under gradient accumulation and DDP. Here each micro-batch's loss
-    is its *sum* divided by a constant `unit` (the first micro-batch's count, kept in the checkpoint, so the
+    is its *sum* divided by a constant `unit` (the first micro-batches' mean count over the ranks, kept in the checkpoint, so the
     values stay of the usual size), and before the optimizer step the accumulated gradients are multiplied by
     `accumulate_grad_batches * world_size * unit / total count` (the total summed over the ranks: one
     all-reduce per step), which undoes Lightning's division by the accumulation steps and DDP's mean over ranks.
@@ -97,8 +97,9 @@ class CountWeighting:
             return loss_sum / count.clamp(min=1)
         count = count.detach().float()
         self.window = count if self.window is None else self.window + count
-        if self.unit is None:
-            self.unit = max(float(count), 1.0)  # one host sync, once per run
+        if self.unit is None:  # the same on every rank (the gradients are averaged over them): one collective, once
+            trainer = module.trainer
+            self.unit = max(float(trainer.strategy.reduce(count.clone(), reduce_op="sum")) / trainer.world_size, 1.0)
         return loss_sum / self.unit
 
     def rescale(self, module: L.LightningModule, optimizer) -> None:

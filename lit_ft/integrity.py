@@ -27,6 +27,7 @@ import torch
 from lit_ft.errors import LitFTError
 
 DIGEST_KEY = "lit_ft_digest"
+STATS_KEYS = "lit_ft_statistics"  # state_dict entries that are statistics, not weights (NaN may mean "not yet seen")
 _MB = 1 << 20
 
 
@@ -88,7 +89,8 @@ def verify(checkpoint: Mapping, path: str | os.PathLike | None = None) -> None:
     if saved is not None and saved != digest(checkpoint):
         raise CheckpointError(f"{where}: corrupted: its contents do not match the digest recorded when it was "
                               f"written{_newest_hint(path)}")
-    bad = non_finite_tensors(checkpoint.get("state_dict") or {})
+    statistics = set(checkpoint.get(STATS_KEYS) or ())
+    bad = [k for k in non_finite_tensors(checkpoint.get("state_dict") or {}) if k not in statistics]
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} trainable tensors hold NaN/inf (first: {bad[0]}){_newest_hint(path)}")
 

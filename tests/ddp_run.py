@@ -33,8 +33,9 @@ class LocalLosses(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs:  # PPO (manual optimization returns nothing): the rollout's policy loss
             self.losses[batch_idx + 1] = trainer.callback_metrics["ppo/loss/policy"].item()
-        else:
-            self.losses[trainer.global_step] = outputs["loss"].item()
+        else:  # this rank's mean loss and its weight (loss tokens; reward: 1, equal pairs per rank)
+            weight = trainer.callback_metrics.get("train/loss_tokens", torch.tensor(1.0)).item()
+            self.losses[trainer.global_step] = [trainer.callback_metrics["train/loss"].item(), weight]
 
 
 def _shipped_ddp():

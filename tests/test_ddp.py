@@ -26,17 +26,18 @@ def _run(*args, timeout=150):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _losses(out: Path, tag: str, rank: int) -> dict[int, float]:
+def _losses(out: Path, tag: str, rank: int) -> dict[int, list[float]]:
+    """step -> [this rank's mean loss, its weight (loss tokens)]."""
     return {int(k): v for k, v in json.loads((out / f"{tag}_losses_rank{rank}.json").read_text()).items()}
 
 
 def _sft_rows(tokenizer) -> list[dict]:
-    # Rows whose completions have equal token counts: the mean of per-rank token means (what DDP's gradient
-    # average gives) is then the global token mean of one process.
-    by_length: dict[int, list[dict]] = {}
-    for r in ROWS:
-        by_length.setdefault(len(tokenizer(r["completion"])["input_ids"]), []).append(r)
-    return max(by_length.values(), key=len)[:12]
+    # Completions of different token counts: each rank's micro-batch has its own number of loss tokens, so a mean
+    # of per-rank means (each micro-batch divided by its own count) would differ from one process's token mean.
+    rows = [{"prompt": r["prompt"], "completion": r["completion"] + " Indeed." * (i % 3)} for i, r in enumerate(ROWS)]
+    counts = {len(tokenizer(r["completion"])["input_ids"]) for r in rows[:12]}
+    assert len(counts) > 1
+    return rows[:12]
 
 
 def _reward_rows(tokenizer) -> list[dict]:
@@ -64,14 +65,16 @@ def test_ddp_two_processes_match_one_and_resume(stage, rows, tiny_model_dir, tin
     _run(stage, two, tiny_model_dir, train, 2, 4)  # two processes, stopped after step 4 (mid-epoch) ...
     state = torch.load(two / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader_state == {"epoch": 1, "position": 4, "seed": 0, "size": 12}  # global: both ranks' rows
+    loader_state.pop("digest")
+    assert loader_state == {"epoch": 1, "position": 4, "seed": 0, "size": 12, "batch_size": 2}  # global position
     _run(stage, two, tiny_model_dir, train, 2, 6, two / "ckpt" / "last.ckpt")  # ... and resumed to 6
 
     single = _losses(one, "run", 0)
     ranks = [{**_losses(two, "run", r), **_losses(two, "resumed", r)} for r in (0, 1)]
     assert sorted(single) == sorted(ranks[0]) == sorted(ranks[1]) == [1, 2, 3, 4, 5, 6]
-    for step, loss in single.items():
-        assert abs((ranks[0][step] + ranks[1][step]) / 2 - loss) < 1e-5, (step, loss, ranks[0][step], ranks[1][step])
+    for step, (loss, _) in single.items():  # the global token mean from the ranks' means and token counts
+        (a, n_a), (b, n_b) = ranks[0][step], ranks[1][step]
+        assert abs((a * n_a + b * n_b) / (n_a + n_b) - loss) < 1e-5, (step, loss, ranks[0][step], ranks[1][step])
     w1, w2 = torch.load(one / "run_adapter_rank0.pt"), torch.load(two / "resumed_adapter_rank0.pt")
     assert w1.keys() == w2.keys()
     for k in w1:
