@@ -1,0 +1,240 @@
+"""The decode engine (`lit_ft.rollout`) against the reference path: HF `generate` and the training forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_ft import roles
+from lit_ft.generation import SamplingSpec, generate
+from lit_ft.rollout import DecodeEngine, Sampler, _filtered, _lora_layers
+
+TEXTS = ["What is 12 plus 30?", "hi", "The quick brown fox jumps over", "Add the numbers 3 and 4.", "reward"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def peft_model(model_dir, seed=0, adapters=("policy",)):
+    """The tiny Llama with LoRA adapters whose B is random (so each adapter changes the outputs), eval mode."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**cfg), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.set_adapter(adapters[0])
+    return model.eval()
+
+
+def prompts(tokenizer, texts=TEXTS):
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def mid_batch_eos(model, ids, mask, pad, n):
+    """An EOS id that ends some rows of the greedy responses early and not others (taken from a first run)."""
+    out, _ = generate(model, ids, mask, SamplingSpec(do_sample=False), eos_token_id=10**6, pad_token_id=pad,
+                      max_new_tokens=n)
+    for tok in out[0, 1:].tolist():  # a token of row 0 that some row never produces
+        if not all((row == tok).any() for row in out):
+            return tok
+    pytest.skip("no token separates the rows")
+
+
+def training_logprobs(model, ids, mask, responses, rmask, temperature):
+    """The policy's training-forward log-probs of the responses (what PPO's ratios use)."""
+    seq, smask, pos = roles.sequence(ids, mask, responses, rmask)
+    h = roles.response_hidden(roles.trunk(model, seq, smask, pos), ids.shape[1])
+    return roles.token_logprobs(model, h, responses, temperature)[0]
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_greedy_equals_hf_generate_with_ragged_prompts_and_eos_mid_batch(tiny_model_dir, tiny_tokenizer, pad_is_eos):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    eos = mid_batch_eos(model, ids, mask, pad, 12)
+    pad = eos if pad_is_eos else pad
+    engine = DecodeEngine(model, eos, pad, check_every=3)
+    for rows in (slice(None), slice(1, 4)):  # then a smaller batch with shorter prompts in the same allocation
+        i, m = ids[rows], mask[rows]
+        keep = m.sum(0) > 0
+        i, m = i[:, keep], m[:, keep]
+        ref, ref_mask = generate(model, i, m, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=12)
+        out, out_mask, _ = engine.generate(i, m, 12, do_sample=False)
+        assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
+        if rows == slice(None):  # rows ended at different steps (EOS in the middle of the batch)
+            assert ref_mask.sum(1).min() < ref_mask.sum(1).max()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_sampled_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, merged):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    torch.manual_seed(3)
+    engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, merged=merged)
+    responses, rmask, logp = engine.generate(ids, mask, 10, do_sample=True, temperature=0.7)
+    ref = training_logprobs(model, ids, mask, responses, rmask, 0.7)
+    assert rmask.sum() > 10
+    torch.testing.assert_close(logp, ref * rmask, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_equals_unmerged(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
+    engine = DecodeEngine(model, eos, pad, merged=True)
+    merged = engine.generate(ids, mask, 10, do_sample=False)
+    assert torch.equal(plain[0], merged[0])
+    torch.testing.assert_close(plain[2], merged[2], atol=1e-5, rtol=1e-5)
+    lora_weights = sum(m.base_layer.weight.numel() for _, m in _lora_layers(model, "policy"))
+    assert engine.merged.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
+
+
+def test_merged_refuses_a_4bit_base(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=q)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="policy")
+    with pytest.raises(ValueError, match="quantized base"):
+        DecodeEngine(model, 2, 2, merged=True)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_second_rollout_after_an_update_uses_the_updated_weights(tiny_model_dir, tiny_tokenizer, merged):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    engine = DecodeEngine(model, eos, pad, merged=merged)
+    before = engine.generate(ids, mask, 10, do_sample=False)
+    # one optimizer step on the policy LoRA, pushing down the log-probs of the greedy responses
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=5.0)
+    loss = (training_logprobs(model, ids, mask, before[0], before[1], 1.0) * before[1]).sum()
+    loss.backward()
+    opt.step()
+    after = engine.generate(ids, mask, 10, do_sample=False)
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=10)
+    assert not torch.equal(after[0], before[0])
+    assert torch.equal(after[0], ref) and torch.equal(after[1], ref_mask)
+    torch.testing.assert_close(after[2], training_logprobs(model, ids, mask, ref, ref_mask, 1.0) * ref_mask,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_the_policy_decodes_whatever_adapter_is_active(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir, adapters=("policy", "value"))
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    ref = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=8)[0]
+    model.set_adapter("value")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    out = DecodeEngine(model, eos, pad).generate(ids, mask, 8, do_sample=False)[0]
+    assert torch.equal(out, ref)
+    assert model.active_adapter == "value"
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_the_decode_step_keeps_every_buffer_in_place(tiny_model_dir, tiny_tokenizer):
+    """What a CUDA graph replay needs: the step reads and writes the same storage every time (eager here)."""
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
+    engine.generate(ids, mask, 8, do_sample=True)  # allocates room for 8 tokens
+    engine.generate(ids, mask, 4, do_sample=True)
+    state = [engine.tok, engine.pos, engine.t, engine.finished, engine.out, engine.out_logp]
+    cache = [t for layer in engine.cache.layers for t in (layer.keys, layer.values)]
+    ptrs = [t.data_ptr() for t in state + cache]
+    t0, keys0 = int(engine.t), engine.cache.layers[0].keys.clone()
+    engine.step()
+    assert [t.data_ptr() for t in state + cache] == ptrs
+    assert int(engine.t) == t0 + 1
+    slot = ids.shape[1] + t0 - 1  # the fed token's cache slot was written, nothing else
+    changed = (engine.cache.layers[0].keys != keys0).any(dim=(0, 1, 3)).nonzero().flatten().tolist()
+    assert changed == [slot]
+
+
+def test_top_k_one_sampling_is_greedy(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    greedy = engine.generate(ids, mask, 8, do_sample=False)[0]
+    assert torch.equal(engine.generate(ids, mask, 8, do_sample=True, top_k=1)[0], greedy)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (7, 0.5)])
+def test_filtering_matches_hf_warpers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    assert torch.equal(torch.isinf(_filtered(logits, top_k, top_p)), torch.isinf(ref))
+
+
+def test_gumbel_sampling_draws_from_the_policy(tiny_model_dir, tiny_tokenizer):
+    """Token frequencies of many first-token draws match the softmax of the prefill logits."""
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer, TEXTS[:1] * 4000)
+    engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    first = engine.generate(ids, mask, 1, do_sample=True, temperature=0.5)[0][:, 0]
+    logits = model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1].float()
+    p = (logits / 0.5).softmax(-1)
+    freq = torch.bincount(first, minlength=p.numel()).float() / len(first)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(first)).sqrt().max() + 1e-3
+
+
+def test_sampler_auto_uses_hf_on_cpu_and_static_when_asked(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    hf = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False))
+    assert sampler.choice == "hf" and sampler.engine is None
+    static = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="static"))
+    assert sampler.choice == "static" and sampler.engine is not None
+    assert torch.equal(hf[0], static[0]) and torch.equal(hf[1], static[1])
+
+
+def test_ppo_iteration_with_the_static_engine(tiny_model_dir, tiny_tokenizer):
+    from tests.test_ppo import make_module, prompt_loader, trainer
+
+    module = make_module(tiny_model_dir)
+    module.sampling = SamplingSpec(max_new_tokens=8, engine="static", merged=True)
+    trainer(2).fit(module, train_dataloaders=prompt_loader(tiny_tokenizer, batch_size=4, n=8))
+    assert module.sampler.choice == "static" and module.sampler.engine.merged is not None
+    assert module.counters["rollouts"] == 2
+
+
+@pytest.mark.slow
+def test_greedy_equals_hf_generate_on_smollm2(smollm2_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir), LoraConfig(r=8, target_modules="all-linear"),
+                           adapter_name="policy").eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in ["What is 2 plus 3?", "Say hi.", "Name a colour.", "Count from one to twenty in words."]]
+    ids, mask = prompts(tok, texts)
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), tok.eos_token_id, tok.pad_token_id,
+                             max_new_tokens=24)
+    out, out_mask, _ = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id).generate(ids, mask, 24, do_sample=False)
+    assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
+    assert ref_mask.sum(1).min() < ref_mask.shape[1]  # a row ended with EOS before the others
