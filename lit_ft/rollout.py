@@ -20,6 +20,10 @@ What is hand-written here, and why transformers/torch could not do it:
   its mask builder checks the padding mask on the host outside `torch.compile`. The loop, the stopping check and
   the sampling (Gumbel-max over the filtered logits, graph-safe RNG) are therefore ours; the model forward, the
   logits (the model's own LM head and post-processing, via `logits_to_keep=1`) and the `StaticCache` are theirs.
+- Decode attention (`grouped_decode_attention`, registered with transformers' `AttentionInterface` and switched on
+  only during a rollout): with a mask, transformers' sdpa path repeats the KV heads to the query heads
+  (`repeat_kv`), which for grouped-query models copies the whole cache 4x every layer of every step; folding the
+  query heads of a group into the query-length axis lets SDPA read each cached head once.
 - The attention mask is built here as a 4D tensor (transformers passes a 4D mask through unchanged) from device
   tensors, so the decode step has no data-dependent host code.
 - `torch.compile(mode="reduce-overhead")` would trace PEFT's per-layer Python branches over the active adapters
@@ -48,6 +52,34 @@ from lit_ft.rl import first_true_index, response_mask_after_eos
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS workspaces, lazy inits), as torch advises
+GROUPED_SDPA = "lit_ft_grouped_sdpa"  # the attention implementation the engine switches sdpa models to
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function signature. One query token ([B, H, 1, D]) against a grouped-query cache
+    ([B, Hkv, L, D]): the g = H / Hkv query heads of each KV head become g query rows of one SDPA call over that
+    head (query head h reads KV head h // g, as `repeat_kv` lays them out), so the cache is never expanded.
+    Any other call (the prefill, ungrouped heads) goes to transformers' own sdpa function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    B, H, q, D = query.shape
+    groups = H // key.shape[1]
+    if q != 1 or groups == 1 or dropout:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(B, key.shape[1], groups, D), key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+
+
+def _register_grouped_attention() -> None:
+    """Register the decode attention (and sdpa's mask builder under its name, so a forward that builds its own mask
+    while it is switched on still gets the right one)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(GROUPED_SDPA, grouped_decode_attention)
+    AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def engine_unsupported(model) -> str | None:
@@ -119,6 +151,9 @@ class DecodeEngine:
         self.base = model.get_base_model() if self.peft else model
         self.adapter = adapter if self.peft else None
         self.cuda_graph = cuda_graph
+        self.impl = self.base.config._attn_implementation
+        if self.impl == "sdpa":
+            _register_grouped_attention()
         # transformers 5.17 names the cache argument `past_key_values`, later 5.x releases `cache`
         self.cache_kw = "cache" if "cache" in inspect.signature(type(self.base).forward).parameters else "past_key_values"
         self.merged = MergedWeights(model, self.adapter) if merged and self.peft and self.adapter else None
@@ -147,7 +182,7 @@ class DecodeEngine:
 
     def _mask(self, visible: Tensor) -> Tensor:
         """A boolean visibility [B, 1, Q, L] as the attention implementation takes it (sdpa: bool, eager: additive)."""
-        if self.base.config._attn_implementation == "sdpa":
+        if self.impl == "sdpa":
             return visible
         dtype = self.base.get_input_embeddings().weight.dtype
         zero = torch.zeros((), dtype=dtype, device=visible.device)
@@ -289,7 +324,7 @@ class DecodeEngine:
 
     @contextlib.contextmanager
     def _policy_context(self):
-        """The policy adapter active (merged mode: every adapter disabled, the merged copy swapped in), under a
+        """Grouped decode attention on, the policy adapter active (merged mode: every adapter disabled, the merged copy swapped in), under a
         fresh autocast without its weight-cast cache (a captured graph must recompute the casts on replay);
         the `requires_grad` flags PEFT's switches flip are restored afterwards."""
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
@@ -300,6 +335,9 @@ class DecodeEngine:
             with contextlib.ExitStack() as stack:
                 if autocast:
                     stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=False))
+                if self.impl == "sdpa":
+                    self.base.set_attn_implementation(GROUPED_SDPA)
+                    stack.callback(self.base.set_attn_implementation, "sdpa")
                 if self.peft and self.merged is not None:
                     stack.enter_context(self.model.disable_adapter())
                 elif self.peft and self.adapter is not None and self.model.active_adapter != self.adapter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -238,3 +240,57 @@ def test_greedy_equals_hf_generate_on_smollm2(smollm2_dir):
     out, out_mask, _ = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id).generate(ids, mask, 24, do_sample=False)
     assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
     assert ref_mask.sum(1).min() < ref_mask.shape[1]  # a row ended with EOS before the others
+
+
+def test_bench_rollout_runs_tiny_on_the_cpu(tmp_path):
+    """The benchmark script end to end at tiny scale: every engine's decode point, and a W5 iteration per phase."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "rollout.json"
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py")
+    cmd = [sys.executable, script, "--tiny", "--batches", "2", "--model-dir", str(tmp_path / "m"),
+           "--ppo-engines", "merged", "--ppo-iters", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert [(d["engine"], d["batch"]) for d in report["decode"]] == [("hf", 2), ("static", 2), ("merged", 2)]
+    w = report["workload"]
+    for d in report["decode"]:
+        assert d["new_tokens"] == w["new_tokens"] and d["tokens_per_s"] > 0
+        step = d["weight_bytes"] + 2 * report["kv_bytes_per_token"] * (w["prompt_len"] + (w["new_tokens"] - 1) / 2)
+        assert d["bandwidth_share"] == pytest.approx(d["tokens_per_s"] * step / (2 * 4.8e12))
+    assert report["decode"][2]["merged_copy_bytes"] > 0
+    (ppo,) = report["ppo"]["results"]
+    assert ppo["engine_used"] == "static" and ppo["merged"]
+    assert all(ppo["mean"][k] > 0 for k in ("rollout", "score", "evaluate_rollout", "ppo_update", "iteration"))
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa():
+    """One query token over a grouped-query cache under a padding mask, without expanding the cache."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from lit_ft.rollout import grouped_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, t, 16, generator=g) for h, t in ((8, 1), (2, 20), (2, 20)))
+    mask = torch.rand(3, 1, 1, 20, generator=g) > 0.3
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
+    ref = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, scaling=0.25)[0]
+    torch.testing.assert_close(grouped_decode_attention(module, q, k, v, mask, scaling=0.25)[0], ref)
+
+
+def test_the_engine_switches_attention_only_during_a_rollout(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    import lit_ft.rollout as rollout
+
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    calls = []
+    real = rollout.grouped_decode_attention
+    monkeypatch.setattr(rollout, "grouped_decode_attention", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
+    engine.generate(ids, mask, 4, do_sample=False)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert sum(s[2] == 1 for s in calls) == 3 * layers  # every decode step of every layer went through it
+    assert model.get_base_model().config._attn_implementation == "sdpa"
