@@ -266,7 +266,7 @@ class DecodeEngine:
             graph = torch.cuda.CUDAGraph()
             try:
                 pool = next(iter(self.graphs.values())).pool() if self.graphs else None
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     self.step()  # recorded, not run
             except RuntimeError as e:  # keep the rollout going; the step still runs without host syncs
                 log.warning("decode engine: CUDA graph capture failed (%s); decoding eagerly", e)
@@ -377,6 +377,10 @@ class Sampler:
         """`static` or `hf` for this spec on this device (auto: static on CUDA where the engine can serve)."""
         from lit_ft.errors import ConfigError
 
+        if spec.engine not in ("auto", "static", "hf"):
+            raise ConfigError(f"sampling.engine: expected auto, static or hf, got {spec.engine!r}")
+        if spec.check_every < 1:
+            raise ConfigError(f"sampling.check_every: must be >= 1, got {spec.check_every}")
         reason = engine_unsupported(self.model)
         if spec.engine == "static" and reason is not None:
             raise ConfigError(f"sampling.engine: static cannot serve this model ({reason}); use hf or auto")
