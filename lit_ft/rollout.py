@@ -204,17 +204,19 @@ class DecodeEngine:
         """Sample from logits [B, V], write the token and its log-prob at column t, advance t (all on the device)."""
         s = self.sampling
         scaled = logits / s["temperature"] if s["temperature"] != 1.0 else logits
-        logp_all = torch.log_softmax(scaled, dim=-1)
+        # log p(token) = scaled[token] - logsumexp(scaled): one read of the [B, V] logits, no log-softmax written
+        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
         if not s["do_sample"]:
             nxt = logits.argmax(-1)
         else:
-            nxt = _filtered(scaled, s["top_k"], s["top_p"]).log_softmax(-1)
-            # Gumbel-max (argmax of log p - log E, E ~ Exp(1)) draws from p like multinomial, with graph-safe RNG.
-            nxt = (nxt - torch.empty_like(nxt).exponential_().log()).argmax(-1)
+            # Gumbel-max (argmax of logits - log E, E ~ Exp(1)) draws from softmax(logits) like multinomial, with
+            # graph-safe RNG and no normalisation pass.
+            filt = _filtered(scaled, s["top_k"], s["top_p"])
+            nxt = (filt - torch.empty_like(filt).exponential_().log()).argmax(-1)
         nxt = torch.where(self.finished, torch.full_like(nxt, self.pad), nxt)
         col = self.t.view(1)
         self.out.index_copy_(1, col, nxt[:, None])
-        self.out_logp.index_copy_(1, col, logp_all.gather(1, nxt[:, None]))
+        self.out_logp.index_copy_(1, col, scaled.gather(1, nxt[:, None]) - lse)
         self.finished |= nxt == self.eos
         self.tok.copy_(nxt[:, None])
         self.pos.add_(1)

@@ -222,6 +222,14 @@ def test_ppo_iteration_with_the_static_engine(tiny_model_dir, tiny_tokenizer):
     trainer(2).fit(module, train_dataloaders=prompt_loader(tiny_tokenizer, batch_size=4, n=8))
     assert module.sampler.choice == "static" and module.sampler.engine.merged is not None
     assert module.counters["rollouts"] == 2
+    # validation rolls out greedily through the same engine (its allocation reused), equal to HF generate
+    batch = next(iter(prompt_loader(tiny_tokenizer, batch_size=3, n=3)))
+    ro = module.rollout(batch, SamplingSpec(max_new_tokens=8, do_sample=False, engine="static", merged=True))
+    with torch.no_grad():
+        ref = generate(module.model.eval(), batch["input_ids"], batch["attention_mask"], SamplingSpec(do_sample=False),
+                       tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, max_new_tokens=8)
+    assert torch.equal(ro.responses, ref[0]) and torch.equal(ro.mask, ref[1])
+    assert module.sampler.engine.shape[0] == 4  # the 3 validation rows ran padded to the training allocation
 
 
 @pytest.mark.slow
