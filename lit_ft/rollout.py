@@ -20,7 +20,7 @@ What is hand-written here, and why transformers/torch could not do it:
   its mask builder checks the padding mask on the host outside `torch.compile`. The loop, the stopping check and
   the sampling (Gumbel-max over the filtered logits, graph-safe RNG) are therefore ours; the model forward, the
   logits (the model's own LM head and post-processing, via `logits_to_keep=1`) and the `StaticCache` are theirs.
-- Decode attention (`grouped_decode_attention`, registered with transformers' `AttentionInterface` and switched on
+- Decode attention (`rollout_ops.grouped_decode_attention`, registered with transformers' `AttentionInterface` and switched on
   only during a rollout): with a mask, transformers' sdpa path repeats the KV heads to the query heads
   (`repeat_kv`), which for grouped-query models copies the whole cache 4x every layer of every step; folding the
   query heads of a group into the query-length axis lets SDPA read each cached head once.
@@ -31,7 +31,8 @@ What is hand-written here, and why transformers/torch could not do it:
   the graph. Capturing the eager step directly with `torch.cuda.CUDAGraph` records the policy's kernels once,
   whatever adapter is active later.
 - PEFT's `merge_adapter` writes the merge into the shared base weights, which the reference, reward and value
-  roles read too; the merged mode keeps its own copy and swaps it in with `torch.func.functional_call`.
+  roles read too; the merged mode keeps its own copy (`rollout_ops.MergedWeights`) and swaps it in with
+  `torch.func.functional_call`.
 
 Validity: the captured graph reads the parameters' storage; before every replay series the engine compares the
 parameters' data pointers with those at capture and recaptures when any moved (optimizer steps update in place,
@@ -48,89 +49,12 @@ import torch
 from torch import Tensor
 
 from lit_ft.rl import first_true_index, response_mask_after_eos
+from lit_ft.rollout_ops import (GROUPED_SDPA, MergedWeights, engine_unsupported, filter_logits,
+                               register_grouped_attention)
 
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS workspaces, lazy inits), as torch advises
-GROUPED_SDPA = "lit_ft_grouped_sdpa"  # the attention implementation the engine switches sdpa models to
-
-
-def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention-function signature. One query token ([B, H, 1, D]) against a grouped-query cache
-    ([B, Hkv, L, D]): the g = H / Hkv query heads of each KV head become g query rows of one SDPA call over that
-    head (query head h reads KV head h // g, as `repeat_kv` lays them out), so the cache is never expanded.
-    Any other call (the prefill, ungrouped heads) goes to transformers' own sdpa function."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    B, H, q, D = query.shape
-    groups = H // key.shape[1]
-    if q != 1 or groups == 1 or dropout:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
-                                               dropout=dropout, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(B, key.shape[1], groups, D), key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
-
-
-def _register_grouped_attention() -> None:
-    """Register the decode attention (and sdpa's mask builder under its name, so a forward that builds its own mask
-    while it is switched on still gets the right one)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(GROUPED_SDPA, grouped_decode_attention)
-    AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-def engine_unsupported(model) -> str | None:
-    """Why the engine cannot serve `model` (None when it can): attention kinds its 4D mask does not fit."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config.get_text_config(decoder=True) if hasattr(base.config, "get_text_config") else base.config
-    impl = getattr(base.config, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager"):
-        return f"attention implementation {impl!r} (the engine builds sdpa/eager masks)"
-    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return "sliding-window or non-full attention layers"
-    if getattr(cfg, "is_encoder_decoder", False):
-        return "encoder-decoder model"
-    return None
-
-
-def _lora_layers(model, adapter: str):
-    """(name under the base model, module) of every PEFT LoRA layer holding `adapter`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [(n, m) for n, m in base.named_modules() if adapter in getattr(m, "lora_A", {})]
-
-
-class MergedWeights:
-    """The policy LoRA merged into a rollout copy of the LoRA-wrapped base weights (W + scale * B @ A).
-
-    Memory: one extra copy of every LoRA-wrapped weight, in the base's dtype (`nbytes`, logged). Quantized bases are
-    refused: their weights are not plain tensors to add a delta to.
-    """
-
-    def __init__(self, model, adapter: str):
-        from peft.tuners.lora import Linear as LoraLinear
-
-        self.layers, self.weights = [], {}
-        for name, m in _lora_layers(model, adapter):
-            w = m.base_layer.weight
-            if not isinstance(m, LoraLinear) or not w.is_floating_point() or type(w) is not torch.nn.Parameter:
-                raise ValueError(f"merged rollouts need plain floating-point Linear layers; {name} is "
-                                 f"{type(m).__name__} over {type(w).__name__}[{w.dtype}] (quantized base?)")
-            if m.use_dora.get(adapter, False):
-                raise ValueError(f"merged rollouts do not support DoRA ({name})")
-            self.layers.append((m, adapter))
-            self.weights[f"{name}.base_layer.weight"] = torch.empty_like(w)
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.weights.values())
-        log.info("merged rollout weights: %d layers, %.3f GB extra memory", len(self.layers), self.nbytes / 1e9)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute W + delta in place (same storage: a captured graph keeps reading it)."""
-        for (m, adapter), buf in zip(self.layers, self.weights.values()):
-            buf.copy_(m.base_layer.weight)
-            buf.add_(m.get_delta_weight(adapter).to(buf.dtype))
 
 
 class DecodeEngine:
@@ -153,9 +77,10 @@ class DecodeEngine:
         self.cuda_graph = cuda_graph
         self.impl = self.base.config._attn_implementation
         if self.impl == "sdpa":
-            _register_grouped_attention()
+            register_grouped_attention()
         # transformers 5.17 names the cache argument `past_key_values`, later 5.x releases `cache`
-        self.cache_kw = "cache" if "cache" in inspect.signature(type(self.base).forward).parameters else "past_key_values"
+        params = inspect.signature(type(self.base).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.merged = MergedWeights(model, self.adapter) if merged and self.peft and self.adapter else None
         self.shape = None  # (batch, prompt_len, max_new) the buffers are allocated for
         self.graphs: dict = {}
@@ -211,7 +136,7 @@ class DecodeEngine:
         else:
             # Gumbel-max (argmax of logits - log E, E ~ Exp(1)) draws from softmax(logits) like multinomial, with
             # graph-safe RNG and no normalisation pass.
-            filt = _filtered(scaled, s["top_k"], s["top_p"])
+            filt = filter_logits(scaled, s["top_k"], s["top_p"])
             nxt = (filt - torch.empty_like(filt).exponential_().log()).argmax(-1)
         nxt = torch.where(self.finished, torch.full_like(nxt, self.pad), nxt)
         col = self.t.view(1)
@@ -326,9 +251,9 @@ class DecodeEngine:
 
     @contextlib.contextmanager
     def _policy_context(self):
-        """Grouped decode attention on, the policy adapter active (merged mode: every adapter disabled, the merged copy swapped in), under a
-        fresh autocast without its weight-cast cache (a captured graph must recompute the casts on replay);
-        the `requires_grad` flags PEFT's switches flip are restored afterwards."""
+        """Grouped decode attention on, the policy adapter active (merged mode: every adapter disabled, the merged
+        copy swapped in), under a fresh autocast without its weight-cast cache (a captured graph must recompute the
+        casts on replay); the `requires_grad` flags PEFT's switches flip are restored afterwards."""
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         dev = self.tok.device.type
         autocast = torch.is_autocast_enabled(dev)
@@ -350,19 +275,6 @@ class DecodeEngine:
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
-
-
-def _filtered(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Top-k, then nucleus filtering (tokens outside get -inf), as HF's TopK/TopP warpers do; fixed shapes."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False  # the most likely token always stays
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return logits
 
 
 class Sampler:

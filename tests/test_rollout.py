@@ -9,7 +9,8 @@ import torch
 
 from lit_ft import roles
 from lit_ft.generation import SamplingSpec, generate
-from lit_ft.rollout import DecodeEngine, Sampler, _filtered, _lora_layers
+from lit_ft.rollout import DecodeEngine, Sampler
+from lit_ft.rollout_ops import filter_logits, lora_layers
 
 TEXTS = ["What is 12 plus 30?", "hi", "The quick brown fox jumps over", "Add the numbers 3 and 4.", "reward"]
 
@@ -102,7 +103,7 @@ def test_merged_equals_unmerged(tiny_model_dir, tiny_tokenizer):
     merged = engine.generate(ids, mask, 10, do_sample=False)
     assert torch.equal(plain[0], merged[0])
     torch.testing.assert_close(plain[2], merged[2], atol=1e-5, rtol=1e-5)
-    lora_weights = sum(m.base_layer.weight.numel() for _, m in _lora_layers(model, "policy"))
+    lora_weights = sum(m.base_layer.weight.numel() for _, m in lora_layers(model, "policy"))
     assert engine.merged.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
 
 
@@ -187,7 +188,7 @@ def test_filtering_matches_hf_warpers(top_k, top_p):
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    assert torch.equal(torch.isinf(_filtered(logits, top_k, top_p)), torch.isinf(ref))
+    assert torch.equal(torch.isinf(filter_logits(logits, top_k, top_p)), torch.isinf(ref))
 
 
 def test_gumbel_sampling_draws_from_the_policy(tiny_model_dir, tiny_tokenizer):
@@ -238,8 +239,8 @@ def test_greedy_equals_hf_generate_on_smollm2(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir), LoraConfig(r=8, target_modules="all-linear"),
-                           adapter_name="policy").eval()
+    lora = LoraConfig(r=8, target_modules="all-linear")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir), lora, adapter_name="policy").eval()
     texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
              for t in ["What is 2 plus 3?", "Say hi.", "Name a colour.", "Count from one to twenty in words."]]
     ids, mask = prompts(tok, texts)
@@ -278,7 +279,7 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
     """One query token over a grouped-query cache under a padding mask, without expanding the cache."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from lit_ft.rollout import grouped_decode_attention
+    from lit_ft.rollout_ops import grouped_decode_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, h, t, 16, generator=g) for h, t in ((8, 1), (2, 20), (2, 20)))
@@ -290,13 +291,14 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
 
 
 def test_the_engine_switches_attention_only_during_a_rollout(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    import lit_ft.rollout as rollout
+    import lit_ft.rollout_ops as rollout
 
     model = peft_model(tiny_model_dir)
     ids, mask = prompts(tiny_tokenizer)
     calls = []
     real = rollout.grouped_decode_attention
-    monkeypatch.setattr(rollout, "grouped_decode_attention", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    monkeypatch.setattr(rollout, "grouped_decode_attention",
+                        lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
     engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
     engine.generate(ids, mask, 4, do_sample=False)
     layers = model.get_base_model().config.num_hidden_layers
