@@ -20,8 +20,8 @@ What is hand-written here, and why transformers/torch could not do it:
   its mask builder checks the padding mask on the host outside `torch.compile`. The loop, the stopping check and
   the sampling (Gumbel-max over the filtered logits, graph-safe RNG) are therefore ours; the model forward, the
   logits (the model's own LM head and post-processing, via `logits_to_keep=1`) and the `StaticCache` are theirs.
-- Decode attention (`rollout_ops.grouped_decode_attention`, registered with transformers' `AttentionInterface` and switched on
-  only during a rollout): with a mask, transformers' sdpa path repeats the KV heads to the query heads
+- Decode attention (`rollout_ops.grouped_decode_attention`, registered with transformers' `AttentionInterface`
+  and switched on only during a rollout): with a mask, transformers' sdpa path repeats the KV heads to the query heads
   (`repeat_kv`), which for grouped-query models copies the whole cache 4x every layer of every step; folding the
   query heads of a group into the query-length axis lets SDPA read each cached head once.
 - The attention mask is built here as a 4D tensor (transformers passes a 4D mask through unchanged) from device
