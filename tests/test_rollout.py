@@ -107,6 +107,20 @@ def test_merged_equals_unmerged(tiny_model_dir, tiny_tokenizer):
     assert engine.merged.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
 
 
+def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
+    """bf16 weights: W + BA rounded once vs W x + B(A x) in bf16; equal log-probs within bf16 rounding, over the
+    prefix where the greedy tokens agree (a near-tie may flip a later token)."""
+    model = peft_model(tiny_model_dir).to(torch.bfloat16)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
+    merged = DecodeEngine(model, eos, pad, merged=True).generate(ids, mask, 10, do_sample=False)
+    width = min(plain[0].shape[1], merged[0].shape[1])
+    agree = (plain[0][:, :width] == merged[0][:, :width]).long().cumprod(1).bool()
+    assert agree[:, 0].all() and agree.float().mean() > 0.5
+    torch.testing.assert_close(plain[2][:, :width][agree], merged[2][:, :width][agree], atol=0.05, rtol=0.02)
+
+
 def test_merged_refuses_a_4bit_base(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
