@@ -122,14 +122,26 @@ def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
 
 
 def test_merged_refuses_a_4bit_base(tiny_model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=q)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="policy")
     with pytest.raises(ValueError, match="quantized base"):
-        DecodeEngine(model, 2, 2, merged=True)
+        DecodeEngine(nf4_policy(tiny_model_dir), 2, 2, merged=True)
+
+
+def nf4_policy(model_dir, device=None):
+    """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy."""
+    from lit_ft.models import LoraSpec, ModelSpec
+
+    spec = ModelSpec(name_or_path=model_dir, quantization="nf4", double_quant=True, compute_dtype="float32")
+    model, _ = roles.build_roles(spec, LoraSpec(r=4), None, None, "shared_trunk", device)
+    return model.eval()
+
+
+def test_4bit_base_greedy_equals_hf_generate(tiny_model_dir, tiny_tokenizer):
+    model = nf4_policy(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    ref = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=8)
+    out = DecodeEngine(model, eos, pad).generate(ids, mask, 8, do_sample=False)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
 @pytest.mark.parametrize("merged", [False, True])
