@@ -3,6 +3,7 @@ merged policy weights, the top-k/top-p filter, and which models the engine can s
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -53,6 +54,9 @@ def engine_unsupported(model) -> str | None:
         return "sliding-window or non-full attention layers"
     if getattr(cfg, "is_encoder_decoder", False):
         return "encoder-decoder model"
+    params = inspect.signature(type(base).forward).parameters
+    if "logits_to_keep" not in params or not ({"cache", "past_key_values"} & set(params)):
+        return f"{type(base).__name__}.forward takes no logits_to_keep or cache argument"
     return None
 
 

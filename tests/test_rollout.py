@@ -330,3 +330,18 @@ def test_the_engine_switches_attention_only_during_a_rollout(tiny_model_dir, tin
     layers = model.get_base_model().config.num_hidden_layers
     assert sum(s[2] == 1 for s in calls) == 3 * layers  # every decode step of every layer went through it
     assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_auto_falls_back_to_hf_for_a_model_the_engine_cannot_serve(tiny_model_dir, tiny_tokenizer):
+    from lit_ft.errors import ConfigError
+
+    model = peft_model(tiny_model_dir)
+    sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    assert sampler.resolve(SamplingSpec(), torch.device("cuda")) == "static"
+    assert sampler.resolve(SamplingSpec(), torch.device("cpu")) == "hf"
+    model.get_base_model().config._attn_implementation = "flash_attention_2"  # a 2D-mask kernel
+    assert sampler.resolve(SamplingSpec(), torch.device("cuda")) == "hf"
+    with pytest.raises(ConfigError, match="sampling.engine: static cannot serve this model .attention implementation"):
+        sampler.resolve(SamplingSpec(engine="static"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sampling.engine: expected auto, static or hf, got 'vllm'"):
+        sampler.resolve(SamplingSpec(engine="vllm"), torch.device("cpu"))
