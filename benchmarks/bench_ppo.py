@@ -20,7 +20,9 @@ reference log-probs, values), `ppo_update` (`ppo_epochs` x minibatch forward/bac
 The gap between their sum and the whole `training_step` is the KL-shaped rewards, GAE, whitening and logging.
 
 Variants: `lit` with modifiers joined by '+': `e<N>` (ppo_epochs=N, default 4), `gc` (gradient checkpointing),
-`mb<N>` (mini_batch_size=N, default 8).
+`mb<N>` (mini_batch_size=N, default 8); the rollout decoder (`SamplingSpec.engine`, default `auto`: the static
+engine of `lit_ft.rollout` on CUDA): `hf` (transformers' `generate`), `static`, `merged` (static, policy LoRA merged
+into a rollout copy), `nograph` (static without CUDA-graph capture).
 
 Bandwidth bound of decoding: every decode step streams the base weights once (the input embedding excluded: it is
 a lookup; a tied LM head counted once), so tokens/s <= batch x HBM bandwidth / weight bytes. KV-cache reads, LoRA
@@ -188,6 +190,9 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
     epochs = next((int(m[1:]) for m in mods if m[:1] == "e" and m[1:].isdigit()), w.ppo_epochs)
     mbs = next((int(m[2:]) for m in mods if m[:2] == "mb" and m[2:].isdigit()), w.mini_batch_size)
     gc = "gc" in mods
+    engine = "hf" if "hf" in mods else "static" if mods & {"static", "merged", "nograph"} else "auto"
+    sampling = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine=engine, merged="merged" in mods,
+                            cuda_graph="nograph" not in mods)
     base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",
                      attn_implementation="sdpa", quantization=w.quant, double_quant=True, compute_dtype="bfloat16",
                      gradient_checkpointing=gc)
@@ -207,7 +212,7 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
 
     module = Module(base=base, lora=LoraSpec(**w.lora), value_model="adapter",
                     reward_adapter=str(Path(args.model_dir) / "reward_adapter"),
-                    sampling=SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True),
+                    sampling=sampling,
                     ppo=PPOSpec(ppo_epochs=epochs, mini_batch_size=mbs), sample_table_every=0)
 
     timer = PhaseTimer(device)
@@ -265,7 +270,8 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
     bound = w.prompts * HBM_BYTES_PER_S / wb["base"]
     return dict(
         precision=precision, fp32_heads_workaround=precision == "bf16-true", ppo_epochs=epochs, mini_batch_size=mbs,
-        gradient_checkpointing=gc,
+        gradient_checkpointing=gc, engine=engine, merged="merged" in mods,
+        engine_used=module.sampler.choice if module.sampler is not None else None,
         iterations=timer.iters, timed_iterations=len(timed), mean=mean, fit_s=fit_s,
         generation_tokens=gen_tokens, generation_tokens_per_s=gen_tps,
         decode_step_ms=1e3 * mean["rollout"] / mean["response_width"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -25,6 +26,17 @@ class SamplingSpec:
     """0 disables top-k filtering (PPO samples from the full distribution)."""
     top_p: float = 1.0
     """1.0 disables nucleus filtering."""
+    engine: Literal["auto", "static", "hf"] = "auto"
+    """Decoder: `static` = `lit_ft.rollout.DecodeEngine` (static KV cache, fixed-shape step replayed as a CUDA graph
+    on CUDA, eager elsewhere); `hf` = transformers' `generate`; `auto` = `static` on CUDA for models it serves,
+    else `hf`."""
+    merged: bool = False
+    """With the static engine and a non-quantized base: decode with the policy LoRA merged into a rollout copy of
+    the LoRA-wrapped weights (costs one copy of them, logged; refreshed every rollout)."""
+    cuda_graph: bool = True
+    """Capture the static engine's decode step as a CUDA graph (CUDA only)."""
+    check_every: int = 8
+    """The static engine reads 'every row finished?' on the host every this many tokens."""
 
 
 @torch.no_grad()

@@ -28,11 +28,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, roles, runs, strategies
+from lit_ft import checkpointing, metrics, optim, roles, rollout as decode, runs, strategies
 from lit_ft.guards import check_weights_finite
 from lit_ft.callbacks import log_table, resolve_callable
 from lit_ft.errors import ConfigError
-from lit_ft.generation import SamplingSpec, generate
+from lit_ft.generation import SamplingSpec
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
 from lit_ft.ppo_spec import PPOSpec, Rollout
@@ -107,7 +107,7 @@ class PPOModule(L.LightningModule):
         self.reward_fn_weight, self.sample_table_every = reward_fn_weight, sample_table_every
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable adapters and the value head only
-        self.model = self.roles = self.tokenizer = None
+        self.model = self.roles = self.tokenizer = self.sampler = None
         self.kl_ctl = kl_controller(ppo.adaptive_kl, ppo.init_kl_coef, ppo.target, ppo.horizon)
         self.counters = {"rollouts": 0, "skipped_batches": 0, "skipped_minibatches": 0}
         self.val_scores = MeanMetric()  # held-out greedy responses: the score and its parts (val/reward_model ...)
@@ -131,6 +131,7 @@ class PPOModule(L.LightningModule):
             self.reward_norm = (export.gain, export.bias)
         self.value_head = roles.value_head_from(export, hidden)
         self.model, self.roles = model, roles.AdapterRoles(model, trainable)
+        self.sampler = None  # built at the first rollout, when the tokenizer is known (keeps its cache and graphs)
         self.tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
         self.tokenizer = self.tokenizer or load_tokenizer(self.base.name_or_path, self.base.trust_remote_code)
         rank_zero_info(describe(model))
@@ -194,10 +195,10 @@ class PPOModule(L.LightningModule):
         n = sampling.max_new_tokens
         if sampling.min_new_tokens is not None:
             n = random.randint(sampling.min_new_tokens, sampling.max_new_tokens)
-        tok = self.tokenizer
+        if self.sampler is None:
+            self.sampler = decode.Sampler(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         with eval_mode(self.model), strategies.for_generation(self._trainer):
-            responses, mask = generate(self.model, batch["input_ids"], batch["attention_mask"], sampling,
-                                       tok.eos_token_id, tok.pad_token_id, max_new_tokens=n)
+            responses, mask = self.sampler(batch["input_ids"], batch["attention_mask"], sampling, max_new_tokens=n)
         return Rollout(batch["input_ids"], batch["attention_mask"], responses, mask)
 
     @torch.no_grad()

@@ -1,0 +1,194 @@
+"""Rollout decoding per engine against the bandwidth bound, and whole PPO iterations (W5) per engine and phase.
+
+    python benchmarks/bench_rollout.py --out $OUT/rollout_1b.json                                  # 1B sweep + W5
+    python benchmarks/bench_rollout.py --shape 8b_nf4 --batches 16 --engines hf,static --out $OUT/rollout_8b.json
+    python benchmarks/bench_rollout.py --tiny --out /tmp/rollout.json                                 # CPU dry run
+
+Decode sweep: the random-init model of `bench_ppo.py` (its workload shapes: Llama-3.2-1B bf16, or Llama-3.1-8B
+NF4 + double quant with bf16 autocast, as PPO runs it), with the roles PPO builds (`roles.build_roles`: a LoRA policy
+r16 on every projection + a value adapter), eval mode. For each engine and batch: untimed warm-up (short; the
+static engine allocates its cache for the full length and captures its graph there), then one synchronised
+rollout of `--new-tokens` tokens from `--prompt-len`-token prompts, sampled at temperature 1 with no EOS (every
+row decodes the full length, so every engine does the same work).
+
+Engines: `hf` (`lit_ft.generation.generate`: transformers' `generate` through PEFT), `static`
+(`lit_ft.rollout.DecodeEngine`: static cache, CUDA-graph replay on CUDA), `merged` (the same with the policy LoRA
+merged into a rollout copy; non-quantized bases only).
+
+Bandwidth bound (H200 HBM3e, 4.8 TB/s nominal): one decode step must read the base weights once (`W`, bytes as
+`bench_ppo.weight_bytes` counts them: the input embedding is a lookup and excluded, a tied LM head counted once,
+4-bit quantization constants included; LoRA excluded) and each row's KV cache up to its current length:
+
+    bytes_step(B) = W + B * kv_bytes_per_token * (P + (N - 1) / 2)      (mean context over the N steps)
+    bound tokens/s = B * 4.8e12 / bytes_step(B);   share = achieved tokens/s / bound
+
+with `kv_bytes_per_token = layers * 2 * kv_heads * head_dim * 2` (bf16 keys and values). The static engine
+attends over its whole allocated cache (P + N slots) every step; that extra read is its cost, not part of the bound.
+
+PPO iterations: `bench_ppo.py`'s W5 driver (same model directory, reward adapter, Lightning Trainer and phase
+timers), one process per engine (`lit+hf`, `lit+static`, `lit+merged`), `--ppo-iters` iterations of which the first
+is an untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_ppo  # noqa: E402  (puts the repository root on sys.path)
+from bench_ppo import HBM_BYTES_PER_S, WORKLOADS, weight_bytes  # noqa: E402
+from bench_sft import build_random_model, make_tokenizer, versions  # noqa: E402
+
+SHAPES = {"1b": "w5", "8b_nf4": "w5_8b"}
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, prompts=4, prompt_len=8,
+            new_tokens=8, mini_batch_size=2)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_policy(w, model_dir: Path, device: str):
+    """The PPO roles on the random base (policy + value adapters), cast as PPO runs them, in eval mode."""
+    from lit_ft import roles
+    from lit_ft.models import LoraSpec, ModelSpec
+
+    spec = ModelSpec(name_or_path=str(model_dir), dtype="bfloat16" if device == "cuda" else "float32",
+                     attn_implementation="sdpa", quantization=w.quant, double_quant=True, compute_dtype="bfloat16")
+    model, _ = roles.build_roles(spec, LoraSpec(**w.lora), None, None, "adapter", torch.device(device))
+    roles.disable_dropout(model)
+    with torch.no_grad():  # PEFT starts lora_B at 0; a trained policy's is not (same cost, honest merge)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    if w.quant == "none" and device == "cuda":
+        model.to(torch.bfloat16)  # what precision bf16-true does to the LoRA weights
+    return model.eval()
+
+
+def kv_bytes_per_token(w) -> int:
+    return w.layers * 2 * w.kv_heads * (w.hidden // w.heads) * 2
+
+
+def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
+    """One engine at one batch size: warm-up, then one timed rollout of w.new_tokens tokens."""
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.rollout import Sampler
+
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    spec = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="hf" if engine == "hf" else "static",
+                        merged=engine == "merged")
+    sampler = Sampler(model, eos_token_id=10**9, pad_token_id=0)  # no EOS: every row decodes the full length
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and w.quant != "none")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with autocast:
+        sampler(ids, mask, spec, max_new_tokens=min(8, w.new_tokens))  # warm-up (allocation, graph capture)
+        sync(device)
+        t = time.perf_counter()
+        responses, _ = sampler(ids, mask, spec)
+        sync(device)
+        seconds = time.perf_counter() - t
+    steps = responses.shape[1]
+    wb = weight_bytes(model)["base"]
+    step_bytes = wb + batch * kv_bytes_per_token(w) * (w.prompt_len + (steps - 1) / 2)
+    bound = batch * HBM_BYTES_PER_S / step_bytes
+    tps = batch * steps / seconds
+    merged = sampler.engine.merged if sampler.engine is not None else None
+    out = dict(engine=engine, batch=batch, new_tokens=steps, seconds=seconds, tokens_per_s=tps,
+               step_ms=1e3 * seconds / steps, weight_bytes=wb, bytes_per_step=step_bytes,
+               bound_tokens_per_s=bound, bandwidth_share=tps / bound,
+               merged_copy_bytes=merged.nbytes if merged is not None else 0,
+               cuda_graph=bool(sampler.engine is not None and sampler.engine.graphs),
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0)
+    del sampler
+    print(f"{engine:7s} batch {batch:4d}: {tps:9.0f} tok/s, {out['step_ms']:7.2f} ms/step, "
+          f"bound {bound:9.0f}, share {tps / bound:6.1%}", flush=True)
+    return out
+
+
+def decode_sweep(w, args, device: str) -> list[dict]:
+    model = build_policy(w, Path(args.model_dir), device)
+    results = []
+    for engine in args.engines.split(","):
+        if engine == "merged" and w.quant != "none":
+            continue  # merged needs a non-quantized base
+        for batch in (int(b) for b in args.batches.split(",")):
+            try:
+                results.append(decode_point(model, w, engine, batch, device))
+            except (RuntimeError, ValueError) as e:  # e.g. out of memory at batch 256: record it and go on
+                results.append(dict(engine=engine, batch=batch, error=repr(e)[-600:]))
+                print(f"{engine} batch {batch}: FAILED {e!r}"[:300], flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    del model
+    return results
+
+
+def ppo_iterations(args) -> dict | None:
+    """bench_ppo's W5 driver, one subprocess per engine; its JSON is returned (and kept next to --out)."""
+    if not args.ppo_engines:
+        return None
+    out = Path(args.out).with_suffix(".ppo.json")
+    argv = ["--workload", SHAPES[args.shape], "--model-dir", args.model_dir,
+            "--variants", ",".join(f"lit+{e}" + args.ppo_mods for e in args.ppo_engines.split(",")),
+            "--iters", str(args.ppo_iters), "--warmup", str(min(1, args.ppo_iters - 1)), "--json", str(out),
+            "--variant-timeout", str(args.variant_timeout)]
+    if args.tiny:
+        argv.append("--tiny")
+    bench_ppo.main(argv)
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--engines", default="hf,static,merged", help="decode sweep: comma-separated hf,static,merged")
+    p.add_argument("--batches", default="16,64,256")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--ppo-engines", default="hf,static,merged", help="W5 iterations per engine ('' to skip)")
+    p.add_argument("--ppo-mods", default="", help="bench_ppo modifiers added to every W5 variant, e.g. +gc")
+    p.add_argument("--ppo-iters", type=int, default=2, help="W5 iterations, the first an untimed warm-up")
+    p.add_argument("--variant-timeout", type=int, default=240)
+    p.add_argument("--model-dir", help="random model directory (default /tmp/lit_ft_bench_<workload>[_tiny])")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, batches 2,4 (CPU dry run)")
+    p.add_argument("--out", required=True, help="JSON results")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = WORKLOADS[SHAPES[args.shape]]
+    if args.tiny:
+        w = replace(w, **TINY)
+        args.batches = "2,4" if args.batches == p.get_default("batches") else args.batches
+    else:
+        w = replace(w, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    args.model_dir = args.model_dir or f"/tmp/lit_ft_bench_{w.name}{'_tiny' if args.tiny else ''}"
+    build_random_model(w, Path(args.model_dir), device)
+    if not (Path(args.model_dir) / "tokenizer_config.json").exists():
+        make_tokenizer().save_pretrained(args.model_dir)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    t = time.time()
+    report = dict(shape=args.shape, workload=asdict(w), versions=versions(), device=device,
+                  hbm_bytes_per_s=HBM_BYTES_PER_S, kv_bytes_per_token=kv_bytes_per_token(w),
+                  bound_formula="B * 4.8e12 / (W + B * kv_bytes_per_token * (P + (N - 1) / 2))",
+                  decode=decode_sweep(w, args, device))
+    report["decode_s"] = time.time() - t
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    report["ppo"] = ppo_iterations(args)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""The decode engine (`lit_ft.rollout`) against the reference path: HF `generate` and the training forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_ft import roles
+from lit_ft.generation import SamplingSpec, generate
+from lit_ft.rollout import DecodeEngine, Sampler
+from lit_ft.rollout_ops import filter_logits, lora_layers
+
+TEXTS = ["What is 12 plus 30?", "hi", "The quick brown fox jumps over", "Add the numbers 3 and 4.", "reward"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def peft_model(model_dir, seed=0, adapters=("policy",)):
+    """The tiny Llama with LoRA adapters whose B is random (so each adapter changes the outputs), eval mode."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**cfg), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.set_adapter(adapters[0])
+    return model.eval()
+
+
+def prompts(tokenizer, texts=TEXTS):
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def mid_batch_eos(model, ids, mask, pad, n):
+    """An EOS id that ends some rows of the greedy responses early and not others (taken from a first run)."""
+    out, _ = generate(model, ids, mask, SamplingSpec(do_sample=False), eos_token_id=10**6, pad_token_id=pad,
+                      max_new_tokens=n)
+    for tok in out[0, 1:].tolist():  # a token of row 0 that some row never produces
+        if not all((row == tok).any() for row in out):
+            return tok
+    pytest.skip("no token separates the rows")
+
+
+def training_logprobs(model, ids, mask, responses, rmask, temperature):
+    """The policy's training-forward log-probs of the responses (what PPO's ratios use)."""
+    seq, smask, pos = roles.sequence(ids, mask, responses, rmask)
+    h = roles.response_hidden(roles.trunk(model, seq, smask, pos), ids.shape[1])
+    return roles.token_logprobs(model, h, responses, temperature)[0]
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_greedy_equals_hf_generate_with_ragged_prompts_and_eos_mid_batch(tiny_model_dir, tiny_tokenizer, pad_is_eos):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    eos = mid_batch_eos(model, ids, mask, pad, 12)
+    pad = eos if pad_is_eos else pad
+    engine = DecodeEngine(model, eos, pad, check_every=3)
+    for rows in (slice(None), slice(1, 4)):  # then a smaller batch with shorter prompts in the same allocation
+        i, m = ids[rows], mask[rows]
+        keep = m.sum(0) > 0
+        i, m = i[:, keep], m[:, keep]
+        ref, ref_mask = generate(model, i, m, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=12)
+        out, out_mask, _ = engine.generate(i, m, 12, do_sample=False)
+        assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
+        if rows == slice(None):  # rows ended at different steps (EOS in the middle of the batch)
+            assert ref_mask.sum(1).min() < ref_mask.sum(1).max()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_sampled_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, merged):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    torch.manual_seed(3)
+    engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, merged=merged)
+    responses, rmask, logp = engine.generate(ids, mask, 10, do_sample=True, temperature=0.7)
+    ref = training_logprobs(model, ids, mask, responses, rmask, 0.7)
+    assert rmask.sum() > 10
+    torch.testing.assert_close(logp, ref * rmask, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_equals_unmerged(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
+    engine = DecodeEngine(model, eos, pad, merged=True)
+    merged = engine.generate(ids, mask, 10, do_sample=False)
+    assert torch.equal(plain[0], merged[0])
+    torch.testing.assert_close(plain[2], merged[2], atol=1e-5, rtol=1e-5)
+    lora_weights = sum(m.base_layer.weight.numel() for _, m in lora_layers(model, "policy"))
+    assert engine.merged.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
+
+
+def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
+    """bf16 weights: W + BA rounded once vs W x + B(A x) in bf16; equal log-probs within bf16 rounding, over the
+    prefix where the greedy tokens agree (a near-tie may flip a later token)."""
+    model = peft_model(tiny_model_dir).to(torch.bfloat16)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
+    merged = DecodeEngine(model, eos, pad, merged=True).generate(ids, mask, 10, do_sample=False)
+    width = min(plain[0].shape[1], merged[0].shape[1])
+    agree = (plain[0][:, :width] == merged[0][:, :width]).long().cumprod(1).bool()
+    assert agree[:, 0].all() and agree.float().mean() > 0.5
+    torch.testing.assert_close(plain[2][:, :width][agree], merged[2][:, :width][agree], atol=0.05, rtol=0.02)
+
+
+def test_merged_refuses_a_4bit_base(tiny_model_dir):
+    with pytest.raises(ValueError, match="quantized base"):
+        DecodeEngine(nf4_policy(tiny_model_dir), 2, 2, merged=True)
+
+
+def nf4_policy(model_dir, device=None):
+    """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy."""
+    from lit_ft.models import LoraSpec, ModelSpec
+
+    spec = ModelSpec(name_or_path=model_dir, quantization="nf4", double_quant=True, compute_dtype="float32")
+    model, _ = roles.build_roles(spec, LoraSpec(r=4), None, None, "shared_trunk", device)
+    return model.eval()
+
+
+def test_4bit_base_greedy_equals_hf_generate(tiny_model_dir, tiny_tokenizer):
+    model = nf4_policy(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    ref = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=8)
+    out = DecodeEngine(model, eos, pad).generate(ids, mask, 8, do_sample=False)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_second_rollout_after_an_update_uses_the_updated_weights(tiny_model_dir, tiny_tokenizer, merged):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    engine = DecodeEngine(model, eos, pad, merged=merged)
+    before = engine.generate(ids, mask, 10, do_sample=False)
+    # one optimizer step on the policy LoRA, pushing down the log-probs of the greedy responses
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=5.0)
+    loss = (training_logprobs(model, ids, mask, before[0], before[1], 1.0) * before[1]).sum()
+    loss.backward()
+    opt.step()
+    after = engine.generate(ids, mask, 10, do_sample=False)
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=10)
+    assert not torch.equal(after[0], before[0])
+    assert torch.equal(after[0], ref) and torch.equal(after[1], ref_mask)
+    torch.testing.assert_close(after[2], training_logprobs(model, ids, mask, ref, ref_mask, 1.0) * ref_mask,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_the_policy_decodes_whatever_adapter_is_active(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir, adapters=("policy", "value"))
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    ref = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=8)[0]
+    model.set_adapter("value")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    out = DecodeEngine(model, eos, pad).generate(ids, mask, 8, do_sample=False)[0]
+    assert torch.equal(out, ref)
+    assert model.active_adapter == "value"
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_the_decode_step_keeps_every_buffer_in_place(tiny_model_dir, tiny_tokenizer):
+    """What a CUDA graph replay needs: the step reads and writes the same storage every time (eager here)."""
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
+    engine.generate(ids, mask, 8, do_sample=True)  # allocates room for 8 tokens
+    engine.generate(ids, mask, 4, do_sample=True)
+    state = [engine.tok, engine.pos, engine.t, engine.finished, engine.out, engine.out_logp]
+    cache = [t for layer in engine.cache.layers for t in (layer.keys, layer.values)]
+    ptrs = [t.data_ptr() for t in state + cache]
+    t0, keys0 = int(engine.t), engine.cache.layers[0].keys.clone()
+    engine.step()
+    assert [t.data_ptr() for t in state + cache] == ptrs
+    assert int(engine.t) == t0 + 1
+    slot = ids.shape[1] + t0 - 1  # the fed token's cache slot was written, nothing else
+    changed = (engine.cache.layers[0].keys != keys0).any(dim=(0, 1, 3)).nonzero().flatten().tolist()
+    assert changed == [slot]
+
+
+def test_top_k_one_sampling_is_greedy(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    greedy = engine.generate(ids, mask, 8, do_sample=False)[0]
+    assert torch.equal(engine.generate(ids, mask, 8, do_sample=True, top_k=1)[0], greedy)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (7, 0.5)])
+def test_filtering_matches_hf_warpers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    assert torch.equal(torch.isinf(filter_logits(logits, top_k, top_p)), torch.isinf(ref))
+
+
+def test_gumbel_sampling_draws_from_the_policy(tiny_model_dir, tiny_tokenizer):
+    """Token frequencies of many first-token draws match the softmax of the prefill logits."""
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer, TEXTS[:1] * 4000)
+    engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    first = engine.generate(ids, mask, 1, do_sample=True, temperature=0.5)[0][:, 0]
+    logits = model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1].float()
+    p = (logits / 0.5).softmax(-1)
+    freq = torch.bincount(first, minlength=p.numel()).float() / len(first)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(first)).sqrt().max() + 1e-3
+
+
+def test_sampler_auto_uses_hf_on_cpu_and_static_when_asked(tiny_model_dir, tiny_tokenizer):
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    hf = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False))
+    assert sampler.choice == "hf" and sampler.engine is None
+    static = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="static"))
+    assert sampler.choice == "static" and sampler.engine is not None
+    assert torch.equal(hf[0], static[0]) and torch.equal(hf[1], static[1])
+
+
+def test_ppo_iteration_with_the_static_engine(tiny_model_dir, tiny_tokenizer):
+    from tests.test_ppo import make_module, prompt_loader, trainer
+
+    module = make_module(tiny_model_dir)
+    module.sampling = SamplingSpec(max_new_tokens=8, engine="static", merged=True)
+    trainer(2).fit(module, train_dataloaders=prompt_loader(tiny_tokenizer, batch_size=4, n=8))
+    assert module.sampler.choice == "static" and module.sampler.engine.merged is not None
+    assert module.counters["rollouts"] == 2
+    # validation rolls out greedily through the same engine (its allocation reused), equal to HF generate
+    batch = next(iter(prompt_loader(tiny_tokenizer, batch_size=3, n=3)))
+    ro = module.rollout(batch, SamplingSpec(max_new_tokens=8, do_sample=False, engine="static", merged=True))
+    with torch.no_grad():
+        ref = generate(module.model.eval(), batch["input_ids"], batch["attention_mask"], SamplingSpec(do_sample=False),
+                       tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, max_new_tokens=8)
+    assert torch.equal(ro.responses, ref[0]) and torch.equal(ro.mask, ref[1])
+    assert module.sampler.engine.shape[0] == 4  # the 3 validation rows ran padded to the training allocation
+
+
+@pytest.mark.slow
+def test_greedy_equals_hf_generate_on_smollm2(smollm2_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    lora = LoraConfig(r=8, target_modules="all-linear")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir), lora, adapter_name="policy").eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in ["What is 2 plus 3?", "Say hi.", "Name a colour.", "Count from one to twenty in words."]]
+    ids, mask = prompts(tok, texts)
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), tok.eos_token_id, tok.pad_token_id,
+                             max_new_tokens=24)
+    out, out_mask, _ = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id).generate(ids, mask, 24, do_sample=False)
+    assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
+    assert ref_mask.sum(1).min() < ref_mask.shape[1]  # a row ended with EOS before the others
+
+
+def test_bench_rollout_runs_tiny_on_the_cpu(tmp_path):
+    """The benchmark script end to end at tiny scale: every engine's decode point, and a W5 iteration per phase."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "rollout.json"
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py")
+    cmd = [sys.executable, script, "--tiny", "--batches", "2", "--model-dir", str(tmp_path / "m"),
+           "--ppo-engines", "merged", "--ppo-iters", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert [(d["engine"], d["batch"]) for d in report["decode"]] == [("hf", 2), ("static", 2), ("merged", 2)]
+    w = report["workload"]
+    for d in report["decode"]:
+        assert d["new_tokens"] == w["new_tokens"] and d["tokens_per_s"] > 0
+        step = d["weight_bytes"] + 2 * report["kv_bytes_per_token"] * (w["prompt_len"] + (w["new_tokens"] - 1) / 2)
+        assert d["bandwidth_share"] == pytest.approx(d["tokens_per_s"] * step / (2 * 4.8e12))
+    assert report["decode"][2]["merged_copy_bytes"] > 0
+    (ppo,) = report["ppo"]["results"]
+    assert ppo["engine_used"] == "static" and ppo["merged"]
+    assert all(ppo["mean"][k] > 0 for k in ("rollout", "score", "evaluate_rollout", "ppo_update", "iteration"))
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa():
+    """One query token over a grouped-query cache under a padding mask, without expanding the cache."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from lit_ft.rollout_ops import grouped_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, t, 16, generator=g) for h, t in ((8, 1), (2, 20), (2, 20)))
+    mask = torch.rand(3, 1, 1, 20, generator=g) > 0.3
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
+    ref = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, scaling=0.25)[0]
+    torch.testing.assert_close(grouped_decode_attention(module, q, k, v, mask, scaling=0.25)[0], ref)
+
+
+def test_the_engine_switches_attention_only_during_a_rollout(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    import lit_ft.rollout_ops as rollout
+
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    calls = []
+    real = rollout.grouped_decode_attention
+    monkeypatch.setattr(rollout, "grouped_decode_attention",
+                        lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
+    engine.generate(ids, mask, 4, do_sample=False)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert sum(s[2] == 1 for s in calls) == 3 * layers  # every decode step of every layer went through it
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_auto_falls_back_to_hf_for_a_model_the_engine_cannot_serve(tiny_model_dir, tiny_tokenizer):
+    from lit_ft.errors import ConfigError
+
+    model = peft_model(tiny_model_dir)
+    sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    assert sampler.resolve(SamplingSpec(), torch.device("cuda")) == "static"
+    assert sampler.resolve(SamplingSpec(), torch.device("cpu")) == "hf"
+    model.get_base_model().config._attn_implementation = "flash_attention_2"  # a 2D-mask kernel
+    assert sampler.resolve(SamplingSpec(), torch.device("cuda")) == "hf"
+    with pytest.raises(ConfigError, match="sampling.engine: static cannot serve this model .attention implementation"):
+        sampler.resolve(SamplingSpec(engine="static"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sampling.engine: expected auto, static or hf, got 'vllm'"):
+        sampler.resolve(SamplingSpec(engine="vllm"), torch.device("cpu"))

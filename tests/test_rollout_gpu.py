@@ -1,0 +1,85 @@
+"""The decode engine on one CUDA device, with its CUDA-graph replay (skipped without one; CI has none): the same
+checks as `test_rollout.py` against HF `generate` and the training forward, now through the captured step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_ft.generation import SamplingSpec, generate
+from lit_ft.rollout import DecodeEngine
+from tests.test_rollout import mid_batch_eos, nf4_policy, peft_model, prompts, training_logprobs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    """fp32 without TF32, so the engine and HF generate compute the same numbers."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def on_device(model_dir, tokenizer, **kw):
+    model = peft_model(model_dir, **kw).to(DEVICE)
+    ids, mask = prompts(tokenizer)
+    return model, ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_captured_greedy_equals_hf_generate_with_eos_mid_batch(tiny_model_dir, tiny_tokenizer, merged):
+    model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    eos = mid_batch_eos(model, ids, mask, pad, 16)
+    engine = DecodeEngine(model, eos, pad, merged=merged, check_every=4)
+    out, out_mask, _ = engine.generate(ids, mask, 16, do_sample=False)
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=16)
+    assert engine.graphs, "the decode step was not captured"
+    assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
+    assert ref_mask.sum(1).min() < ref_mask.sum(1).max()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_replayed_graph_follows_an_optimizer_update(tiny_model_dir, tiny_tokenizer, merged):
+    model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    engine = DecodeEngine(model, eos, pad, merged=merged)
+    before = engine.generate(ids, mask, 12, do_sample=False)
+    graph = engine.graphs[(False, 1.0, 0, 1.0)]
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad], lr=0.05)
+    (training_logprobs(model, ids, mask, before[0], before[1], 1.0) * before[1]).sum().backward()
+    opt.step()
+    after = engine.generate(ids, mask, 12, do_sample=False)
+    assert engine.graphs[(False, 1.0, 0, 1.0)] is graph  # replayed, not recaptured: it reads the updated weights
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=12)
+    assert not torch.equal(after[0], before[0])
+    assert torch.equal(after[0], ref) and torch.equal(after[1], ref_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_sampling_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, dtype):
+    """Sampled at temperature 0.7 with top-p, under bf16 autocast for the bf16 case (how bf16-mixed runs)."""
+    model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer, adapters=("policy", "value"))
+    model.set_adapter("value")  # the engine decodes with the policy whatever adapter is active
+    engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        responses, rmask, logp = engine.generate(ids, mask, 16, do_sample=True, temperature=0.7, top_p=0.95)
+        model.set_adapter("policy")
+        ref = training_logprobs(model, ids, mask, responses, rmask, 0.7).float()
+    assert engine.graphs and rmask.sum() > 16
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(logp, ref * rmask, **tol)
+
+
+def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_tokenizer):
+    model = nf4_policy(tiny_model_dir, torch.device(DEVICE))
+    ids, mask = (t.to(DEVICE) for t in prompts(tiny_tokenizer))
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    engine = DecodeEngine(model, eos, pad)
+    out = engine.generate(ids, mask, 12, do_sample=False)
+    ref = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=12)
+    assert engine.graphs
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
