@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_ft.errors import ConfigError
 from lit_ft.rl import response_mask_after_eos
+from lit_ft.validation import check_spec
 
 
 @dataclass
@@ -25,6 +27,12 @@ class SamplingSpec:
     """0 disables top-k filtering (PPO samples from the full distribution)."""
     top_p: float = 1.0
     """1.0 disables nucleus filtering."""
+
+    def __post_init__(self):
+        check_spec(self, "model.sampling")
+        if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"model.sampling.min_new_tokens={self.min_new_tokens}: expected at most "
+                              f"model.sampling.max_new_tokens={self.max_new_tokens}")
 
 
 @torch.no_grad()

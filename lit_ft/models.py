@@ -17,6 +17,7 @@ import torch
 
 from lit_ft.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: F401 (re-exported)
 from lit_ft.errors import ConfigError
+from lit_ft.validation import check_spec
 
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -44,6 +45,12 @@ class LoraSpec:
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024)."""
+
+    def __post_init__(self):
+        check_spec(self, "model.lora")  # alpha 0 would leave every update at zero: lora_B stays 0 (no warning)
+        targets = self.target_modules
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"model.lora.target_modules={targets!r}: expected a non-empty list of module names")
 
 
 @dataclass
@@ -77,6 +84,9 @@ class ModelSpec:
     adapter: str | None = None
     """An existing PEFT adapter directory to start from (for example the SFT adapter under RM or PPO); when
     set, it is trained further instead of a new adapter made from the LoRA settings."""
+
+    def __post_init__(self):
+        check_spec(self, "model.base")
 
     def identity(self) -> dict:
         """What a checkpoint records so a resume can refuse a different base."""

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from lit_ft.errors import ConfigError
+from lit_ft.validation import check_spec
 
 
 @dataclass
@@ -33,6 +34,13 @@ class OptimSpec:
     """Warmup length in optimizer steps; overrides warmup_ratio."""
     min_lr_ratio: float = 0.0
     """Floor of the decay as a share of `lr`."""
+
+    def __post_init__(self):
+        check_spec(self, "model.optim")
+        betas = self.betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"model.optim.betas={betas!r}: expected two numbers in [0, 1)")
 
 
 def _param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:

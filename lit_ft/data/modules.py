@@ -27,10 +27,19 @@ from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong, tokenize_records
 from lit_ft.errors import ConfigError, DataError
 from lit_ft.resume import ResumableDataLoader
+from lit_ft.validation import check_init
 
 InstructionFormat = Literal["auto", "alpaca", "prompt_completion", "messages", "question_answer"]
 PreferenceFormat = Literal["auto", "prompt_chosen_rejected", "chat", "hh"]
 PromptFormat = Literal["auto", "prompt", "instruction", "messages", "question", "preference"]
+
+
+def check_score_filter(score_field: str | None, min_score: float | None) -> None:
+    """The quality filter needs both settings; one alone would silently filter nothing."""
+    if (score_field is None) != (min_score is None):
+        given, missing = ("data.min_score", "data.score_field") if score_field is None else \
+            ("data.score_field", "data.min_score")
+        raise ConfigError(f"{given} is set but {missing} is not: the score filter needs both (or neither)")
 
 
 def split_records(records: list[dict], report: DataReport, val_split: float, seed: int):
@@ -149,6 +158,8 @@ class InstructionDataModule(LightningDataModule):
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
         """
+        check_init("data (InstructionDataModule)", InstructionDataModule, locals())
+        check_score_filter(score_field, min_score)
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
@@ -253,6 +264,7 @@ class PreferenceDataModule(LightningDataModule):
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
         """
+        check_init("data (PreferenceDataModule)", PreferenceDataModule, locals())
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
@@ -344,6 +356,7 @@ class PromptDataModule(LightningDataModule):
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
         """
+        check_init("data (PromptDataModule)", PromptDataModule, locals())
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
