@@ -109,6 +109,7 @@ def resolve_name(name_or_path: str | None, kind: Literal["model", "tokenizer"] =
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ConfigError(f"model.name_or_path: GGUF file {p} does not exist")
+        check_gguf_magic(p)
         return str(p.parent), p.name
     if p.exists():
         markers = ["config.json", "adapter_config.json"]
@@ -121,6 +122,28 @@ def resolve_name(name_or_path: str | None, kind: Literal["model", "tokenizer"] =
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ConfigError(f"model.name_or_path: local path {name_or_path} does not exist")
     return name_or_path, None  # a hub id: downloads only because the user named it
+
+
+def check_gguf_magic(path: Path) -> None:
+    """A GGUF file starts with the bytes ``GGUF``; anything else would fail deep inside the gguf reader."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        raise ConfigError(f"model.base.name_or_path: {path} is not a GGUF file (it starts with {head!r}, not b'GGUF')")
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_files(where: str, gguf: str | None) -> None:
+    """A local model directory must hold weights (a folder with only config.json and tokenizer files is a
+    tokenizer, not a model): say so by setting rather than as transformers' file-search error."""
+    p = Path(where)
+    if gguf or not p.is_dir() or (p / "adapter_config.json").exists():
+        return
+    if not any(next(p.glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+        raise ConfigError(f"model.base.name_or_path: {p} has no weights (no *.safetensors or *.bin file); "
+                          "point it at a full model directory")
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -139,8 +162,10 @@ def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = Fa
         tok = AutoTokenizer.from_pretrained(
             where, gguf_file=gguf, trust_remote_code=trust_remote_code, revision=revision
         )
-    except OSError as e:
-        raise ConfigError(f"cannot load a tokenizer from '{name_or_path}': {e}") from e
+    except Exception as e:  # OSError (missing files), tokenizers' parse errors of a half-written tokenizer.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"model.base.name_or_path (data.tokenizer): cannot load a tokenizer from "
+                          f"'{name_or_path or where}': {type(e).__name__}: {first}") from e
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"tokenizer of '{name_or_path}' has neither a pad nor an EOS token; set one")
@@ -179,6 +204,7 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     where, gguf = resolve_name(spec.name_or_path)
+    check_model_files(where, gguf)
     dtype = resolve_dtype(spec, device)
     kwargs = dict(
         dtype=dtype,
