@@ -190,18 +190,22 @@ def responses(record: dict) -> list[str]:
     return [record[k] for k in ("chosen", "rejected") if k in record]
 
 
-def check_unicode(record: dict) -> None:
-    """Refuse lone surrogates (JSON ``"\\ud800"``): Python accepts them, UTF-8 (Arrow, tokenizers) cannot encode them."""
-    for key, value in record.items():
-        texts = [(key, value)] if isinstance(value, str) else \
-            [(f"{key}[{i}]", m["content"]) for i, m in enumerate(value)] if isinstance(value, list) else []
-        for name, text in texts:
-            if not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise RowError(name, f"holds a lone surrogate {text[e.start]!r} at character {e.start + 1} "
-                                         "(not valid Unicode; fix the escape in the file)") from None
+def check_unicode(row: dict) -> None:
+    """Refuse lone surrogates (JSON ``"\\ud800"``): Python accepts them, UTF-8 (Arrow, tokenizers) cannot encode them.
+    Checked on the raw row, so the error names the field of the file (``output``, ``messages[1]``)."""
+    stack = list(row.items())
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, list):
+            stack += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            stack += [(name, v) for v in value.values()]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RowError(name, f"holds a lone surrogate {value[e.start]!r} at character {e.start + 1} "
+                                     "(not valid Unicode; fix the escape in the file)") from None
 
 
 def _number(value: Any, key: str, expected: str) -> float:
@@ -307,8 +311,8 @@ def load_records(
     records, seen, errors = [], set() if dedup else None, 0
     for row, line in zip(rows, lines):
         try:
+            check_unicode(row)
             record = build(row, format)
-            check_unicode(record)
             if group_field is not None:
                 record["group"] = _group(row, group_field)
             low = score_field is not None and min_score is not None and _score(row, score_field) < min_score
