@@ -58,7 +58,11 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
     kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ConfigError(f"model.optim.optimizer={spec.optimizer!r} needs bitsandbytes (`pip install bitsandbytes`);"
+                          " or use 'adamw'") from e
 
     cls = {
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,

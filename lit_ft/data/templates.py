@@ -40,14 +40,16 @@ def _probe_chat_template(tokenizer) -> None:
     """Render one two-turn conversation, so a broken template (a Jinja syntax error, a call it cannot make) is
     one ConfigError before any row is read, with the template engine's error chained."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    problem = (f"data.template='chat': the chat template of {where} (tokenizer_config.json or chat_template.jinja)"
+               " {}; fix the template or use data.template 'alpaca' or 'plain'")
     try:
-        _chat(tokenizer, probe)
+        text = _chat(tokenizer, probe)
         _chat(tokenizer, probe[:1], add_generation_prompt=True)
     except Exception as e:  # jinja2's TemplateSyntaxError/UndefinedError, TypeError from a bad filter, ...
-        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        raise ConfigError(f"data.template='chat': the chat template of {where} (tokenizer_config.json or "
-                          f"chat_template.jinja) fails on a plain two-turn conversation: {type(e).__name__}: {e}; "
-                          "fix the template or use data.template 'alpaca' or 'plain'") from e
+        raise ConfigError(problem.format(f"fails on a plain two-turn conversation: {type(e).__name__}: {e}")) from e
+    if "Hi" not in text or "Hello" not in text:
+        raise ConfigError(problem.format(f"leaves the messages out of a two-turn conversation (renders {text[:60]!r})"))
 
 
 def _prepare(messages: list[dict], system_prompt: str | None, input: str | None) -> list[dict]:
