@@ -84,8 +84,7 @@ RULES: dict[str, dict[str, Rule]] = {
                   "gradient_accumulation_steps": POS_INT, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
                   "vf_coef": NONNEG, "gamma": UNIT, "lam": UNIT, "init_kl_coef": NONNEG, "target": POSITIVE,
                   "horizon": POSITIVE, "target_kl": POSITIVE_OR_NONE,
-                  # a threshold below 1 would skip minibatches whose policy did not move at all
-                  "ratio_threshold": Rule(lo=1, nullable=True), "score_clip": POSITIVE_OR_NONE,
+                  "ratio_threshold": POSITIVE_OR_NONE, "score_clip": POSITIVE_OR_NONE,
                   "missing_eos_penalty": NONNEG_OR_NONE, "max_grad_norm": POSITIVE_OR_NONE},
     "model.sampling": {"max_new_tokens": POS_INT, "min_new_tokens": POS_INT_OR_NONE, "temperature": POSITIVE,
                        "top_k": NONNEG_INT, "top_p": Rule(lo=0, hi=1, lo_open=True)},

@@ -74,7 +74,7 @@ SETTINGS = [
     (PPOSpec, {"lam": -0.1}, "model.ppo.lam=-0.1"),
     (PPOSpec, {"init_kl_coef": -0.2}, "model.ppo.init_kl_coef=-0.2", ">= 0"),
     (PPOSpec, {"target_kl": 0}, "model.ppo.target_kl=0", "> 0 or null"),
-    (PPOSpec, {"ratio_threshold": 0.5}, "model.ppo.ratio_threshold=0.5", ">= 1 or null"),
+    (PPOSpec, {"ratio_threshold": 0}, "model.ppo.ratio_threshold=0", "> 0 or null"),
     (PPOSpec, {"kl_estimator": "k4"}, "model.ppo.kl_estimator='k4'", "'k3'"),
     (SamplingSpec, {"temperature": 0}, "model.sampling.temperature=0", "> 0"),
     (SamplingSpec, {"top_p": 0}, "model.sampling.top_p=0", "(0, 1]"),
