@@ -176,6 +176,9 @@ def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
         header = next(reader, None)
         if header is None:
             return [], []
+        twice = sorted({k for k in header if k.strip() and header.count(k) > 1})
+        if twice:  # a dict keeps the last of two same-named cells: which one is meant?
+            raise DataError(f"the header names {twice} more than once", file=str(path), line=1)
         rows, lines, start = [], [], reader.line_num + 1
         for cells in reader:
             if any(c.strip() for c in cells):
