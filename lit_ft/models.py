@@ -352,17 +352,32 @@ def build_model(
     With `spec.adapter` the existing adapter is loaded (trainable when `trainable`); otherwise a new one is
     made from `lora`.
     """
-    from peft import get_peft_model
-
     model = prepare_for_training(load_base(spec, task, device), spec)
     if spec.adapter is not None:
         model = load_adapter(model, spec.adapter, task, trainable)
     elif lora is not None:
-        model = get_peft_model(model, lora_config(lora, task))
+        model = adapt(model, lora, task)
     else:
         raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
     # from_pretrained returns eval mode; training mode turns LoRA dropout on (evaluation code switches it off).
     return model.train(trainable)
+
+
+def adapt(model, lora: LoraSpec, task: Literal["causal_lm", "score"]):
+    """`get_peft_model` with the errors user settings cause as ConfigErrors naming the setting (PEFT's own error
+    chained), and ``modules_to_save`` names that match no module refused (PEFT ignores them silently)."""
+    from peft import get_peft_model
+
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [m for m in lora.modules_to_save or [] if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        tops = sorted({n.rsplit(".", 1)[-1] for n in names if "." not in n or n.count(".") <= 1})
+        raise ConfigError(f"model.lora.modules_to_save: {missing} name no module of the model "
+                          f"(its top-level modules: {tops})")
+    try:
+        return get_peft_model(model, lora_config(lora, task))
+    except (ValueError, TypeError, KeyError) as e:  # peft.utils.error.PeftError is a ValueError
+        raise ConfigError(f"model.lora: PEFT refused the settings ({type(e).__name__}: {e})") from e
 
 
 def load_adapter(model, path: str, task: Literal["causal_lm", "score"], trainable: bool):

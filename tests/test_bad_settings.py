@@ -150,6 +150,20 @@ def test_unmatched_lora_target_names_it(tiny_model_dir, targets):
     assert "down_proj" in message, message  # ... and the model's linear layers to choose from
 
 
+PEFT_CASES = [
+    ({"modules_to_save": ["scroe"]}, ("model.lora.modules_to_save: ['scroe'] name no module", "lm_head")),
+    ({"modules_to_save": ["lm_head", "embed"]}, ("['embed']",)),
+    ({"target_modules": ["nothing_here"]}, ("model.lora: PEFT refused the settings", "nothing_here")),
+]
+
+
+@pytest.mark.parametrize("kw,parts", PEFT_CASES, ids=["modules_to_save", "modules_to_save_partial", "targets"])
+def test_peft_refusals_name_the_setting(tiny_model_dir, kw, parts):
+    with pytest.raises(ConfigError) as info:
+        build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32"), LoraSpec(**kw))
+    assert all(p in str(info.value) for p in parts), str(info.value)
+
+
 # -- class 3: longer than the model can read ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("module", [InstructionDataModule, PromptDataModule, PreferenceDataModule])
