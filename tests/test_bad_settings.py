@@ -110,7 +110,8 @@ SETTINGS = [
 
 def _name(case) -> str:
     build, kw, *_ = case
-    return f"{getattr(build, '__name__', 'x').strip('_')}-" + "-".join(f"{k}={v}" for k, v in kw.items() if k != "train_file")
+    settings = "-".join(f"{k}={v}" for k, v in kw.items() if k != "train_file")
+    return f"{getattr(build, '__name__', 'x').strip('_')}-{settings}"
 
 
 @pytest.mark.parametrize("case", SETTINGS, ids=_name)
@@ -278,7 +279,8 @@ def test_bitsandbytes_optimizer_named_by_setting_when_missing(monkeypatch):
 CLI_CASES = [
     (["--model.init_args.lora.alpha", "0"], "error: model.lora.alpha=0: expected a number > 0"),
     (["--data.init_args.batch_size", "0"], "error: data.batch_size=0: expected an integer >= 1"),
-    (["--data.init_args.train_file", str(BAD / "invalid_json_line3.jsonl")], "invalid_json_line3.jsonl:3: invalid JSON"),
+    (["--data.init_args.train_file", str(BAD / "invalid_json_line3.jsonl")],
+     "invalid_json_line3.jsonl:3: invalid JSON"),
 ]
 
 

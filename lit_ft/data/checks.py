@@ -11,7 +11,9 @@
   never tokenized; a 2,000-turn conversation is never rendered turn by turn): ``drop`` and ``error`` refuse the
   row at once, ``truncate_prompt`` keeps the end of each prompt text and the last turns, which is all that the
   token-level truncation from the left could keep.
-- The model's context: ``data.max_length`` above ``max_position_embeddings`` is refused, naming both numbers.
+- The model's context: ``data.max_length`` above ``max_position_embeddings`` is clamped, naming both numbers.
+- Row checks used while normalising (`lit_ft.data.records`): text that shows nothing, lone surrogates, columns
+  a format does not read.
 """
 
 from __future__ import annotations
@@ -21,11 +23,56 @@ import logging
 import re
 from pathlib import Path
 
-from lit_ft.data.readers import DataReport
-from lit_ft.data.records import is_blank
+from lit_ft.data.readers import DataReport, RowError
 from lit_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+
+# Characters that print nothing: zero-width space/joiners, word joiner, BOM, soft hyphen (all category Cf), the
+# Hangul fillers and the braille blank. A response made of these (and whitespace) is empty in effect.
+_INVISIBLE = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: whitespace, control and format characters only."""
+    import unicodedata
+
+    return all(ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
+
+
+def check_unicode(row: dict) -> None:
+    """Refuse lone surrogates (JSON ``"\\ud800"``): Python accepts them, UTF-8 (Arrow, tokenizers) cannot encode them.
+    Checked on the raw row, so the error names the field of the file (``output``, ``messages[1]``)."""
+    stack = list(row.items())
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, list):
+            stack += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            stack += [(name, v) for v in value.values()]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RowError(name, f"holds a lone surrogate {value[e.start]!r} at character {e.start + 1} "
+                                     "(not valid Unicode; fix the escape in the file)") from None
+
+
+_READS = {"alpaca": {"instruction", "input", "output"}, "prompt_completion": {"prompt", "completion"},
+          "question_answer": {"question", "answer"}, "messages": {"messages"}}
+
+
+def warn_unknown_columns(rows: list[dict], source: str, kind: str, format: str, settings: set) -> set[str]:
+    """Warn once per file about instruction columns the format does not read (a misspelled ``inputs`` would
+    otherwise silently lose its context). Returns the unknown column names."""
+    if kind != "instruction" or format not in _READS:
+        return set()
+    unknown = set().union(*(row.keys() for row in rows)) - _READS[format] - settings
+    if unknown:
+        log.warning("%s: columns %s are not read by the %s format (it reads %s); misspelled?", source,
+                    sorted(unknown), format, sorted(_READS[format]))
+    return unknown
 
 
 def control_pattern(tokenizer) -> re.Pattern | None:

@@ -18,6 +18,7 @@ import logging
 import math
 from typing import Any, Literal
 
+from lit_ft.data.checks import check_unicode, is_blank, warn_unknown_columns
 from lit_ft.data.readers import DataReport, RowError, read_rows
 from lit_ft.errors import ConfigError, DataError
 
@@ -190,24 +191,6 @@ def responses(record: dict) -> list[str]:
     return [record[k] for k in ("chosen", "rejected") if k in record]
 
 
-def check_unicode(row: dict) -> None:
-    """Refuse lone surrogates (JSON ``"\\ud800"``): Python accepts them, UTF-8 (Arrow, tokenizers) cannot encode them.
-    Checked on the raw row, so the error names the field of the file (``output``, ``messages[1]``)."""
-    stack = list(row.items())
-    while stack:
-        name, value = stack.pop()
-        if isinstance(value, list):
-            stack += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
-        elif isinstance(value, dict):
-            stack += [(name, v) for v in value.values()]
-        elif isinstance(value, str) and not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RowError(name, f"holds a lone surrogate {value[e.start]!r} at character {e.start + 1} "
-                                     "(not valid Unicode; fix the escape in the file)") from None
-
-
 def _number(value: Any, key: str, expected: str) -> float:
     """A finite float from a number (or, for CSV cells, numeric text); NaN/inf would poison a loss silently."""
     if isinstance(value, str):
@@ -231,18 +214,6 @@ def _group(row: dict, key: str) -> str:
 
 def _score(row: dict, score_field: str) -> float:
     return _number(row.get(score_field), score_field, "a number (data.score_field)")
-
-
-# Characters that print nothing: zero-width space/joiners, word joiner, BOM, soft hyphen (all category Cf), the
-# Hangul fillers and the braille blank. A response made of these (and whitespace) is empty in effect.
-_INVISIBLE = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
-
-
-def is_blank(text: str) -> bool:
-    """True when ``text`` shows nothing: whitespace, control and format characters only."""
-    import unicodedata
-
-    return all(ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
 def _prompt_messages(record: dict) -> list[dict]:
@@ -332,22 +303,6 @@ def load_records(
         records.append(record)
     report.check()
     return records, report
-
-
-_READS = {"alpaca": {"instruction", "input", "output"}, "prompt_completion": {"prompt", "completion"},
-          "question_answer": {"question", "answer"}, "messages": {"messages"}}
-
-
-def warn_unknown_columns(rows: list[dict], source: str, kind: Kind, format: str, settings: set) -> set[str]:
-    """Warn once per file about instruction columns the format does not read (a misspelled ``inputs`` would
-    otherwise silently lose its context). Returns the unknown column names."""
-    if kind != "instruction" or format not in _READS:
-        return set()
-    unknown = set().union(*(row.keys() for row in rows)) - _READS[format] - settings
-    if unknown:
-        log.warning("%s: columns %s are not read by the %s format (it reads %s); misspelled?", source,
-                    sorted(unknown), format, sorted(_READS[format]))
-    return unknown
 
 
 _REQUIRED = {
