@@ -40,6 +40,9 @@ CASES = [
     ("empty_user_turn.jsonl", "prompt", {}, D(2, 1, empty_prompt=1)),
     ("invisible_prompt.jsonl", "prompt", {}, D(4, 2, empty_prompt=2)),
     ("invisible_chosen.jsonl", "pref", {}, D(3, 1, empty_response=2)),
+    ("invisible_response.csv", "sft", {}, D(2, 1, empty_response=1)),
+    ("empty_prompt_pref.jsonl", "pref", {}, D(3, 2, empty_prompt=1)),
+    ("empty_prompt_pref.jsonl", "prompt", {}, D(3, 2, empty_prompt=1)),
     ("invisible_chosen.jsonl", "prompt", {}, D(3, 2, duplicate=1)),  # as prompts the pairs are fine
     # 6. Pathological rows.
     ("lone_surrogate.jsonl", "sft", {}, E(DataError, 2, "output", "lone surrogate '\\ud800'", "character 13")),
@@ -48,6 +51,7 @@ CASES = [
     ("lone_surrogate_prompt.jsonl", "prompt", {}, E(DataError, 2, "prompt", "lone surrogate '\\ud83d'")),
     ("lone_surrogate_prompt.jsonl", "prompt", SKIP, D(2, 1, malformed=1)),
     ("surrogate_pair_ok.jsonl", "sft", {}, D(1, 1)),
+    ("lone_surrogate_array.json", "sft", {}, E(DataError, 3, "instruction", "lone surrogate '\\udc80'")),
     ("jsonl_first_line_array.jsonl", "sft", {}, E(DataError, 1, None, "expected a JSON object per line, got list")),
     ("jsonl_first_line_array.jsonl", "sft", SKIP, D(3, 2, invalid_json=1)),
     ("json_lines_first_array.json", "sft", {}, E(DataError, 1, None, "got list")),
