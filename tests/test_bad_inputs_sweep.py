@@ -198,6 +198,28 @@ def test_many_turns_truncated_keeps_the_last_turns(tiny_model_dir, generated):
                                                               "turn 3999<|im_end|>\n")
 
 
+@pytest.mark.parametrize("template", ["chat", "alpaca", "plain"])
+def test_cutting_turns_early_keeps_the_same_window(tiny_model_dir, tmp_path, template):
+    """The turns cut before tokenizing are exactly the ones truncation from the left would have removed: the kept
+    ids and labels equal those of rendering and tokenizing the whole conversation, then keeping its end."""
+    from lit_ft.data import InstructionDataModule
+    from lit_ft.data.checks import min_message_tokens
+    from lit_ft.data.templates import render_segments
+    from lit_ft.data.tokenize import tokenize_segments
+
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "fox " * (i % 5)}
+                for i in range(300)]
+    f = tmp_path / "long.jsonl"
+    f.write_text(json.dumps({"messages": messages}) + "\n")
+    dm = InstructionDataModule(train_file=str(f), tokenizer=tiny_model_dir, val_split=0.0, max_length=48,
+                               template=template)
+    dm.setup("fit")
+    segments = render_segments(messages, dm.tokenizer, template)
+    ids, labels, _ = tokenize_segments(segments, dm.tokenizer, 48, "truncate_prompt")
+    assert (dm.train_dataset[0]["input_ids"], dm.train_dataset[0]["labels"]) == (ids, labels)
+    assert min_message_tokens(dm.tokenizer, template) == (4 if template == "chat" else 1)
+
+
 def test_control_token_rows_are_never_encoded_as_control_tokens(tiny_model_dir):
     """What is kept holds exactly the template's markers: one <|im_start|> per turn, nothing injected."""
     from lit_ft.data import InstructionDataModule

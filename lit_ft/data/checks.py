@@ -116,8 +116,22 @@ def longest_token_chars(tokenizer) -> int:
     return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
 
 
+def min_message_tokens(tokenizer, template: str) -> int:
+    """A lower bound on the tokens one message that shows something takes: 1, or for a chat template the tokens
+    it adds around a one-token message, less a margin of two for merges at the edges (ChatML: about 4)."""
+    if template != "chat":
+        return 1
+    u, a = {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}
+    try:
+        n = [len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"])
+             for m in ([u], [u, a], [u, a, u])]
+    except Exception:  # a template that refuses these is reported by check_template / per row
+        return 1
+    return max(1, min(n[1] - n[0], n[2] - n[1]) - 2)
+
+
 def bound_lengths(records: list[dict], kind: str, tokenizer, max_length: int, overlong: str,
-                  report: DataReport, file: str) -> tuple[list[dict], DataError | None]:
+                  report: DataReport, file: str, template: str = "chat") -> tuple[list[dict], DataError | None]:
     """Refuse or cut, by characters and message counts, the rows that cannot fit ``max_length`` tokens.
 
     Returns the records to tokenize and, under ``overlong="error"``, the error of the first refused row (the
@@ -125,9 +139,10 @@ def bound_lengths(records: list[dict], kind: str, tokenizer, max_length: int, ov
     first, in file order).
     """
     limit = max_length * longest_token_chars(tokenizer)
+    per = min_message_tokens(tokenizer, template)
     kept = []
     for record in records:
-        problem = _bound(record, kind, limit, max_length, overlong == "truncate_prompt")
+        problem = _bound(record, kind, limit, max_length, per, overlong == "truncate_prompt")
         if problem is None:
             kept.append(record)
         elif overlong == "error":
@@ -139,8 +154,11 @@ def bound_lengths(records: list[dict], kind: str, tokenizer, max_length: int, ov
     return kept, None
 
 
-def _bound(record: dict, kind: str, limit: int, max_length: int, truncate: bool) -> str | None:
-    """Why the record cannot fit (None: it may; then over-long prompt texts were cut when ``truncate``)."""
+def _bound(record: dict, kind: str, limit: int, max_length: int, per: int, truncate: bool) -> str | None:
+    """Why the record cannot fit (None: it may; then over-long prompt texts were cut when ``truncate``).
+
+    ``per``: tokens each message that shows something takes at least, so a window of ``max_length`` tokens holds
+    parts of at most ``max_length // per + 1`` of them."""
     key = "messages" if kind == "instruction" else "prompt"
     messages = record[key]
     responses = [(k, record[k]) for k in ("chosen", "rejected") if k in record]
@@ -150,21 +168,25 @@ def _bound(record: dict, kind: str, limit: int, max_length: int, truncate: bool)
         if len(text) > limit:
             return f"field '{name}' has {len(text):,} characters"
     shown = sum(not is_blank(m["content"]) for m in messages)
+    many = f"{shown:,} messages (each takes at least {per} token{'s' * (per > 1)})"
     if not truncate:
-        if shown > max_length:
-            return f"{shown:,} messages (each takes at least one token)"
+        if shown * per > max_length:
+            return many
         long = next((f"{key}[{i}]" for i, m in enumerate(messages) if len(m["content"]) > limit), None)
         if long is None and len(record.get("input") or "") > limit:
             long = "input"
         return f"field '{long}' has more characters than that" if long else None
-    if shown > max_length:  # keep the leading system turns and the last turns, starting at a user turn
+    keep = max_length // per + 2
+    if len(messages) > keep:  # keep the leading system turns and the last turns, starting at a user turn
         system = [m for m in messages if m["role"] == "system"]
-        rest = [m for m in messages if m["role"] != "system"][-max_length:]
+        rest = [m for m in messages if m["role"] != "system"][-keep:]
         while rest and rest[0]["role"] != "user":
             rest = rest[1:]
         if not rest:
-            return f"{shown:,} messages (each takes at least one token)"
+            return many
         record[key] = messages = system + rest
+        if "input" in record:
+            record["input"] = None  # it belonged to the first user turn, now cut
     end = len(messages) - 1 if kind == "instruction" else len(messages)
     for m in messages[:end]:
         if len(m["content"]) > limit:

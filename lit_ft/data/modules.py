@@ -77,7 +77,7 @@ def tokenize_split(records: list[dict], kind: Kind, report: DataReport, file: st
                    required: bool, **settings):
     """Tokenize one split, log its report, and refuse an empty training set."""
     records, refused = bound_lengths(records, kind, settings["tokenizer"], settings["max_length"],
-                                     settings["overlong"], report, file)
+                                     settings["overlong"], report, file, settings["template"])
     if refused is not None:  # tokenize the rows before it: one of them may be too long by tokens, and earlier
         tokenize_records(records, kind, DataReport(file, len(records), len(records)), num_proc=num_proc, file=file,
                          **settings)
