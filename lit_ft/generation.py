@@ -7,7 +7,9 @@ from typing import Literal
 
 import torch
 
+from lit_ft.errors import ConfigError
 from lit_ft.rl import response_mask_after_eos
+from lit_ft.validation import check_spec
 
 
 @dataclass
@@ -37,6 +39,12 @@ class SamplingSpec:
     """Capture the static engine's decode step as a CUDA graph (CUDA only)."""
     check_every: int = 8
     """The static engine reads 'every row finished?' on the host every this many tokens."""
+
+    def __post_init__(self):
+        check_spec(self, "model.sampling")
+        if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"model.sampling.min_new_tokens={self.min_new_tokens}: expected at most "
+                              f"model.sampling.max_new_tokens={self.max_new_tokens}")
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 from lit_ft.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: F401 (re-exported)
 from lit_ft.errors import ConfigError
 from lit_ft.integrity import check_adapter_base, weights_fingerprint
+from lit_ft.validation import check_spec
 
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,6 +46,12 @@ class LoraSpec:
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024)."""
+
+    def __post_init__(self):
+        check_spec(self, "model.lora")  # alpha 0 would leave every update at zero: lora_B stays 0 (no warning)
+        targets = self.target_modules
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"model.lora.target_modules={targets!r}: expected a non-empty list of module names")
 
 
 @dataclass
@@ -78,6 +85,9 @@ class ModelSpec:
     adapter: str | None = None
     """An existing PEFT adapter directory to start from (for example the SFT adapter under RM or PPO); when
     set, it is trained further instead of a new adapter made from the LoRA settings."""
+
+    def __post_init__(self):
+        check_spec(self, "model.base")
 
     def identity(self) -> dict:
         """What a checkpoint records so a resume can refuse a different base: the name, revision, quantization and
@@ -119,6 +129,7 @@ def resolve_name(name_or_path: str | None, kind: Literal["model", "tokenizer"] =
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ConfigError(f"model.name_or_path: GGUF file {p} does not exist")
+        check_gguf_magic(p)
         return str(p.parent), p.name
     if p.exists():
         markers = ["config.json", "adapter_config.json"]
@@ -131,6 +142,28 @@ def resolve_name(name_or_path: str | None, kind: Literal["model", "tokenizer"] =
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ConfigError(f"model.name_or_path: local path {name_or_path} does not exist")
     return name_or_path, None  # a hub id: downloads only because the user named it
+
+
+def check_gguf_magic(path: Path) -> None:
+    """A GGUF file starts with the bytes ``GGUF``; anything else would fail deep inside the gguf reader."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        raise ConfigError(f"model.base.name_or_path: {path} is not a GGUF file (it starts with {head!r}, not b'GGUF')")
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_files(where: str, gguf: str | None) -> None:
+    """A local model directory must hold weights (a folder with only config.json and tokenizer files is a
+    tokenizer, not a model): say so by setting rather than as transformers' file-search error."""
+    p = Path(where)
+    if gguf or not p.is_dir() or (p / "adapter_config.json").exists():
+        return
+    if not any(next(p.glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+        raise ConfigError(f"model.base.name_or_path: {p} has no weights (no *.safetensors or *.bin file); "
+                          "point it at a full model directory")
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -149,8 +182,10 @@ def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = Fa
         tok = AutoTokenizer.from_pretrained(
             where, gguf_file=gguf, trust_remote_code=trust_remote_code, revision=revision
         )
-    except OSError as e:
-        raise ConfigError(f"cannot load a tokenizer from '{name_or_path}': {e}") from e
+    except Exception as e:  # OSError (missing files), tokenizers' parse errors of a half-written tokenizer.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"model.base.name_or_path (data.tokenizer): cannot load a tokenizer from "
+                          f"'{name_or_path or where}': {type(e).__name__}: {first}") from e
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"tokenizer of '{name_or_path}' has neither a pad nor an EOS token; set one")
@@ -189,6 +224,7 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     where, gguf = resolve_name(spec.name_or_path)
+    check_model_files(where, gguf)
     dtype = resolve_dtype(spec, device)
     kwargs = dict(
         dtype=dtype,
@@ -336,18 +372,33 @@ def build_model(
     With `spec.adapter` the existing adapter is loaded (trainable when `trainable`); otherwise a new one is
     made from `lora`.
     """
-    from peft import get_peft_model
-
     model = prepare_for_training(load_base(spec, task, device), spec)
     if spec.adapter is not None:
         check_adapter_base(spec.adapter, spec.identity(), "model.base.adapter")
         model = load_adapter(model, spec.adapter, task, trainable)
     elif lora is not None:
-        model = get_peft_model(model, lora_config(lora, task))
+        model = adapt(model, lora, task)
     else:
         raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
     # from_pretrained returns eval mode; training mode turns LoRA dropout on (evaluation code switches it off).
     return model.train(trainable)
+
+
+def adapt(model, lora: LoraSpec, task: Literal["causal_lm", "score"]):
+    """`get_peft_model` with the errors user settings cause as ConfigErrors naming the setting (PEFT's own error
+    chained), and ``modules_to_save`` names that match no module refused (PEFT ignores them silently)."""
+    from peft import get_peft_model
+
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [m for m in lora.modules_to_save or [] if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        tops = sorted({n.rsplit(".", 1)[-1] for n in names if "." not in n or n.count(".") <= 1})
+        raise ConfigError(f"model.lora.modules_to_save: {missing} name no module of the model "
+                          f"(its top-level modules: {tops})")
+    try:
+        return get_peft_model(model, lora_config(lora, task))
+    except (ValueError, TypeError, KeyError) as e:  # peft.utils.error.PeftError is a ValueError
+        raise ConfigError(f"model.lora: PEFT refused the settings ({type(e).__name__}: {e})") from e
 
 
 def load_adapter(model, path: str, task: Literal["causal_lm", "score"], trainable: bool):

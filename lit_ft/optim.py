@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from lit_ft.errors import ConfigError
+from lit_ft.validation import check_spec
 
 
 @dataclass
@@ -34,6 +35,13 @@ class OptimSpec:
     min_lr_ratio: float = 0.0
     """Floor of the decay as a share of `lr`."""
 
+    def __post_init__(self):
+        check_spec(self, "model.optim")
+        betas = self.betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"model.optim.betas={betas!r}: expected two numbers in [0, 1)")
+
 
 def _param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
     decay = [p for n, p in params if p.ndim >= 2]
@@ -50,7 +58,11 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
     kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ConfigError(f"model.optim.optimizer={spec.optimizer!r} needs bitsandbytes (`pip install bitsandbytes`);"
+                          " or use 'adamw'") from e
 
     cls = {
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,

@@ -36,6 +36,7 @@ from lit_ft.generation import SamplingSpec
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
 from lit_ft.ppo_spec import PPOSpec, Rollout
+from lit_ft.validation import check_init
 from lit_ft.rl import compute_rewards, gae, kl_controller, kl_looks_wrong, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss, ratio_guard
 
@@ -90,6 +91,7 @@ class PPOModule(L.LightningModule):
             optim: optimizer and learning-rate schedule (stepped once per rollout).
             sample_table_every: log a W&B table of prompts, responses and scores every this many rollouts (0: never).
         """
+        check_init("model (PPOModule)", PPOModule, locals())
         super().__init__()
         self.save_hyperparameters()
         if reward_adapter is None and reward_fn is None:

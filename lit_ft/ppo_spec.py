@@ -8,6 +8,8 @@ from typing import Literal
 
 from torch import Tensor
 
+from lit_ft.validation import check_spec
+
 
 @dataclass
 class PPOSpec:
@@ -59,6 +61,9 @@ class PPOSpec:
     """Clip the global gradient norm of each optimizer step."""
     disable_dropout: bool = True
     """Zero every dropout (rollout, old log-probs and updates then compare one function; Huang et al. 2024)."""
+
+    def __post_init__(self):
+        check_spec(self, "model.ppo")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
+from lit_ft.validation import check_init
 
 STATS_KEY = "reward_stats"
 
@@ -54,6 +55,7 @@ class RewardModule(L.LightningModule):
             compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=True)`: the same
                 function with fused element-wise kernels (1.44x pairs/s on the W4 benchmark, BENCHMARKS.md).
         """
+        check_init("model (RewardModule)", RewardModule, locals())
         super().__init__()
         self.save_hyperparameters()
         self.base = checkpointing.as_spec(ModelSpec, base)

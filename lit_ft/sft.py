@@ -14,6 +14,7 @@ from lit_ft import optim as optim_mod
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import causal_lm_loss
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
+from lit_ft.validation import check_init
 
 
 class SFTModule(L.LightningModule):
@@ -44,6 +45,7 @@ class SFTModule(L.LightningModule):
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
                 (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.guards).
         """
+        check_init("model (SFTModule)", SFTModule, locals())
         super().__init__()
         self.save_hyperparameters()
         self.base = checkpointing.as_spec(ModelSpec, base)

@@ -311,7 +311,7 @@ def test_samples_per_prompt_rolls_out_each_prompt_k_times(tiny_model_dir, tokeni
 def test_samples_per_prompt_must_be_positive(tiny_model_dir):
     from lit_ft.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model.ppo.samples_per_prompt: must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"model.ppo.samples_per_prompt=0: expected an integer >= 1"):
         make_module(tiny_model_dir, ppo=PPOSpec(samples_per_prompt=0))
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lit_ft.data.checks import bound_lengths, check_context, drop_control_tokens
 from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
 from lit_ft.data.readers import DataReport, is_hub_name, read_rows
 from lit_ft.data.records import Kind, load_records
@@ -27,10 +28,19 @@ from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong, tokenize_records
 from lit_ft.errors import ConfigError, DataError
 from lit_ft.resume import ResumableDataLoader
+from lit_ft.validation import check_init
 
 InstructionFormat = Literal["auto", "alpaca", "prompt_completion", "messages", "question_answer"]
 PreferenceFormat = Literal["auto", "prompt_chosen_rejected", "chat", "hh"]
 PromptFormat = Literal["auto", "prompt", "instruction", "messages", "question", "preference"]
+
+
+def check_score_filter(score_field: str | None, min_score: float | None) -> None:
+    """The quality filter needs both settings; one alone would silently filter nothing."""
+    if (score_field is None) != (min_score is None):
+        given, missing = ("data.min_score", "data.score_field") if score_field is None else \
+            ("data.score_field", "data.min_score")
+        raise ConfigError(f"{given} is set but {missing} is not: the score filter needs both (or neither)")
 
 
 def split_records(records: list[dict], report: DataReport, val_split: float, seed: int):
@@ -66,6 +76,13 @@ def load_splits(kind: Kind, train_file: str, val_file: str | None, val_split: fl
 def tokenize_split(records: list[dict], kind: Kind, report: DataReport, file: str, num_proc: int | None,
                    required: bool, **settings):
     """Tokenize one split, log its report, and refuse an empty training set."""
+    records, refused = bound_lengths(records, kind, settings["tokenizer"], settings["max_length"],
+                                     settings["overlong"], report, file, settings["template"])
+    if refused is not None:  # tokenize the rows before it: one of them may be too long by tokens, and earlier
+        tokenize_records(records, kind, DataReport(file, len(records), len(records)), num_proc=num_proc, file=file,
+                         **settings)
+        raise refused
+    records = drop_control_tokens(records, settings["tokenizer"], report, file)
     ds = tokenize_records(records, kind, report, num_proc=num_proc, file=file, **settings)
     rank_zero_info(report.summary())
     if required and len(ds) == 0:
@@ -89,6 +106,14 @@ def load_tokenizer_for(name: str | None):
     from lit_ft.models import load_tokenizer
 
     return load_tokenizer(name)
+
+
+def fit_context(name: str | None, max_length: int) -> int:
+    """``max_length`` clamped to the context of the model whose tokenizer ``name`` is (a warning says so)."""
+    from lit_ft.models import resolve_name
+
+    where, gguf = resolve_name(name, "tokenizer")
+    return check_context(None if gguf else where, max_length)
 
 
 def prepare_hub(*sources: str | None) -> None:
@@ -149,6 +174,8 @@ class InstructionDataModule(LightningDataModule):
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
         """
+        check_init("data (InstructionDataModule)", InstructionDataModule, locals())
+        check_score_filter(score_field, min_score)
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
@@ -169,6 +196,7 @@ class InstructionDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer_for(self.tokenizer_name)
+        self.max_length = fit_context(self.tokenizer_name, self.max_length)
         check_template(self.template, self.tokenizer)
         train, self.train_report, self.val_records, self.val_report = load_splits(
             "instruction", self.train_file, self.val_file, self.val_split, self.seed, format=self.format,
@@ -253,6 +281,7 @@ class PreferenceDataModule(LightningDataModule):
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
         """
+        check_init("data (PreferenceDataModule)", PreferenceDataModule, locals())
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
@@ -274,6 +303,7 @@ class PreferenceDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer_for(self.tokenizer_name)
+        self.max_length = fit_context(self.tokenizer_name, self.max_length)
         check_template(self.template, self.tokenizer)
         train, self.train_report, val, self.val_report = load_splits(
             "preference", self.train_file, self.val_file, self.val_split, self.seed, format=self.format,
@@ -344,6 +374,7 @@ class PromptDataModule(LightningDataModule):
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
         """
+        check_init("data (PromptDataModule)", PromptDataModule, locals())
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
@@ -363,6 +394,7 @@ class PromptDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer_for(self.tokenizer_name)
+        self.max_length = fit_context(self.tokenizer_name, self.max_length)
         check_template(self.template, self.tokenizer)
         train, self.train_report, val, self.val_report = load_splits(
             "prompt", self.train_file, self.val_file, self.val_split, self.seed, format=self.format,

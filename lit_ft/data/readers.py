@@ -78,8 +78,11 @@ def read_rows(
         path = Path(source).expanduser()
         if not path.exists():
             raise ConfigError(f"{setting}: file not found: {source}")
+        _check_readable(path, setting)
         suffix = path.suffix.lower()
-        if suffix in (".json", ".jsonl"):
+        if path.is_dir():
+            rows, lines = _read_saved_dataset(path, split, setting)
+        elif suffix in (".json", ".jsonl"):
             rows, lines = _read_json(path, skip_bad_rows, report)
         elif suffix in (".csv", ".parquet"):
             rows, lines = _read_table(path, suffix)
@@ -90,6 +93,39 @@ def read_rows(
     report.rows_read += len(rows)
     report.rows_kept += len(rows)
     return rows, lines, report
+
+
+def _check_readable(path: Path, setting: str) -> None:
+    """Refuse, naming the setting, what cannot be opened (permissions, a folder that is not a saved dataset)."""
+    if path.is_dir():
+        if not any((path / m).exists() for m in SAVED_DATASET_MARKERS):
+            raise ConfigError(f"{setting}: {path} is a directory, not a data file (nor a folder written by "
+                              "datasets' save_to_disk); name the file inside it")
+        return
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"{setting}: cannot read {path}: {e.strerror or e}") from e
+
+
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _read_saved_dataset(path: Path, split: str, setting: str) -> tuple[list[dict], list[int]]:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (its ``split``); lines are
+    row numbers, as for Parquet."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path), keep_in_memory=True)
+    except Exception as e:  # a half-written folder: pyarrow / json errors, all one message to the user
+        raise ConfigError(f"{setting}: cannot load the saved dataset {path}: {type(e).__name__}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError(f"{setting}: the saved dataset {path} has no split '{split}' (it has {list(ds)})")
+        ds = ds[split]
+    return list(ds), list(range(1, len(ds) + 1))
 
 
 def _read_hub(name: str, split: str, setting: str) -> tuple[list[dict], list[int]]:
@@ -140,6 +176,9 @@ def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
         header = next(reader, None)
         if header is None:
             return [], []
+        twice = sorted({k for k in header if k.strip() and header.count(k) > 1})
+        if twice:  # a dict keeps the last of two same-named cells: which one is meant?
+            raise DataError(f"the header names {twice} more than once", file=str(path), line=1)
         rows, lines, start = [], [], reader.line_num + 1
         for cells in reader:
             if any(c.strip() for c in cells):
@@ -159,7 +198,8 @@ def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
 
 def _read_json(path: Path, skip_bad_rows: bool, report: DataReport) -> tuple[list[dict], list[int]]:
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not an error
-    if data.lstrip()[:1] == b"[":
+    # A .jsonl file is lines whatever its first character: its first line being an array is line 1's fault.
+    if data.lstrip()[:1] == b"[" and path.suffix.lower() != ".jsonl" and not _array_then_more(data):
         return _read_json_array(path, data)
     rows, lines = [], []
     raw_lines = data.split(b"\n")
@@ -185,7 +225,12 @@ def _parse_json_line(raw: bytes, is_last: bool, newline_after: bool) -> dict:
     except UnicodeDecodeError as e:
         raise RowError("invalid_utf8", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise RowError("invalid_json", "invalid JSON: nested too deeply (thousands of levels) to read") from None
+    except _DuplicateKey as e:
+        raise RowError("invalid_json", f"invalid JSON: duplicate key {e.args[0]!r} in one object (which one is "
+                                        "meant?)") from None
     except json.JSONDecodeError as e:
         if is_last and (not newline_after or e.pos >= len(text.rstrip()) - 1):
             raise RowError("invalid_json", f"invalid JSON: the last line is cut off ({e.msg}); is the file truncated?")
@@ -194,6 +239,32 @@ def _parse_json_line(raw: bytes, is_last: bool, newline_after: bool) -> dict:
         raise RowError("invalid_json", f"expected a JSON object per line, got {type(obj).__name__} "
                                         "(a .json file may also hold one array of objects)")
     return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` refusing duplicate keys, which ``json`` would silently resolve to the last."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _array_then_more(data: bytes) -> bool:
+    """True when the first line is a complete JSON value with more lines after it: JSON Lines whose first row is an
+    array (a .json array file spreads over lines or stands alone)."""
+    first, _, rest = data.lstrip().partition(b"\n")
+    if not rest.strip():
+        return False
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _read_json_array(path: Path, data: bytes) -> tuple[list[dict], list[int]]:
@@ -205,13 +276,19 @@ def _read_json_array(path: Path, data: bytes) -> tuple[list[dict], list[int]]:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON: {e.msg} at column {e.colno}", file=str(path), line=e.lineno) from None
-    # Recover each element's line by decoding the array one element at a time.
-    decoder, pos, lines = json.JSONDecoder(), text.index("[") + 1, []
-    for _ in items:
+    except RecursionError:
+        raise DataError("invalid JSON: nested too deeply (thousands of levels) to read", file=str(path)) from None
+    # Decode the array again one element at a time: each element's line, and duplicate keys named by line.
+    decoder, pos, lines = json.JSONDecoder(object_pairs_hook=_unique_keys), text.index("[") + 1, []
+    for i, _ in enumerate(items):
         while text[pos] in " \t\r\n,":
             pos += 1
         lines.append(text.count("\n", 0, pos) + 1)
-        _, pos = decoder.raw_decode(text, pos)
+        try:
+            items[i], pos = decoder.raw_decode(text, pos)
+        except _DuplicateKey as e:
+            raise DataError(f"invalid JSON: duplicate key {e.args[0]!r} in one object (which one is meant?)",
+                            file=str(path), line=lines[-1]) from None
     for item, line in zip(items, lines):
         if not isinstance(item, dict):
             raise DataError(f"expected a JSON object, got {type(item).__name__}", file=str(path), line=line)

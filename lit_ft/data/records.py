@@ -18,6 +18,7 @@ import logging
 import math
 from typing import Any, Literal
 
+from lit_ft.data.checks import check_unicode, is_blank, warn_unknown_columns
 from lit_ft.data.readers import DataReport, RowError, read_rows
 from lit_ft.errors import ConfigError, DataError
 
@@ -134,6 +135,7 @@ def _preference(row: dict, fmt: str) -> dict:
         prompt, c, r = chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
         if not prompt or prompt[-1]["role"] != "user":
             raise RowError("chosen", "expected at least one user message before the final assistant turn")
+        _check_prompt_beside_chat(row.get("prompt"), prompt)
     elif fmt == "hh":
         text, c, r = split_hh(_text(row, "chosen"), _text(row, "rejected"))
         prompt = _user(text)
@@ -144,6 +146,14 @@ def _preference(row: dict, fmt: str) -> dict:
     margin = row.get("margin")
     margin = None if margin is None else _number(margin, "margin", "a number or null")
     return {"prompt": prompt, "chosen": c, "rejected": r, "margin": margin}
+
+
+def _check_prompt_beside_chat(text, prompt: list[dict]) -> None:
+    """Rule: a ``prompt`` string beside conversational chosen/rejected must be their last user message (then it
+    is redundant); one that differs would be silently ignored, so it is refused."""
+    if isinstance(text, str) and text.strip() != prompt[-1]["content"].strip():
+        raise RowError("prompt", f"differs from the last user message of chosen/rejected "
+                                 f"({text[:40]!r} vs {prompt[-1]['content'][:40]!r}); keep one of them")
 
 
 def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
@@ -161,8 +171,10 @@ def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
         p = row.get(fmt)
         prompt = check_messages(p, fmt, end="user") if isinstance(p, list) else _user(_text(row, fmt))
     answer = row.get(answer_field) if answer_field else None
-    if answer is not None and not isinstance(answer, (str, int, float)):
-        raise RowError(answer_field, f"expected a string or number, got {type(answer).__name__}")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        raise RowError(answer_field, f"expected a string or number, got {type(answer).__name__} ({answer!r})")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise RowError(answer_field, f"expected a string or number, got {answer} (not finite: no answer to check)")
     return {"prompt": prompt, "input": inp, "answer": None if answer is None else str(answer)}
 
 
@@ -204,12 +216,21 @@ def _score(row: dict, score_field: str) -> float:
     return _number(row.get(score_field), score_field, "a number (data.score_field)")
 
 
+def _prompt_messages(record: dict) -> list[dict]:
+    return record["prompt"] if "prompt" in record else record["messages"]
+
+
 def _quality_drop(record: dict, kind: Kind, seen: set | None) -> str | None:
-    """The reason to drop a well-formed record, or None to keep it."""
-    if kind != "prompt" and any(not r.strip() for r in responses(record)):
+    """The reason to drop a well-formed record, or None to keep it.
+
+    One rule for every kind: a row whose user turns (and alpaca input) all show nothing is ``empty_prompt``,
+    a response that shows nothing is ``empty_response`` (invisible characters count as nothing).
+    """
+    if kind != "prompt" and any(is_blank(r) for r in responses(record)):
         return "empty_response"
-    if kind == "prompt" and not any(m["content"].strip() for m in record["prompt"] if m["role"] == "user"):
-        return "empty_prompt"  # a rollout needs something to answer
+    users = [m["content"] for m in _prompt_messages(record) if m["role"] == "user"] + [record.get("input") or ""]
+    if all(is_blank(u) for u in users):
+        return "empty_prompt"  # nothing asked: a rollout has nothing to answer, SFT nothing to condition on
     if kind == "preference" and record["chosen"] == record["rejected"]:
         return "chosen_equals_rejected"
     if seen is not None:
@@ -255,11 +276,13 @@ def load_records(
         except RowError as e:
             raise DataError(e.message, file=source, line=lines[0]) from None
     _check_columns(rows, source, kind, format)
+    warn_unknown_columns(rows, source, kind, format, {score_field, group_field, answer_field})
     build = {"instruction": _instruction, "preference": _preference,
              "prompt": lambda row, fmt: _prompt(row, fmt, answer_field)}[kind]
     records, seen, errors = [], set() if dedup else None, 0
     for row, line in zip(rows, lines):
         try:
+            check_unicode(row)
             record = build(row, format)
             if group_field is not None:
                 record["group"] = _group(row, group_field)

@@ -30,8 +30,26 @@ def check_template(template: str, tokenizer) -> None:
             "data.template='chat' but the tokenizer has no chat template; use template 'alpaca' or 'plain', "
             "or a tokenizer (model) that ships one"
         )
+    if template == "chat":
+        _probe_chat_template(tokenizer)
     if template != "chat" and tokenizer.eos_token is None:
         raise ConfigError(f"data.template='{template}' appends the EOS token but the tokenizer has none")
+
+
+def _probe_chat_template(tokenizer) -> None:
+    """Render one two-turn conversation, so a broken template (a Jinja syntax error, a call it cannot make) is
+    one ConfigError before any row is read, with the template engine's error chained."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    problem = (f"data.template='chat': the chat template of {where} (tokenizer_config.json or chat_template.jinja)"
+               " {}; fix the template or use data.template 'alpaca' or 'plain'")
+    try:
+        text = _chat(tokenizer, probe)
+        _chat(tokenizer, probe[:1], add_generation_prompt=True)
+    except Exception as e:  # jinja2's TemplateSyntaxError/UndefinedError, TypeError from a bad filter, ...
+        raise ConfigError(problem.format(f"fails on a plain two-turn conversation: {type(e).__name__}: {e}")) from e
+    if "Hi" not in text or "Hello" not in text:
+        raise ConfigError(problem.format(f"leaves the messages out of a two-turn conversation (renders {text[:60]!r})"))
 
 
 def _prepare(messages: list[dict], system_prompt: str | None, input: str | None) -> list[dict]:

@@ -9,6 +9,7 @@ response stays in the labels.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Literal
 
@@ -28,6 +29,27 @@ def _too_long(file: str, line: int, total: int, max_length: int, detail: str) ->
     return DataError(
         f"{total} tokens exceed data.max_length={max_length} ({detail}); raise data.max_length or set "
         "data.overlong to 'drop' or 'truncate_prompt'", file=file, line=line)
+
+
+def blame_row(fn):
+    """A template that raises on one row (jinja2's ``raise_exception`` in a chat template, an undefined
+    variable) becomes a DataError naming that row's file and line, with the template's error chained."""
+
+    @functools.wraps(fn)
+    def wrapper(record: dict, tokenizer, *args, **kwargs):
+        try:
+            return fn(record, tokenizer, *args, **kwargs)
+        except DataError:
+            raise
+        except Exception as e:
+            from jinja2.exceptions import TemplateError
+
+            if not isinstance(e, TemplateError):
+                raise
+            raise DataError(f"the chat template refused this row: {type(e).__name__}: {e}",
+                            file=kwargs.get("file"), line=record.get("line")) from e
+
+    return wrapper
 
 
 def tokenize_segments(
@@ -61,6 +83,7 @@ def tokenize_segments(
     return ids, labels, ""
 
 
+@blame_row
 def sft_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
     overlong: Overlong, completion_only: bool, file: str,
@@ -72,6 +95,7 @@ def sft_example(
     return {"input_ids": ids, "labels": labels, "drop": drop}
 
 
+@blame_row
 def preference_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
     overlong: Overlong, file: str,
@@ -102,6 +126,7 @@ def preference_example(
             "margin": record.get("margin"), "group": record.get("group"), "drop": drop}
 
 
+@blame_row
 def prompt_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
     overlong: Overlong, file: str,
