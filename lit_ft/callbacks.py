@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLRMonitor
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -17,6 +18,7 @@ from lit_ft.integrity import load_verified
 from lit_ft.runs import atomic_directory
 from lit_ft.generation import SamplingSpec, generate
 from lit_ft.models import eval_mode
+from lit_ft.progress import PrintMetrics  # noqa: F401 (configs name lit_ft.callbacks.PrintMetrics)
 
 
 def resolve_callable(path: str):
@@ -36,55 +38,88 @@ def log_table(trainer, key: str, columns: list[str], rows: list[list]) -> None:
 
 
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's W&B logger, offline unless credentials are set (runs sync later with `wandb sync DIR`)."""
+    """Lightning's W&B logger, offline unless W&B is set up (runs sync later with `wandb sync DIR`).
 
-    def __init__(self, project: str = "lit_ft", name: str | None = None, save_dir: str = "runs",
-                 offline: bool | None = None, log_model: bool = False):
+    `WANDB_MODE` (offline, online, disabled) is obeyed as W&B obeys it; without it the run is online when W&B has
+    credentials for its host (`WANDB_API_KEY`, or a `~/.netrc` entry for `WANDB_BASE_URL` / the host `wandb login
+    --host` stored, api.wandb.ai by default) and offline otherwise.
+    """
+
+    def __init__(self, project: str = "lit_ft", name: str | None = None, save_dir: str = ".",
+                 offline: bool | None = None, log_model: bool | str = False):
         """
         Args:
             project: W&B project.
             name: run name.
-            save_dir: where the run files go.
-            offline: None = offline unless WANDB_API_KEY is set or `wandb login` stored a key.
-            log_model: upload checkpoints as W&B artifacts.
+            save_dir: where the run files go (under `lit-ft`, relative to the run's directory).
+            offline: None = as `WANDB_MODE` says, else offline unless W&B has credentials for its host.
+            log_model: upload checkpoints as W&B artifacts (True: at the end, "all": as they are written); needs
+                an online run, so it is turned off, with a warning, when the run is offline.
         """
         if offline is None:
-            offline = not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb())
+            offline = wandb_offline()
+        if offline and log_model:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("WandbLogger(log_model=...): the run is offline, so no checkpoint is uploaded")
+            log_model = False
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model)
 
 
+def wandb_offline() -> bool:
+    """Offline unless `WANDB_MODE` says otherwise or W&B has credentials for its host."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "dryrun")
+    return not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb())
+
+
+def _wandb_host() -> str:
+    """The W&B host: `WANDB_BASE_URL`, else the `base_url` `wandb login --host` saved, else api.wandb.ai."""
+    import configparser
+    from urllib.parse import urlparse
+
+    url = os.environ.get("WANDB_BASE_URL")
+    if not url:
+        folder = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
+        settings = configparser.ConfigParser()
+        try:
+            settings.read(folder / "settings")
+            url = settings.get("default", "base_url", fallback=None)
+        except configparser.Error:
+            url = None
+    return urlparse(url).hostname if url else "api.wandb.ai"
+
+
 def _netrc_has_wandb() -> bool:
-    netrc = Path.home() / ".netrc"
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    import netrc
+
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if not path.exists():
+        return False
+    try:
+        return netrc.netrc(str(path)).authenticators(_wandb_host()) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
 
 
-class PrintMetrics(L.Callback):
-    """Logged metrics as plain lines of text, for log files (SLURM, nohup, CI) where progress bars do not show.
+class LearningRateMonitor(_LightningLRMonitor):
+    """Lightning's LearningRateMonitor, doing nothing (instead of failing) when the run has no logger, so recipes
+    keep working with `--trainer.logger false`."""
 
-    One line after each validation with every `val/` metric (the sanity check's too, labelled as such: with
-    `num_sanity_val_steps` covering the validation batches it is the before-training figure), and one every
-    `every_n_steps` training batches with the training metrics (`train/`, `objective/`, `ppo/` ...); 0 prints
-    validation lines only.
-    """
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        self._off = not trainer.loggers
+        if not self._off:
+            super().on_train_start(trainer, *args, **kwargs)
 
-    def __init__(self, every_n_steps: int = 0, train_prefixes: tuple[str, ...] = ("train/", "objective/", "ppo/")):
-        self.every_n_steps, self.train_prefixes = every_n_steps, tuple(train_prefixes)
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if not getattr(self, "_off", False):
+            super().on_train_batch_start(trainer, *args, **kwargs)
 
-    @staticmethod
-    def _line(trainer, what: str, keep) -> None:
-        values = {k: v for k, v in trainer.callback_metrics.items() if keep(k) and v.numel() == 1}
-        if values:
-            text = "  ".join(f"{k} {float(v):.4g}" for k, v in sorted(values.items()))
-            rank_zero_info(f"[{what} step {trainer.global_step}] {text}")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and (batch_idx + 1) % self.every_n_steps == 0:
-            self._line(trainer, "train", lambda k: k.startswith(self.train_prefixes))
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        sanity = f" (sanity check, {trainer.num_sanity_val_steps} batches)" if trainer.sanity_checking else ""
-        self._line(trainer, f"validation{sanity}", lambda k: k.startswith("val/"))
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if not getattr(self, "_off", False):
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class ThroughputLogger(L.Callback):
@@ -190,10 +225,11 @@ class ExportAdapter(L.Callback):
     checkpoint) writes the adapter when the directory is missing.
     """
 
-    def __init__(self, dirpath: str = "runs/adapter", best: bool = False):
+    def __init__(self, dirpath: str = "adapter", best: bool = False):
         """
         Args:
-            dirpath: output directory (adapter_model.safetensors, adapter_config.json, tokenizer files).
+            dirpath: output directory (adapter_model.safetensors, adapter_config.json, tokenizer files, README.md);
+                under `lit-ft`, a relative path is inside the run's directory.
             best: export the best checkpoint of the run's ModelCheckpoint instead of the last weights.
         """
         self.dirpath, self.best = dirpath, best

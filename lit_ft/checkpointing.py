@@ -200,6 +200,9 @@ def save_adapter(model, path, tokenizer=None, identity: dict | None = None, stat
         tokenizer.save_pretrained(path)
     if identity is not None:
         write_base_identity(path, identity)
+    from lit_ft.model_card import finish_export
+
+    finish_export(path, identity)  # the base named portably (the hub id of the default) and a README model card
     return path
 
 

@@ -1,35 +1,173 @@
-"""The `train.py` entry point: LightningCLI over every lit_ft module and datamodule."""
+"""The `lit-ft` command (also `python -m lit_ft` and `train.py`): LightningCLI's fit/validate/test/predict over every
+lit_ft module and datamodule, plus `export`, `chat`, `plan` and `demo`.
+
+    lit-ft fit --config sft                       # a shipped recipe, by name (a path works too)
+    lit-ft fit --config sft --ckpt_path last      # continue the newest run in its own directory
+    lit-ft predict --config sft --ckpt_path last --data.predict_file prompts.jsonl
+    lit-ft export adapter --ckpt runs/sft/latest/checkpoints/last.ckpt --out my_adapter
+    lit-ft chat --adapter runs/sft/latest/adapter --prompt "What is 12 + 30?"
+    lit-ft demo                                   # SFT -> reward model -> PPO on the shipped demo data
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_ft.errors import LitFTError
 
+TOOLS = {
+    "export": ("lit_ft.export", "write an adapter from a checkpoint, merge it into its base, or convert it to GGUF"),
+    "chat": ("lit_ft.chat", "generate with a base model plus an adapter, one-shot (--prompt) or interactive"),
+    "plan": ("lit_ft.plan", "estimate a run's memory before starting it"),
+    "demo": ("lit_ft.demo", "run SFT -> reward model -> PPO on the shipped demo data"),
+}
+TRAINER_COMMANDS = {
+    "fit": "train (a new run in <default_root_dir>/version_N/, or --ckpt_path last to continue the newest)",
+    "validate": "the validation metrics of a checkpoint or adapter",
+    "test": "the validation metrics on data.test_file",
+    "predict": "generations for the prompts of data.predict_file (written to predictions.jsonl)",
+}
+
+
+class LitFTSaveConfig(SaveConfigCallback):
+    """Saves `config.yaml` in the run's directory and gives W&B the whole resolved config (trainer and seed too)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        config = self.config.clone().as_dict()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(_plain(config), allow_val_change=True)
+
+
+def _plain(value):
+    """YAML/JSON-safe values only (W&B and yaml.safe_load read them back)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
 
 class LitFTCLI(LightningCLI):
-    """LightningCLI that names the model once: the datamodule's tokenizer follows `model.base.name_or_path`."""
+    """LightningCLI that names the model once (the datamodule's tokenizer follows `model.base.name_or_path`) and
+    places every output of a run in the run's own directory (`lit_ft.rundirs`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("auto_configure_optimizers", False)  # lit_ft's modules configure their own (model.optim)
+        kwargs.setdefault("save_config_callback", LitFTSaveConfig)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base.name_or_path", "data.init_args.tokenizer")
 
+    def parse_arguments(self, parser, args) -> None:
+        # `main` hands over the command line with recipe names resolved: not a second command line to warn about.
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            self.run_dir = place_run(self.config[self.subcommand], self.subcommand)
+
+
+def place_run(config, subcommand: str):
+    """Choose the run directory and put the trainer's, the callbacks' and the loggers' output paths in it."""
+    from lit_ft import rundirs
+
+    trainer = config.trainer
+    root = trainer.default_root_dir or "runs"
+    ckpt_path = config.get("ckpt_path")
+    run_dir, continued = rundirs.choose(root, subcommand, ckpt_path)
+    callbacks = trainer.get("callbacks") or []
+    checkpoint_dirs = [_args(c).get("dirpath") for c in callbacks if _name(c).endswith("ModelCheckpoint")]
+    if subcommand != "fit" and ckpt_path == "last":
+        newest = rundirs.newest_fit(__import__("pathlib").Path(root))
+        if newest is None:
+            from lit_ft.errors import ConfigError
+
+            raise ConfigError(f"--ckpt_path last: no fit run in {root} (trainer.default_root_dir)")
+        config.ckpt_path = rundirs.last_checkpoint(newest, checkpoint_dirs)
+    trainer.default_root_dir = str(run_dir)
+    for cb in callbacks:
+        args = _args(cb)
+        default = "checkpoints" if _name(cb).endswith("ModelCheckpoint") else None
+        for key in rundirs.PATH_ARGS:
+            if key in args and (args[key] is not None or default):
+                args[key] = rundirs.place(args[key], run_dir, default)
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not isinstance(logger, (bool, type(None))) and "save_dir" in _args(logger):
+            _args(logger)["save_dir"] = rundirs.place(_args(logger)["save_dir"], run_dir, ".")
+    os.environ[rundirs.RUN_DIR_ENV] = str(run_dir)  # for the ranks Lightning starts after this one
+    what = "continuing" if continued else "writing"
+    print(f"[lit_ft] {subcommand}: {what} {run_dir}", file=sys.stderr, flush=True)
+    return run_dir
+
+
+def _name(entry) -> str:
+    return str(entry.get("class_path", "")) if hasattr(entry, "get") else type(entry).__name__
+
+
+def _args(entry):
+    init = entry.get("init_args") if hasattr(entry, "get") else None
+    if init is None:
+        return {}
+    return init
+
 
 def main(args=None) -> None:
-    """`train.py`: a lit_ft error (bad data, a bad setting) is the user's to fix, so it prints as one line,
+    """`lit-ft`: a lit_ft error (bad data, a bad setting) is the user's to fix, so it prints as one line,
     ``error: <message>``, with exit code 2 instead of a traceback through Lightning (``LIT_FT_TRACEBACK=1``
-    keeps the traceback)."""
+    keeps the traceback). A preemption exits with its own code (143 after SIGTERM)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = list(sys.argv[1:] if args is None else args)
     try:
-        run_cli(args)
+        if not args or args[0] in ("-h", "--help"):
+            print(usage())
+            return
+        if args[0] in TOOLS:
+            run_tool(args[0], args[1:])
+        else:
+            run_cli(args)
     except Exception as e:
         ours = lit_ft_cause(e)
         if ours is None or os.environ.get("LIT_FT_TRACEBACK") == "1":
             raise
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def usage() -> str:
+    lines = ["usage: lit-ft COMMAND [options]   (lit-ft COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {k:<9} {v}" for k, v in TRAINER_COMMANDS.items()]
+    lines += [f"  {k:<9} {v}" for k, (_, v) in TOOLS.items()]
+    from lit_ft.recipes import recipe_names
+
+    lines += ["", "recipes (--config NAME): " + ", ".join(recipe_names())]
+    return "\n".join(lines)
+
+
+def run_tool(name: str, argv: list[str]) -> None:
+    import importlib
+
+    from lit_ft.errors import ConfigError
+
+    module_name, _ = TOOLS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise ConfigError(f"`lit-ft {name}` is not available in this version of lit_ft ({module_name} is missing)")
+    module.main(argv)
 
 
 def lit_ft_cause(error: BaseException | None) -> LitFTError | None:
@@ -46,11 +184,17 @@ def lit_ft_cause(error: BaseException | None) -> LitFTError | None:
 def run_cli(args=None) -> None:
     import lightning as L
 
+    from lit_ft.recipes import resolve_config_args
+
     LitFTCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
+        save_config_kwargs={"overwrite": True},  # a continued run rewrites its own config; new runs get new dirs
+        args=resolve_config_args(list(sys.argv[1:] if args is None else args)),
     )
+
+
+if __name__ == "__main__":
+    main()

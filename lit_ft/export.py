@@ -1,9 +1,14 @@
-"""Export a trained adapter, or merge it into the base weights.
+"""Export a trained adapter, merge it into the base weights, or convert either to GGUF (llama.cpp, Ollama).
 
-    # adapter from a Lightning checkpoint (trainable state only) -> PEFT directory
-    python -m lit_ft.export adapter --ckpt runs/sft/checkpoints/last.ckpt --out runs/sft/adapter
+    # adapter from a Lightning checkpoint (trainable state only) -> PEFT directory (with a README model card)
+    lit-ft export adapter --ckpt runs/sft/latest/checkpoints/last.ckpt --out sft_adapter
     # adapter merged into a plain HF model directory (AutoModelForCausalLM.from_pretrained loads it)
-    python -m lit_ft.export merge --adapter runs/sft/adapter --out runs/sft/merged
+    lit-ft export merge --adapter runs/sft/latest/adapter --out sft_merged
+    # GGUF through llama.cpp's converters (needs the gguf package and a llama.cpp checkout: --llama_cpp DIR)
+    lit-ft export gguf --src sft_merged --out sft.gguf              # a merged model -> a full GGUF model
+    lit-ft export gguf --src runs/sft/latest/adapter --out sft-lora.gguf   # an adapter -> a GGUF LoRA
+
+`python -m lit_ft.export ...` is the same command.
 
 A base that was trained quantized (4-bit/8-bit) is merged into a de-quantized copy of the base: the merged
 model is a normal float checkpoint, not a quantized one.
@@ -107,7 +112,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lit_ft.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lit-ft export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("adapter", help="PEFT adapter directory from a Lightning checkpoint")
@@ -119,11 +124,21 @@ def main(argv=None) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g = sub.add_parser("gguf", help="convert a merged model or an adapter to GGUF with llama.cpp's converter")
+    g.add_argument("--src", required=True, help="a merged model directory (export merge) or an adapter directory")
+    g.add_argument("--out", required=True, help="the .gguf file to write")
+    g.add_argument("--llama_cpp", default=None, help="llama.cpp checkout holding convert_hf_to_gguf.py and "
+                   "convert_lora_to_gguf.py (default: $LLAMA_CPP_DIR, else the scripts on PATH)")
+    g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
     args = parser.parse_args(argv)
     if args.command == "adapter":
         print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer))
-    else:
+    elif args.command == "merge":
         print(merge(args.adapter, args.out, args.base, args.dtype))
+    else:
+        from lit_ft.gguf_export import to_gguf
+
+        print(to_gguf(args.src, args.out, args.llama_cpp, args.outtype))
 
 
 if __name__ == "__main__":

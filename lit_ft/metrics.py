@@ -15,3 +15,10 @@ def fresh(*metrics) -> None:
     with torch.inference_mode(False):
         for metric in metrics:
             metric.reset()
+
+
+def split_name(module) -> str:
+    """The metric prefix of an evaluation pass: `test` under `trainer.test` (the validation steps scoring the test
+    file), `val` otherwise."""
+    trainer = getattr(module, "_trainer", None)
+    return "test" if trainer is not None and trainer.testing else "val"

@@ -136,20 +136,26 @@ class RewardModule(L.LightningModule):
             return
         mean = self.val_reward.compute().double()
         std = (self.val_reward_sq.compute().double() - mean**2).clamp(min=0).sqrt()
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
-        self.log("val/margin", self.val_margin.compute())
-        self.log("val/reward_mean", mean.float())
-        self.log("val/reward_std", std.float())
+        split = metrics.split_name(self)  # "test" under `test`, where the same steps score data.test_file
+        self.log(f"{split}/loss", self.val_loss.compute(), prog_bar=True)
+        self.log(f"{split}/accuracy", self.val_accuracy.compute(), prog_bar=True)
+        self.log(f"{split}/margin", self.val_margin.compute())
+        self.log(f"{split}/reward_mean", mean.float())
+        self.log(f"{split}/reward_std", std.float())
         if self._groups:
             counts = self.trainer.strategy.reduce(self._group_counts, reduce_op="sum")
             for group, i in self._groups.items():
                 if counts[i, 1] > 0:
-                    self.log(f"val/accuracy/{group}", (counts[i, 0] / counts[i, 1]).float())
-        if not self.trainer.sanity_checking:
+                    self.log(f"{split}/accuracy/{group}", (counts[i, 0] / counts[i, 1]).float())
+        if not (self.trainer.sanity_checking or self.trainer.testing):  # normalization: validation data only
             self.reward_stats.copy_(torch.stack([mean, std]))
         for metric in (self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq):
             metric.reset()
+
+    # `test` scores data.test_file as validation scores the val file.
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
 
     def configure_optimizers(self):
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)

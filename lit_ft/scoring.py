@@ -188,7 +188,9 @@ class RewardScorer:
             model = load_base(base, task="score", device=torch.device(device))
             base_name = base.name_or_path
         else:
-            base_name = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+            from lit_ft.model_card import local_base  # the bundled default's cache for the default base
+
+            base_name = local_base(adapter_dir)
             model = AutoModelForSequenceClassification.from_pretrained(base_name, num_labels=1, dtype=torch.float32)
             model.to(device)
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, runs, strategies
+from lit_ft import checkpointing, inference, metrics, runs, strategies
 from lit_ft import optim as optim_mod
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import causal_lm_loss
@@ -114,8 +114,15 @@ class SFTModule(L.LightningModule):
             return
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss.clamp(max=50)))
+        split = metrics.split_name(self)  # "test" under `test`, where the same steps score data.test_file
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{split}/ppl", torch.exp(loss.clamp(max=50)))
+
+    # `test` scores data.test_file as validation scores the val file; `predict` generates (lit_ft.inference).
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+    predict_step = inference.predict_step
 
     def configure_optimizers(self):
         return optim_mod.configure(self, self.optim, self.trainer.estimated_stepping_batches)

@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lit_ft.data import splits
 from lit_ft.data.checks import bound_lengths, check_context, drop_control_tokens
 from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
 from lit_ft.data.readers import DataReport, is_hub_name, read_rows
@@ -147,6 +148,8 @@ class InstructionDataModule(LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        test_file: str | None = None,
+        predict_file: str | None = None,
     ):
         """Instruction data for supervised fine-tuning.
 
@@ -173,6 +176,9 @@ class InstructionDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
+            test_file: data for `test`, in the training data's format (scored as validation is).
+            predict_file: prompts for `predict` (rows with `prompt`, `instruction`, `messages` or `question`;
+                an optional `answer`); the generations go to the `WritePredictions` callback's file.
         """
         check_init("data (InstructionDataModule)", InstructionDataModule, locals())
         check_score_filter(score_field, min_score)
@@ -184,8 +190,9 @@ class InstructionDataModule(LightningDataModule):
         self.dedup, self.score_field, self.min_score, self.packing = dedup, score_field, min_score, packing
         self.skip_bad_rows, self.batch_size, self.eval_batch_size = skip_bad_rows, batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
+        self.test_file, self.predict_file = test_file, predict_file
         self.tokenizer = None
-        self.train_dataset = self.val_dataset = None
+        self.train_dataset = self.val_dataset = self.test_dataset = self.predict_dataset = None
         self.train_report = self.val_report = None
         self.val_records: list[dict] = []
 
@@ -193,6 +200,8 @@ class InstructionDataModule(LightningDataModule):
         prepare_hub(self.train_file, self.val_file)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage in ("test", "predict"):
+            return self._setup_inference(stage)
         if self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer_for(self.tokenizer_name)
@@ -208,6 +217,27 @@ class InstructionDataModule(LightningDataModule):
                                             self.num_proc, True, **settings)
         self.val_dataset = tokenize_split(self.val_records, "instruction", self.val_report,
                                           self.val_file or self.train_file, self.num_proc, False, **settings)
+
+    def _setup_inference(self, stage: str) -> None:
+        """Only the split `test` or `predict` reads (the training file is not read)."""
+        self.tokenizer = self.tokenizer or load_tokenizer_for(self.tokenizer_name)
+        self.max_length = fit_context(self.tokenizer_name, self.max_length)
+        check_template(self.template, self.tokenizer)
+        settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
+                        max_length=self.max_length, overlong=self.overlong)
+        if stage == "predict" and self.predict_dataset is None:
+            self.predict_dataset = splits.prompt_split(self, settings)
+        elif stage == "test" and self.test_dataset is None:
+            self.test_dataset = splits.labelled_split(
+                self, "instruction", dict(settings, completion_only=self.completion_only), format=self.format,
+                skip_bad_rows=self.skip_bad_rows, dedup=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self.test_dataset, self.eval_batch_size or self.batch_size, self.collator(),
+                           self.num_workers, False, self.seed)
+
+    def predict_dataloader(self) -> DataLoader:
+        return splits.predict_loader(self)
 
     def collator(self):
         pad = self.tokenizer.pad_token_id
@@ -256,6 +286,7 @@ class PreferenceDataModule(LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        test_file: str | None = None,
     ):
         """Preference pairs for Bradley-Terry reward modelling (batches hold chosen rows, then rejected rows).
 
@@ -280,6 +311,7 @@ class PreferenceDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
+            test_file: data for `test`, in the training data's format (scored as validation is).
         """
         check_init("data (PreferenceDataModule)", PreferenceDataModule, locals())
         super().__init__()
@@ -289,7 +321,8 @@ class PreferenceDataModule(LightningDataModule):
         self.max_length, self.overlong, self.dedup, self.skip_bad_rows = max_length, overlong, dedup, skip_bad_rows
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
-        self.group_field = group_field
+        self.group_field, self.test_file = group_field, test_file
+        self.test_dataset = None
         self.val_groups: list[str] = []
         """The subsets of the validation pairs, sorted (empty without `group_field`)."""
         self.tokenizer = None
@@ -300,6 +333,16 @@ class PreferenceDataModule(LightningDataModule):
         prepare_hub(self.train_file, self.val_file)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "test":
+            if self.test_dataset is None:
+                self.tokenizer = self.tokenizer or load_tokenizer_for(self.tokenizer_name)
+                self.max_length = fit_context(self.tokenizer_name, self.max_length)
+                settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
+                                max_length=self.max_length, overlong=self.overlong)
+                self.test_dataset = splits.labelled_split(self, "preference", settings, format=self.format,
+                                                          skip_bad_rows=self.skip_bad_rows, dedup=False,
+                                                          group_field=self.group_field)
+            return
         if self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer_for(self.tokenizer_name)
@@ -318,6 +361,10 @@ class PreferenceDataModule(LightningDataModule):
 
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self.test_dataset, self.eval_batch_size or self.batch_size, self.collator(),
+                           self.num_workers, False, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train_dataset, self.batch_size, self.collator(), self.num_workers, True, self.seed)
@@ -350,6 +397,7 @@ class PromptDataModule(LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        predict_file: str | None = None,
     ):
         """Prompts (with optional ground-truth answers) for PPO rollouts; batches are left-padded.
 
@@ -373,6 +421,8 @@ class PromptDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
+            predict_file: prompts for `predict` (rows with `prompt`, `instruction`, `messages` or `question`;
+                an optional `answer`); the generations go to the `WritePredictions` callback's file.
         """
         check_init("data (PromptDataModule)", PromptDataModule, locals())
         super().__init__()
@@ -382,8 +432,9 @@ class PromptDataModule(LightningDataModule):
         self.max_length, self.overlong, self.answer_field = max_length, overlong, answer_field
         self.dedup, self.skip_bad_rows, self.batch_size, self.eval_batch_size = dedup, skip_bad_rows, batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
+        self.predict_file = predict_file
         self.tokenizer = None
-        self.train_dataset = self.val_dataset = None
+        self.train_dataset = self.val_dataset = self.predict_dataset = None
         self.train_report = self.val_report = None
         self.val_records: list[dict] = []
 
@@ -391,6 +442,14 @@ class PromptDataModule(LightningDataModule):
         prepare_hub(self.train_file, self.val_file)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            if self.predict_dataset is None:
+                self.tokenizer = self.tokenizer or load_tokenizer_for(self.tokenizer_name)
+                self.max_length = fit_context(self.tokenizer_name, self.max_length)
+                settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
+                                max_length=self.max_length, overlong=self.overlong)
+                self.predict_dataset = splits.prompt_split(self, settings)
+            return
         if self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer_for(self.tokenizer_name)
@@ -409,6 +468,9 @@ class PromptDataModule(LightningDataModule):
 
     def collator(self) -> PromptCollator:
         return PromptCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def predict_dataloader(self) -> DataLoader:
+        return splits.predict_loader(self)
 
     def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
         """(rendered prompt text, answer) of the first ``n`` validation records that have an answer."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lit_ft.errors import ConfigError, DataError
+from lit_ft.recipes import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def read_rows(
         skip_bad_rows: drop (and count) unparsable JSON lines instead of raising.
         setting: the setting that named ``source``, quoted in errors.
     """
+    source = resolve_source(source, setting)  # `demo:NAME`: a demo file shipped with lit_ft
     report = DataReport(source=os.path.basename(source) or source)
     if is_hub_name(source):
         rows, lines = _read_hub(source, split, setting)

@@ -1,0 +1,130 @@
+"""One output root, one directory a run: where the `lit-ft` command puts everything a run writes.
+
+`trainer.default_root_dir` (say `runs/sft`) is the only output setting of a recipe. Each `fit` gets its own
+`runs/sft/version_N/` (N = the next free number, claimed with an atomic `mkdir`, so two fits started together
+never share one), and the callbacks' and loggers' relative paths are placed inside it: `checkpoints/`, `adapter/`,
+`metrics.png`, the W&B files and `config.yaml`. `runs/sft/latest` is a symlink to the newest fit, so a later
+stage names `runs/sft/latest/adapter`. `fit --ckpt_path last` continues the newest run in its own directory (its
+own `last.ckpt`, never another run's); a checkpoint inside `version_N/` continues run N. `validate`, `test` and
+`predict` get `validate_N/`, `test_N/`, `predict_N/` beside the fits, so they never overwrite a fit's config, and
+their `--ckpt_path last` is the newest fit's `last.ckpt`. The lock of `runs.RunLock` is then taken per run
+directory: a second fit into the same run (a double resume) is refused, fits of new runs are not.
+
+Under DDP, Lightning starts the other ranks as copies of the command after rank 0 chose the directory; rank 0
+passes it on in `LIT_FT_RUN_DIR`, which only ranks other than 0 read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lit_ft.errors import ConfigError
+
+FIT_PREFIX = "version_"
+LATEST = "latest"
+RUN_DIR_ENV = "LIT_FT_RUN_DIR"
+PATH_ARGS = ("dirpath", "save_dir", "path")
+"""Callback and logger arguments that name an output path: relative values are placed in the run directory."""
+
+
+def numbered(root: Path, prefix: str) -> list[tuple[int, Path]]:
+    """`(N, root/prefixN)` of the existing numbered directories, in order of N."""
+    if not root.is_dir():
+        return []
+    pattern = re.compile(re.escape(prefix) + r"(\d+)$")
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
+    return sorted(found)
+
+
+def newest_fit(root: Path) -> Path | None:
+    """The newest fit run under `root`: where `latest` points, else the highest `version_N`."""
+    link = root / LATEST
+    if link.is_symlink() and link.resolve().is_dir():
+        target = Path(os.readlink(link))
+        return target if target.is_absolute() else root / target
+    runs = numbered(root, FIT_PREFIX)
+    return runs[-1][1] if runs else None
+
+
+def claim(root: Path, prefix: str) -> Path:
+    """Create and return the next free `root/prefixN` (`mkdir` is atomic: concurrent claims get different N)."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = numbered(root, prefix)[-1][0] + 1 if numbered(root, prefix) else 0
+    while True:
+        path = root / f"{prefix}{n}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def point_latest(root: Path, run_dir: Path) -> None:
+    """`root/latest` -> `run_dir` (relative), replaced atomically."""
+    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, root / LATEST)
+
+
+def run_of(root: Path, ckpt_path: str) -> Path | None:
+    """The fit run directory under `root` that holds `ckpt_path` (None for a checkpoint from elsewhere)."""
+    ckpt = Path(ckpt_path).resolve()
+    for _, run in numbered(root, FIT_PREFIX):
+        if run.resolve() in ckpt.parents:
+            return run
+    return None
+
+
+def _other_rank() -> bool:
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "RANK", "NODE_RANK"))
+
+
+def choose(root: str | os.PathLike, subcommand: str, ckpt_path: str | None) -> tuple[Path, bool]:
+    """(the run directory of this command, whether it continues an existing fit run)."""
+    if _other_rank() and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV]), True
+    root = Path(root)
+    if subcommand == "fit":
+        existing = newest_fit(root) if ckpt_path == "last" else run_of(root, ckpt_path) if ckpt_path else None
+        if existing is not None:
+            return existing, True
+        if _other_rank():  # started by an outside launcher (torchrun, srun) before rank 0 chose: follow rank 0
+            return _wait_for_newest(root), True
+        run = claim(root, FIT_PREFIX)
+        point_latest(root, run)
+        return run, False
+    return claim(root, f"{subcommand}_"), False
+
+
+def _wait_for_newest(root: Path, seconds: float = 60.0) -> Path:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        run = newest_fit(root)
+        if run is not None and time.time() - run.stat().st_mtime < seconds:
+            return run
+        time.sleep(0.5)
+    raise ConfigError(f"trainer.default_root_dir: rank 0 made no run directory in {root} within {seconds:.0f} s; "
+                      f"set {RUN_DIR_ENV} for every rank")
+
+
+def place(value: str | None, run_dir: Path, default: str | None = None) -> str | None:
+    """An output path of a callback or logger: relative (or None, given `default`) -> inside the run directory."""
+    if value is None:
+        value = default
+    if value is None or os.path.isabs(os.path.expanduser(value)):
+        return value
+    return os.path.normpath(str(run_dir / value))
+
+
+def last_checkpoint(run_dir: Path, checkpoint_dirs: list[str | None]) -> str:
+    """`last.ckpt` of the fit run in `run_dir` (`--ckpt_path last` of validate/test/predict)."""
+    for d in checkpoint_dirs or [None]:
+        path = Path(place(d, run_dir, "checkpoints")) / "last.ckpt"
+        if path.is_file():
+            return str(path)
+    raise ConfigError(f"--ckpt_path last: the newest run, {run_dir}, has no checkpoints/last.ckpt")
