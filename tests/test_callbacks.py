@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -28,6 +30,7 @@ def test_credentials_switch_the_logger_online(tmp_path, monkeypatch):
     from lit_ft import callbacks
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # WANDB_MODE, when set, decides (test_wandb_mode_is_obeyed)
     seen = {}
     monkeypatch.setattr(callbacks._LightningWandbLogger, "__init__",
                         lambda self, **kw: seen.update(kw))
@@ -73,7 +76,14 @@ def test_print_metrics_writes_validation_and_training_lines(caplog):
     with caplog.at_level("INFO"):
         trainer.fit(Tiny(), data, data)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
-    assert lines == ["[train step 2] train/loss 2", "[train step 4] train/loss 2", "[validation step 4] val/accuracy 0.75"]
+    assert lines[0].startswith("[start] device cpu") and lines[-1].startswith("[end] step 4 after 0:00:")
+    assert "peak resident memory" in lines[-1]
+    train = [x for x in lines if x.startswith("[train")]
+    assert [x.split(" | ")[0].strip() for x in train] == ["[train step 2] train/loss 2", "[train step 4] train/loss 2"]
+    # progress: steps done of the total, the optimizer's lr (0.0 here), elapsed and the ETA (0 left at the end)
+    assert re.fullmatch(r"2/4  lr 0  elapsed 0:00:\d\d  eta 0:00:\d\d", train[0].split(" | ")[1]), train[0]
+    assert re.fullmatch(r"4/4  lr 0  elapsed 0:00:\d\d  eta 0:00:00", train[1].split(" | ")[1]), train[1]
+    assert "[validation step 4] val/accuracy 0.75" in lines
 
 
 def test_generation_runs_in_the_trainers_precision_context():
