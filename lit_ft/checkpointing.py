@@ -227,3 +227,20 @@ def write_base_identity(adapter_dir, identity: dict) -> None:
     (Path(adapter_dir) / BASE_FILE).write_text(json.dumps(identity, indent=2) + "\n")
 
 
+
+
+def yaml_safe_hparams(module: L.LightningModule) -> None:
+    """The module's saved hyper-parameters as plain values (dicts, lists, strings, numbers): the `hparams.yaml`
+    loggers write then reads back with `yaml.safe_load` (a dataclass or a tuple would be a `!!python/object` tag).
+    Call right after `save_hyperparameters()`; the specs themselves live on the module's attributes."""
+    def plain(value):
+        value = _plain(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    for key in list(module.hparams):
+        module.hparams[key] = plain(module.hparams[key])
+    module._hparams_initial = copy.deepcopy(module._hparams)

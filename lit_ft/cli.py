@@ -11,12 +11,14 @@ lit_ft module and datamodule, plus `export`, `chat`, `plan` and `demo`.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from lit_ft.errors import LitFTError
+from lit_ft.errors import ConfigError, LitFTError
 
 TOOLS = {
     "export": ("lit_ft.export", "write an adapter from a checkpoint, merge it into its base, or convert it to GGUF"),
@@ -58,6 +60,7 @@ class LitFTCLI(LightningCLI):
     places every output of a run in the run's own directory (`lit_ft.rundirs`)."""
 
     def __init__(self, *args, **kwargs):
+        show_attribute_docstrings()
         kwargs.setdefault("auto_configure_optimizers", False)  # lit_ft's modules configure their own (model.optim)
         kwargs.setdefault("save_config_callback", LitFTSaveConfig)
         super().__init__(*args, **kwargs)
@@ -78,6 +81,16 @@ class LitFTCLI(LightningCLI):
             self.run_dir = place_run(self.config[self.subcommand], self.subcommand)
 
 
+def show_attribute_docstrings() -> None:
+    """`--help` shows the docstring under each dataclass field (ModelSpec, LoraSpec, OptimSpec, ...)."""
+    import jsonargparse
+
+    if "docstring_parse_attribute_docstrings" in inspect.signature(jsonargparse.set_parsing_settings).parameters:
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    else:  # jsonargparse < 4.35
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
+
 def place_run(config, subcommand: str):
     """Choose the run directory and put the trainer's, the callbacks' and the loggers' output paths in it."""
     from lit_ft import rundirs
@@ -89,10 +102,8 @@ def place_run(config, subcommand: str):
     callbacks = trainer.get("callbacks") or []
     checkpoint_dirs = [_args(c).get("dirpath") for c in callbacks if _name(c).endswith("ModelCheckpoint")]
     if subcommand != "fit" and ckpt_path == "last":
-        newest = rundirs.newest_fit(__import__("pathlib").Path(root))
+        newest = rundirs.newest_fit(Path(root))
         if newest is None:
-            from lit_ft.errors import ConfigError
-
             raise ConfigError(f"--ckpt_path last: no fit run in {root} (trainer.default_root_dir)")
         config.ckpt_path = rundirs.last_checkpoint(newest, checkpoint_dirs)
     trainer.default_root_dir = str(run_dir)
@@ -135,7 +146,7 @@ def main(args=None) -> None:
             return
         if args[0] in TOOLS:
             run_tool(args[0], args[1:])
-        else:
+        elif not nested_help(args):
             run_cli(args)
     except Exception as e:
         ours = lit_ft_cause(e)
@@ -155,10 +166,49 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def nested_help(args: list[str]) -> bool:
+    """`--model.lora.help` / `--data.X.help`: the fields of one nested setting (a dataclass such as LoraSpec) with
+    their descriptions. jsonargparse offers help for the module class only (`--model.help CLASS`). Returns whether
+    help was printed."""
+    import importlib
+    import re
+    import typing
+
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from lit_ft.recipes import resolve_config_args
+
+    asked = [m for a in args if (m := re.fullmatch(r"--(model|data)\.(?:init_args\.)?(\w+)\.help", a))]
+    if not asked:
+        return False
+    section, field = asked[0].groups()
+    class_path = None
+    resolved = resolve_config_args(args)
+    for i, a in enumerate(resolved):
+        if a == f"--{section}" and i + 1 < len(resolved):
+            class_path = resolved[i + 1]
+        elif a == "--config" and i + 1 < len(resolved) and os.path.isfile(resolved[i + 1]):
+            with open(resolved[i + 1]) as f:
+                class_path = ((yaml.safe_load(f) or {}).get(section) or {}).get("class_path", class_path)
+    if not class_path or "." not in class_path:
+        raise ConfigError(f"--{section}.{field}.help: name the {section} class first (--config RECIPE or "
+                          f"--{section} CLASS_PATH)")
+    module, _, name = class_path.rpartition(".")
+    hints = typing.get_type_hints(getattr(importlib.import_module(module), name).__init__)
+    spec = next((t for t in typing.get_args(hints.get(field)) or (hints.get(field),) if isinstance(t, type)
+                 and hasattr(t, "__dataclass_fields__")), None)
+    if spec is None:
+        raise ConfigError(f"--{section}.{field}.help: {class_path}'s {field!r} is not a group of settings")
+    show_attribute_docstrings()
+    parser = ArgumentParser(prog=f"lit-ft fit ... --{section}.{field}.X VALUE", description=spec.__doc__)
+    parser.add_class_arguments(spec, f"{section}.{field}")
+    parser.print_help()
+    return True
+
+
 def run_tool(name: str, argv: list[str]) -> None:
     import importlib
-
-    from lit_ft.errors import ConfigError
 
     module_name, _ = TOOLS[name]
     try:

@@ -94,6 +94,7 @@ class PPOModule(L.LightningModule):
         check_init("model (PPOModule)", PPOModule, locals())
         super().__init__()
         self.save_hyperparameters()
+        checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
         if reward_adapter is None and reward_fn is None:
             raise ValueError("PPOModule needs a reward: set reward_adapter and/or reward_fn")
         # Specs arrive as dataclasses (CLI, Python) or as the plain dicts a checkpoint stores (lit_ft.export).

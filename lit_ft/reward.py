@@ -58,6 +58,7 @@ class RewardModule(L.LightningModule):
         check_init("model (RewardModule)", RewardModule, locals())
         super().__init__()
         self.save_hyperparameters()
+        checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
         self.base = checkpointing.as_spec(ModelSpec, base)
         self.lora = checkpointing.as_spec(LoraSpec, lora)
         self.optim = checkpointing.as_spec(OptimSpec, optim)

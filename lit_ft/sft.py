@@ -48,6 +48,7 @@ class SFTModule(L.LightningModule):
         check_init("model (SFTModule)", SFTModule, locals())
         super().__init__()
         self.save_hyperparameters()
+        checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
         self.base = checkpointing.as_spec(ModelSpec, base)
         self.lora = checkpointing.as_spec(LoraSpec, lora)
         self.optim = checkpointing.as_spec(optim_mod.OptimSpec, optim)
