@@ -2,8 +2,8 @@
 # Whole-pipeline runs of the shipped configs on one GPU (results in BENCHMARKS.md):
 #   bash benchmarks/gpu_runs.sh demo OUT_DIR        SFT -> RM -> PPO in float32 as on the CPU, several RM and PPO
 #                                                    recipes side by side (to choose the demo's settings in minutes)
-#   bash benchmarks/gpu_runs.sh ppo OUT_DIR         PPO recipes side by side from existing runs/sft/adapter and
-#                                                    runs/reward/adapter (48 rollouts each, held-out exact match on
+#   bash benchmarks/gpu_runs.sh ppo OUT_DIR         PPO recipes side by side from existing runs/sft/latest/adapter
+#                                                    and runs/reward/latest/adapter (48 rollouts each, held-out exact match on
 #                                                    200 prompts every 8 rollouts; RUN_LIMIT seconds per run)
 #   bash benchmarks/gpu_runs.sh strategies OUT_DIR  each configs/strategies/*.yaml composed with configs/sft.yaml
 #                                                    (LoRA) and configs/sft_qlora.yaml (QLoRA) on one GPU: a short
@@ -20,9 +20,10 @@ run() {  # run NAME CONFIG [--config MORE.yaml ...] [CLI arguments ...]: configs
   local name=$1 cfg=$2 stage; shift 2
   stage=$(basename "$cfg" .yaml)
   sed -e "s#runs/$stage\([/ ,}]\|\$\)#runs/$name\1#g" \
-      -e "s#runs/reward/adapter#runs/${RM_DIR:-rm_fresh}/adapter#g; s#runs/sft/adapter#runs/${SFT_DIR:-sft}/adapter#g" \
+      -e "s#runs/reward/latest/adapter#runs/${RM_DIR:-rm_fresh}/latest/adapter#g" \
+      -e "s#runs/sft/latest/adapter#runs/${SFT_DIR:-sft}/latest/adapter#g" \
       -e "s#class_path: lit_ft.callbacks.WandbLogger#class_path: lightning.pytorch.loggers.CSVLogger#" \
-      -e "s#init_args: {project: lit_ft, name: \([a-z_]*\),#init_args: {name: \1,#" "$cfg" > "$OUT/$name.yaml"
+      -e "s#init_args: {project: lit_ft, name: \([a-z_]*\)}#init_args: {name: \1, save_dir: .}#" "$cfg" > "$OUT/$name.yaml"
   local t0=$(date +%s) port=$((29400 + $(echo -n "$name" | cksum | cut -d' ' -f1) % 2000))  # runs go in parallel
   MASTER_PORT=$port timeout ${RUN_LIMIT:-3000} $PY train.py fit --config "$OUT/$name.yaml" --trainer.accelerator gpu "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc $? in $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
@@ -41,7 +42,7 @@ if [ "$MODE" = demo ]; then
   run sft configs/sft.yaml
   RM=(
     "rm_fresh|"
-    "rm_sft|--model.base.adapter runs/sft/adapter"
+    "rm_sft|--model.base.adapter runs/sft/latest/adapter"
     "rm_fresh_300|--trainer.max_steps 300 --trainer.val_check_interval 50"
   )
   for v in "${RM[@]}"; do run "${v%%|*}" configs/reward.yaml ${v#*|} & done; wait
@@ -91,12 +92,12 @@ elif [ "$MODE" = strategies ]; then
       [ $s = fsdp ] && { [ $k = lora ] && extra=$FSDP_LORA || extra=$FSDP_QLORA; }
       run "${k}_$s" $cfg --config configs/strategies/$s.yaml $SHORT $extra && \
         run "${k}_${s}_resume" $cfg --config configs/strategies/$s.yaml $SHORT $extra \
-          --trainer.max_steps 30 --ckpt_path runs/${k}_$s/checkpoints/last.ckpt &   # 10 more steps from last.ckpt
+          --trainer.max_steps 30 --ckpt_path runs/${k}_$s/latest/checkpoints/last.ckpt &   # 10 more steps from last.ckpt
     done
   done; wait
   for d in runs/lora_* runs/qlora_*; do   # the exported adapter loads in a fresh single-GPU process
     $PY -c "import sys, torch; from peft import PeftConfig; from safetensors.torch import load_file; \
-c = PeftConfig.from_pretrained('$d/adapter'); w = load_file('$d/adapter/adapter_model.safetensors'); \
+c = PeftConfig.from_pretrained('$d/latest/adapter'); w = load_file('$d/latest/adapter/adapter_model.safetensors'); \
 print('$d adapter:', c.peft_type, 'r', c.r, len(w), 'tensors', sum(v.numel() for v in w.values()), 'params')" \
       >> "$OUT/adapters.txt" 2>&1
   done
