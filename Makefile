@@ -24,14 +24,15 @@ install: $(VENV)/.installed
 
 demo: demo-sft demo-rm demo-ppo
 
+# The same as `lit-ft demo` (each stage: `lit-ft fit --config <stage>`, writing runs/<stage>/version_N/).
 demo-sft: install
-	$(PY) train.py fit --config configs/sft.yaml
+	$(PY) -m lit_ft fit --config sft
 
 demo-rm: install
-	$(PY) train.py fit --config configs/reward.yaml
+	$(PY) -m lit_ft fit --config reward
 
 demo-ppo: install
-	$(PY) train.py fit --config configs/ppo.yaml
+	$(PY) -m lit_ft fit --config ppo
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -238,3 +238,38 @@ def test_gguf_export_says_what_is_missing(tmp_path, monkeypatch):
         to_gguf(tmp_path / "m", tmp_path / "m.gguf")
     with pytest.raises(ConfigError, match=r"--llama_cpp: .* has no convert_hf_to_gguf.py|needs the gguf package"):
         to_gguf(tmp_path / "m", tmp_path / "m.gguf", llama_cpp=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ chat
+
+
+def test_chat_streams_the_greedy_answer_of_base_plus_adapter(tiny_model_dir, tmp_path, capsys):
+    from lit_ft.chat import load
+    from lit_ft.chat import main as chat
+    from lit_ft.models import LoraSpec, ModelSpec, build_model, load_tokenizer
+    from lit_ft.sft import SFTModule
+
+    torch.manual_seed(0)
+    module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0))
+    module.configure_model()
+    with torch.no_grad():  # a non-zero update, so the adapter changes the answer
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    module.save_adapter(tmp_path / "adapter", tokenizer=load_tokenizer(tiny_model_dir))
+    assert oct((tmp_path / "adapter").stat().st_mode & 0o777) != oct(0o700)  # readable once exported
+
+    chat(["--adapter", str(tmp_path / "adapter"), "--prompt", "What is 12 plus 30?", "--max_new_tokens", "6"])
+    streamed = capsys.readouterr().out.strip()
+    # The same answer without lit_ft's chat: the template, greedy decoding on the adapted model, decode.
+    model, tok = load(str(tmp_path / "adapter"), None)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 plus 30?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert streamed == expected and streamed
+    base = build_model(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4)).get_base_model()
+    plain = base.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert not torch.equal(plain, out)  # the adapter is applied
