@@ -13,6 +13,7 @@ from lit_ft import checkpointing, inference, metrics, runs, strategies
 from lit_ft import optim as optim_mod
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import causal_lm_loss
+from lit_ft.neftune import add_neftune
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
 from lit_ft.validation import check_init
 
@@ -33,6 +34,7 @@ class SFTModule(L.LightningModule):
         loss_chunk_size: int = 4096,
         compile: bool = False,
         max_consecutive_skips: int = 10,
+        neftune_alpha: float | None = None,
     ):
         """
         Args:
@@ -44,6 +46,9 @@ class SFTModule(L.LightningModule):
                 fewer saved activations; the first steps pay the compilation (about a minute on a GPU).
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
                 (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.guards).
+            neftune_alpha: NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(L * d) on the input
+                embeddings while training (the paper uses 5, 10 or 15); None = off. Validation and generation
+                see no noise.
         """
         check_init("model (SFTModule)", SFTModule, locals())
         super().__init__()
@@ -54,6 +59,7 @@ class SFTModule(L.LightningModule):
         self.optim = checkpointing.as_spec(optim_mod.OptimSpec, optim)
         self.loss_chunk_size = loss_chunk_size
         self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile
+        self.neftune_alpha = neftune_alpha
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter only
         self.val_loss = MeanMetric()
@@ -66,9 +72,22 @@ class SFTModule(L.LightningModule):
             return
         device = strategies.model_device(self, self.base)
         self.model = build_model(self.base, self.lora, "causal_lm", device=device)
+        if self.neftune_alpha:
+            add_neftune(self.model, self.neftune_alpha)
         if self.compile_layers:
             compile_decoder_layers(self.model)
         rank_zero_info(describe(self.model))
+
+    @property
+    def lr(self) -> float:
+        """`optim.lr`, under the name `Tuner.lr_find` reads and sets."""
+        return self.optim.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        import dataclasses
+
+        self.optim = dataclasses.replace(self.optim, lr=float(value))
 
     def _decoder_and_head(self):
         inner = self.model.get_base_model()
