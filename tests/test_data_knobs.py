@@ -68,3 +68,69 @@ def test_lr_find_finds_and_sets_the_learning_rate(tiny_model_dir, tmp_path):
     suggestion = finder.suggestion()
     assert suggestion is not None and module.optim.lr == pytest.approx(suggestion) and module.lr == module.optim.lr
     assert isinstance(module.optim, OptimSpec) and module.optim.lr != 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ data shapes
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_sharegpt_rows_become_chat_messages(tmp_path, tiny_model_dir):
+    from lit_ft.data.records import load_records
+    from lit_ft.errors import DataError
+
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"{a} + 1?"},
+                               {"from": "gpt", "value": str(a + 1)}]} for a in range(4)]
+    records, report = load_records(_jsonl(tmp_path / "sg.jsonl", rows), "instruction")
+    assert records[1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 1?"},
+                                      {"role": "assistant", "content": "2"}]
+    assert report.rows_kept == 4
+    dm = InstructionDataModule(train_file=str(tmp_path / "sg.jsonl"), tokenizer=tiny_model_dir, max_length=48,
+                               val_split=0)
+    dm.setup("fit")
+    ids = dm.train_dataset[0]["input_ids"]
+    labels = dm.train_dataset[0]["labels"]
+    assert dm.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100]).startswith("1")  # the answer
+    bad = rows[:1] + [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}]
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'conversations\[1\]\.from': ShareGPT speaker 'robot' "
+                                        r"is not one of \['assistant', 'bard', 'bing', 'chatgpt', 'gpt', 'human'"):
+        load_records(_jsonl(tmp_path / "bad.jsonl", bad), "instruction")
+
+
+def test_columns_are_renamed_before_the_format_is_detected(tmp_path, tiny_model_dir):
+    from lit_ft.data.readers import SourceSpec
+    from lit_ft.errors import ConfigError
+
+    rows = [{"q": f"What is {a} + 1?", "reply": str(a + 1)} for a in range(6)]
+    path = _jsonl(tmp_path / "qa.jsonl", rows)
+    dm = InstructionDataModule(train_file=path, tokenizer=tiny_model_dir, max_length=48, val_split=0,
+                               source=SourceSpec(columns={"q": "prompt", "reply": "completion"}))
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 6
+    with pytest.raises(ConfigError, match=r"data.source.columns: \['question'\] are not columns of "
+                                          r"data.train_file=.*qa.jsonl \(it has \['q', 'reply'\]\)"):
+        InstructionDataModule(train_file=path, tokenizer=tiny_model_dir, val_split=0,
+                              source=SourceSpec(columns={"question": "prompt"})).setup("fit")
+    with pytest.raises(ConfigError, match=r"data.source.columns=\['q'\]: expected a mapping"):
+        SourceSpec(columns=["q"])
+
+
+def test_the_val_file_reads_its_own_split_of_a_saved_dataset(tmp_path, tiny_model_dir):
+    import datasets
+
+    from lit_ft.data.readers import SourceSpec
+
+    def rows(n, offset):
+        return [{"prompt": f"What is {a} + 1?", "completion": str(a + 1)} for a in range(offset, offset + n)]
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(8, 0)),
+                          "dev": datasets.Dataset.from_list(rows(3, 100))}).save_to_disk(str(folder))
+    dm = InstructionDataModule(train_file=str(folder), val_file=str(folder), tokenizer=tiny_model_dir,
+                               max_length=48, source=SourceSpec(val_split="dev"))
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 8 and len(dm.val_dataset) == 3
+    assert dm.val_records[0]["messages"][0]["content"] == "What is 100 + 1?"

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from lit_ft.data import splits
 from lit_ft.data.checks import bound_lengths, check_context, drop_control_tokens
 from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
-from lit_ft.data.readers import DataReport, is_hub_name, read_rows
+from lit_ft.data.readers import DataReport, SourceSpec, is_hub_name, read_rows
 from lit_ft.data.records import Kind, load_records
 from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong, tokenize_records
@@ -65,11 +65,14 @@ def split_records(records: list[dict], report: DataReport, val_split: float, see
     return train, report, val, val_report
 
 
-def load_splits(kind: Kind, train_file: str, val_file: str | None, val_split: float, seed: int, **read):
+def load_splits(kind: Kind, train_file: str, val_file: str | None, val_split: float, seed: int,
+                source: SourceSpec | None = None, **read):
     """(train_records, train_report, val_records, val_report) from a train file and a val file or split."""
-    train, train_report = load_records(train_file, kind, setting="data.train_file", **read)
+    source = source or SourceSpec()
+    read.update(subset=source.subset, columns=source.columns)
+    train, train_report = load_records(train_file, kind, setting="data.train_file", split=source.train_split, **read)
     if val_file:
-        val, val_report = load_records(val_file, kind, setting="data.val_file", **read)
+        val, val_report = load_records(val_file, kind, setting="data.val_file", split=source.val_split, **read)
         return train, train_report, val, val_report
     return split_records(train, train_report, val_split, seed)
 
@@ -117,11 +120,11 @@ def fit_context(name: str | None, max_length: int) -> int:
     return check_context(None if gguf else where, max_length)
 
 
-def prepare_hub(*sources: str | None) -> None:
+def prepare_hub(spec: SourceSpec, train_file: str, val_file: str | None) -> None:
     """Download hub datasets once (rank 0); local files need nothing."""
-    for source in sources:
+    for source, split in ((train_file, spec.train_split), (val_file, spec.val_split)):
         if source and is_hub_name(source):
-            read_rows(source)  # load_dataset caches the download for every rank
+            read_rows(source, split, subset=spec.subset)  # load_dataset caches the download for every rank
 
 
 class InstructionDataModule(LightningDataModule):
@@ -148,6 +151,7 @@ class InstructionDataModule(LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        source: SourceSpec = SourceSpec(),
         test_file: str | None = None,
         predict_file: str | None = None,
     ):
@@ -176,6 +180,8 @@ class InstructionDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
+            source: the subset and splits of a hub dataset or saved folder, and columns renamed before the
+                format is detected.
             test_file: data for `test`, in the training data's format (scored as validation is).
             predict_file: prompts for `predict` (rows with `prompt`, `instruction`, `messages` or `question`;
                 an optional `answer`); the generations go to the `WritePredictions` callback's file.
@@ -185,6 +191,7 @@ class InstructionDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
+        self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
         self.max_length, self.overlong, self.completion_only = max_length, overlong, completion_only
         self.dedup, self.score_field, self.min_score, self.packing = dedup, score_field, min_score, packing
@@ -197,7 +204,7 @@ class InstructionDataModule(LightningDataModule):
         self.val_records: list[dict] = []
 
     def prepare_data(self) -> None:
-        prepare_hub(self.train_file, self.val_file)
+        prepare_hub(self.source, self.train_file, self.val_file)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("test", "predict"):
@@ -208,7 +215,8 @@ class InstructionDataModule(LightningDataModule):
         self.max_length = fit_context(self.tokenizer_name, self.max_length)
         check_template(self.template, self.tokenizer)
         train, self.train_report, self.val_records, self.val_report = load_splits(
-            "instruction", self.train_file, self.val_file, self.val_split, self.seed, format=self.format,
+            "instruction", self.train_file, self.val_file, self.val_split, self.seed, source=self.source,
+            format=self.format,
             skip_bad_rows=self.skip_bad_rows, dedup=self.dedup, score_field=self.score_field,
             min_score=self.min_score)
         settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
@@ -286,6 +294,7 @@ class PreferenceDataModule(LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        source: SourceSpec = SourceSpec(),
         test_file: str | None = None,
     ):
         """Preference pairs for Bradley-Terry reward modelling (batches hold chosen rows, then rejected rows).
@@ -311,12 +320,15 @@ class PreferenceDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
+            source: the subset and splits of a hub dataset or saved folder, and columns renamed before the
+                format is detected.
             test_file: data for `test`, in the training data's format (scored as validation is).
         """
         check_init("data (PreferenceDataModule)", PreferenceDataModule, locals())
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
+        self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
         self.max_length, self.overlong, self.dedup, self.skip_bad_rows = max_length, overlong, dedup, skip_bad_rows
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -330,7 +342,7 @@ class PreferenceDataModule(LightningDataModule):
         self.train_report = self.val_report = None
 
     def prepare_data(self) -> None:
-        prepare_hub(self.train_file, self.val_file)
+        prepare_hub(self.source, self.train_file, self.val_file)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "test":
@@ -349,7 +361,8 @@ class PreferenceDataModule(LightningDataModule):
         self.max_length = fit_context(self.tokenizer_name, self.max_length)
         check_template(self.template, self.tokenizer)
         train, self.train_report, val, self.val_report = load_splits(
-            "preference", self.train_file, self.val_file, self.val_split, self.seed, format=self.format,
+            "preference", self.train_file, self.val_file, self.val_split, self.seed, source=self.source,
+            format=self.format,
             skip_bad_rows=self.skip_bad_rows, dedup=self.dedup, group_field=self.group_field)
         self.val_groups = sorted({r["group"] for r in val}) if self.group_field else []
         settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
@@ -397,6 +410,7 @@ class PromptDataModule(LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        source: SourceSpec = SourceSpec(),
         predict_file: str | None = None,
     ):
         """Prompts (with optional ground-truth answers) for PPO rollouts; batches are left-padded.
@@ -421,6 +435,8 @@ class PromptDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
+            source: the subset and splits of a hub dataset or saved folder, and columns renamed before the
+                format is detected.
             predict_file: prompts for `predict` (rows with `prompt`, `instruction`, `messages` or `question`;
                 an optional `answer`); the generations go to the `WritePredictions` callback's file.
         """
@@ -428,6 +444,7 @@ class PromptDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
+        self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
         self.max_length, self.overlong, self.answer_field = max_length, overlong, answer_field
         self.dedup, self.skip_bad_rows, self.batch_size, self.eval_batch_size = dedup, skip_bad_rows, batch_size, eval_batch_size
@@ -439,7 +456,7 @@ class PromptDataModule(LightningDataModule):
         self.val_records: list[dict] = []
 
     def prepare_data(self) -> None:
-        prepare_hub(self.train_file, self.val_file)
+        prepare_hub(self.source, self.train_file, self.val_file)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -456,7 +473,8 @@ class PromptDataModule(LightningDataModule):
         self.max_length = fit_context(self.tokenizer_name, self.max_length)
         check_template(self.template, self.tokenizer)
         train, self.train_report, val, self.val_report = load_splits(
-            "prompt", self.train_file, self.val_file, self.val_split, self.seed, format=self.format,
+            "prompt", self.train_file, self.val_file, self.val_split, self.seed, source=self.source,
+            format=self.format,
             skip_bad_rows=self.skip_bad_rows, dedup=self.dedup, answer_field=self.answer_field)
         settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
                         max_length=self.max_length, overlong=self.overlong)

@@ -61,8 +61,30 @@ def is_hub_name(source: str) -> bool:
     return True
 
 
+@dataclass
+class SourceSpec:
+    """How rows are read: the subset and splits of a hub dataset (or a `save_to_disk` folder), and columns renamed
+    before the format is detected."""
+
+    subset: str | None = None
+    """Hub dataset configuration (subset) name, e.g. `main` for `openai/gsm8k`."""
+    train_split: str = "train"
+    """Split that data.train_file reads (hub dataset or saved folder)."""
+    val_split: str = "test"
+    """Split that data.val_file reads (hub dataset or saved folder)."""
+    columns: dict[str, str] | None = None
+    """Columns renamed {from: to} before the format is detected, e.g. `{question: prompt, response: completion}`."""
+
+    def __post_init__(self):
+        if self.columns is not None and not (isinstance(self.columns, dict) and all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in self.columns.items())):
+            raise ConfigError(f"data.source.columns={self.columns!r}: expected a mapping of column names "
+                              "{from: to}")
+
+
 def read_rows(
-    source: str, split: str = "train", skip_bad_rows: bool = False, setting: str = "data.train_file"
+    source: str, split: str = "train", skip_bad_rows: bool = False, setting: str = "data.train_file",
+    subset: str | None = None, columns: dict[str, str] | None = None,
 ) -> tuple[list[dict], list[int], DataReport]:
     """Read raw rows with their 1-based source lines.
 
@@ -71,11 +93,13 @@ def read_rows(
         split: the split to take from a hub dataset.
         skip_bad_rows: drop (and count) unparsable JSON lines instead of raising.
         setting: the setting that named ``source``, quoted in errors.
+        subset: the hub dataset's configuration name.
+        columns: columns renamed {from: to} (`SourceSpec.columns`); ShareGPT rows become chat messages after it.
     """
     source = resolve_source(source, setting)  # `demo:NAME`: a demo file shipped with lit_ft
     report = DataReport(source=os.path.basename(source) or source)
     if is_hub_name(source):
-        rows, lines = _read_hub(source, split, setting)
+        rows, lines = _read_hub(source, split, setting, subset)
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -92,6 +116,9 @@ def read_rows(
             raise ConfigError(f"{setting}: unsupported file type '{suffix}' ({source}); use {', '.join(LOCAL_SUFFIXES)}")
     if not rows and not report.dropped:
         raise DataError("no rows: the file is empty", file=str(source))
+    if columns:
+        rows = rename_columns(rows, columns, source, setting)
+    rows = [from_sharegpt(row, source, line) for row, line in zip(rows, lines)]
     report.rows_read += len(rows)
     report.rows_kept += len(rows)
     return rows, lines, report
@@ -130,11 +157,11 @@ def _read_saved_dataset(path: Path, split: str, setting: str) -> tuple[list[dict
     return list(ds), list(range(1, len(ds) + 1))
 
 
-def _read_hub(name: str, split: str, setting: str) -> tuple[list[dict], list[int]]:
+def _read_hub(name: str, split: str, setting: str, subset: str | None = None) -> tuple[list[dict], list[int]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:  # offline, unknown name, unknown split: all say the same thing to the user
         raise ConfigError(
             f"{setting}: the hub dataset '{name}' could not be reached or loaded ({type(e).__name__}: {e}); "
@@ -295,3 +322,38 @@ def _read_json_array(path: Path, data: bytes) -> tuple[list[dict], list[int]]:
         if not isinstance(item, dict):
             raise DataError(f"expected a JSON object, got {type(item).__name__}", file=str(path), line=line)
     return items, lines
+
+
+# ---------------------------------------------------------------------------------------------- shapes of rows
+
+
+def rename_columns(rows: list[dict], columns: dict[str, str], source: str, setting: str) -> list[dict]:
+    """Rows with columns renamed {from: to}; a `from` that no row has is refused (a typo would read nothing)."""
+    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    missing = sorted(set(columns) - present)
+    if missing:
+        raise ConfigError(f"data.source.columns: {missing} are not columns of {setting}={source} "
+                          f"(it has {sorted(present)})")
+    return [{columns.get(k, k): v for k, v in r.items()} for r in rows]
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
+
+
+def from_sharegpt(row: dict, source: str, line: int) -> dict:
+    """A ShareGPT row (`conversations`: [{from, value}]) as a chat row (`messages`: [{role, content}]); other rows
+    unchanged. ShareGPT's speakers: system, human (user), gpt (assistant; chatgpt, bing, bard in some dumps)."""
+    turns = row.get("conversations")
+    if "messages" in row or not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t for t in turns):
+        return row
+    messages = []
+    for i, turn in enumerate(turns):
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataError(f"ShareGPT speaker {turn['from']!r} is not one of {sorted(SHAREGPT_ROLES)}",
+                            file=source, line=line, field=f"conversations[{i}].from")
+        messages.append({"role": role, "content": turn.get("value")})
+    out = {k: v for k, v in row.items() if k != "conversations"}
+    out["messages"] = messages
+    return out

@@ -253,6 +253,8 @@ def load_records(
     answer_field: str | None = "answer",
     group_field: str | None = None,
     setting: str = "data.train_file",
+    subset: str | None = None,
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[dict], DataReport]:
     """Read, validate, normalise and filter one source into canonical records (see the module docstring).
 
@@ -268,8 +270,10 @@ def load_records(
         answer_field: ground-truth answer column of prompt records (None: no answers).
         group_field: a column naming each row's subset, kept as the record's ``group`` (a string).
         setting: the setting that named ``source``, quoted in errors.
+        subset: hub dataset configuration name.
+        columns: columns renamed {from: to} before the format is detected.
     """
-    rows, lines, report = read_rows(source, split, skip_bad_rows, setting)
+    rows, lines, report = read_rows(source, split, skip_bad_rows, setting, subset, columns)
     if rows and format == "auto":
         try:
             format = detect_format(rows[0], kind)
