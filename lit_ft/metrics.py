@@ -21,4 +21,4 @@ def split_name(module) -> str:
     """The metric prefix of an evaluation pass: `test` under `trainer.test` (the validation steps scoring the test
     file), `val` otherwise."""
     trainer = getattr(module, "_trainer", None)
-    return "test" if trainer is not None and trainer.testing else "val"
+    return "test" if getattr(trainer, "testing", False) else "val"

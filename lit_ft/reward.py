@@ -148,7 +148,7 @@ class RewardModule(L.LightningModule):
             for group, i in self._groups.items():
                 if counts[i, 1] > 0:
                     self.log(f"{split}/accuracy/{group}", (counts[i, 0] / counts[i, 1]).float())
-        if not (self.trainer.sanity_checking or self.trainer.testing):  # normalization: validation data only
+        if not (self.trainer.sanity_checking or getattr(self.trainer, "testing", False)):  # val data only
             self.reward_stats.copy_(torch.stack([mean, std]))
         for metric in (self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq):
             metric.reset()

@@ -106,6 +106,17 @@ def make_loader(ds, batch_size: int, collate, num_workers: int, shuffle: bool, s
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
+def plain_hparams(dm: LightningDataModule) -> None:
+    """The saved hyper-parameters as plain values (`source` as a dict): checkpoints keep loading with
+    `torch.load(weights_only=True)` and `hparams.yaml` with `yaml.safe_load`."""
+    import copy
+    import dataclasses
+
+    if dataclasses.is_dataclass(dm.hparams.get("source")):
+        dm.hparams["source"] = dataclasses.asdict(dm.hparams["source"])
+        dm._hparams_initial = copy.deepcopy(dm._hparams)
+
+
 def load_tokenizer_for(name: str | None):
     from lit_ft.models import load_tokenizer
 
@@ -190,6 +201,7 @@ class InstructionDataModule(LightningDataModule):
         check_score_filter(score_field, min_score)
         super().__init__()
         self.save_hyperparameters()
+        plain_hparams(self)
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
         self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
@@ -327,6 +339,7 @@ class PreferenceDataModule(LightningDataModule):
         check_init("data (PreferenceDataModule)", PreferenceDataModule, locals())
         super().__init__()
         self.save_hyperparameters()
+        plain_hparams(self)
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
         self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
@@ -443,6 +456,7 @@ class PromptDataModule(LightningDataModule):
         check_init("data (PromptDataModule)", PromptDataModule, locals())
         super().__init__()
         self.save_hyperparameters()
+        plain_hparams(self)
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
         self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
