@@ -244,3 +244,20 @@ def yaml_safe_hparams(module: L.LightningModule) -> None:
     for key in list(module.hparams):
         module.hparams[key] = plain(module.hparams[key])
     module._hparams_initial = copy.deepcopy(module._hparams)
+
+
+def load_trainable(module: torch.nn.Module, state_dict, strict: bool = True, assign: bool = False):
+    """`load_state_dict` for a lit_ft checkpoint, which holds the trainable tensors only (`slim`): the frozen base's
+    tensors, built from `model.base`, are not reported missing (Lightning would otherwise warn with the name of every
+    one of them); a trainable tensor the checkpoint lacks still is, and `strict` refuses it and strays alike.
+    Use as a module's method: `load_state_dict = checkpointing.load_trainable`."""
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    result = torch.nn.Module.load_state_dict(module, state_dict, strict=False, assign=assign)
+    frozen = {_unwrapped(n) for n, p in module.named_parameters() if not p.requires_grad}
+    frozen |= {_unwrapped(n) for n, _ in module.named_buffers() if n.startswith("model.")}
+    missing = [k for k in result.missing_keys if _unwrapped(k) not in frozen]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(f"{type(module).__name__}: the checkpoint does not fit: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+    return _IncompatibleKeys(missing, result.unexpected_keys)

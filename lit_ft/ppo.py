@@ -388,6 +388,7 @@ class PPOModule(L.LightningModule):
     # -- checkpoints and export -----------------------------------------------------------------------------
 
     configure_callbacks = runs.configure_callbacks  # exact resume, resume rules, run lock, preemption
+    load_state_dict = checkpointing.load_trainable  # the frozen base is not 'missing' from a checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.roles.restore_flags()

@@ -171,6 +171,7 @@ class RewardModule(L.LightningModule):
     # -- checkpoints and export -----------------------------------------------------------------------------
 
     configure_callbacks = runs.configure_callbacks  # exact resume, resume rules, run lock, preemption
+    load_state_dict = checkpointing.load_trainable  # the frozen base is not 'missing' from a checkpoint
     configure_gradient_clipping = strategies.configure_gradient_clipping  # norm clipping under FSDP too
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

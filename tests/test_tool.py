@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import lightning as L
@@ -273,3 +274,22 @@ def test_chat_streams_the_greedy_answer_of_base_plus_adapter(tiny_model_dir, tmp
     base = build_model(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4)).get_base_model()
     plain = base.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert not torch.equal(plain, out)  # the adapter is applied
+
+
+def test_load_from_checkpoint_names_no_frozen_tensor_and_loads_the_adapter(tiny_model_dir, small_data, tmp_path,
+                                                                           monkeypatch, recwarn):
+    from lit_ft import SFTModule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(rundirs.RUN_DIR_ENV, raising=False)
+    main(["fit", *_args(tiny_model_dir, small_data, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
+    ckpt = tmp_path / "runs/sft/version_0/checkpoints/last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    recwarn.clear()
+    module = SFTModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert not [w for w in recwarn if "not in the checkpoint" in str(w.message)]
+    state = module.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
+    lora_key = next(iter(saved))
+    with pytest.raises(RuntimeError, match=re.escape(f"does not fit: missing ['{lora_key}']")):
+        module.load_state_dict({k: v for k, v in saved.items() if k != lora_key}, strict=True)
