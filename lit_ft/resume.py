@@ -57,11 +57,13 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, lengths: list[int] | None = None, group_size: int = 0):
+        """`lengths` and `group_size`: length-grouped order (`group_by_length`), see `global_order`."""
         world, me = _world()
         super().__init__(dataset, num_replicas=num_replicas or world, rank=me if rank is None else rank,
                          shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start = 0
+        self.lengths, self.group_size = lengths, group_size
 
     def global_order(self) -> list[int]:
         """This epoch's order over all ranks, padded (or cut, with drop_last) to `total_size`."""
@@ -71,6 +73,12 @@ class ResumableSampler(DistributedSampler):
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
+        if self.lengths is not None and self.group_size > 1:
+            # Length grouping (transformers' LengthGroupedSampler): the shuffled order cut into mega-batches, each
+            # sorted longest first, so a batch holds rows of similar length (less padding) while the mega-batches
+            # stay in random order. A function of (seed, epoch) only, so a resumed epoch has the same order.
+            k = self.group_size
+            order = [i for a in range(0, n, k) for i in sorted(order[a:a + k], key=lambda i: -self.lengths[i])]
         if len(order) < self.total_size:
             order += (order * (self.total_size // max(n, 1) + 1))[: self.total_size - len(order)]
         return order[: self.total_size]
@@ -98,8 +106,13 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset, batch_size: int = 1, shuffle: bool = True, seed: int = 0, collate_fn=None,
-                 num_workers: int = 0, drop_last: bool = False):
-        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+                 num_workers: int = 0, drop_last: bool = False, lengths: list[int] | None = None,
+                 megabatch: int = 50):
+        """`lengths` (one per row) turns on length-grouped batches: mega-batches of `megabatch` batches (of every
+        rank together) sorted by length; 50 as in transformers' `group_by_length`."""
+        world, _ = _world()
+        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, lengths=lengths,
+                                   group_size=batch_size * world * megabatch if lengths is not None else 0)
         # A private generator: creating an iterator draws a base seed, which must not come from (and so shift)
         # the global torch RNG that LoRA dropout uses.
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,

@@ -134,3 +134,59 @@ def test_the_val_file_reads_its_own_split_of_a_saved_dataset(tmp_path, tiny_mode
     dm.setup("fit")
     assert len(dm.train_dataset) == 8 and len(dm.val_dataset) == 3
     assert dm.val_records[0]["messages"][0]["content"] == "What is 100 + 1?"
+
+
+# ------------------------------------------------------------------------------------------------ length grouping
+
+
+def _length_loader(row_lengths, **kw):
+    import datasets
+
+    from lit_ft.resume import ResumableDataLoader
+
+    ds = datasets.Dataset.from_dict({"idx": list(range(len(row_lengths))),
+                                     "input_ids": [[1] * n for n in row_lengths]})
+    return ResumableDataLoader(ds, batch_size=4, seed=3, collate_fn=lambda rows: [r["idx"] for r in rows], **kw)
+
+
+def test_length_grouped_batches_hold_similar_lengths_and_resume_exactly():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (96,), generator=g).tolist()
+    grouped = list(_length_loader(lengths, lengths=lengths, megabatch=4))
+    plain = list(_length_loader(lengths))
+    order = [i for b in grouped for i in b]
+    assert sorted(order) == list(range(96))  # every row once an epoch
+    for a in range(0, 96, 16):  # mega-batches of 4 batches x 4 rows, each sorted longest first
+        chunk = [lengths[i] for i in order[a:a + 16]]
+        assert chunk == sorted(chunk, reverse=True)
+    assert sorted(order[:16]) == sorted(i for b in plain[:4] for i in b)  # the same rows as the shuffled order
+
+    def spread(batches):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    assert spread(grouped) < 0.5 * spread(plain)
+
+    # Resume after 5 batches: the rest of the epoch is the uninterrupted one's.
+    first = _length_loader(lengths, lengths=lengths, megabatch=4)
+    it = iter(first)
+    seen = [next(it) for _ in range(5)]
+    state = first.state_dict()
+    second = _length_loader(lengths, lengths=lengths, megabatch=4)
+    second.load_state_dict(state)
+    assert seen + list(second) == grouped
+
+
+def test_instruction_data_groups_by_length(tiny_model_dir, tmp_path):
+    rows = [{"prompt": "Say " + "x " * (i % 17), "completion": "ok"} for i in range(48)]
+    path = _jsonl(tmp_path / "len.jsonl", rows)
+    dm = InstructionDataModule(train_file=path, tokenizer=tiny_model_dir, max_length=64, val_split=0, batch_size=4,
+                               group_by_length=True)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    lengths = [len(x) for x in dm.train_dataset["input_ids"]]
+    assert loader.sampler.lengths == lengths
+    padded = [b["input_ids"].shape[1] for b in loader]  # padded length of each batch
+    dm_plain = InstructionDataModule(train_file=path, tokenizer=tiny_model_dir, max_length=64, val_split=0,
+                                     batch_size=4)
+    dm_plain.setup("fit")
+    assert sum(padded) < sum(b["input_ids"].shape[1] for b in dm_plain.train_dataloader())

@@ -94,12 +94,14 @@ def tokenize_split(records: list[dict], kind: Kind, report: DataReport, file: st
     return ds
 
 
-def make_loader(ds, batch_size: int, collate, num_workers: int, shuffle: bool, seed: int) -> DataLoader:
+def make_loader(ds, batch_size: int, collate, num_workers: int, shuffle: bool, seed: int,
+                lengths: list[int] | None = None) -> DataLoader:
     """Training (shuffle=True): a seeded loader whose position is saved in checkpoints and restored on resume,
-    mid-epoch included (`lit_ft.resume.ResumableDataLoader`). Evaluation: a plain ordered DataLoader."""
+    mid-epoch included (`lit_ft.resume.ResumableDataLoader`; `lengths`: length-grouped batches). Evaluation: a
+    plain ordered DataLoader."""
     if shuffle:
         return ResumableDataLoader(ds, batch_size=batch_size, shuffle=True, seed=seed, collate_fn=collate,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, lengths=lengths)
     # A private generator: each new iterator draws a base seed, which must not shift the global torch RNG
     # (a validation pass would otherwise change the dropout masks of the training steps after it).
     return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
@@ -162,6 +164,7 @@ class InstructionDataModule(LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        group_by_length: bool = False,
         source: SourceSpec = SourceSpec(),
         test_file: str | None = None,
         predict_file: str | None = None,
@@ -191,6 +194,8 @@ class InstructionDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             num_proc: processes for tokenization (``datasets.map``); None or 1 = in process.
             seed: seed of the validation split and the shuffling.
+            group_by_length: batches of rows of similar length (less padding; transformers' group_by_length):
+                the shuffled rows in mega-batches of 50 batches, each sorted by length. Resumes exactly.
             source: the subset and splits of a hub dataset or saved folder, and columns renamed before the
                 format is detected.
             test_file: data for `test`, in the training data's format (scored as validation is).
@@ -209,7 +214,7 @@ class InstructionDataModule(LightningDataModule):
         self.dedup, self.score_field, self.min_score, self.packing = dedup, score_field, min_score, packing
         self.skip_bad_rows, self.batch_size, self.eval_batch_size = skip_bad_rows, batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
-        self.test_file, self.predict_file = test_file, predict_file
+        self.test_file, self.predict_file, self.group_by_length = test_file, predict_file, group_by_length
         self.tokenizer = None
         self.train_dataset = self.val_dataset = self.test_dataset = self.predict_dataset = None
         self.train_report = self.val_report = None
@@ -266,7 +271,9 @@ class InstructionDataModule(LightningDataModule):
         return SFTCollator(pad, self.pad_to_multiple_of)
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_dataset, self.batch_size, self.collator(), self.num_workers, True, self.seed)
+        lengths = [len(x) for x in self.train_dataset["input_ids"]] if self.group_by_length else None
+        return make_loader(self.train_dataset, self.batch_size, self.collator(), self.num_workers, True, self.seed,
+                           lengths)
 
     def val_dataloader(self):
         if not self.val_dataset or len(self.val_dataset) == 0:
