@@ -236,14 +236,19 @@ def run_cli(args=None) -> None:
 
     from lit_ft.recipes import resolve_config_args
 
-    LitFTCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},  # a continued run rewrites its own config; new runs get new dirs
-        args=resolve_config_args(list(sys.argv[1:] if args is None else args)),
-    )
+    try:
+        LitFTCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},  # a continued run rewrites its own config; new runs get new dirs
+            args=resolve_config_args(list(sys.argv[1:] if args is None else args)),
+        )
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()  # the run's files complete now, not at interpreter exit (commands run one after another)
 
 
 if __name__ == "__main__":
