@@ -168,9 +168,14 @@ def test_wandb_mode_is_obeyed(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     logger = WandbLogger(save_dir=str(tmp_path))
     assert not logger._offline and os.environ["WANDB_MODE"] == "disabled"  # not forced to offline
-    logger.experiment.log({"a": 1})
-    logger.experiment.finish()
-    assert not list(tmp_path.rglob("*.wandb"))  # disabled: nothing written
+    try:
+        logger.experiment.log({"a": 1})
+        logger.experiment.finish()
+        assert not list(tmp_path.rglob("*.wandb"))  # disabled: nothing written
+    finally:
+        import wandb
+
+        wandb.teardown()  # W&B keeps its process-wide settings (the disabled mode) until torn down
 
 
 def test_self_hosted_credentials_in_netrc_switch_online(tmp_path, monkeypatch):
