@@ -217,7 +217,9 @@ def run_tool(name: str, argv: list[str]) -> None:
         if e.name != module_name:
             raise
         raise ConfigError(f"`lit-ft {name}` is not available in this version of lit_ft ({module_name} is missing)")
-    module.main(argv)
+    code = module.main(argv)
+    if isinstance(code, int) and code:  # a tool's `main` may return its exit status
+        raise SystemExit(code)
 
 
 def lit_ft_cause(error: BaseException | None) -> LitFTError | None:

@@ -38,7 +38,7 @@ def demo_dir() -> Path:
 
 
 def recipe_names() -> list[str]:
-    """Shipped recipe names: `sft`, `reward`, ..., and `strategies/ddp` for the strategy fragments."""
+    """Shipped recipe names: `sft`, `reward`, ..., and `strategies/ddp` (folders of recipes are part of the name)."""
     root = configs_dir()
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
@@ -49,8 +49,9 @@ def resolve_config(value: str) -> str:
     if os.path.exists(value) or value.startswith("{") or "\n" in value:  # a file, or inline YAML/JSON
         return value
     name = value[:-5] if value.endswith(".yaml") else value
-    candidate = configs_dir() / f"{name}.yaml"
-    if candidate.is_file() and "/" not in name.replace("strategies/", "", 1) and ".." not in name:
+    root = configs_dir()
+    candidate = root / f"{name}.yaml"
+    if ".." not in Path(name).parts and not os.path.isabs(name) and candidate.is_file():
         return str(candidate)
     return value
 
