@@ -217,7 +217,9 @@ def run_tool(name: str, argv: list[str]) -> None:
         if e.name != module_name:
             raise
         raise ConfigError(f"`lit-ft {name}` is not available in this version of lit_ft ({module_name} is missing)")
-    code = module.main(argv)
+    from lit_ft.recipes import resolve_config_args
+
+    code = module.main(resolve_config_args(argv) if name == "plan" else argv)  # `plan --config sft` names a recipe
     if isinstance(code, int) and code:  # a tool's `main` may return its exit status
         raise SystemExit(code)
 
