@@ -312,9 +312,10 @@ class PPOModule(L.LightningModule):
         """Per-minibatch loss weights that make each optimizer step's losses token-weighted: a minibatch's token mean
         times its share of the response tokens of its accumulation group on all ranks (times the number of ranks,
         which `strategies.average_gradients` divides by again). One all-reduce per PPO epoch."""
-        tokens = torch.stack([mask[idx].sum() for idx in groups]).float()
+        tokens = torch.stack([mask[idx].sum() for idx in groups]).to(torch.float32)
         step_of = torch.arange(len(groups), device=tokens.device) // ga
-        per_step = torch.zeros(int(step_of[-1]) + 1, device=tokens.device).index_add_(0, step_of, tokens)
+        per_step = torch.zeros(int(step_of[-1]) + 1, dtype=torch.float32, device=tokens.device)
+        per_step = per_step.index_add_(0, step_of, tokens)  # fp32 explicitly: bf16-true makes bf16 the default
         per_step = self.trainer.strategy.reduce(per_step, reduce_op="sum")
         return tokens * self.trainer.world_size / per_step[step_of].clamp(min=1)
 

@@ -141,7 +141,7 @@ class DecodeEngine:
         nxt = torch.where(self.finished, torch.full_like(nxt, self.pad), nxt)
         col = self.t.view(1)
         self.out.index_copy_(1, col, nxt[:, None])
-        self.out_logp.index_copy_(1, col, scaled.gather(1, nxt[:, None]) - lse)
+        self.out_logp.index_copy_(1, col, (scaled.gather(1, nxt[:, None]) - lse).float())  # autocast may lower it
         self.finished |= nxt == self.eos
         self.tok.copy_(nxt[:, None])
         self.pos.add_(1)
