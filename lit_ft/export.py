@@ -56,15 +56,20 @@ def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | 
     return module.save_adapter(out, tokenizer=tok)
 
 
-def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32") -> Path:
-    """Merge LoRA weights into the base (`merge_and_unload`) and save a plain HF model + tokenizer."""
+def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32",
+          attn_implementation: str = "auto") -> Path:
+    """Merge LoRA weights into the base (`merge_and_unload`) and save a plain HF model + tokenizer.
+
+    `attn_implementation` is how the base loads for the merge (`auto`: what transformers picks for the family,
+    so families that refuse SDPA, such as Gemma 2, merge too); the saved model records none of it."""
     from peft import PeftModel
 
     adapter = Path(adapter)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     identity = read_base_identity(adapter) or {}
     name = base or identity.get("name_or_path") or cfg.get("base_model_name_or_path")
-    spec = ModelSpec(name_or_path=None if name == ModelSpec().identity()["name_or_path"] else name, dtype=dtype)
+    spec = ModelSpec(name_or_path=None if name == ModelSpec().identity()["name_or_path"] else name, dtype=dtype,
+                     attn_implementation=attn_implementation)
     if identity.get("quantization", "none") != "none":
         print(f"note: trained on a {identity['quantization']} base; merging into a de-quantized {dtype} copy")
     task = "score" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
@@ -89,11 +94,13 @@ def main(argv=None) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--attn-implementation", default="auto",
+                   choices=["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"])
     args = parser.parse_args(argv)
     if args.command == "adapter":
         print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer))
     else:
-        print(merge(args.adapter, args.out, args.base, args.dtype))
+        print(merge(args.adapter, args.out, args.base, args.dtype, args.attn_implementation))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,297 @@
+"""What differs between model families, read from the loaded model itself rather than from a list of names.
+
+- Which layers LoRA adapts: every linear projection inside the decoder layers (attention and MLP, fused ones such
+  as Phi-3's `qkv_proj` / `gate_up_proj`, Falcon's `query_key_value`, GPT-2's `Conv1D`), never the LM head, the
+  embeddings or a mixture-of-experts router (`resolve_targets`); MoE experts' fused weights on request
+  (`expert_parameters`, PEFT's `target_parameters`).
+- What the model applies after its LM head (`logit_transform`): Granite's `logits_scaling` divides, Cohere's
+  `logit_scale` multiplies, Gemma 2's `final_logit_softcapping` caps; the head's own bias (Phi, GPT-J) is applied
+  by calling the head. `check_logits` proves on the loaded weights that lit_ft's logits equal the model's own.
+- Whether a quantized load really quantized the decoder's linear layers (`check_quantized`), and whether the
+  attention implementation derives packed rows' masks from `position_ids` (`check_packing`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from lit_ft.errors import ConfigError
+from lit_ft.losses import LogitTransform
+
+SHORTCUTS = ("all", "attention", "mlp")
+"""`target_modules` entries that expand per model: every decoder linear, its attention ones, the others."""
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt and Falcon's FalconLinear subclass nn.Linear; GPT-2 uses Conv1D.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _is_router(leaf: str, module: nn.Module) -> bool:
+    """MoE routers and gates: a few weights that pick experts; adapting them changes routing, not content."""
+    return leaf in ("gate", "router") or leaf.endswith("_gate") or "router" in type(module).__name__.lower()
+
+
+def _unwrap(model) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """(qualified name, list) of the decoder's repeated blocks: the largest ModuleList of one block type."""
+    best, best_size = None, -1
+    for name, module in _unwrap(model).named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    if best is None:
+        raise ConfigError(f"{type(_unwrap(model)).__name__}: no repeated decoder layers found")
+    return best
+
+
+def linear_layers(model) -> dict[str, str]:
+    """{path inside a decoder layer: 'attention' | 'mlp'} of every linear projection (routers left out).
+
+    A projection belongs to the attention when a module on its path is named like one (`self_attn`, `attn`,
+    `attention`, `self_attention`); everything else in the block is the MLP (OPT's `fc1`/`fc2` sit in the layer).
+    """
+    _, layers = decoder_layers(model)
+    out = {}
+    for layer in layers:
+        for name, module in layer.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if name and _is_linear(module) and not _is_router(leaf, module) and "base_layer" not in name:
+                parts = name.split(".")[:-1]
+                out[name] = "attention" if any("attn" in p or "attention" in p for p in parts) else "mlp"
+    return out
+
+
+def model_linear_names(model) -> list[str]:
+    """Leaf names of every linear layer of the model (what an explicit `target_modules` entry can name)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in _unwrap(model).named_modules() if n and _is_linear(m)})
+
+
+def resolve_targets(model, requested: list[str]) -> list[str]:
+    """The `target_modules` PEFT gets: shortcuts expanded to this model's leaf names, explicit names checked.
+
+    An explicit name must match a module of the model (PEFT matches a name or a `.name` suffix); one that matches
+    nothing (a typo such as `v_prj`, or another family's name) is a ConfigError listing the model's linear layers.
+    """
+    if not requested:
+        raise ConfigError("model.lora.target_modules is empty: name layers or use 'all', 'attention' or 'mlp'")
+    parts = linear_layers(model)
+    names = [n for n, _ in _unwrap(model).named_modules() if n]
+    resolved: list[str] = []
+    for entry in requested:
+        if entry in SHORTCUTS:
+            leaves = [p.rsplit(".", 1)[-1] for p, kind in parts.items() if entry in ("all", kind)]
+        elif any(n == entry or n.endswith("." + entry) for n in names):
+            leaves = [entry]
+        else:
+            raise ConfigError(
+                f"model.lora.target_modules: '{entry}' matches no layer of {type(_unwrap(model)).__name__}; its "
+                f"linear layers are {model_linear_names(model)} (or use 'all', 'attention', 'mlp')"
+            )
+        resolved += [leaf for leaf in leaves if leaf not in resolved]
+    if not resolved:
+        raise ConfigError(f"model.lora.target_modules={requested}: no linear layer of that kind in this model")
+    return _unambiguous(model, requested, resolved)
+
+
+def _unambiguous(model, requested: list[str], leaves: list[str]) -> list[str]:
+    """Leaf names, unless a shortcut's leaf also names a linear outside the decoder layers (the LM head, a
+    projector): then the full module names, so that only decoder projections are adapted."""
+    if not any(e in SHORTCUTS for e in requested):
+        return leaves
+    prefix, _ = decoder_layers(model)
+    head = _unwrap(model).get_output_embeddings()
+    full, clash = [], False
+    for name, module in _unwrap(model).named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in leaves and _is_linear(module):
+            inside = name.startswith(prefix + ".") and module is not head
+            clash |= not inside and leaf not in requested
+            full += [name] if inside or leaf in requested else []
+    return full if clash else leaves
+
+
+def expert_parameters(model) -> list[str]:
+    """In-layer names of MoE experts' fused weights (`mlp.experts.gate_up_proj`, ...): 3-D parameters
+    [experts, out, in] that no linear layer holds, so only PEFT's `target_parameters` can adapt them."""
+    _, layers = decoder_layers(model)
+    return sorted({n for n, p in layers[0].named_parameters() if p.dim() == 3 and "experts" in n})
+
+
+def describe_targets(model) -> str:
+    """One log line: what LoRA adapts, and what it leaves out on a mixture-of-experts model."""
+    config = getattr(model, "peft_config", {})
+    lines = []
+    for name, cfg in config.items():
+        targets = sorted(cfg.target_modules) if isinstance(cfg.target_modules, (set, list)) else cfg.target_modules
+        params = list(getattr(cfg, "target_parameters", None) or [])
+        line = f"LoRA '{name}': target_modules={targets}"
+        experts = expert_parameters(model)
+        if params:
+            line += f", target_parameters={params} (MoE experts adapted)"
+        elif experts:
+            line += (f"; MoE expert weights {experts} are NOT adapted (model.lora.experts: true adapts them); "
+                     "the router is never adapted")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- logits
+
+
+def logit_transform(model, temperature: float = 1.0) -> LogitTransform:
+    """What `model` applies to `lm_head(hidden)` before its loss and sampling, with `temperature` on top."""
+    cfg = _unwrap(model).config
+    scale, softcap = 1.0, getattr(cfg, "final_logit_softcapping", None)
+    if getattr(cfg, "logits_scaling", None) is not None:
+        # Granite divides by it (Granite, GraniteMoE, ...); HyperCLOVA X multiplies.
+        s = float(cfg.logits_scaling)
+        scale = s if cfg.model_type.startswith("hyperclovax") else 1.0 / s
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere multiplies
+        scale = float(cfg.logit_scale)
+    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None, temperature=temperature)
+
+
+def lm_logits(model, hidden: Tensor, temperature: float = 1.0) -> Tensor:
+    """Logits exactly as `model` computes them (its head with its bias and any LoRA on it, then its scaling or
+    soft-capping), divided by the sampling `temperature`: fp32 (fp64 for fp64 hidden states)."""
+    head = _unwrap(model).get_output_embeddings()
+    return logit_transform(model, temperature).apply(head(hidden))
+
+
+@torch.no_grad()
+def check_logits(model) -> None:
+    """Prove on the loaded weights that `lm_logits` of the decoder's hidden states equals the model's own
+    `forward().logits` (a family that applies something unknown after its head would train on a wrong loss)."""
+    inner = _unwrap(model)
+    vocab = inner.get_output_embeddings().weight.shape[0]
+    device = inner.get_output_embeddings().weight.device
+    ids = torch.arange(1, 6, device=device).remainder(vocab).unsqueeze(0)
+    was_training = inner.training
+    inner.eval()
+    try:
+        theirs = inner(input_ids=ids, use_cache=False).logits.float()
+        hidden = inner.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        ours = lm_logits(inner, hidden).float()
+    finally:
+        inner.train(was_training)
+    tol = (1e-4 if theirs.dtype == torch.float32 and hidden.dtype == torch.float32 else 2e-2) * theirs.abs().max()
+    err = (ours - theirs).abs().max()
+    if not err <= tol + 1e-5:
+        raise ConfigError(
+            f"{inner.config.model_type}: lit_ft's logits differ from the model's own by {float(err):.3g} (max logit "
+            f"{float(theirs.abs().max()):.3g}): this family applies something after its LM head that lit_ft does "
+            "not know (see lit_ft.families.logit_transform)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+
+
+def check_quantized(model, quantization: str) -> None:
+    """After a bitsandbytes load: every decoder linear must be a 4-bit / 8-bit layer (a ConfigError names those
+    that are not: transformers converts only exact `nn.Linear`, so Falcon's `FalconLinear` stays full precision
+    and QLoRA would silently train a full-precision base). MoE expert weights, which bitsandbytes cannot
+    quantize, are a warning with their size."""
+    if quantization == "none":
+        return
+    _, layers = decoder_layers(model)
+    left = sorted({n for n, m in layers[0].named_modules() if n and _is_linear(m) and not _is_quantized(m)})
+    left = [n for n in left if not _is_router(n.rsplit(".", 1)[-1], layers[0].get_submodule(n))]
+    if left:
+        raise ConfigError(
+            f"model.quantization={quantization}: {type(_unwrap(model)).__name__}'s decoder layers {left} were not "
+            "quantized by transformers (only exact nn.Linear layers are converted); use quantization: none"
+        )
+    experts = expert_parameters(model)
+    if experts:
+        n = sum(p.numel() for layer in layers for name, p in layer.named_parameters() if name in experts)
+        warnings.warn(f"model.quantization={quantization}: MoE expert weights {experts} ({n:,} parameters) stay "
+                      "unquantized: bitsandbytes quantizes linear layers only", stacklevel=2)
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt") or hasattr(module.weight, "quant_state")
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+@torch.no_grad()
+def check_packing(model) -> None:
+    """Packed rows carry no attention mask: the attention implementation must derive the block-diagonal causal
+    mask from the restarting `position_ids`. Probed once on the loaded model (two sequences packed in one row
+    must give the hidden states they give alone); a ConfigError when it does not."""
+    inner = _unwrap(model)
+    decoder = inner.get_decoder()
+    device = inner.get_output_embeddings().weight.device
+    vocab = inner.get_output_embeddings().weight.shape[0]
+    a, b = torch.tensor([[1, 2, 3]], device=device) % vocab, torch.tensor([[4, 5]], device=device) % vocab
+    was_training = inner.training
+    inner.eval()
+    try:
+        packed = decoder(input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1]], device=device),
+                         use_cache=False).last_hidden_state[:, 3:].float()
+        alone = decoder(input_ids=b, use_cache=False).last_hidden_state.float()
+    finally:
+        inner.train(was_training)
+    if not torch.allclose(packed, alone, rtol=2e-2, atol=2e-2 * float(alone.abs().max()) + 1e-5):
+        raise ConfigError(
+            f"packing: {inner.config.model_type} with attn_implementation={inner.config._attn_implementation} lets a "
+            "packed sequence attend to the one before it (its mask ignores position_ids); set the datamodule's "
+            "packing: false, or use an attention implementation that supports packed rows"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- reward head
+
+
+def has_sequence_classifier(config) -> bool:
+    """Whether transformers has an `*ForSequenceClassification` class for this family (Granite, Cohere and
+    GraniteMoE have none)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    remote = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    return config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES or remote
+
+
+def add_score_head(model, where: str | None = None):
+    """Give a causal LM the scalar `score` head that `*ForSequenceClassification` models carry (same name, shape
+    [1, H], no bias, same initialisation), so a reward model needs no family-specific class: the reward is read
+    from the decoder's last hidden state either way (`lit_ft.scoring.sequence_scores`), and the PEFT export
+    (LoRA keys under the decoder, head under `score`) is the same. A head saved in `where` (a merged reward
+    model) is loaded back."""
+    inner = _unwrap(model)
+    cfg = inner.config
+    hidden = cfg.get_text_config().hidden_size
+    weight = inner.get_output_embeddings().weight
+    head = nn.Linear(hidden, 1, bias=False, dtype=weight.dtype if weight.is_floating_point() else torch.float32,
+                     device=weight.device)
+    with torch.no_grad():
+        head.weight.normal_(0.0, getattr(cfg, "initializer_range", 0.02))
+        saved = _saved_tensor(where, "score.weight")
+        if saved is not None:
+            head.weight.copy_(saved)
+    inner.score = head
+    return model
+
+
+def _saved_tensor(where: str | None, key: str) -> Tensor | None:
+    from pathlib import Path
+
+    if where is None or not Path(where).is_dir():
+        return None
+    from safetensors import safe_open
+
+    for f in sorted(Path(where).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            if key in handle.keys():
+                return handle.get_tensor(key)
+    return None
