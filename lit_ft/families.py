@@ -25,9 +25,19 @@ SHORTCUTS = ("all", "attention", "mlp")
 """`target_modules` entries that expand per model: every decoder linear, its attention ones, the others."""
 
 
-def _is_linear(module: nn.Module) -> bool:
-    # bitsandbytes' Linear4bit / Linear8bitLt and Falcon's FalconLinear subclass nn.Linear; GPT-2 uses Conv1D.
+def _is_linear(module: nn.Module | None) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt and Falcon's FalconLinear subclass nn.Linear; GPT-2 uses Conv1D;
+    # a layer PEFT already wrapped counts as the linear it wraps.
+    if hasattr(module, "base_layer"):
+        return _is_linear(module.get_base_layer())
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _named_linears(root: nn.Module):
+    """(name, module) of the linear layers under `root`, LoRA's own internals left out."""
+    for name, module in root.named_modules():
+        if name and _is_linear(module) and not any(p.startswith("lora_") or p == "base_layer" for p in name.split(".")):
+            yield name, module
 
 
 def _is_router(leaf: str, module: nn.Module) -> bool:
@@ -61,9 +71,9 @@ def linear_layers(model) -> dict[str, str]:
     _, layers = decoder_layers(model)
     out = {}
     for layer in layers:
-        for name, module in layer.named_modules():
+        for name, module in _named_linears(layer):
             leaf = name.rsplit(".", 1)[-1]
-            if name and _is_linear(module) and not _is_router(leaf, module) and "base_layer" not in name:
+            if not _is_router(leaf, module):
                 parts = name.split(".")[:-1]
                 out[name] = "attention" if any("attn" in p or "attention" in p for p in parts) else "mlp"
     return out
@@ -71,7 +81,7 @@ def linear_layers(model) -> dict[str, str]:
 
 def model_linear_names(model) -> list[str]:
     """Leaf names of every linear layer of the model (what an explicit `target_modules` entry can name)."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in _unwrap(model).named_modules() if n and _is_linear(m)})
+    return sorted({n.rsplit(".", 1)[-1] for n, _ in _named_linears(_unwrap(model))})
 
 
 def resolve_targets(model, requested: list[str]) -> list[str]:
@@ -109,9 +119,9 @@ def _unambiguous(model, requested: list[str], leaves: list[str]) -> list[str]:
     prefix, _ = decoder_layers(model)
     head = _unwrap(model).get_output_embeddings()
     full, clash = [], False
-    for name, module in _unwrap(model).named_modules():
+    for name, module in _named_linears(_unwrap(model)):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in leaves and _is_linear(module):
+        if leaf in leaves:
             inside = name.startswith(prefix + ".") and module is not head
             clash |= not inside and leaf not in requested
             full += [name] if inside or leaf in requested else []
@@ -203,7 +213,7 @@ def check_quantized(model, quantization: str) -> None:
     if quantization == "none":
         return
     _, layers = decoder_layers(model)
-    left = sorted({n for n, m in layers[0].named_modules() if n and _is_linear(m) and not _is_quantized(m)})
+    left = sorted({n for n, m in _named_linears(layers[0]) if not _is_quantized(m)})
     left = [n for n in left if not _is_router(n.rsplit(".", 1)[-1], layers[0].get_submodule(n))]
     if left:
         raise ConfigError(
@@ -218,6 +228,7 @@ def check_quantized(model, quantization: str) -> None:
 
 
 def _is_quantized(module: nn.Module) -> bool:
+    module = module.get_base_layer() if hasattr(module, "base_layer") else module
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt") or hasattr(module.weight, "quant_state")
 
 
