@@ -195,7 +195,13 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     cls = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
     if scorer:
         kwargs["num_labels"] = 1
-    model = cls.from_pretrained(where, **kwargs)
+    try:
+        model = cls.from_pretrained(where, **kwargs)
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        raise ConfigError(f"model.attn_implementation={spec.attn_implementation}: {str(e).splitlines()[0]} "
+                          "(`auto` picks one the family supports)") from e
     if task == "score" and not scorer:
         families.add_score_head(model, where)
     families.check_quantized(model, spec.quantization)

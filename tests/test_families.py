@@ -158,6 +158,16 @@ def test_family_reward_head(family, family_dirs, tmp_path):
     scorer = scoring.RewardScorer.from_pretrained(out, base=ModelSpec(name_or_path=d, dtype="float32"))
     torch.testing.assert_close(scorer.score_ids(batch["input_ids"], batch["attention_mask"]), rewards,
                                rtol=1e-4, atol=1e-4)
+    # PPO reads the same export onto the causal LM: the reward adapter + head on its trunk give the same rewards.
+    export = roles.read_reward_export(out)
+    model, trainable = roles.build_roles(ModelSpec(name_or_path=d, dtype="float32"), LoraSpec(r=4), None, export,
+                                         "adapter")
+    head = roles.linear_head(export.head_weight.shape[1], export.head_weight, export.head_bias, trainable=False)
+    switch = roles.AdapterRoles(model, trainable)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with eval_mode(model), torch.no_grad(), switch.active(roles.REWARD):
+        ppo_rewards = roles.last_token_scores(head, roles.trunk(model, ids, mask, (mask.cumsum(1) - 1).clamp(min=0)), mask)
+    torch.testing.assert_close(ppo_rewards, rewards, rtol=1e-4, atol=1e-4)
 
 
 def test_explicit_targets_checked_against_the_model(family_dirs):
@@ -193,3 +203,12 @@ def test_moe_experts_adapted_on_request(family, family_dirs):
     model(**batch).loss.backward()
     expert_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "experts" in n]
     assert expert_grads and all(g is not None for g in expert_grads)
+
+
+def test_attention_auto_and_refused_kernel(family_dirs):
+    from lit_ft.models import load_base
+
+    d = family_dirs("gemma2")
+    assert load_base(ModelSpec(name_or_path=d, dtype="float32")).config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="model.attn_implementation=sdpa: .*does not support"):
+        load_base(ModelSpec(name_or_path=d, dtype="float32", attn_implementation="sdpa"))
