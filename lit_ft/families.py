@@ -85,47 +85,39 @@ def model_linear_names(model) -> list[str]:
 
 
 def resolve_targets(model, requested: list[str]) -> list[str]:
-    """The `target_modules` PEFT gets: shortcuts expanded to this model's leaf names, explicit names checked.
+    """The `target_modules` PEFT gets: shortcuts expanded to this model's layers, explicit names checked.
 
-    An explicit name must match a module of the model (PEFT matches a name or a `.name` suffix); one that matches
-    nothing (a typo such as `v_prj`, or another family's name) is a ConfigError listing the model's linear layers.
+    Shortcuts become leaf names (`q_proj`, ...) when PEFT's suffix matching of those names picks exactly the
+    layers meant, else full module names (GPT-2's `c_proj` is both the attention output and the MLP output, so
+    `attention` there needs `transformer.h.0.attn.c_proj`, ...). An explicit name must match a module of the model
+    (PEFT matches a name or a `.name` suffix); one that matches nothing (a typo such as `v_prj`, or another
+    family's name) is a ConfigError listing the model's linear layers.
     """
     if not requested:
         raise ConfigError("model.lora.target_modules is empty: name layers or use 'all', 'attention' or 'mlp'")
+    inner = _unwrap(model)
+    prefix, layers = decoder_layers(model)
     parts = linear_layers(model)
-    names = [n for n, _ in _unwrap(model).named_modules() if n]
-    resolved: list[str] = []
+    names = [n for n, _ in inner.named_modules() if n]
+    chosen: list[str] = []  # full names of the decoder linears the shortcuts ask for
+    explicit: list[str] = []
     for entry in requested:
         if entry in SHORTCUTS:
-            leaves = [p.rsplit(".", 1)[-1] for p, kind in parts.items() if entry in ("all", kind)]
+            chosen += [f"{prefix}.{i}.{p}" for i in range(len(layers)) for p, kind in parts.items()
+                       if entry in ("all", kind)]
         elif any(n == entry or n.endswith("." + entry) for n in names):
-            leaves = [entry]
+            explicit.append(entry)
         else:
             raise ConfigError(
-                f"model.lora.target_modules: '{entry}' matches no layer of {type(_unwrap(model)).__name__}; its "
+                f"model.lora.target_modules: '{entry}' matches no layer of {type(inner).__name__}; its "
                 f"linear layers are {model_linear_names(model)} (or use 'all', 'attention', 'mlp')"
             )
-        resolved += [leaf for leaf in leaves if leaf not in resolved]
-    if not resolved:
+    if not chosen and not explicit:
         raise ConfigError(f"model.lora.target_modules={requested}: no linear layer of that kind in this model")
-    return _unambiguous(model, requested, resolved)
-
-
-def _unambiguous(model, requested: list[str], leaves: list[str]) -> list[str]:
-    """Leaf names, unless a shortcut's leaf also names a linear outside the decoder layers (the LM head, a
-    projector): then the full module names, so that only decoder projections are adapted."""
-    if not any(e in SHORTCUTS for e in requested):
-        return leaves
-    prefix, _ = decoder_layers(model)
-    head = _unwrap(model).get_output_embeddings()
-    full, clash = [], False
-    for name, module in _named_linears(_unwrap(model)):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in leaves:
-            inside = name.startswith(prefix + ".") and module is not head
-            clash |= not inside and leaf not in requested
-            full += [name] if inside or leaf in requested else []
-    return full if clash else leaves
+    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in chosen))
+    by_leaf = {n for n, _ in _named_linears(inner) if n.rsplit(".", 1)[-1] in leaves}
+    picked = leaves if by_leaf == set(chosen) else list(dict.fromkeys(chosen))
+    return list(dict.fromkeys(picked + explicit))
 
 
 def expert_parameters(model) -> list[str]:

@@ -63,7 +63,8 @@ def test_family_sft_logprobs_merge(family, family_dirs, tmp_path):
     module.configure_model()
     model = module.model
     # 1. Default targets: every decoder projection, written out by hand per family; never the head or a router.
-    assert set(model.peft_config["default"].target_modules) == FAMILIES[family][1]
+    targets = model.peft_config["default"].target_modules
+    assert set(targets) == FAMILIES[family][1] and len(targets) == len(FAMILIES[family][1])
     adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert adapted == FAMILIES[family][1] and "lm_head" not in adapted
     # 2. SFT loss = the model's own forward(labels=...) loss (scaling, soft-capping, head bias included).
@@ -182,8 +183,13 @@ def test_explicit_targets_checked_against_the_model(family_dirs):
         check_lora(LoraSpec(target_modules=["c_attn", "v_prj"]), gpt2)
     with pytest.warns(UserWarning, match="adapts none of the attention projections"):
         check_lora(LoraSpec(target_modules=["c_fc"]), gpt2)
-    assert check_lora(LoraSpec(target_modules=["attention"]), gpt2) == ["c_attn", "c_proj"]
-    assert check_lora(LoraSpec(target_modules=["mlp"]), gpt2) == ["c_fc", "c_proj"]
+    # GPT-2's c_proj is the attention output AND the MLP output: one part alone needs full module names.
+    assert check_lora(LoraSpec(), gpt2) == ["c_attn", "c_proj", "c_fc"]
+    attention = check_lora(LoraSpec(target_modules=["attention"]), gpt2)
+    assert attention == [f"transformer.h.{i}.attn.{n}" for i in range(2) for n in ("c_attn", "c_proj")]
+    mlp = build_model(ModelSpec(name_or_path=family_dirs("gpt2"), dtype="float32"), LoraSpec(target_modules=["mlp"]))
+    adapted = sorted(n.split(".lora_A.")[0].split("transformer.")[1] for n, _ in mlp.named_parameters() if ".lora_A." in n)
+    assert adapted == [f"h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
