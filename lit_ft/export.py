@@ -68,11 +68,11 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     identity = read_base_identity(adapter) or {}
     name = base or identity.get("name_or_path") or cfg.get("base_model_name_or_path")
-    spec = ModelSpec(name_or_path=None if name == ModelSpec().identity()["name_or_path"] else name, dtype=dtype,
-                     attn_implementation=attn_implementation)
+    spec = ModelSpec(name_or_path=None if name == ModelSpec().identity()["name_or_path"] else name, dtype=dtype)
     if identity.get("quantization", "none") != "none":
         print(f"note: trained on a {identity['quantization']} base; merging into a de-quantized {dtype} copy")
     task = "score" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+    spec.attn_implementation = attn_implementation
     model = PeftModel.from_pretrained(load_base(spec, task), str(adapter)).merge_and_unload()
     out = Path(out)
     model.save_pretrained(out)

@@ -205,6 +205,8 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     if task == "score" and not scorer:
         families.add_score_head(model, where)
     families.check_quantized(model, spec.quantization)
+    if task == "causal_lm":
+        families.check_logits(model)  # lit_ft's logits (loss, log-probs) must be the model's own
     if task == "score" and model.config.pad_token_id is None:
         # The score is read at the last non-pad token, which transformers finds through pad_token_id.
         model.config.pad_token_id = model.config.eos_token_id
@@ -358,8 +360,6 @@ def build_model(
     from peft import get_peft_model
 
     model = prepare_for_training(load_base(spec, task, device), spec)
-    if task == "causal_lm":
-        families.check_logits(model)
     if spec.adapter is not None:
         model = load_adapter(model, spec.adapter, task, trainable)
     elif lora is not None:

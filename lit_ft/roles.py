@@ -111,7 +111,6 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
     from peft import PeftModel, get_peft_model
 
     model = prepare_for_training(load_base(base, "causal_lm", device), base)
-    families.check_logits(model)
     if sft_adapter is not None:
         if not (Path(sft_adapter) / "adapter_config.json").exists():
             raise ConfigError(f"sft_adapter: {sft_adapter} has no adapter_config.json")

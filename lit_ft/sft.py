@@ -9,9 +9,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, families, metrics, resume, strategies
+from lit_ft import checkpointing, metrics, resume, strategies
 from lit_ft import optim as optim_mod
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
+from lit_ft import families
 from lit_ft.losses import causal_lm_loss
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
 
