@@ -205,13 +205,13 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     if task == "score" and not scorer:
         families.add_score_head(model, where)
     families.check_quantized(model, spec.quantization)
-    if task == "causal_lm":
-        families.check_logits(model)  # lit_ft's logits (loss, log-probs) must be the model's own
     if task == "score" and model.config.pad_token_id is None:
         # The score is read at the last non-pad token, which transformers finds through pad_token_id.
         model.config.pad_token_id = model.config.eos_token_id
     if spec.quantization in ("nf4", "fp4"):
         disable_cpu_4bit_repacking(model)
+    if task == "causal_lm":  # after the repacking switch: this is an eval-mode pass
+        families.check_logits(model)  # lit_ft's logits (loss, log-probs) must be the model's own
     return model
 
 
