@@ -218,3 +218,27 @@ def test_attention_auto_and_refused_kernel(family_dirs):
     assert load_base(ModelSpec(name_or_path=d, dtype="float32")).config._attn_implementation == "eager"
     with pytest.raises(ConfigError, match="model.attn_implementation=sdpa: .*does not support"):
         load_base(ModelSpec(name_or_path=d, dtype="float32", attn_implementation="sdpa"))
+
+
+def test_reward_merge_of_a_family_without_sequence_classifier(family_dirs, tmp_path):
+    """Granite has no *ForSequenceClassification: its merged reward model keeps lit_ft's score head, and loading
+    the merged directory as a scorer reads that head back (same rewards as the adapter)."""
+    from lit_ft import export
+    from lit_ft.models import load_base
+    from lit_ft.reward import RewardModule
+
+    d = family_dirs("granite")
+    module = RewardModule(base=ModelSpec(name_or_path=d, dtype="float32"), lora=LoraSpec(r=4, alpha=8),
+                          normalize_on_fit_end=False)
+    module.configure_model()
+    assert not families.has_sequence_classifier(module.model.get_base_model().config)
+    batch = _batch(module.model.get_base_model().config.vocab_size)
+    loss, _, _ = module.pair_loss({**batch, "margin": torch.zeros(1)})
+    loss.backward()
+    torch.optim.SGD([p for p in module.model.parameters() if p.requires_grad], lr=1.0).step()  # non-zero LoRA B
+    merged = export.merge(module.save_adapter(tmp_path / "rm"), tmp_path / "merged", base=d)
+    scorer = load_base(ModelSpec(name_or_path=str(merged), dtype="float32"), "score").eval()
+    with eval_mode(module.model), torch.no_grad():
+        want = module.rewards(batch)
+        got = scoring.sequence_scores(scorer, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
