@@ -197,6 +197,41 @@ def check_logits(model) -> None:
 # ---------------------------------------------------------------------------------------------- quantization
 
 
+# nn.Linear subclasses whose forward is exactly `x @ W.T + b` (Falcon's FalconLinear only reorders the bias add):
+# safe to swap for a bitsandbytes 4-bit layer when transformers skipped them.
+_PLAIN_LINEAR_SUBCLASSES = {"FalconLinear"}
+
+
+def quantize_skipped_linears(model, qcfg) -> list[str]:
+    """4-bit-quantize the decoder linears transformers left in full precision because their class is a subclass
+    of nn.Linear (it converts exact nn.Linear only): Falcon's FalconLinear. Returns the names replaced."""
+    if qcfg is None or not getattr(qcfg, "load_in_4bit", False):
+        return []
+    import bitsandbytes as bnb
+
+    _, layers = decoder_layers(model)
+    done = []
+    for layer in layers:
+        for name, old in list(_named_linears(layer)):
+            if type(old).__name__ not in _PLAIN_LINEAR_SUBCLASSES or _is_quantized(old):
+                continue
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                    compute_dtype=qcfg.bnb_4bit_compute_dtype,
+                                    compress_statistics=qcfg.bnb_4bit_use_double_quant,
+                                    quant_type=qcfg.bnb_4bit_quant_type, quant_storage=qcfg.bnb_4bit_quant_storage,
+                                    device="meta")
+            weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, quant_type=qcfg.bnb_4bit_quant_type,
+                                       compress_statistics=qcfg.bnb_4bit_use_double_quant,
+                                       quant_storage=qcfg.bnb_4bit_quant_storage, module=new)
+            new.weight = weight.to(old.weight.device)  # moving a Params4bit to a device quantizes it
+            if old.bias is not None:
+                new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, leaf, new)
+            done.append(name)
+    return sorted(set(done))
+
+
 def check_quantized(model, quantization: str) -> None:
     """After a bitsandbytes load: every decoder linear must be a 4-bit / 8-bit layer (a ConfigError names those
     that are not: transformers converts only exact `nn.Linear`, so Falcon's `FalconLinear` stays full precision

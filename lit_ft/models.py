@@ -204,6 +204,7 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
                           "(`auto` picks one the family supports)") from e
     if task == "score" and not scorer:
         families.add_score_head(model, where)
+    families.quantize_skipped_linears(model, qcfg)  # Falcon's FalconLinear, which transformers does not convert
     families.check_quantized(model, spec.quantization)
     if task == "score" and model.config.pad_token_id is None:
         # The score is read at the last non-pad token, which transformers finds through pad_token_id.

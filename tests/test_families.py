@@ -16,8 +16,8 @@ from tests.conftest import make_tokenizer
 from tests.family_models import FAMILIES, make_family_model
 
 PRESENT = [f for f in FAMILIES if f in __import__("transformers").CONFIG_MAPPING]
-# transformers converts exact nn.Linear layers only: Falcon's FalconLinear stays full precision under bitsandbytes.
-NOT_QUANTIZED = {"falcon"}
+# transformers converts exact nn.Linear layers only: lit_ft quantizes Falcon's FalconLinear itself, so none is left.
+NOT_QUANTIZED: set[str] = set()
 # Families whose attention (with transformers' default implementation) ignores position_ids for packed rows.
 NO_PACKING = {"opt", "bloom"}
 
@@ -242,3 +242,12 @@ def test_reward_merge_of_a_family_without_sequence_classifier(family_dirs, tmp_p
         want = module.rewards(batch)
         got = scoring.sequence_scores(scorer, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_left_unquantized_are_refused(family_dirs):
+    """int8 has no lit_ft fallback for Falcon's FalconLinear: the load says which layers stayed full precision."""
+    from lit_ft.models import load_base
+
+    with pytest.raises(ConfigError, match=r"int8: FalconForCausalLM's decoder layers \['mlp.dense_4h_to_h', "
+                                          r"'mlp.dense_h_to_4h', 'self_attention.dense', 'self_attention.query_key"):
+        load_base(ModelSpec(name_or_path=family_dirs("falcon"), dtype="float32", quantization="int8"))
