@@ -8,6 +8,7 @@ checkpointing so the backward pass recomputes that chunk's logits instead of kee
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "LogitTransform",
     "causal_lm_loss",
     "selective_log_softmax",
     "entropy_from_logits",
@@ -57,23 +59,51 @@ def _chunked_rows(
     return out
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model applies to ``lm_head(hidden)`` (``lit_ft.families.logit_transform`` reads it from the model).
+
+    ``logits * scale``, then ``softcap * tanh(logits / softcap)`` (Gemma 2, Gemma Team 2024), then
+    ``/ temperature`` (sampling); computed in fp32 (fp64 stays fp64).
+    """
+
+    scale: float = 1.0
+    """Multiplier: Cohere's ``logit_scale``, ``1 / logits_scaling`` for Granite."""
+    softcap: float | None = None
+    """Gemma 2's ``final_logit_softcapping``."""
+    temperature: float = 1.0
+    """Sampling temperature, applied last (as ``generate`` applies it to the model's logits)."""
+
+    def apply(self, logits: Tensor) -> Tensor:
+        x = logits.to(_softmax_dtype(logits.dtype))
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.softcap:
+            x = torch.tanh(x / self.softcap) * self.softcap
+        return x / self.temperature if self.temperature != 1.0 else x
+
+
 def causal_lm_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
     labels: Tensor,
     ignore_index: int = -100,
     chunk_size: int = 4096,
+    head_bias: Tensor | None = None,
+    transform: LogitTransform | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed next-token cross-entropy computed from final hidden states, chunked over tokens.
 
     Args:
         hidden: ``[B, T, H]`` decoder final hidden states (after the final norm), any float dtype.
-        lm_head_weight: ``[V, H]`` output projection (no bias, as in Llama-style LMs).
+        lm_head_weight: ``[V, H]`` output projection.
         labels: ``[B, T]`` unshifted token ids; position ``t`` predicts ``labels[:, t + 1]``. Positions whose
             shifted label equals ``ignore_index`` are dropped before any logits are computed.
         ignore_index: label value that marks a position as not trained on.
         chunk_size: rows of the gathered ``[N, H]`` hidden states per logits chunk; peak extra memory is
             about ``chunk_size * V`` fp32 values, in forward and in backward.
+        head_bias: ``[V]`` bias of the output projection (Phi-1/2, GPT-J), or None.
+        transform: what the model applies after its head (scaling, soft-capping); None applies nothing.
 
     Returns:
         ``(loss_sum, n_tokens)``: fp32 (fp64 for fp64 input) scalar sum of token losses, and a long scalar
@@ -100,11 +130,14 @@ def causal_lm_loss(
             zero = zero + (weight.sum() * 0).to(acc)
         return zero, n_tokens
 
-    def chunk_loss(h_chunk: Tensor, t_chunk: Tensor, w: Tensor) -> Tensor:
-        logits = (h_chunk @ w.t()).to(acc)  # [n, V] exists for one chunk at a time
+    shared = (weight,) if head_bias is None else (weight, head_bias.to(hidden.dtype))
+
+    def chunk_loss(h_chunk: Tensor, t_chunk: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        logits = h_chunk @ w.t() if b is None else torch.addmm(b, h_chunk, w.t())  # [n, V], one chunk at a time
+        logits = logits.to(acc) if transform is None else transform.apply(logits)
         return F.cross_entropy(logits, t_chunk, reduction="sum")
 
-    parts = _chunked_rows(chunk_loss, h, targets, chunk_size=chunk_size, shared=(weight,))
+    parts = _chunked_rows(chunk_loss, h, targets, chunk_size=chunk_size, shared=shared)
     return torch.stack(parts).sum(), n_tokens
 
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_ft.losses import bradley_terry_loss, causal_lm_loss, entropy_from_logits, selective_log_softmax
+from lit_ft.losses import (
+    LogitTransform,
+    bradley_terry_loss,
+    causal_lm_loss,
+    entropy_from_logits,
+    selective_log_softmax,
+)
 
 B, T, H, V = 3, 7, 8, 11
 
@@ -171,3 +177,27 @@ def test_bradley_terry_gradient_pushes_rewards_apart():
     # d/dr_c of -log sigmoid(r_c - r_r) at 0 is -1/2, averaged over 2 pairs.
     torch.testing.assert_close(rc.grad, torch.full((2,), -0.25))
     torch.testing.assert_close(rr.grad, torch.full((2,), 0.25))
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(scale=0.125), LogitTransform(softcap=3.0),
+                                       LogitTransform(scale=2.0, softcap=5.0)])
+def test_causal_lm_loss_with_head_bias_and_transform_matches_hand_formula(transform):
+    """bias, then scale, then softcap * tanh(x / softcap), written out on the full logits (Gemma 2's soft-capping)."""
+    hidden, weight, labels = _inputs(seed=3)
+    bias = torch.randn(V, dtype=torch.float64).requires_grad_()
+    logits = (hidden @ weight.t() + bias) * transform.scale
+    if transform.softcap:
+        logits = transform.softcap * torch.tanh(logits / transform.softcap)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (hidden, weight, bias))
+    loss, n = causal_lm_loss(hidden, weight, labels, chunk_size=4, head_bias=bias, transform=transform)
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight, bias)), ref_grads):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(loss, causal_lm_loss(hidden, weight, labels)[0])  # the transform matters here
+
+
+def test_logit_transform_temperature_applies_last():
+    x = torch.tensor([[10.0, -4.0, 0.5]])
+    got = LogitTransform(scale=0.5, softcap=4.0, temperature=0.5).apply(x)
+    torch.testing.assert_close(got, 4.0 * torch.tanh(x * 0.5 / 4.0) / 0.5)
