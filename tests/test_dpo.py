@@ -1,0 +1,222 @@
+"""DPOModule on a tiny random Llama: the start (log 2, zero rewards), which weights train, log-probs against the
+model's own forward, padded vs packed, precomputed vs on-the-fly reference, exact resume, export + merge; the
+preference data DPO reads (TRL's explicit-prompt format, completion-only labels); a learning test on SmolLM2
+(slow); the benchmark at tiny scale."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_ft.data.collate import PackedPreferenceCollator, PreferenceCollator
+from lit_ft.data.modules import PreferenceDataModule
+from lit_ft.data.records import load_records
+from lit_ft.dpo import DPOModule, DPOSpec
+from lit_ft.dpo_ref import sequence_logps
+from lit_ft.errors import ConfigError, DataError
+from lit_ft.models import LoraSpec, ModelSpec
+from lit_ft.optim import OptimSpec
+from tests.test_resume import LORA, OPTIM, PAIRS, Recorder, Runs, Stage, _final, _loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _datamodule(tmp_path, model_dir, rows=PAIRS, **kw) -> PreferenceDataModule:
+    train = _write(tmp_path / "pairs_train.jsonl", rows)
+    val = _write(tmp_path / "pairs_val.jsonl", rows[:6])
+    dm = PreferenceDataModule(train_file=train, val_file=val, tokenizer=model_dir, batch_size=4, max_length=64, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def _sft_adapter(model_dir: str, path: Path) -> str:
+    """A LoRA adapter with random (non-zero) B matrices: policy and reference then differ from the bare base."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft.models import lora_config
+
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora_config(LoraSpec(r=4), "causal_lm"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _module(model_dir, sft_adapter=None, **dpo) -> DPOModule:
+    module = DPOModule(base=ModelSpec(name_or_path=model_dir), lora=LoraSpec(r=4, alpha=8), sft_adapter=sft_adapter,
+                       dpo=DPOSpec(**dpo), optim=OptimSpec(lr=1e-2, warmup_steps=0, scheduler="constant"))
+    module.configure_model()
+    return module
+
+
+def _trainer(tmp_path, max_steps, callbacks=(), **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
+                     enable_checkpointing=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_trl_explicit_prompt_conversational_pairs(tmp_path):
+    """TRL's `prompt` message list + one-message `chosen`/`rejected` lists read as the same record as plain strings
+    (formerly refused with "expected 'user'")."""
+    conv = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"}],
+             "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "6"}]}]
+    records, _ = load_records(_write(tmp_path / "conv.jsonl", conv), "preference")
+    assert records[0]["prompt"] == conv[0]["prompt"] and (records[0]["chosen"], records[0]["rejected"]) == ("5", "6")
+    bad = [dict(conv[0], rejected=[{"role": "user", "content": "6"}])]
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'rejected\[0\]': expected \{'role': 'assistant'"):
+        load_records(_write(tmp_path / "bad.jsonl", bad), "preference")
+    two = [dict(conv[0], chosen=conv[0]["chosen"] * 2)]
+    with pytest.raises(DataError, match=r"field 'chosen': with a separate prompt, expected a list of one assistant "
+                                        r"message, got 2"):
+        load_records(_write(tmp_path / "two.jsonl", two), "preference")
+
+
+def test_labels_are_the_responses_only(tmp_path, tiny_model_dir):
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    rows = [dict(dm.train_dataset[i]) for i in range(3)]
+    batch = PreferenceCollator(dm.tokenizer.pad_token_id)(rows)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    for i, key in enumerate([k for k in ("chosen_input_ids", "rejected_input_ids") for _ in rows]):
+        row = rows[i % 3]
+        n, total = row["prompt_length"], len(row[key])
+        assert (labels[i, :n] == -100).all() and (labels[i, total:] == -100).all()
+        assert torch.equal(labels[i, n:total], ids[i, n:total]) and int(mask[i].sum()) == total
+        text = dm.tokenizer.decode(row[key][n:])
+        assert text.endswith("<|im_end|>\n") and "assistant" not in text  # the response and its EOS, no prompt
+    assert batch["line"].tolist() == [r["line"] for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+
+def test_sequence_logps_equal_the_models_own_forward(tmp_path, tiny_model_dir):
+    """Sums over response tokens of log_softmax(model(ids).logits), one row at a time without padding."""
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    module = _module(tiny_model_dir, _sft_adapter(tiny_model_dir, tmp_path / "sft"))
+    rows = [dict(dm.train_dataset[i]) for i in range(4)]
+    batch = PreferenceCollator(dm.tokenizer.pad_token_id)(rows)
+    sums, tokens = module.policy_logps(batch)
+    seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+    for i, seq in enumerate(seqs):
+        n = rows[i % 4]["prompt_length"]
+        with torch.no_grad():
+            logits = module.model(input_ids=torch.tensor([seq])).logits[0].log_softmax(-1)
+        want = sum(float(logits[t - 1, seq[t]]) for t in range(n, len(seq)))
+        assert math.isclose(float(sums[i].detach()), want, rel_tol=1e-5, abs_tol=1e-5) and int(tokens[i]) == len(seq) - n
+
+
+def test_packed_and_padded_give_the_same_logps(tmp_path, tiny_model_dir):
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    module = _module(tiny_model_dir, _sft_adapter(tiny_model_dir, tmp_path / "sft"))
+    rows = [dict(dm.train_dataset[i]) for i in range(8)]
+    for i, r in enumerate(rows):  # unequal responses, so the packed rows end unevenly
+        r["chosen_input_ids"] = r["chosen_input_ids"] + [r["chosen_input_ids"][-1]] * (i % 3)
+    padded = PreferenceCollator(dm.tokenizer.pad_token_id)(rows)
+    packed = PackedPreferenceCollator(dm.tokenizer.pad_token_id, max_length=64)(rows)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0], "nothing was packed"
+    assert int((packed["sequence_ids"] >= 0).sum()) == int(padded["attention_mask"].sum())
+    a, na = module.policy_logps(padded)
+    b, nb = module.policy_logps(packed)
+    assert torch.equal(na, nb)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("with_sft", [False, True], ids=["new_lora_vs_base", "sft_copy_vs_sft"])
+def test_at_the_start_loss_is_log2_and_rewards_zero(with_sft, tmp_path, tiny_model_dir):
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    sft = _sft_adapter(tiny_model_dir, tmp_path / "sft") if with_sft else None
+    module = _module(tiny_model_dir, sft)
+    batch = next(iter(dm.train_dataloader()))
+    loss, stats = module.pair_stats(batch, "train")
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["rewards/chosen"].abs().max() < 1e-6 and stats["rewards/rejected"].abs().max() < 1e-6
+    assert (stats["logps/chosen"] < 0).all()
+    if with_sft:  # the policy starts at the SFT adapter, not at the base
+        with module.model.disable_adapter():
+            base, _ = sequence_logps(module.model, batch)
+        assert (base.chunk(2)[0] - stats["logps/chosen"]).abs().max() > 1e-3
+
+
+def test_gradients_reach_only_the_policy_and_the_reference_never_moves(tmp_path, tiny_model_dir):
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    module = _module(tiny_model_dir, _sft_adapter(tiny_model_dir, tmp_path / "sft"))
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    loss, _ = module.pair_stats(next(iter(dm.train_dataloader())), "train")
+    loss.backward()
+    with_grad = {n for n, p in module.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all(".policy." in n for n in with_grad)
+    assert {n for n, p in module.model.named_parameters() if p.requires_grad} == \
+        {n for n in before if ".policy." in n and "lora_" in n}
+    module.model.zero_grad()
+    _trainer(tmp_path, 6, limit_val_batches=0).fit(module, datamodule=dm)
+    after = dict(module.model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert moved and all(".policy." in n for n in moved)  # the reference adapter and the base are untouched
+    assert any(".policy." in n and "lora_B" in n for n in moved)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
+def test_precomputed_and_on_the_fly_reference_agree(loss_type, tmp_path, tiny_model_dir):
+    dm = _datamodule(tmp_path, tiny_model_dir, packing=True)
+    sft = _sft_adapter(tiny_model_dir, tmp_path / "sft")
+    runs = {}
+    for pre in (False, True):
+        module = _module(tiny_model_dir, sft, loss_type=loss_type, precompute_ref=pre)
+        rec = Recorder()
+        _trainer(tmp_path, 5, [rec], limit_val_batches=0).fit(module, datamodule=dm)
+        runs[pre] = rec.values, module
+    (fly, _), (pre, module) = runs[False], runs[True]
+    assert module.precomputed == ([] if loss_type == "simpo" else ["train", "val"])  # simpo needs no reference
+    for step in fly:
+        torch.testing.assert_close(fly[step], pre[step], rtol=1e-5, atol=1e-6)
+
+
+def test_precomputed_table_equals_the_sft_adapter_alone(tmp_path, tiny_model_dir):
+    """The table holds, for every pair by source line, the log-probs of the SFT adapter loaded on its own."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    sft = _sft_adapter(tiny_model_dir, tmp_path / "sft")
+    module = _module(tiny_model_dir, sft, precompute_ref=True)
+    _trainer(tmp_path, 1, limit_val_batches=0).fit(module, datamodule=dm)
+    table = module.ref_tables["train"]
+    assert sorted(table.lines.tolist()) == sorted(dm.train_dataset["line"])
+    alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft).eval()
+    for batch in dm.train_dataloader():
+        with torch.no_grad():
+            want, _ = sequence_logps(alone, batch)
+        torch.testing.assert_close(torch.cat(table.lookup(batch["line"])), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_settings_name_the_setting(tiny_model_dir):
+    for kw, match in [({"beta": 0.0}, r"model\.dpo\.beta: must be > 0"),
+                      ({"loss_type": "robust", "label_smoothing": 0.5}, r"model\.dpo\.label_smoothing: must be in "
+                                                                         r"\[0, 0\.5\)"),
+                      ({"loss_type": "kto"}, r"model\.dpo\.loss_type: expected one of")]:
+        with pytest.raises(ConfigError, match=match):
+            DPOModule(base=ModelSpec(name_or_path=tiny_model_dir), dpo=DPOSpec(**kw))
+    with pytest.raises(ConfigError, match="DPO needs a policy adapter"):
+        DPOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=None)
