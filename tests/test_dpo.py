@@ -121,7 +121,8 @@ def test_sequence_logps_equal_the_models_own_forward(tmp_path, tiny_model_dir):
         with torch.no_grad():
             logits = module.model(input_ids=torch.tensor([seq])).logits[0].log_softmax(-1)
         want = sum(float(logits[t - 1, seq[t]]) for t in range(n, len(seq)))
-        assert math.isclose(float(sums[i].detach()), want, rel_tol=1e-5, abs_tol=1e-5) and int(tokens[i]) == len(seq) - n
+        assert math.isclose(float(sums[i].detach()), want, rel_tol=1e-5, abs_tol=1e-5)
+        assert int(tokens[i]) == len(seq) - n
 
 
 def test_packed_and_padded_give_the_same_logps(tmp_path, tiny_model_dir):
@@ -220,3 +221,96 @@ def test_bad_settings_name_the_setting(tiny_model_dir):
             DPOModule(base=ModelSpec(name_or_path=tiny_model_dir), dpo=DPOSpec(**kw))
     with pytest.raises(ConfigError, match="DPO needs a policy adapter"):
         DPOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=None)
+
+
+# ---------------------------------------------------------------------------------------------- resume, export
+
+# Dropout on (the RNG state matters: disable_dropout off), the reference precomputed (its table rides in the
+# checkpoint); 16 pairs / batch 4 = 4 steps an epoch, 3 epochs.
+DPO_STAGE = Stage(PAIRS, PreferenceDataModule,
+                  lambda d: DPOModule(base=ModelSpec(name_or_path=d), lora=LORA, optim=OPTIM,
+                                      dpo=DPOSpec(precompute_ref=True, disable_dropout=False)),
+                  _loss, epochs=3, kills={"mid_epoch": 7, "epoch_end": 8})
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tiny_model_dir, tmp_path_factory) -> Runs:
+    return Runs(DPO_STAGE, tiny_model_dir, tmp_path_factory)
+
+
+@pytest.mark.parametrize("kill", sorted(DPO_STAGE.kills))
+def test_killed_run_resumes_exactly_without_recomputing_the_reference(kill, dpo_runs, tmp_path):
+    from lit_ft.dpo import REF_KEY
+    from lit_ft.dpo_ref import dataset_digest
+
+    kill_after = DPO_STAGE.kills[kill]
+    values, weights = dpo_runs.uninterrupted
+    ckpt_dir, first = dpo_runs.killed(kill_after)
+    for batch, value in first.items():
+        assert torch.equal(value, values[batch]), batch
+    state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state[REF_KEY]["train"]["digest"] == dataset_digest(dpo_runs.dm.train_dataset)
+    assert state[REF_KEY]["train"]["logps"].shape == (len(PAIRS), 2)
+    second, module, trainer = dpo_runs.resume(ckpt_dir / "last.ckpt", tmp_path)
+    assert module.precomputed == []  # both tables came from the checkpoint
+    assert sorted(second) == list(range(kill_after + 1, DPO_STAGE.total + 1))
+    for batch, value in second.items():
+        assert torch.equal(value, values[batch]), (batch, value.tolist(), values[batch].tolist())
+    resumed = _final(module)
+    assert resumed.keys() == weights.keys() and [k for k in weights if not torch.equal(resumed[k], weights[k])] == []
+
+
+def test_a_table_for_other_data_is_recomputed(dpo_runs, tmp_path):
+    from lit_ft.dpo import REF_KEY
+
+    values, _ = dpo_runs.uninterrupted
+    ckpt_dir, _ = dpo_runs.killed(DPO_STAGE.kills["mid_epoch"])
+    state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    state[REF_KEY]["train"]["digest"] = "0" * 64  # as if the training file had changed since
+    state[REF_KEY]["train"]["logps"].zero_()
+    torch.save(state, tmp_path / "other.ckpt")
+    second, module, _ = dpo_runs.resume(tmp_path / "other.ckpt", tmp_path)
+    assert module.precomputed == ["train"]
+    assert all(torch.equal(v, values[b]) for b, v in second.items())  # recomputed: the same reference again
+
+
+def test_export_is_a_plain_peft_adapter_and_merges(tmp_path, tiny_model_dir):
+    """The exported policy loads with PeftModel.from_pretrained and merges (lit_ft.export merge) into a plain model
+    whose log-probs are the trained policy's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft.export import merge
+
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    module = _module(tiny_model_dir, _sft_adapter(tiny_model_dir, tmp_path / "sft"))
+    _trainer(tmp_path, 4, limit_val_batches=0).fit(module, datamodule=dm)
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        trained, _ = module.policy_logps(batch)
+    out = module.save_adapter(tmp_path / "adapter", tokenizer=dm.tokenizer)
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merge(out, tmp_path / "merged", base=tiny_model_dir))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(loaded, batch)[0], trained, rtol=1e-5, atol=1e-5)
+        logits = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+    keep = batch["labels"][:, 1:] != -100
+    token = logits[:, :-1].gather(-1, batch["labels"][:, 1:].clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close((token * keep).sum(1), trained, rtol=1e-4, atol=1e-4)
+
+
+def test_validation_logs_trl_metrics_and_subsets(tmp_path, tiny_model_dir):
+    rows = [dict(r, kind="a" if i % 2 else "b") for i, r in enumerate(PAIRS)]
+    dm = _datamodule(tmp_path, tiny_model_dir, rows=rows, group_field="kind", eval_batch_size=4)
+    module = _module(tiny_model_dir)
+    trainer = _trainer(tmp_path, 2, limit_val_batches=2, val_check_interval=2)
+    trainer.fit(module, datamodule=dm)
+    m = trainer.callback_metrics
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected"):
+        assert f"train/{k}" in m and f"val/{k}" in m, k
+    torch.testing.assert_close(m["val/rewards/margins"], m["val/rewards/chosen"] - m["val/rewards/rejected"])
+    # 6 validation pairs: rows 0..5 alternate b, a; the subsets' accuracies average to the overall one (3 + 3).
+    acc_a, acc_b = float(m["val/rewards/accuracies/a"]), float(m["val/rewards/accuracies/b"])
+    assert (acc_a + acc_b) / 2 == pytest.approx(float(m["val/rewards/accuracies"]))
