@@ -175,9 +175,12 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
             self.train_dataset = datasets.Dataset.from_list(make_pairs(w, (args.warmup + args.steps) * w.pairs))
             self.val_dataset, self.tokenizer = None, None
 
+        def collator(self):
+            return PreferenceCollator(0)
+
         def train_dataloader(self):
             return torch.utils.data.DataLoader(self.train_dataset, batch_size=w.pairs, shuffle=False,
-                                               collate_fn=PreferenceCollator(0), pin_memory=device == "cuda")
+                                               collate_fn=self.collator(), pin_memory=device == "cuda")
 
     class TimerCb(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -23,7 +23,6 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, dpo_ref, metrics, optim, resume, roles, strategies
-from lit_ft.data.collate import PreferenceCollator
 from lit_ft.errors import ConfigError
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
@@ -192,10 +191,12 @@ class DPOModule(L.LightningModule):
         digest = dpo_ref.dataset_digest(dataset)
         if split in self.ref_tables and self.ref_tables[split].digest == digest:
             return
-        dm = self.trainer.datamodule
-        pad = getattr(getattr(dm, "tokenizer", None), "pad_token_id", None) or 0
+        collator = getattr(self.trainer.datamodule, "collator", None)
+        if collator is None:
+            raise ConfigError("model.dpo.precompute_ref: the datamodule needs a collator() method, as "
+                              "PreferenceDataModule has (its batches, padded or packed, are what the pass reads)")
         with self.trainer.precision_plugin.forward_context():  # the same autocast as the training forward
-            table = dpo_ref.compute_table(self, dataset, PreferenceCollator(pad), self.dpo.ref_batch_size, digest)
+            table = dpo_ref.compute_table(self, dataset, collator(), self.dpo.ref_batch_size, digest)
         self.ref_tables[split] = table
         self.precomputed.append(split)
         rank_zero_info(f"DPO: reference log-probs of {len(table.lines)} {split} pairs computed (digest {digest[:12]})")

@@ -102,7 +102,7 @@ class ReferenceTable:
 
 @torch.no_grad()
 def compute_table(module, dataset, collate, batch_size: int, digest: str) -> ReferenceTable:
-    """One no-grad pass of `module.reference_logps` over `dataset` in order (padded batches)."""
+    """One no-grad pass of `module.reference_logps` over `dataset` in order, in batches made by `collate`."""
     lines, logps = [], []
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]

@@ -295,9 +295,8 @@ class PreferenceDataModule(LightningDataModule):
         self.val_dataset = tokenize_split(val, "preference", self.val_report, self.val_file or self.train_file,
                                           self.num_proc, False, **settings)
 
-    def collator(self, packing: bool | None = None) -> PreferenceCollator | PackedPreferenceCollator:
-        """The batches' collator; `packing` overrides the setting (DPO's reference pass reads padded batches)."""
-        if self.packing if packing is None else packing:
+    def collator(self) -> PreferenceCollator | PackedPreferenceCollator:
+        if self.packing:
             return PackedPreferenceCollator(self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
         return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
