@@ -335,7 +335,9 @@ def test_reward_model_refuses_packed_batches(tmp_path, tiny_model_dir):
 def test_dpo_learns_the_demo_preferences(smollm2_dir, tmp_path):
     """SmolLM2-135M-Instruct with a new LoRA (the reference: the bare base), 20 steps of 8 demo pairs: the implicit
     reward accuracy on 32 held-out pairs rises from 0 (every reward is 0 at the start) far above chance, and the
-    held-out exact match of greedy answers does not fall."""
+    held-out exact match of greedy answers does not fall. Measured on the CPU: accuracy 0.000 -> 0.844 (margin
+    1.415), exact match 0.000 -> 0.000 on 16 prompts (the bare instruct model does not answer in the demo's form;
+    from the SFT adapter see configs/dpo.yaml)."""
     from lit_ft.callbacks import SampleGenerations
 
     lines = (ROOT / "data/demo/pref_train.jsonl").read_text().splitlines()[:160]
