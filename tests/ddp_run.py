@@ -3,8 +3,8 @@ re-runs this file for rank 1, as it does `train.py` under `strategy: ddp`.
 
     python tests/ddp_run.py STAGE OUT MODEL_DIR TRAIN_FILE DEVICES MAX_STEPS [CKPT_PATH]
 
-STAGE is `sft` (instruction rows), `reward` (preference pairs) or `ppo` (prompts; one epoch of rollouts of a global
-batch of 4, MAX_STEPS unused). Every rank writes its losses and its trainable weights.
+STAGE is `sft` (instruction rows), `reward` or `dpo` (preference pairs) or `ppo` (prompts; one epoch of rollouts of
+a global batch of 4, MAX_STEPS unused). Every rank writes its losses and its trainable weights.
 """
 
 import json
@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
+from lit_ft.dpo import DPOModule
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.optim import OptimSpec
 from lit_ft.resume import AtomicCheckpointIO
@@ -23,7 +24,8 @@ from lit_ft.reward import RewardModule
 from lit_ft.sft import SFTModule
 
 # stage -> (data module, LightningModule); both take the same arguments.
-STAGES = {"sft": (InstructionDataModule, SFTModule), "reward": (PreferenceDataModule, RewardModule)}
+STAGES = {"sft": (InstructionDataModule, SFTModule), "reward": (PreferenceDataModule, RewardModule),
+          "dpo": (PreferenceDataModule, DPOModule)}
 
 
 class LocalLosses(L.Callback):

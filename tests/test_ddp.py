@@ -1,4 +1,4 @@
-"""SFT and reward modelling under DDP with two CPU processes (gloo): the same losses and weights as one process on
+"""SFT, reward modelling and DPO under DDP with two CPU processes (gloo): the same losses and weights as one process on
 the same global batch, one checkpoint writer, and resume."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _reward_rows(tokenizer) -> list[dict]:
 
 
 # stage and its 12 training rows (3 global batches of 4 an epoch).
-CASES = [("sft", _sft_rows), ("reward", _reward_rows)]
+CASES = [("sft", _sft_rows), ("reward", _reward_rows), ("dpo", _reward_rows)]
 # Final weights: Adam divides by sqrt(v) + 1e-8, so where a gradient is near 1e-8 the float noise of the all-reduce
 # (relative 1e-7) moves a single element's step by up to ~1e-4 (how much depends on the CPU's kernels); a wrong
 # gradient or batch moves every element by about the learning rate (1e-2) per step. Hence a loose bound on the
