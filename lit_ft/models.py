@@ -354,7 +354,7 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def check_lora(lora: LoraSpec, model=None) -> list[str]:
+def check_lora(lora: LoraSpec, model=None) -> list[str] | str:
     """Warn about the well-known bad practices; with the loaded `model`, return the resolved target names (an
     explicit name that matches none of its layers is a ConfigError, see `families.resolve_targets`)."""
     if lora.r > 64:
@@ -363,8 +363,11 @@ def check_lora(lora: LoraSpec, model=None) -> list[str]:
             "Dettmers et al. 2023)",
             stacklevel=2,
         )
-    if model is None:  # no model to resolve against: PEFT's own all-linear for the shortcut
-        return ["all-linear" if t in families.SHORTCUTS else t for t in lora.target_modules]
+    if model is None:  # no model to resolve against: PEFT's own all-linear for the shortcut (PEFT takes it only as
+        # the whole string, not inside a list; its all-linear also skips the LM head)
+        if any(t in families.SHORTCUTS for t in lora.target_modules):
+            return "all-linear"
+        return list(lora.target_modules)
     targets = families.resolve_targets(model, list(lora.target_modules))
     kinds = families.linear_layers(model)
     covered = [p for p in kinds if any(("." + p).endswith("." + t) or t.endswith("." + p) for t in targets)]

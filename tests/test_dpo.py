@@ -17,6 +17,8 @@ import lightning as L
 import pytest
 import torch
 
+from lit_ft import integrity
+
 from lit_ft.data.collate import PackedPreferenceCollator, PreferenceCollator
 from lit_ft.data.modules import PreferenceDataModule
 from lit_ft.data.records import load_records
@@ -270,6 +272,7 @@ def test_a_table_for_other_data_is_recomputed(dpo_runs, tmp_path):
     state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     state[REF_KEY]["train"]["digest"] = "0" * 64  # as if the training file had changed since
     state[REF_KEY]["train"]["logps"].zero_()
+    integrity.seal(state)  # a consistent checkpoint whose table is for other data (an unsealed edit is refused)
     torch.save(state, tmp_path / "other.ckpt")
     second, module, _ = dpo_runs.resume(tmp_path / "other.ckpt", tmp_path)
     assert module.precomputed == ["train"]
