@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from lit_ft import integrity
-
 from lit_ft.data.collate import PackedPreferenceCollator, PreferenceCollator
 from lit_ft.data.modules import PreferenceDataModule
 from lit_ft.data.records import load_records
