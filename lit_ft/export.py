@@ -30,6 +30,7 @@ MODULE_CLASSES = {
     "lit_ft.sft.SFTModule",
     "lit_ft.reward.RewardModule",
     "lit_ft.ppo.PPOModule",
+    "lit_ft.grpo.GRPOModule",
 }
 
 
