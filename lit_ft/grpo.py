@@ -23,14 +23,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, online, optim, roles, runs
-from lit_ft.callbacks import resolve_callable
 from lit_ft.errors import ConfigError
 from lit_ft.generation import SamplingSpec
 from lit_ft.grpo_spec import GRPOSpec
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
 from lit_ft.ppo_spec import Rollout
 from lit_ft.rl import clipped_policy_loss, group_advantages, masked_mean, overlong_penalty, zero_std_groups
 from lit_ft.validation import check_init
@@ -42,29 +41,29 @@ class GRPOModule(L.LightningModule):
     def __init__(
         self,
         base: ModelSpec = ModelSpec(),
-        lora: LoraSpec | None = LoraSpec(),
         sft_adapter: str | None = None,
-        reward_adapter: str | None = None,
+        lora: LoraSpec | None = LoraSpec(),
+        grpo: GRPOSpec = GRPOSpec(),
+        sampling: SamplingSpec = SamplingSpec(),
         reward_fn: str | None = None,
         reward_fn_weight: float = 1.0,
-        sampling: SamplingSpec = SamplingSpec(),
-        grpo: GRPOSpec = GRPOSpec(),
+        reward_adapter: str | None = None,
         optim: optim.OptimSpec = optim.OptimSpec(lr=1e-6, scheduler="constant", warmup_ratio=0.0),
         sample_table_every: int = 10,
     ):
         """
         Args:
             base: the frozen base model (dtype, quantization, gradient checkpointing).
-            lora: LoRA of a new policy when there is no SFT adapter.
             sft_adapter: SFT adapter directory: the policy starts from it and a frozen copy is the reference.
                 None: new LoRA policy, and the base without adapters is the reference.
-            reward_adapter: reward export directory (SEQ_CLS LoRA + `score` head [+ reward_normalization.json]).
+            lora: LoRA of a new policy when there is no SFT adapter.
+            grpo: advantage estimator, loss aggregation, clipping, KL, dynamic sampling, penalties.
+            sampling: rollout sampling (temperature also divides the logits of every log-prob).
             reward_fn: dotted path of `fn(prompts, responses, answers) -> list[float]` on decoded texts (a
                 verifiable reward: `lit_ft.tasks.correctness_reward`, `lit_ft.tasks.gsm8k_reward`), added to the
                 reward-model score times `reward_fn_weight`.
             reward_fn_weight: weight of `reward_fn` in the score.
-            sampling: rollout sampling (temperature also divides the logits of every log-prob).
-            grpo: advantage estimator, loss aggregation, clipping, KL, dynamic sampling, penalties.
+            reward_adapter: reward export directory (SEQ_CLS LoRA + `score` head [+ reward_normalization.json]).
             optim: optimizer and learning-rate schedule (stepped once per rollout; TRL's GRPO default lr is 1e-6
                 for full fine-tuning, LoRA wants about 100x that).
             sample_table_every: log a W&B table of prompts, responses and scores every this many rollouts (0: never).
@@ -72,24 +71,18 @@ class GRPOModule(L.LightningModule):
         check_init("model (GRPOModule)", GRPOModule, locals())
         super().__init__()
         self.save_hyperparameters()
-        if reward_adapter is None and reward_fn is None:
-            raise ConfigError("model: GRPOModule needs a reward: set model.reward_adapter and/or model.reward_fn")
-        base, lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
-        sampling, grpo = checkpointing.as_spec(SamplingSpec, sampling), checkpointing.as_spec(GRPOSpec, grpo)
-        if grpo.overlong_buffer is not None and grpo.overlong_buffer > sampling.max_new_tokens:
+        grpo = checkpointing.as_spec(GRPOSpec, grpo)
+        if grpo.overlong_buffer is not None and grpo.overlong_buffer > checkpointing.as_spec(SamplingSpec, sampling) \
+                .max_new_tokens:
             raise ConfigError(f"model.grpo.overlong_buffer={grpo.overlong_buffer}: expected at most "
-                              f"model.sampling.max_new_tokens={sampling.max_new_tokens}")
-        self.base, self.lora, self.sampling, self.grpo = base, lora, sampling, grpo
-        self.optim = checkpointing.as_spec(OptimSpec, optim)
-        self.sft_adapter, self.reward_adapter = sft_adapter or base.adapter, reward_adapter
-        self.reward_fn = resolve_callable(reward_fn) if reward_fn else None
-        self.reward_fn_weight, self.sample_table_every = reward_fn_weight, sample_table_every
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the trainable policy adapter only
-        self.model = self.roles = self.tokenizer = self.sampler = None
+                              "model.sampling.max_new_tokens")
+        online.init_stage(self, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim,
+                          sample_table_every)
+        self.grpo = grpo
+        if grpo.overlong_buffer is not None:
+            self.val_parts["overlong"] = MeanMetric()
         self.counters = {"rollouts": 0, "skipped_batches": 0, "skipped_minibatches": 0, "groups": 0,
                          "dropped_groups": 0}
-        online.validation_metrics(self, reward_adapter, reward_fn)  # held-out greedy responses: val/scores, parts
 
     # -- model ----------------------------------------------------------------------------------------------
 
@@ -135,7 +128,11 @@ class GRPOModule(L.LightningModule):
         online.log_samples(self, "train/completions", batch["prompts"], texts, scores)
         return None
 
-    rollout = online.rollout  # one response per prompt row (the decode engine), see lit_ft.online
+    # PPO's own functions (lit_ft.online): the rollout, held-out greedy validation, the optimizer and callbacks.
+    rollout = online.rollout
+    validation_step = online.validation_step
+    on_validation_epoch_start, on_validation_epoch_end = online.on_validation_epoch_start, online.on_validation_epoch_end
+    configure_optimizers, configure_callbacks = online.configure_optimizers, runs.configure_callbacks
 
     def score(self, batch: dict, ro: Rollout) -> tuple[Tensor, list[str], dict[str, Tensor]]:
         """Scores [B] as PPO's (reward model, reward callable, missing-EOS penalty) plus DAPO's overlong penalty."""
@@ -205,16 +202,7 @@ class GRPOModule(L.LightningModule):
         self.manual_backward(loss * scale)
         return {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in stats.items()}}
 
-    # -- validation, logging, optimizers ----------------------------------------------------------------------
-
-    validation_step = online.validation_step
-    on_validation_epoch_start = online.on_validation_epoch_start
-    on_validation_epoch_end = online.on_validation_epoch_end
-    configure_optimizers = online.configure_optimizers
-
-    # -- checkpoints and export -----------------------------------------------------------------------------
-
-    configure_callbacks = runs.configure_callbacks  # exact resume, resume rules, run lock, preemption
+    # -- checkpoints and export (validation and the optimizer: bound next to `rollout`) ----------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         online.save_checkpoint(self, checkpoint, "grpo_counters")

@@ -22,11 +22,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, metrics, optim, roles, rollout as decode, strategies
-from lit_ft.callbacks import log_table
+from lit_ft.callbacks import log_table, resolve_callable
 from lit_ft.errors import ConfigError
 from lit_ft.generation import SamplingSpec
 from lit_ft.guards import check_weights_finite
-from lit_ft.models import describe, eval_mode, load_tokenizer
+from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
+from lit_ft.optim import OptimSpec
 from lit_ft.ppo_spec import Rollout
 
 
@@ -54,6 +55,24 @@ def check_strategy(trainer, stage: str) -> None:
             f"({UNSUPPORTED_STRATEGIES[name]}); use configs/strategies/ddp.yaml, where each rank rolls out its "
             "own prompts, with a 4-bit base (model.base.quantization nf4) for large models"
         )
+
+
+def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim_spec,
+               sample_table_every) -> None:
+    """The `__init__` settings every online stage shares, as attributes (specs from dataclasses, or from the plain
+    dicts a checkpoint stores: `lit_ft.export`), manual optimization, the validation metrics, no model yet."""
+    if reward_adapter is None and reward_fn is None:
+        raise ValueError(f"{type(module).__name__} needs a reward: set reward_adapter and/or reward_fn")
+    module.base, module.lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
+    module.sampling, module.optim = checkpointing.as_spec(SamplingSpec, sampling), checkpointing.as_spec(OptimSpec,
+                                                                                                          optim_spec)
+    module.sft_adapter, module.reward_adapter = sft_adapter or module.base.adapter, reward_adapter
+    module.reward_fn = resolve_callable(reward_fn) if reward_fn else None
+    module.reward_fn_weight, module.sample_table_every = reward_fn_weight, sample_table_every
+    module.automatic_optimization = False
+    module.strict_loading = False  # checkpoints hold the trainable adapters (and PPO's value head) only
+    module.model = module.roles = module.tokenizer = module.sampler = None
+    validation_metrics(module, reward_adapter, reward_fn)  # held-out greedy responses: val/scores and its parts
 
 
 def validation_metrics(module, reward_adapter: str | None, reward_fn: str | None) -> None:

@@ -25,10 +25,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_ft import checkpointing, online, optim, roles, runs
-from lit_ft.callbacks import resolve_callable
 from lit_ft.errors import ConfigError
 from lit_ft.generation import SamplingSpec
-from lit_ft.optim import OptimSpec
 from lit_ft.models import LoraSpec, ModelSpec, eval_mode
 from lit_ft.online import repeat_prompts  # noqa: F401 (re-exported: the public name of PPO's k samples a prompt)
 from lit_ft.ppo_spec import PPOSpec, Rollout
@@ -74,25 +72,14 @@ class PPOModule(L.LightningModule):
         check_init("model (PPOModule)", PPOModule, locals())
         super().__init__()
         self.save_hyperparameters()
-        if reward_adapter is None and reward_fn is None:
-            raise ValueError("PPOModule needs a reward: set reward_adapter and/or reward_fn")
-        # Specs arrive as dataclasses (CLI, Python) or as the plain dicts a checkpoint stores (lit_ft.export).
-        base, lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
-        sampling, ppo = checkpointing.as_spec(SamplingSpec, sampling), checkpointing.as_spec(PPOSpec, ppo)
-        self.base, self.lora, self.sampling, self.ppo = base, lora, sampling, ppo
+        online.init_stage(self, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim,
+                          sample_table_every)
+        self.ppo = ppo = checkpointing.as_spec(PPOSpec, ppo)
         if ppo.samples_per_prompt < 1:
             raise ConfigError(f"model.ppo.samples_per_prompt: must be >= 1, got {ppo.samples_per_prompt}")
-        self.optim = checkpointing.as_spec(OptimSpec, optim)
-        self.sft_adapter = sft_adapter or base.adapter
-        self.reward_adapter, self.value_model = reward_adapter, value_model
-        self.reward_fn = resolve_callable(reward_fn) if reward_fn else None
-        self.reward_fn_weight, self.sample_table_every = reward_fn_weight, sample_table_every
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the trainable adapters and the value head only
-        self.model = self.roles = self.tokenizer = self.sampler = None
+        self.value_model = value_model
         self.kl_ctl = kl_controller(ppo.adaptive_kl, ppo.init_kl_coef, ppo.target, ppo.horizon)
         self.counters = {"rollouts": 0, "skipped_batches": 0, "skipped_minibatches": 0}
-        online.validation_metrics(self, reward_adapter, reward_fn)  # held-out greedy responses: val/scores, parts
 
     # -- model ----------------------------------------------------------------------------------------------
 
