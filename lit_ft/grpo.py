@@ -98,15 +98,11 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t0, g = time.perf_counter(), self.grpo
         # 1. Rollout: k responses a prompt, side by side (the policy adapter, the decode engine).
-        self.counters["rollouts"] += 1
-        batch = online.repeat_prompts(batch, g.samples_per_prompt)
-        ro = self.rollout(batch, self.sampling)
-        # 2. Score (reward callable and/or reward adapter, missing-EOS and overlong penalties).
-        scores, texts, parts = self.score(batch, ro)
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(scores).all()), all=True):
-            self.counters["skipped_batches"] += 1
-            self.log("train/skipped_batches", float(self.counters["skipped_batches"]))
+        # 2. Score (reward callable and/or reward adapter, missing-EOS and overlong penalties); skip non-finite.
+        got = online.sample_and_score(self, batch, g.samples_per_prompt, "train/skipped_batches")
+        if got is None:
             return None
+        batch, ro, scores, texts, parts = got
         # 3. One advantage a response from its group's scores; groups of equal scores are counted (and dropped).
         ro.advantages = self.advantages(scores)
         kept, group_stats = self.dynamic_sampling(ro, scores)

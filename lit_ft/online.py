@@ -110,6 +110,22 @@ def build_roles(module, value_model: str, disable_dropout: bool):
 # ---------------------------------------------------------------------------------------------- rollout, score
 
 
+def sample_and_score(module, batch: dict, k: int, skipped_key: str):
+    """Steps 1 and 2 of a training step: each prompt `k` times (side by side), the rollout with the policy, the
+    scores (`module.score`). Returns (batch, rollout, scores, texts, score parts), or None when a score is not
+    finite on some rank: then every rank skips the batch alike (the update's all-reduce needs all ranks), counted in
+    `counters["skipped_batches"]` and logged under `skipped_key`."""
+    module.counters["rollouts"] += 1
+    batch = repeat_prompts(batch, k)
+    ro = module.rollout(batch, module.sampling)
+    scores, texts, parts = module.score(batch, ro)
+    if not module.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(scores).all()), all=True):
+        module.counters["skipped_batches"] += 1
+        module.log(skipped_key, float(module.counters["skipped_batches"]))
+        return None
+    return batch, ro, scores, texts, parts
+
+
 @torch.no_grad()
 def rollout(module, batch: dict, sampling: SamplingSpec) -> Rollout:
     """Sample one response per prompt row; with `min_new_tokens`, the batch's length is drawn uniformly."""

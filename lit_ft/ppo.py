@@ -97,16 +97,12 @@ class PPOModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t0 = time.perf_counter()
         # 1. Rollout: sample with the policy adapter (eval mode, KV cache); tokens after EOS are masked out.
-        self.counters["rollouts"] += 1
-        batch = repeat_prompts(batch, self.ppo.samples_per_prompt)
-        ro = self.rollout(batch, self.sampling)
-        # 2. Score prompt+response (reward adapter at the last real token and/or the reward callable).
-        scores, texts, parts = self.score(batch, ro)
-        # Decided on every rank alike: under DDP the update's gradient all-reduce needs all ranks.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(scores).all()), all=True):
-            self.counters["skipped_batches"] += 1
-            self.log("ppo/skipped_batches", float(self.counters["skipped_batches"]))
+        # 2. Score prompt+response (reward adapter at the last real token and/or the reward callable); a batch
+        #    with a non-finite score is skipped on every rank alike.
+        got = online.sample_and_score(self, batch, self.ppo.samples_per_prompt, "ppo/skipped_batches")
+        if got is None:
             return None
+        batch, ro, scores, texts, parts = got
         # 3. No-grad passes: old log-probs (+entropy), reference log-probs, values; KL-shaped rewards.
         self.evaluate_rollout(ro)
         kl_coef = self.kl_ctl.value

@@ -166,3 +166,25 @@ def test_gsm8k_reward_reads_the_number_after_the_marks():
     responses = ["24 + 48 = 72\n#### 72", "#### 70 first, no: #### 72", "the answer is 72", "#### 71", "#### 72.0"]
     assert gsm8k_reward([""] * 5, responses, [reference] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert gsm8k_reward([""], ["#### 72"], [None]) == [0.0]
+
+
+def test_nan_scores_skip_the_batch(tiny_model_dir, tokenizer):
+    module = make_module(tiny_model_dir, reward_fn="tests.test_ppo.nan_reward")
+    module.configure_model()
+    before = params(module, ".policy.")
+    trainer(2).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert module.counters["skipped_batches"] == 2 and module.trainer.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in params(module, ".policy.").items())
+
+
+@pytest.mark.parametrize("advantage, aggregation, k", [("dr_grpo", "constant", 2), ("rloo", "sequence_mean", 3),
+                                                        ("reinforce_pp", "token_mean", 1)])
+def test_every_estimator_and_aggregation_updates_the_policy(tiny_model_dir, tokenizer, advantage, aggregation, k):
+    module = make_module(tiny_model_dir, reward_fn="tests.test_grpo.half_constant_reward",
+                         grpo=GRPOSpec(samples_per_prompt=k, advantage=advantage, loss_aggregation=aggregation,
+                                       mini_batch_size=8))
+    module.configure_model()
+    before = params(module, "lora_B")
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(before[n], p) for n, p in params(module, "lora_B").items())
