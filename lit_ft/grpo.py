@@ -48,7 +48,7 @@ class GRPOModule(L.LightningModule):
         reward_fn: str | None = None,
         reward_fn_weight: float = 1.0,
         reward_adapter: str | None = None,
-        optim: optim.OptimSpec = optim.OptimSpec(lr=1e-6, scheduler="constant", warmup_ratio=0.0),
+        optim: optim.OptimSpec = optim.OptimSpec(lr=1e-5, scheduler="constant", warmup_ratio=0.0),
         sample_table_every: int = 10,
     ):
         """
@@ -64,8 +64,8 @@ class GRPOModule(L.LightningModule):
                 reward-model score times `reward_fn_weight`.
             reward_fn_weight: weight of `reward_fn` in the score.
             reward_adapter: reward export directory (SEQ_CLS LoRA + `score` head [+ reward_normalization.json]).
-            optim: optimizer and learning-rate schedule (stepped once per rollout; TRL's GRPO default lr is 1e-6
-                for full fine-tuning, LoRA wants about 100x that).
+            optim: optimizer and learning-rate schedule (stepped once per rollout). TRL's GRPOConfig defaults to
+                lr 1e-6 for full fine-tuning; a LoRA policy takes 10-100x that (configs/grpo.yaml: 1e-4).
             sample_table_every: log a W&B table of prompts, responses and scores every this many rollouts (0: never).
         """
         check_init("model (GRPOModule)", GRPOModule, locals())
