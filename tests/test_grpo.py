@@ -188,3 +188,34 @@ def test_every_estimator_and_aggregation_updates_the_policy(tiny_model_dir, toke
     trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
     assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
     assert any(not torch.equal(before[n], p) for n, p in params(module, "lora_B").items())
+
+
+def test_count_scales_make_each_step_a_token_mean_over_minibatches_and_ranks():
+    """`online.count_scales` (the rule of guards.CountWeighting): summed over an optimizer step's minibatches and
+    averaged over ranks (as DDP's all-reduce does), the scaled minibatch means equal the mean over every token of
+    the step on every rank, with ragged token counts (early EOS) in each minibatch."""
+    from types import SimpleNamespace
+
+    from lit_ft.online import count_scales
+
+    tokens = {0: torch.tensor([8, 1, 5, 2, 7, 3]), 1: torch.tensor([2, 2, 8, 6, 1, 4])}  # rows' tokens, per rank
+    sums = {0: torch.tensor([4.0, -1.0, 2.5, 0.5, 3.0, 1.0]), 1: torch.tensor([1.0, 0.0, -2.0, 3.0, 0.5, 2.0])}
+    groups = [torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])]
+    ga = 2  # steps: minibatches {0, 1} and {2}
+
+    def per_step(rank):
+        t = torch.stack([tokens[rank][g].sum() for g in groups]).float()
+        return torch.zeros(2).index_add_(0, torch.tensor([0, 0, 1]), t)
+
+    scaled = {}
+    for rank, other in ((0, 1), (1, 0)):
+        trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+            reduce=lambda t, reduce_op, other=other: t + per_step(other)))
+        scales = count_scales(trainer, tokens[rank], groups, ga)
+        means = [sums[rank][g].sum() / tokens[rank][g].sum() for g in groups]  # each minibatch's token mean
+        scaled[rank] = [float(s * m) for s, m in zip(scales, means)]
+    for step, members in ((0, [0, 1]), (1, [2])):
+        ddp_mean = sum(scaled[r][j] for r in (0, 1) for j in members) / 2
+        rows = torch.cat([groups[j] for j in members])
+        want = sum(float(sums[r][rows].sum()) for r in (0, 1)) / sum(float(tokens[r][rows].sum()) for r in (0, 1))
+        assert ddp_mean == pytest.approx(want, rel=1e-6), step
