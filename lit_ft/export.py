@@ -31,6 +31,7 @@ MODULE_CLASSES = {
     "lit_ft.reward.RewardModule",
     "lit_ft.ppo.PPOModule",
     "lit_ft.dpo.DPOModule",
+    "lit_ft.grpo.GRPOModule",
 }
 
 

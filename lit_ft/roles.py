@@ -140,7 +140,7 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
             cfg.inference_mode = False
             model.add_adapter(VALUE, cfg)
         trainable.append(VALUE)
-    elif value_model != "shared_trunk":
+    elif value_model not in ("shared_trunk", "none"):  # none: critic-free stages (GRPO, RLOO)
         raise ConfigError(f"value_model must be 'adapter' or 'shared_trunk', got {value_model!r}")
     model.train()  # from_pretrained / load_adapter leave eval mode; passes pick their mode explicitly
     return model, trainable
