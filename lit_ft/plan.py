@@ -306,12 +306,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan_from_cli(args: list[str], budget="auto", target: str | None = None) -> Plan:
     """Parse `args` exactly as `fit` does (LitFTCLI, run=False; no logger is made) and estimate."""
+    import warnings
+
     import lightning as L
 
     from lit_ft.cli import LitFTCLI
 
-    cli = LitFTCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   run=False, args=[*args, "--trainer.logger", "false"], save_config_callback=None)
+    with warnings.catch_warnings():  # `args` given while sys.argv holds the same options (python -m lit_ft.plan)
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = LitFTCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       run=False, args=[*args, "--trainer.logger", "false"], save_config_callback=None)
     return estimate(cli.model, cli.datamodule, cli.trainer, budget=budget, target=target)
 
 

@@ -226,7 +226,8 @@ def _ppo(s, d, a, lora, mask):
     static = sp.engine in ("auto", "static") and s.target == "cuda"
     prefill = act.nograd_forward(d, rows_ro * P, a) + rows_ro * d.vocab * 4
     logits = mbs * R * d.vocab * a * (2 if sp.temperature != 1.0 else 1)  # [mbs, R, V] (and its /temperature)
-    chunks = 1024 * d.vocab * 4 * 3  # selective_log_softmax / entropy: fp32 chunks of 1024 rows
+    # selective_log_softmax / entropy: fp32 chunks of up to 1024 rows (the chunk, its log-softmax, a gradient)
+    chunks = min(1024, mbs * R) * d.vocab * 4 * 3
     nograd = act.nograd_forward(d, mbs * seq, a) + logits + chunks
     t = _trunk(s, d, mbs, seq, a, lora, mask)
     update = t["layers"] + logits + act.backward_working(d, mbs * seq, a) + t["recompute"] + chunks

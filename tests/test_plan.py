@@ -346,3 +346,64 @@ def test_json_output(tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["stage"] == "reward" and out["total"] <= out["budget"] and out["advice"] == []
     assert out["peak"] == sum(out["components"].values())
+
+
+# ---------------------------------------------------------------------------------------------- fit log, benchmark
+
+
+def test_memory_plan_log_at_the_start_of_a_fit(tiny_model_dir, tmp_path, caplog):
+    """One plan line at setup of a real (tiny, CPU) fit, the same figure `estimate` gives for its objects."""
+    import logging
+
+    import lightning as L
+
+    from lit_ft.data.modules import InstructionDataModule
+    from lit_ft.plan import MemoryPlanLog
+    from lit_ft.sft import SFTModule
+
+    module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4))
+    dm = InstructionDataModule(train_file="data/demo/sft_train.jsonl", tokenizer=tiny_model_dir, batch_size=2,
+                               max_length=64)
+    callback = MemoryPlanLog(budget="1GiB")
+    trainer = L.Trainer(max_steps=1, logger=False, accelerator="cpu", enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
+                        default_root_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, datamodule=dm)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan: peak")]
+    assert len(lines) == 1 and "of 1.00 GiB (fits)" in lines[0]
+    expected = plan.estimate(SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4)), dm, trainer,
+                             budget="1GiB", target="cpu")
+    assert callback.plan.peak == expected.peak
+    assert callback.measured is None  # measured only on CUDA
+
+
+def test_memory_plan_log_never_stops_a_fit(tmp_path):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lit_ft.plan import MemoryPlanLog
+
+    callback = MemoryPlanLog()
+    trainer = L.Trainer(max_steps=1, logger=False, accelerator="cpu", enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
+                        default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="memory plan: not available"):
+        trainer.fit(BoringModel())
+    assert callback.plan is None
+
+
+def test_plan_vs_measured_prints_the_plan_on_a_cpu(tiny_model_dir, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "plan_vs_measured.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_measured", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--config", "configs/sft.yaml", "--config", "configs/reward.yaml", "--steps", "2",
+                       "--model.base.name_or_path", tiny_model_dir]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["config"] for x in lines] == ["configs/sft.yaml", "configs/reward.yaml"]
+    for x in lines:
+        assert x["measured_peak"] is None and x["planned_peak"] == sum(x["components"].values()) > 0
