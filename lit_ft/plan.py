@@ -199,15 +199,12 @@ def _candidates(s: Settings):
     optimizer state)."""
     if s.stage == "ppo" and s.ppo is not None and s.ppo.mini_batch_size > 1:
         p = s.ppo
-        f = next((f for f in (2, 4, 8, 16, 32) if p.mini_batch_size // f <= 1), 32)
-        for k in (2, 4, 8, 16, 32):
-            mb = max(p.mini_batch_size // k, 1)
-            yield (f"PPO minibatch {p.mini_batch_size} -> {mb}, accumulation x{k}",
-                   ["--model.ppo.mini_batch_size", str(mb), "--model.ppo.gradient_accumulation_steps",
-                    str(p.gradient_accumulation_steps * k)],
-                   replace(s, ppo=replace(p, mini_batch_size=mb, gradient_accumulation_steps=p.gradient_accumulation_steps * k)),
-                   "microbatch")
-            if k >= f:
+        for k in (2, 4, 8, 16, 32, 64):
+            mb, ga = max(p.mini_batch_size // k, 1), p.gradient_accumulation_steps * k
+            yield (f"PPO minibatch {p.mini_batch_size} -> {mb}, gradient_accumulation_steps x{k}",
+                   ["--model.ppo.mini_batch_size", str(mb), "--model.ppo.gradient_accumulation_steps", str(ga)],
+                   replace(s, ppo=replace(p, mini_batch_size=mb, gradient_accumulation_steps=ga)), "microbatch")
+            if mb == 1:
                 break
     elif s.stage != "ppo" and s.batch_size > 1:
         for k in (2, 4, 8, 16, 32, 64):

@@ -125,14 +125,31 @@ def lora_shape(model, s, a: int, cast) -> act.LoraShape | None:
 # ---------------------------------------------------------------------------------------------- components
 
 
+_CACHE: dict[str, tuple] = {}  # the counted meta model of recent settings: advice re-plans only batch shapes
+
+
+def counted_model(s):
+    """(dims, weight dtype, counts, LoRA shape, notes) of the stage's meta model, cached by what decides them."""
+    key = repr((s.stage, s.base, s.lora, s.precision, s.sft_adapter, s.reward_adapter, s.value_model, s.target,
+                getattr(s.ppo, "disable_dropout", None)))
+    if key not in _CACHE:
+        config = pw.model_config(s.base)
+        dtype = pw.resolve_dtype_for(s.base, s.target)
+        cast, a = precision_dtypes(s.precision, dtype)
+        model, keep, notes, heads = build_meta(s, config, dtype)
+        counts = pw.count(model, s.base, keep, cast)
+        merged = sum(p.numel() for n, p in model.named_parameters() if ".base_layer." in n)
+        if len(_CACHE) > 16:
+            _CACHE.clear()
+        _CACHE[key] = (act.Dims.from_config(config), dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged)
+    dims, dtype, counts, shape, notes, heads, merged = _CACHE[key]
+    return dims, dtype, copy.deepcopy(counts), shape, list(notes), heads, merged
+
+
 def components(s):
     """(rows, off-peak rows, notes) of a stage's plan: [(component, bytes, how it is counted)]."""
-    config = pw.model_config(s.base)
-    dims = act.Dims.from_config(config)
-    dtype = pw.resolve_dtype_for(s.base, s.target)
+    dims, dtype, counts, shape, notes, heads, merged = counted_model(s)
     cast, a = precision_dtypes(s.precision, dtype)
-    model, keep, notes, heads = build_meta(s, config, dtype)
-    counts = pw.count(model, s.base, keep, cast)
     head_dtype = cast or torch.float32  # Lightning's *-true casts the fp32 heads too
     for numel, trainable in heads:
         nbytes = numel * head_dtype.itemsize
@@ -158,11 +175,10 @@ def components(s):
     else:
         rows.append(("optimizer state", opt, how.get(s.optim.optimizer, "2 x fp32 moments")))
     mask = 1 if s.target == "cuda" else None
-    stage_rows = {"sft": _sft, "dpo": _dpo, "reward": _reward, "ppo": _ppo}[s.stage](s, dims, a, lora_shape(model, s, a, cast), mask)
+    stage_rows = {"sft": _sft, "dpo": _dpo, "reward": _reward, "ppo": _ppo}[s.stage](s, dims, a, shape, mask)
     rows += stage_rows
     if s.stage == "ppo" and s.sampling is not None and s.sampling.merged and s.base.quantization == "none":
-        lora_wrapped = sum(p.numel() for n, p in model.named_parameters() if ".base_layer." in n)
-        rows.append(("merged rollout copy", lora_wrapped * (cast or dtype).itemsize,
+        rows.append(("merged rollout copy", merged * (cast or dtype).itemsize,
                      "sampling.merged: one copy of the LoRA-wrapped weights"))
     if s.stage == "dpo":
         notes.append("DPO: planned as SFT over the 2B chosen+rejected rows plus a no-grad reference pass")

@@ -158,24 +158,21 @@ def role_adapters(tiny_model_dir, tmp_path_factory):
     return str(root / "sft"), str(root / "reward")
 
 
-@pytest.mark.parametrize("quantization", QUANT)
-@pytest.mark.parametrize("roles_kind", ["sft+reward", "new-lora", "shared-trunk"])
-def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantization, roles_kind):
+def check_ppo_roles(model_dir, quantization, sft=None, reward=None, value_model="adapter"):
     from lit_ft import roles
     from lit_ft.generation import SamplingSpec
     from lit_ft.ppo_spec import PPOSpec
 
-    sft, reward = role_adapters if roles_kind == "sft+reward" else (None, None)
-    value_model = "shared_trunk" if roles_kind == "shared-trunk" else "adapter"
-    base, lora = ModelSpec(name_or_path=tiny_model_dir, quantization=quantization), LoraSpec(r=6)
+    base, lora = ModelSpec(name_or_path=model_dir, quantization=quantization), LoraSpec(r=6)
     export = roles.read_reward_export(reward) if reward else None
     model, trainable = roles.build_roles(base, lora, sft, export, value_model)
     roles.AdapterRoles(model, trainable)  # the requires_grad flags the fit uses
-    heads = [roles.value_head_from(export, 32)]
+    hidden = model.get_base_model().config.hidden_size
+    heads = [roles.value_head_from(export, hidden)]
     if export is not None:
-        heads.append(roles.linear_head(32, export.head_weight, export.head_bias, trainable=False))
+        heads.append(roles.linear_head(hidden, export.head_weight, export.head_bias, trainable=False))
     real = real_split(model, heads)
-    s = settings("ppo", tiny_model_dir, quantization, lora=lora, sampling=SamplingSpec(), ppo=PPOSpec(),
+    s = settings("ppo", model_dir, quantization, lora=lora, sampling=SamplingSpec(), ppo=PPOSpec(),
                  sft_adapter=sft, reward_adapter=reward, value_model=value_model)
     got = planned(s)
     assert got["base weights"] == real["base"]
@@ -185,12 +182,22 @@ def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantizat
     assert got["optimizer state"] == optimizer_state_bytes(trainable_params, "adamw")
 
 
+@pytest.mark.parametrize("quantization", QUANT)
+@pytest.mark.parametrize("roles_kind", ["sft+reward", "new-lora", "shared-trunk"])
+def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantization, roles_kind):
+    """Policy, frozen reference, frozen reward and trainable value adapters (and heads) on one base."""
+    sft, reward = role_adapters if roles_kind == "sft+reward" else (None, None)
+    check_ppo_roles(tiny_model_dir, quantization, sft, reward, "shared_trunk" if roles_kind == "shared-trunk" else "adapter")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", QUANT)
-def test_smollm2_every_stage(smollm2_dir, role_adapters, quantization):
-    """The bundled SmolLM2-135M (tied embeddings, 30 layers): SFT and reward against the real quantized models."""
+def test_smollm2_every_stage(smollm2_dir, quantization):
+    """The bundled SmolLM2-135M (tied embeddings, 30 layers): SFT, reward and PPO's roles (new policy and value
+    adapters) against the real quantized models."""
     for stage in ("sft", "reward"):
         check_stage(smollm2_dir, stage, quantization)
+    check_ppo_roles(smollm2_dir, quantization)
 
 
 # ---------------------------------------------------------------------------------------------- activations
