@@ -41,6 +41,8 @@ def build(config: str, overrides: list[str]):
 
 def measure(cli, steps: int) -> int:
     """Peak allocated bytes of `steps` steps of the config's fit on one GPU."""
+    import tempfile
+
     import lightning as L
     import torch
 
@@ -51,7 +53,8 @@ def measure(cli, steps: int) -> int:
     if type(cli.model).__name__ == "PPOModule":
         kwargs.pop("accumulate_grad_batches", None)
     trainer = L.Trainer(accelerator="cuda", devices=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, enable_progress_bar=False, **length, **kwargs)
+                        num_sanity_val_steps=0, enable_progress_bar=False, default_root_dir=tempfile.mkdtemp(),
+                        **length, **kwargs)
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(cli.model, datamodule=cli.datamodule)
     return torch.cuda.max_memory_allocated()

@@ -57,12 +57,13 @@ class LoraShape:
 
 
 def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, attn: str = "sdpa",
-                rows: int = 1, seq: int = 1, mask_bytes: int | None = None) -> dict[str, int]:
+                rows: int = 1, seq: int = 1, mask_bytes: int | None = None, masked: bool = False) -> dict[str, int]:
     """Bytes autograd keeps for the backward of ONE decoder layer over n = rows x seq tokens, by term.
 
     `grad_in`: the layer's input requires grad (false only for the first layer, whose input is the frozen
     embedding). `mask_bytes`: bytes per element of a LoRA dropout mask (CUDA's fused dropout keeps a bool mask:
-    1; None: the CPU keeps a mask in the dtype the dropout runs in).
+    1; None: the CPU keeps a mask in the dtype the dropout runs in). `masked`: rows carry padding or are packed,
+    so transformers passes sdpa a 4-D mask.
     """
     H, I, h, k, dh = d.hidden, d.intermediate, d.heads, d.kv_heads, d.head_dim
     t = lora.targets if lora else frozenset()
@@ -82,6 +83,11 @@ def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, 
         if attn == "eager":
             # Eager keeps q, the KV heads repeated to h, the fp32 softmax [rows, h, seq, seq] and its cast.
             out["attention"] = 3 * n * h * dh * a + rows * h * seq * seq * (4 + a)
+        elif attn == "sdpa" and masked:
+            # With a mask, transformers repeats the KV heads to h for sdpa (no GQA kernel takes a mask), and
+            # torch turns the bool mask into an additive one in the activation dtype, per call, which the
+            # memory-efficient kernel keeps for its backward: [rows, 1, seq, seq] a layer.
+            out["attention"] = 4 * n * h * dh * a + n * h * 4 + rows * seq * seq * a
         else:
             out["attention"] = 2 * n * h * dh * a + 2 * n * k * dh * a + n * h * 4
     # SwiGLU down(silu(gate(x)) * up(x)): silu keeps its input, the product keeps both factors: 3 x [n, I].
@@ -118,12 +124,10 @@ def rope_saved(d: Dims, pos_rows: int, seq: int, a: int) -> int:
 
 
 def attention_mask_bytes(rows: int, seq: int, a: int, attn: str, masked: bool) -> int:
-    """The 4-D mask transformers builds once per forward for padded or packed rows (sdpa: bool [rows, 1, seq,
-    seq]; eager: additive, in the activation dtype), kept by attention for the backward. Flash attention takes
-    the padding as sequence lengths and needs none."""
-    if not masked or attn.startswith("flash"):
-        return 0
-    return rows * seq * seq * (1 if attn != "eager" else a)
+    """Eager attention's additive 4-D mask [rows, 1, seq, seq] in the activation dtype, built once per forward for
+    padded or packed rows and shared by every layer (sdpa's per-layer copy is a layer term; flash attention takes
+    the padding as sequence lengths and needs none)."""
+    return rows * seq * seq * a if masked and attn == "eager" else 0
 
 
 def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, checkpointing: bool,
@@ -131,8 +135,8 @@ def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, ch
     """Saved bytes of the whole decoder over [rows, seq] (the layers, RoPE, the final norm, the mask), and the
     extra of recomputing one layer in the backward under gradient checkpointing."""
     n = rows * seq
-    first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes).values())
-    other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes).values())
+    first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes, masked).values())
+    other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes, masked).values())
     shared = rope_saved(d, pos_rows, seq, a) + attention_mask_bytes(rows, seq, a, attn, masked)
     final_norm = n * d.hidden * 4 + n * 4  # the final RMSNorm's fp32 input and rsqrt
     if checkpointing:

@@ -10,6 +10,7 @@ figure here against the tensors of the real model, byte for byte.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,12 @@ def model_config(spec: ModelSpec):
         if path is not None and path.suffix == ".json":
             if not path.is_file():
                 raise ConfigError(f"model.base.name_or_path: {path} does not exist")
-            return AutoConfig.from_pretrained(str(path.parent), trust_remote_code=spec.trust_remote_code) \
-                if path.name == "config.json" else AutoConfig.from_pretrained(str(path))
+            data = json.loads(path.read_text())
+            if "model_type" not in data:
+                raise ConfigError(f"model.base.name_or_path: {path} has no model_type (not a transformers config)")
+            return AutoConfig.for_model(data.pop("model_type"), **data)
         where, gguf = resolve_name(name)
-        local = Path(where).exists()
-        return AutoConfig.from_pretrained(where, gguf_file=gguf, revision=spec.revision, local_files_only=not local or None,
+        return AutoConfig.from_pretrained(where, gguf_file=gguf, revision=spec.revision, local_files_only=True,
                                           trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.base.name_or_path: no config for '{name}' in the local files or cache "

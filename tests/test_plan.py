@@ -217,7 +217,7 @@ def saved_bytes(fn) -> int:
     return seen, out
 
 
-def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=20):
+def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=20, padded=False):
     from lit_ft.losses import causal_lm_loss
 
     model = build_model(ModelSpec(name_or_path=model_dir, dtype=dtype, gradient_checkpointing=checkpointing), lora)
@@ -225,11 +225,16 @@ def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=2
     inner = model.get_base_model()
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (rows, seq))
+    mask = torch.ones_like(ids)
+    if padded:  # right padding on two rows: transformers builds a 4-D mask
+        mask[1, seq - 5:] = 0
+        mask[2, seq // 2:] = 0
     labels = ids.clone()
     labels[:, :5] = -100
+    labels[mask == 0] = -100
 
     def forward():
-        h = inner.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+        h = inner.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         return causal_lm_loss(h, inner.get_output_embeddings().weight, labels, chunk_size=16)
 
     seen, (loss, n) = saved_bytes(forward)
@@ -249,6 +254,17 @@ def test_activation_terms_equal_what_autograd_saves(tiny_model_dir, dtype, lora)
     # CPU dropout keeps its mask in the dtype it runs in (mask_bytes None); no padding, so no 4-D mask.
     trunk = act.trunk_saved(d, rows, seq, a, shape, checkpointing=False)
     assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, a)
+
+
+def test_padded_rows_repeat_kv_heads_and_keep_a_mask_per_layer(tiny_model_dir):
+    """With padding, sdpa gets repeated KV heads and an additive mask converted per layer (both kept)."""
+    rows, seq = 3, 20
+    measured, n_loss, config = sft_forward_saved(tiny_model_dir, "float32", LoraSpec(), padded=True)
+    d = act.Dims.from_config(config)
+    shape = act.LoraShape(frozenset(LoraSpec().target_modules), 16, True, nbytes=4)
+    trunk = act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False, masked=True)
+    assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, 4)
+    assert trunk["layers"] > act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False)["layers"]
 
 
 def test_checkpointing_keeps_only_layer_inputs_outside(tiny_model_dir):
