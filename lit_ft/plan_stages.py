@@ -191,9 +191,21 @@ def _fmt(n: int) -> str:
     return fmt(n)
 
 
-def _trunk(s, d, rows, seq, a, lora, mask, grad=True):
-    return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing and grad, s.base.attn_implementation,
-                           mask, pos_rows=rows if s.packing else 1, masked=s.packing or rows > 1)
+def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
+    """The decoder's saved bytes; `positions`: position ids are passed (PPO's left-padded rows: a mask too)."""
+    return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, s.base.attn_implementation, mask,
+                           pos_rows=rows if s.packing or positions else 1, masked=s.packing or positions or rows > 1)
+
+
+def ppo_policy_saved(s, d, a, lora, mask) -> tuple[int, int]:
+    """(saved bytes, recompute extra) of the policy's forward over one minibatch (`PPOModule.policy_forward`): the
+    trunk over prompt + response, the response logits [mbs, R, V] in the activation dtype (the inputs of the
+    checkpointed log-softmax chunks; a temperature's quotient replaces them) and the int64 token index."""
+    p, sp = s.ppo, s.sampling
+    mbs, R = min(p.mini_batch_size, s.batch_size * p.samples_per_prompt), sp.max_new_tokens
+    t = _trunk(s, d, mbs, s.max_length + R, a, lora, mask, positions=True)
+    logits = mbs * R * d.vocab * a
+    return t["layers"] + logits + mbs * R * 8, t["recompute"]
 
 
 def _lm_rows(s, d, rows, a, lora, mask, label):
@@ -245,8 +257,8 @@ def _ppo(s, d, a, lora, mask):
     # selective_log_softmax / entropy: fp32 chunks of up to 1024 rows (the chunk, its log-softmax, a gradient)
     chunks = min(1024, mbs * R) * d.vocab * 4 * 3
     nograd = act.nograd_forward(d, mbs * seq, a) + logits + chunks
-    t = _trunk(s, d, mbs, seq, a, lora, mask)
-    update = t["layers"] + logits + act.backward_working(d, mbs * seq, a) + t["recompute"] + chunks
+    saved, recompute = ppo_policy_saved(s, d, a, lora, mask)
+    update = saved + act.backward_working(d, mbs * seq, a) + recompute + chunks
     buffers = rows_ro * seq * 8 * 3 + rows_ro * R * 4 * 8  # ids/mask/positions + 8 fp32 [rows, R] tensors
     rows = [("KV cache (rollout)", kv if static else 0,
              f"{rows_ro} rows x ({P} + {R}) positions" + (", static engine: resident" if static else " (hf: freed)")),

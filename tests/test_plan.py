@@ -267,6 +267,36 @@ def test_padded_rows_repeat_kv_heads_and_keep_a_mask_per_layer(tiny_model_dir):
     assert trunk["layers"] > act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False)["layers"]
 
 
+def test_ppo_policy_forward_terms_equal_what_autograd_saves(tiny_model_dir):
+    """PPO's update forward (`PPOModule.policy_forward` over a minibatch of left-padded prompts + responses, with
+    position ids, dropout off) saves what `plan_stages.ppo_policy_saved` says."""
+    from lit_ft import plan_stages
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.ppo import PPOModule
+    from lit_ft.ppo_spec import PPOSpec, Rollout
+
+    mbs, P, R = 4, 12, 6
+    lora, sampling, ppo = LoraSpec(r=6), SamplingSpec(max_new_tokens=R), PPOSpec(mini_batch_size=mbs)
+    module = PPOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=lora, sampling=sampling, ppo=ppo,
+                       reward_fn="lit_ft.tasks.correctness_reward")
+    module.configure_model()
+    module.model.train()
+    weights = {t.untyped_storage().data_ptr() for t in list(module.model.parameters()) + list(module.model.buffers())}
+    torch.manual_seed(0)
+    prompt_mask = torch.ones(mbs, P, dtype=torch.long)
+    prompt_mask[1, :3] = 0  # left padding
+    response_mask = torch.ones(mbs, R, dtype=torch.long)
+    response_mask[2, 4:] = 0  # ended early
+    ro = Rollout(torch.randint(0, 100, (mbs, P)), prompt_mask, torch.randint(0, 100, (mbs, R)), response_mask)
+    seen, (logprobs, _, _) = saved_bytes(lambda: module.policy_forward(ro))
+    measured = sum(b for k, b in seen.items() if k not in weights)
+    s = settings("ppo", tiny_model_dir, lora=lora, sampling=sampling, ppo=ppo, batch_size=mbs, max_length=P)
+    d = act.Dims.from_config(module.model.get_base_model().config)
+    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, dropout=False, nbytes=4)  # PPO: dropout off
+    assert measured == plan_stages.ppo_policy_saved(s, d, 4, shape, None)[0]
+    logprobs.sum().backward()
+
+
 def test_checkpointing_keeps_only_layer_inputs_outside(tiny_model_dir):
     """Under non-reentrant checkpointing the hooks see each checkpointed layer's input [n, H] (kept for the
     recompute) and what is saved outside the layers (the final norm, the loss gather), nothing from inside; RoPE's
