@@ -460,3 +460,35 @@ def test_plan_vs_measured_prints_the_plan_on_a_cpu(tiny_model_dir, capsys):
     assert [x["config"] for x in lines] == ["configs/sft.yaml", "configs/reward.yaml"]
     for x in lines:
         assert x["measured_peak"] is None and x["planned_peak"] == sum(x["components"].values()) > 0
+
+
+def test_hub_id_from_the_local_cache_only(tiny_model_dir, tmp_path):
+    """A hub id is read from the local hub cache (a snapshot holding only config.json), never downloaded."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(f"{tiny_model_dir}/config.json", snapshot / "config.json")
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
+    code = ("import sys\nfrom lit_ft.plan import Settings, estimate_settings\nfrom lit_ft.models import ModelSpec, LoraSpec\n"
+            "from lit_ft.optim import OptimSpec\nfrom lit_ft.errors import ConfigError\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        print(estimate_settings(Settings('sft', ModelSpec(name_or_path=name), LoraSpec(), OptimSpec(), 2, 16,"
+            " target='cpu'), budget=None).peak)\n"
+            "    except ConfigError as e:\n"
+            "        print('error:', e)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code, "someone/tiny", "someone/absent"], env=env, capture_output=True,
+                         text=True, cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found, absent = out.stdout.strip().splitlines()[-2:]
+    assert int(found) == estimate_settings(settings("sft", tiny_model_dir), budget=None).peak
+    assert absent.startswith("error: model.base.name_or_path: no config for 'someone/absent'")
