@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     try:
-        plan = plan_from_cli(rest, budget=ours.budget, target=ours.device)
+        budget = ours.budget if ours.budget == "auto" else parse_size(ours.budget)  # before the (slower) parse
+        plan = plan_from_cli(rest, budget=budget, target=ours.device)
     except Exception as e:
         cause = lit_ft_cause(e)
         if cause is None:

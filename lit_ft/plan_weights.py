@@ -49,6 +49,8 @@ def model_config(spec: ModelSpec):
         where, gguf = resolve_name(name)
         return AutoConfig.from_pretrained(where, gguf_file=gguf, revision=spec.revision, local_files_only=True,
                                           trust_remote_code=spec.trust_remote_code)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.base.name_or_path: no config for '{name}' in the local files or cache "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a directory "

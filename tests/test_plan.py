@@ -383,6 +383,9 @@ def test_bad_budget_and_missing_model_are_config_errors(tiny_model_dir, tmp_path
     assert plan.parse_size("24GiB") == 24 * 2**30 and plan.parse_size("1.5GB") == 1_500_000_000
     with pytest.raises(ConfigError, match="model.base.name_or_path"):
         estimate_settings(settings("sft", "nobody/no-such-model-here"), budget=None)
+    with pytest.raises(ConfigError, match="local path /no/such/dir does not exist"):
+        estimate_settings(settings("sft", "/no/such/dir"), budget=None)
+    assert plan.main(["--config", "configs/sft.yaml", "--budget", "lots"]) == 2
 
 
 def test_config_json_alone_is_enough(tiny_model_dir, tmp_path):
