@@ -175,7 +175,10 @@ def components(s):
     else:
         rows.append(("optimizer state", opt, how.get(s.optim.optimizer, "2 x fp32 moments")))
     mask = 1 if s.target == "cuda" else None
-    stage_rows = {"sft": _sft, "dpo": _dpo, "reward": _reward, "ppo": _ppo}[s.stage](s, dims, a, shape, mask)
+    if s.stage == "reward":
+        stage_rows = _reward(s, dims, a, shape, mask, (cast or dtype).itemsize)  # the score head: base dtype
+    else:
+        stage_rows = {"sft": _sft, "dpo": _dpo, "ppo": _ppo}[s.stage](s, dims, a, shape, mask)
     rows += stage_rows
     if s.stage == "ppo" and s.sampling is not None and s.sampling.merged and s.base.quantization == "none":
         rows.append(("merged rollout copy", merged * (cast or dtype).itemsize,
@@ -233,11 +236,19 @@ def _dpo(s, d, a, lora, mask):
     return rows
 
 
-def _reward(s, d, a, lora, mask):
+def reward_saved(s, d, a, lora, mask, head_bytes: int) -> tuple[int, int]:
+    """(saved bytes, recompute extra) of one reward forward (`scoring.sequence_scores` over the 2B chosen+rejected
+    rows, with position ids): the trunk, the row and column indices [2B] of the last-token gather (int64) and the
+    pooled states [2B, H] the trainable head keeps, in the head's dtype."""
+    rows = 2 * s.batch_size
+    t = _trunk(s, d, rows, s.max_length, a, lora, mask, positions=True)
+    return t["layers"] + 2 * rows * 8 + rows * d.hidden * head_bytes, t["recompute"]
+
+
+def _reward(s, d, a, lora, mask, head_bytes):
     rows, L = 2 * s.batch_size, s.max_length
-    t = _trunk(s, d, rows, L, a, lora, mask)
-    saved = t["layers"] + rows * d.hidden * 4  # + the pooled last-token states the head reads
-    peak = act.backward_working(d, rows * L, a) + t["recompute"]
+    saved, recompute = reward_saved(s, d, a, lora, mask, head_bytes)
+    peak = act.backward_working(d, rows * L, a) + recompute
     ev = 2 * (s.eval_batch_size or s.batch_size) * L
     return [("activations (saved)", saved, f"2B = {rows} rows (chosen + rejected) x {L} tokens"),
             ("activations (backward peak)", max(peak, act.nograd_forward(d, ev, a)),

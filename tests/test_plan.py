@@ -297,6 +297,30 @@ def test_ppo_policy_forward_terms_equal_what_autograd_saves(tiny_model_dir):
     logprobs.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reward_forward_terms_equal_what_autograd_saves(tiny_model_dir, dtype):
+    """The reward forward over 2B padded rows with position ids (`scoring.sequence_scores`) saves what
+    `plan_stages.reward_saved` says."""
+    from lit_ft import plan_stages, scoring
+
+    pairs, seq, lora = 2, 14, LoraSpec(r=4)
+    model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype=dtype), lora, "score")
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2 * pairs, seq))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[3, 5:] = 0
+    seen, scores = saved_bytes(lambda: scoring.sequence_scores(model, ids, mask))
+    measured = sum(b for k, b in seen.items() if k not in weights)
+    a = 4 if dtype == "float32" else 2
+    s = settings("reward", tiny_model_dir, lora=lora, batch_size=pairs, max_length=seq)
+    d = act.Dims.from_config(model.get_base_model().config)
+    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, True, nbytes=4, copies=a != 4)
+    assert measured == plan_stages.reward_saved(s, d, a, shape, None, head_bytes=a)[0]
+    scores.sum().backward()
+
+
 def test_checkpointing_keeps_only_layer_inputs_outside(tiny_model_dir):
     """Under non-reentrant checkpointing the hooks see each checkpointed layer's input [n, H] (kept for the
     recompute) and what is saved outside the layers (the final norm, the loss gather), nothing from inside; RoPE's
