@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo demo-sft demo-rm demo-ppo test test-fast clean
+.PHONY: install demo demo-sft demo-rm demo-ppo demo-dpo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ demo-rm: install
 
 demo-ppo: install
 	$(PY) -m lit_ft fit --config ppo
+
+demo-dpo: install
+	$(PY) train.py fit --config configs/dpo.yaml
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

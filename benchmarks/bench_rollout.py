@@ -69,8 +69,10 @@ def build_policy(w, model_dir: Path, device: str):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
-    if w.quant == "none" and device == "cuda":
-        model.to(torch.bfloat16)  # what precision bf16-true does to the LoRA weights
+    if w.quant == "none":
+        model.to(device)  # load_base places only quantized weights; Lightning moves the rest in a fit
+        if device == "cuda":
+            model.to(torch.bfloat16)  # what precision bf16-true does to the LoRA weights
     return model.eval()
 
 

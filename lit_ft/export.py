@@ -35,6 +35,8 @@ MODULE_CLASSES = {
     "lit_ft.sft.SFTModule",
     "lit_ft.reward.RewardModule",
     "lit_ft.ppo.PPOModule",
+    "lit_ft.dpo.DPOModule",
+    "lit_ft.grpo.GRPOModule",
 }
 
 
@@ -90,8 +92,12 @@ def init_arguments(cls: type, hparams: dict) -> dict:
     return {k: v for k, v in hparams.items() if k in params and k != "self"}
 
 
-def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32") -> Path:
-    """Merge LoRA weights into the base (`merge_and_unload`) and save a plain HF model + tokenizer."""
+def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32",
+          attn_implementation: str = "auto") -> Path:
+    """Merge LoRA weights into the base (`merge_and_unload`) and save a plain HF model + tokenizer.
+
+    `attn_implementation` is how the base loads for the merge (`auto`: what transformers picks for the family,
+    so families that refuse SDPA, such as Gemma 2, merge too); the saved model records none of it."""
     from peft import PeftModel
 
     adapter = Path(adapter)
@@ -103,6 +109,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
         print(f"note: trained on a {identity['quantization']} base; merging into a de-quantized {dtype} copy")
     check_adapter_base(adapter, spec.identity(), "--adapter")
     task = "score" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+    spec.attn_implementation = attn_implementation
     model = PeftModel.from_pretrained(load_base(spec, task), str(adapter)).merge_and_unload()
     tok = load_tokenizer(str(adapter)) if (adapter / "tokenizer_config.json").exists() else load_tokenizer(spec.name_or_path)
     with atomic_directory(out) as tmp:
@@ -124,6 +131,8 @@ def main(argv=None) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--attn-implementation", default="auto",
+                   choices=["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"])
     g = sub.add_parser("gguf", help="convert a merged model or an adapter to GGUF with llama.cpp's converter")
     g.add_argument("--src", required=True, help="a merged model directory (export merge) or an adapter directory")
     g.add_argument("--out", required=True, help="the .gguf file to write")
@@ -134,7 +143,7 @@ def main(argv=None) -> None:
     if args.command == "adapter":
         print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer))
     elif args.command == "merge":
-        print(merge(args.adapter, args.out, args.base, args.dtype))
+        print(merge(args.adapter, args.out, args.base, args.dtype, args.attn_implementation))
     else:
         from lit_ft.gguf_export import to_gguf
 

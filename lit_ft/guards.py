@@ -61,8 +61,9 @@ def newest_good_checkpoint(trainer) -> str:
 def check_weights_finite(module: L.LightningModule, optimizer) -> None:
     """Stop the run when an optimizer step made a trainable weight NaN/inf, before anything can be saved.
 
-    The gradient check cannot see this: the update itself can be non-finite with finite gradients (Adam with
-    `eps 0` on a gradient that is exactly 0, an overflowing lr). One device sync per step.
+    The gradient check cannot see this: the update itself can be non-finite with finite gradients (an lr that
+    overflows the weights' dtype; Adam with `eps 0` on a gradient that is exactly 0, which the settings table now
+    refuses). One device sync per step.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if integrity.trainable_finite(params):
@@ -70,7 +71,7 @@ def check_weights_finite(module: L.LightningModule, optimizer) -> None:
     trainer = module.trainer
     raise NonFiniteError(
         f"optimizer step {trainer.global_step} made trainable weights NaN/inf (the update itself, with finite "
-        "gradients: check model.optim.eps > 0 and lower model.optim.lr); stopped before anything was saved. The "
+        "gradients: lower model.optim.lr); stopped before anything was saved. The "
         f"newest checkpoint with finite weights: {newest_good_checkpoint(trainer)}"
     )
 
@@ -98,8 +99,10 @@ class CountWeighting:
         count = count.detach().float()
         self.window = count if self.window is None else self.window + count
         if self.unit is None:  # the same on every rank (the gradients are averaged over them): one collective, once
-            trainer = module.trainer
-            self.unit = max(float(trainer.strategy.reduce(count.clone(), reduce_op="sum")) / trainer.world_size, 1.0)
+            trainer = getattr(module, "_trainer", None)
+            total, world = (trainer.strategy.reduce(count.clone(), reduce_op="sum"), trainer.world_size) if trainer \
+                else (count, 1)
+            self.unit = max(float(total) / world, 1.0)
         return loss_sum / self.unit
 
     def rescale(self, module: L.LightningModule, optimizer) -> None:

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from lit_ft import families
 from lit_ft.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: F401 (re-exported)
 from lit_ft.errors import ConfigError
 from lit_ft.integrity import check_adapter_base, weights_fingerprint
@@ -22,7 +23,7 @@ from lit_ft.validation import check_spec
 
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_ATTENTION_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+"""Llama's projection names (the explicit list for Llama-style models; the default `all` finds them itself)."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,8 +37,11 @@ class LoraSpec:
     """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`)."""
     dropout: float = 0.05
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
-    """Module names to adapt; every attention and MLP projection by default (QLoRA, Dettmers et al. 2023)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all"])
+    """Layers to adapt: `all` = every linear projection inside the decoder layers, found in the loaded model
+    (attention and MLP, fused ones too; never the LM head, embeddings or MoE router: QLoRA, Dettmers et al.
+    2023), `attention` or `mlp` = one part of them, or explicit layer names (`[q_proj, v_proj]`), which must
+    exist in the model. The resolved names are logged and written to adapter_config.json."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train."""
     modules_to_save: list[str] | None = None
@@ -46,6 +50,11 @@ class LoraSpec:
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024)."""
+    experts: bool = False
+    """Mixture-of-experts models: also adapt the experts' fused weights (PEFT `target_parameters`: r x (in + out)
+    adapter weights per expert and weight, and each forward materialises every adapted expert weight's full-size
+    update, about the size of that layer's expert weights in the compute dtype). PEFT runs these without
+    dropout, so `dropout` is set to 0. The router is never adapted."""
 
     def __post_init__(self):
         check_spec(self, "model.lora")  # alpha 0 would leave every update at zero: lora_B stays 0 (no warning)
@@ -64,8 +73,9 @@ class ModelSpec:
     """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype of non-quantized layers; auto = bfloat16 on a CUDA device that supports it, else float32."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = "auto"
+    """Attention kernel: `auto` lets transformers pick what the family supports (SDPA where it can, eager for
+    families that refuse SDPA); packed SFT rows are checked to get per-sequence masks from the kernel."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
     quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
@@ -226,12 +236,9 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     where, gguf = resolve_name(spec.name_or_path)
     check_model_files(where, gguf)
     dtype = resolve_dtype(spec, device)
-    kwargs = dict(
-        dtype=dtype,
-        attn_implementation=spec.attn_implementation,
-        trust_remote_code=spec.trust_remote_code,
-        revision=spec.revision,
-    )
+    kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if spec.attn_implementation != "auto":
+        kwargs["attn_implementation"] = spec.attn_implementation
     if gguf:
         kwargs["gguf_file"] = gguf
     qcfg = quantization_config(spec)
@@ -239,16 +246,37 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
         kwargs["quantization_config"] = qcfg
         # Quantized weights are placed on load: on this process's own device, never spread over several.
         kwargs["device_map"] = {"": torch.device(device) if device is not None else _default_device()}
-    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    if task == "score":
+    # A family without a sequence-classification class scores with a `score` head on its causal LM (same export).
+    scorer = task == "score" and families.has_sequence_classifier(_config(where, gguf, spec))
+    cls = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    if scorer:
         kwargs["num_labels"] = 1
-    model = cls.from_pretrained(where, **kwargs)
+    try:
+        model = cls.from_pretrained(where, **kwargs)
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        raise ConfigError(f"model.attn_implementation={spec.attn_implementation}: {str(e).splitlines()[0]} "
+                          "(`auto` picks one the family supports)") from e
+    if task == "score" and not scorer:
+        families.add_score_head(model, where)
+    families.quantize_skipped_linears(model, qcfg)  # Falcon's FalconLinear, which transformers does not convert
+    families.check_quantized(model, spec.quantization)
     if task == "score" and model.config.pad_token_id is None:
         # The score is read at the last non-pad token, which transformers finds through pad_token_id.
         model.config.pad_token_id = model.config.eos_token_id
     if spec.quantization in ("nf4", "fp4"):
         disable_cpu_4bit_repacking(model)
+    if task == "causal_lm":  # after the repacking switch: this is an eval-mode pass
+        families.check_logits(model)  # lit_ft's logits (loss, log-probs) must be the model's own
     return model
+
+
+def _config(where: str, gguf: str | None, spec: ModelSpec):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(where, gguf_file=gguf, trust_remote_code=spec.trust_remote_code,
+                                      revision=spec.revision)
 
 
 def disable_cpu_4bit_repacking(model) -> int:
@@ -326,32 +354,49 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def check_lora(lora: LoraSpec) -> None:
-    """Warn about the well-known bad practices."""
+def check_lora(lora: LoraSpec, model=None) -> list[str] | str:
+    """Warn about the well-known bad practices; with the loaded `model`, return the resolved target names (an
+    explicit name that matches none of its layers is a ConfigError, see `families.resolve_targets`)."""
     if lora.r > 64:
         warnings.warn(
             f"model.lora.r={lora.r}: ranks far above 64 rarely beat r=16..64 and cost memory (Hu et al. 2021; "
             "Dettmers et al. 2023)",
             stacklevel=2,
         )
-    missing = _ATTENTION_PROJECTIONS - set(lora.target_modules)
-    if missing:
+    if model is None:  # no model to resolve against: PEFT's own all-linear for the shortcut (PEFT takes it only as
+        # the whole string, not inside a list; its all-linear also skips the LM head)
+        if any(t in families.SHORTCUTS for t in lora.target_modules):
+            return "all-linear"
+        return list(lora.target_modules)
+    targets = families.resolve_targets(model, list(lora.target_modules))
+    kinds = families.linear_layers(model)
+    covered = [p for p in kinds if any(("." + p).endswith("." + t) or t.endswith("." + p) for t in targets)]
+    if any(kinds[p] == "attention" for p in kinds) and not any(kinds[p] == "attention" for p in covered):
         warnings.warn(
-            f"model.lora.target_modules misses {sorted(missing)}: adapting every attention projection "
-            "(and the MLP) matches full fine-tuning far better (QLoRA, Dettmers et al. 2023)",
+            f"model.lora.target_modules={targets} adapts none of the attention projections: adapting every "
+            "projection (`all`) matches full fine-tuning far better (QLoRA, Dettmers et al. 2023)",
             stacklevel=2,
         )
+    return targets
 
 
-def lora_config(lora: LoraSpec, task: Literal["causal_lm", "score"]):
+def lora_config(lora: LoraSpec, task: Literal["causal_lm", "score"], model=None):
+    """PEFT's LoraConfig; with the loaded `model`, targets resolved against its layers (and MoE experts)."""
     from peft import LoraConfig, TaskType
 
-    check_lora(lora)
+    targets = check_lora(lora, model)
+    experts = families.expert_parameters(model) if lora.experts and model is not None else []
+    if lora.experts and not experts and model is not None:
+        raise ConfigError("model.lora.experts: this model has no fused MoE expert weights to adapt")
+    if experts and lora.dropout:
+        warnings.warn(f"model.lora.experts: PEFT adapts expert weights without dropout; dropout {lora.dropout} -> 0",
+                      stacklevel=2)
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        lora_dropout=0.0 if experts else lora.dropout,
+        target_modules=targets,
+        target_parameters=experts or None,
         bias=lora.bias,
         modules_to_save=lora.modules_to_save,
         use_rslora=lora.use_rslora,
@@ -395,8 +440,9 @@ def adapt(model, lora: LoraSpec, task: Literal["causal_lm", "score"]):
         tops = sorted({n.rsplit(".", 1)[-1] for n in names if "." not in n or n.count(".") <= 1})
         raise ConfigError(f"model.lora.modules_to_save: {missing} name no module of the model "
                           f"(its top-level modules: {tops})")
+    config = lora_config(lora, task, model)  # its own ConfigErrors (unmatched target names) pass unwrapped
     try:
-        return get_peft_model(model, lora_config(lora, task))
+        return get_peft_model(model, config)
     except (ValueError, TypeError, KeyError) as e:  # peft.utils.error.PeftError is a ValueError
         raise ConfigError(f"model.lora: PEFT refused the settings ({type(e).__name__}: {e})") from e
 
@@ -448,10 +494,12 @@ def describe(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else 0
-    return (
+    line = (
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
         f" || memory footprint: {footprint / 2**20:.1f} MiB"
     )
+    targets = families.describe_targets(model) if hasattr(model, "peft_config") else ""
+    return line + ("\n" + targets if targets else "")
 
 
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

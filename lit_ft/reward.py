@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_ft import checkpointing, metrics, optim, runs, scoring, strategies
+from lit_ft.errors import ConfigError
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
 from lit_ft.optim import OptimSpec
@@ -89,6 +90,8 @@ class RewardModule(L.LightningModule):
 
     def rewards(self, batch: dict) -> torch.Tensor:
         """Raw fp32 rewards [2B] of every row of the batch (chosen rows first), one forward pass."""
+        if "position_ids" in batch:  # a score is read at each row's last real token: rows must be padded
+            raise ConfigError("data.packing: the reward model reads padded batches; set data.packing false")
         return scoring.sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
 
     def pair_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

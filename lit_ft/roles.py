@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lit_ft import scoring
+from lit_ft import families, scoring
 from lit_ft.errors import ConfigError
 from lit_ft.integrity import check_adapter_base
 from lit_ft.losses import entropy_from_logits, selective_log_softmax
@@ -122,7 +122,7 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
         model = PeftModel.from_pretrained(model, sft_adapter, adapter_name=POLICY, is_trainable=True)
         model.load_adapter(sft_adapter, adapter_name=REF, is_trainable=False)
     elif lora is not None:
-        model = get_peft_model(model, lora_config(lora, "causal_lm"), adapter_name=POLICY)
+        model = get_peft_model(model, lora_config(lora, "causal_lm", model), adapter_name=POLICY)
     else:
         raise ConfigError("PPO needs a policy adapter: set sft_adapter or lora")
     trainable = [POLICY]
@@ -136,11 +136,11 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
             cfg.inference_mode = False
             _load_adapter_state(model, VALUE, cfg, reward.lora_state)
         else:
-            cfg = lora_config(lora, "causal_lm") if lora is not None else copy.deepcopy(model.peft_config[POLICY])
+            cfg = lora_config(lora, "causal_lm", model) if lora is not None else copy.deepcopy(model.peft_config[POLICY])
             cfg.inference_mode = False
             model.add_adapter(VALUE, cfg)
         trainable.append(VALUE)
-    elif value_model != "shared_trunk":
+    elif value_model not in ("shared_trunk", "none"):  # none: critic-free stages (GRPO, RLOO)
         raise ConfigError(f"value_model must be 'adapter' or 'shared_trunk', got {value_model!r}")
     model.train()  # from_pretrained / load_adapter leave eval mode; passes pick their mode explicitly
     return model, trainable
@@ -223,11 +223,10 @@ def response_hidden(hidden: Tensor, prompt_len: int) -> Tensor:
 def token_logprobs(model, hidden_r: Tensor, responses: Tensor, temperature: float, entropy: bool = False):
     """Log-probs [B, R] of the sampled tokens under logits / temperature (and the entropy [B, R] if asked).
 
-    Logits are made only for response positions; the fp32 softmax runs in row chunks (`selective_log_softmax`).
+    The logits are the model's own (`families.lm_logits`: head bias, logit scaling, soft-capping), as `generate`
+    samples from them; made only for response positions; the softmax runs in row chunks (`selective_log_softmax`).
     """
-    logits = model.get_base_model().get_output_embeddings()(hidden_r)
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = families.lm_logits(model, hidden_r, temperature)
     logprobs = selective_log_softmax(logits, responses)
     return logprobs, (entropy_from_logits(logits) if entropy else None)
 

@@ -141,7 +141,7 @@ class DecodeEngine:
         nxt = torch.where(self.finished, torch.full_like(nxt, self.pad), nxt)
         col = self.t.view(1)
         self.out.index_copy_(1, col, nxt[:, None])
-        self.out_logp.index_copy_(1, col, scaled.gather(1, nxt[:, None]) - lse)
+        self.out_logp.index_copy_(1, col, (scaled.gather(1, nxt[:, None]) - lse).float())  # autocast may lower it
         self.finished |= nxt == self.eos
         self.tok.copy_(nxt[:, None])
         self.pos.add_(1)
@@ -277,6 +277,18 @@ class DecodeEngine:
                 p.requires_grad_(flag)
 
 
+def autocast_mismatch(model, device) -> str | None:
+    """Why autocast rules the engine out, or None. Autocast over weights of another dtype (fp32 weights under
+    bf16-mixed) gives keys and values of mixed dtypes (RoPE promotes the keys back to fp32), which a static cache
+    written in place cannot hold (HF's dynamic cache concatenates and promotes); seen on the H200."""
+    dev = torch.device(device).type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    low = torch.get_autocast_dtype(dev)
+    return f"{low} autocast over {weights} weights" if weights is not None and weights != low else None
+
+
 class Sampler:
     """What a stage calls to sample responses: picks the decoder per `SamplingSpec.engine` and keeps the static
     engine (its cache and graphs) between calls. `sampler(input_ids, attention_mask, spec, max_new_tokens)` ->
@@ -295,7 +307,7 @@ class Sampler:
             raise ConfigError(f"sampling.engine: expected auto, static or hf, got {spec.engine!r}")
         if spec.check_every < 1:
             raise ConfigError(f"sampling.check_every: must be >= 1, got {spec.check_every}")
-        reason = engine_unsupported(self.model)
+        reason = engine_unsupported(self.model) or autocast_mismatch(self.model, device)
         if spec.engine == "static" and reason is not None:
             raise ConfigError(f"sampling.engine: static cannot serve this model ({reason}); use hf or auto")
         if spec.engine == "auto":

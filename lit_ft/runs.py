@@ -8,7 +8,8 @@
 - `Preemption`: on SIGTERM (spot preemption, SLURM's and Kubernetes' stop) or SLURM's requeue signal (SIGUSR1 by
   default, `#SBATCH --signal=USR1@90`) the run finishes the optimizer step it is in, writes `last.ckpt` atomically
   in its checkpoint directory and exits with code 128 + the signal number (143 for SIGTERM), so a scheduler sees a
-  preemption rather than success; `fit --ckpt_path last` then resumes exactly. It replaces Lightning's own SIGTERM
+  preemption rather than success; `fit --ckpt_path last` then resumes exactly. Under SLURM, SIGUSR1 also requeues
+  the job (`scontrol requeue`, as Lightning's SLURM handler does). It replaces Lightning's own SIGTERM
   handler while training, which stops after the current *micro-batch* (inside a gradient-accumulation window, losing
   the window's gradients) and exits with code 0.
 - `atomic_directory`: an export is written into a temporary sibling and renamed into place, so a kill during the
@@ -184,6 +185,23 @@ class Preempted(SystemExit):
         return self.message
 
 
+def _slurm_requeue() -> None:
+    """Under SLURM, put the job back in the queue (what SLURM's `--signal=USR1@...` warning is for), as Lightning's
+    own SLURM handler does; the requeued job resumes with `--ckpt_path last`."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return
+    import subprocess
+
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        rank_zero_info(f"scontrol requeue {job}: " + ("done" if result.returncode == 0 else result.stderr.strip()))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        rank_zero_warn(f"could not requeue SLURM job {job}: {e}")
+
+
 def last_checkpoint_path(trainer) -> str | None:
     """Where `--ckpt_path last` looks: `last.ckpt` in the first ModelCheckpoint's directory."""
     for cb in trainer.checkpoint_callbacks:
@@ -239,6 +257,8 @@ class Preemption(L.Callback):
             trainer.save_checkpoint(path)
         else:
             rank_zero_warn("preempted, but the Trainer has no ModelCheckpoint directory: nothing was saved")
+        if signum == getattr(signal, "SIGUSR1", None) and trainer.is_global_zero:
+            _slurm_requeue()
         error = Preempted(signum, path)
         rank_zero_info(error.message)
         self._restore()

@@ -66,7 +66,8 @@ def scores_from_hidden(hidden: Tensor, attention_mask: Tensor, head: nn.Module) 
 
 
 def decoder_and_head(model) -> tuple[nn.Module, nn.Module]:
-    """(decoder returning hidden states, score head) of an ``*ForSequenceClassification`` model, PEFT-wrapped or not."""
+    """(decoder returning hidden states, score head) of an ``*ForSequenceClassification`` model or a causal LM
+    with a ``score`` head (families without a sequence classifier), PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(inner, inner.base_model_prefix)
     head = getattr(inner, HEAD_NAME, None)
@@ -151,7 +152,8 @@ class RewardScorer:
     def __init__(self, model, tokenizer=None, gain: float = 1.0, bias: float = 0.0, max_length: int | None = None):
         """
         Args:
-            model: an ``*ForSequenceClassification`` model (PEFT-wrapped or merged) with a 1-output ``score`` head.
+            model: an ``*ForSequenceClassification`` model, or a causal LM with lit_ft's ``score`` head
+                (``lit_ft.families.add_score_head``), PEFT-wrapped or merged, with a 1-output ``score`` head.
             tokenizer: tokenizer for :meth:`score`; not needed for :meth:`score_ids`.
             gain: multiplier of the raw reward.
             bias: added after the gain.
@@ -175,26 +177,25 @@ class RewardScorer:
             max_length: see ``__init__``.
         """
         from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from lit_ft.models import ModelSpec, load_base  # deferred: scoring stays importable without a model
 
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").exists():
             raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a reward adapter directory")
         if not head_keys(adapter_dir):
             raise ValueError(f"{adapter_dir}/{ADAPTER_WEIGHTS} holds no '{HEAD_NAME}' head: it would score at random")
-        if base is not None:
-            from lit_ft.models import load_base  # deferred: only when the caller asks for a ModelSpec's options
+        if base is None:
+            # float32 from the adapter's base (the bundled default's local cache for the default); a family without
+            # a sequence classifier gets lit_ft's score head
+            from lit_ft.model_card import local_base
 
-            model = load_base(base, task="score", device=torch.device(device))
-            base_name = base.name_or_path
-        else:
-            from lit_ft.model_card import local_base  # the bundled default's cache for the default base
-
-            base_name = local_base(adapter_dir)
-            model = AutoModelForSequenceClassification.from_pretrained(base_name, num_labels=1, dtype=torch.float32)
-            model.to(device)
+            base = ModelSpec(name_or_path=local_base(adapter_dir), dtype="float32")
+        model = load_base(base, task="score", device=torch.device(device))
+        base_name = base.name_or_path
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-        if base is None or base.quantization == "none":  # k-bit weights were placed on load and cannot move
+        if base.quantization == "none":  # k-bit weights were placed on load and cannot move
             model.to(device)
         tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_name
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir is not None else None

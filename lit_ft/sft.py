@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from lit_ft import checkpointing, inference, metrics, runs, strategies
 from lit_ft import optim as optim_mod
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
+from lit_ft import families
 from lit_ft.losses import causal_lm_loss
 from lit_ft.neftune import add_neftune
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
@@ -97,6 +98,9 @@ class SFTModule(L.LightningModule):
         """(sum of token losses, number of loss tokens) for one batch."""
         decoder, head = self._decoder_and_head()
         packed = "position_ids" in batch
+        if packed and not getattr(self, "_packing_checked", False):
+            families.check_packing(self.model)  # once: does this attention derive masks from position_ids?
+            self._packing_checked = True
         hidden = decoder(
             input_ids=batch["input_ids"],
             # Packed rows: no padding mask; transformers derives the block-diagonal causal mask from the
@@ -105,7 +109,9 @@ class SFTModule(L.LightningModule):
             position_ids=batch.get("position_ids"),
             use_cache=False,
         ).last_hidden_state
-        return causal_lm_loss(hidden, head.weight, batch["labels"], chunk_size=self.loss_chunk_size)
+        # The model's own logits: its head bias and whatever it applies after the head (families.logit_transform).
+        return causal_lm_loss(hidden, head.weight, batch["labels"], chunk_size=self.loss_chunk_size,
+                              head_bias=head.bias, transform=families.logit_transform(self.model))
 
     # -- steps ----------------------------------------------------------------------------------------------
 

@@ -107,5 +107,30 @@ def answer_match(generation: str, reference: str) -> bool:
     return extract_answer(generation) == ref
 
 
+# ---------------------------------------------------------------------------------------------- GSM8K
+# GSM8K (Cobbe et al. 2021) solutions end with a line "#### <number>"; configs/recipes/grpo_gsm8k.yaml asks the
+# policy to end its answer the same way and rewards the number after its last "####".
+
+_GSM8K_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def gsm8k_number(text: str | None) -> str | None:
+    """The number after the last "####" of a text, commas and a trailing ".0" removed ("1,200.00" -> "1200")."""
+    found = _GSM8K_FINAL.findall(text or "")
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".") or "0"
+    return number
+
+
+def gsm8k_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """Verifiable GSM8K reward: 1 when the number after the response's last "####" equals the one after the
+    reference solution's "####", else 0 (no "####" in the response: 0)."""
+    return [float(a is not None and gsm8k_number(r) is not None and gsm8k_number(r) == gsm8k_number(a))
+            for r, a in zip(responses, answers)]
+
+
 if __name__ == "__main__":
     generate(sys.argv[1] if len(sys.argv) > 1 else "data/demo")

@@ -3,8 +3,8 @@ re-runs this file for rank 1, as it does `train.py` under `strategy: ddp`.
 
     python tests/ddp_run.py STAGE OUT MODEL_DIR TRAIN_FILE DEVICES MAX_STEPS [CKPT_PATH]
 
-STAGE is `sft` (instruction rows), `reward` (preference pairs) or `ppo` (prompts; one epoch of rollouts of a global
-batch of 4, MAX_STEPS unused). Every rank writes its losses and its trainable weights.
+STAGE is `sft` (instruction rows), `reward` or `dpo` (preference pairs), `ppo` or `grpo` (prompts; one epoch of
+rollouts of a global batch of 4, MAX_STEPS unused). Every rank writes its losses and its trainable weights.
 """
 
 import json
@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
+from lit_ft.dpo import DPOModule
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.optim import OptimSpec
 from lit_ft.resume import AtomicCheckpointIO
@@ -23,7 +24,8 @@ from lit_ft.reward import RewardModule
 from lit_ft.sft import SFTModule
 
 # stage -> (data module, LightningModule); both take the same arguments.
-STAGES = {"sft": (InstructionDataModule, SFTModule), "reward": (PreferenceDataModule, RewardModule)}
+STAGES = {"sft": (InstructionDataModule, SFTModule), "reward": (PreferenceDataModule, RewardModule),
+          "dpo": (PreferenceDataModule, DPOModule)}
 
 
 class LocalLosses(L.Callback):
@@ -31,8 +33,9 @@ class LocalLosses(L.Callback):
         self.losses = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not outputs:  # PPO (manual optimization returns nothing): the rollout's policy loss
-            self.losses[batch_idx + 1] = trainer.callback_metrics["ppo/loss/policy"].item()
+        if not outputs:  # PPO, GRPO (manual optimization returns nothing): the policy loss, the mean reward
+            key = "ppo/loss/policy" if "ppo/loss/policy" in trainer.callback_metrics else "train/reward"
+            self.losses[batch_idx + 1] = trainer.callback_metrics[key].item()
         else:  # this rank's mean loss and its weight (loss tokens; reward: 1, equal pairs per rank)
             weight = trainer.callback_metrics.get("train/loss_tokens", torch.tensor(1.0)).item()
             self.losses[trainer.global_step] = [trainer.callback_metrics["train/loss"].item(), weight]
@@ -57,6 +60,13 @@ def main(stage: str, out: str, model_dir: str, train_file: str, devices: int, ma
         from tests.test_resume import _ppo_module
 
         dm, module, length = PromptDataModule(**data, answer_field=None), _ppo_module(model_dir), dict(max_epochs=1)
+    elif stage == "grpo":
+        from tests.test_resume import _grpo_module
+
+        # Dynamic sampling with a reward that is constant for half the prompts: the ranks keep different numbers of
+        # rows (at times none), and still take the same optimizer steps.
+        module = _grpo_module(model_dir, "tests.test_grpo.half_constant_reward", 2, dynamic_sampling=True)
+        dm, length = PromptDataModule(**data, answer_field=None), dict(max_epochs=1)
     else:
         datamodule, module_class = STAGES[stage]
         dm = datamodule(**data)

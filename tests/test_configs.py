@@ -91,3 +91,23 @@ def test_fsdp_policy_wraps_decoder_layers(tiny_model_dir):
     wrapped = [type(m).__name__ for m in model.modules() if wrap_decoder_layers(m, recurse=False, nonwrapped_numel=0)]
     assert wrapped == ["LlamaDecoderLayer"] * model.config.num_hidden_layers
     assert wrap_decoder_layers(model, recurse=True, nonwrapped_numel=0)
+
+
+RECIPES = [c for c in CONFIGS if "/recipes/" in c]
+
+
+@pytest.mark.parametrize("config", RECIPES, ids=[Path(c).stem for c in RECIPES])
+def test_recipe_80gb_overrides_parse(config, tmp_path):
+    """Each family recipe is the 24 GB setting; its `# 80GB:` comment line holds the overrides for one 80 GB GPU,
+    which must parse too and change what they say (the 24 GB file itself is covered by test_config_instantiates)."""
+    lines = [ln for ln in Path(config).read_text().splitlines() if ln.startswith("# 80GB: ")]
+    assert len(lines) == 1, f"{config}: expected one '# 80GB: ' override line"
+    overrides = lines[0].removeprefix("# 80GB: ").split()
+    small = _cli(["--config", config, "--trainer.logger", "false"])
+    big = _cli(["--config", config, "--trainer.logger", "false", *overrides])
+    assert small.model.base.name_or_path == big.model.base.name_or_path
+    assert small.model.base.attn_implementation == "auto" and small.model.lora.target_modules == ["all"]
+    pairs = dict(zip(overrides[::2], overrides[1::2]))
+    if "--model.base.quantization" in pairs:
+        assert (small.model.base.quantization, big.model.base.quantization) == ("nf4", pairs["--model.base.quantization"])
+    assert big.datamodule.batch_size == int(pairs["--data.batch_size"]) > small.datamodule.batch_size

@@ -120,13 +120,16 @@ def test_preference_end_to_end(tiny_model_dir, tmp_path):
     dm.setup("fit")
     assert dm.train_report.dropped == {"chosen_equals_rejected": 1} and balanced(dm.train_report)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "margin"}
+    assert set(batch) == {"input_ids", "attention_mask", "margin", "labels", "line"}
     assert batch["input_ids"].shape[0] == 6 and batch["margin"].tolist() == [0.0, 0.0, 0.0]
     chosen, rejected = batch["input_ids"][:3], batch["input_ids"][3:]
     for c, r, mc, mr in zip(chosen, rejected, batch["attention_mask"][:3], batch["attention_mask"][3:]):
         tc, tr = dm.tokenizer.decode(c[mc.bool()]), dm.tokenizer.decode(r[mr.bool()])
         prompt = tc[: tc.rindex("Assistant:")]
         assert tr.startswith(prompt) and tc != tr and tc.endswith("<|im_end|>")
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):  # DPO's labels: the response after "Assistant:"
+        assert dm.tokenizer.decode(ids[labels != -100]).startswith(" ") and "Assistant" not in \
+            dm.tokenizer.decode(ids[labels != -100])
     assert len(list(dm.val_dataloader())) == 1
 
 

@@ -1,4 +1,4 @@
-"""SFT and reward modelling under DDP with two CPU processes (gloo): the same losses and weights as one process on
+"""SFT, reward modelling and DPO under DDP with two CPU processes (gloo): the same losses and weights as one process on
 the same global batch, one checkpoint writer, and resume."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _reward_rows(tokenizer) -> list[dict]:
 
 
 # stage and its 12 training rows (3 global batches of 4 an epoch).
-CASES = [("sft", _sft_rows), ("reward", _reward_rows)]
+CASES = [("sft", _sft_rows), ("reward", _reward_rows), ("dpo", _reward_rows)]
 # Final weights: Adam divides by sqrt(v) + 1e-8, so where a gradient is near 1e-8 the float noise of the all-reduce
 # (relative 1e-7) moves a single element's step by up to ~1e-4 (how much depends on the CPU's kernels); a wrong
 # gradient or batch moves every element by about the learning rate (1e-2) per step. Hence a loose bound on the
@@ -158,3 +158,21 @@ def test_average_gradients_is_the_mean_over_contributing_ranks(contributed, a, b
             torch.testing.assert_close(got["a"], torch.tensor(a), rtol=0, atol=0)
             assert got["b"].dtype == torch.bfloat16
             torch.testing.assert_close(got["b"], torch.tensor(b, dtype=torch.bfloat16), rtol=0, atol=0)
+
+
+def test_grpo_under_ddp_keeps_the_ranks_in_step(tiny_model_dir, tmp_path):
+    """GRPO with dynamic sampling: each rank drops its own groups of equal rewards, so the ranks train on different
+    numbers of rows (some on none); they still take the same optimizer steps and their weights stay equal."""
+    from tests.test_resume import PROMPTS
+
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    _run("grpo", tmp_path, tiny_model_dir, train, 2, 0)  # 8 prompts, 2 rollouts of 2 prompts x 2 samples per rank
+    rewards = [_losses(tmp_path, "run", r) for r in (0, 1)]
+    assert sorted(rewards[0]) == sorted(rewards[1]) == [1, 2]
+    assert rewards[0] != rewards[1], "both ranks rolled out the same prompts"
+    w0, w1 = (torch.load(tmp_path / f"run_adapter_rank{r}.pt") for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(".policy." in k for k in w0)
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+    assert any(w.abs().sum() > 0 for k, w in w0.items() if "lora_B" in k)  # new LoRA: B starts at 0 and moved

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_ft.losses import bradley_terry_loss, causal_lm_loss, entropy_from_logits, selective_log_softmax
+from lit_ft.losses import (
+    LogitTransform,
+    bradley_terry_loss,
+    causal_lm_loss,
+    entropy_from_logits,
+    selective_log_softmax,
+)
 
 B, T, H, V = 3, 7, 8, 11
 
@@ -171,3 +177,116 @@ def test_bradley_terry_gradient_pushes_rewards_apart():
     # d/dr_c of -log sigmoid(r_c - r_r) at 0 is -1/2, averaged over 2 pairs.
     torch.testing.assert_close(rc.grad, torch.full((2,), -0.25))
     torch.testing.assert_close(rr.grad, torch.full((2,), 0.25))
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(scale=0.125), LogitTransform(softcap=3.0),
+                                       LogitTransform(scale=2.0, softcap=5.0)])
+def test_causal_lm_loss_with_head_bias_and_transform_matches_hand_formula(transform):
+    """bias, then scale, then softcap * tanh(x / softcap), written out on the full logits (Gemma 2's soft-capping)."""
+    hidden, weight, labels = _inputs(seed=3)
+    bias = torch.randn(V, dtype=torch.float64).requires_grad_()
+    logits = (hidden @ weight.t() + bias) * transform.scale
+    if transform.softcap:
+        logits = transform.softcap * torch.tanh(logits / transform.softcap)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (hidden, weight, bias))
+    loss, n = causal_lm_loss(hidden, weight, labels, chunk_size=4, head_bias=bias, transform=transform)
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight, bias)), ref_grads):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(loss, causal_lm_loss(hidden, weight, labels)[0])  # the transform matters here
+
+
+def test_logit_transform_temperature_applies_last():
+    x = torch.tensor([[10.0, -4.0, 0.5]])
+    got = LogitTransform(scale=0.5, softcap=4.0, temperature=0.5).apply(x)
+    torch.testing.assert_close(got, 4.0 * torch.tanh(x * 0.5 / 4.0) / 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- preference losses
+# One pair, hand-made: policy log-prob sums chosen -2 (2 tokens), rejected -3 (4 tokens); reference -2.5 and -2.5.
+# DPO margin h = (-2 + 2.5) - (-3 + 2.5) = 1.0. With L(z) = log(1 + e^-z) = -log sigmoid(z) and z = beta * h:
+# cDPO = (1 - e) L(z) + e L(-z) = L(z) + e z (since L(-z) = L(z) + z); rDPO = ((1 - e) L(z) - e L(-z)) / (1 - 2e)
+# = L(z) - e z / (1 - 2e).
+
+
+def _pair(**kw):
+    from lit_ft.losses import preference_loss
+
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    args = dict(chosen_logps=t(-2.0), rejected_logps=t(-3.0), ref_chosen_logps=t(-2.5), ref_rejected_logps=t(-2.5),
+                chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([4]))
+    args.update(kw)
+    losses, rc, rr = preference_loss(**args)
+    return float(losses[0]), float(rc[0]), float(rr[0])
+
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize("loss_type, kw, expected", [
+    ("sigmoid", {}, _softplus(-0.1)),                                     # DPO: L(0.1) = 0.644397
+    ("sigmoid", {"label_smoothing": 0.2}, _softplus(-0.1) + 0.2 * 0.1),   # cDPO
+    ("robust", {"label_smoothing": 0.2}, _softplus(-0.1) - 0.2 * 0.1 / 0.6),  # rDPO
+    ("robust", {"label_smoothing": 0.0}, _softplus(-0.1)),                # rDPO without noise is DPO
+    ("hinge", {}, 1 - 0.1 * 1.0),                                         # SLiC: max(0, 1 - beta h)
+    ("hinge", {"beta": 2.0}, 0.0),
+    # IPO on mean log-probs: h = (-1 + 1.25) - (-0.75 + 0.625) = 0.375; (h - 1 / (2 * 0.1))^2
+    ("ipo", {}, (0.375 - 5.0) ** 2),
+    # SimPO: beta 2 * (-2/2 - -3/4) - gamma 0.5 = -1.0 -> L(-1) = log(1 + e)
+    ("simpo", {"beta": 2.0, "simpo_gamma": 0.5}, _softplus(1.0)),
+    ("sigmoid", {"rpo_alpha": 0.5}, _softplus(-0.1) + 0.5 * 2.0 / 2),    # RPO: + alpha * chosen mean NLL (1.0)
+])
+def test_preference_losses_hand_derived(loss_type, kw, expected):
+    loss, _, _ = _pair(loss_type=loss_type, **kw)
+    assert loss == pytest.approx(expected, abs=1e-12)
+
+
+def test_orpo_is_sft_loss_plus_odds_ratio_term():
+    def odds(mean_logp):  # p / (1 - p) of the geometric-mean token probability
+        p = math.exp(mean_logp)
+        return p / (1 - p)
+
+    ratio = math.log(odds(-2.0 / 2) / odds(-3.0 / 4))
+    expected = 1.0 + 0.1 * _softplus(-ratio)  # NLL of the chosen (mean over its 2 tokens) + lambda * -log sigmoid
+    loss, rc, rr = _pair(loss_type="orpo", ref_chosen_logps=None, ref_rejected_logps=None)
+    assert loss == pytest.approx(expected, abs=1e-12)
+    assert (rc, rr) == pytest.approx((0.1 * -1.0, 0.1 * -0.75))  # beta x mean log-prob
+
+
+def test_preference_rewards_are_beta_log_ratios():
+    _, rc, rr = _pair(loss_type="sigmoid")
+    assert (rc, rr) == pytest.approx((0.1 * 0.5, 0.1 * -0.5), abs=1e-12)
+    _, rc, rr = _pair(loss_type="simpo", beta=2.0)
+    assert (rc, rr) == pytest.approx((2.0 * -1.0, 2.0 * -0.75), abs=1e-12)
+
+
+def test_dpo_at_start_is_log2_with_zero_rewards_and_half_beta_gradient():
+    from lit_ft.losses import preference_loss
+
+    logps = torch.tensor([-5.0, -1.5, -40.0], dtype=torch.float64)
+    chosen, rejected = logps.clone().requires_grad_(), (logps - 3).requires_grad_()
+    n = torch.tensor([3, 1, 20])
+    for eps in (0.0, 0.3):
+        losses, rc, rr = preference_loss(chosen, rejected, logps, logps - 3, n, n, "sigmoid", 0.1, eps)
+        torch.testing.assert_close(losses, torch.full((3,), math.log(2), dtype=torch.float64))
+        assert rc.abs().max() == 0 and rr.abs().max() == 0
+    losses, _, _ = preference_loss(chosen, rejected, logps, logps - 3, n, n, "sigmoid", 0.1)
+    losses.mean().backward()
+    # d/dlp_w of -log sigmoid(beta h) at h = 0: -beta / 2, over the 3 pairs' mean; +beta / 2 for the rejected.
+    torch.testing.assert_close(chosen.grad, torch.full((3,), -0.1 / 2 / 3, dtype=torch.float64))
+    torch.testing.assert_close(rejected.grad, torch.full((3,), 0.1 / 2 / 3, dtype=torch.float64))
+
+
+def test_preference_loss_refuses_bad_settings():
+    from lit_ft.losses import log_odds, preference_loss
+
+    z = torch.zeros(1)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        preference_loss(z, z, z, z, z, z, "kto")
+    with pytest.raises(ValueError, match="needs the reference log-probs"):
+        preference_loss(z, z, None, None, z, z, "sigmoid")
+    with pytest.raises(ValueError, match=r"label_smoothing in \[0, 0.5\)"):
+        preference_loss(z, z, z, z, z, z, "robust", label_smoothing=0.5)
+    assert torch.isfinite(log_odds(torch.tensor([0.0, -1e-9, -50.0]))).all()  # p -> 1 and p -> 0 stay finite

@@ -55,16 +55,20 @@ def test_nf4_double_quant_and_compute_dtype(tiny_model_dir):
     assert layer.compute_dtype == torch.bfloat16
 
 
-def test_bad_practice_warnings():
+def test_bad_practice_warnings(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
     from lit_ft.models import check_lora
 
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.warns(UserWarning, match="ranks far above 64"):
         check_lora(LoraSpec(r=256))
-    with pytest.warns(UserWarning, match=r"misses \['k_proj', 'o_proj'\]"):
-        check_lora(LoraSpec(target_modules=["q_proj", "v_proj"]))
+    with pytest.warns(UserWarning, match="adapts none of the attention projections"):
+        check_lora(LoraSpec(target_modules=["gate_proj", "down_proj"]), model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_lora(LoraSpec())
+        assert sorted(check_lora(LoraSpec(), model)) == sorted(ALL_PROJECTIONS)
+        assert check_lora(LoraSpec(target_modules=["q_proj", "v_proj"]), model) == ["q_proj", "v_proj"]
 
 
 def test_loading_errors_name_the_setting(tmp_path):

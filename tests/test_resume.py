@@ -18,6 +18,7 @@ from lit_ft import integrity
 from lit_ft.callbacks import ExportAdapter
 from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
 from lit_ft.generation import SamplingSpec
+from lit_ft.grpo import GRPOModule, GRPOSpec
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.optim import OptimSpec
 from lit_ft.ppo import PPOModule, PPOSpec
@@ -57,6 +58,26 @@ def _ppo_module(model_dir) -> PPOModule:
                      sample_table_every=0)
 
 
+GRPO_METRICS = ("train/reward", "train/kl", "train/entropy", "train/loss", "train/completions/mean_length",
+                "train/clip_ratio/region_mean", "train/reward_std")
+
+
+def _grpo_metrics(trainer, outputs) -> torch.Tensor:
+    return torch.stack([trainer.callback_metrics[k].detach().clone() for k in GRPO_METRICS])
+
+
+def _grpo_module(model_dir, reward_fn="tests.test_ppo.uppercase_share", mini_batch_size=4,
+                 dynamic_sampling=False) -> GRPOModule:
+    # Random response lengths and sampling as PPO's; 2 samples a prompt, 2 iterations of 2 shuffled minibatches, a
+    # KL term, clip-higher and a schedule that depends on the step count.
+    return GRPOModule(base=ModelSpec(name_or_path=model_dir, dtype="float32"), lora=LORA, reward_fn=reward_fn,
+                      sampling=SamplingSpec(max_new_tokens=8, min_new_tokens=4),
+                      grpo=GRPOSpec(samples_per_prompt=2, num_iterations=2, mini_batch_size=mini_batch_size, beta=0.04,
+                                    dynamic_sampling=dynamic_sampling),
+                      optim=OptimSpec(lr=1e-3, weight_decay=0.01, warmup_ratio=0.25, scheduler="cosine"),
+                      sample_table_every=0)
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage under the kill-and-resume test: its data and module, and what is compared after every batch."""
@@ -93,6 +114,9 @@ STAGES = {
     # 8 prompts / batch 4 = 2 rollouts an epoch, 3 epochs; 2 PPO epochs x 2 minibatches = 4 optimizer steps a rollout.
     "ppo": Stage(PROMPTS, PromptDataModule, _ppo_module, _ppo_metrics, epochs=3,
                  kills={"mid_epoch": 3, "epoch_end": 4}, steps_per_batch=4, data_kwargs={"answer_field": None}),
+    # 4 prompts x 2 samples = 8 rows a rollout; 2 iterations x 2 minibatches of 4 = 4 optimizer steps a rollout.
+    "grpo": Stage(PROMPTS, PromptDataModule, _grpo_module, _grpo_metrics, epochs=3,
+                  kills={"mid_epoch": 3, "epoch_end": 4}, steps_per_batch=4, data_kwargs={"answer_field": None}),
 }
 KILLS = [(s, k) for s, stage in STAGES.items() for k in stage.kills]
 
@@ -125,6 +149,8 @@ def _final(module) -> dict[str, torch.Tensor]:
     if isinstance(module, PPOModule):
         state.update({f"counters/{k}": torch.tensor(v) for k, v in module.counters.items()})
         state["kl_coef"] = torch.tensor(module.kl_ctl.value, dtype=torch.float64)
+    if isinstance(module, GRPOModule):
+        state.update({f"counters/{k}": torch.tensor(v) for k, v in module.counters.items()})
     return state
 
 
@@ -238,7 +264,7 @@ def _without(state: dict, *path: str) -> None:
 # What repeats the interrupted run only because the checkpoint carries it: without it the batch right after the
 # resume differs (dropout masks, sampled responses, the KL penalty's coefficient).
 DROPS = [("sft", ("callbacks", "ResumeRNG")), ("reward", ("callbacks", "ResumeRNG")),
-         ("ppo", ("callbacks", "ResumeRNG")), ("ppo", ("kl_controller",))]
+         ("ppo", ("callbacks", "ResumeRNG")), ("ppo", ("kl_controller",)), ("grpo", ("callbacks", "ResumeRNG"))]
 
 
 @pytest.mark.parametrize("stage, path", DROPS, ids=[f"{s}-{p[-1]}" for s, p in DROPS])

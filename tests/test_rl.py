@@ -240,3 +240,102 @@ def test_negative_mean_kl_is_flagged():
     assert kl_looks_wrong(-0.5)
     assert not kl_looks_wrong(-0.05)  # sampling noise around a near-zero KL
     assert not kl_looks_wrong(torch.tensor(2.0))
+
+
+# -- critic-free estimators and losses (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO) -------------------------------
+
+from lit_ft.rl import aggregate_loss, clipped_policy_loss, group_advantages, overlong_penalty, zero_std_groups  # noqa: E402
+
+# Two prompts, k = 4: one answered right once in four, one always right (a group of equal rewards).
+SCORES = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_group_advantages_match_hand_derived_numbers():
+    # group 1: mean 1/4, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5; group 2: all equal -> 0 everywhere.
+    zeros = [0.0] * 4
+    expected = {
+        "grpo": [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001] + zeros,
+        "dr_grpo": [0.75, -0.25, -0.25, -0.25] + zeros,
+        "rloo": [1.0 - 0.0, 0.0 - 1 / 3, 0.0 - 1 / 3, 0.0 - 1 / 3] + zeros,  # r_i - mean of the other three
+    }
+    for name, want in expected.items():
+        torch.testing.assert_close(group_advantages(SCORES, 4, name), torch.tensor(want), rtol=0, atol=1e-6)
+    # REINFORCE++: the whole batch: mean 5/8, unbiased var (5 * 0.375^2 + 3 * 0.625^2) / 7 = 1.875 / 7.
+    std = math.sqrt(1.875 / 7)
+    want = [(r - 0.625) / (std + 1e-8) for r in SCORES.tolist()]
+    torch.testing.assert_close(group_advantages(SCORES, 4, "reinforce_pp"), torch.tensor(want), rtol=0, atol=1e-6)
+    # given global moments (every rank's batch), they replace the local ones
+    got = group_advantages(SCORES, 4, "reinforce_pp", (torch.tensor(0.5), torch.tensor(2.0)))
+    torch.testing.assert_close(got, (SCORES - 0.5) / (2.0 + 1e-8))
+
+
+def test_group_advantages_of_single_samples_and_bad_shapes():
+    one = torch.tensor([0.3, 0.9])
+    for name in ("grpo", "dr_grpo"):  # a group of one has no baseline beside it: no signal
+        assert group_advantages(one, 1, name).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="rloo needs at least 2"):
+        group_advantages(one, 1, "rloo")
+    assert group_advantages(torch.tensor([0.7]), 1, "reinforce_pp").tolist() == [0.0]
+    with pytest.raises(ValueError, match="do not split into groups of k=3"):
+        group_advantages(SCORES, 3, "grpo")
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        group_advantages(SCORES, 4, "ppo")
+
+
+def test_zero_std_groups():
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0])
+    assert zero_std_groups(scores, 2).tolist() == [False, True, True, True]
+    assert zero_std_groups(scores, 4).tolist() == [False, False]
+
+
+def test_aggregations_with_early_eos():
+    losses = torch.tensor([[1.0, 2.0, 30.0, 40.0], [5.0, 6.0, 7.0, 8.0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])  # row 0 ended at its second token: 30 and 40 carry nothing
+    assert float(aggregate_loss(losses, mask, "token_mean")) == pytest.approx(29 / 6)
+    assert float(aggregate_loss(losses, mask, "sequence_mean")) == pytest.approx((1.5 + 6.5) / 2)
+    assert float(aggregate_loss(losses, mask, "constant", max_len=4)) == pytest.approx(29 / 8)
+    with pytest.raises(ValueError, match="max_len"):
+        aggregate_loss(losses, mask, "constant")
+
+
+def _grad(logprob, old, adv, low, high):
+    lp = torch.tensor([[logprob]], requires_grad=True)
+    loss, stats = clipped_policy_loss(lp, torch.tensor([[old]]), torch.tensor([adv]), torch.ones(1, 1), low, high)
+    loss.backward()
+    return float(loss.detach()), float(lp.grad), stats
+
+
+def test_clip_higher_is_asymmetric():
+    r = math.log(1.25)  # ratio 1.25 after earlier updates
+    # A > 0: symmetric 0.2 clips at 1.2 (no gradient); clip-higher 0.28 lets the token rise further (gradient -A*ratio).
+    loss, grad, stats = _grad(r, 0.0, 1.0, 0.2, 0.2)
+    assert loss == pytest.approx(-1.2) and grad == 0.0 and float(stats["clip_ratio/high_mean"]) == 1.0
+    loss, grad, stats = _grad(r, 0.0, 1.0, 0.2, 0.28)
+    assert loss == pytest.approx(-1.25) and grad == pytest.approx(-1.25) and float(stats["clip_ratio/high_mean"]) == 0
+    # A < 0 at ratio 0.75: the low side clips at 0.8 either way (loss 0.8 A-weighted, no gradient).
+    loss, grad, stats = _grad(math.log(0.75), 0.0, -1.0, 0.2, 0.28)
+    assert loss == pytest.approx(0.8) and grad == 0.0
+    assert float(stats["clip_ratio/low_mean"]) == 1.0 and float(stats["clip_ratio/region_mean"]) == 1.0
+    # A < 0 at ratio 1.25: not clipped (the pessimistic max keeps the unclipped term).
+    loss, grad, _ = _grad(r, 0.0, -1.0, 0.2, 0.28)
+    assert loss == pytest.approx(1.25) and grad == pytest.approx(1.25)
+
+
+def test_kl_term_is_k3_times_beta():
+    lp = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.9]]))
+    mask = torch.tensor([[1, 0]])  # the second token is after EOS: no loss, no KL
+    k3 = (0.25 / 0.5 - 1) - math.log(0.25 / 0.5)
+    loss, stats = clipped_policy_loss(lp, lp.detach(), torch.tensor([0.0]), mask, 0.2, 0.28, ref_logprobs=ref,
+                                      beta=0.1)
+    assert float(loss) == pytest.approx(0.1 * k3) and float(stats["kl"]) == pytest.approx(k3)
+    loss.backward()
+    # d k3 / d logp = 1 - exp(ref - logp) = 1 - 0.5
+    assert lp.grad[0].tolist() == pytest.approx([0.1 * 0.5, 0.0])
+
+
+def test_overlong_penalty():
+    got = overlong_penalty(torch.tensor([3, 6, 8, 10]), max_len=10, buffer=4, factor=0.5)
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.5])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(torch.tensor([1]), max_len=4, buffer=5)

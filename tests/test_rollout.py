@@ -343,5 +343,5 @@ def test_auto_falls_back_to_hf_for_a_model_the_engine_cannot_serve(tiny_model_di
     assert sampler.resolve(SamplingSpec(), torch.device("cuda")) == "hf"
     with pytest.raises(ConfigError, match="sampling.engine: static cannot serve this model .attention implementation"):
         sampler.resolve(SamplingSpec(engine="static"), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="sampling.engine: expected auto, static or hf, got 'vllm'"):
+    with pytest.raises(ConfigError, match=r"model\.sampling\.engine='vllm': expected one of \['auto', 'static', 'hf'\]"):
         sampler.resolve(SamplingSpec(engine="vllm"), torch.device("cpu"))

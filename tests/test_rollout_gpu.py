@@ -61,8 +61,9 @@ def test_replayed_graph_follows_an_optimizer_update(tiny_model_dir, tiny_tokeniz
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_sampling_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, dtype):
-    """Sampled at temperature 0.7 with top-p, under bf16 autocast for the bf16 case (how bf16-mixed runs)."""
+    """Sampled at temperature 0.7 with top-p; bf16: bf16 weights under bf16 autocast (bf16-true with autocast)."""
     model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer, adapters=("policy", "value"))
+    model.to(dtype)
     model.set_adapter("value")  # the engine decodes with the policy whatever adapter is active
     engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -72,6 +73,21 @@ def test_captured_sampling_logprobs_equal_training_forward(tiny_model_dir, tiny_
     assert engine.graphs and rmask.sum() > 16
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(logp, ref * rmask, **tol)
+
+
+def test_auto_decodes_with_hf_under_autocast_over_fp32_weights(tiny_model_dir, tiny_tokenizer):
+    """fp32 weights under bf16 autocast (bf16-mixed): the static cache would get keys and values of mixed dtypes
+    (the engine's index_copy_ failed on the H200), so auto uses HF generate and static is refused by name."""
+    from lit_ft.errors import ConfigError
+    from lit_ft.rollout import Sampler
+
+    model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer, adapters=("policy",))
+    sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert sampler.resolve(SamplingSpec(engine="auto"), ids.device) == "hf"
+        with pytest.raises(ConfigError, match="bfloat16 autocast over torch.float32 weights"):
+            sampler.resolve(SamplingSpec(engine="static"), ids.device)
+    assert sampler.resolve(SamplingSpec(engine="auto"), ids.device) == "static"
 
 
 def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_tokenizer):

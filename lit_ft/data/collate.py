@@ -8,7 +8,13 @@ Batch keys (the modules rely on exactly these):
   ``seq_lens`` Long[num_seqs]; ``attention_mask`` is all ones (a model that sees ``position_ids`` and no mask
   can build the block-diagonal mask itself).
 - Preference: ``input_ids`` Long[2B, T] (chosen rows 0..B-1, then rejected rows B..2B-1), right-padded,
-  ``attention_mask``, ``margin`` Float[B] (0 where the data has none).
+  ``attention_mask``, ``margin`` Float[B] (0 where the data has none); from lit_ft's tokenized rows also ``labels``
+  Long[2B, T] (the input ids on response tokens, -100 on the prompt and padding) and ``line`` Long[B] (each pair's
+  source line, the key of DPO's precomputed reference log-probs).
+- Preference packed: ``input_ids``, ``labels`` and ``position_ids`` Long[R, L] holding the 2B sequences packed
+  padding-free (position ids restart at 0 for each), ``sequence_ids`` Long[R, L] (which of the 2B sequences each
+  token belongs to, chosen 0..B-1 then rejected B..2B-1; -1 on the padding tail), ``attention_mask`` all ones,
+  ``margin`` and ``line`` as above.
 - Prompt: ``input_ids`` Long[B, T] LEFT-padded, ``attention_mask``, ``prompts`` list[str], ``answers`` list[str | None].
 """
 
@@ -130,6 +136,10 @@ class PreferenceCollator:
         }
         if rows[0].get("group") is not None:
             batch["group"] = [r["group"] for r in rows]
+        if rows[0].get("prompt_length") is not None:  # tokenized by lit_ft: DPO's completion-only labels
+            batch["labels"] = pad_rows(preference_labels(rows), IGNORE_INDEX, length)
+        if rows[0].get("line") is not None:
+            batch["line"] = torch.tensor([int(r["line"]) for r in rows], dtype=torch.long)
         return batch
 
 
@@ -151,3 +161,74 @@ class PromptCollator:
             "prompts": [r["prompt"] for r in rows],
             "answers": [r.get("answer") for r in rows],
         }
+
+
+def preference_labels(rows: list[dict]) -> list[list[int]]:
+    """Completion-only labels of the 2B sequences of preference rows (chosen rows, then rejected): -100 on the
+    ``prompt_length`` shared prompt tokens, the token ids on the response (its closing EOS included)."""
+    out = []
+    for key in ("chosen_input_ids", "rejected_input_ids"):
+        for r in rows:
+            n = int(r["prompt_length"])
+            out.append([IGNORE_INDEX] * n + list(r[key][n:]))
+    return out
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into bins of ``capacity``: longest first, each into the first bin with room."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):  # stable: equal lengths keep their order
+        fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[fit].append(i)
+            room[fit] -= lengths[i]
+    return bins
+
+
+@dataclass
+class PackedPreferenceCollator:
+    """Padding-free preference batches for DPO: the 2B chosen and rejected sequences packed first-fit decreasing
+    into rows of at most ``max_length`` tokens, with restarting ``position_ids`` (no token attends across a
+    sequence boundary) and ``sequence_ids`` mapping every token back to its sequence. Each sequence starts with
+    prompt tokens (labels -100), so no label is predicted from the previous sequence of its row.
+
+    Pays when responses vary in length: a padded batch computes ``2B x longest`` token slots, this one about the
+    real tokens only. Same log-probs as :class:`PreferenceCollator` (tests/test_dpo.py).
+    """
+
+    pad_token_id: int
+    """Id for the tail that evens out packed rows of different lengths."""
+    max_length: int
+    """Longest packed row; at least the longest sequence (the data module's ``max_length``)."""
+    pad_to_multiple_of: int | None = None
+    """Round the packed length up to a multiple of this."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+        labels = preference_labels(rows)
+        bins = first_fit_decreasing([len(s) for s in seqs], self.max_length)
+        length = _padded_length(max(sum(len(seqs[i]) for i in b) for b in bins), self.pad_to_multiple_of)
+        ids, lab, pos, owner = [], [], [], []
+        for b in bins:
+            ids.append([t for i in b for t in seqs[i]])
+            lab.append([t for i in b for t in labels[i]])
+            pos.append([p for i in b for p in range(len(seqs[i]))])
+            owner.append([i for i in b for _ in seqs[i]])
+            pos[-1] += list(range(length - len(pos[-1])))  # the padding tail counts on from 0, one ignored sequence
+        batch = {
+            "input_ids": pad_rows(ids, self.pad_token_id, length),
+            "attention_mask": torch.ones(len(bins), length, dtype=torch.long),
+            "labels": pad_rows(lab, IGNORE_INDEX, length),
+            "position_ids": torch.tensor(pos, dtype=torch.long),
+            "sequence_ids": pad_rows(owner, -1, length),
+            "margin": torch.tensor([float(r["margin"]) if r.get("margin") is not None else 0.0 for r in rows]),
+        }
+        if rows[0].get("group") is not None:
+            batch["group"] = [r["group"] for r in rows]
+        if rows[0].get("line") is not None:
+            batch["line"] = torch.tensor([int(r["line"]) for r in rows], dtype=torch.long)
+        return batch

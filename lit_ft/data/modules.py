@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from lit_ft.data import splits
 from lit_ft.data.checks import bound_lengths, check_context, drop_control_tokens
-from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
+from lit_ft.data.collate import PackedPreferenceCollator, PackedSFTCollator, PreferenceCollator, PromptCollator, \
+    SFTCollator
 from lit_ft.data.readers import DataReport, SourceSpec, is_hub_name, read_rows
 from lit_ft.data.records import Kind, load_records
 from lit_ft.data.templates import TemplateName, check_template, render_prompt
@@ -307,6 +308,7 @@ class PreferenceDataModule(LightningDataModule):
         dedup: bool = True,
         skip_bad_rows: bool = False,
         group_field: str | None = None,
+        packing: bool = False,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         pad_to_multiple_of: int | None = None,
@@ -316,14 +318,17 @@ class PreferenceDataModule(LightningDataModule):
         source: SourceSpec = SourceSpec(),
         test_file: str | None = None,
     ):
-        """Preference pairs for Bradley-Terry reward modelling (batches hold chosen rows, then rejected rows).
+        """Preference pairs for Bradley-Terry reward modelling and DPO (batches hold chosen rows, then rejected
+        rows, with completion-only ``labels``; see lit_ft.data.collate).
 
         Args:
             train_file: training pairs: a .json/.jsonl/.csv/.parquet file or a hub dataset name.
             val_file: validation pairs; None carves ``val_split`` off the training data.
             val_split: fraction of the training pairs held out (seeded) when there is no ``val_file``.
-            format: input shape: prompt_chosen_rejected (strings), chat (chosen/rejected message lists),
-                hh (HH-RLHF full conversations without a prompt), or auto (detected from the first row).
+            format: input shape: prompt_chosen_rejected (strings), chat (chosen/rejected message lists: whole
+                conversations sharing all but the last turn, or, with a `prompt` message list, TRL's explicit-prompt
+                form where each is a list of one assistant message), hh (HH-RLHF full conversations without a
+                prompt), or auto (detected from the first row).
             template: how text is rendered: the tokenizer's chat template, the alpaca format, or plain text.
             system_prompt: system prompt for rows that have none.
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
@@ -333,6 +338,8 @@ class PreferenceDataModule(LightningDataModule):
             skip_bad_rows: drop and count malformed rows instead of failing on the first.
             group_field: a column naming each pair's subset (its source, its kind of error...): validation then
                 reports `val/accuracy/<subset>` beside the overall accuracy, as reward benchmarks do.
+            packing: DPO only: pack each batch's chosen and rejected sequences padding-free into rows of
+                ``max_length`` (`PackedPreferenceCollator`); the reward model needs padded rows and refuses it.
             batch_size: pairs per training batch (the model sees twice as many rows).
             eval_batch_size: pairs per validation batch; None = ``batch_size``.
             pad_to_multiple_of: round padded lengths up to a multiple of this.
@@ -355,6 +362,8 @@ class PreferenceDataModule(LightningDataModule):
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
         self.group_field, self.test_file = group_field, test_file
         self.test_dataset = None
+        self.group_field, self.packing = group_field, packing
+        self.val_records: list[dict] = []
         self.val_groups: list[str] = []
         """The subsets of the validation pairs, sorted (empty without `group_field`)."""
         self.tokenizer = None
@@ -385,6 +394,7 @@ class PreferenceDataModule(LightningDataModule):
             format=self.format,
             skip_bad_rows=self.skip_bad_rows, dedup=self.dedup, group_field=self.group_field)
         self.val_groups = sorted({r["group"] for r in val}) if self.group_field else []
+        self.val_records = val
         settings = dict(tokenizer=self.tokenizer, template=self.template, system_prompt=self.system_prompt,
                         max_length=self.max_length, overlong=self.overlong)
         self.train_dataset = tokenize_split(train, "preference", self.train_report, self.train_file,
@@ -392,12 +402,19 @@ class PreferenceDataModule(LightningDataModule):
         self.val_dataset = tokenize_split(val, "preference", self.val_report, self.val_file or self.train_file,
                                           self.num_proc, False, **settings)
 
-    def collator(self) -> PreferenceCollator:
+    def collator(self) -> PreferenceCollator | PackedPreferenceCollator:
+        if self.packing:
+            return PackedPreferenceCollator(self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
         return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def test_dataloader(self) -> DataLoader:
         return make_loader(self.test_dataset, self.eval_batch_size or self.batch_size, self.collator(),
                            self.num_workers, False, self.seed)
+
+    def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
+        """(rendered prompt text, chosen response) of the first ``n`` validation pairs (greedy-answer checks)."""
+        return [(render_prompt(r["prompt"], self.tokenizer, self.template, self.system_prompt), r["chosen"])
+                for r in self.val_records[:n]]
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train_dataset, self.batch_size, self.collator(), self.num_workers, True, self.seed)

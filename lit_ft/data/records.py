@@ -125,8 +125,28 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:end], chosen[end:], rejected[end:]
 
 
+def _explicit_prompt_pair(row: dict) -> tuple[list[dict], str, str]:
+    """TRL's explicit-prompt conversational pair: ``prompt`` a message list ending with a user turn (or a string),
+    ``chosen`` and ``rejected`` each a list of ONE assistant message (the response to that prompt)."""
+    p = row.get("prompt")
+    prompt = check_messages(p, "prompt", end="user") if isinstance(p, list) else _user(_text(row, "prompt"))
+    out = []
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        if not isinstance(value, list) or len(value) != 1:
+            n = len(value) if isinstance(value, list) else type(value).__name__
+            raise RowError(key, f"with a separate prompt, expected a list of one assistant message, got {n}")
+        m = value[0]
+        if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), str):
+            raise RowError(f"{key}[0]", f"expected {{'role': 'assistant', 'content': str}}, got {str(m)[:60]}")
+        out.append(m["content"])
+    return prompt, out[0], out[1]
+
+
 def _preference(row: dict, fmt: str) -> dict:
-    if fmt == "chat":
+    if fmt == "chat" and row.get("prompt") is not None:
+        prompt, c, r = _explicit_prompt_pair(row)
+    elif fmt == "chat":
         chosen = check_messages(row.get("chosen"), "chosen")
         rejected = check_messages(row.get("rejected"), "rejected")
         n = _common_prefix_len(chosen[:-1], rejected[:-1])

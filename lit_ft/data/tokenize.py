@@ -100,8 +100,9 @@ def preference_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
     overlong: Overlong, file: str,
 ) -> dict:
-    """Dataset.map function: a preference record to ``chosen_input_ids``, ``rejected_input_ids``, ``margin``,
-    ``group`` (None without a group field), ``drop``.
+    """Dataset.map function: a preference record to ``chosen_input_ids``, ``rejected_input_ids``,
+    ``prompt_length`` (tokens of the shared prompt at the start of both), ``margin``, ``group`` (None without a
+    group field), ``drop``.
 
     Both sides share the prompt tokens; ``truncate_prompt`` cuts the shared prompt from the left so both
     responses keep their ends (at least one prompt token must remain).
@@ -122,8 +123,9 @@ def preference_example(
             prompt = prompt[-keep:]
     if drop:
         prompt = chosen = rejected = []
+    # prompt_length: the shared prompt tokens, so DPO's labels can mask them (completion-only log-probs).
     return {"chosen_input_ids": prompt + chosen, "rejected_input_ids": prompt + rejected,
-            "margin": record.get("margin"), "group": record.get("group"), "drop": drop}
+            "prompt_length": len(prompt), "margin": record.get("margin"), "group": record.get("group"), "drop": drop}
 
 
 @blame_row

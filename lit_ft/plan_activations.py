@@ -1,0 +1,176 @@
+"""Activation memory of a decoder-only transformer with LoRA on a frozen base: what autograd saves, term by term.
+
+Pure arithmetic over the config's shapes (no torch model). The terms are those of a Llama-style layer
+(RMSNorm, grouped-query attention with RoPE, SwiGLU MLP) as transformers implements it, and were derived from the
+tensors autograd saves for one forward (`tests/test_plan.py` checks the sums byte for byte against
+`torch.autograd.graph.saved_tensors_hooks` on the CPU). Notation: ``n`` tokens in the batch (rows x length),
+``a`` bytes per activation element (2 under bf16, 4 in fp32), H hidden, I intermediate, h/k query/KV heads, d
+head dim, r LoRA rank, V vocabulary.
+
+Why a frozen base saves so little: ``y = x W^T`` needs ``x`` only for the gradient of ``W``. With ``W`` frozen
+(plain, 4-bit or 8-bit) only ``W`` is kept, and it is already counted as a weight; what is saved are the inputs of
+the trainable LoRA matrices and of the non-linear and attention ops on the path of the gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shapes of a decoder-only config."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> "Dims":
+        text = getattr(config, "text_config", None) or config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
+                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size)
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """Which projections carry a LoRA of rank r, whether its input dropout is on, and in what dtype it runs."""
+
+    targets: frozenset
+    r: int
+    dropout: bool
+    nbytes: int | None = None
+    """Bytes per element of what the LoRA path saves: PEFT keeps adapters in fp32 under a half base (its
+    `autocast_adapter_dtype`) and casts the input up (4); Lightning's `*-true` casts them to half (2); under
+    `*-mixed` autocast runs the LoRA matmuls in half (2). None: the activation dtype."""
+    copies: bool = False
+    """Each projection works on its own cast copy of the input (dtype differs, or autocast), so projections
+    sharing an input share nothing."""
+
+
+def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, attn: str = "sdpa",
+                rows: int = 1, seq: int = 1, mask_bytes: int | None = None, masked: bool = False) -> dict[str, int]:
+    """Bytes autograd keeps for the backward of ONE decoder layer over n = rows x seq tokens, by term.
+
+    `grad_in`: the layer's input requires grad (false only for the first layer, whose input is the frozen
+    embedding). `mask_bytes`: bytes per element of a LoRA dropout mask (CUDA's fused dropout keeps a bool mask:
+    1; None: the CPU keeps a mask in the dtype the dropout runs in). `masked`: rows carry padding or are packed,
+    so transformers passes sdpa a 4-D mask.
+    """
+    H, I, h, k, dh = d.hidden, d.intermediate, d.heads, d.kv_heads, d.head_dim
+    t = lora.targets if lora else frozenset()
+    m = 0 if mask_bytes is None else mask_bytes  # 0: the dtype the dropout runs in (the LoRA path's)
+    out: dict[str, int] = {}
+    # Gradient flow through the layer: an op saves its inputs only when its output needs a gradient.
+    g_qkv = grad_in or bool(t & set(QKV))
+    g_o = g_qkv or "o_proj" in t
+    g_mlp = g_o or bool(t & set(GATE_UP))
+    # RMSNorm (x * rsqrt(mean(x^2) + eps), in fp32): its fp32 input [n, H] and the rsqrt [n, 1]. The input norm
+    # needs them only when the input needs a gradient; the post-attention norm when attention does.
+    norm = n * H * 4 + n * 4
+    out["norms"] = norm * (int(grad_in) + int(g_o))
+    # Attention. sdpa/flash kernels keep q [n, h*d], k and v [n, k*d] (grouped-query: not repeated), the output
+    # [n, h*d] and the fp32 log-sum-exp [n, h]; RoPE's q*cos and k*cos keep only cos/sin (counted once per model).
+    if g_qkv:
+        if attn == "eager":
+            # Eager keeps q, the KV heads repeated to h, the fp32 softmax [rows, h, seq, seq] and its cast.
+            out["attention"] = 3 * n * h * dh * a + rows * h * seq * seq * (4 + a)
+        elif attn == "sdpa" and masked:
+            # With a mask, transformers repeats the KV heads to h for sdpa (no GQA kernel takes a mask), and
+            # torch turns the bool mask into an additive one in the activation dtype, per call, which the
+            # memory-efficient kernel keeps for its backward: [rows, 1, seq, seq] a layer.
+            out["attention"] = 4 * n * h * dh * a + n * h * 4 + rows * seq * seq * a
+        else:
+            out["attention"] = 2 * n * h * dh * a + 2 * n * k * dh * a + n * h * 4
+    # SwiGLU down(silu(gate(x)) * up(x)): silu keeps its input, the product keeps both factors: 3 x [n, I].
+    out["mlp"] = 3 * n * I * a if g_mlp else 0
+    out["lora"] = _lora_saved(d, n, a, t, lora, m, (grad_in, g_qkv, g_o, g_mlp), attn) if lora else 0
+    return out
+
+
+def _lora_saved(d: Dims, n: int, a: int, t, lora: LoraShape, m: int, grads: tuple, attn: str) -> int:
+    """Per adapted projection ``B(A(dropout(x)))``: B keeps A's output [n, r]; A keeps its input. With dropout
+    each projection has its own dropped copy [n, d_in] and (when x needs a gradient) its mask; without dropout,
+    projections that share an input keep that one tensor once (q/k/v the normed input, gate/up the
+    post-attention normed input, o the attention output that sdpa keeps already, down the SwiGLU product)."""
+    H, I = d.hidden, d.intermediate
+    a = lora.nbytes or a
+    m = m if m != 0 else a
+    total = 0
+    groups = [(QKV, H), (O, d.heads * d.head_dim), (GATE_UP, H), (DOWN, I)]
+    for (names, d_in), x_grad in zip(groups, grads):
+        hit = [p for p in names if p in t]
+        total += len(hit) * n * lora.r * a  # (the `scaling` factor is a Python float: a scalar, not a tensor)
+        if lora.dropout:
+            total += len(hit) * n * d_in * (a + (m if x_grad else 0))
+        elif hit and lora.copies:
+            total += len(hit) * n * d_in * a
+        elif hit and (names != O or attn == "eager"):  # eager keeps no attention output of its own
+            total += n * d_in * a
+    return total
+
+
+def rope_saved(d: Dims, pos_rows: int, seq: int, a: int) -> int:
+    """cos and sin [pos_rows, 1, seq, d], shared by every layer (pos_rows = 1 unless position ids are given)."""
+    return 2 * pos_rows * seq * d.head_dim * a
+
+
+def attention_mask_bytes(rows: int, seq: int, a: int, attn: str, masked: bool) -> int:
+    """Eager attention's additive 4-D mask [rows, 1, seq, seq] in the activation dtype, built once per forward for
+    padded or packed rows and shared by every layer (sdpa's per-layer copy is a layer term; flash attention takes
+    the padding as sequence lengths and needs none)."""
+    return rows * seq * seq * a if masked and attn == "eager" else 0
+
+
+def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, checkpointing: bool,
+                attn: str = "sdpa", mask_bytes: int | None = None, pos_rows: int = 1, masked: bool = False) -> dict:
+    """Saved bytes of the whole decoder over [rows, seq] (the layers, RoPE, the final norm, the mask), and the
+    extra of recomputing one layer in the backward under gradient checkpointing."""
+    n = rows * seq
+    first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes, masked).values())
+    other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes, masked).values())
+    shared = rope_saved(d, pos_rows, seq, a) + attention_mask_bytes(rows, seq, a, attn, masked)
+    final_norm = n * d.hidden * 4 + n * 4  # the final RMSNorm's fp32 input and rsqrt
+    if checkpointing:
+        # Non-reentrant checkpointing keeps each layer's inputs (the hidden states [n, H]) and nothing inside;
+        # the backward re-runs one layer at a time, so one layer's saved set exists again at the peak.
+        return {"layers": d.layers * n * d.hidden * a + shared + final_norm, "recompute": other}
+    return {"layers": first + (d.layers - 1) * other + shared + final_norm, "recompute": 0}
+
+
+def loss_saved(n_loss: int, rows: int, seq: int, hidden: int, a: int) -> int:
+    """`losses.causal_lm_loss` keeps the [rows, seq-1] boolean keep-mask of its gather, the gathered hidden states
+    [N, H] and the int64 targets [N] (the inputs of its checkpointed chunks; the logits are recomputed)."""
+    return rows * (seq - 1) + n_loss * hidden * a + n_loss * 8
+
+
+def loss_transient(n_loss: int, chunk: int, vocab: int, a: int) -> int:
+    """One chunk of the chunked cross-entropy in the backward: the recomputed logits in the activation dtype and
+    in fp32, the fp32 log-softmax cross_entropy keeps, and the fp32 gradients of both: c x V x (a + 3 x 4)."""
+    c = min(chunk, n_loss)
+    return c * vocab * (a + 12)
+
+
+def backward_working(d: Dims, n: int, a: int) -> int:
+    """Gradient buffers alive while one layer back-propagates: the incoming and outgoing gradient of the hidden
+    states [n, H] and the gradients of the two MLP factors [n, I] (an allowance, not an exact count)."""
+    return 2 * n * d.hidden * a + 2 * n * d.intermediate * a
+
+
+def nograd_forward(d: Dims, n: int, a: int) -> int:
+    """Peak of one layer's forward without autograd (rollout scoring, log-prob passes): the residual and normed
+    hidden states, q/k/v/attention output, and the MLP's gate, up and product."""
+    return n * (2 * d.hidden + 2 * d.heads * d.head_dim + 2 * d.kv_heads * d.head_dim + 3 * d.intermediate) * a
+
+
+def kv_cache(d: Dims, rows: int, positions: int, a: int) -> int:
+    """Keys and values of every layer for rows x positions tokens: 2 x layers x k x d per token."""
+    return 2 * d.layers * d.kv_heads * d.head_dim * rows * positions * a

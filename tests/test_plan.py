@@ -1,0 +1,521 @@
+"""The memory plan against the real thing: every weight, adapter, gradient and optimizer-state figure equals the
+bytes of the tensors of the really built model (tiny Llama; the bundled SmolLM2 in the slow tests), under no
+quantization, NF4 and int8, for SFT, reward and PPO's roles; the activation terms equal the bytes autograd saves
+for one forward on the CPU; the CLI reads the configs as `fit` does and its advice re-estimates correctly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lit_ft import plan
+from lit_ft import plan_activations as act
+from lit_ft.errors import ConfigError
+from lit_ft.models import LoraSpec, ModelSpec, build_model
+from lit_ft.optim import OptimSpec, make_optimizer
+from lit_ft.plan import Settings, estimate_settings
+
+QUANT = ["none", "nf4", "int8"]
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of distinct tensors (a tied weight, a shared quantization map, counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _quant_tensors(p):
+    """The tensors a bitsandbytes weight holds beside itself: 4-bit absmax, code, nested state; int8 row scales."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None:
+        yield from (qs.absmax, qs.code)
+        if qs.nested:
+            yield from (qs.offset, qs.state2.absmax, qs.state2.code)
+    if getattr(p, "SCB", None) is not None:
+        yield p.SCB
+
+
+def real_split(model, heads=()) -> dict[str, int]:
+    """Bytes of the real model: base (frozen weights, buffers, quantization constants), adapters, trainable."""
+    base, adapters, trainable = [], [], []
+    for n, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        is_adapter = "lora_" in n or "modules_to_save" in n
+        (adapters if is_adapter else base).append(p)
+        if getattr(p, "requires_grad", False) and isinstance(p, torch.nn.Parameter):
+            trainable.append(p)
+        base.extend(_quant_tensors(p))
+    for head in heads:
+        adapters.extend(head.parameters())
+        trainable.extend(q for q in head.parameters() if q.requires_grad)
+    return {"base": _tensor_bytes(base), "adapters": _tensor_bytes(adapters), "trainable": _tensor_bytes(trainable)}
+
+
+def settings(stage, model_dir, quantization="none", **kw) -> Settings:
+    base = ModelSpec(name_or_path=model_dir, quantization=quantization, **kw.pop("base", {}))
+    return Settings(stage=stage, base=base, lora=kw.pop("lora", LoraSpec()), optim=kw.pop("optim", OptimSpec()),
+                    batch_size=kw.pop("batch_size", 2), max_length=kw.pop("max_length", 16), target="cpu", **kw)
+
+
+def planned(s: Settings) -> dict[str, int]:
+    p = estimate_settings(s, budget=None)
+    return {c: b for c, b, _ in p.rows + p.off_peak}
+
+
+def optimizer_state_bytes(params, optimizer: str) -> int:
+    """Run one real optimizer step and sum its state tensors (the host-side `step` counters excluded)."""
+    params = list(params)
+    opt = make_optimizer([(str(i), p) for i, p in enumerate(params)], OptimSpec(optimizer=optimizer))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return _tensor_bytes(v for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v) and k != "step")
+
+
+# ---------------------------------------------------------------------------------------------- weights: SFT, reward
+
+
+def check_stage(model_dir, stage, quantization, lora=None):
+    lora = lora or LoraSpec()
+    task = "score" if stage == "reward" else "causal_lm"
+    model = build_model(ModelSpec(name_or_path=model_dir, quantization=quantization), lora, task)
+    real = real_split(model)
+    got = planned(settings(stage, model_dir, quantization, lora=lora))
+    assert got["base weights"] == real["base"]
+    assert got["adapters + heads"] == real["adapters"]
+    # Gradients: the real ones, after a backward through the model.
+    ids = torch.randint(0, 100, (2, 8))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    out.logits.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert got["gradients"] == _tensor_bytes(grads) == real["trainable"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert got["optimizer state"] == optimizer_state_bytes(trainable, "adamw")
+    return got
+
+
+@pytest.mark.parametrize("quantization", QUANT)
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_weights_adapters_gradients_optimizer_equal_the_real_tensors(tiny_model_dir, stage, quantization):
+    got = check_stage(tiny_model_dir, stage, quantization)
+    assert got["base weights"] > 0 and got["gradients"] > 0
+
+
+def test_partial_targets_and_modules_to_save(tiny_model_dir):
+    lora = LoraSpec(r=3, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"])
+    check_stage(tiny_model_dir, "sft", "nf4", lora)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_optimizer_state(tiny_model_dir, optimizer):
+    """8-bit state (1 byte + fp32 absmax per 256, fp32 below 4096 elements, shared maps) and 32-bit paged state,
+    against bitsandbytes' own step (a wide rank so some LoRA tensors pass the 4096-element threshold)."""
+    lora = LoraSpec(r=160)
+    model = build_model(ModelSpec(name_or_path=tiny_model_dir), lora, "causal_lm")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert any(p.numel() >= 4096 for p in trainable) and any(p.numel() < 4096 for p in trainable)
+    p = estimate_settings(settings("sft", tiny_model_dir, lora=lora, optim=OptimSpec(optimizer=optimizer)), budget=None)
+    rows = {c: b for c, b, _ in p.rows + p.off_peak}
+    key = "optimizer state (paged)" if optimizer.startswith("paged") else "optimizer state"
+    assert rows[key] == optimizer_state_bytes(trainable, optimizer)
+    if optimizer.startswith("paged"):
+        assert rows["optimizer state"] == 0, "paged state is unified memory: shown, not in the allocated peak"
+
+
+def test_half_precision_true_casts_weights_and_adapters(tiny_model_dir):
+    """Lightning's bf16-true casts every floating tensor to bf16: half the fp32 figures."""
+    full = planned(settings("sft", tiny_model_dir))
+    half = planned(settings("sft", tiny_model_dir, precision="bf16-true"))
+    assert half["adapters + heads"] * 2 == full["adapters + heads"]
+    assert half["base weights"] * 2 == full["base weights"]
+
+
+# ---------------------------------------------------------------------------------------------- weights: PPO roles
+
+
+@pytest.fixture(scope="module")
+def role_adapters(tiny_model_dir, tmp_path_factory):
+    """An SFT adapter (r=4, every projection) and a reward export (SEQ_CLS r=4 on q/v + score head)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lit_ft.models import ALL_PROJECTIONS
+
+    root = tmp_path_factory.mktemp("roles")
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS, task_type="CAUSAL_LM"))
+    rm = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    sft.save_pretrained(root / "sft")
+    rm.save_pretrained(root / "reward")
+    return str(root / "sft"), str(root / "reward")
+
+
+def check_ppo_roles(model_dir, quantization, sft=None, reward=None, value_model="adapter"):
+    from lit_ft import roles
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.ppo_spec import PPOSpec
+
+    base, lora = ModelSpec(name_or_path=model_dir, quantization=quantization), LoraSpec(r=6)
+    export = roles.read_reward_export(reward) if reward else None
+    model, trainable = roles.build_roles(base, lora, sft, export, value_model)
+    roles.AdapterRoles(model, trainable)  # the requires_grad flags the fit uses
+    hidden = model.get_base_model().config.hidden_size
+    heads = [roles.value_head_from(export, hidden)]
+    if export is not None:
+        heads.append(roles.linear_head(hidden, export.head_weight, export.head_bias, trainable=False))
+    real = real_split(model, heads)
+    s = settings("ppo", model_dir, quantization, lora=lora, sampling=SamplingSpec(), ppo=PPOSpec(),
+                 sft_adapter=sft, reward_adapter=reward, value_model=value_model)
+    got = planned(s)
+    assert got["base weights"] == real["base"]
+    assert got["adapters + heads"] == real["adapters"]
+    assert got["gradients"] == real["trainable"]
+    trainable_params = [p for p in model.parameters() if p.requires_grad] + list(heads[0].parameters())
+    assert got["optimizer state"] == optimizer_state_bytes(trainable_params, "adamw")
+
+
+@pytest.mark.parametrize("quantization", QUANT)
+@pytest.mark.parametrize("roles_kind", ["sft+reward", "new-lora", "shared-trunk"])
+def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantization, roles_kind):
+    """Policy, frozen reference, frozen reward and trainable value adapters (and heads) on one base."""
+    sft, reward = role_adapters if roles_kind == "sft+reward" else (None, None)
+    check_ppo_roles(tiny_model_dir, quantization, sft, reward, "shared_trunk" if roles_kind == "shared-trunk" else "adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", QUANT)
+def test_smollm2_every_stage(smollm2_dir, quantization):
+    """The bundled SmolLM2-135M (tied embeddings, 30 layers): SFT, reward and PPO's roles (new policy and value
+    adapters) against the real quantized models."""
+    for stage in ("sft", "reward"):
+        check_stage(smollm2_dir, stage, quantization)
+    check_ppo_roles(smollm2_dir, quantization)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves while `fn` runs (weights and buffers excluded: they are counted
+    as weights), through `saved_tensors_hooks`."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault((t.untyped_storage().data_ptr()), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return seen, out
+
+
+def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=20, padded=False):
+    from lit_ft.losses import causal_lm_loss
+
+    model = build_model(ModelSpec(name_or_path=model_dir, dtype=dtype, gradient_checkpointing=checkpointing), lora)
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    inner = model.get_base_model()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (rows, seq))
+    mask = torch.ones_like(ids)
+    if padded:  # right padding on two rows: transformers builds a 4-D mask
+        mask[1, seq - 5:] = 0
+        mask[2, seq // 2:] = 0
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[mask == 0] = -100
+
+    def forward():
+        h = inner.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return causal_lm_loss(h, inner.get_output_embeddings().weight, labels, chunk_size=16)
+
+    seen, (loss, n) = saved_bytes(forward)
+    loss.backward()  # the graph is a real one
+    return sum(b for k, b in seen.items() if k not in weights), int(n), inner.config
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lora", [LoraSpec(), LoraSpec(dropout=0.0), LoraSpec(r=5, target_modules=["v_proj", "up_proj"])],
+                         ids=["all-dropout", "all-no-dropout", "v-up"])
+def test_activation_terms_equal_what_autograd_saves(tiny_model_dir, dtype, lora):
+    rows, seq = 3, 20
+    measured, n_loss, config = sft_forward_saved(tiny_model_dir, dtype, lora, rows=rows, seq=seq)
+    d, a = act.Dims.from_config(config), torch.finfo(getattr(torch, dtype)).bits // 8
+    # PEFT keeps the adapters in fp32 under a bf16 base and casts each projection's input up (its own copy).
+    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, lora.dropout > 0, nbytes=4, copies=a != 4)
+    # CPU dropout keeps its mask in the dtype it runs in (mask_bytes None); no padding, so no 4-D mask.
+    trunk = act.trunk_saved(d, rows, seq, a, shape, checkpointing=False)
+    assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, a)
+
+
+def test_padded_rows_repeat_kv_heads_and_keep_a_mask_per_layer(tiny_model_dir):
+    """With padding, sdpa gets repeated KV heads and an additive mask converted per layer (both kept)."""
+    rows, seq = 3, 20
+    measured, n_loss, config = sft_forward_saved(tiny_model_dir, "float32", LoraSpec(), padded=True)
+    d = act.Dims.from_config(config)
+    shape = act.LoraShape(frozenset(LoraSpec().target_modules), 16, True, nbytes=4)
+    trunk = act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False, masked=True)
+    assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, 4)
+    assert trunk["layers"] > act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False)["layers"]
+
+
+def test_ppo_policy_forward_terms_equal_what_autograd_saves(tiny_model_dir):
+    """PPO's update forward (`PPOModule.policy_forward` over a minibatch of left-padded prompts + responses, with
+    position ids, dropout off) saves what `plan_stages.ppo_policy_saved` says."""
+    from lit_ft import plan_stages
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.ppo import PPOModule
+    from lit_ft.ppo_spec import PPOSpec, Rollout
+
+    mbs, P, R = 4, 12, 6
+    lora, sampling, ppo = LoraSpec(r=6), SamplingSpec(max_new_tokens=R), PPOSpec(mini_batch_size=mbs)
+    module = PPOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=lora, sampling=sampling, ppo=ppo,
+                       reward_fn="lit_ft.tasks.correctness_reward")
+    module.configure_model()
+    module.model.train()
+    weights = {t.untyped_storage().data_ptr() for t in list(module.model.parameters()) + list(module.model.buffers())}
+    torch.manual_seed(0)
+    prompt_mask = torch.ones(mbs, P, dtype=torch.long)
+    prompt_mask[1, :3] = 0  # left padding
+    response_mask = torch.ones(mbs, R, dtype=torch.long)
+    response_mask[2, 4:] = 0  # ended early
+    ro = Rollout(torch.randint(0, 100, (mbs, P)), prompt_mask, torch.randint(0, 100, (mbs, R)), response_mask)
+    seen, (logprobs, _, _) = saved_bytes(lambda: module.policy_forward(ro))
+    measured = sum(b for k, b in seen.items() if k not in weights)
+    s = settings("ppo", tiny_model_dir, lora=lora, sampling=sampling, ppo=ppo, batch_size=mbs, max_length=P)
+    d = act.Dims.from_config(module.model.get_base_model().config)
+    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, dropout=False, nbytes=4)  # PPO: dropout off
+    assert measured == plan_stages.ppo_policy_saved(s, d, 4, shape, None)[0]
+    logprobs.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reward_forward_terms_equal_what_autograd_saves(tiny_model_dir, dtype):
+    """The reward forward over 2B padded rows with position ids (`scoring.sequence_scores`) saves what
+    `plan_stages.reward_saved` says."""
+    from lit_ft import plan_stages, scoring
+
+    pairs, seq, lora = 2, 14, LoraSpec(r=4)
+    model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype=dtype), lora, "score")
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2 * pairs, seq))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[3, 5:] = 0
+    seen, scores = saved_bytes(lambda: scoring.sequence_scores(model, ids, mask))
+    measured = sum(b for k, b in seen.items() if k not in weights)
+    a = 4 if dtype == "float32" else 2
+    s = settings("reward", tiny_model_dir, lora=lora, batch_size=pairs, max_length=seq)
+    d = act.Dims.from_config(model.get_base_model().config)
+    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, True, nbytes=4, copies=a != 4)
+    assert measured == plan_stages.reward_saved(s, d, a, shape, None, head_bytes=a)[0]
+    scores.sum().backward()
+
+
+def test_checkpointing_keeps_only_layer_inputs_outside(tiny_model_dir):
+    """Under non-reentrant checkpointing the hooks see each checkpointed layer's input [n, H] (kept for the
+    recompute) and what is saved outside the layers (the final norm, the loss gather), nothing from inside; RoPE's
+    cos/sin travel in the layers' `position_embeddings` argument, held by the checkpoints rather than saved."""
+    rows, seq = 3, 20
+    measured, n_loss, config = sft_forward_saved(tiny_model_dir, "float32", LoraSpec(), checkpointing=True)
+    d = act.Dims.from_config(config)
+    trunk = act.trunk_saved(d, rows, seq, 4, act.LoraShape(frozenset(), 16, True), checkpointing=True)
+    assert measured == trunk["layers"] - act.rope_saved(d, 1, seq, 4) + act.loss_saved(n_loss, rows, seq, d.hidden, 4)
+    full = act.trunk_saved(d, rows, seq, 4, act.LoraShape(frozenset(LoraSpec().target_modules), 16, True), False)
+    assert trunk["layers"] < full["layers"] / 3
+
+
+def test_kv_cache_equals_a_static_cache(tiny_model_dir):
+    from transformers import AutoConfig, StaticCache
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    cache = StaticCache(config=config, max_cache_len=24)
+    ids = torch.zeros(5, 1, dtype=torch.long)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)  # allocates the cache lazily
+    real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert act.kv_cache(act.Dims.from_config(config), 5, 24, 4) == real
+
+
+# ---------------------------------------------------------------------------------------------- plan, CLI, advice
+
+
+def test_estimate_reads_the_objects_of_a_fit(tiny_model_dir):
+    import lightning as L
+
+    from lit_ft.data.modules import InstructionDataModule
+    from lit_ft.sft import SFTModule
+
+    module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir, gradient_checkpointing=True),
+                       lora=LoraSpec(r=8), loss_chunk_size=512)
+    dm = InstructionDataModule(train_file="data/demo/sft_train.jsonl", tokenizer=tiny_model_dir, batch_size=3,
+                               max_length=64, packing=True)
+    trainer = L.Trainer(precision="bf16-true", accumulate_grad_batches=4, logger=False, accelerator="cpu",
+                        enable_checkpointing=False)
+    s = plan.settings_from(module, dm, trainer)
+    assert (s.stage, s.batch_size, s.max_length, s.packing, s.precision, s.accumulate_grad_batches,
+            s.loss_chunk_size, s.lora.r, s.base.gradient_checkpointing) == \
+        ("sft", 3, 64, True, "bf16-true", 4, 512, 8, True)
+    assert module.model is None, "planning builds nothing on the module"
+
+
+def test_cli_reads_the_config_as_fit_and_advises(smollm2_dir, capsys):
+    """`python -m lit_ft.plan --config configs/sft.yaml --budget 1GiB`: the shipped config (the bundled
+    SmolLM2, from its cached directory) does not fit in 1 GiB, and the advice lists the overrides to use."""
+    assert plan.main(["--config", "configs/sft.yaml", "--budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "budget 1.00 GiB: DOES NOT FIT" in out and "cheapest changes" in out
+    assert "--data.batch_size" in out and "--model.base.gradient_checkpointing true" in out
+
+
+def test_advice_totals_are_the_plans_of_the_changed_configs(tiny_model_dir):
+    """Each advised change, applied through the CLI as an override, plans exactly the total the advice shows."""
+    args = ["--config", "configs/sft.yaml", "--model.base.name_or_path", tiny_model_dir, "--data.max_length", "256",
+            "--data.batch_size", "16"]
+    first = plan.plan_from_cli(args, budget="1MiB", target="cpu")
+    assert first.fits is False and first.advice
+    for what, overrides, total, fits in first.advice:
+        again = plan.plan_from_cli(args + overrides, budget="1MiB", target="cpu")
+        assert again.total == total, what
+    assert first.advice[0][2] < first.total  # the micro-batch change lowers the peak
+
+
+def test_over_budget_advice_reaches_a_fit(tiny_model_dir):
+    s = settings("sft", tiny_model_dir, batch_size=16, max_length=256)
+    p = estimate_settings(s, budget=None)
+    budget = int(p.total * 0.6)
+    over = estimate_settings(s, budget=budget)
+    assert over.fits is False
+    assert any(fits for _, _, _, fits in over.advice)
+    assert estimate_settings(s, budget=p.total).advice == []
+
+
+def test_bad_budget_and_missing_model_are_config_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--budget='lots'"):
+        plan.parse_size("lots")
+    assert plan.parse_size("24GiB") == 24 * 2**30 and plan.parse_size("1.5GB") == 1_500_000_000
+    with pytest.raises(ConfigError, match="model.base.name_or_path"):
+        estimate_settings(settings("sft", "nobody/no-such-model-here"), budget=None)
+    with pytest.raises(ConfigError, match="local path /no/such/dir does not exist"):
+        estimate_settings(settings("sft", "/no/such/dir"), budget=None)
+    assert plan.main(["--config", "configs/sft.yaml", "--budget", "lots"]) == 2
+
+
+def test_config_json_alone_is_enough(tiny_model_dir, tmp_path):
+    import shutil
+
+    shutil.copy(f"{tiny_model_dir}/config.json", tmp_path / "config.json")
+    assert planned(settings("sft", str(tmp_path / "config.json"))) == planned(settings("sft", tiny_model_dir))
+    assert planned(settings("sft", str(tmp_path))) == planned(settings("sft", tiny_model_dir))
+
+
+def test_json_output(tiny_model_dir, capsys):
+    assert plan.main(["--config", "configs/reward.yaml", "--model.base.name_or_path", tiny_model_dir,
+                      "--budget", "80GiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stage"] == "reward" and out["total"] <= out["budget"] and out["advice"] == []
+    assert out["peak"] == sum(out["components"].values())
+
+
+# ---------------------------------------------------------------------------------------------- fit log, benchmark
+
+
+def test_memory_plan_log_at_the_start_of_a_fit(tiny_model_dir, tmp_path, caplog):
+    """One plan line at setup of a real (tiny, CPU) fit, the same figure `estimate` gives for its objects."""
+    import logging
+
+    import lightning as L
+
+    from lit_ft.data.modules import InstructionDataModule
+    from lit_ft.plan import MemoryPlanLog
+    from lit_ft.sft import SFTModule
+
+    module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4))
+    dm = InstructionDataModule(train_file="data/demo/sft_train.jsonl", tokenizer=tiny_model_dir, batch_size=2,
+                               max_length=64)
+    callback = MemoryPlanLog(budget="1GiB")
+    trainer = L.Trainer(max_steps=1, logger=False, accelerator="cpu", enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
+                        default_root_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, datamodule=dm)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan: peak")]
+    assert len(lines) == 1 and "of 1.00 GiB (fits)" in lines[0]
+    expected = plan.estimate(SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4)), dm, trainer,
+                             budget="1GiB", target="cpu")
+    assert callback.plan.peak == expected.peak
+    assert callback.measured is None  # measured only on CUDA
+
+
+def test_memory_plan_log_never_stops_a_fit(tmp_path):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lit_ft.plan import MemoryPlanLog
+
+    callback = MemoryPlanLog()
+    trainer = L.Trainer(max_steps=1, logger=False, accelerator="cpu", enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
+                        default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="memory plan: not available"):
+        trainer.fit(BoringModel())
+    assert callback.plan is None
+
+
+def test_plan_vs_measured_prints_the_plan_on_a_cpu(tiny_model_dir, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "plan_vs_measured.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_measured", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--config", "configs/sft.yaml", "--config", "configs/reward.yaml", "--steps", "2",
+                       "--model.base.name_or_path", tiny_model_dir]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["config"] for x in lines] == ["configs/sft.yaml", "configs/reward.yaml"]
+    for x in lines:
+        assert x["measured_peak"] is None and x["planned_peak"] == sum(x["components"].values()) > 0
+
+
+def test_hub_id_from_the_local_cache_only(tiny_model_dir, tmp_path):
+    """A hub id is read from the local hub cache (a snapshot holding only config.json), never downloaded."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(f"{tiny_model_dir}/config.json", snapshot / "config.json")
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
+    code = ("import sys\nfrom lit_ft.plan import Settings, estimate_settings\nfrom lit_ft.models import ModelSpec, LoraSpec\n"
+            "from lit_ft.optim import OptimSpec\nfrom lit_ft.errors import ConfigError\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        print(estimate_settings(Settings('sft', ModelSpec(name_or_path=name), LoraSpec(), OptimSpec(), 2, 16,"
+            " target='cpu'), budget=None).peak)\n"
+            "    except ConfigError as e:\n"
+            "        print('error:', e)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code, "someone/tiny", "someone/absent"], env=env, capture_output=True,
+                         text=True, cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found, absent = out.stdout.strip().splitlines()[-2:]
+    assert int(found) == estimate_settings(settings("sft", tiny_model_dir), budget=None).peak
+    assert absent.startswith("error: model.base.name_or_path: no config for 'someone/absent'")
