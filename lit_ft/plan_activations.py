@@ -30,6 +30,8 @@ class Dims:
     kv_heads: int
     head_dim: int
     vocab: int
+    attn: str = "sdpa"
+    """The attention kernel a load picks (`model.base.attn_implementation`, resolved for `auto`)."""
 
     @classmethod
     def from_config(cls, config) -> "Dims":

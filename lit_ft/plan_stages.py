@@ -7,6 +7,7 @@ them), counts it (`lit_ft.plan_weights`) and adds the activations and stage extr
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -114,7 +115,8 @@ def lora_shape(model, s, a: int, cast) -> act.LoraShape | None:
     cfg = cfgs.get(name)
     if cfg is None:
         return None
-    targets = {n.split(".")[-2] for n, _ in model.named_parameters() if f"lora_A.{name}" in n}
+    # `...q_proj.lora_A.<adapter>.weight` -> q_proj (the module before lora_A; an expert parameter has no .weight)
+    targets = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if f"lora_A.{name}" in n}
     dropout = cfg.lora_dropout > 0 and not (s.stage == "ppo" and getattr(s.ppo, "disable_dropout", False))
     adapter = next((p.dtype for n, p in model.named_parameters() if f"lora_A.{name}" in n), None)
     mixed = str(s.precision).endswith("mixed") and str(s.precision).split("-")[0] in _HALF
@@ -141,7 +143,9 @@ def counted_model(s):
         merged = sum(p.numel() for n, p in model.named_parameters() if ".base_layer." in n)
         if len(_CACHE) > 16:
             _CACHE.clear()
-        _CACHE[key] = (act.Dims.from_config(config), dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged)
+        attn = getattr(model.get_base_model().config, "_attn_implementation", None) or "sdpa"  # `auto` resolved
+        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn)
+        _CACHE[key] = (dims, dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged)
     dims, dtype, counts, shape, notes, heads, merged = _CACHE[key]
     return dims, dtype, copy.deepcopy(counts), shape, list(notes), heads, merged
 
@@ -196,7 +200,7 @@ def _fmt(n: int) -> str:
 
 def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
     """The decoder's saved bytes; `positions`: position ids are passed (PPO's left-padded rows: a mask too)."""
-    return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, s.base.attn_implementation, mask,
+    return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
                            pos_rows=rows if s.packing or positions else 1, masked=s.packing or positions or rows > 1)
 
 

@@ -67,11 +67,20 @@ def meta_model(spec: ModelSpec, task: str, config, dtype: torch.dtype):
         config.num_labels = 1
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = config.eos_token_id
+    # `auto` passes nothing: transformers picks the family's kernel, as `models.load_base` lets it
+    attn = {} if spec.attn_implementation == "auto" else {"attn_implementation": spec.attn_implementation}
     with torch.device("meta"):
-        model = cls.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
-                                trust_remote_code=spec.trust_remote_code)
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **attn)
     model.requires_grad_(False)
     return model
+
+
+def attention_kernel(spec: ModelSpec, config) -> str:
+    """The attention implementation a load would use: the setting, or for `auto` what transformers picks for the
+    family (read off a meta-device build of its config)."""
+    if spec.attn_implementation != "auto":
+        return spec.attn_implementation
+    return getattr(meta_model(spec, "causal_lm", config, torch.float32).config, "_attn_implementation", None) or "sdpa"
 
 
 def unquantized_modules(model) -> set[str]:

@@ -82,8 +82,10 @@ CASES = [
     ("plain_folder", "sft", {}, E(ConfigError, None, None, "data.train_file", "is a directory", "save_to_disk")),
     ("/proc/self/mem", "sft", {}, E(ConfigError, None, None, "data.train_file: cannot read /proc/self/mem")),
     # 8. Formats users bring.
-    ("chat_pair_prompt_string_differs.jsonl", "pref", {}, E(DataError, 1, "prompt", "differs from the last user")),
-    ("chat_pair_prompt_string_same.jsonl", "pref", {}, D(2, 2)),
+    # A separate prompt takes assistant-only responses (TRL's explicit-prompt format): full conversations beside
+    # it are refused whether or not their user turn repeats it (one rule; no silent choice between the two prompts).
+    ("chat_pair_prompt_string_differs.jsonl", "pref", {}, E(DataError, 1, "chosen", "with a separate prompt")),
+    ("chat_pair_prompt_string_same.jsonl", "pref", {}, E(DataError, 1, "chosen", "with a separate prompt")),
     ("nan_answer.jsonl", "prompt", {}, E(DataError, 2, "answer", "not finite")),
     ("nan_answer.jsonl", "prompt", SKIP, D(2, 1, malformed=1)),
     ("infinite_answer.jsonl", "prompt", {}, E(DataError, 1, "answer", "got inf")),
