@@ -214,8 +214,8 @@ def test_secrets_stay_out_of_config_checkpoint_and_output(tiny_model_dir, data_f
         f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true",
     ])
     out = capfd.readouterr()
-    config = (tmp_path / "config.yaml").read_text()
-    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    config = next(tmp_path.rglob("config.yaml")).read_text()  # in the run's own directory (runs/<stage>/version_N)
+    state = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
     saved = repr({k: v for k, v in state.items() if k not in ("state_dict", "optimizer_states")})
     assert "SFTModule" in config and "hyper_parameters" in state
     for secret in ("secret-xyz", "hf_secret"):

@@ -167,8 +167,11 @@ def test_plan_is_called_when_present_and_named_otherwise(capsys):
 
 
 def test_wandb_mode_is_obeyed(tmp_path, monkeypatch):
+    import wandb
+
     from lit_ft.callbacks import WandbLogger
 
+    wandb.teardown()  # an earlier test's offline run leaves W&B's process-wide settings behind
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     logger = WandbLogger(save_dir=str(tmp_path))
