@@ -6,7 +6,8 @@ iterations are untimed, peak = torch.cuda.max_memory_allocated over the timed it
 
     python benchmarks/bench_ppo.py --workload w5 --variants lit --json $OUT/w5.json
     python benchmarks/bench_ppo.py --workload w5_8b --variants lit --iters 1 --warmup 0 --json $OUT/w5_8b.json
-    python benchmarks/bench_ppo.py --workload w5 --tiny --variants lit --json /tmp/w5.json   # CPU dry run
+    python benchmarks/bench_ppo.py --workload w5 --variants lit,grpo,grpo+gc --json $OUT/w5_grpo.json
+    python benchmarks/bench_ppo.py --workload w5 --tiny --variants lit,grpo --json /tmp/w5.json   # CPU dry run
 
 The driver also writes the reward model: a fresh SEQ_CLS LoRA with its `score` head, made by `RewardModule` on the
 same base and exported with `RewardModule.save_adapter` (the format `lit_ft.scoring` defines and PPO reads). PPO then
@@ -22,7 +23,11 @@ The gap between their sum and the whole `training_step` is the KL-shaped rewards
 Variants: `lit` with modifiers joined by '+': `e<N>` (ppo_epochs=N, default 4), `gc` (gradient checkpointing),
 `mb<N>` (mini_batch_size=N, default 8); the rollout decoder (`SamplingSpec.engine`, default `auto`: the static
 engine of `lit_ft.rollout` on CUDA): `hf` (transformers' `generate`), `static`, `merged` (static, policy LoRA merged
-into a rollout copy), `nograph` (static without CUDA-graph capture).
+into a rollout copy), `nograph` (static without CUDA-graph capture). `grpo` runs `GRPOModule` on the same shapes
+(a new LoRA policy, the base as the reference, no value model, scored by the same reward adapter) with `k<N>`
+samples a prompt (default 8: `prompts x N` rollout rows), `p<N>` prompts a rollout (default the workload's), `mb<N>`, `it<N>` (num_iterations, default 1) and the
+engine and `gc` modifiers above; its phases map onto the same columns (`evaluate_rollout` = the no-grad old and
+reference log-probs, `ppo_update` = `grpo_update`).
 
 Bandwidth bound of decoding: every decode step streams the base weights once (the input embedding excluded: it is
 a lookup; a tied LM head counted once), so tokens/s <= batch x HBM bandwidth / weight bytes. KV-cache reads, LoRA
@@ -180,44 +185,89 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
-    import lightning as L
-
+def sampling_and_base(w: Workload, args, device: str, mods: set[str]):
+    """The rollout sampling, the base spec and the Lightning precision a variant's modifiers ask for."""
     from lit_ft.generation import SamplingSpec
-    from lit_ft.models import LoraSpec, ModelSpec
-    from lit_ft.ppo import PPOModule, PPOSpec
+    from lit_ft.models import ModelSpec
 
-    epochs = next((int(m[1:]) for m in mods if m[:1] == "e" and m[1:].isdigit()), w.ppo_epochs)
-    mbs = next((int(m[2:]) for m in mods if m[:2] == "mb" and m[2:].isdigit()), w.mini_batch_size)
-    gc = "gc" in mods
     engine = "hf" if "hf" in mods else "static" if mods & {"static", "merged", "nograph"} else "auto"
     sampling = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine=engine, merged="merged" in mods,
                             cuda_graph="nograph" not in mods)
     base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",
                      attn_implementation="sdpa", quantization=w.quant, double_quant=True, compute_dtype="bfloat16",
-                     gradient_checkpointing=gc)
+                     gradient_checkpointing="gc" in mods)
     precision = "bf16-mixed" if w.quant != "none" or "mixed" in mods else "bf16-true"
     if device != "cuda":
         precision = args.cpu_precision
+    return sampling, base, precision
 
-    class Module(PPOModule):
+
+def int_mod(mods: set[str], prefix: str, default: int) -> int:
+    return next((int(m[len(prefix):]) for m in mods if m.startswith(prefix) and m[len(prefix):].isdigit()), default)
+
+
+def fp32_heads(module_cls, precision: str):
+    """`module_cls` with a workaround: `bf16-true` casts the whole LightningModule, the fp32 value/reward heads
+    included, and `roles.head_values` then feeds fp32 hidden states to a bf16 head (dtype error). The heads are
+    re-cast to fp32 in place (same Parameter objects, so the optimizer built before this hook keeps them)."""
+
+    class Module(module_cls):
         def on_fit_start(self) -> None:
-            # Workaround: `bf16-true` casts the whole LightningModule, the fp32 value/reward heads included, and
-            # `roles.head_values` then feeds fp32 hidden states to a bf16 head (dtype error). Re-cast the heads to
-            # fp32 in place (same Parameter objects, so the optimizer built before this hook keeps them).
             if precision == "bf16-true":
-                for head in (self.value_head, self.reward_head):
+                for head in (getattr(self, "value_head", None), self.reward_head):
                     if head is not None:
                         head.float()
 
-    module = Module(base=base, lora=LoraSpec(**w.lora), value_model="adapter",
-                    reward_adapter=str(Path(args.model_dir) / "reward_adapter"),
-                    sampling=sampling,
-                    ppo=PPOSpec(ppo_epochs=epochs, mini_batch_size=mbs), sample_table_every=0)
+    return Module
 
+
+def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
+    from lit_ft.models import LoraSpec
+    from lit_ft.ppo import PPOModule, PPOSpec
+
+    epochs, mbs = int_mod(mods, "e", w.ppo_epochs), int_mod(mods, "mb", w.mini_batch_size)
+    sampling, base, precision = sampling_and_base(w, args, device, mods)
+    module = fp32_heads(PPOModule, precision)(
+        base=base, lora=LoraSpec(**w.lora), value_model="adapter",
+        reward_adapter=str(Path(args.model_dir) / "reward_adapter"), sampling=sampling,
+        ppo=PPOSpec(ppo_epochs=epochs, mini_batch_size=mbs), sample_table_every=0)
     timer = PhaseTimer(device)
     for name in ("rollout", "score", "evaluate_rollout", "ppo_update"):
         timer.wrap(module, name)
+    out = fit_timed(w, args, device, module, timer, precision, w.prompts)
+    return dict(ppo_epochs=epochs, mini_batch_size=mbs, gradient_checkpointing=base.gradient_checkpointing,
+                engine=sampling.engine, merged=sampling.merged, **out)
+
+
+def run_grpo(w: Workload, args, device: str, mods: set[str]) -> dict:
+    """GRPOModule on the same shapes: `k<N>` samples a prompt (default 8), `mb<N>` rows a minibatch, `it<N>`
+    num_iterations; scored by the same reward adapter; the reference is the base (a new LoRA policy)."""
+    from lit_ft import online
+    from lit_ft.grpo import GRPOModule, GRPOSpec
+    from lit_ft.models import LoraSpec
+
+    k, mbs, iters = int_mod(mods, "k", 8), int_mod(mods, "mb", w.mini_batch_size), int_mod(mods, "it", 1)
+    w = Workload(**{**asdict(w), "prompts": int_mod(mods, "p", w.prompts)})
+    sampling, base, precision = sampling_and_base(w, args, device, mods)
+    module = fp32_heads(GRPOModule, precision)(
+        base=base, lora=LoraSpec(**w.lora), reward_adapter=str(Path(args.model_dir) / "reward_adapter"),
+        sampling=sampling, grpo=GRPOSpec(samples_per_prompt=k, mini_batch_size=mbs, num_iterations=iters),
+        sample_table_every=0)
+    timer = PhaseTimer(device)
+    for name in ("rollout", "score", "grpo_update"):
+        timer.wrap(module, name, phase="ppo_update" if name == "grpo_update" else None)
+    timer.wrap(online, "old_and_ref_logprobs", phase="evaluate_rollout")  # grpo.py calls it through the module
+    out = fit_timed(w, args, device, module, timer, precision, w.prompts * k)
+    return dict(samples_per_prompt=k, num_iterations=iters, mini_batch_size=mbs,
+                gradient_checkpointing=base.gradient_checkpointing, engine=sampling.engine, merged=sampling.merged,
+                **out)
+
+
+def fit_timed(w: Workload, args, device: str, module, timer: PhaseTimer, precision: str, rows: int) -> dict:
+    """`args.iters` training steps of `module` through a Trainer, phase times per iteration (the first
+    `args.warmup` untimed), generation throughput of `rows` sequences a rollout against the bandwidth bound."""
+    import lightning as L
+
     info: dict = {}
 
     class IterCb(L.Callback):
@@ -236,10 +286,11 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
             cur = timer.current
             cur["iteration"] = time.perf_counter() - cur.pop("start")
             m = trainer.callback_metrics
-            for k in ("time/rollout", "time/update", "ppo/response_length", "objective/scores", "objective/kl",
-                      "ppo/loss/policy", "ppo/loss/value", "ppo/epochs"):
-                if k in m:
-                    cur[k] = float(m[k])
+            for key in ("time/rollout", "time/update", "ppo/response_length", "objective/scores", "objective/kl",
+                        "ppo/loss/policy", "ppo/loss/value", "ppo/epochs", "train/reward", "train/kl",
+                        "train/completions/mean_length"):
+                if key in m:
+                    cur[key] = float(m[key])
             cur["response_width"] = info.get("response_width")
             timer.iters.append(cur)
 
@@ -265,12 +316,11 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
     keys = [k for k in timed[0] if isinstance(timed[0][k], (int, float)) and all(k in it for it in timed)]
     mean = {k: sum(it[k] for it in timed) / len(timed) for k in keys}
     wb = info["weight_bytes"]
-    gen_tokens = w.prompts * mean["response_width"]
+    gen_tokens = rows * mean["response_width"]
     gen_tps = gen_tokens / mean["rollout"]
-    bound = w.prompts * HBM_BYTES_PER_S / wb["base"]
+    bound = rows * HBM_BYTES_PER_S / wb["base"]
     return dict(
-        precision=precision, fp32_heads_workaround=precision == "bf16-true", ppo_epochs=epochs, mini_batch_size=mbs,
-        gradient_checkpointing=gc, engine=engine, merged="merged" in mods,
+        precision=precision, fp32_heads_workaround=precision == "bf16-true", rows_per_rollout=rows,
         engine_used=module.sampler.choice if module.sampler is not None else None,
         iterations=timer.iters, timed_iterations=len(timed), mean=mean, fit_s=fit_s,
         generation_tokens=gen_tokens, generation_tokens_per_s=gen_tps,
@@ -286,7 +336,7 @@ def run_variant(args) -> dict:
     t = time.time()
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-    extra = {"lit": lambda: run_lit(w, args, device, set(mods))}[impl]()
+    extra = {"lit": run_lit, "grpo": run_grpo}[impl](w, args, device, set(mods))
     return dict(workload=w.name, variant=args.variant, iters=args.iters, warmup=args.warmup,
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,

@@ -120,10 +120,83 @@ def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
     return out
 
 
+def profile_point(model, w, engine: str, batch: int, device: str, steps: int = 16) -> dict:
+    """Where a decode step's time goes: the engine's step run eagerly under the profiler (its CUDA kernels by
+    name, count and time a step) and its captured graph replayed (wall time a step, and the kernel time inside
+    it when the profiler sees the graph's kernels). Wall minus kernel time is launch and idle time; kernel time
+    against the bound's time a step is how far the kernels themselves are from streaming the bytes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.rollout import Sampler
+
+    steps = max(1, min(steps, w.new_tokens - 6))  # the 4 warm-up steps and the prefill's token fit the buffers
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    spec = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="static", merged=engine == "merged")
+    sampler = Sampler(model, eos_token_id=10**9, pad_token_id=0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and w.quant != "none")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+
+    def kernels(prof) -> tuple[list[dict], float, int]:
+        rows = [e for e in prof.key_averages() if getattr(e, "device_type", None) is not None
+                and str(e.device_type).endswith("CUDA") and e.count]
+        rows.sort(key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in rows) / steps / 1e3  # ms a step
+        count = sum(e.count for e in rows) / steps
+        top = [dict(name=e.key[:120], per_step=e.count / steps, ms_per_step=e.self_device_time_total / steps / 1e3)
+               for e in rows[:20]]
+        return top, total, count
+
+    out = dict(engine=engine, batch=batch, steps=steps)
+    with autocast:
+        sampler(ids, mask, spec)  # allocation, graph capture, one full rollout
+        eng = sampler.engine
+        graph = eng.graphs.get(tuple(eng.sampling.values()))
+        with eng._policy_context():
+            pids, pmask = eng._pad_to_shape(ids, mask)
+            eng._prefill(pids, pmask)
+            for _ in range(4):
+                eng.step()
+            sync(device)
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    eng.step()
+                sync(device)
+            top, ms, count = kernels(prof)
+            out.update(eager_kernels_per_step=count, eager_kernel_ms_per_step=ms, eager_top=top)
+            if graph is not None:
+                eng._prefill(pids, pmask)
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(steps):
+                    graph.replay()
+                sync(device)
+                out["graph_wall_ms_per_step"] = 1e3 * (time.perf_counter() - t) / steps
+                eng._prefill(pids, pmask)
+                with profile(activities=acts) as prof:
+                    for _ in range(steps):
+                        graph.replay()
+                    sync(device)
+                top, ms, count = kernels(prof)
+                out.update(graph_kernels_per_step=count, graph_kernel_ms_per_step=ms, graph_top=top[:10])
+    wb = weight_bytes(model)["base"]
+    ctx = w.prompt_len + 8
+    out["bound_ms_per_step"] = 1e3 * (wb + batch * kv_bytes_per_token(w) * ctx) / HBM_BYTES_PER_S
+    print(f"profile {engine} batch {batch}: eager {out['eager_kernels_per_step']:.0f} kernels "
+          f"{out['eager_kernel_ms_per_step']:.2f} ms; graph wall {out.get('graph_wall_ms_per_step', 0):.2f} ms, "
+          f"kernels {out.get('graph_kernel_ms_per_step', 0):.2f} ms; bound {out['bound_ms_per_step']:.2f} ms", flush=True)
+    for k in out["eager_top"][:12]:
+        print(f"   {k['ms_per_step']:7.3f} ms  x{k['per_step']:5.1f}  {k['name']}", flush=True)
+    del sampler
+    return out
+
+
 def decode_sweep(w, args, device: str) -> list[dict]:
     model = build_policy(w, Path(args.model_dir), device)
     results = []
-    for engine in args.engines.split(","):
+    for engine in filter(None, args.engines.split(",")):
         if engine == "merged" and w.quant != "none":
             continue  # merged needs a non-quantized base
         for batch in (int(b) for b in args.batches.split(",")):
@@ -134,6 +207,13 @@ def decode_sweep(w, args, device: str) -> list[dict]:
                 print(f"{engine} batch {batch}: FAILED {e!r}"[:300], flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
+    for point in filter(None, (args.profile or "").split(",")):
+        engine, batch = point.split(":")
+        try:
+            results.append(dict(profile=profile_point(model, w, engine, int(batch), device)))
+        except (RuntimeError, ValueError) as e:
+            results.append(dict(profile=dict(engine=engine, batch=int(batch), error=repr(e)[-600:])))
+            print(f"profile {point}: FAILED {e!r}"[:300], flush=True)
     del model
     return results
 
@@ -158,6 +238,7 @@ def main(argv=None) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--engines", default="hf,static,merged", help="decode sweep: comma-separated hf,static,merged")
     p.add_argument("--batches", default="16,64,256")
+    p.add_argument("--profile", default="", help="ENGINE:BATCH,... : profile the decode step (kernels, graph)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--ppo-engines", default="hf,static,merged", help="W5 iterations per engine ('' to skip)")
