@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lit_ft import roles
+from lit_ft import families, roles
 from lit_ft.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -46,8 +46,12 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     h, targets, seq = hidden[:, :-1][keep], labels[:, 1:][keep], owner[:, 1:][keep]
 
     def chunk(h_chunk: Tensor, t_chunk: Tensor) -> Tensor:
-        # The LM head and softmax of roles.token_logprobs (with the model's own logit post-processing).
-        return roles.token_logprobs(model, h_chunk[None], t_chunk[None], 1.0)[0][0]
+        # The model's own logits (head bias, scaling, soft-capping) and log p(target) = x_t - logsumexp(x), fp32.
+        # No checkpoint inside this checkpointed chunk: torch 2.11's nested non-reentrant checkpoints save a
+        # placeholder of the default dtype, which Lightning's bf16-true changes only during the forward (the
+        # recompute then fails its metadata check), and the inner one would recompute the chunk a second time.
+        logits = families.lm_logits(model, h_chunk)
+        return logits.gather(-1, t_chunk[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
     grad = torch.is_grad_enabled() and h.requires_grad
     parts = [checkpoint(chunk, hc, tc, use_reentrant=False, preserve_rng_state=False) if grad else chunk(hc, tc)

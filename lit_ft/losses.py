@@ -4,6 +4,8 @@ Pure functions over tensors (imports torch only). The causal-LM loss never mater
 ``[N, V]`` fp32 logits: rows are processed in chunks, and each chunk runs under non-reentrant activation
 checkpointing so the backward pass recomputes that chunk's logits instead of keeping all of them alive
 (the same idea as the "chunked cross-entropy" / "cut cross-entropy" tricks used by large-vocabulary trainers).
+When the head is frozen (LoRA) the chunks' input gradients are computed in the forward pass instead, so nothing
+is recomputed (`_HeadLossWithGrad`).
 """
 
 from __future__ import annotations
@@ -137,8 +139,40 @@ def causal_lm_loss(
         logits = logits.to(acc) if transform is None else transform.apply(logits)
         return F.cross_entropy(logits, t_chunk, reduction="sum")
 
+    if torch.is_grad_enabled() and h.requires_grad and not _needs_grad(*shared):
+        # Frozen head (LoRA, QLoRA): the input gradient is computed with the loss, chunk by chunk, so backward
+        # does not recompute the [n, V] logits (one head matmul in three saved; the "fused linear cross-entropy"
+        # of large-vocabulary trainers). Same memory as the checkpointed chunks: one [N, H] tensor is kept.
+        return _HeadLossWithGrad.apply(h, targets, chunk_size, chunk_loss, *shared), n_tokens
     parts = _chunked_rows(chunk_loss, h, targets, chunk_size=chunk_size, shared=shared)
     return torch.stack(parts).sum(), n_tokens
+
+
+class _HeadLossWithGrad(torch.autograd.Function):
+    """``sum(chunk_loss(h_chunk, ...))`` whose forward also computes ``d loss / d h`` (each chunk's logits are
+    built once, differentiated at once and freed); backward only scales that gradient by the incoming one.
+    For heads without trainable parameters (the gradient reaches ``h`` alone)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, targets: Tensor, chunk_size: int, chunk_loss, *shared: Tensor) -> Tensor:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        grad = torch.empty_like(h)
+        total = torch.zeros((), dtype=_softmax_dtype(h.dtype), device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                hc = h[rows].detach().requires_grad_(True)
+                loss = chunk_loss(hc, targets[rows], *shared)
+                (grad[rows],) = torch.autograd.grad(loss, hc)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype), None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = 1024) -> Tensor:

@@ -290,3 +290,43 @@ def test_preference_loss_refuses_bad_settings():
     with pytest.raises(ValueError, match=r"label_smoothing in \[0, 0.5\)"):
         preference_loss(z, z, z, z, z, z, "robust", label_smoothing=0.5)
     assert torch.isfinite(log_odds(torch.tensor([0.0, -1e-9, -50.0]))).all()  # p -> 1 and p -> 0 stay finite
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 4096])
+@pytest.mark.parametrize("with_bias_and_transform", [False, True])
+def test_frozen_head_loss_computes_the_input_gradient_once_and_equals_the_reference(chunk_size, with_bias_and_transform):
+    """A frozen head (the LoRA case) takes the path whose forward computes d loss / d hidden: the loss and the
+    hidden-state gradient (scaled by any upstream gradient, here 0.37 as a token-weighted mean would give) equal
+    the full-logits reference, and backward runs no matmul over the vocabulary (nothing [n, V] is saved)."""
+    hidden, weight, labels = _inputs(seed=3)
+    weight = weight.detach()
+    bias = torch.randn(V, dtype=torch.float64) if with_bias_and_transform else None
+    transform = LogitTransform(scale=0.5, softcap=3.0) if with_bias_and_transform else None
+    loss, n = causal_lm_loss(hidden, weight, labels, chunk_size=chunk_size, head_bias=bias, transform=transform)
+    # what backward keeps: the gathered rows' gradient [13, H], never a logits chunk
+    assert [tuple(t.shape) for t in loss.grad_fn.saved_tensors] == [(13, H)]
+    (gh,) = torch.autograd.grad(loss * 0.37, hidden)
+
+    h2 = hidden.detach().clone().requires_grad_()
+    logits = h2 @ weight.t() + (bias if bias is not None else 0)
+    if transform is not None:
+        logits = torch.tanh(logits * 0.5 / 3.0) * 3.0
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    (rh,) = torch.autograd.grad(ref * 0.37, h2)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-10)
+    assert int(n) == 13 and gh[:, -1].abs().sum() == 0
+
+
+def test_frozen_head_loss_backpropagates_into_the_layers_below():
+    """The hidden states come from a trainable layer: its weight gradient equals the reference's."""
+    g = torch.Generator().manual_seed(4)
+    layer = torch.nn.Linear(H, H, dtype=torch.float64)
+    x = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    loss, _ = causal_lm_loss(layer(x), weight, labels, chunk_size=5)
+    (got,) = torch.autograd.grad(loss, layer.weight)
+    ref, _ = _reference(layer(x), weight, labels)
+    (want,) = torch.autograd.grad(ref, layer.weight)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
