@@ -51,6 +51,9 @@ def real_split(model, heads=()) -> dict[str, int]:
         if getattr(p, "requires_grad", False) and isinstance(p, torch.nn.Parameter):
             trainable.append(p)
         base.extend(_quant_tensors(p))
+    for m in model.modules():  # bitsandbytes' Linear8bitLt: its first forward moves CB/SCB off the weight into here
+        state = getattr(m, "state", None)
+        base.extend(t for t in (getattr(state, "CB", None), getattr(state, "SCB", None)) if torch.is_tensor(t))
     for head in heads:
         adapters.extend(head.parameters())
         trainable.extend(q for q in head.parameters() if q.requires_grad)
@@ -101,8 +104,6 @@ def check_stage(model_dir, stage, quantization, lora=None):
     return got
 
 
-@pytest.mark.xfail(reason="open (issue: memory plan): after the model-families merge the real model saves more "
-                          "activations than planned for the default all-linear targets, and int8 weights differ", strict=False)
 @pytest.mark.parametrize("quantization", QUANT)
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_weights_adapters_gradients_optimizer_equal_the_real_tensors(tiny_model_dir, stage, quantization):
@@ -184,8 +185,6 @@ def check_ppo_roles(model_dir, quantization, sft=None, reward=None, value_model=
     assert got["optimizer state"] == optimizer_state_bytes(trainable_params, "adamw")
 
 
-@pytest.mark.xfail(reason="open (issue: memory plan): after the model-families merge the real model saves more "
-                          "activations than planned for the default all-linear targets, and int8 weights differ", strict=False)
 @pytest.mark.parametrize("quantization", QUANT)
 @pytest.mark.parametrize("roles_kind", ["sft+reward", "new-lora", "shared-trunk"])
 def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantization, roles_kind):
@@ -194,8 +193,6 @@ def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantizat
     check_ppo_roles(tiny_model_dir, quantization, sft, reward, "shared_trunk" if roles_kind == "shared-trunk" else "adapter")
 
 
-@pytest.mark.xfail(reason="open (issue: memory plan): int8 weight bytes differ after the model-families merge",
-                   strict=False)
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", QUANT)
 def test_smollm2_every_stage(smollm2_dir, quantization):
@@ -223,6 +220,18 @@ def saved_bytes(fn) -> int:
     return seen, out
 
 
+def adapted(model) -> frozenset:
+    """Leaf names of the projections that carry a LoRA in the really built model (what `all` resolved to)."""
+    return frozenset(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if len(getattr(m, "lora_A", ())))
+
+
+def planner_shape(s: Settings) -> act.LoraShape:
+    """The LoRA shape the planner reads off its meta-device model for settings `s`."""
+    from lit_ft import plan_stages
+
+    return plan_stages.counted_model(s)[3]
+
+
 def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=20, padded=False):
     from lit_ft.losses import causal_lm_loss
 
@@ -245,40 +254,37 @@ def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=2
 
     seen, (loss, n) = saved_bytes(forward)
     loss.backward()  # the graph is a real one
-    return sum(b for k, b in seen.items() if k not in weights), int(n), inner.config
+    return sum(b for k, b in seen.items() if k not in weights), int(n), inner.config, adapted(model)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lora", [LoraSpec(), LoraSpec(dropout=0.0), LoraSpec(r=5, target_modules=["v_proj", "up_proj"])],
                          ids=["all-dropout", "all-no-dropout", "v-up"])
-@pytest.mark.xfail(reason="open (issue: memory plan): after the model-families merge the real model saves more "
-                          "activations than planned for the default all-linear targets, and int8 weights differ", strict=False)
 def test_activation_terms_equal_what_autograd_saves(tiny_model_dir, dtype, lora):
     rows, seq = 3, 20
-    measured, n_loss, config = sft_forward_saved(tiny_model_dir, dtype, lora, rows=rows, seq=seq)
+    measured, n_loss, config, targets = sft_forward_saved(tiny_model_dir, dtype, lora, rows=rows, seq=seq)
     d, a = act.Dims.from_config(config), torch.finfo(getattr(torch, dtype)).bits // 8
     # PEFT keeps the adapters in fp32 under a bf16 base and casts each projection's input up (its own copy).
-    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, lora.dropout > 0, nbytes=4, copies=a != 4)
+    shape = act.LoraShape(targets, lora.r, lora.dropout > 0, nbytes=4, copies=a != 4)
+    assert shape == planner_shape(settings("sft", tiny_model_dir, lora=lora, base={"dtype": dtype}))
+    assert len(targets) == (2 if lora.target_modules == ["v_proj", "up_proj"] else 7)
     # CPU dropout keeps its mask in the dtype it runs in (mask_bytes None); no padding, so no 4-D mask.
     trunk = act.trunk_saved(d, rows, seq, a, shape, checkpointing=False)
     assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, a)
 
 
-@pytest.mark.xfail(reason="open (issue: memory plan): after the model-families merge the real model saves more "
-                          "activations than planned for the default all-linear targets, and int8 weights differ", strict=False)
 def test_padded_rows_repeat_kv_heads_and_keep_a_mask_per_layer(tiny_model_dir):
     """With padding, sdpa gets repeated KV heads and an additive mask converted per layer (both kept)."""
     rows, seq = 3, 20
-    measured, n_loss, config = sft_forward_saved(tiny_model_dir, "float32", LoraSpec(), padded=True)
+    measured, n_loss, config, targets = sft_forward_saved(tiny_model_dir, "float32", LoraSpec(), padded=True)
     d = act.Dims.from_config(config)
-    shape = act.LoraShape(frozenset(LoraSpec().target_modules), 16, True, nbytes=4)
+    shape = act.LoraShape(targets, 16, True, nbytes=4)
+    assert shape == planner_shape(settings("sft", tiny_model_dir))
     trunk = act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False, masked=True)
     assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, 4)
     assert trunk["layers"] > act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False)["layers"]
 
 
-@pytest.mark.xfail(reason="open (issue: memory plan): after the model-families merge the real model saves more "
-                          "activations than planned for the default all-linear targets, and int8 weights differ", strict=False)
 def test_ppo_policy_forward_terms_equal_what_autograd_saves(tiny_model_dir):
     """PPO's update forward (`PPOModule.policy_forward` over a minibatch of left-padded prompts + responses, with
     position ids, dropout off) saves what `plan_stages.ppo_policy_saved` says."""
@@ -304,13 +310,12 @@ def test_ppo_policy_forward_terms_equal_what_autograd_saves(tiny_model_dir):
     measured = sum(b for k, b in seen.items() if k not in weights)
     s = settings("ppo", tiny_model_dir, lora=lora, sampling=sampling, ppo=ppo, batch_size=mbs, max_length=P)
     d = act.Dims.from_config(module.model.get_base_model().config)
-    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, dropout=False, nbytes=4)  # PPO: dropout off
+    shape = act.LoraShape(adapted(module.model), lora.r, dropout=False, nbytes=4)  # PPO: dropout off
+    assert shape == planner_shape(s)
     assert measured == plan_stages.ppo_policy_saved(s, d, 4, shape, None)[0]
     logprobs.sum().backward()
 
 
-@pytest.mark.xfail(reason="open (issue: memory plan): after the model-families merge the real model saves more "
-                          "activations than planned for the default all-linear targets, and int8 weights differ", strict=False)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_reward_forward_terms_equal_what_autograd_saves(tiny_model_dir, dtype):
     """The reward forward over 2B padded rows with position ids (`scoring.sequence_scores`) saves what
@@ -330,7 +335,8 @@ def test_reward_forward_terms_equal_what_autograd_saves(tiny_model_dir, dtype):
     a = 4 if dtype == "float32" else 2
     s = settings("reward", tiny_model_dir, lora=lora, batch_size=pairs, max_length=seq)
     d = act.Dims.from_config(model.get_base_model().config)
-    shape = act.LoraShape(frozenset(lora.target_modules), lora.r, True, nbytes=4, copies=a != 4)
+    shape = act.LoraShape(adapted(model), lora.r, True, nbytes=4, copies=a != 4)
+    assert shape == planner_shape(settings("reward", tiny_model_dir, lora=lora, base={"dtype": dtype}))
     assert measured == plan_stages.reward_saved(s, d, a, shape, None, head_bytes=a)[0]
     scores.sum().backward()
 
@@ -340,11 +346,11 @@ def test_checkpointing_keeps_only_layer_inputs_outside(tiny_model_dir):
     recompute) and what is saved outside the layers (the final norm, the loss gather), nothing from inside; RoPE's
     cos/sin travel in the layers' `position_embeddings` argument, held by the checkpoints rather than saved."""
     rows, seq = 3, 20
-    measured, n_loss, config = sft_forward_saved(tiny_model_dir, "float32", LoraSpec(), checkpointing=True)
+    measured, n_loss, config, targets = sft_forward_saved(tiny_model_dir, "float32", LoraSpec(), checkpointing=True)
     d = act.Dims.from_config(config)
     trunk = act.trunk_saved(d, rows, seq, 4, act.LoraShape(frozenset(), 16, True), checkpointing=True)
     assert measured == trunk["layers"] - act.rope_saved(d, 1, seq, 4) + act.loss_saved(n_loss, rows, seq, d.hidden, 4)
-    full = act.trunk_saved(d, rows, seq, 4, act.LoraShape(frozenset(LoraSpec().target_modules), 16, True), False)
+    full = act.trunk_saved(d, rows, seq, 4, act.LoraShape(targets, 16, True), False)
     assert trunk["layers"] < full["layers"] / 3
 
 
