@@ -32,14 +32,18 @@ class Dims:
     vocab: int
     attn: str = "sdpa"
     """The attention kernel a load picks (`model.base.attn_implementation`, resolved for `auto`)."""
+    logit_softcap: bool = False
+    """The logits are soft-capped after the head (Gemma 2's `final_logit_softcapping`): tanh keeps its output."""
 
     @classmethod
     def from_config(cls, config) -> "Dims":
         text = getattr(config, "text_config", None) or config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        softcap = bool(getattr(config, "final_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None))
         return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
-                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size)
+                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
+                   logit_softcap=softcap)
 
 
 @dataclass(frozen=True)

@@ -161,9 +161,11 @@ def role_adapters(tiny_model_dir, tmp_path_factory):
     return str(root / "sft"), str(root / "reward")
 
 
-def check_ppo_roles(model_dir, quantization, sft=None, reward=None, value_model="adapter"):
+def check_ppo_roles(model_dir, quantization, sft=None, reward=None, value_model="adapter", stage="ppo"):
+    """The roles as the online stage builds them (`online.build_roles`: PPO's value model, or GRPO's "none")."""
     from lit_ft import roles
     from lit_ft.generation import SamplingSpec
+    from lit_ft.grpo_spec import GRPOSpec
     from lit_ft.ppo_spec import PPOSpec
 
     base, lora = ModelSpec(name_or_path=model_dir, quantization=quantization), LoraSpec(r=6)
@@ -171,18 +173,21 @@ def check_ppo_roles(model_dir, quantization, sft=None, reward=None, value_model=
     model, trainable = roles.build_roles(base, lora, sft, export, value_model)
     roles.AdapterRoles(model, trainable)  # the requires_grad flags the fit uses
     hidden = model.get_base_model().config.hidden_size
-    heads = [roles.value_head_from(export, hidden)]
+    heads = [roles.value_head_from(export, hidden)] if value_model != "none" else []
     if export is not None:
         heads.append(roles.linear_head(hidden, export.head_weight, export.head_bias, trainable=False))
     real = real_split(model, heads)
-    s = settings("ppo", model_dir, quantization, lora=lora, sampling=SamplingSpec(), ppo=PPOSpec(),
-                 sft_adapter=sft, reward_adapter=reward, value_model=value_model)
+    spec = {"ppo": PPOSpec()} if stage == "ppo" else {"grpo": GRPOSpec()}
+    s = settings(stage, model_dir, quantization, lora=lora, sampling=SamplingSpec(), sft_adapter=sft,
+                 reward_adapter=reward, value_model=value_model, **spec)
     got = planned(s)
     assert got["base weights"] == real["base"]
     assert got["adapters + heads"] == real["adapters"]
     assert got["gradients"] == real["trainable"]
-    trainable_params = [p for p in model.parameters() if p.requires_grad] + list(heads[0].parameters())
+    trainable_params = [p for p in model.parameters() if p.requires_grad] + [
+        q for head in heads for q in head.parameters() if q.requires_grad]
     assert got["optimizer state"] == optimizer_state_bytes(trainable_params, "adamw")
+    return got, real
 
 
 @pytest.mark.parametrize("quantization", QUANT)
@@ -191,6 +196,17 @@ def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantizat
     """Policy, frozen reference, frozen reward and trainable value adapters (and heads) on one base."""
     sft, reward = role_adapters if roles_kind == "sft+reward" else (None, None)
     check_ppo_roles(tiny_model_dir, quantization, sft, reward, "shared_trunk" if roles_kind == "shared-trunk" else "adapter")
+
+
+@pytest.mark.parametrize("quantization", QUANT)
+@pytest.mark.parametrize("roles_kind", ["sft", "sft+reward", "new-lora"])
+def test_grpo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantization, roles_kind):
+    """GRPO: the trainable policy, the frozen reference copy of the SFT adapter (none without one: the bare base)
+    and, when given, the frozen reward adapter and head on one base; no value adapter, no value head."""
+    sft = role_adapters[0] if roles_kind != "new-lora" else None
+    reward = role_adapters[1] if roles_kind == "sft+reward" else None
+    got, real = check_ppo_roles(tiny_model_dir, quantization, sft, reward, "none", stage="grpo")
+    assert got["gradients"] == real["trainable"] > 0
 
 
 @pytest.mark.slow
@@ -285,35 +301,75 @@ def test_padded_rows_repeat_kv_heads_and_keep_a_mask_per_layer(tiny_model_dir):
     assert trunk["layers"] > act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False)["layers"]
 
 
-def test_ppo_policy_forward_terms_equal_what_autograd_saves(tiny_model_dir):
-    """PPO's update forward (`PPOModule.policy_forward` over a minibatch of left-padded prompts + responses, with
-    position ids, dropout off) saves what `plan_stages.ppo_policy_saved` says."""
-    from lit_ft import plan_stages
+def online_update_saved(model_dir, stage, dtype, temperature=1.0, value_model="adapter"):
+    """(bytes autograd saves in the update forward of one minibatch of left-padded prompts + responses, the module,
+    its settings): PPO's `policy_forward`, GRPO's `minibatch_step` forward (`online.logprobs` under the policy)."""
+    from lit_ft import online, roles
     from lit_ft.generation import SamplingSpec
+    from lit_ft.grpo import GRPOModule
+    from lit_ft.grpo_spec import GRPOSpec
     from lit_ft.ppo import PPOModule
     from lit_ft.ppo_spec import PPOSpec, Rollout
 
     mbs, P, R = 4, 12, 6
-    lora, sampling, ppo = LoraSpec(r=6), SamplingSpec(max_new_tokens=R), PPOSpec(mini_batch_size=mbs)
-    module = PPOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=lora, sampling=sampling, ppo=ppo,
-                       reward_fn="lit_ft.tasks.correctness_reward")
+    base, lora = ModelSpec(name_or_path=model_dir, dtype=dtype), LoraSpec(r=6)
+    sampling = SamplingSpec(max_new_tokens=R, temperature=temperature)
+    if stage == "ppo":
+        spec = {"ppo": PPOSpec(mini_batch_size=mbs)}
+        module = PPOModule(base=base, lora=lora, sampling=sampling, value_model=value_model,
+                           reward_fn="lit_ft.tasks.correctness_reward", **spec)
+    else:
+        spec = {"grpo": GRPOSpec(mini_batch_size=mbs, samples_per_prompt=2)}
+        module = GRPOModule(base=base, lora=lora, sampling=sampling, reward_fn="lit_ft.tasks.correctness_reward",
+                            **spec)
     module.configure_model()
     module.model.train()
-    weights = {t.untyped_storage().data_ptr() for t in list(module.model.parameters()) + list(module.model.buffers())}
+    params = list(module.model.parameters()) + list(module.model.buffers()) + list(getattr(
+        module, "value_head", torch.nn.Linear(1, 1)).parameters())
+    weights = {t.untyped_storage().data_ptr() for t in params}
     torch.manual_seed(0)
     prompt_mask = torch.ones(mbs, P, dtype=torch.long)
     prompt_mask[1, :3] = 0  # left padding
     response_mask = torch.ones(mbs, R, dtype=torch.long)
     response_mask[2, 4:] = 0  # ended early
     ro = Rollout(torch.randint(0, 100, (mbs, P)), prompt_mask, torch.randint(0, 100, (mbs, R)), response_mask)
-    seen, (logprobs, _, _) = saved_bytes(lambda: module.policy_forward(ro))
-    measured = sum(b for k, b in seen.items() if k not in weights)
-    s = settings("ppo", tiny_model_dir, lora=lora, sampling=sampling, ppo=ppo, batch_size=mbs, max_length=P)
+
+    def forward():
+        if stage == "ppo":
+            return module.policy_forward(ro)
+        with module.roles.active(roles.POLICY):
+            return online.logprobs(module, ro)
+
+    seen, (logprobs, _, values) = saved_bytes(forward)
+    (logprobs.sum() + (values.sum() if values is not None else 0)).backward()  # the graph is a real one
+    s = settings(stage, model_dir, lora=lora, sampling=sampling, batch_size=mbs // 2 if stage == "grpo" else mbs,
+                 max_length=P, value_model=value_model, base={"dtype": dtype}, **spec)
+    return sum(b for k, b in seen.items() if k not in weights), module, s
+
+
+@pytest.mark.parametrize("stage,dtype,temperature,value_model", [
+    ("ppo", "float32", 1.0, "adapter"), ("ppo", "bfloat16", 0.7, "adapter"), ("ppo", "float32", 1.0, "shared_trunk"),
+    ("ppo", "bfloat16", 1.0, "shared_trunk"), ("grpo", "float32", 1.0, None), ("grpo", "bfloat16", 1.0, None),
+    ("grpo", "float32", 0.7, None)])
+def test_online_update_forward_terms_equal_what_autograd_saves(tiny_model_dir, stage, dtype, temperature,
+                                                               value_model):
+    """The update forward of PPO and GRPO (the policy over a minibatch of prompts + responses, with position ids,
+    dropout off; the logits cast to fp32 whatever the base dtype; PPO's shared-trunk value head on the same hidden
+    states) saves what `plan_online.policy_saved` says."""
+    from lit_ft import plan_online, plan_stages
+
+    measured, module, s = online_update_saved(tiny_model_dir, stage, dtype, temperature, value_model or "adapter")
     d = act.Dims.from_config(module.model.get_base_model().config)
-    shape = act.LoraShape(adapted(module.model), lora.r, dropout=False, nbytes=4)  # PPO: dropout off
+    a = 4 if dtype == "float32" else 2
+    shape = act.LoraShape(adapted(module.model) if stage == "grpo" else _policy_targets(module.model), 6,
+                          dropout=False, nbytes=4, copies=a != 4)  # dropout off in the online stages
     assert shape == planner_shape(s)
-    assert measured == plan_stages.ppo_policy_saved(s, d, 4, shape, None)[0]
-    logprobs.sum().backward()
+    assert measured == plan_online.policy_saved(s, d, a, shape, None, plan_stages._trunk)[0]
+
+
+def _policy_targets(model) -> frozenset:
+    """Leaf names of the projections carrying the policy adapter (PPO also holds a value adapter)."""
+    return frozenset(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "policy" in getattr(m, "lora_A", {}))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
