@@ -424,6 +424,37 @@ def test_kv_cache_equals_a_static_cache(tiny_model_dir):
     assert act.kv_cache(act.Dims.from_config(config), 5, 24, 4) == real
 
 
+def test_rollout_engine_row_equals_the_decode_engine(tiny_model_dir):
+    """The planned "KV cache (rollout)" of a GRPO run equals every tensor a real static `DecodeEngine` keeps (its
+    `StaticCache` and step buffers) after a validation rollout of eval_batch_size prompts and a training rollout of
+    batch_size x samples_per_prompt rows (the engine keeps the larger of the two); hf generate keeps none."""
+    import dataclasses
+
+    from lit_ft import roles
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.grpo_spec import GRPOSpec
+    from lit_ft.rollout import Sampler
+
+    B, k, P, R, eval_rows = 3, 2, 9, 5, 8
+    model, _ = roles.build_roles(ModelSpec(name_or_path=tiny_model_dir, dtype="bfloat16"), LoraSpec(r=4), None, None,
+                                 "none")
+    sampler, spec = Sampler(model, 2, 2), SamplingSpec(max_new_tokens=R, engine="static")
+    torch.manual_seed(0)
+    for rows, width in ((eval_rows, P - 2), (B * k, P)):  # the sanity-check validation first, then a rollout
+        ids = torch.randint(3, 100, (rows, width))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        sampler(ids, mask, spec)
+    engine = sampler.engine
+    real = _tensor_bytes([t for layer in engine.cache.layers for t in vars(layer).values() if torch.is_tensor(t)]
+                         + [t for t in vars(engine).values() if torch.is_tensor(t)])
+    s = dataclasses.replace(settings("grpo", tiny_model_dir, lora=LoraSpec(r=4), sampling=spec, batch_size=B,
+                                     max_length=P, eval_batch_size=eval_rows, grpo=GRPOSpec(samples_per_prompt=k),
+                                     base={"dtype": "bfloat16"}), target="cuda")
+    assert planned(s)["KV cache (rollout)"] == real
+    assert planned(dataclasses.replace(s, sampling=dataclasses.replace(spec, engine="hf")))["KV cache (rollout)"] == 0
+
+
 # ---------------------------------------------------------------------------------------------- plan, CLI, advice
 
 
@@ -455,16 +486,30 @@ def test_cli_reads_the_config_as_fit_and_advises(smollm2_dir, capsys):
     assert "--data.batch_size" in out and "--model.base.gradient_checkpointing true" in out
 
 
-def test_advice_totals_are_the_plans_of_the_changed_configs(tiny_model_dir):
+@pytest.mark.parametrize("config", ["configs/sft.yaml", "configs/grpo.yaml"])
+def test_advice_totals_are_the_plans_of_the_changed_configs(tiny_model_dir, config):
     """Each advised change, applied through the CLI as an override, plans exactly the total the advice shows."""
-    args = ["--config", "configs/sft.yaml", "--model.base.name_or_path", tiny_model_dir, "--data.max_length", "256",
+    args = ["--config", config, "--model.base.name_or_path", tiny_model_dir, "--data.max_length", "256",
             "--data.batch_size", "16"]
-    first = plan.plan_from_cli(args, budget="1MiB", target="cpu")
+    target = "cuda" if "grpo" in config else "cpu"  # on CUDA the rollout engine is planned, and hf advised
+    first = plan.plan_from_cli(args, budget="1MiB", target=target)
     assert first.fits is False and first.advice
     for what, overrides, total, fits in first.advice:
-        again = plan.plan_from_cli(args + overrides, budget="1MiB", target="cpu")
+        again = plan.plan_from_cli(args + overrides, budget="1MiB", target=target)
         assert again.total == total, what
     assert first.advice[0][2] < first.total  # the micro-batch change lowers the peak
+
+
+def test_cli_plans_grpo(tiny_model_dir, capsys):
+    """`python -m lit_ft.plan --config configs/grpo.yaml`: the GRPO stage, its rollout engine and minibatch advice
+    in the spec's own keys (manual optimization: no Trainer accumulation)."""
+    assert plan.main(["--config", "configs/grpo.yaml", "--model.base.name_or_path", tiny_model_dir, "--device", "cuda",
+                      "--budget", "1MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: grpo on cuda" in out and "KV cache (rollout)" in out and "DOES NOT FIT" in out
+    # nothing fits 1 MiB: the smallest minibatch, 16 -> 1 with 16 accumulated (configs/grpo.yaml: 16, 1)
+    assert "--model.grpo.mini_batch_size 1 --model.grpo.gradient_accumulation_steps 16" in out
+    assert "--model.sampling.engine hf" in out and "accumulate_grad_batches" not in out
 
 
 def test_over_budget_advice_reaches_a_fit(tiny_model_dir):
