@@ -41,7 +41,9 @@ class Dims:
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         softcap = bool(getattr(config, "final_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None))
-        return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
+        # Falcon names its MLP width `ffn_hidden_size` (None: 4 x hidden, its non-gated GELU MLP)
+        inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_hidden_size", None) or 4 * text.hidden_size
+        return cls(text.num_hidden_layers, text.hidden_size, inter, heads,
                    getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
                    logit_softcap=softcap)
 
