@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
+# Projections by the input they read (Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`).
+QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj",
+                                                                                   "gate_up_proj"), ("down_proj",)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Dims:
     """The attention kernel a load picks (`model.base.attn_implementation`, resolved for `auto`)."""
     logit_softcap: bool = False
     """The logits are soft-capped after the head (Gemma 2's `final_logit_softcapping`): tanh keeps its output."""
+    fused_qkv: bool = False
+    """A Phi-3-style layer: q, k and v come from one fused `qkv_proj` (v is a view of its output) and RoPE
+    concatenates its rotated part (partial rotary), so q and the attention output are laid out [rows, h, seq, d]
+    and `o_proj` reads a transposed copy of that output, not the tensor sdpa keeps."""
 
     @classmethod
     def from_config(cls, config) -> "Dims":
@@ -97,7 +103,10 @@ def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, 
             # memory-efficient kernel keeps for its backward: [rows, 1, seq, seq] a layer.
             out["attention"] = 4 * n * h * dh * a + n * h * 4 + rows * seq * seq * a
         else:
-            out["attention"] = 2 * n * h * dh * a + 2 * n * k * dh * a + n * h * 4
+            # A fused projection's v is a slice of its [n, (h + 2k) d] output (q and k are new tensors after
+            # RoPE), so sdpa keeping v keeps that whole output.
+            v = n * (h + 2 * k) * dh * a if d.fused_qkv else n * k * dh * a
+            out["attention"] = 2 * n * h * dh * a + n * k * dh * a + v + n * h * 4
     # SwiGLU down(silu(gate(x)) * up(x)): silu keeps its input, the product keeps both factors: 3 x [n, I].
     out["mlp"] = 3 * n * I * a if g_mlp else 0
     out["lora"] = _lora_saved(d, n, a, t, lora, m, (grad_in, g_qkv, g_o, g_mlp), attn) if lora else 0
@@ -108,7 +117,9 @@ def _lora_saved(d: Dims, n: int, a: int, t, lora: LoraShape, m: int, grads: tupl
     """Per adapted projection ``B(A(dropout(x)))``: B keeps A's output [n, r]; A keeps its input. With dropout
     each projection has its own dropped copy [n, d_in] and (when x needs a gradient) its mask; without dropout,
     projections that share an input keep that one tensor once (q/k/v the normed input, gate/up the
-    post-attention normed input, o the attention output that sdpa keeps already, down the SwiGLU product)."""
+    post-attention normed input, o the attention output, down the SwiGLU product). o's input is a copy of its own
+    under eager attention and in a Phi-3-style layer (`Dims.fused_qkv`); in a Llama layer sdpa's output is laid out
+    [rows, seq, h, d] like its query, so the transpose o reads is that very tensor, kept already."""
     H, I = d.hidden, d.intermediate
     a = lora.nbytes or a
     m = m if m != 0 else a
@@ -121,7 +132,7 @@ def _lora_saved(d: Dims, n: int, a: int, t, lora: LoraShape, m: int, grads: tupl
             total += len(hit) * n * d_in * (a + (m if x_grad else 0))
         elif hit and lora.copies:
             total += len(hit) * n * d_in * a
-        elif hit and (names != O or attn == "eager"):  # eager keeps no attention output of its own
+        elif hit and (names != O or attn == "eager" or d.fused_qkv):
             total += n * d_in * a
     return total
 

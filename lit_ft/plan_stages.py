@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 
+from lit_ft import families
 from lit_ft.errors import ConfigError
 from lit_ft import plan_activations as act
 from lit_ft import plan_online as online
@@ -110,7 +111,8 @@ def counted_model(s):
         if len(_CACHE) > 16:
             _CACHE.clear()
         attn = getattr(model.get_base_model().config, "_attn_implementation", None) or "sdpa"  # `auto` resolved
-        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn)
+        fused = any(n.endswith("qkv_proj") for n in families.linear_layers(model))
+        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn, fused_qkv=fused)
         engine = s.stage in online.ONLINE and engine_unsupported(model) is None
         _CACHE[key] = (dims, dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged, engine)
     dims, dtype, counts, shape, notes, heads, merged, engine = _CACHE[key]

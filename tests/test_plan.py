@@ -289,6 +289,38 @@ def test_activation_terms_equal_what_autograd_saves(tiny_model_dir, dtype, lora)
     assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, a)
 
 
+@pytest.fixture(scope="module")
+def tiny_phi3_dir(tmp_path_factory):
+    """A tiny random Phi-3: fused `qkv_proj` and `gate_up_proj`, RoPE through a concatenation."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_phi3")
+    Phi3ForCausalLM(Phi3Config(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               pad_token_id=2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+                    ).save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_fused_projections_phi3(tiny_phi3_dir, dtype, dropout):
+    """Phi-3's fused projections through the planner's own dims and LoRA shape (read off its meta model): `all`
+    adapts qkv_proj, o_proj, gate_up_proj and down_proj, sdpa keeps the fused qkv output behind v, and o_proj reads
+    a copy of the attention output."""
+    from lit_ft import plan_stages
+
+    rows, seq, lora = 3, 20, LoraSpec(dropout=dropout)
+    measured, n_loss, _, targets = sft_forward_saved(tiny_phi3_dir, dtype, lora, rows=rows, seq=seq)
+    assert targets == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    d, _, _, shape, *_ = plan_stages.counted_model(settings("sft", tiny_phi3_dir, lora=lora, base={"dtype": dtype}))
+    assert d.fused_qkv and shape.targets == targets
+    a = 4 if dtype == "float32" else 2
+    trunk = act.trunk_saved(d, rows, seq, a, shape, checkpointing=False)
+    assert measured == trunk["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, a)
+
+
 def test_padded_rows_repeat_kv_heads_and_keep_a_mask_per_layer(tiny_model_dir):
     """With padding, sdpa gets repeated KV heads and an additive mask converted per layer (both kept)."""
     rows, seq = 3, 20
