@@ -55,6 +55,7 @@ class Settings:
     sampling: SamplingSpec | None = None
     ppo: object = None
     grpo: object = None
+    dpo: object = None
     value_model: str = "adapter"
     sft_adapter: str | None = None
     reward_adapter: str | None = None
@@ -168,6 +169,7 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         precision=precision, accumulate_grad_batches=accumulate,
         loss_chunk_size=getattr(model, "loss_chunk_size", 4096),
         sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None), grpo=getattr(model, "grpo", None),
+        dpo=getattr(model, "dpo", None),
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
         reward_adapter=getattr(model, "reward_adapter", None), target=target or "cuda")
 

@@ -21,9 +21,12 @@ ONLINE = ("ppo", "grpo")
 SELECTIVE_CHUNK = 1024  # rows `losses.selective_log_softmax` / `entropy_from_logits` convert to fp32 at a time
 
 
+ROLES = ONLINE + ("dpo",)  # the stages whose policy and reference are adapters of one base (`roles.build_roles`)
+
+
 def spec_of(s):
-    """The stage's spec section: `model.ppo` (PPOSpec) or `model.grpo` (GRPOSpec)."""
-    return s.ppo if s.stage == "ppo" else s.grpo
+    """The stage's spec section: `model.ppo` (PPOSpec), `model.grpo` (GRPOSpec) or `model.dpo` (DPOSpec)."""
+    return getattr(s, s.stage, None)
 
 
 def disable_dropout(s) -> bool:
@@ -41,7 +44,8 @@ def _trainable_config(cfg, task=None):
 def roles_meta(s, base, notes, heads):
     """The roles on one meta base as `lit_ft.roles.build_roles` builds them: policy (+ a frozen `ref` copy of the
     SFT adapter), reward (frozen, with its frozen fp32 score head), and for PPO the value model (adapter + head, or
-    a head on the policy's trunk); GRPO has no value model. Heads as (numel, trainable) fp32 tensors."""
+    a head on the policy's trunk); GRPO and DPO have no value model (DPO no reward either). Heads as (numel,
+    trainable) fp32 tensors."""
     from peft import get_peft_model
 
     from lit_ft.models import lora_config

@@ -57,7 +57,7 @@ def build_meta(s, config, dtype):
     base = pw.meta_model(s.base, task, config, dtype)
     keep = pw.unquantized_modules(base)
     with torch.device("meta"):
-        if s.stage not in online.ONLINE:
+        if s.stage not in online.ROLES:
             saved = pw.read_adapter_config(s.base.adapter)
             if s.base.adapter is not None and saved is None:
                 notes.append(f"model.base.adapter {s.base.adapter} not found: assumed to be model.lora")
@@ -81,7 +81,7 @@ def lora_shape(model, s, a: int, cast) -> act.LoraShape | None:
         return None
     # `...q_proj.lora_A.<adapter>.weight` -> q_proj (the module before lora_A; an expert parameter has no .weight)
     targets = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if f"lora_A.{name}" in n}
-    dropout = cfg.lora_dropout > 0 and not (s.stage in online.ONLINE and online.disable_dropout(s))
+    dropout = cfg.lora_dropout > 0 and not (s.stage in online.ROLES and online.disable_dropout(s))
     adapter = next((p.dtype for n, p in model.named_parameters() if f"lora_A.{name}" in n), None)
     mixed = str(s.precision).endswith("mixed") and str(s.precision).split("-")[0] in _HALF
     nbytes = 2 if mixed else (cast or adapter or torch.float32).itemsize
@@ -100,7 +100,7 @@ def counted_model(s):
     from lit_ft.rollout_ops import engine_unsupported
 
     key = repr((s.stage, s.base, s.lora, s.precision, s.sft_adapter, s.reward_adapter, s.value_model, s.target,
-                s.stage in online.ONLINE and online.disable_dropout(s)))
+                s.stage in online.ROLES and online.disable_dropout(s)))
     if key not in _CACHE:
         config = pw.model_config(s.base)
         dtype = pw.resolve_dtype_for(s.base, s.target)

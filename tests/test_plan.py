@@ -209,14 +209,36 @@ def test_grpo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantiza
     assert got["gradients"] == real["trainable"] > 0
 
 
+@pytest.mark.parametrize("quantization", QUANT)
+@pytest.mark.parametrize("with_sft", [True, False], ids=["sft", "new-lora"])
+def test_dpo_roles_equal_the_real_module(tiny_model_dir, role_adapters, quantization, with_sft):
+    """DPO as `DPOModule.configure_model` builds it: the trainable policy (a copy of the SFT adapter, or a new
+    LoRA) and the frozen reference copy on one base."""
+    from lit_ft.dpo import DPOModule
+
+    sft, lora = (role_adapters[0] if with_sft else None), LoraSpec(r=6)
+    base = ModelSpec(name_or_path=tiny_model_dir, quantization=quantization)
+    module = DPOModule(base=base, lora=lora, sft_adapter=sft)
+    module.configure_model()
+    real = real_split(module.model)
+    got = planned(settings("dpo", tiny_model_dir, quantization, lora=lora, sft_adapter=sft, dpo=module.dpo))
+    assert (got["base weights"], got["adapters + heads"], got["gradients"]) == \
+        (real["base"], real["adapters"], real["trainable"])
+    trainable = [p for p in module.model.parameters() if p.requires_grad]
+    assert got["optimizer state"] == optimizer_state_bytes(trainable, "adamw")
+    assert planner_shape(settings("dpo", tiny_model_dir, lora=lora, sft_adapter=sft, dpo=module.dpo)).targets == \
+        _policy_targets(module.model)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", QUANT)
 def test_smollm2_every_stage(smollm2_dir, quantization):
-    """The bundled SmolLM2-135M (tied embeddings, 30 layers): SFT, reward and PPO's roles (new policy and value
-    adapters) against the real quantized models."""
+    """The bundled SmolLM2-135M (tied embeddings, 30 layers): SFT, reward, PPO's roles (new policy and value
+    adapters) and GRPO's (a new policy, the bare base as reference) against the real quantized models."""
     for stage in ("sft", "reward"):
         check_stage(smollm2_dir, stage, quantization)
     check_ppo_roles(smollm2_dir, quantization)
+    check_ppo_roles(smollm2_dir, quantization, value_model="none", stage="grpo")
 
 
 # ---------------------------------------------------------------------------------------------- activations
