@@ -33,7 +33,8 @@ def disable_dropout(s) -> bool:
     return bool(getattr(spec_of(s), "disable_dropout", False))
 
 
-def _trainable_config(cfg, task=None):
+def trainable_config(cfg, task=None):
+    """A copy of a saved adapter's PEFT config that trains (a role's adapter built from it), with `task`."""
     cfg = copy.deepcopy(cfg)
     cfg.inference_mode = False
     if task is not None:
@@ -56,7 +57,7 @@ def roles_meta(s, base, notes, heads):
     for name, path, found in (("sft_adapter", s.sft_adapter, sft), ("reward_adapter", s.reward_adapter, reward)):
         if path is not None and found is None:
             notes.append(f"{name} {path} not found yet: its LoRA is assumed to be model.lora")
-    policy = _trainable_config(sft, "CAUSAL_LM") if sft is not None else lora_cfg
+    policy = trainable_config(sft, "CAUSAL_LM") if sft is not None else lora_cfg
     if policy is None:
         raise ConfigError(f"{s.stage.upper()} needs a policy adapter: set sft_adapter or lora")
     model = get_peft_model(base, policy, adapter_name="policy")
@@ -65,7 +66,7 @@ def roles_meta(s, base, notes, heads):
     hidden = base.config.hidden_size
     rcfg = None
     if s.reward_adapter is not None:
-        rcfg = _trainable_config(reward, "CAUSAL_LM") if reward is not None else copy.deepcopy(lora_cfg or policy)
+        rcfg = trainable_config(reward, "CAUSAL_LM") if reward is not None else copy.deepcopy(lora_cfg or policy)
         rcfg.modules_to_save = None
         model.add_adapter("reward", rcfg)
         heads.append((hidden + 1, False))  # the frozen score head, fp32 (roles.linear_head)

@@ -1,7 +1,8 @@
-"""The memory components of each stage (SFT, reward, PPO, DPO): what is resident, what peaks, and when.
+"""The memory components of each stage (SFT, reward, DPO, PPO, GRPO): what is resident, what peaks, and when.
 
 `components(settings)` builds the stage's model on the meta device (its roles and adapters as the stage builds
-them), counts it (`lit_ft.plan_weights`) and adds the activations and stage extras (`lit_ft.plan_activations`).
+them), counts it (`lit_ft.plan_weights`) and adds the activations and stage extras (`lit_ft.plan_activations`;
+the online stages' rollout, no-grad passes and update in `lit_ft.plan_online`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def build_meta(s, config, dtype):
             if s.base.adapter is not None and saved is None:
                 notes.append(f"model.base.adapter {s.base.adapter} not found: assumed to be model.lora")
             if saved is not None:
-                cfg = online._trainable_config(saved, "SEQ_CLS" if task == "score" else None)
+                cfg = online.trainable_config(saved, "SEQ_CLS" if task == "score" else None)
             elif s.lora is not None:
                 cfg = lora_config(s.lora, task, base)  # targets resolved on the meta base, as the real build
             else:

@@ -1,7 +1,9 @@
 """The memory plan against the real thing: every weight, adapter, gradient and optimizer-state figure equals the
 bytes of the tensors of the really built model (tiny Llama; the bundled SmolLM2 in the slow tests), under no
-quantization, NF4 and int8, for SFT, reward and PPO's roles; the activation terms equal the bytes autograd saves
-for one forward on the CPU; the CLI reads the configs as `fit` does and its advice re-estimates correctly."""
+quantization, NF4 and int8, for SFT, reward, DPO and the PPO and GRPO roles; the activation terms equal the bytes
+autograd saves for one forward on the CPU (Llama and Phi-3 layers, SFT/reward/PPO/GRPO forwards); the rollout row
+equals a real decode engine's cache and buffers; the CLI reads the configs as `fit` does and its advice
+re-estimates correctly."""
 
 from __future__ import annotations
 
