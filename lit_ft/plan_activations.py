@@ -1,9 +1,11 @@
 """Activation memory of a decoder-only transformer with LoRA on a frozen base: what autograd saves, term by term.
 
 Pure arithmetic over the config's shapes (no torch model). The terms are those of a Llama-style layer
-(RMSNorm, grouped-query attention with RoPE, SwiGLU MLP) as transformers implements it, and were derived from the
-tensors autograd saves for one forward (`tests/test_plan.py` checks the sums byte for byte against
-`torch.autograd.graph.saved_tensors_hooks` on the CPU). Notation: ``n`` tokens in the batch (rows x length),
+(RMSNorm, grouped-query attention with RoPE, SwiGLU MLP) as transformers implements it, with Phi-3's fused
+`qkv_proj`/`gate_up_proj` (`Dims.fused_qkv`), and were derived from the tensors autograd saves for one forward
+(`tests/test_plan.py` checks the sums byte for byte against `torch.autograd.graph.saved_tensors_hooks` on the CPU).
+Other layer layouts (Falcon's parallel attention and GELU MLP, GPT-2's Conv1D) are planned with these terms as an
+approximation: their LoRA inputs under other projection names are not counted. Notation: ``n`` tokens in the batch (rows x length),
 ``a`` bytes per activation element (2 under bf16, 4 in fp32), H hidden, I intermediate, h/k query/KV heads, d
 head dim, r LoRA rank, V vocabulary.
 
