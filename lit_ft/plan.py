@@ -54,6 +54,8 @@ class Settings:
     loss_chunk_size: int = 4096
     sampling: SamplingSpec | None = None
     ppo: object = None
+    grpo: object = None
+    dpo: object = None
     value_model: str = "adapter"
     sft_adapter: str | None = None
     reward_adapter: str | None = None
@@ -166,14 +168,16 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         packing=bool(getattr(dm, "packing", False)), eval_batch_size=getattr(dm, "eval_batch_size", None),
         precision=precision, accumulate_grad_batches=accumulate,
         loss_chunk_size=getattr(model, "loss_chunk_size", 4096),
-        sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None),
+        sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None), grpo=getattr(model, "grpo", None),
+        dpo=getattr(model, "dpo", None),
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
         reward_adapter=getattr(model, "reward_adapter", None), target=target or "cuda")
 
 
 def estimate(model, datamodule=None, trainer=None, *, budget: int | str | None = "auto", target: str | None = None,
              advise: bool = True) -> Plan:
-    """The memory plan of fitting `model` (an SFT/reward/PPO LightningModule, not yet configured) on `datamodule`
+    """The memory plan of fitting `model` (an SFT/reward/DPO/PPO/GRPO LightningModule, not yet configured) on
+    `datamodule`
     with `trainer`. `budget`: bytes or a size string; "auto" = the visible GPU's memory (None on a CPU).
     `target`: the device planned for, "cuda" (default: the plan is of GPU memory) or "cpu"; it decides what
     `dtype: auto` means (bfloat16 on CUDA) and the CUDA context allowance."""
@@ -197,16 +201,21 @@ def _candidates(s: Settings):
     """(description, overrides, changed settings), cheapest first: changes that keep the result (micro-batch with
     accumulation, checkpointing, the loss chunk) before those that change the numerics (4-bit base, 8-bit
     optimizer state)."""
-    if s.stage == "ppo" and s.ppo is not None and s.ppo.mini_batch_size > 1:
-        p = s.ppo
+    online = s.stage in ("ppo", "grpo")
+    p = getattr(s, s.stage, None) if online else None
+    if online and p.mini_batch_size > 1:
+        # Manual optimization: the spec's own minibatch and accumulation (Lightning refuses its accumulate flag);
+        # a minibatch larger than the rollout acts as the rollout, so the halving starts from there.
+        start = min(p.mini_batch_size, s.batch_size * p.samples_per_prompt)
         for k in (2, 4, 8, 16, 32, 64):
-            mb, ga = max(p.mini_batch_size // k, 1), p.gradient_accumulation_steps * k
-            yield (f"PPO minibatch {p.mini_batch_size} -> {mb}, gradient_accumulation_steps x{k}",
-                   ["--model.ppo.mini_batch_size", str(mb), "--model.ppo.gradient_accumulation_steps", str(ga)],
-                   replace(s, ppo=replace(p, mini_batch_size=mb, gradient_accumulation_steps=ga)), "microbatch")
+            mb, ga = max(start // k, 1), p.gradient_accumulation_steps * k
+            yield (f"{s.stage.upper()} minibatch {p.mini_batch_size} -> {mb}, gradient_accumulation_steps x{k}",
+                   [f"--model.{s.stage}.mini_batch_size", str(mb), f"--model.{s.stage}.gradient_accumulation_steps",
+                    str(ga)], replace(s, **{s.stage: replace(p, mini_batch_size=mb, gradient_accumulation_steps=ga)}),
+                   "microbatch")
             if mb == 1:
                 break
-    elif s.stage != "ppo" and s.batch_size > 1:
+    elif not online and s.batch_size > 1:
         for k in (2, 4, 8, 16, 32, 64):
             b = max(s.batch_size // k, 1)
             yield (f"micro-batch {s.batch_size} -> {b}, accumulate_grad_batches x{k}",
@@ -217,6 +226,9 @@ def _candidates(s: Settings):
     if not s.base.gradient_checkpointing:
         yield ("gradient checkpointing (about a third more compute)", ["--model.base.gradient_checkpointing", "true"],
                replace(s, base=replace(s.base, gradient_checkpointing=True)), "checkpointing")
+    if online and s.target == "cuda" and s.sampling is not None and s.sampling.engine != "hf":
+        yield ("hf generate for rollouts (its KV cache is freed after each rollout; slower decoding)",
+               ["--model.sampling.engine", "hf"], replace(s, sampling=replace(s.sampling, engine="hf")), "engine")
     if s.stage in ("sft", "dpo") and s.loss_chunk_size > 1024:
         yield (f"loss chunk {s.loss_chunk_size} -> 1024 tokens", ["--model.loss_chunk_size", "1024"],
                replace(s, loss_chunk_size=1024), "chunk")

@@ -1,9 +1,11 @@
 """Activation memory of a decoder-only transformer with LoRA on a frozen base: what autograd saves, term by term.
 
 Pure arithmetic over the config's shapes (no torch model). The terms are those of a Llama-style layer
-(RMSNorm, grouped-query attention with RoPE, SwiGLU MLP) as transformers implements it, and were derived from the
-tensors autograd saves for one forward (`tests/test_plan.py` checks the sums byte for byte against
-`torch.autograd.graph.saved_tensors_hooks` on the CPU). Notation: ``n`` tokens in the batch (rows x length),
+(RMSNorm, grouped-query attention with RoPE, SwiGLU MLP) as transformers implements it, with Phi-3's fused
+`qkv_proj`/`gate_up_proj` (`Dims.fused_qkv`), and were derived from the tensors autograd saves for one forward
+(`tests/test_plan.py` checks the sums byte for byte against `torch.autograd.graph.saved_tensors_hooks` on the CPU).
+Other layer layouts (Falcon's parallel attention and GELU MLP, GPT-2's Conv1D) are planned with these terms as an
+approximation: their LoRA inputs under other projection names are not counted. Notation: ``n`` tokens in the batch (rows x length),
 ``a`` bytes per activation element (2 under bf16, 4 in fp32), H hidden, I intermediate, h/k query/KV heads, d
 head dim, r LoRA rank, V vocabulary.
 
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
+# Projections by the input they read (Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`).
+QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj",
+                                                                                   "gate_up_proj"), ("down_proj",)
 
 
 @dataclass(frozen=True)
@@ -32,14 +36,24 @@ class Dims:
     vocab: int
     attn: str = "sdpa"
     """The attention kernel a load picks (`model.base.attn_implementation`, resolved for `auto`)."""
+    logit_softcap: bool = False
+    """The logits are soft-capped after the head (Gemma 2's `final_logit_softcapping`): tanh keeps its output."""
+    fused_qkv: bool = False
+    """A Phi-3-style layer: q, k and v come from one fused `qkv_proj` (v is a view of its output) and RoPE
+    concatenates its rotated part (partial rotary), so q and the attention output are laid out [rows, h, seq, d]
+    and `o_proj` reads a transposed copy of that output, not the tensor sdpa keeps."""
 
     @classmethod
     def from_config(cls, config) -> "Dims":
         text = getattr(config, "text_config", None) or config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
-                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size)
+        softcap = bool(getattr(config, "final_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None))
+        # Falcon names its MLP width `ffn_hidden_size` (None: 4 x hidden, its non-gated GELU MLP)
+        inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_hidden_size", None) or 4 * text.hidden_size
+        return cls(text.num_hidden_layers, text.hidden_size, inter, heads,
+                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
+                   logit_softcap=softcap)
 
 
 @dataclass(frozen=True)
@@ -91,7 +105,10 @@ def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, 
             # memory-efficient kernel keeps for its backward: [rows, 1, seq, seq] a layer.
             out["attention"] = 4 * n * h * dh * a + n * h * 4 + rows * seq * seq * a
         else:
-            out["attention"] = 2 * n * h * dh * a + 2 * n * k * dh * a + n * h * 4
+            # A fused projection's v is a slice of its [n, (h + 2k) d] output (q and k are new tensors after
+            # RoPE), so sdpa keeping v keeps that whole output.
+            v = n * (h + 2 * k) * dh * a if d.fused_qkv else n * k * dh * a
+            out["attention"] = 2 * n * h * dh * a + n * k * dh * a + v + n * h * 4
     # SwiGLU down(silu(gate(x)) * up(x)): silu keeps its input, the product keeps both factors: 3 x [n, I].
     out["mlp"] = 3 * n * I * a if g_mlp else 0
     out["lora"] = _lora_saved(d, n, a, t, lora, m, (grad_in, g_qkv, g_o, g_mlp), attn) if lora else 0
@@ -102,7 +119,9 @@ def _lora_saved(d: Dims, n: int, a: int, t, lora: LoraShape, m: int, grads: tupl
     """Per adapted projection ``B(A(dropout(x)))``: B keeps A's output [n, r]; A keeps its input. With dropout
     each projection has its own dropped copy [n, d_in] and (when x needs a gradient) its mask; without dropout,
     projections that share an input keep that one tensor once (q/k/v the normed input, gate/up the
-    post-attention normed input, o the attention output that sdpa keeps already, down the SwiGLU product)."""
+    post-attention normed input, o the attention output, down the SwiGLU product). o's input is a copy of its own
+    under eager attention and in a Phi-3-style layer (`Dims.fused_qkv`); in a Llama layer sdpa's output is laid out
+    [rows, seq, h, d] like its query, so the transpose o reads is that very tensor, kept already."""
     H, I = d.hidden, d.intermediate
     a = lora.nbytes or a
     m = m if m != 0 else a
@@ -115,7 +134,7 @@ def _lora_saved(d: Dims, n: int, a: int, t, lora: LoraShape, m: int, grads: tupl
             total += len(hit) * n * d_in * (a + (m if x_grad else 0))
         elif hit and lora.copies:
             total += len(hit) * n * d_in * a
-        elif hit and (names != O or attn == "eager"):  # eager keeps no attention output of its own
+        elif hit and (names != O or attn == "eager" or d.fused_qkv):
             total += n * d_in * a
     return total
 

@@ -1,7 +1,8 @@
-"""The memory components of each stage (SFT, reward, PPO, DPO): what is resident, what peaks, and when.
+"""The memory components of each stage (SFT, reward, DPO, PPO, GRPO): what is resident, what peaks, and when.
 
 `components(settings)` builds the stage's model on the meta device (its roles and adapters as the stage builds
-them), counts it (`lit_ft.plan_weights`) and adds the activations and stage extras (`lit_ft.plan_activations`).
+them), counts it (`lit_ft.plan_weights`) and adds the activations and stage extras (`lit_ft.plan_activations`;
+the online stages' rollout, no-grad passes and update in `lit_ft.plan_online`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import dataclasses
 
 import torch
 
+from lit_ft import families
 from lit_ft.errors import ConfigError
 from lit_ft import plan_activations as act
+from lit_ft import plan_online as online
 from lit_ft import plan_weights as pw
 
-_STAGES = {"SFTModule": "sft", "RewardModule": "reward", "PPOModule": "ppo", "DPOModule": "dpo"}
+_STAGES = {"SFTModule": "sft", "RewardModule": "reward", "PPOModule": "ppo", "GRPOModule": "grpo",
+           "DPOModule": "dpo"}
 _HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -23,7 +27,8 @@ def stage_of(module) -> str:
     for cls in type(module).__mro__:
         if cls.__name__ in _STAGES:
             return _STAGES[cls.__name__]
-    raise ConfigError(f"model: no memory plan for {type(module).__name__} (planned: SFT, reward, PPO, DPO modules)")
+    raise ConfigError(f"model: no memory plan for {type(module).__name__} (planned: SFT, reward, DPO, PPO, GRPO "
+                      "modules)")
 
 
 def precision_dtypes(precision: str, weight_dtype: torch.dtype) -> tuple[torch.dtype | None, int]:
@@ -41,16 +46,9 @@ def precision_dtypes(precision: str, weight_dtype: torch.dtype) -> tuple[torch.d
 # ---------------------------------------------------------------------------------------------- models
 
 
-def _trainable_config(cfg, task=None):
-    cfg = copy.deepcopy(cfg)
-    cfg.inference_mode = False
-    if task is not None:
-        cfg.task_type = task
-    return cfg
-
-
 def build_meta(s, config, dtype):
-    """The stage's PEFT model on the meta device, the base's unquantized-module names, notes, PPO's heads."""
+    """The stage's PEFT model on the meta device, the base's unquantized-module names, notes, the online stages'
+    heads."""
     from peft import get_peft_model
 
     from lit_ft.models import lora_config
@@ -60,56 +58,23 @@ def build_meta(s, config, dtype):
     base = pw.meta_model(s.base, task, config, dtype)
     keep = pw.unquantized_modules(base)
     with torch.device("meta"):
-        if s.stage != "ppo":
+        if s.stage not in online.ROLES:
             saved = pw.read_adapter_config(s.base.adapter)
             if s.base.adapter is not None and saved is None:
                 notes.append(f"model.base.adapter {s.base.adapter} not found: assumed to be model.lora")
             if saved is not None:
-                cfg = _trainable_config(saved, "SEQ_CLS" if task == "score" else None)
+                cfg = online.trainable_config(saved, "SEQ_CLS" if task == "score" else None)
             elif s.lora is not None:
-                cfg = lora_config(s.lora, task)
+                cfg = lora_config(s.lora, task, base)  # targets resolved on the meta base, as the real build
             else:
                 raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
             return get_peft_model(base, cfg), keep, notes, heads
-        return _ppo_meta(s, base, notes, heads) + (keep, notes, heads)
-
-
-def _ppo_meta(s, base, notes, heads):
-    """Policy (+ frozen reference copy of the SFT adapter), reward (frozen), value (trainable) adapters on one
-    base, as `lit_ft.roles.build_roles` builds them; heads as (numel, trainable) fp32 tensors."""
-    from peft import get_peft_model
-
-    from lit_ft.models import lora_config
-
-    lora_cfg = lora_config(s.lora, "causal_lm") if s.lora is not None else None
-    sft = pw.read_adapter_config(s.sft_adapter)
-    reward = pw.read_adapter_config(s.reward_adapter)
-    for name, path, found in (("sft_adapter", s.sft_adapter, sft), ("reward_adapter", s.reward_adapter, reward)):
-        if path is not None and found is None:
-            notes.append(f"{name} {path} not found yet: its LoRA is assumed to be model.lora")
-    policy = _trainable_config(sft, "CAUSAL_LM") if sft is not None else lora_cfg
-    if policy is None:
-        raise ConfigError("PPO needs a policy adapter: set sft_adapter or lora")
-    model = get_peft_model(base, policy, adapter_name="policy")
-    if s.sft_adapter is not None:
-        model.add_adapter("ref", copy.deepcopy(policy))
-    hidden = base.config.hidden_size
-    if s.reward_adapter is not None:
-        rcfg = _trainable_config(reward, "CAUSAL_LM") if reward is not None else copy.deepcopy(lora_cfg or policy)
-        rcfg.modules_to_save = None
-        model.add_adapter("reward", rcfg)
-        heads.append((hidden + 1, False))  # the frozen score head, fp32 (roles.linear_head)
-    if s.value_model == "adapter":
-        vcfg = rcfg if s.reward_adapter is not None else copy.deepcopy(lora_cfg or policy)
-        model.add_adapter("value", copy.deepcopy(vcfg))
-    heads.append((hidden + 1, True))  # the value head, fp32, trainable
-    for n, p in model.named_parameters():  # what roles.AdapterRoles.restore_flags sets
-        p.requires_grad_(".policy." in n or ".value." in n)
-    return (model,)
+        return online.roles_meta(s, base, notes, heads), keep, notes, heads
 
 
 def lora_shape(model, s, a: int, cast) -> act.LoraShape | None:
-    """The adapted projections (the policy's, for PPO), rank, dropout and working dtype, from the built model."""
+    """The adapted projections (the policy's, for PPO and GRPO), rank, dropout and working dtype, from the built
+    model."""
     cfgs = getattr(model, "peft_config", {})
     name = "policy" if "policy" in cfgs else "default"
     cfg = cfgs.get(name)
@@ -117,7 +82,7 @@ def lora_shape(model, s, a: int, cast) -> act.LoraShape | None:
         return None
     # `...q_proj.lora_A.<adapter>.weight` -> q_proj (the module before lora_A; an expert parameter has no .weight)
     targets = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if f"lora_A.{name}" in n}
-    dropout = cfg.lora_dropout > 0 and not (s.stage == "ppo" and getattr(s.ppo, "disable_dropout", False))
+    dropout = cfg.lora_dropout > 0 and not (s.stage in online.ROLES and online.disable_dropout(s))
     adapter = next((p.dtype for n, p in model.named_parameters() if f"lora_A.{name}" in n), None)
     mixed = str(s.precision).endswith("mixed") and str(s.precision).split("-")[0] in _HALF
     nbytes = 2 if mixed else (cast or adapter or torch.float32).itemsize
@@ -131,9 +96,12 @@ _CACHE: dict[str, tuple] = {}  # the counted meta model of recent settings: advi
 
 
 def counted_model(s):
-    """(dims, weight dtype, counts, LoRA shape, notes) of the stage's meta model, cached by what decides them."""
+    """(dims, weight dtype, counts, LoRA shape, notes, heads, LoRA-wrapped base numel, whether the static decode
+    engine serves the model) of the stage's meta model, cached by what decides them."""
+    from lit_ft.rollout_ops import engine_unsupported
+
     key = repr((s.stage, s.base, s.lora, s.precision, s.sft_adapter, s.reward_adapter, s.value_model, s.target,
-                getattr(s.ppo, "disable_dropout", None)))
+                s.stage in online.ROLES and online.disable_dropout(s)))
     if key not in _CACHE:
         config = pw.model_config(s.base)
         dtype = pw.resolve_dtype_for(s.base, s.target)
@@ -144,15 +112,17 @@ def counted_model(s):
         if len(_CACHE) > 16:
             _CACHE.clear()
         attn = getattr(model.get_base_model().config, "_attn_implementation", None) or "sdpa"  # `auto` resolved
-        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn)
-        _CACHE[key] = (dims, dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged)
-    dims, dtype, counts, shape, notes, heads, merged = _CACHE[key]
-    return dims, dtype, copy.deepcopy(counts), shape, list(notes), heads, merged
+        fused = any(n.endswith("qkv_proj") for n in families.linear_layers(model))
+        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn, fused_qkv=fused)
+        engine = s.stage in online.ONLINE and engine_unsupported(model) is None
+        _CACHE[key] = (dims, dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged, engine)
+    dims, dtype, counts, shape, notes, heads, merged, engine = _CACHE[key]
+    return dims, dtype, copy.deepcopy(counts), shape, list(notes), heads, merged, engine
 
 
 def components(s):
     """(rows, off-peak rows, notes) of a stage's plan: [(component, bytes, how it is counted)]."""
-    dims, dtype, counts, shape, notes, heads, merged = counted_model(s)
+    dims, dtype, counts, shape, notes, heads, merged, engine = counted_model(s)
     cast, a = precision_dtypes(s.precision, dtype)
     head_dtype = cast or torch.float32  # Lightning's *-true casts the fp32 heads too
     for numel, trainable in heads:
@@ -181,10 +151,15 @@ def components(s):
     mask = 1 if s.target == "cuda" else None
     if s.stage == "reward":
         stage_rows = _reward(s, dims, a, shape, mask, (cast or dtype).itemsize)  # the score head: base dtype
+    elif s.stage in online.ONLINE:
+        # `rollout.autocast_mismatch`: autocast over weights of another dtype sends `auto` to the hf engine
+        kind = str(s.precision).split("-")[0]
+        mixed = str(s.precision).endswith("mixed") and kind in _HALF and dtype != _HALF[kind]
+        stage_rows = online.components(s, dims, a, shape, mask, _trunk, engine and not mixed, head_dtype.itemsize)
     else:
-        stage_rows = {"sft": _sft, "dpo": _dpo, "ppo": _ppo}[s.stage](s, dims, a, shape, mask)
+        stage_rows = {"sft": _sft, "dpo": _dpo}[s.stage](s, dims, a, shape, mask)
     rows += stage_rows
-    if s.stage == "ppo" and s.sampling is not None and s.sampling.merged and s.base.quantization == "none":
+    if s.stage in online.ONLINE and s.sampling is not None and s.sampling.merged and s.base.quantization == "none":
         rows.append(("merged rollout copy", merged * (cast or dtype).itemsize,
                      "sampling.merged: one copy of the LoRA-wrapped weights"))
     if s.stage == "dpo":
@@ -199,20 +174,10 @@ def _fmt(n: int) -> str:
 
 
 def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
-    """The decoder's saved bytes; `positions`: position ids are passed (PPO's left-padded rows: a mask too)."""
+    """The decoder's saved bytes; `positions`: position ids are passed (the online stages' left-padded rows, the
+    reward model's: a mask too)."""
     return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
                            pos_rows=rows if s.packing or positions else 1, masked=s.packing or positions or rows > 1)
-
-
-def ppo_policy_saved(s, d, a, lora, mask) -> tuple[int, int]:
-    """(saved bytes, recompute extra) of the policy's forward over one minibatch (`PPOModule.policy_forward`): the
-    trunk over prompt + response, the response logits [mbs, R, V] in the activation dtype (the inputs of the
-    checkpointed log-softmax chunks; a temperature's quotient replaces them) and the int64 token index."""
-    p, sp = s.ppo, s.sampling
-    mbs, R = min(p.mini_batch_size, s.batch_size * p.samples_per_prompt), sp.max_new_tokens
-    t = _trunk(s, d, mbs, s.max_length + R, a, lora, mask, positions=True)
-    logits = mbs * R * d.vocab * a
-    return t["layers"] + logits + mbs * R * 8, t["recompute"]
 
 
 def _lm_rows(s, d, rows, a, lora, mask, label):
@@ -257,29 +222,3 @@ def _reward(s, d, a, lora, mask, head_bytes):
     return [("activations (saved)", saved, f"2B = {rows} rows (chosen + rejected) x {L} tokens"),
             ("activations (backward peak)", max(peak, act.nograd_forward(d, ev, a)),
              "max(layer backward, validation forward of 2 x eval_batch_size rows)")]
-
-
-def _ppo(s, d, a, lora, mask):
-    """Rollout (KV cache, prefill), no-grad passes (old/ref log-probs, values, scores) and the update, of which
-    the largest sets the peak; the static engine's KV cache stays allocated through the update."""
-    p, sp = s.ppo, s.sampling
-    rows_ro, P, R = s.batch_size * p.samples_per_prompt, s.max_length, sp.max_new_tokens
-    mbs, seq = min(p.mini_batch_size, rows_ro), P + R
-    kv = act.kv_cache(d, rows_ro, seq, a)
-    static = sp.engine in ("auto", "static") and s.target == "cuda"
-    prefill = act.nograd_forward(d, rows_ro * P, a) + rows_ro * d.vocab * 4
-    logits = mbs * R * d.vocab * a * (2 if sp.temperature != 1.0 else 1)  # [mbs, R, V] (and its /temperature)
-    # selective_log_softmax / entropy: fp32 chunks of up to 1024 rows (the chunk, its log-softmax, a gradient)
-    chunks = min(1024, mbs * R) * d.vocab * 4 * 3
-    nograd = act.nograd_forward(d, mbs * seq, a) + logits + chunks
-    saved, recompute = ppo_policy_saved(s, d, a, lora, mask)
-    update = saved + act.backward_working(d, mbs * seq, a) + recompute + chunks
-    buffers = rows_ro * seq * 8 * 3 + rows_ro * R * 4 * 8  # ids/mask/positions + 8 fp32 [rows, R] tensors
-    rows = [("KV cache (rollout)", kv if static else 0,
-             f"{rows_ro} rows x ({P} + {R}) positions" + (", static engine: resident" if static else " (hf: freed)")),
-            ("rollout buffers", buffers, "ids, masks, log-probs, values, advantages of the rollout batch")]
-    phase = max(("rollout", (0 if static else kv) + prefill), ("no-grad passes", nograd), ("update", update),
-                key=lambda x: x[1])
-    rows.append((f"activations (peak phase: {phase[0]})", phase[1],
-                 f"update: {mbs} rows x {seq} tokens with grad; rollout: prefill of {rows_ro} x {P}"))
-    return rows
