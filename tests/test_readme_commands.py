@@ -28,7 +28,9 @@ EXERCISED = {
                                                  "newest_only",
     r"lit-ft (predict|test) --config sft --ckpt_path last": "test_readme_commands.py::test_quick_start_commands",
     r"lit-ft chat --adapter": "test_readme_commands.py::test_quick_start_commands",
-    r"lit-ft export (merge|adapter|gguf)": "test_readme_commands.py::test_quick_start_commands",
+    r"lit-ft export (merge|adapter|gguf)(?!.*--push-to-hub)": "test_readme_commands.py::test_quick_start_commands",
+    r"lit-ft export merge .*--push-to-hub": "test_export_hub.py::test_offline_push_is_refused_in_one_line_before_"
+                                            "exporting (no test reaches the network)",
     r"lit-ft --help": "test_install.py::test_help_lists_commands_and_recipes_and_plan_is_wired",
     r"lit-ft fit (--config (sft|ppo) )?--(model|data)[.\w]*\.help|lit-ft fit --help|lit-ft fit --config sft "
     r"--print_config": "test_readme_commands.py::test_help_and_print_config",
