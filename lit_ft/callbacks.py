@@ -136,7 +136,10 @@ def log_adapter_artifacts(trainer, pl_module, path: str | Path) -> list[str]:
     wanted = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg.log_adapter]
     if not wanted or not trainer.is_global_zero:
         return []
-    metadata = adapter_metadata(trainer, pl_module, path)
+    try:
+        metadata = adapter_metadata(trainer, pl_module, path)
+    except (OSError, ValueError) as e:  # no crash after a finished training: the adapter is on disk
+        return [_say(f"WandbLogger(log_adapter=True): adapter {path} not logged as an artifact: {e}")]
     return [lg.log_adapter_artifact(path, metadata, trainer.global_step) for lg in wanted]
 
 
