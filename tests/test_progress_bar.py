@@ -32,7 +32,7 @@ class Record(L.Callback):
             self.rows.append((trainer.global_step, tq.n, tq.total, tq.desc.removesuffix(": "), remaining))
 
 
-def _fit(tiny_model_dir, tmp_path, bar, **trainer_args):
+def _fit(tiny_model_dir, tmp_path, bar, ckpt_path=None, **trainer_args):
     from lit_ft import InstructionDataModule, LoraSpec, ModelSpec, OptimSpec, SFTModule
 
     rows = [json.loads(x) for x in (REPO / "data/demo/sft_train.jsonl").read_text().splitlines()[:16]]
@@ -43,10 +43,11 @@ def _fit(tiny_model_dir, tmp_path, bar, **trainer_args):
     dm = InstructionDataModule(train_file=str(data), val_file=str(data), tokenizer=tiny_model_dir, max_length=64,
                                batch_size=4)  # 16 rows: 4 batches an epoch
     record = Record()
-    trainer = L.Trainer(callbacks=[bar, record], logger=False, enable_checkpointing=False,
-                        default_root_dir=str(tmp_path), limit_val_batches=0, num_sanity_val_steps=0,
-                        enable_model_summary=False, **trainer_args)
-    trainer.fit(module, datamodule=dm)
+    extra = trainer_args.pop("callbacks_extra", None)
+    trainer_args.setdefault("enable_checkpointing", False)
+    trainer = L.Trainer(callbacks=[bar, record, *([extra] if extra else [])], logger=False, default_root_dir=str(tmp_path), limit_val_batches=0,
+                        num_sanity_val_steps=0, enable_model_summary=False, **trainer_args)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return record.rows
 
 
@@ -61,6 +62,15 @@ def test_a_step_bounded_run_is_one_bar_of_steps_with_an_eta(bar, tiny_model_dir,
     for _, done, total, _, eta in rows:
         if 2 <= done < total:  # a speed is known once two steps are done
             assert (eta > 0) if bar is StepRichProgressBar else (eta != "?" and ":" in eta), (done, eta)
+
+
+def test_a_resumed_run_continues_the_bar_from_its_step(tiny_model_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    save = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _fit(tiny_model_dir, tmp_path, StepRichProgressBar(), max_steps=3, enable_checkpointing=True, callbacks_extra=save)
+    rows = _fit(tiny_model_dir, tmp_path, StepRichProgressBar(), max_steps=6, ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
+    assert [r[:3] for r in rows] == [(s, s, 6) for s in (4, 5, 6)]  # from step 3 of 6, not 0 of a new epoch
 
 
 def test_an_epoch_bounded_run_keeps_a_bar_per_epoch(tiny_model_dir, tmp_path):
