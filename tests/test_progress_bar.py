@@ -45,8 +45,9 @@ def _fit(tiny_model_dir, tmp_path, bar, ckpt_path=None, **trainer_args):
     record = Record()
     extra = trainer_args.pop("callbacks_extra", None)
     trainer_args.setdefault("enable_checkpointing", False)
-    trainer = L.Trainer(callbacks=[bar, record, *([extra] if extra else [])], logger=False, default_root_dir=str(tmp_path), limit_val_batches=0,
-                        num_sanity_val_steps=0, enable_model_summary=False, **trainer_args)
+    trainer = L.Trainer(callbacks=[bar, record, *([extra] if extra else [])], logger=False,
+                        default_root_dir=str(tmp_path), limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_model_summary=False, **trainer_args)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return record.rows
 
@@ -69,7 +70,8 @@ def test_a_resumed_run_continues_the_bar_from_its_step(tiny_model_dir, tmp_path)
 
     save = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     _fit(tiny_model_dir, tmp_path, StepRichProgressBar(), max_steps=3, enable_checkpointing=True, callbacks_extra=save)
-    rows = _fit(tiny_model_dir, tmp_path, StepRichProgressBar(), max_steps=6, ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
+    rows = _fit(tiny_model_dir, tmp_path, StepRichProgressBar(), max_steps=6,
+                ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
     assert [r[:3] for r in rows] == [(s, s, 6) for s in (4, 5, 6)]  # from step 3 of 6, not 0 of a new epoch
 
 
