@@ -76,6 +76,20 @@ class LitFTCLI(LightningCLI):
         finally:
             sys.argv = argv
 
+    def _instantiate_trainer(self, config, callbacks):
+        # The progress bar: one over the whole run when it is bounded by max_steps (lit_ft.progress), unless the
+        # config names its own bar or turns bars off.
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from lit_ft.progress import step_progress_bar
+
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, step_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             self.run_dir = place_run(self.config[self.subcommand], self.subcommand)

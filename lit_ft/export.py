@@ -8,7 +8,9 @@
     lit-ft export gguf --src sft_merged --out sft.gguf              # a merged model -> a full GGUF model
     lit-ft export gguf --src runs/sft/latest/adapter --out sft-lora.gguf   # an adapter -> a GGUF LoRA
 
-`python -m lit_ft.export ...` is the same command.
+`python -m lit_ft.export ...` is the same command. `adapter` and `merge` take `--push-to-hub REPO_ID` (and
+`--private`): the written directory is uploaded with huggingface_hub when online and a token is set (checked before
+anything is exported).
 
 A base that was trained quantized (4-bit/8-bit) is merged into a de-quantized copy of the base: the merged
 model is a normal float checkpoint, not a quantized one.
@@ -118,7 +120,45 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     return Path(out)
 
 
-def main(argv=None) -> None:
+def check_hub_target(repo_id: str) -> None:
+    """Refuse `--push-to-hub` before exporting when the upload cannot work: a bad repo id, offline mode, no token."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"--push-to-hub {repo_id!r}: not a hub repository id (user/name): {e}") from None
+    if constants.is_offline_mode():
+        raise ConfigError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, "
+                          "or export without --push-to-hub and upload the directory later (`hf upload REPO_ID DIR`)")
+    if not get_token():
+        raise ConfigError(f"--push-to-hub {repo_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported directory (adapter or merged model) to the hub model repository `repo_id`, creating it if
+    needed; returns the commit URL. A failed upload is one line naming the setting (the export stays on disk)."""
+    from huggingface_hub import HfApi
+
+    check_hub_target(repo_id)
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                 commit_message=f"lit_ft export of {Path(folder).name}")
+    except Exception as e:  # any failure of the service (HTTP status, DNS, refused connection: the HTTP client
+        # differs between huggingface_hub versions) is the same to the user: the upload failed, the export is here
+        if isinstance(e, ConfigError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {first[:200]}); the export "
+                          f"is in {folder}") from e
+    return str(getattr(info, "commit_url", info))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-ft export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,21 +173,34 @@ def main(argv=None) -> None:
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.add_argument("--attn-implementation", default="auto",
                    choices=["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"])
+    for p in (a, m):
+        p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                       help="upload the written directory to this hub model repository (needs network and a token)")
+        p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     g = sub.add_parser("gguf", help="convert a merged model or an adapter to GGUF with llama.cpp's converter")
     g.add_argument("--src", required=True, help="a merged model directory (export merge) or an adapter directory")
     g.add_argument("--out", required=True, help="the .gguf file to write")
     g.add_argument("--llama_cpp", default=None, help="llama.cpp checkout holding convert_hf_to_gguf.py and "
                    "convert_lora_to_gguf.py (default: $LLAMA_CPP_DIR, else the scripts on PATH)")
     g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
-    args = parser.parse_args(argv)
-    if args.command == "adapter":
-        print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer))
-    elif args.command == "merge":
-        print(merge(args.adapter, args.out, args.base, args.dtype, args.attn_implementation))
-    else:
+    return parser
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "gguf":
         from lit_ft.gguf_export import to_gguf
 
         print(to_gguf(args.src, args.out, args.llama_cpp, args.outtype))
+        return
+    if args.push_to_hub is not None:
+        check_hub_target(args.push_to_hub)  # before a possibly long export
+    if args.command == "adapter":
+        print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer))
+    else:
+        print(merge(args.adapter, args.out, args.base, args.dtype, args.attn_implementation))
+    if args.push_to_hub is not None:
+        print(push_to_hub(args.out, args.push_to_hub, args.private))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar  # RichProgressBar needs rich when built
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -107,3 +108,85 @@ class PrintMetrics(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         elapsed = time.perf_counter() - self._start
         rank_zero_info(f"[end] step {trainer.global_step} after {clock(elapsed)}  {peak_memory(pl_module.device)}")
+
+
+# ------------------------------------------------------------------------------------------------ the TTY bar
+
+
+def step_bounded(trainer) -> bool:
+    """Whether the run's length is counted in steps (`max_steps`, with `max_epochs` -1/None, as in the recipes):
+    then a bar per epoch says little ("Epoch 0/-2", the epoch's ETA), and one bar over the whole run is shown."""
+    return trainer.max_epochs in (None, -1) and trainer.max_steps not in (None, -1)
+
+
+def _train_description(trainer) -> str:
+    epochs = trainer.max_epochs
+    if epochs in (None, -1):
+        return f"Step (epoch {trainer.current_epoch})" if step_bounded(trainer) else f"Epoch {trainer.current_epoch}"
+    return f"Epoch {trainer.current_epoch}/{epochs - 1}"
+
+
+class StepRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar; in a run bounded by `max_steps` the training bar spans the whole run: steps
+    done of the total (optimizer steps; batches under manual optimization, as `PrintMetrics`), elapsed and ETA,
+    across epochs. Runs bounded by epochs keep Lightning's bar per epoch, with no "Epoch N/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = _train_description(self.trainer)
+        return f"{text:{len(self.validation_description)}}"  # as Lightning pads it, against flicker
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if not step_bounded(trainer) or self.is_disabled:
+            return super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is None or self._progress_stopped:
+            self._init_progress(trainer)
+        done, total = PrintMetrics._progress_unit(trainer, pl_module)
+        description = self._get_train_description(trainer.current_epoch)
+        if self.train_progress_bar_id is None:  # once a run: the completed steps (a resume's) count no speed
+            description = f"[{self.theme.description}]{description}" if self.theme.description else description
+            self.train_progress_bar_id = self.progress.add_task(description, total=total, completed=done)
+        else:
+            self.progress.update(self.train_progress_bar_id, description=description)
+        self.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not step_bounded(trainer) or self.is_disabled:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.train_progress_bar_id is None:  # resumed mid-epoch: no epoch start was seen
+            self.on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, PrintMetrics._progress_unit(trainer, pl_module)[0])
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
+class StepTQDMProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar with the same rule as `StepRichProgressBar` (used where rich is not installed)."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if not step_bounded(trainer):
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description(_train_description(trainer))
+            return
+        bar, pl_module = self.train_progress_bar, trainer.lightning_module
+        done, total = PrintMetrics._progress_unit(trainer, pl_module)
+        if bar.total != total:  # once a run: tqdm's rate counts from `initial`, so a resume's ETA is right
+            bar.reset(total=total)
+            bar.initial = bar.n = done
+        bar.set_description(_train_description(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not step_bounded(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        done, _ = PrintMetrics._progress_unit(trainer, pl_module)
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(done, bar.total):
+            bar.n = done
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+def step_progress_bar():
+    """The bar `lit-ft` adds when the config names none: rich where it is installed (Lightning's own choice)."""
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
