@@ -157,6 +157,21 @@ def trainable_finite(params) -> bool:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+_CONFIG_VOLATILE = ("transformers_version", "_name_or_path")
+"""config.json keys that say who wrote the file, not what the weights are: the same base converted or saved by
+another transformers release must fingerprint the same (an adapter moves between machines)."""
+
+
+def _config_identity(path: Path) -> bytes:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path.read_bytes()
+    if not isinstance(config, dict):
+        return path.read_bytes()
+    return json.dumps({k: v for k, v in config.items() if k not in _CONFIG_VOLATILE}, sort_keys=True).encode()
+
+
 @functools.lru_cache(maxsize=32)
 def _fingerprint(path: str, mtimes: tuple) -> str | None:
     root = Path(path)
@@ -166,6 +181,9 @@ def _fingerprint(path: str, mtimes: tuple) -> str | None:
         return None
     h = hashlib.sha256()
     for p in files:
+        if p.name == "config.json":
+            h.update(b"config.json|" + _config_identity(p))
+            continue
         size = p.stat().st_size
         h.update(f"{p.name}|{size}|".encode())
         with open(p, "rb") as f:

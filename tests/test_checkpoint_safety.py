@@ -418,3 +418,27 @@ def test_masked_whiten_zeroes_masked_positions_and_never_scales_by_the_weight():
     torch.testing.assert_close(out[0, :3], expected[0, :3])  # position 1 is whitened, not halved
     shifted = masked_whiten(x, mask, shift_mean=False)
     torch.testing.assert_close(shifted[0, :3], expected[0, :3] + mean)
+
+
+def test_base_fingerprint_ignores_who_wrote_the_config_but_not_what_it_says(tmp_path):
+    """The same weights saved by another transformers release (another `transformers_version`, `_name_or_path`)
+    fingerprint the same, so an adapter moves between machines; a changed architecture field or weight file
+    does not."""
+    import json
+
+    from lit_ft.integrity import weights_fingerprint
+
+    def write(folder, config, blob):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "model.safetensors").write_bytes(blob)
+        return weights_fingerprint(folder)
+
+    config = {"model_type": "llama", "hidden_size": 64, "transformers_version": "5.24.0"}
+    blob = bytes(range(256)) * 10
+    here = write(tmp_path / "a", config, blob)
+    there = write(tmp_path / "b", {**config, "transformers_version": "5.17.0", "_name_or_path": "/x"}, blob)
+    other_shape = write(tmp_path / "c", {**config, "hidden_size": 128}, blob)
+    other_weights = write(tmp_path / "d", config, blob[::-1])
+    assert here is not None and here == there
+    assert len({here, other_shape, other_weights}) == 3
