@@ -42,8 +42,9 @@ def repeat_prompts(batch: dict, k: int) -> dict:
 # Strategies the online stages refuse, and why (checked in `setup`, before any model is built or moved).
 UNSUPPORTED_STRATEGIES = {
     "FSDPStrategy": "rollouts generate inside the training step, where FSDP cannot gather full parameters",
-    "DeepSpeedStrategy": "measured on an H200 with ZeRO-2: the update (the policy's and the value adapter's backward "
-                         "passes, then one step) ran without an error but left trainable weights unchanged",
+    "DeepSpeedStrategy": "measured on an H200 with ZeRO-2 for PPO: its manual-optimization update (backward passes "
+                         "over minibatches, then one optimizer step) ran without an error but left the trainable "
+                         "weights unchanged; GRPO's update is the same loop",
 }
 
 
