@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, dpo_ref, metrics, optim, roles, runs, strategies
+from lit_ft import checkpointing, dpo_ref, guards, metrics, optim, roles, runs, strategies
 from lit_ft.errors import ConfigError
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
@@ -258,12 +258,8 @@ class DPOModule(L.LightningModule):
         self.roles.restore_flags()
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        # Skip (and count) a step whose loss or gradients are not finite, instead of writing NaN into the adapter.
-        self.guard.optimizer_step(self, optimizer, optimizer_closure)
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        self.guard.lr_scheduler_step(self, scheduler, metric)  # a skipped step does not advance the schedule
+    optimizer_step = guards.optimizer_step  # skip (and count) a step whose loss or gradients are not finite
+    lr_scheduler_step = guards.lr_scheduler_step  # a skipped step does not advance the schedule
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
@@ -280,8 +276,7 @@ class DPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_resume(self, checkpoint, self.base.identity())
-        if GUARD_KEY in checkpoint:
-            self.guard.load_state_dict(checkpoint[GUARD_KEY])
+        guards.restore(self, checkpoint)
         for split, state in checkpoint.get(REF_KEY, {}).items():
             self.ref_tables[split] = dpo_ref.ReferenceTable.from_state(state)
 

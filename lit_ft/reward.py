@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, runs, scoring, strategies
+from lit_ft import checkpointing, guards, metrics, optim, runs, scoring, strategies
 from lit_ft.errors import ConfigError
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
@@ -164,12 +164,8 @@ class RewardModule(L.LightningModule):
     def configure_optimizers(self):
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        # Skip (and count) a step whose loss or gradients are not finite, instead of writing NaN into the adapter.
-        self.guard.optimizer_step(self, optimizer, optimizer_closure)
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        self.guard.lr_scheduler_step(self, scheduler, metric)  # a skipped step does not advance the schedule
+    optimizer_step = guards.optimizer_step  # skip (and count) a step whose loss or gradients are not finite
+    lr_scheduler_step = guards.lr_scheduler_step  # a skipped step does not advance the schedule
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
@@ -183,8 +179,7 @@ class RewardModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_resume(self, checkpoint, self.base.identity())
-        if GUARD_KEY in checkpoint:
-            self.guard.load_state_dict(checkpoint[GUARD_KEY])
+        guards.restore(self, checkpoint)
 
     def normalization(self) -> tuple[float, float] | None:
         """(gain, bias) that standardise the last validation epoch's rewards, or None when there are none."""
