@@ -125,8 +125,7 @@ class DPOModule(L.LightningModule):
         self.ref_tables: dict[str, dpo_ref.ReferenceTable] = {}
         self.precomputed: list[str] = []  # splits whose table this process computed (not read from a checkpoint)
         self.val_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in ("loss",) + _STATS})
-        self._groups: dict[str, int] = {}
-        self._group_counts = torch.zeros(0, 2, dtype=torch.float64)
+        self.group_accuracy = metrics.GroupAccuracy()  # val/rewards/accuracies/<subset> (PreferenceDataModule)
 
     # -- model ----------------------------------------------------------------------------------------------
 
@@ -230,16 +229,11 @@ class DPOModule(L.LightningModule):
         self.val_stats["loss"].update(loss, weight=pairs)
         for k, v in stats.items():
             self.val_stats[k.replace("/", "_")].update(v)
-        if self._groups and "group" in batch:  # per-subset implicit-reward accuracy: (correct, pairs) per group
-            index = torch.tensor([self._groups[g] for g in batch["group"]], device=loss.device)
-            correct = stats["rewards/accuracies"].double()
-            self._group_counts.index_add_(0, index, torch.stack([correct, torch.ones_like(correct)], dim=1))
+        self.group_accuracy.update(batch, stats["rewards/accuracies"])  # per-subset implicit-reward accuracy
 
     def on_validation_epoch_start(self) -> None:
         metrics.fresh(*self.val_stats.values())
-        groups = getattr(self.trainer.datamodule, "val_groups", None) or []
-        self._groups = {g: i for i, g in enumerate(groups)}
-        self._group_counts = torch.zeros(len(groups), 2, dtype=torch.float64, device=self.device)
+        self.group_accuracy.start(self)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_stats["loss"].update_count == 0:
@@ -248,11 +242,7 @@ class DPOModule(L.LightningModule):
             name = key.replace("_", "/")
             self.log(f"val/{name}", metric.compute(), prog_bar=name in ("loss", "rewards/accuracies"))
             metric.reset()
-        if self._groups:
-            counts = self.trainer.strategy.reduce(self._group_counts, reduce_op="sum")
-            for group, i in self._groups.items():
-                if counts[i, 1] > 0:
-                    self.log(f"val/rewards/accuracies/{group}", (counts[i, 0] / counts[i, 1]).float())
+        self.group_accuracy.log(self, "val/rewards/accuracies")
 
     def configure_optimizers(self):
         self.roles.restore_flags()
