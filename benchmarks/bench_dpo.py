@@ -23,35 +23,26 @@ Without trl installed the TRL variants are skipped with a message.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
-import json
 import math
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import Clock, build_random_model, versions  # noqa: E402  (also puts ROOT on sys.path)
+import _driver  # noqa: E402
+from bench_sft import Clock, build_random_model  # noqa: E402  (also puts ROOT on sys.path)
+from bench_reward import pair_columns  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200
 
 
 @dataclass
-class Workload:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    tied: bool
+class Workload(_driver.Shape):
     prompt: int  # prompt tokens, shared by the chosen and the rejected sequence
     response: int  # tokens of each response
     pairs: int  # preference pairs per step (2 * pairs sequences per forward)
@@ -114,7 +105,7 @@ def run_trl(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     import datasets
     import trl
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     from lit_ft.models import ALL_PROJECTIONS
 
@@ -128,13 +119,6 @@ def run_trl(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     peft_config = LoraConfig(r=w.lora["r"], lora_alpha=w.lora["alpha"], lora_dropout=w.lora["dropout"],
                              target_modules=list(ALL_PROJECTIONS), task_type="CAUSAL_LM")
 
-    class TimerCb(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            clock.step_start(state.global_step)
-
-        def on_step_end(self, a, state, control, **kw):
-            clock.step_end(state.global_step - 1)
-
     names = {f.name for f in dataclasses.fields(trl.DPOConfig)}
     kw = dict(output_dir="/tmp/trl_dpo_bench", per_device_train_batch_size=w.pairs, max_steps=args.warmup + args.steps,
               learning_rate=w.lr, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no",
@@ -146,7 +130,7 @@ def run_trl(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
         kw["gradient_checkpointing"] = False
     cfg = trl.DPOConfig(**{k: v for k, v in kw.items() if k in names})
     trainer = trl.DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=word_tokenizer(w.vocab),
-                             peft_config=peft_config, callbacks=[TimerCb()])
+                             peft_config=peft_config, callbacks=[clock.trainer_callback()])
     out = trainer.train()
     clock.losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][args.warmup:]
     return {"gradient_checkpointing": cfg.gradient_checkpointing, "trl": trl.__version__,
@@ -182,18 +166,11 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
             return torch.utils.data.DataLoader(self.train_dataset, batch_size=w.pairs, shuffle=False,
                                                collate_fn=self.collator(), pin_memory=device == "cuda")
 
-    class TimerCb(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            clock.step_start(trainer.global_step)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clock.step_end(trainer.global_step - 1, outputs["loss"].detach())
-
     precision = ("bf16-mixed" if "mixed" in mods else "bf16-true") if device == "cuda" else args.cpu_precision
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
                         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[TimerCb()])
+                        limit_val_batches=0, callbacks=[clock.lightning_callback()])
     t = time.perf_counter()
     trainer.fit(module, datamodule=Pairs())
     return {"precision": precision, "gradient_checkpointing": gc, "fit_s": time.perf_counter() - t,
@@ -205,12 +182,9 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
 
 def run_variant(args) -> dict:
     w = workload(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clock = Clock(args.warmup, device)
-    impl, *mods = args.variant.split("+")
     t = time.time()
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
+    device, impl, mods = _driver.start_variant(args.variant)
+    clock = Clock(args.warmup, device)
     extra = {"trl": run_trl, "lit": run_lit}[impl](w, args, device, clock, set(mods))
     elapsed = clock.t1 - clock.t0
     pairs_per_s = args.steps * w.pairs / elapsed
@@ -220,18 +194,14 @@ def run_variant(args) -> dict:
     return dict(
         workload=w.name, variant=args.variant, steps=args.steps, warmup=args.warmup, pairs_per_step=w.pairs,
         tokens_per_step=2 * w.pairs * w.seq, seconds=elapsed, pairs_per_s=pairs_per_s, tokens_per_s=tps,
-        peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0,
-        peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else 0.0,
+        **_driver.peak_memory(device),
         mfu=tps * fl["total"] / (PEAK_TFLOPS * 1e12), flops_per_token=fl, first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None, losses=losses, log2=math.log(2), wall_s=time.time() - t, **extra,
     )
 
 
 def workload(args) -> Workload:
-    w = WORKLOADS[args.workload]
-    if args.tiny:
-        w = Workload(**{**asdict(w), **TINY, "name": w.name})
-    return w
+    return _driver.pick(WORKLOADS, args, TINY)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -239,72 +209,29 @@ def workload(args) -> Workload:
 
 def drive(args) -> None:
     w = workload(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.model_dir = args.model_dir or f"/tmp/lit_ft_bench_{w.name}{'_tiny' if args.tiny else ''}"
-    build_random_model(w, Path(args.model_dir), device)
-    results = []
-    for variant in args.variants.split(","):
-        print(f"--- {w.name} {variant}", flush=True)
-        if variant.startswith("trl") and importlib.util.find_spec("trl") is None:
-            print("trl is not installed: skipped", flush=True)
-            results.append(dict(workload=w.name, variant=variant, skipped="trl is not installed"))
-            continue
-        out = Path(args.json).with_suffix(f".{variant.replace('+', '_')}.part.json")
-        cmd = [sys.executable, __file__, "--workload", args.workload, "--variant", variant, "--model-dir",
-               args.model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out),
-               "--cpu-precision", args.cpu_precision] + (["--tiny"] if args.tiny else [])
-        t = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
-            ok, tail = proc.returncode == 0 and out.exists(), (proc.stdout + proc.stderr)[-3000:]
-        except subprocess.TimeoutExpired as e:
-            ok, tail = False, f"timeout after {args.variant_timeout}s: {str(e.stdout or '')[-2000:]}"
-        if ok:
-            res = json.loads(out.read_text())
-            out.unlink()
-        else:
-            print(tail, flush=True)
-            res = dict(workload=w.name, variant=variant, error=tail[-800:], wall_s=time.time() - t)
-        results.append(res)
-        Path(args.json).write_text(json.dumps(dict(workload=asdict(w), versions=versions(), results=results),
-                                              indent=1))
-    print_table(w, results)
+    build_random_model(w, _driver.default_model_dir(args, w), "cuda" if torch.cuda.is_available() else "cpu")
+    flags = _driver.forward(args, "steps", "warmup", "cpu_precision", "tiny")
+    print_table(w, _driver.run_variants(__file__, args, w, flags, skip=trl_missing))
+
+
+def trl_missing(variant: str) -> str | None:
+    if variant.startswith("trl") and importlib.util.find_spec("trl") is None:
+        return "trl is not installed"
+    return None
 
 
 def print_table(w: Workload, results: list[dict]) -> None:
-    ref = {r["variant"]: r for r in results if "pairs_per_s" in r}
-    print(f"\n{w.name}: {w.pairs} pairs x ({w.prompt} prompt + {w.response} response) tokens per step, LoRA {w.lora}; "
-          f"MFU vs {PEAK_TFLOPS:.0f} TFLOP/s (the reference forward counted where it runs every step)")
-    print(f"{'variant':24s} {'pairs/s':>8s} {'tok/s':>9s} {'peak GB':>8s} {'MFU':>6s} {'vs trl':>6s} {'loss0':>7s} "
-          f"{'lossN':>7s}")
-    for r in results:
-        if "pairs_per_s" not in r:
-            print(f"{r['variant']:24s} {'SKIPPED: ' + r['skipped'] if 'skipped' in r else 'FAILED: ' + r['error'][-160:]}")
-            continue
-        vs = f"{r['pairs_per_s'] / ref['trl']['pairs_per_s']:.2f}" if "trl" in ref else "-"
-        print(f"{r['variant']:24s} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['peak_gb']:8.1f} "
-              f"{r['mfu']:6.1%} {vs:>6s} {r['first_loss'] or 0:7.4f} {r['last_loss'] or 0:7.4f}")
+    _driver.print_table(f"{w.name}: {w.pairs} pairs x ({w.prompt} prompt + {w.response} response) tokens per step, "
+                        f"LoRA {w.lora}; MFU vs {PEAK_TFLOPS:.0f} TFLOP/s (the reference forward counted where it "
+                        "runs every step)", results, "pairs_per_s", pair_columns(results, "8.2f", "7.4f"))
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="d1")
-    p.add_argument("--variants", default="trl,lit", help="comma-separated (driver mode)")
-    p.add_argument("--variant", help="run this one variant in this process (used by the driver)")
-    p.add_argument("--model-dir", help="where the random model is saved (default /tmp/lit_ft_bench_<workload>)")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warm-up)")
+    p = _driver.parser(__doc__, WORKLOADS, "d1", "trl,lit")
+    _driver.add_steps(p)
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
     p.add_argument("--cpu-precision", default="32-true", help="Lightning precision of `lit` on a CPU (dry runs)")
-    p.add_argument("--variant-timeout", type=int, default=540)
-    p.add_argument("--json", required=True, help="where to write the results")
-    args = p.parse_args(argv)
-    if args.variant:
-        res = run_variant(args)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
-    else:
-        drive(args)
+    _driver.dispatch(_driver.parse(p, argv), run_variant, drive)
 
 
 if __name__ == "__main__":

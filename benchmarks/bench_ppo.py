@@ -36,9 +36,6 @@ weights and the prefill are not in the bound (they only lower the achievable sha
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,21 +44,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import build_random_model, make_tokenizer, versions  # noqa: E402  (also puts ROOT on sys.path)
+import _driver  # noqa: E402
+from bench_sft import build_random_model, make_tokenizer  # noqa: E402  (also puts ROOT on sys.path)
 
 HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e, nominal
 
 
 @dataclass
-class Workload:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    tied: bool
+class Workload(_driver.Shape):
     prompts: int  # rollout batch (prompts per iteration)
     prompt_len: int
     new_tokens: int
@@ -331,11 +321,8 @@ def fit_timed(w: Workload, args, device: str, module, timer: PhaseTimer, precisi
 
 def run_variant(args) -> dict:
     w = workload(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    impl, *mods = args.variant.split("+")
     t = time.time()
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
+    device, impl, mods = _driver.start_variant(args.variant)
     extra = {"lit": run_lit, "grpo": run_grpo}[impl](w, args, device, set(mods))
     return dict(workload=w.name, variant=args.variant, iters=args.iters, warmup=args.warmup,
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0,
@@ -345,10 +332,7 @@ def run_variant(args) -> dict:
 
 
 def workload(args) -> Workload:
-    w = WORKLOADS[args.workload]
-    if args.tiny:
-        w = Workload(**{**asdict(w), **TINY, "name": w.name})
-    return w
+    return _driver.pick(WORKLOADS, args, TINY)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -356,74 +340,34 @@ def workload(args) -> Workload:
 
 def drive(args) -> None:
     w = workload(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.model_dir = args.model_dir or f"/tmp/lit_ft_bench_{w.name}{'_tiny' if args.tiny else ''}"
-    model_dir = Path(args.model_dir)
-    build_random_model(w, model_dir, device)
+    model_dir = _driver.default_model_dir(args, w)
+    build_random_model(w, model_dir, "cuda" if torch.cuda.is_available() else "cpu")
     if not (model_dir / "tokenizer_config.json").exists():
         make_tokenizer().save_pretrained(model_dir)  # PPOModule loads the tokenizer from the base directory
     build_reward_adapter(w, model_dir)
-    results = []
-    for variant in args.variants.split(","):
-        out = Path(args.json).with_suffix(f".{variant.replace('+', '_')}.part.json")
-        cmd = [sys.executable, __file__, "--workload", args.workload, "--variant", variant, "--model-dir",
-               args.model_dir, "--iters", str(args.iters), "--warmup", str(args.warmup), "--json", str(out),
-               "--cpu-precision", args.cpu_precision]
-        if args.tiny:
-            cmd.append("--tiny")
-        t = time.time()
-        print(f"--- {w.name} {variant}", flush=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
-            ok, tail = proc.returncode == 0 and out.exists(), (proc.stdout + proc.stderr)[-3000:]
-        except subprocess.TimeoutExpired as e:
-            ok, tail = False, f"timeout after {args.variant_timeout}s: {str(e.stdout or '')[-2000:]}"
-        if ok:
-            res = json.loads(out.read_text())
-            out.unlink()
-        else:
-            print(tail, flush=True)
-            res = dict(workload=w.name, variant=variant, error=tail[-800:], wall_s=time.time() - t)
-        results.append(res)
-        Path(args.json).write_text(json.dumps(dict(workload=asdict(w), versions=versions(), results=results),
-                                              indent=1))
-    print_table(w, results)
+    flags = _driver.forward(args, "iters", "warmup", "cpu_precision", "tiny")
+    print_table(w, _driver.run_variants(__file__, args, w, flags))
 
 
 def print_table(w: Workload, results: list[dict]) -> None:
-    print(f"\n{w.name}: {w.prompts} prompts x {w.prompt_len} tokens, {w.new_tokens} new tokens, quant {w.quant}, "
-          f"LoRA {w.lora}")
-    print(f"{'variant':14s} {'gen s':>7s} {'score s':>7s} {'no-grad s':>9s} {'update s':>8s} {'iter s':>7s} "
-          f"{'gen tok/s':>9s} {'bound':>8s} {'share':>6s} {'peak GiB':>8s}")
-    for r in results:
-        if "mean" not in r:
-            print(f"{r['variant']:14s} FAILED: {r['error'][-160:]!r}")
-            continue
-        m = r["mean"]
-        print(f"{r['variant']:14s} {m['rollout']:7.2f} {m['score']:7.2f} {m['evaluate_rollout']:9.2f} "
-              f"{m['ppo_update']:8.2f} {m['iteration']:7.2f} {r['generation_tokens_per_s']:9.0f} "
-              f"{r['bandwidth_bound_tokens_per_s']:8.0f} {r['bandwidth_share']:6.1%} {r['peak_gib']:8.2f}")
+    columns = [("gen s", "7.2f", lambda r: r["mean"]["rollout"]), ("score s", "7.2f", lambda r: r["mean"]["score"]),
+               ("no-grad s", "9.2f", lambda r: r["mean"]["evaluate_rollout"]),
+               ("update s", "8.2f", lambda r: r["mean"]["ppo_update"]),
+               ("iter s", "7.2f", lambda r: r["mean"]["iteration"]),
+               ("gen tok/s", "9.0f", lambda r: r["generation_tokens_per_s"]),
+               ("bound", "8.0f", lambda r: r["bandwidth_bound_tokens_per_s"]),
+               ("share", "6.1%", lambda r: r["bandwidth_share"]), ("peak GiB", "8.2f", lambda r: r["peak_gib"])]
+    _driver.print_table(f"{w.name}: {w.prompts} prompts x {w.prompt_len} tokens, {w.new_tokens} new tokens, quant "
+                        f"{w.quant}, LoRA {w.lora}", results, "mean", columns, width=14)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="w5")
-    p.add_argument("--variants", default="lit", help="comma-separated (driver mode)")
-    p.add_argument("--variant", help="run this one variant in this process (used by the driver)")
-    p.add_argument("--model-dir", help="where the random model is saved (default /tmp/lit_ft_bench_<workload>)")
+    p = _driver.parser(__doc__, WORKLOADS, "w5", "lit")
     p.add_argument("--iters", type=int, default=2, help="PPO iterations (rollout batches), warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
     p.add_argument("--cpu-precision", default="32-true", help="Lightning precision on a CPU (dry runs)")
-    p.add_argument("--variant-timeout", type=int, default=540)
-    p.add_argument("--json", required=True, help="where to write the results")
-    args = p.parse_args(argv)
-    if args.variant:
-        res = run_variant(args)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: v for k, v in res.items() if k != "iterations"}), flush=True)
-    else:
-        drive(args)
+    _driver.dispatch(_driver.parse(p, argv), run_variant, drive, hide="iterations")
 
 
 if __name__ == "__main__":

@@ -21,32 +21,25 @@ without packing, `lit` is SFTModule with PackedSFTCollator (InstructionDataModul
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _driver  # noqa: E402
+from _driver import versions  # noqa: E402,F401  (the other benchmarks import it from here)
+
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200 (8192^3, random data)
 
 
 @dataclass
-class Workload:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    tied: bool
+class Workload(_driver.Shape):
     seq: int
     batch: int
     quant: str = "none"  # none | nf4
@@ -186,6 +179,36 @@ class Clock:
         self.sync()
         self.t1 = time.perf_counter()
 
+    def trainer_callback(self):
+        """A transformers `TrainerCallback` timing the optimizer steps of TRL's trainers on this clock."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class TimerCb(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                clock.step_start(state.global_step)
+
+            def on_step_end(self, a, state, control, **kw):
+                clock.step_end(state.global_step - 1)
+
+        return TimerCb()
+
+    def lightning_callback(self):
+        """A Lightning `Callback` timing the optimizer steps (one batch each) on this clock, with each step's loss."""
+        import lightning as L
+
+        clock = self
+
+        class TimerCb(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                clock.step_start(trainer.global_step)
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                clock.step_end(trainer.global_step - 1, outputs["loss"].detach())
+
+        return TimerCb()
+
 
 # ---------------------------------------------------------------------------------------------- real data (W2)
 
@@ -278,18 +301,11 @@ def run_hf(w: Workload, args, device: str, clock: Clock) -> dict:
 def run_trl(w: Workload, args, device: str, clock: Clock) -> dict:
     import datasets
     import trl
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
     ids = make_batches(w, args.warmup + args.steps).reshape(-1, w.seq)
     ds = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
-
-    class TimerCb(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            clock.step_start(state.global_step)
-
-        def on_step_end(self, a, state, control, **kw):
-            clock.step_end(state.global_step - 1)
 
     cfg = trl.SFTConfig(
         output_dir="/tmp/trl_bench", per_device_train_batch_size=w.batch, max_steps=args.warmup + args.steps,
@@ -298,7 +314,7 @@ def run_trl(w: Workload, args, device: str, clock: Clock) -> dict:
         dataloader_num_workers=0, seed=0,
     )
     trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=make_tokenizer(),
-                             peft_config=lora_config(w), callbacks=[TimerCb()])
+                             peft_config=lora_config(w), callbacks=[clock.trainer_callback()])
     out = trainer.train()
     return {"gradient_checkpointing": cfg.gradient_checkpointing, "trl": trl.__version__,
             "train_loss": out.training_loss}
@@ -346,20 +362,11 @@ def lit_after_fit(module, mods: set[str], device: str, batch: dict, extra: dict)
 
 
 def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
-    import lightning as L
-
     module, precision, extra = lit_module(w, args, device, mods)
-
-    class TimerCb(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            clock.step_start(trainer.global_step)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clock.step_end(trainer.global_step - 1, outputs["loss"].detach())
 
     ids = make_batches(w, args.warmup + args.steps)
     loader = torch.utils.data.DataLoader(Batches(ids), batch_size=None, shuffle=False, pin_memory=device == "cuda")
-    trainer = lit_trainer(device, precision, args.warmup + args.steps, TimerCb())
+    trainer = lit_trainer(device, precision, args.warmup + args.steps, clock.lightning_callback())
     trainer.fit(module, train_dataloaders=loader)
     x = ids[0]
     return lit_after_fit(module, mods, device, {"input_ids": x, "attention_mask": torch.ones_like(x),
@@ -503,12 +510,9 @@ def attention_kernels(module, batch: dict, device: str) -> list[str]:
 
 def run_variant(args) -> dict:
     w = workload(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clock = Clock(args.warmup, device)
-    impl, *mods = args.variant.split("+")
     t = time.time()
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # what every runner gets by default
+    device, impl, mods = _driver.start_variant(args.variant)
+    clock = Clock(args.warmup, device)
     if w.data == "random":
         runner = {"hf": run_hf, "trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
     else:
@@ -530,8 +534,7 @@ def run_variant(args) -> dict:
     res = dict(
         workload=w.name, variant=args.variant, steps=args.steps, warmup=args.warmup, **counts,
         seconds=elapsed, tokens_per_s=tps,
-        peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0,
-        peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else 0.0,
+        **_driver.peak_memory(device),
         mfu=tps * fl["total"] / (PEAK_TFLOPS * 1e12), flops_per_token=fl, first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None, losses=losses, wall_s=time.time() - t, **extra,
     )
@@ -539,122 +542,58 @@ def run_variant(args) -> dict:
 
 
 def workload(args) -> Workload:
-    w = WORKLOADS[args.workload]
-    if args.tiny:
-        w = Workload(**{**asdict(w), **(TINY if w.data == "random" else TINY_DATA), "name": w.name})
-    if args.lora_dropout is not None:
-        w.lora = {**w.lora, "dropout": args.lora_dropout}
-    return w
+    return _driver.pick(WORKLOADS, args, lambda w: TINY if w.data == "random" else TINY_DATA)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__,
-           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for name in ("transformers", "peft", "lightning", "bitsandbytes", "trl", "liger-kernel", "datasets", "triton"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def drive(args) -> None:
     w = workload(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.model_dir = args.model_dir or f"/tmp/lit_ft_bench_{w.name}{'_tiny' if args.tiny else ''}"
-    build_random_model(w, Path(args.model_dir), device)
+    build_random_model(w, _driver.default_model_dir(args, w), "cuda" if torch.cuda.is_available() else "cpu")
     if w.data != "random":
         save_data_tokenizer(args)
-    results = []
-    for variant in args.variants.split(","):
-        out = Path(args.json).with_suffix(f".{variant.replace('+', '_')}.part.json")
-        cmd = [sys.executable, __file__, "--workload", args.workload, "--variant", variant, "--model-dir",
-               args.model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out),
-               "--data-dir", args.data_dir]
-        if args.tiny:
-            cmd.append("--tiny")
-        if args.lora_dropout is not None:
-            cmd += ["--lora-dropout", str(args.lora_dropout)]
-        t = time.time()
-        print(f"--- {w.name} {variant}", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
-        if proc.returncode == 0 and out.exists():
-            res = json.loads(out.read_text())
-            out.unlink()
-        else:
-            tail = (proc.stdout + proc.stderr)[-3000:]
-            print(tail, flush=True)
-            res = dict(workload=w.name, variant=variant, error=tail[-800:], wall_s=time.time() - t)
-        results.append(res)
-        Path(args.json).write_text(json.dumps(dict(workload=asdict(w), versions=versions(), results=results),
-                                              indent=1))
-    print_table(w, results)
+    flags = _driver.forward(args, "steps", "warmup", "data_dir", "tiny", "lora_dropout")
+    print_table(w, _driver.run_variants(__file__, args, w, flags))
 
 
 def print_table(w: Workload, results: list[dict]) -> None:
-    ref = {r["variant"]: r for r in results if "tokens_per_s" in r}
+    ref = _driver.finished(results, "tokens_per_s")
     if w.data != "random":
         return print_data_table(w, results, ref)
-    print(f"\n{w.name}: seq {w.seq} x micro-batch {w.batch}, quant {w.quant}, LoRA {w.lora}; "
-          f"FLOPs/token {flops_per_token(w)['total'] / 1e9:.2f} G; MFU vs {PEAK_TFLOPS:.0f} TFLOP/s")
-    print(f"{'variant':28s} {'tok/s':>9s} {'peak GB':>8s} {'MFU':>6s} {'vs hf':>6s} {'vs trl':>6s} {'loss0':>7s} "
-          f"{'lossN':>7s}")
-    for r in results:
-        if "tokens_per_s" not in r:
-            print(f"{r['variant']:28s} FAILED: {r['error'][-160:]!r}")
-            continue
-        vs = lambda k: f"{r['tokens_per_s'] / ref[k]['tokens_per_s']:.2f}" if k in ref else "-"  # noqa: E731
-        print(f"{r['variant']:28s} {r['tokens_per_s']:9.0f} {r['peak_gb']:8.1f} {r['mfu']:6.1%} {vs('hf'):>6s} "
-              f"{vs('trl'):>6s} {r['first_loss'] or 0:7.3f} {r['last_loss'] or 0:7.3f}")
+    columns = [("tok/s", "9.0f", lambda r: r["tokens_per_s"]), ("peak GB", "8.1f", lambda r: r["peak_gb"]),
+               ("MFU", "6.1%", lambda r: r["mfu"]), _driver.versus(ref, "hf", "tokens_per_s"),
+               _driver.versus(ref, "trl", "tokens_per_s"), *_driver.loss_columns("7.3f")]
+    _driver.print_table(f"{w.name}: seq {w.seq} x micro-batch {w.batch}, quant {w.quant}, LoRA {w.lora}; FLOPs/token "
+                        f"{flops_per_token(w)['total'] / 1e9:.2f} G; MFU vs {PEAK_TFLOPS:.0f} TFLOP/s", results,
+                        "tokens_per_s", columns, width=28)
 
 
 def print_data_table(w: Workload, results: list[dict], ref: dict) -> None:
     trl = [r for r in ref.values() if r["variant"].split("+")[0] == "trl"]
     best = max(trl, key=lambda r: r["tokens_per_s"]) if trl else None
     fl = next((r["flops_per_token"]["total"] for r in ref.values()), 0.0)
-    print(f"\n{w.name}: {w.data}, {w.seqs_per_step} sequences a step, padded micro-batch {w.batch}, packed rows of "
-          f"{w.seq}, LoRA {w.lora}; tokens = REAL (non-pad) tokens; FLOPs/real token {fl / 1e9:.2f} G; "
-          f"MFU vs {PEAK_TFLOPS:.0f} TFLOP/s; best TRL: {best['variant'] if best else '-'}")
-    print(f"{'variant':28s} {'tok/s':>9s} {'tok/step':>8s} {'fill':>5s} {'mb x ga':>8s} {'peak GB':>8s} {'MFU':>6s} "
-          f"{'vs trl':>6s} {'vs best':>7s} {'loss0':>7s} {'lossN':>7s}")
-    for r in results:
-        if "tokens_per_s" not in r:
-            print(f"{r['variant']:28s} FAILED: {r['error'][-160:]!r}")
-            continue
-        vs_trl = f"{r['tokens_per_s'] / ref['trl']['tokens_per_s']:.2f}" if "trl" in ref else "-"
-        vs_best = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else "-"
-        mbga = f"{r.get('micro_batch')}x{r.get('grad_accum')}"
-        print(f"{r['variant']:28s} {r['tokens_per_s']:9.0f} {r['tokens_per_step']:8.0f} {r['fill']:5.0%} {mbga:>8s} "
-              f"{r['peak_gb']:8.1f} {r['mfu']:6.1%} {vs_trl:>6s} {vs_best:>7s} {r['first_loss'] or 0:7.3f} "
-              f"{r['last_loss'] or 0:7.3f}")
+    columns = [("tok/s", "9.0f", lambda r: r["tokens_per_s"]), ("tok/step", "8.0f", lambda r: r["tokens_per_step"]),
+               ("fill", "5.0%", lambda r: r["fill"]),
+               ("mb x ga", ">8s", lambda r: f"{r.get('micro_batch')}x{r.get('grad_accum')}"),
+               ("peak GB", "8.1f", lambda r: r["peak_gb"]), ("MFU", "6.1%", lambda r: r["mfu"]),
+               _driver.versus(ref, "trl", "tokens_per_s"),
+               ("vs best", ">7s", lambda r: f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else "-"),
+               *_driver.loss_columns("7.3f")]
+    _driver.print_table(f"{w.name}: {w.data}, {w.seqs_per_step} sequences a step, padded micro-batch {w.batch}, "
+                        f"packed rows of {w.seq}, LoRA {w.lora}; tokens = REAL (non-pad) tokens; FLOPs/real token "
+                        f"{fl / 1e9:.2f} G; MFU vs {PEAK_TFLOPS:.0f} TFLOP/s; best TRL: "
+                        f"{best['variant'] if best else '-'}", results, "tokens_per_s", columns, width=28)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="w1")
-    p.add_argument("--variants", default="hf,trl,lit", help="comma-separated (driver mode)")
-    p.add_argument("--variant", help="run this one variant in this process (used by the driver)")
-    p.add_argument("--model-dir", help="where the random model is saved (default /tmp/lit_ft_bench_<workload>)")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warm-up)")
+    p = _driver.parser(__doc__, WORKLOADS, "w1", "hf,trl,lit")
+    _driver.add_steps(p)
     p.add_argument("--lora-dropout", type=float, default=None, help="override the workload's LoRA dropout (0.05)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
     p.add_argument("--data-dir", default=str(ROOT / ".gsm8k"),
                    help="real-data workloads: train.jsonl (question/answer) and tokenizer/ (default ROOT/.gsm8k)")
-    p.add_argument("--variant-timeout", type=int, default=540)
-    p.add_argument("--json", required=True, help="where to write the results")
-    args = p.parse_args(argv)
-    if args.variant:
-        res = run_variant(args)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
-    else:
-        drive(args)
+    _driver.dispatch(_driver.parse(p, argv), run_variant, drive)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, dpo_ref, metrics, optim, roles, runs, strategies
+from lit_ft import checkpointing, dpo_ref, guards, metrics, optim, roles, runs, strategies
 from lit_ft.errors import ConfigError
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
@@ -125,8 +125,7 @@ class DPOModule(L.LightningModule):
         self.ref_tables: dict[str, dpo_ref.ReferenceTable] = {}
         self.precomputed: list[str] = []  # splits whose table this process computed (not read from a checkpoint)
         self.val_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in ("loss",) + _STATS})
-        self._groups: dict[str, int] = {}
-        self._group_counts = torch.zeros(0, 2, dtype=torch.float64)
+        self.group_accuracy = metrics.GroupAccuracy()  # val/rewards/accuracies/<subset> (PreferenceDataModule)
 
     # -- model ----------------------------------------------------------------------------------------------
 
@@ -230,16 +229,11 @@ class DPOModule(L.LightningModule):
         self.val_stats["loss"].update(loss, weight=pairs)
         for k, v in stats.items():
             self.val_stats[k.replace("/", "_")].update(v)
-        if self._groups and "group" in batch:  # per-subset implicit-reward accuracy: (correct, pairs) per group
-            index = torch.tensor([self._groups[g] for g in batch["group"]], device=loss.device)
-            correct = stats["rewards/accuracies"].double()
-            self._group_counts.index_add_(0, index, torch.stack([correct, torch.ones_like(correct)], dim=1))
+        self.group_accuracy.update(batch, stats["rewards/accuracies"])  # per-subset implicit-reward accuracy
 
     def on_validation_epoch_start(self) -> None:
         metrics.fresh(*self.val_stats.values())
-        groups = getattr(self.trainer.datamodule, "val_groups", None) or []
-        self._groups = {g: i for i, g in enumerate(groups)}
-        self._group_counts = torch.zeros(len(groups), 2, dtype=torch.float64, device=self.device)
+        self.group_accuracy.start(self)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_stats["loss"].update_count == 0:
@@ -248,22 +242,14 @@ class DPOModule(L.LightningModule):
             name = key.replace("_", "/")
             self.log(f"val/{name}", metric.compute(), prog_bar=name in ("loss", "rewards/accuracies"))
             metric.reset()
-        if self._groups:
-            counts = self.trainer.strategy.reduce(self._group_counts, reduce_op="sum")
-            for group, i in self._groups.items():
-                if counts[i, 1] > 0:
-                    self.log(f"val/rewards/accuracies/{group}", (counts[i, 0] / counts[i, 1]).float())
+        self.group_accuracy.log(self, "val/rewards/accuracies")
 
     def configure_optimizers(self):
         self.roles.restore_flags()
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        # Skip (and count) a step whose loss or gradients are not finite, instead of writing NaN into the adapter.
-        self.guard.optimizer_step(self, optimizer, optimizer_closure)
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        self.guard.lr_scheduler_step(self, scheduler, metric)  # a skipped step does not advance the schedule
+    optimizer_step = guards.optimizer_step  # skip (and count) a step whose loss or gradients are not finite
+    lr_scheduler_step = guards.lr_scheduler_step  # a skipped step does not advance the schedule
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
@@ -280,8 +266,7 @@ class DPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_resume(self, checkpoint, self.base.identity())
-        if GUARD_KEY in checkpoint:
-            self.guard.load_state_dict(checkpoint[GUARD_KEY])
+        guards.restore(self, checkpoint)
         for split, state in checkpoint.get(REF_KEY, {}).items():
             self.ref_tables[split] = dpo_ref.ReferenceTable.from_state(state)
 

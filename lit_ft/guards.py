@@ -198,6 +198,27 @@ class NonFiniteGuard:
         L.LightningModule.lr_scheduler_step(module, scheduler, metric)
 
 
+# The hooks of a module that keeps a `NonFiniteGuard` as `self.guard`, bound as its methods
+# (`optimizer_step = guards.optimizer_step`): every stage with automatic optimization guards its steps one way.
+
+
+def optimizer_step(module: L.LightningModule, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+    """`LightningModule.optimizer_step`: skip (and count) a step whose loss or gradients are not finite, instead of
+    writing NaN into the adapter."""
+    module.guard.optimizer_step(module, optimizer, optimizer_closure)
+
+
+def lr_scheduler_step(module: L.LightningModule, scheduler, metric) -> None:
+    """`LightningModule.lr_scheduler_step`: a skipped step does not advance the schedule."""
+    module.guard.lr_scheduler_step(module, scheduler, metric)
+
+
+def restore(module: L.LightningModule, checkpoint: dict) -> None:
+    """The skip counters saved with the checkpoint (under `GUARD_KEY`), for `on_load_checkpoint`."""
+    if GUARD_KEY in checkpoint:
+        module.guard.load_state_dict(checkpoint[GUARD_KEY])
+
+
 # ---------------------------------------------------------------------------------------------- out of memory
 
 MEMORY_SETTINGS = (

@@ -22,3 +22,35 @@ def split_name(module) -> str:
     file), `val` otherwise."""
     trainer = getattr(module, "_trainer", None)
     return "test" if getattr(trainer, "testing", False) else "val"
+
+
+class GroupAccuracy:
+    """Pair accuracy per validation subset (`PreferenceDataModule(group_field=...)`), as reward benchmarks report
+    it: (correct, pairs) summed per subset on each rank, then over the ranks at the epoch's end. The subsets are the
+    datamodule's `val_groups`, the same sorted list on every rank."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}  # subset -> row of `counts`
+        self.counts = torch.zeros(0, 2, dtype=torch.float64)
+
+    def start(self, module) -> None:
+        """`on_validation_epoch_start`: the datamodule's subsets, every count at zero."""
+        groups = getattr(module.trainer.datamodule, "val_groups", None) or []
+        self.index = {g: i for i, g in enumerate(groups)}
+        self.counts = torch.zeros(len(groups), 2, dtype=torch.float64, device=module.device)
+
+    def update(self, batch: dict, correct: torch.Tensor) -> None:
+        """Count a batch's pairs under their `group` (`correct` ``[pairs]``: 1 where the chosen response won)."""
+        if self.index and "group" in batch:
+            index = torch.tensor([self.index[g] for g in batch["group"]], device=correct.device)
+            correct = correct.double()
+            self.counts.index_add_(0, index, torch.stack([correct, torch.ones_like(correct)], dim=1))
+
+    def log(self, module, prefix: str) -> None:
+        """`<prefix>/<subset>` for every subset that had pairs in this epoch."""
+        if not self.index:
+            return
+        counts = module.trainer.strategy.reduce(self.counts, reduce_op="sum")
+        for group, i in self.index.items():
+            if counts[i, 1] > 0:
+                module.log(f"{prefix}/{group}", (counts[i, 0] / counts[i, 1]).float())

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, metrics, optim, runs, scoring, strategies
+from lit_ft import checkpointing, guards, metrics, optim, runs, scoring, strategies
 from lit_ft.errors import ConfigError
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.losses import bradley_terry_loss
@@ -73,8 +73,7 @@ class RewardModule(L.LightningModule):
         self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
         # (mean, std) of the validation rewards, NaN until a validation epoch ran. A buffer rides in the
         # checkpoint's state_dict, so ExportAdapter(best=True) restores the stats of the best weights with them.
-        self._groups: dict[str, int] = {}  # validation subset -> row of _group_counts (see on_validation_epoch_start)
-        self._group_counts = torch.zeros(0, 2, dtype=torch.float64)
+        self.group_accuracy = metrics.GroupAccuracy()  # val/accuracy/<subset> with PreferenceDataModule(group_field)
         self.register_buffer(STATS_KEY, torch.full((2,), float("nan"), dtype=torch.float64))
 
     # -- model ----------------------------------------------------------------------------------------------
@@ -123,17 +122,11 @@ class RewardModule(L.LightningModule):
         self.val_margin.update(r_chosen - r_rejected)
         self.val_reward.update(rewards)
         self.val_reward_sq.update(rewards.double() ** 2)
-        if self._groups and "group" in batch:  # per-subset accuracy: (correct, pairs) summed per group
-            index = torch.tensor([self._groups[g] for g in batch["group"]], device=r_chosen.device)
-            correct = (r_chosen > r_rejected).double()
-            self._group_counts.index_add_(0, index, torch.stack([correct, torch.ones_like(correct)], dim=1))
+        self.group_accuracy.update(batch, r_chosen > r_rejected)
 
     def on_validation_epoch_start(self) -> None:
         metrics.fresh(self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq)
-        # Subsets come from the datamodule (PreferenceDataModule(group_field=...)), the same list on every rank.
-        groups = getattr(self.trainer.datamodule, "val_groups", None) or []
-        self._groups = {g: i for i, g in enumerate(groups)}
-        self._group_counts = torch.zeros(len(groups), 2, dtype=torch.float64, device=self.device)
+        self.group_accuracy.start(self)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
@@ -146,11 +139,7 @@ class RewardModule(L.LightningModule):
         self.log(f"{split}/margin", self.val_margin.compute())
         self.log(f"{split}/reward_mean", mean.float())
         self.log(f"{split}/reward_std", std.float())
-        if self._groups:
-            counts = self.trainer.strategy.reduce(self._group_counts, reduce_op="sum")
-            for group, i in self._groups.items():
-                if counts[i, 1] > 0:
-                    self.log(f"{split}/accuracy/{group}", (counts[i, 0] / counts[i, 1]).float())
+        self.group_accuracy.log(self, f"{split}/accuracy")
         if not (self.trainer.sanity_checking or getattr(self.trainer, "testing", False)):  # val data only
             self.reward_stats.copy_(torch.stack([mean, std]))
         for metric in (self.val_loss, self.val_accuracy, self.val_margin, self.val_reward, self.val_reward_sq):
@@ -164,12 +153,8 @@ class RewardModule(L.LightningModule):
     def configure_optimizers(self):
         return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        # Skip (and count) a step whose loss or gradients are not finite, instead of writing NaN into the adapter.
-        self.guard.optimizer_step(self, optimizer, optimizer_closure)
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        self.guard.lr_scheduler_step(self, scheduler, metric)  # a skipped step does not advance the schedule
+    optimizer_step = guards.optimizer_step  # skip (and count) a step whose loss or gradients are not finite
+    lr_scheduler_step = guards.lr_scheduler_step  # a skipped step does not advance the schedule
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
@@ -183,8 +168,7 @@ class RewardModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_resume(self, checkpoint, self.base.identity())
-        if GUARD_KEY in checkpoint:
-            self.guard.load_state_dict(checkpoint[GUARD_KEY])
+        guards.restore(self, checkpoint)
 
     def normalization(self) -> tuple[float, float] | None:
         """(gain, bias) that standardise the last validation epoch's rewards, or None when there are none."""

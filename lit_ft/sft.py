@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft import checkpointing, inference, metrics, runs, strategies
+from lit_ft import checkpointing, guards, inference, metrics, runs, strategies
 from lit_ft import optim as optim_mod
 from lit_ft.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft import families
@@ -153,12 +153,8 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self):
         return optim_mod.configure(self, self.optim, self.trainer.estimated_stepping_batches)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        # Skip (and count) a step whose loss or gradients are not finite, instead of writing NaN into the adapter.
-        self.guard.optimizer_step(self, optimizer, optimizer_closure)
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        self.guard.lr_scheduler_step(self, scheduler, metric)  # a skipped step does not advance the schedule
+    optimizer_step = guards.optimizer_step  # skip (and count) a step whose loss or gradients are not finite
+    lr_scheduler_step = guards.lr_scheduler_step  # a skipped step does not advance the schedule
 
     # -- checkpoints and export -----------------------------------------------------------------------------
 
@@ -171,8 +167,7 @@ class SFTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_resume(self, checkpoint, self.base.identity())
-        if GUARD_KEY in checkpoint:
-            self.guard.load_state_dict(checkpoint[GUARD_KEY])
+        guards.restore(self, checkpoint)
 
     def save_adapter(self, path: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
         """Write the adapter in PEFT format (what `PeftModel.from_pretrained` loads); `state_dict` under FSDP."""

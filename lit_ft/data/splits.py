@@ -13,13 +13,12 @@ from torch.utils.data import DataLoader
 
 from lit_ft.data.collate import PromptCollator
 from lit_ft.data.records import Kind, load_records
+from lit_ft.data.shared import tokenize_split
 from lit_ft.errors import ConfigError
 
 
 def labelled_split(module, kind: Kind, settings: dict, **read):
     """The tokenized `data.test_file` of a datamodule, read and checked like its validation file."""
-    from lit_ft.data.modules import tokenize_split
-
     if not module.test_file:
         raise ConfigError("data.test_file: `test` needs a test file (same format as data.train_file)")
     records, report = load_records(module.test_file, kind, setting="data.test_file", **read)
@@ -28,8 +27,6 @@ def labelled_split(module, kind: Kind, settings: dict, **read):
 
 def prompt_split(module, settings: dict):
     """The tokenized prompts of `data.predict_file`, each with its source line and its prompt as written."""
-    from lit_ft.data.modules import tokenize_split
-
     if not module.predict_file:
         raise ConfigError("data.predict_file: `predict` needs a file of prompts (JSONL rows with a `prompt`, "
                           "`instruction`, `messages` or `question` field; an `answer` is optional)")
