@@ -168,9 +168,12 @@ def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, ch
 
 
 def loss_saved(n_loss: int, rows: int, seq: int, hidden: int, a: int) -> int:
-    """`losses.causal_lm_loss` keeps the [rows, seq-1] boolean keep-mask of its gather, the gathered hidden states
-    [N, H] and the int64 targets [N] (the inputs of its checkpointed chunks; the logits are recomputed)."""
-    return rows * (seq - 1) + n_loss * hidden * a + n_loss * 8
+    """`losses.causal_lm_loss` keeps the [rows, seq-1] boolean keep-mask of its gather and one [N, H] tensor in the
+    activations' dtype: for a frozen head (LoRA, QLoRA) `_HeadLossWithGrad` keeps the hidden-state gradient it
+    computed with the loss, chunk by chunk (each chunk's logits and targets are freed inside its forward); the
+    targets are not kept. (A trainable head's checkpointed chunks would keep the gathered states and the int64
+    targets [N] instead: 8 bytes a token more; no lit_ft stage trains the head under LoRA.)"""
+    return rows * (seq - 1) + n_loss * hidden * a
 
 
 def loss_transient(n_loss: int, chunk: int, vocab: int, a: int) -> int:

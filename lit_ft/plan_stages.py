@@ -15,6 +15,7 @@ import torch
 from lit_ft import families
 from lit_ft.errors import ConfigError
 from lit_ft import plan_activations as act
+from lit_ft import plan_data as rows_of
 from lit_ft import plan_online as online
 from lit_ft import plan_weights as pw
 
@@ -175,14 +176,21 @@ def _fmt(n: int) -> str:
 
 def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
     """The decoder's saved bytes; `positions`: position ids are passed (the online stages' left-padded rows, the
-    reward model's: a mask too)."""
+    reward model's). A mask reaches the attention for packed rows, and for padded ones: rows of different lengths
+    (`plan_data.padded`; without data any batch of several rows, and every online or reward batch); transformers
+    drops an all-ones mask (equal rows: the causal kernel, no repeated KV heads)."""
+    uneven = s.data is None or s.data.padded
     return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
-                           pos_rows=rows if s.packing or positions else 1, masked=s.packing or positions or rows > 1)
+                           pos_rows=rows if s.packing or positions else 1,
+                           masked=s.packing or ((positions or rows > 1) and uneven))
 
 
-def _lm_rows(s, d, rows, a, lora, mask, label):
-    L = s.max_length
-    n_loss = rows * (L - 1)  # worst case: every position of every row trained
+def _lm_rows(s, d, seqs, a, lora, mask, label):
+    """The trunk and the chunked loss over the worst micro-batch of `seqs` sequences: `seqs` rows of the longest
+    row (`plan_data.seq_len`), or packed (`plan_data.packed_shape`); the loss over its trained tokens."""
+    rows, L = rows_of.packed_shape(s, seqs) if s.packing else (seqs, rows_of.seq_len(s))
+    n_loss = rows_of.loss_tokens(s, seqs, L) if not s.packing else min(rows * (L - 1), rows_of.loss_tokens(
+        s, seqs, s.max_length))
     t = _trunk(s, d, rows, L, a, lora, mask)
     saved = t["layers"] + act.loss_saved(n_loss, rows, L, d.hidden, a)
     peak = max(act.loss_transient(n_loss, s.loss_chunk_size, d.vocab, a),
@@ -200,7 +208,7 @@ def _sft(s, d, a, lora, mask):
 
 def _dpo(s, d, a, lora, mask):
     rows = _lm_rows(s, d, 2 * s.batch_size, a, lora, mask, "chosen + rejected")
-    rows.append(("reference pass (no grad)", act.nograd_forward(d, 2 * s.batch_size * s.max_length, a),
+    rows.append(("reference pass (no grad)", act.nograd_forward(d, 2 * s.batch_size * rows_of.seq_len(s), a),
                  "one layer's forward at a time"))
     return rows
 
@@ -210,15 +218,15 @@ def reward_saved(s, d, a, lora, mask, head_bytes: int) -> tuple[int, int]:
     rows, with position ids): the trunk, the row and column indices [2B] of the last-token gather (int64) and the
     pooled states [2B, H] the trainable head keeps, in the head's dtype."""
     rows = 2 * s.batch_size
-    t = _trunk(s, d, rows, s.max_length, a, lora, mask, positions=True)
+    t = _trunk(s, d, rows, rows_of.seq_len(s), a, lora, mask, positions=True)
     return t["layers"] + 2 * rows * 8 + rows * d.hidden * head_bytes, t["recompute"]
 
 
 def _reward(s, d, a, lora, mask, head_bytes):
-    rows, L = 2 * s.batch_size, s.max_length
+    rows, L = 2 * s.batch_size, rows_of.seq_len(s)
     saved, recompute = reward_saved(s, d, a, lora, mask, head_bytes)
     peak = act.backward_working(d, rows * L, a) + recompute
-    ev = 2 * (s.eval_batch_size or s.batch_size) * L
+    ev = 2 * (s.eval_batch_size or s.batch_size) * rows_of.eval_seq_len(s)
     return [("activations (saved)", saved, f"2B = {rows} rows (chosen + rejected) x {L} tokens"),
             ("activations (backward peak)", max(peak, act.nograd_forward(d, ev, a)),
              "max(layer backward, validation forward of 2 x eval_batch_size rows)")]
