@@ -247,7 +247,7 @@ def _candidates(s: Settings):
     if online and s.target == "cuda" and s.sampling is not None and s.sampling.engine != "hf":
         yield ("hf generate for rollouts (its KV cache is freed after each rollout; slower decoding)",
                ["--model.sampling.engine", "hf"], replace(s, sampling=replace(s.sampling, engine="hf")), "engine")
-    if s.stage in ("sft", "dpo") and s.loss_chunk_size > 1024:
+    if s.stage == "sft" and s.loss_chunk_size > 1024:  # (DPO's log-prob chunk, model.dpo.logp_chunk_size, is 1024)
         yield (f"loss chunk {s.loss_chunk_size} -> 1024 tokens", ["--model.loss_chunk_size", "1024"],
                replace(s, loss_chunk_size=1024), "chunk")
     if s.base.quantization in ("none", "int8"):
