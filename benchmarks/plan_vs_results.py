@@ -163,7 +163,7 @@ def bundled_rows(results: Path) -> list[dict]:
             text = (results / "2026-12-02_bundled" / log).read_text()
             peaks += [float(x) for x in re.findall(r"\[end\].*peak CUDA memory ([0-9.]+) GiB", text)]
         plan = plan_from_cli(["--config", config, "--trainer.accelerator", "cpu"], budget=None, target="cuda")
-        out.append(dict(source="2026-12-02_bundled/" + ",".join(logs), workload=Path(config).name,
+        out.append(dict(source="2026-12-02_bundled/" + ",".join(Path(x).stem for x in logs), workload=Path(config).name,
                         variant=f"bundled ({len(peaks)} runs, {min(peaks):.2f}-{max(peaks):.2f} GiB)",
                         stage=plan.settings.stage, planned=plan.peak, measured=int(max(peaks) * GIB),
                         rows=plan.settings.data.note if plan.settings.data else "max_length",
@@ -172,13 +172,13 @@ def bundled_rows(results: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | variant | planned GiB | measured GiB | measured / planned | within 15% |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
+    lines = ["| workload | variant | planned GiB | measured GiB | measured / planned | within 15% | measured in |",
+             "| --- | --- | ---: | ---: | ---: | --- | --- |"]
     for x in rows:
         ratio = x["measured"] / x["planned"]
         ok = "met" if abs(ratio - 1) <= TARGET else "not met"
         lines.append(f"| {x['workload']} | {x['variant']} | {x['planned'] / GIB:.2f} | {x['measured'] / GIB:.2f} | "
-                     f"{ratio:.2f} | {ok} |")
+                     f"{ratio:.2f} | {ok} | {x['source']} |")
     return "\n".join(lines)
 
 

@@ -71,7 +71,8 @@ class Settings:
     compile: bool = False
     """`compile: true` (each decoder layer through torch.compile): what inductor saves differs from eager."""
     head_dtype: str | None = None
-    """The online stages' fp32 value/reward heads kept in fp32 under `*-true` (None: cast with the module)."""
+    """"float32": the online stages' value/reward heads are cast back to fp32 after Lightning's `*-true` cast (as
+    benchmarks/bench_ppo.py does); None: they are cast with the module."""
 
 
 @dataclass

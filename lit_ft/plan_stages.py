@@ -126,6 +126,8 @@ def components(s):
     dims, dtype, counts, shape, notes, heads, merged, engine = counted_model(s)
     cast, a = precision_dtypes(s.precision, dtype)
     head_dtype = cast or torch.float32  # Lightning's *-true casts the fp32 heads too
+    if s.head_dtype == "float32":  # ... unless they are cast back (a hook after the cast, as benchmarks/bench_ppo.py)
+        head_dtype = torch.float32
     for numel, trainable in heads:
         nbytes = numel * head_dtype.itemsize
         role = "trainable" if trainable else "frozen"

@@ -190,3 +190,21 @@ def test_cli_plans_the_shipped_demo_rows(tiny_model_dir, capsys):
                       "--budget", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert "rows: longest real pair side" in out and "of 2000 rows" in out and "(max_length 256)" in out
+
+
+def test_plan_vs_results_plans_every_stored_peak_within_15_percent(capsys):
+    """benchmarks/plan_vs_results.py: the settings of every stored H200 result (the workload's config only, no
+    weights) planned on the CPU; each lit_ft row within 15% of its measured `max_memory_allocated`."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "plan_vs_results.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_results", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--no-bundled"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) == 27 and {r[0].strip("| ") for r in rows} == {"w1", "w3", "w4", "d1", "w5", "w5_8b"}
+    for r in rows:
+        planned, measured = float(r[2]), float(r[3])
+        assert abs(measured / planned - 1) <= 0.15, r
