@@ -15,7 +15,6 @@ length with an all-ones attention mask (no padding), which the plan is told (`Ro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 TARGET = 0.15
 GIB = 2**30
 
-# (file, workload key) of every stored result the table covers; variants without a peak (errors) are skipped
+# every stored result file the table covers; variants without a peak (errors) and peers (hf, trl) are skipped
 SOURCES = ["2026-12-02_w1.json", "w1.json", "w1b.json", "w3.json", "w4.json", "2026-12-02_d1.json",
            "w5.json", "2026-12-01_rollout_1b_w5.json", "2026-12-02_w5_grpo.json", "w5_8b_gc.json",
            "2026-12-02_w5_8b_grpo.json"]
@@ -107,7 +106,8 @@ def settings_for(kind: str, w: dict, r: dict, where: Path):
                             merged=bool(r.get("merged")))
     cfg = write_config(w, seq, where)
     base = ModelSpec(name_or_path=cfg, dtype="bfloat16", attn_implementation="sdpa", quantization=quant,
-                     double_quant=True, compute_dtype="bfloat16", gradient_checkpointing=bool(r["gradient_checkpointing"]))
+                     double_quant=True, compute_dtype="bfloat16",
+                     gradient_checkpointing=bool(r["gradient_checkpointing"]))
     precision = r["precision"]
     prompts = w["prompts"] if impl == "lit" else int_mod(mods, "p", w["prompts"])
     reward = str(Path(cfg) / "reward_adapter")  # absent: the plan takes it as model.lora, as bench_ppo builds it

@@ -99,7 +99,8 @@ def stats_of(train, val, pad_to_multiple_of: int | None, note: str) -> RowStats:
         eval_longest = _round(max(_sequences(val)[0]), pad_to_multiple_of)
     return RowStats(longest, eval_longest, tuple(sorted(labels, reverse=True)[:TOP]),
                     tuple(sorted(lens, reverse=True)[:TOP]), padded=len(set(lens)) > 1,
-                    note=note, multiple=pad_to_multiple_of, kind={"pairs": "pair side", "prompts": "prompt"}.get(_kind(train), "row"))
+                    note=note, multiple=pad_to_multiple_of,
+                    kind={"pairs": "pair side", "prompts": "prompt"}.get(_kind(train), "row"))
 
 
 def first_fit_decreasing(lengths, capacity: int) -> list[int]:
@@ -115,9 +116,10 @@ def first_fit_decreasing(lengths, capacity: int) -> list[int]:
     return [capacity - free for free in room]
 
 
-def _head(path: Path, rows: int, where: str) -> str:
-    """The first `rows` lines of a JSON Lines file, copied into `where`."""
-    out = Path(where) / path.name
+def _head(path: Path, rows: int, where: str, split: str) -> str:
+    """The first `rows` lines of a JSON Lines file, copied into `where` (as `<split>_<name>`: a train and a
+    validation file of one name do not collide)."""
+    out = Path(where) / f"{split}_{path.name}"
     with path.open("rb") as src, out.open("wb") as dst:
         for i, line in enumerate(src):
             if i >= rows:
@@ -187,12 +189,12 @@ def row_stats(dm) -> tuple[RowStats | None, str]:
             if train.suffix.lower() != ".jsonl":
                 return None, (f"{dm.train_file} is {train.stat().st_size / 2**20:.0f} MiB (only JSON Lines files "
                               f"that large are sampled): every row max_length")
-            probe.train_file = _head(train, SCAN_ROWS, tmp)
+            probe.train_file = _head(train, SCAN_ROWS, tmp, "train")
             where = f"of the first {{n}} rows of {train.name} (scan capped at {SCAN_ROWS} lines: a lower bound)"
         if getattr(dm, "val_file", None):
-            if val is None or val.stat().st_size > SCAN_BYTES:
-                probe.val_file = _head(val, SCAN_ROWS, tmp) if val is not None and val.suffix.lower() == ".jsonl" \
-                    else None
+            if val is None or val.stat().st_size > SCAN_BYTES:  # sampled as the training file, or not read
+                sample = val is not None and val.suffix.lower() == ".jsonl"
+                probe.val_file = _head(val, SCAN_ROWS, tmp, "val") if sample else None
                 if probe.val_file is None:
                     probe.val_split = 0.0
         try:
