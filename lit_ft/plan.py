@@ -8,7 +8,9 @@ parses the config with the project's LightningCLI, so every key and override mea
 `MemoryPlanLog` logs the plan at the start of a fit and ``torch.cuda.max_memory_allocated`` at its end.
 
 The model is counted on the meta device (`lit_ft.plan_weights`); activations follow the per-term formulas of
-`lit_ft.plan_activations`. The batch is planned at its worst case: every row ``max_length`` tokens long.
+`lit_ft.plan_activations`. The batch is planned at its worst case: the real data's longest rows when the
+DataModule's files are local (`lit_ft.plan_data`: tokenized as the fit tokenizes them), else every row
+``max_length`` tokens long; the table says which.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lit_ft.generation import SamplingSpec
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.optim import OptimSpec
 from lit_ft import plan_stages
+from lit_ft.plan_data import RowStats, row_stats
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,16 @@ class Settings:
     sft_adapter: str | None = None
     reward_adapter: str | None = None
     target: str = "cuda"
+    data: RowStats | None = None
+    """The real rows' lengths (`lit_ft.plan_data.row_stats`); None: every row `max_length` tokens (the worst
+    case)."""
+    rows_note: str = ""
+    """Why the rows are planned at `max_length` when `data` is None (a hub dataset, an unreadable file...)."""
+    compile: bool = False
+    """`compile: true` (each decoder layer through torch.compile): what inductor saves differs from eager."""
+    head_dtype: str | None = None
+    """"float32": the online stages' value/reward heads are cast back to fp32 after Lightning's `*-true` cast (as
+    benchmarks/bench_ppo.py does); None: they are cast with the module."""
 
 
 @dataclass
@@ -93,9 +106,11 @@ class Plan:
 
     def table(self) -> str:
         s = self.settings
+        seq = s.data.longest if s.data is not None else s.max_length
         lines = [f"memory plan: {s.stage} on {s.target} | {s.base.name_or_path or 'SmolLM2-135M-Instruct (bundled)'}"
                  f" | quantization {s.base.quantization} | precision {s.precision} | micro-batch {s.batch_size}"
-                 f" x {s.max_length} tokens | gradient checkpointing {s.base.gradient_checkpointing}", ""]
+                 f" x {seq} tokens | gradient checkpointing {s.base.gradient_checkpointing}",
+                 f"rows: {s.data.note if s.data is not None else s.rows_note or f'max_length {s.max_length}'}", ""]
         width = max(len(c) for c, _, _ in self.rows + self.off_peak) + 2
         for c, b, how in self.rows:
             lines.append(f"  {c:<{width}}{fmt(b):>11}   {how}")
@@ -120,7 +135,9 @@ class Plan:
         return f"memory plan: peak {fmt(self.peak)} ({parts}) + allowance {fmt(self.allowance)} = {fmt(self.total)}{budget}"
 
     def as_dict(self) -> dict:
-        return {"stage": self.settings.stage, "peak": self.peak, "total": self.total, "budget": self.budget,
+        s = self.settings
+        return {"stage": s.stage, "rows": s.data.note if s.data is not None else s.rows_note or "max_length",
+                "peak": self.peak, "total": self.total, "budget": self.budget,
                 "components": {c: b for c, b, _ in self.rows}, "off_peak": {c: b for c, b, _ in self.off_peak},
                 "advice": [{"change": w, "overrides": a, "total": t, "fits": f} for w, a, t, f in self.advice]}
 
@@ -162,6 +179,7 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
     dm = datamodule
     precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
     accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+    data, rows_note = row_stats(dm)
     return Settings(
         stage=stage, base=model.base, lora=model.lora, optim=model.optim,
         batch_size=getattr(dm, "batch_size", 8), max_length=getattr(dm, "max_length", 1024),
@@ -171,7 +189,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None), grpo=getattr(model, "grpo", None),
         dpo=getattr(model, "dpo", None),
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
-        reward_adapter=getattr(model, "reward_adapter", None), target=target or "cuda")
+        reward_adapter=getattr(model, "reward_adapter", None), target=target or "cuda", data=data,
+        rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)))
 
 
 def estimate(model, datamodule=None, trainer=None, *, budget: int | str | None = "auto", target: str | None = None,
@@ -229,7 +248,7 @@ def _candidates(s: Settings):
     if online and s.target == "cuda" and s.sampling is not None and s.sampling.engine != "hf":
         yield ("hf generate for rollouts (its KV cache is freed after each rollout; slower decoding)",
                ["--model.sampling.engine", "hf"], replace(s, sampling=replace(s.sampling, engine="hf")), "engine")
-    if s.stage in ("sft", "dpo") and s.loss_chunk_size > 1024:
+    if s.stage == "sft" and s.loss_chunk_size > 1024:  # (DPO's log-prob chunk, model.dpo.logp_chunk_size, is 1024)
         yield (f"loss chunk {s.loss_chunk_size} -> 1024 tokens", ["--model.loss_chunk_size", "1024"],
                replace(s, loss_chunk_size=1024), "chunk")
     if s.base.quantization in ("none", "int8"):

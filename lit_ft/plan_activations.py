@@ -73,16 +73,30 @@ class LoraShape:
 
 
 def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, attn: str = "sdpa",
-                rows: int = 1, seq: int = 1, mask_bytes: int | None = None, masked: bool = False) -> dict[str, int]:
+                rows: int = 1, seq: int = 1, mask_bytes: int | None = None, masked: bool = False,
+                compiled: bool = False) -> dict[str, int]:
     """Bytes autograd keeps for the backward of ONE decoder layer over n = rows x seq tokens, by term.
 
     `grad_in`: the layer's input requires grad (false only for the first layer, whose input is the frozen
     embedding). `mask_bytes`: bytes per element of a LoRA dropout mask (CUDA's fused dropout keeps a bool mask:
     1; None: the CPU keeps a mask in the dtype the dropout runs in). `masked`: rows carry padding or are packed,
     so transformers passes sdpa a 4-D mask.
+
+    `compiled`: the layer runs through `torch.compile` (`compile: true`; inductor). AOTAutograd's min-cut
+    partitioner (`min_cut_rematerialization_partition`) saves the cheapest set of tensors from which the backward
+    can recompute the rest, and element-wise ops are cheap to recompute: RMSNorm keeps its input in the activation
+    dtype and recomputes the fp32 cast (n x H x a instead of n x H x 4), SwiGLU keeps gate's and up's outputs and
+    recomputes silu (2 instead of 3 x [n, I]), and dropout, decomposed to a comparison of random numbers, keeps a
+    bool mask on every device (1 byte). Matmul inputs (the dropped LoRA inputs among them: the random mask is
+    never recomputed, and the product is no cheaper to keep than its inputs) and sdpa's own saved set are as in
+    eager. `tests/test_plan.py` checks this byte for byte against the same partitioner on the CPU
+    (the `aot_eager_decomp_partition` backend: inductor's decompositions and partitioner without its code
+    generation); the H200's measured peaks agree (BENCHMARKS.md, "Memory plan against the measured peaks").
     """
     H, I, h, k, dh = d.hidden, d.intermediate, d.heads, d.kv_heads, d.head_dim
     t = lora.targets if lora else frozenset()
+    if compiled:
+        mask_bytes = 1
     m = 0 if mask_bytes is None else mask_bytes  # 0: the dtype the dropout runs in (the LoRA path's)
     out: dict[str, int] = {}
     # Gradient flow through the layer: an op saves its inputs only when its output needs a gradient.
@@ -91,7 +105,7 @@ def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, 
     g_mlp = g_o or bool(t & set(GATE_UP))
     # RMSNorm (x * rsqrt(mean(x^2) + eps), in fp32): its fp32 input [n, H] and the rsqrt [n, 1]. The input norm
     # needs them only when the input needs a gradient; the post-attention norm when attention does.
-    norm = n * H * 4 + n * 4
+    norm = n * H * (a if compiled else 4) + n * 4
     out["norms"] = norm * (int(grad_in) + int(g_o))
     # Attention. sdpa/flash kernels keep q [n, h*d], k and v [n, k*d] (grouped-query: not repeated), the output
     # [n, h*d] and the fp32 log-sum-exp [n, h]; RoPE's q*cos and k*cos keep only cos/sin (counted once per model).
@@ -110,7 +124,7 @@ def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, 
             v = n * (h + 2 * k) * dh * a if d.fused_qkv else n * k * dh * a
             out["attention"] = 2 * n * h * dh * a + n * k * dh * a + v + n * h * 4
     # SwiGLU down(silu(gate(x)) * up(x)): silu keeps its input, the product keeps both factors: 3 x [n, I].
-    out["mlp"] = 3 * n * I * a if g_mlp else 0
+    out["mlp"] = (2 if compiled else 3) * n * I * a if g_mlp else 0
     out["lora"] = _lora_saved(d, n, a, t, lora, m, (grad_in, g_qkv, g_o, g_mlp), attn) if lora else 0
     return out
 
@@ -152,12 +166,14 @@ def attention_mask_bytes(rows: int, seq: int, a: int, attn: str, masked: bool) -
 
 
 def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, checkpointing: bool,
-                attn: str = "sdpa", mask_bytes: int | None = None, pos_rows: int = 1, masked: bool = False) -> dict:
+                attn: str = "sdpa", mask_bytes: int | None = None, pos_rows: int = 1, masked: bool = False,
+                compiled: bool = False) -> dict:
     """Saved bytes of the whole decoder over [rows, seq] (the layers, RoPE, the final norm, the mask), and the
-    extra of recomputing one layer in the backward under gradient checkpointing."""
+    extra of recomputing one layer in the backward under gradient checkpointing. `compiled`: the layers run
+    through torch.compile (`layer_saved`; the final norm, outside them, stays eager)."""
     n = rows * seq
-    first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes, masked).values())
-    other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes, masked).values())
+    first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes, masked, compiled).values())
+    other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes, masked, compiled).values())
     shared = rope_saved(d, pos_rows, seq, a) + attention_mask_bytes(rows, seq, a, attn, masked)
     final_norm = n * d.hidden * 4 + n * 4  # the final RMSNorm's fp32 input and rsqrt
     if checkpointing:
@@ -168,16 +184,36 @@ def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, ch
 
 
 def loss_saved(n_loss: int, rows: int, seq: int, hidden: int, a: int) -> int:
-    """`losses.causal_lm_loss` keeps the [rows, seq-1] boolean keep-mask of its gather, the gathered hidden states
-    [N, H] and the int64 targets [N] (the inputs of its checkpointed chunks; the logits are recomputed)."""
-    return rows * (seq - 1) + n_loss * hidden * a + n_loss * 8
+    """`losses.causal_lm_loss` keeps the [rows, seq-1] boolean keep-mask of its gather and one [N, H] tensor in the
+    activations' dtype: for a frozen head (LoRA, QLoRA) `_HeadLossWithGrad` keeps the hidden-state gradient it
+    computed with the loss, chunk by chunk (each chunk's logits and targets are freed inside its forward); the
+    targets are not kept. (A trainable head's checkpointed chunks would keep the gathered states and the int64
+    targets [N] instead: 8 bytes a token more; no lit_ft stage trains the head under LoRA.)"""
+    return rows * (seq - 1) + n_loss * hidden * a
+
+
+def logp_saved(n_loss: int, rows: int, seq: int, hidden: int, a: int) -> int:
+    """`dpo_ref.sequence_logps` keeps the [rows, seq-1] boolean keep-mask of its gather, the gathered hidden states
+    [N, H] and the int64 targets [N] (views of both are the inputs its checkpointed chunks recompute from) and the
+    int64 sequence index [N] of its `index_add` (kept for that op's backward)."""
+    return rows * (seq - 1) + n_loss * hidden * a + 2 * n_loss * 8
 
 
 def loss_transient(n_loss: int, chunk: int, vocab: int, a: int) -> int:
-    """One chunk of the chunked cross-entropy in the backward: the recomputed logits in the activation dtype and
-    in fp32, the fp32 log-softmax cross_entropy keeps, and the fp32 gradients of both: c x V x (a + 3 x 4)."""
+    """One chunk of the chunked loss, differentiated within the forward for a frozen head (SFT's
+    `_HeadLossWithGrad`) or recomputed in the backward (DPO's checkpointed log-prob chunks): the logits in the
+    activation dtype and in fp32, the fp32 log-softmax (or logsumexp input) kept for the gradient, and the fp32
+    gradients of both: c x V x (a + 3 x 4)."""
     c = min(chunk, n_loss)
     return c * vocab * (a + 12)
+
+
+def fused_loss_transient(n_loss: int, chunk: int, vocab: int) -> int:
+    """One chunk of SFT's loss for a frozen head (`losses._HeadLossWithGrad`), differentiated inside the forward:
+    the activation-dtype logits are freed at their fp32 cast and the cast after log-softmax (only its output is
+    kept), so the most alive at once is in the backward of log-softmax: its fp32 output, the incoming gradient and
+    the outgoing one, c x V x 3 x 4 (the half-precision gradient after them is smaller: fp32 + half)."""
+    return min(chunk, n_loss) * vocab * 12
 
 
 def backward_working(d: Dims, n: int, a: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 
 from lit_ft import plan_activations as act
+from lit_ft import plan_data
 from lit_ft import plan_weights as pw
 from lit_ft.errors import ConfigError
 
@@ -86,11 +87,18 @@ def roles_meta(s, base, notes, heads):
 def shapes(s) -> tuple[int, int, int, int, int]:
     """(rollout rows, engine rows, prompt P, response R, minibatch rows). A rollout holds batch_size x
     samples_per_prompt episodes; validation rolls out eval_batch_size prompts once each through the same engine,
-    which keeps the largest batch it has seen (`DecodeEngine._allocate`). Prompts are at most `max_length`."""
+    which keeps the largest batch it has seen (`DecodeEngine._allocate`). Prompts are left-padded to the batch's
+    longest (`PromptCollator`): the longest real prompt, else `max_length` (`plan_data.seq_len`)."""
     p, sp = spec_of(s), s.sampling
     rows = s.batch_size * p.samples_per_prompt
     engine_rows = max(rows, s.eval_batch_size or s.batch_size)
-    return rows, engine_rows, s.max_length, sp.max_new_tokens, min(p.mini_batch_size, rows)
+    return rows, engine_rows, plan_data.seq_len(s), sp.max_new_tokens, min(p.mini_batch_size, rows)
+
+
+def engine_prompt(s, P: int) -> int:
+    """The prompt width the engine allocates: the largest it has seen (`DecodeEngine._allocate` keeps the maximum
+    of every shape), so the longest of the training and the validation prompts."""
+    return max(P, s.data.eval_longest or 0) if s.data is not None else P
 
 
 def engine_bytes(d: act.Dims, rows: int, P: int, R: int, a: int) -> int:
@@ -144,12 +152,12 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     (`rollout.Sampler.resolve`: CUDA, an attention the engine serves, no autocast over weights of another dtype)."""
     p, sp = spec_of(s), s.sampling
     rows, erows, P, R, mbs = shapes(s)
-    seq = P + R
+    seq, Pe = P + R, engine_prompt(s, P)
     static = s.target == "cuda" and (sp.engine == "static" or (sp.engine == "auto" and engine_ok))
-    engine = engine_bytes(d, erows, P, R, a)
+    engine = engine_bytes(d, erows, Pe, R, a)
     # Prefill (one no-grad pass over the prompts, `logits_to_keep=1`): a layer's forward, the bool visibility
     # [rows, 1, P, P + R], the last position's logits [rows, V] in the activation dtype and in fp32.
-    prefill = act.nograd_forward(d, erows * P, a) + erows * P * seq + erows * d.vocab * (a + 4)
+    prefill = act.nograd_forward(d, erows * Pe, a) + erows * Pe * (Pe + R) + erows * d.vocab * (a + 4)
     # No-grad passes, mbs rows at a time: a layer's forward over mbs x (P + R) and the logits (old and reference
     # log-probs, entropy); a reward adapter's scoring pass has only the trunk.
     nograd = act.nograd_forward(d, mbs * seq, a) + nograd_logits(d, mbs, R, a, sp.temperature)
@@ -165,11 +173,11 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     if s.stage == "grpo" and p.dynamic_sampling:
         record *= 2
     out = [("KV cache (rollout)", engine if static else 0,
-            f"{erows} rows x ({P} + {R}) positions" + (", static engine: resident" if static else " (hf: freed)")),
+            f"{erows} rows x ({Pe} + {R}) positions" + (", static engine: resident" if static else " (hf: freed)")),
            ("rollout buffers", record, f"ids, masks and log-probs of {rows} episodes")]
-    kv_hf = act.kv_cache(d, erows, seq, a)
+    kv_hf = act.kv_cache(d, erows, Pe + R, a)
     phase = max(("rollout", (0 if static else kv_hf) + prefill), ("no-grad passes", nograd), ("update", update),
                 key=lambda x: x[1])
     out.append((f"activations (peak phase: {phase[0]})", phase[1],
-                f"update: {mbs} rows x {seq} tokens with grad; rollout: prefill of {erows} x {P}"))
+                f"update: {mbs} rows x {seq} tokens with grad; rollout: prefill of {erows} x {Pe}"))
     return out

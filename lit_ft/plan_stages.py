@@ -15,6 +15,7 @@ import torch
 from lit_ft import families
 from lit_ft.errors import ConfigError
 from lit_ft import plan_activations as act
+from lit_ft import plan_data as rows_of
 from lit_ft import plan_online as online
 from lit_ft import plan_weights as pw
 
@@ -125,6 +126,8 @@ def components(s):
     dims, dtype, counts, shape, notes, heads, merged, engine = counted_model(s)
     cast, a = precision_dtypes(s.precision, dtype)
     head_dtype = cast or torch.float32  # Lightning's *-true casts the fp32 heads too
+    if s.head_dtype == "float32":  # ... unless they are cast back (a hook after the cast, as benchmarks/bench_ppo.py)
+        head_dtype = torch.float32
     for numel, trainable in heads:
         nbytes = numel * head_dtype.itemsize
         role = "trainable" if trainable else "frozen"
@@ -163,7 +166,7 @@ def components(s):
         rows.append(("merged rollout copy", merged * (cast or dtype).itemsize,
                      "sampling.merged: one copy of the LoRA-wrapped weights"))
     if s.stage == "dpo":
-        notes.append("DPO: planned as SFT over the 2B chosen+rejected rows plus a no-grad reference pass")
+        notes.append("DPO: the policy over the 2B chosen + rejected rows; the no-grad reference pass runs before it")
     return rows, off, notes
 
 
@@ -175,33 +178,59 @@ def _fmt(n: int) -> str:
 
 def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
     """The decoder's saved bytes; `positions`: position ids are passed (the online stages' left-padded rows, the
-    reward model's: a mask too)."""
+    reward model's). A mask reaches the attention for packed rows, and for padded ones: rows of different lengths
+    (`plan_data.padded`; without data any batch of several rows, and every online or reward batch); transformers
+    drops an all-ones mask (equal rows: the causal kernel, no repeated KV heads). `s.compile`: the layers through
+    torch.compile (`plan_activations.layer_saved`)."""
+    uneven = s.data is None or s.data.padded
     return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
-                           pos_rows=rows if s.packing or positions else 1, masked=s.packing or positions or rows > 1)
+                           pos_rows=rows if s.packing or positions else 1,
+                           masked=s.packing or ((positions or rows > 1) and uneven), compiled=s.compile)
 
 
-def _lm_rows(s, d, rows, a, lora, mask, label):
-    L = s.max_length
-    n_loss = rows * (L - 1)  # worst case: every position of every row trained
+def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved, transient=None):
+    """The trunk and the chunked loss over the worst micro-batch of `seqs` sequences: `seqs` rows of the longest
+    row (`plan_data.seq_len`), or packed (`plan_data.packed_shape`); the loss over its trained tokens, `chunk`
+    positions of logits at a time. Returns the rows and the activations' peak."""
+    if s.packing:
+        rows, L = rows_of.packed_shape(s, seqs)
+        n_loss = min(rows * (L - 1), rows_of.loss_tokens(s, seqs, s.max_length))
+    else:
+        rows, L = seqs, rows_of.seq_len(s)
+        n_loss = rows_of.loss_tokens(s, seqs, L)
     t = _trunk(s, d, rows, L, a, lora, mask)
-    saved = t["layers"] + act.loss_saved(n_loss, rows, L, d.hidden, a)
-    peak = max(act.loss_transient(n_loss, s.loss_chunk_size, d.vocab, a),
+    saved = t["layers"] + loss_saved(n_loss, rows, L, d.hidden, a)
+    transient = transient or (lambda n, c: act.loss_transient(n, c, d.vocab, a))
+    peak = max(transient(n_loss, chunk),
                act.backward_working(d, rows * L, a) + t["recompute"])
     ckpt = "checkpointed: one [n, H] input a layer" if s.base.gradient_checkpointing else "every layer's saved tensors"
+    ckpt += ", compiled layers" if s.compile else ""
     return [(f"activations (saved, {label})", saved, f"{rows} x {L} tokens, {ckpt}, + loss gather"),
             ("activations (backward peak)", peak,
-             f"max(loss chunk {min(s.loss_chunk_size, n_loss)} x {d.vocab} fp32, layer backward"
-             + (" + recompute)" if s.base.gradient_checkpointing else ")"))]
+             f"max(loss chunk {min(chunk, n_loss)} x {d.vocab} fp32, layer backward"
+             + (" + recompute)" if s.base.gradient_checkpointing else ")"))], saved + peak
 
 
 def _sft(s, d, a, lora, mask):
-    return _lm_rows(s, d, s.batch_size, a, lora, mask, "packed" if s.packing else "padded")
+    # the frozen head's fused loss (LoRA SFT): `fused_loss_transient` (a trained head would recompute its chunks)
+    return _lm_rows(s, d, s.batch_size, a, lora, mask, "packed" if s.packing else "padded", s.loss_chunk_size,
+                    transient=lambda n, c: act.fused_loss_transient(n, c, d.vocab))[0]
 
 
 def _dpo(s, d, a, lora, mask):
-    rows = _lm_rows(s, d, 2 * s.batch_size, a, lora, mask, "chosen + rejected")
-    rows.append(("reference pass (no grad)", act.nograd_forward(d, 2 * s.batch_size * s.max_length, a),
-                 "one layer's forward at a time"))
+    """The policy's forward and backward over the 2B chosen + rejected rows (`dpo_ref.sequence_logps`: log-prob
+    chunks of `dpo.logp_chunk_size` positions), and the reference's no-grad pass, which runs first
+    (`DPOModule.pair_stats`) and is freed before the policy's forward: it counts only by what it exceeds the
+    policy's activations (precomputed reference: no pass)."""
+    chunk = getattr(s.dpo, "logp_chunk_size", 1024)
+    rows, policy = _lm_rows(s, d, 2 * s.batch_size, a, lora, mask, "chosen + rejected", chunk, act.logp_saved)
+    ref = 0
+    if s.dpo is None or not s.dpo.precompute_ref:
+        n = 2 * s.batch_size * rows_of.seq_len(s)
+        # a layer's forward at a time, then one chunk's logits in the activation dtype and fp32 and logsumexp's
+        ref = max(act.nograd_forward(d, n, a), min(chunk, n) * d.vocab * (a + 8))
+    rows.append(("reference pass (no grad)", max(0, ref - policy),
+                 "runs before the policy's forward and is freed: only what it exceeds the policy's peak"))
     return rows
 
 
@@ -210,15 +239,15 @@ def reward_saved(s, d, a, lora, mask, head_bytes: int) -> tuple[int, int]:
     rows, with position ids): the trunk, the row and column indices [2B] of the last-token gather (int64) and the
     pooled states [2B, H] the trainable head keeps, in the head's dtype."""
     rows = 2 * s.batch_size
-    t = _trunk(s, d, rows, s.max_length, a, lora, mask, positions=True)
+    t = _trunk(s, d, rows, rows_of.seq_len(s), a, lora, mask, positions=True)
     return t["layers"] + 2 * rows * 8 + rows * d.hidden * head_bytes, t["recompute"]
 
 
 def _reward(s, d, a, lora, mask, head_bytes):
-    rows, L = 2 * s.batch_size, s.max_length
+    rows, L = 2 * s.batch_size, rows_of.seq_len(s)
     saved, recompute = reward_saved(s, d, a, lora, mask, head_bytes)
     peak = act.backward_working(d, rows * L, a) + recompute
-    ev = 2 * (s.eval_batch_size or s.batch_size) * L
+    ev = 2 * (s.eval_batch_size or s.batch_size) * rows_of.eval_seq_len(s)
     return [("activations (saved)", saved, f"2B = {rows} rows (chosen + rejected) x {L} tokens"),
             ("activations (backward peak)", max(peak, act.nograd_forward(d, ev, a)),
              "max(layer backward, validation forward of 2 x eval_batch_size rows)")]

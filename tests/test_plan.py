@@ -247,16 +247,24 @@ def test_smollm2_every_stage(smollm2_dir, quantization):
 
 
 def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves while `fn` runs (weights and buffers excluded: they are counted
-    as weights), through `saved_tensors_hooks`."""
-    seen = {}
+    """Bytes of the distinct tensors autograd still holds for the backward when `fn` returns (weights and buffers
+    excluded by the callers: they are counted as weights), through `saved_tensors_hooks`. Tensors saved by a graph
+    that `fn` builds and frees inside (the fused loss differentiates each chunk in its forward) are not held."""
+    import weakref
+
+    refs = []
 
     def pack(t):
-        seen.setdefault((t.untyped_storage().data_ptr()), t.untyped_storage().nbytes())
+        refs.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    seen = {}
+    for ref in refs:
+        t = ref()
+        if t is not None:
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
     return seen, out
 
 
