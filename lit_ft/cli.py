@@ -6,7 +6,7 @@ lit_ft module and datamodule, plus `export`, `chat`, `plan` and `demo`.
     lit-ft predict --config sft --ckpt_path last --data.predict_file prompts.jsonl
     lit-ft export adapter --ckpt runs/sft/latest/checkpoints/last.ckpt --out my_adapter
     lit-ft chat --adapter runs/sft/latest/adapter --prompt "What is 12 + 30?"
-    lit-ft demo                                   # SFT -> reward model -> PPO on the shipped demo data
+    lit-ft demo                                   # SFT -> GRPO on the shipped demo data (--stages sft,reward,ppo: RLHF)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ TOOLS = {
     "export": ("lit_ft.export", "write an adapter from a checkpoint, merge it into its base, or convert it to GGUF"),
     "chat": ("lit_ft.chat", "generate with a base model plus an adapter, one-shot (--prompt) or interactive"),
     "plan": ("lit_ft.plan", "estimate a run's memory before starting it"),
-    "demo": ("lit_ft.demo", "run SFT -> reward model -> PPO on the shipped demo data"),
+    "demo": ("lit_ft.demo", "run SFT -> GRPO (or --stages sft,reward,ppo) on the shipped demo data"),
 }
 TRAINER_COMMANDS = {
     "fit": "train (a new run in <default_root_dir>/version_N/, or --ckpt_path last to continue the newest)",
