@@ -6,8 +6,6 @@ shape the planner reads off its meta model. Each case compiles once (about 10 s)
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 
@@ -16,24 +14,14 @@ from lit_ft import plan_stages
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers
 from lit_ft.plan import Settings
 from lit_ft.optim import OptimSpec
+from tests.test_plan import saved_bytes
 
 
-def held_for_backward(fn, exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd holds for the backward once `fn` returns."""
-    refs = []
-
-    def pack(t):
-        refs.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    seen = {}
-    for ref in refs:
-        t = ref()
-        if t is not None and t.untyped_storage().data_ptr() not in exclude:
-            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-    return sum(seen.values()), out
+def held_for_backward(fn, exclude: set[int]) -> tuple[int, object]:
+    """Bytes of the distinct storages autograd holds for the backward once `fn` returns, those in `exclude`
+    (weights and buffers) left out; and `fn`'s result."""
+    seen, out = saved_bytes(fn)
+    return sum(b for ptr, b in seen.items() if ptr not in exclude), out
 
 
 @pytest.mark.parametrize("dtype,precision,dropout", [("bfloat16", "bf16-true", 0.05), ("bfloat16", "bf16-true", 0.0),
