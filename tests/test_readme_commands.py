@@ -156,7 +156,9 @@ def test_help_and_print_config(capsys):
     assert "--model.ppo.cliprange" in shown("fit", "--config", "ppo", "--model.ppo.help")
     config = yaml.safe_load(shown("fit", "--config", "sft", "--print_config"))
     assert config["model"]["class_path"] == "lit_ft.sft.SFTModule"
-    assert config["trainer"]["max_steps"] == 60 and config["model"]["init_args"]["lora"]["r"] == 16
+    recipe = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())  # the resolved config keeps the recipe's values
+    assert config["trainer"]["max_steps"] == recipe["trainer"]["max_steps"]
+    assert config["model"]["init_args"]["lora"]["r"] == recipe["model"]["init_args"]["lora"]["r"] == 16
 
 
 def test_tasks_regenerates_the_demo_data(tmp_path):
