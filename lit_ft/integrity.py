@@ -173,7 +173,9 @@ def _config_identity(path: Path) -> bytes:
 
 
 @functools.lru_cache(maxsize=32)
-def _fingerprint(path: str, mtimes: tuple) -> str | None:
+def _fingerprint(path: str, mtimes: tuple, legacy: bool = False) -> str | None:
+    """`legacy`: the digest lit_ft wrote before 2026-12-02, over config.json's raw bytes (its
+    `transformers_version` included), so adapters and checkpoints written then are still recognised."""
     root = Path(path)
     files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file()
                                                   and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
@@ -181,7 +183,7 @@ def _fingerprint(path: str, mtimes: tuple) -> str | None:
         return None
     h = hashlib.sha256()
     for p in files:
-        if p.name == "config.json":
+        if p.name == "config.json" and not legacy:
             h.update(b"config.json|" + _config_identity(p))
             continue
         size = p.stat().st_size
@@ -204,7 +206,18 @@ def weights_fingerprint(path: str | os.PathLike | None) -> str | None:
         return None
     entries = [p] if p.is_file() else list(p.iterdir())
     mtimes = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries if e.is_file()))
-    return _fingerprint(str(p.resolve()), mtimes)
+    digest = _fingerprint(str(p.resolve()), mtimes)
+    if digest is not None:
+        _LEGACY[digest] = _fingerprint(str(p.resolve()), mtimes, legacy=True)
+    return digest
+
+
+_LEGACY: dict[str, str | None] = {}
+"""This process's fingerprints -> the same weights' legacy digest (`_fingerprint(..., legacy=True)`)."""
+
+
+def _same_weights(saved: str, current: str) -> bool:
+    return saved == current or (current in _LEGACY and saved == _LEGACY[current])
 
 
 def describe_identity(identity: Mapping) -> str:
@@ -225,8 +238,13 @@ def identity_diff(saved: Mapping, current: Mapping, keys=None) -> dict:
     """The identity entries (of `keys`, default all) that both sides record and that differ. An entry one side
     lacks (a checkpoint from before fingerprints, a hub id not in the local cache) is not compared."""
     keys = keys if keys is not None else current.keys()
-    return {k: (saved.get(k), current.get(k)) for k in keys
-            if saved.get(k) is not None and current.get(k) is not None and saved.get(k) != current.get(k)}
+    def differ(k) -> bool:
+        a, b = saved.get(k), current.get(k)
+        if a is None or b is None:
+            return False
+        return not _same_weights(a, b) if k == "weights" else a != b
+
+    return {k: (saved.get(k), current.get(k)) for k in keys if differ(k)}
 
 
 def check_adapter_base(adapter_dir, identity: Mapping, setting: str) -> None:

@@ -442,3 +442,28 @@ def test_base_fingerprint_ignores_who_wrote_the_config_but_not_what_it_says(tmp_
     other_weights = write(tmp_path / "d", config, blob[::-1])
     assert here is not None and here == there
     assert len({here, other_shape, other_weights}) == 3
+
+
+def test_an_adapter_with_the_digest_of_before_the_config_change_still_matches_its_base(tmp_path):
+    """Adapters and checkpoints written before config.json was read without `transformers_version` carry the raw
+    config's digest: the same weights still match it; other weights do not."""
+    import json
+
+    from lit_ft.integrity import _fingerprint, check_adapter_base, identity_diff, weights_fingerprint
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "transformers_version": "5.17.0"}))
+    (base / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+    current = {"name_or_path": str(base), "weights": weights_fingerprint(base)}
+    old = _fingerprint(str(base.resolve()), (), legacy=True)
+    assert old != current["weights"]
+    assert identity_diff({"weights": old}, current) == {}
+    assert identity_diff({"weights": "0123456789abcdef"}, current) == {"weights": ("0123456789abcdef", current["weights"])}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "lit_ft_base.json").write_text(json.dumps({"weights": old}))
+    check_adapter_base(adapter, current, "model.sft_adapter")  # accepted
+    (adapter / "lit_ft_base.json").write_text(json.dumps({"weights": "0123456789abcdef"}))
+    with pytest.raises(ConfigError, match="model.sft_adapter: .* was trained on other base weights"):
+        check_adapter_base(adapter, current, "model.sft_adapter")
