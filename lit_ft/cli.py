@@ -266,7 +266,7 @@ def run_cli(args=None) -> None:
     finally:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()  # the run's files complete now, not at interpreter exit (commands run one after another)
+            wandb.finish()  # the run ends with the command (W&B's service then completes its files), not at exit
 
 
 if __name__ == "__main__":

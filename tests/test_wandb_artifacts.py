@@ -74,13 +74,18 @@ def offline_wandb(tmp_path, monkeypatch):
     wandb.teardown()
 
 
-def _artifacts(run_dir: Path) -> tuple[list, str]:
+def _run_records(run_dir: Path) -> list:
+    """The records of the run's one W&B run file (inside the run's directory), once W&B has written it."""
     import wandb
 
     wandb.teardown()  # W&B's service writes the run file asynchronously: stopping it flushes it (as exit does)
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    records = wandb_records(files[0])
+    return wandb_records(files[0])
+
+
+def _artifacts(run_dir: Path) -> tuple[list, str]:
+    records = _run_records(run_dir)
     run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     return [a for a in artifacts if a.type == "model"], run_id  # the sample tables are `run_table` artifacts
@@ -123,6 +128,18 @@ def test_no_artifact_unless_asked(fit_args, offline_wandb, tmp_path):
     main(fit_args)
     artifacts, _ = _artifacts(tmp_path / "runs/sft/version_0")
     assert artifacts == [] and (tmp_path / "runs/sft/version_0/adapter/adapter_config.json").exists()
+
+
+def test_the_whole_resolved_config_reaches_the_wandb_run(fit_args, offline_wandb, tmp_path):
+    main([*fit_args, "--seed_everything", "7"])
+    config = {}
+    for r in _run_records(tmp_path / "runs/sft/version_0"):
+        if r.WhichOneof("record_type") == "config":
+            config.update({item.key: json.loads(item.value_json) for item in r.config.update})
+    assert config["seed_everything"] == 7  # the seed and the trainer, not only the module's hparams
+    assert config["trainer"]["max_steps"] == 3 and config["trainer"]["default_root_dir"]
+    assert config["model"]["init_args"]["lora"]["r"] == 4
+    assert config["data"]["init_args"]["train_file"] == str(tmp_path / "small.jsonl")
 
 
 def test_disabled_wandb_says_so_in_one_line(tmp_path, monkeypatch):
