@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import time
 from pathlib import Path
@@ -223,7 +224,9 @@ class SampleGenerations(L.Callback):
     """Generates answers for held-out prompts, scores them with a task metric, and shows them.
 
     Before training and after it the examples and the metric are printed; at each validation the metric is
-    logged as `val/<metric_name>` and, with W&B, a table of prompts, generations and references.
+    logged as `val/<metric_name>` and, with W&B, a table of prompts, generations and references. The final line
+    compares after with before prompt by prompt (`paired_change`): how many prompts got better and worse, and the
+    standard error of the mean change, which is what tells a gain from the noise of the evaluation set.
     The datamodule provides `held_out_prompts(n) -> [(prompt_text, reference)]` with the prompt already
     rendered in its template, and `tokenizer`.
     """
@@ -244,7 +247,7 @@ class SampleGenerations(L.Callback):
         self.metric, self.metric_name = resolve_callable(metric), metric_name
         self.before: float | None = None
 
-    def evaluate(self, trainer, pl_module) -> tuple[float, list[tuple[str, str, str]]]:
+    def evaluate(self, trainer, pl_module) -> tuple[float, list[tuple[str, str, str, float]]]:
         dm = trainer.datamodule
         tok = dm.tokenizer
         rows = dm.held_out_prompts(self.num_prompts)
@@ -258,17 +261,18 @@ class SampleGenerations(L.Callback):
                 out, _ = generate(model, enc["input_ids"], enc["attention_mask"], self.sampling,
                                   tok.eos_token_id, tok.pad_token_id)
                 texts = tok.batch_decode(out, skip_special_tokens=True)
-                results += [(p, g.strip(), ref) for (p, ref), g in zip(chunk, texts)]
-        score = sum(float(self.metric(g, ref)) for _, g, ref in results) / max(len(results), 1)
+                results += [(p, g.strip(), ref, float(self.metric(g.strip(), ref))) for (p, ref), g in zip(chunk, texts)]
+        score = sum(r[3] for r in results) / max(len(results), 1)
         return score, results
 
     def _print(self, when: str, score: float, results) -> None:
         rank_zero_info(f"\n[{when}] {self.metric_name} on {len(results)} held-out prompts: {score:.3f}")
-        for p, g, ref in results[: self.print_examples]:
+        for p, g, ref, _ in results[: self.print_examples]:
             rank_zero_info(f"  prompt: {p[-80:]!r}\n  output: {g!r}\n  reference: {ref!r}")
 
     def on_train_start(self, trainer, pl_module):
         self.before, results = self.evaluate(trainer, pl_module)
+        self._before_results = results
         self._print("before training", self.before, results)
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -285,11 +289,30 @@ class SampleGenerations(L.Callback):
             score, results = self.evaluate(trainer, pl_module)
         self._print("after training", score, results)
         if self.before is not None:
-            rank_zero_info(f"{self.metric_name}: {self.before:.3f} -> {score:.3f}")
+            line = f"{self.metric_name}: {self.before:.3f} -> {score:.3f}"
+            before = getattr(self, "_before_results", None)
+            if before is not None and [r[0] for r in before] == [r[0] for r in results]:  # the same prompts
+                better, worse, mean, se = paired_change([r[3] for r in before], [r[3] for r in results])
+                line += (f" (paired over {len(results)} prompts: {better} better, {worse} worse; change {mean:+.3f}, "
+                         f"standard error {se:.3f})")
+            rank_zero_info(line)
         self.after = score
 
     def _log_table(self, trainer, results) -> None:
-        log_table(trainer, "val/samples", ["prompt", "generation", "reference"], [list(r) for r in results])
+        log_table(trainer, "val/samples", ["prompt", "generation", "reference", self.metric_name],
+                  [list(r) for r in results])
+
+
+def paired_change(before: list[float], after: list[float]) -> tuple[int, int, float, float]:
+    """The change of a metric measured on the same examples twice: (examples that got better, that got worse, mean
+    change, its standard error `std(after_i - before_i) / sqrt(n)`). Pairing removes the spread of difficulty
+    between examples, so the error is much smaller than that of two independent proportions when few answers
+    change."""
+    d = [a - b for a, b in zip(after, before, strict=True)]
+    n = len(d)
+    mean = sum(d) / n if n else 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    return sum(x > 0 for x in d), sum(x < 0 for x in d), mean, math.sqrt(var / n) if n else 0.0
 
 
 class ExportAdapter(L.Callback):

@@ -7,8 +7,9 @@
 
 Each stage is `lit-ft fit --config <stage>` in its own process; GRPO and PPO start from `runs/sft/latest/adapter`,
 PPO scores with `runs/reward/latest/adapter`. At the end a summary gives each stage's wall time and its
-before -> after metric with the evaluation-set size and the binomial standard error, so a gain can be told from
-the noise of the evaluation set.
+before -> after metric with the evaluation-set size and its standard error, so a gain can be told from the noise
+of the evaluation set: the paired one (the same prompts before and after, `callbacks.paired_change`) where the
+stage printed it, else the binomial one of each side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ DEFAULT_STAGES = ("sft", "grpo")  # BENCHMARKS.md "The 10-minute CPU demo": why 
 # What SampleGenerations prints (`[before training] exact_match on 200 held-out prompts: 0.460`) and the reward
 # stage's validation line (`[validation (sanity check, ...) step 0] ... val/accuracy 0.5200 ...`).
 _GENERATED = re.compile(r"\[(before|after) training\] (\S+) on (\d+) held-out prompts: ([0-9.]+)")
+_PAIRED = re.compile(r"\(paired over (\d+) prompts: (\d+) better, (\d+) worse; change ([-+0-9.]+), "
+                     r"standard error ([0-9.]+)\)")
 _VALIDATION = re.compile(r"\[validation( \(sanity check, (\d+) batches\))? step \d+\].*?\bval/accuracy ([0-9.]+)")
 
 
@@ -44,13 +47,18 @@ class Result:
     n: int | None
     n_before: int | None = None
     seconds: float = 0.0
+    paired: tuple[int, int, float, float] | None = None  # (better, worse, change, its standard error): same prompts
 
     def line(self) -> str:
         head = f"{self.stage:<7} {clock(self.seconds):>6}  "
         if self.before is None or self.after is None:
             return head + f"{self.metric} {fmt(self.after)}" + (f" on {self.n}" if self.n else "")
         text = f"{self.metric} {self.before:.3f} -> {self.after:.3f}"
-        if self.n:
+        if self.paired is not None:
+            better, worse, change, se = self.paired
+            text += f" on {self.n} held-out ({better} better, {worse} worse; paired standard error {se:.3f}"
+            text += f"; the change is {change / se:+.1f}x it)" if se > 0 else ")"
+        elif self.n:
             se_a, se_b = binomial_se(self.after, self.n), binomial_se(self.before, self.n_before or self.n)
             where = f"{self.n} held-out" if not self.n_before or self.n_before == self.n \
                 else f"{self.n_before} then {self.n} held-out"
@@ -80,8 +88,10 @@ def parse(stage: str, text: str, seconds: float = 0.0) -> Result:
     if found:
         b, a = found.get("before"), found.get("after")
         name = (a or b).group(2)
+        p = _PAIRED.search(text)
+        paired = (int(p.group(2)), int(p.group(3)), float(p.group(4)), float(p.group(5))) if p else None
         return Result(stage, name, float(b.group(4)) if b else None, float(a.group(4)) if a else None,
-                      int((a or b).group(3)), int(b.group(3)) if b else None, seconds)
+                      int((a or b).group(3)), int(b.group(3)) if b else None, seconds, paired)
     vals = [(m.group(1) is not None, float(m.group(3))) for m in _VALIDATION.finditer(text)]
     if vals:
         before = vals[0][1] if vals[0][0] and len(vals) > 1 else None

@@ -101,3 +101,17 @@ def test_generation_runs_in_the_trainers_precision_context():
                 assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     with for_generation(None):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_paired_change_by_hand():
+    from lit_ft.callbacks import paired_change
+
+    before = [1, 0, 0, 1, 0, 1, 0, 0]
+    after = [1, 1, 1, 0, 0, 1, 1, 0]  # 3 better, 1 worse: changes d = [0, 1, 1, -1, 0, 0, 1, 0]
+    better, worse, mean, se = paired_change(before, after)
+    # mean 2/8 = 0.25; sum (d - 0.25)^2 = 4 x 0.0625 + 3 x 0.5625 + 1.5625 = 3.5; var 3.5 / 7 = 0.5; se sqrt(0.5 / 8)
+    assert (better, worse) == (3, 1)
+    assert mean == pytest.approx(0.25) and se == pytest.approx(0.25)
+    assert paired_change([1, 0], [1, 0])[2:] == (0.0, 0.0)  # nothing changed: no noise either
+    with pytest.raises(ValueError):
+        paired_change([1, 0], [1])  # not the same examples

@@ -23,6 +23,10 @@ SFT_OUT = """[validation (sanity check, 2 batches) step 0] val/loss 0.7871  val/
 [after training] exact_match on 64 held-out prompts: 0.516
 exact_match: 0.000 -> 0.516
 """
+GRPO_OUT = """[before training] exact_match on 200 held-out prompts: 0.470
+[after training] exact_match on 200 held-out prompts: 0.515
+exact_match: 0.470 -> 0.515 (paired over 200 prompts: 13 better, 4 worse; change +0.045, standard error 0.018)
+"""
 REWARD_OUT = """[validation (sanity check, 2 batches) step 0] val/accuracy 0.5200  val/loss 0.6931
 [train step 10] train/loss 0.6
 [validation step 30] val/accuracy 0.7550  val/accuracy/near_miss 0.5100  val/loss 0.39
@@ -44,6 +48,13 @@ def test_summary_reads_before_after_and_size_of_each_stage():
     rm = parse("reward", REWARD_OUT)
     assert (rm.metric, rm.before, rm.after, rm.n) == ("val/accuracy", 0.52, 0.755, None)
     assert parse("ppo", "nothing here").metric == "(no metric printed)"
+
+
+def test_summary_uses_the_paired_standard_error_where_the_stage_printed_it():
+    r = parse("grpo", GRPO_OUT, 200.0)
+    assert (r.before, r.after, r.n, r.paired) == (0.470, 0.515, 200, (13, 4, 0.045, 0.018))
+    assert r.line() == ("grpo      3:20  exact_match 0.470 -> 0.515 on 200 held-out (13 better, 4 worse; paired "
+                        "standard error 0.018; the change is +2.5x it)")  # 0.045 / 0.018
 
 
 def test_unknown_stage_is_refused_with_the_choices():
