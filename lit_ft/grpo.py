@@ -107,20 +107,24 @@ class GRPOModule(L.LightningModule):
         # 3. One advantage a response from its group's scores; groups of equal scores are counted (and dropped).
         ro.advantages = self.advantages(scores)
         kept, group_stats = self.dynamic_sampling(ro, scores)
-        # 4. No-grad passes over the kept rows: old log-probs and entropy (policy), reference log-probs.
+        # 4. No-grad passes over the kept rows: old log-probs and entropy (policy; not when the update is one
+        #    on-policy optimizer step, which takes its own detached), reference log-probs (for the KL).
+        steps = self.optimizer_steps(len(kept.mask))
+        on_policy = g.num_iterations == 1 and steps == 1
         if len(kept.mask):
-            online.old_and_ref_logprobs(self, kept, g.mini_batch_size)
+            online.old_and_ref_logprobs(self, kept, g.mini_batch_size, policy=not on_policy,
+                                        reference=g.beta > 0 or g.log_kl)
         t1 = time.perf_counter()
         # 5. num_iterations passes of clipped updates over shuffled minibatches.
-        stats = self.grpo_update(kept)
+        stats = self.grpo_update(kept, steps)
         # 6. Log (TRL's GRPO names).
         stats.update(group_stats)
         stats.update({f"train/rewards/{k}/mean": v for k, v in parts.items()})
         stats.update({"train/reward": scores.mean(), "train/completions/mean_length": ro.mask.sum(1).float().mean(),
                       "train/completions/clipped_ratio": parts["no_eos"],
                       "time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
-        if len(kept.mask):
-            stats["train/entropy"] = masked_mean(kept.entropy, kept.mask)
+        if len(kept.mask) and kept.entropy is not None:
+            stats["train/entropy"] = masked_mean(kept.entropy, kept.mask)  # else the update's own (minibatch_step)
         self.log_dict({k: float(v) for k, v in stats.items()}, on_step=True, batch_size=len(ro.mask))
         online.log_samples(self, "train/completions", batch["prompts"], texts, scores)
         return None
@@ -175,29 +179,39 @@ class GRPOModule(L.LightningModule):
         keep = (~flat).repeat_interleave(k).nonzero().flatten()
         return ro.rows(keep), stats
 
-    def grpo_update(self, ro: Rollout) -> dict[str, Tensor]:
+    def optimizer_steps(self, rows: int) -> int:
+        """Minibatches a pass (every rank takes the same ones, whatever dynamic sampling kept on it: the most rows
+        of any rank decide) -> optimizer steps a pass."""
+        g = self.grpo
+        n = torch.tensor(float(rows), device=self.device)
+        most = int(self.trainer.strategy.reduce(n, reduce_op="max")) if self.trainer.world_size > 1 else int(n)
+        self._minibatches = max(1, -(-most // g.mini_batch_size))
+        return -(-self._minibatches // g.gradient_accumulation_steps)
+
+    def grpo_update(self, ro: Rollout, steps: int) -> dict[str, Tensor]:
         """`num_iterations` x shuffled minibatches; each optimizer step's loss weighted by response tokens
-        (`token_mean`) or rows (`sequence_mean`, `constant`) over its minibatches and every rank."""
+        (`token_mean`) or rows (`sequence_mean`, `constant`) over its minibatches and every rank. `steps`: the
+        optimizer steps a pass (`optimizer_steps`)."""
         g = self.grpo
         weights = ro.mask.sum(1) if g.loss_aggregation == "token_mean" else torch.ones_like(ro.mask[:, 0])
-        # Every rank takes the same optimizer steps, whatever dynamic sampling kept on it.
-        n = torch.tensor(float(len(ro.mask)), device=ro.mask.device)
-        most = int(self.trainer.strategy.reduce(n, reduce_op="max")) if self.trainer.world_size > 1 else int(n)
-        groups = max(1, -(-most // g.mini_batch_size))
         out, _ = online.update(self, ro, g.num_iterations, g.mini_batch_size, g.gradient_accumulation_steps,
-                               weights, self.minibatch_step, g.max_grad_norm, min_groups=groups)
+                               weights, self.minibatch_step, g.max_grad_norm, min_groups=self._minibatches)
         out["train/skipped_minibatches"] = torch.tensor(float(self.counters["skipped_minibatches"]))
         return out
 
     def minibatch_step(self, mb: Rollout, scale: Tensor) -> dict[str, Tensor]:
         """The clipped surrogate (+ beta x k3 KL) of one minibatch, back-propagated times `scale`."""
         g = self.grpo
+        on_policy = mb.old_logprobs is None  # one optimizer step a rollout: the old policy is this one
         with self.roles.active(roles.POLICY):
-            logprobs = online.logprobs(self, mb)[0]
-        loss, stats = clipped_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, g.cliprange_low,
+            logprobs, entropy, _ = online.logprobs(self, mb, entropy=on_policy)
+        old = (logprobs.detach() * mb.mask) if on_policy else mb.old_logprobs
+        loss, stats = clipped_policy_loss(logprobs, old, mb.advantages, mb.mask, g.cliprange_low,
                                           g.cliprange_high, g.loss_aggregation, self.sampling.max_new_tokens,
                                           mb.ref_logprobs, g.beta)
         self.manual_backward(loss * scale)
+        if on_policy:
+            stats["entropy"] = masked_mean(entropy.detach(), mb.mask)
         return {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in stats.items()}}
 
     # -- checkpoints and export (validation and the optimizer: bound next to `rollout`) ----------------------

@@ -21,7 +21,9 @@ class GRPOSpec:
     leave-one-out mean (Ahmadian et al. 2024); `reinforce_pp`: mean and std of the global batch (Hu 2025)."""
     num_iterations: int = 1
     """Passes of clipped updates over each rollout (GRPO's mu; TRL's `num_iterations`, 1: on-policy, the ratio is 1
-    at the first minibatch and clipping acts only after earlier optimizer steps of the same rollout)."""
+    at the first minibatch and clipping acts only after earlier optimizer steps of the same rollout). At 1, when
+    a rollout's kept rows take a single optimizer step (at most mini_batch_size x gradient_accumulation_steps of
+    them), the old log-probs are the update's own, detached: no separate no-grad policy pass."""
     mini_batch_size: int = 8
     """Rows per forward/backward (also the chunk size of the no-grad passes)."""
     gradient_accumulation_steps: int = 1
@@ -38,6 +40,9 @@ class GRPOSpec:
     """Weight of the k3 KL to the reference in the loss (Shao et al. 2024 used 0.04). 0 by default, as TRL since
     0.19, DAPO and Dr. GRPO: with a verifiable reward the policy is meant to move far from the SFT start and the KL
     term mostly slows it; the KL is still measured and logged (`train/kl`)."""
+    log_kl: bool = True
+    """At beta 0, still run the reference's no-grad pass to log `train/kl` (one forward over the kept rows a
+    rollout); false skips it, as TRL does at beta 0. With beta > 0 the pass always runs."""
     dynamic_sampling: bool = False
     """Drop the groups whose rewards are all equal before the update (DAPO's dynamic sampling, without refilling):
     their advantage is 0 and they would only dilute the token mean; counted in `train/dynamic_sampling/*`."""

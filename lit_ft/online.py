@@ -186,18 +186,22 @@ def logprobs(module, ro: Rollout, entropy: bool = False, value_head=None):
 
 
 @torch.no_grad()
-def old_and_ref_logprobs(module, ro: Rollout, chunk: int, value_head=None) -> Tensor | None:
+def old_and_ref_logprobs(module, ro: Rollout, chunk: int, value_head=None, policy: bool = True,
+                         reference: bool = True) -> Tensor | None:
     """Fill `old_logprobs` and `entropy` (policy) and `ref_logprobs` (reference), 0 after EOS, in eval mode and in
-    chunks of `chunk` rows; returns `value_head`'s values from the policy pass (unmasked) when one is given."""
+    chunks of `chunk` rows; returns `value_head`'s values from the policy pass (unmasked) when one is given.
+    `policy` / `reference` False skip that pass (its fields stay None)."""
     with eval_mode(module.model):
-        with module.roles.active(roles.POLICY):
-            pol = [logprobs(module, ro.rows(s), True, value_head) for s in slices(len(ro.mask), chunk)]
-        ro.old_logprobs, ro.entropy = torch.cat([p[0] for p in pol]), torch.cat([p[1] for p in pol])
-        with module.roles.active(roles.REF):
-            ro.ref_logprobs = torch.cat([logprobs(module, ro.rows(s))[0] for s in slices(len(ro.mask), chunk)])
-    ro.old_logprobs = ro.old_logprobs * ro.mask  # post-EOS positions carry nothing
-    ro.ref_logprobs = ro.ref_logprobs * ro.mask
-    return torch.cat([p[2] for p in pol]) if value_head is not None else None
+        if policy:
+            with module.roles.active(roles.POLICY):
+                pol = [logprobs(module, ro.rows(s), True, value_head) for s in slices(len(ro.mask), chunk)]
+            ro.old_logprobs, ro.entropy = torch.cat([p[0] for p in pol]), torch.cat([p[1] for p in pol])
+            ro.old_logprobs = ro.old_logprobs * ro.mask  # post-EOS positions carry nothing
+        if reference:
+            with module.roles.active(roles.REF):
+                ro.ref_logprobs = torch.cat([logprobs(module, ro.rows(s))[0] for s in slices(len(ro.mask), chunk)])
+            ro.ref_logprobs = ro.ref_logprobs * ro.mask
+    return torch.cat([p[2] for p in pol]) if policy and value_head is not None else None
 
 
 # ---------------------------------------------------------------------------------------------- update

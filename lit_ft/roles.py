@@ -228,7 +228,10 @@ def token_logprobs(model, hidden_r: Tensor, responses: Tensor, temperature: floa
     """
     logits = families.lm_logits(model, hidden_r, temperature)
     logprobs = selective_log_softmax(logits, responses)
-    return logprobs, (entropy_from_logits(logits) if entropy else None)
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():  # a logged statistic: no graph (its [B, R, V] fp32 work would live until backward)
+        return logprobs, entropy_from_logits(logits.detach())
 
 
 def head_values(head: nn.Module, hidden: Tensor) -> Tensor:

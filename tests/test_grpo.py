@@ -75,6 +75,55 @@ def test_only_the_policy_trains_and_metrics_have_trl_names(tiny_model_dir, token
     assert module.trainer.global_step == 2 * 2 * 4  # rollouts x iterations x (8 prompts x 4 / 8 rows)
 
 
+@pytest.mark.parametrize("mbs, log_kl, policy_pass, kl", [
+    (32, False, False, False),  # 8 prompts x 4 = 32 rows: one optimizer step a rollout, on-policy; TRL at beta 0
+    (32, True, False, True),    # the reference pass only for the logged KL
+    (8, True, True, True),      # 4 steps a rollout: steps after the first need the rollout policy's log-probs
+])
+def test_no_grad_passes_run_only_where_needed(tiny_model_dir, tokenizer, adapters, monkeypatch, mbs, log_kl,
+                                              policy_pass, kl):
+    from lit_ft import online
+
+    calls, real = [], online.old_and_ref_logprobs
+    monkeypatch.setattr(online, "old_and_ref_logprobs", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0],
+                         grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=mbs, log_kl=log_kl))
+    trainer(2).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert calls == [{"policy": policy_pass, "reference": kl}] * 2
+    m = module.trainer.callback_metrics
+    assert ("train/kl" in m) == kl and float(m["train/entropy"]) > 0  # entropy from the update when not separate
+    assert module.trainer.global_step == 2 * 32 // mbs
+
+
+def test_detached_old_logprobs_give_the_separate_pass_gradient(tiny_model_dir, tokenizer, adapters):
+    """The on-policy shortcut (old log-probs = the update's own, detached) against a separate no-grad pass of the
+    same policy: the same loss value (ratio 1) and the same gradient of every policy weight."""
+    from lit_ft import online
+
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0], grpo=GRPOSpec(samples_per_prompt=4,
+                         mini_batch_size=32, log_kl=False))
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    torch.manual_seed(1)
+    ro = module.rollout(next(iter(prompt_loader(tokenizer))), module.sampling)
+    ro.advantages = torch.randn(len(ro.mask))
+    grads = []
+    for separate in (True, False):
+        if separate:
+            online.old_and_ref_logprobs(module, ro, 8, reference=False)
+        mb = ro.rows(torch.arange(len(ro.mask)))
+        if not separate:
+            mb.old_logprobs = None
+        module.zero_grad(set_to_none=True)
+        stats = module.minibatch_step(mb, torch.tensor(1.0))
+        assert float(stats["train/clip_ratio/region_mean"]) == 0.0  # ratio 1 either way
+        grads.append((stats["train/loss"], {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    (loss_a, ga), (loss_b, gb) = grads
+    assert ga and set(ga) == set(gb) and all(".policy." in n for n in ga)
+    torch.testing.assert_close(loss_a, loss_b)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
+
+
 SEEN: list[tuple[list, list]] = []
 
 
