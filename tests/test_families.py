@@ -251,3 +251,34 @@ def test_layers_left_unquantized_are_refused(family_dirs):
     with pytest.raises(ConfigError, match=r"int8: FalconForCausalLM's decoder layers \['mlp.dense_4h_to_h', "
                                           r"'mlp.dense_h_to_4h', 'self_attention.dense', 'self_attention.query_key"):
         load_base(ModelSpec(name_or_path=family_dirs("falcon"), dtype="float32", quantization="int8"))
+
+
+@pytest.mark.parametrize("family", PRESENT)
+def test_family_shared_prefix_generation(family, family_dirs, monkeypatch):
+    """Samples of the same prompt side by side (GRPO's groups): the prefill once per distinct prompt, its cache
+    repeated, gives the tokens of the plain `generate` (greedy, fp64 where the kernels allow: no float ties), left
+    padding included."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft import generation
+    from lit_ft.generation import SamplingSpec, generate
+
+    moe = family in ("granitemoe", "mixtral", "qwen2_moe", "qwen3_moe")  # grouped expert matmuls: no fp64 kernel
+    model = AutoModelForCausalLM.from_pretrained(family_dirs(family), dtype=torch.float32 if moe else torch.float64)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    long, short = torch.randint(3, 100, (9,), generator=g), torch.randint(3, 100, (5,), generator=g)
+    rows = [torch.cat([torch.zeros(4, dtype=torch.long), short]), long]  # pad id 0 on the left
+    ids = torch.stack([r for r in rows for _ in range(3)])
+    mask = (torch.arange(9) >= 4).long().expand(6, 9).clone()
+    mask[3:] = 1
+    spec = SamplingSpec(max_new_tokens=6, do_sample=False)
+    real, used = generation.shared_prefix_cache, []
+    monkeypatch.setattr(generation, "shared_prefix_cache", lambda *a: used.append(real(*a)) or used[-1])
+    with torch.no_grad():
+        shared, shared_mask = generate(model, ids, mask, spec, eos_token_id=1, pad_token_id=0)
+        monkeypatch.setattr(generation, "shared_prefix_cache", lambda *a: None)
+        plain, plain_mask = generate(model, ids, mask, spec, eos_token_id=1, pad_token_id=0)
+    if family in ("llama", "qwen2", "gpt2", "mistral"):
+        assert used[0] is not None  # the families every GRPO user runs take the shared path
+    assert torch.equal(shared, plain) and torch.equal(shared_mask, plain_mask)
