@@ -75,3 +75,31 @@ def test_default_demo_runs_sft_then_grpo_from_an_empty_directory(tiny_model_dir,
     assert "sft " in summary and "exact_match" in summary and "on 64 held-out" in summary
     assert "grpo " in summary and "on 200 held-out" in summary
     assert (tmp_path / "runs/sft/latest/adapter").is_dir() and (tmp_path / "runs/grpo/latest/adapter").is_dir()
+
+
+def test_large_heldout_evaluation_script(tiny_model_dir, tmp_path):
+    """benchmarks/eval_heldout.py: fresh problems (none in the demo's files, distinct, seeded) scored per adapter;
+    two adapters with the same weights change nothing, and the paired figures say so."""
+    import importlib.util
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("eval_heldout", REPO / "benchmarks" / "eval_heldout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    problems = bench.fresh_problems(300, seed=5)
+    demo = {json.loads(x)["prompt"] for f in ("prompts_train.jsonl", "prompts_val.jsonl")
+            for x in (REPO / "data/demo" / f).read_text().splitlines()}
+    assert len({q for q, _ in problems}) == 300 and not demo & {q for q, _ in problems}
+    assert problems == bench.fresh_problems(300, seed=5) != bench.fresh_problems(300, seed=6)
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    out = tmp_path / "heldout.json"
+    bench.main(["--adapters", str(adapter), str(adapter), "--n", "12", "--batch", "5", "--base", tiny_model_dir,
+                "--out", str(out)])
+    first, second = json.loads(out.read_text())["results"]
+    assert first["n"] == second["n"] == 12 and first["exact_match"] == second["exact_match"]
+    assert (second["better"], second["worse"], second["change"], second["standard_error"]) == (0, 0, 0.0, 0.0)
