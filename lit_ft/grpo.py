@@ -109,14 +109,14 @@ class GRPOModule(L.LightningModule):
         kept, group_stats = self.dynamic_sampling(ro, scores)
         # 4. No-grad passes over the kept rows: old log-probs and entropy (policy; not when the update is one
         #    on-policy optimizer step, which takes its own detached), reference log-probs (for the KL).
-        steps = self.optimizer_steps(len(kept.mask))
-        on_policy = g.num_iterations == 1 and steps == 1
+        minibatches = self.minibatches_per_pass(len(kept.mask))
+        on_policy = g.num_iterations == 1 and minibatches <= g.gradient_accumulation_steps  # one optimizer step
         if len(kept.mask):
             online.old_and_ref_logprobs(self, kept, g.mini_batch_size, policy=not on_policy,
                                         reference=g.beta > 0 or g.log_kl)
         t1 = time.perf_counter()
         # 5. num_iterations passes of clipped updates over shuffled minibatches.
-        stats = self.grpo_update(kept, steps)
+        stats = self.grpo_update(kept, minibatches)
         # 6. Log (TRL's GRPO names).
         stats.update(group_stats)
         stats.update({f"train/rewards/{k}/mean": v for k, v in parts.items()})
@@ -179,23 +179,21 @@ class GRPOModule(L.LightningModule):
         keep = (~flat).repeat_interleave(k).nonzero().flatten()
         return ro.rows(keep), stats
 
-    def optimizer_steps(self, rows: int) -> int:
-        """Minibatches a pass (every rank takes the same ones, whatever dynamic sampling kept on it: the most rows
-        of any rank decide) -> optimizer steps a pass."""
-        g = self.grpo
+    def minibatches_per_pass(self, rows: int) -> int:
+        """Minibatches of a pass over `rows` kept rows; every rank takes the same number (and so the same optimizer
+        steps), whatever dynamic sampling kept on it: the most rows of any rank decide."""
         n = torch.tensor(float(rows), device=self.device)
         most = int(self.trainer.strategy.reduce(n, reduce_op="max")) if self.trainer.world_size > 1 else int(n)
-        self._minibatches = max(1, -(-most // g.mini_batch_size))
-        return -(-self._minibatches // g.gradient_accumulation_steps)
+        return max(1, -(-most // self.grpo.mini_batch_size))
 
-    def grpo_update(self, ro: Rollout, steps: int) -> dict[str, Tensor]:
-        """`num_iterations` x shuffled minibatches; each optimizer step's loss weighted by response tokens
-        (`token_mean`) or rows (`sequence_mean`, `constant`) over its minibatches and every rank. `steps`: the
-        optimizer steps a pass (`optimizer_steps`)."""
+    def grpo_update(self, ro: Rollout, minibatches: int) -> dict[str, Tensor]:
+        """`num_iterations` x `minibatches` shuffled minibatches (`minibatches_per_pass`); each optimizer step's loss
+        weighted by response tokens (`token_mean`) or rows (`sequence_mean`, `constant`) over its minibatches and
+        every rank."""
         g = self.grpo
         weights = ro.mask.sum(1) if g.loss_aggregation == "token_mean" else torch.ones_like(ro.mask[:, 0])
         out, _ = online.update(self, ro, g.num_iterations, g.mini_batch_size, g.gradient_accumulation_steps,
-                               weights, self.minibatch_step, g.max_grad_norm, min_groups=self._minibatches)
+                               weights, self.minibatch_step, g.max_grad_norm, min_groups=minibatches)
         out["train/skipped_minibatches"] = torch.tensor(float(self.counters["skipped_minibatches"]))
         return out
 

@@ -75,24 +75,26 @@ def test_only_the_policy_trains_and_metrics_have_trl_names(tiny_model_dir, token
     assert module.trainer.global_step == 2 * 2 * 4  # rollouts x iterations x (8 prompts x 4 / 8 rows)
 
 
-@pytest.mark.parametrize("mbs, log_kl, policy_pass, kl", [
-    (32, False, False, False),  # 8 prompts x 4 = 32 rows: one optimizer step a rollout, on-policy; TRL at beta 0
-    (32, True, False, True),    # the reference pass only for the logged KL
-    (8, True, True, True),      # 4 steps a rollout: steps after the first need the rollout policy's log-probs
+@pytest.mark.parametrize("mbs, ga, log_kl, policy_pass, kl", [
+    (32, 1, False, False, False),  # 8 prompts x 4 = 32 rows: one optimizer step a rollout, on-policy; TRL at beta 0
+    (32, 1, True, False, True),    # the reference pass only for the logged KL
+    (8, 4, True, False, True),     # 4 minibatches accumulated into one step: still on-policy
+    (8, 1, True, True, True),      # 4 steps a rollout: steps after the first need the rollout policy's log-probs
 ])
-def test_no_grad_passes_run_only_where_needed(tiny_model_dir, tokenizer, adapters, monkeypatch, mbs, log_kl,
+def test_no_grad_passes_run_only_where_needed(tiny_model_dir, tokenizer, adapters, monkeypatch, mbs, ga, log_kl,
                                               policy_pass, kl):
     from lit_ft import online
 
     calls, real = [], online.old_and_ref_logprobs
     monkeypatch.setattr(online, "old_and_ref_logprobs", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     module = make_module(tiny_model_dir, sft_adapter=adapters[0],
-                         grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=mbs, log_kl=log_kl))
+                         grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=mbs, gradient_accumulation_steps=ga,
+                                       log_kl=log_kl))
     trainer(2).fit(module, train_dataloaders=prompt_loader(tokenizer))
     assert calls == [{"policy": policy_pass, "reference": kl}] * 2
     m = module.trainer.callback_metrics
     assert ("train/kl" in m) == kl and float(m["train/entropy"]) > 0  # entropy from the update when not separate
-    assert module.trainer.global_step == 2 * 32 // mbs
+    assert module.trainer.global_step == 2 * 32 // mbs // ga
 
 
 def test_detached_old_logprobs_give_the_separate_pass_gradient(tiny_model_dir, tokenizer, adapters):
