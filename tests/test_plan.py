@@ -571,8 +571,8 @@ def test_cli_plans_grpo(tiny_model_dir, capsys):
                       "--budget", "1MiB"]) == 0
     out = capsys.readouterr().out
     assert "memory plan: grpo on cuda" in out and "KV cache (rollout)" in out and "DOES NOT FIT" in out
-    # nothing fits 1 MiB: the smallest minibatch, 16 -> 1 with 16 accumulated (configs/grpo.yaml: 16, 1)
-    assert "--model.grpo.mini_batch_size 1 --model.grpo.gradient_accumulation_steps 16" in out
+    # nothing fits 1 MiB: the smallest minibatch, 64 -> 1 with 64 accumulated (configs/grpo.yaml: 64, 1)
+    assert "--model.grpo.mini_batch_size 1 --model.grpo.gradient_accumulation_steps 64" in out
     assert "--model.sampling.engine hf" in out and "accumulate_grad_batches" not in out
 
 
