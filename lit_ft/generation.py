@@ -67,7 +67,7 @@ def generate(model, input_ids, attention_mask, spec: SamplingSpec, eos_token_id:
         kwargs.update(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
     cache = shared_prefix_cache(model, input_ids, attention_mask)
     if cache is not None:
-        kwargs[_cache_kw(model)] = cache
+        kwargs[cache_argument(model)] = cache
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     responses = out[:, input_ids.shape[1]:]
     mask = response_mask_after_eos(responses, eos_token_id, pad_token_id).long()
@@ -94,7 +94,7 @@ def shared_prefix_cache(model, input_ids, attention_mask):
     ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
     base = _base(model)
     cache = DynamicCache(config=base.config.get_text_config(decoder=True))
-    kw = {_cache_kw(model): cache}
+    kw = {cache_argument(model): cache}
     if "position_ids" in _forward_params(model):  # as `generate` derives them from the mask (left padding)
         kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
@@ -113,7 +113,7 @@ def _forward_params(model):
     return inspect.signature(type(_base(model)).forward).parameters
 
 
-def _cache_kw(model) -> str:
+def cache_argument(model) -> str:
     """transformers 5.17 names the cache argument `past_key_values`, later 5.x releases `cache`."""
     return "cache" if "cache" in _forward_params(model) else "past_key_values"
 

@@ -42,12 +42,12 @@ so after an update the graph already reads the new weights; the merged copy is r
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 
 import torch
 from torch import Tensor
 
+from lit_ft.generation import cache_argument
 from lit_ft.rl import first_true_index, response_mask_after_eos
 from lit_ft.rollout_ops import (GROUPED_SDPA, MergedWeights, engine_unsupported, filter_logits,
                                register_grouped_attention)
@@ -78,9 +78,7 @@ class DecodeEngine:
         self.impl = self.base.config._attn_implementation
         if self.impl == "sdpa":
             register_grouped_attention()
-        # transformers 5.17 names the cache argument `past_key_values`, later 5.x releases `cache`
-        params = inspect.signature(type(self.base).forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_argument(self.base)
         self.merged = MergedWeights(model, self.adapter) if merged and self.peft and self.adapter else None
         self.shape = None  # (batch, prompt_len, max_new) the buffers are allocated for
         self.graphs: dict = {}
