@@ -7,7 +7,8 @@ first adapter (the paired change and its standard error, `lit_ft.callbacks.paire
 The 200 prompts of `data/demo/prompts_val.jsonl` tell a gain of about 0.08 from noise (about 50 of 200 greedy answers
 change in a short RL run, half each way); this set draws `--n` new problems with `lit_ft.tasks.make_problem` (seeded,
 none of them a prompt of the demo's train or validation files) so that a smaller change can be measured. The prompts
-are rendered as the demo's `template: chat` renders them (the tokenizer's chat template, one user turn) and decoded
+are rendered as the demo's `template: chat` renders them (the tokenizer's chat template, one user turn after the
+demo configs' empty system turn, `--system-prompt`) and decoded
 greedily for 16 new tokens, as `SampleGenerations` does; the base is the bundled SmolLM2-135M-Instruct unless
 `--base` names another.
 """
@@ -27,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lit_ft.callbacks import paired_change  # noqa: E402
+from lit_ft.data.templates import render_prompt  # noqa: E402
 from lit_ft.generation import SamplingSpec, generate  # noqa: E402
+from lit_ft.rollout_ops import MergedWeights  # noqa: E402
 from lit_ft.tasks import answer_match, make_problem  # noqa: E402
 
 
@@ -45,20 +48,21 @@ def fresh_problems(n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
-def evaluate(base: str, adapter: str, problems, batch: int) -> list[float]:
+def evaluate(base: str, adapter: str, problems, batch: int, device: str = "cpu",
+             system_prompt: str | None = "") -> list[float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval().to(device)
     spec = SamplingSpec(max_new_tokens=16, do_sample=False)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q, _ in problems]
+    prompts = [render_prompt([{"role": "user", "content": q}], tok, "chat", system_prompt) for q, _ in problems]
     scores = []
-    with torch.no_grad():
+    with torch.no_grad(), MergedWeights(model, model.active_adapter).swapped_in():  # as SampleGenerations(merged=True)
         for i in range(0, len(prompts), batch):
             enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
             out, _ = generate(model, enc["input_ids"], enc["attention_mask"], spec, tok.eos_token_id, tok.pad_token_id)
             texts = tok.batch_decode(out, skip_special_tokens=True)
             scores += [float(answer_match(t.strip(), a)) for t, (_, a) in zip(texts, problems[i:i + batch])]
@@ -72,6 +76,10 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=20261202)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--base", default=None, help="base model directory (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--system-prompt", default="",
+                   help="data.system_prompt the adapters were trained with ('' as the demo configs; 'none' = the "
+                        "template's default, as before 2026-12-02 evening)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.base is None:
@@ -82,7 +90,8 @@ def main(argv=None) -> None:
     results, first = [], None
     for adapter in args.adapters:
         t0 = time.perf_counter()
-        scores = evaluate(args.base, adapter, problems, args.batch)
+        scores = evaluate(args.base, adapter, problems, args.batch, args.device,
+                          None if args.system_prompt == "none" else args.system_prompt)
         row = {"adapter": adapter, "n": len(scores), "exact_match": sum(scores) / len(scores),
                "seconds": round(time.perf_counter() - t0, 1)}
         if first is None:

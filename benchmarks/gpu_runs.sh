@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_runs.sh ppo OUT_DIR         PPO recipes side by side from existing runs/sft/latest/adapter
 #                                                    and runs/reward/latest/adapter (48 rollouts each, held-out exact match on
 #                                                    200 prompts every 8 rollouts; RUN_LIMIT seconds per run)
+#   bash benchmarks/gpu_runs.sh grpo_demo OUT_DIR   `lit-ft demo` timed alone, then GRPO recipes side by side from its SFT
+#                                                    adapter (seeds, lengths, lr, temperature, iterations, a shorter
+#                                                    SFT), each scored on 1000 fresh problems (benchmarks/eval_heldout.py);
+#                                                    runs already done (an adapter in runs/NAME/latest) are skipped
 #   bash benchmarks/gpu_runs.sh strategies OUT_DIR  each configs/strategies/*.yaml composed with configs/sft.yaml
 #                                                    (LoRA) and configs/sft_qlora.yaml (QLoRA) on one GPU: a short
 #                                                    fit, a resume from its last checkpoint, the adapter reloaded
@@ -81,6 +85,79 @@ elif [ "$MODE" = ppo ]; then
     )
   fi
   for v in "${PPO[@]}"; do run "${v%%|*}" configs/ppo.yaml ${v#*|} & done; wait
+elif [ "$MODE" = grpo_demo ]; then
+  if [ ! -e runs/grpo/latest/adapter ]; then
+    t0=$(date +%s); $PY -m lit_ft demo > "$OUT/demo.log" 2>&1
+    echo "lit-ft demo: rc $? in $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"; tail -n 6 "$OUT/demo.log"
+  fi
+  export OMP_NUM_THREADS=1
+  [ -e runs/sft15/latest/adapter ] || run sft15 configs/sft.yaml --trainer.max_steps 15 --trainer.val_check_interval 15
+  L=--trainer.limit_train_batches
+  GRPO=(  # name|SFT run|settings (the CPU cost of a rollout: about 12 s sampling + 9 s update at 16 x 4)
+    "g14_s0|sft|$L 14" "g14_s1|sft|$L 14 --seed_everything 1" "g24_s0|sft|$L 24" "g24_s1|sft|$L 24 --seed_everything 1"
+    "lr2_14_s0|sft|$L 14 --model.optim.lr 2.0e-4" "lr2_14_s1|sft|$L 14 --model.optim.lr 2.0e-4 --seed_everything 1"
+    "lr2kl_14_s0|sft|$L 14 --model.optim.lr 2.0e-4 --model.grpo.beta 0.04"
+    "t13_14_s0|sft|$L 14 --model.sampling.temperature 1.3" "t13_14_s1|sft|$L 14 --model.sampling.temperature 1.3 --seed_everything 1"
+    "it2_10_s0|sft|$L 10 --model.grpo.num_iterations 2" "it2_10_s1|sft|$L 10 --model.grpo.num_iterations 2 --seed_everything 1"
+    "drg_14_s0|sft|$L 14 --model.grpo.advantage dr_grpo --model.grpo.loss_aggregation constant"
+    "p32_8_s0|sft|$L 8 --data.batch_size 32 --model.grpo.mini_batch_size 128"
+    "sft15_g16_s0|sft15|$L 16" "sft15_g16_s1|sft15|$L 16 --seed_everything 1"
+  )
+  for v in "${GRPO[@]}"; do
+    IFS='|' read -r name sft args <<< "$v"
+    [ -e runs/$name/latest/adapter ] || SFT_DIR=$sft run "$name" configs/grpo.yaml $args &
+  done; wait
+  ev() { [ -e "$OUT/heldout_$1.json" ] || $PY benchmarks/eval_heldout.py --n 1000 --out "$OUT/heldout_$1.json" \
+           --adapters runs/sft/latest/adapter $(for n in "${@:2}"; do echo runs/$n/latest/adapter; done) > "$OUT/heldout_$1.log" 2>&1; }
+  names=(sft15); for v in "${GRPO[@]}"; do names+=("${v%%|*}"); done
+  ev a grpo "${names[@]:0:5}" & ev b "${names[@]:5:5}" & ev c "${names[@]:10}" & wait
+  cat "$OUT"/heldout_*.log
+elif [ "$MODE" = demo_prompt ]; then  # the demo's system turn (SmolLM2's default vs an empty one) x SFT length x seed,
+  export OMP_NUM_THREADS=1             # in float32 as on the CPU; each SFT then 24 (and 16) GRPO rollouts, all scored
+  F32="--model.base.dtype float32"     # on 1000 fresh problems against their own SFT adapter
+  SFT=("sd_s0|--data.system_prompt null" "sd_s1|--data.system_prompt null --seed_everything 1"
+       "se_s0|" "se_s1|--seed_everything 1"
+       "se45_s0|--trainer.max_steps 45 --trainer.val_check_interval 45"
+       "se45_s1|--trainer.max_steps 45 --trainer.val_check_interval 45 --seed_everything 1")
+  for v in "${SFT[@]}"; do n=sft_${v%%|*}; [ -e runs/$n/latest/adapter ] || run $n configs/sft.yaml $F32 ${v#*|} & done; wait
+  G=()
+  for v in "${SFT[@]}"; do
+    n=${v%%|*}; sp=""; [ "${n:0:2}" = sd ] && sp="--data.system_prompt null"; seed=""; [ "${n: -1}" = 1 ] && seed="--seed_everything 1"
+    G+=("g24_$n|sft_$n|--trainer.limit_train_batches 24 $sp $seed")
+    [ "${n:0:2}" = sd ] && G+=("g16_$n|sft_$n|--trainer.limit_train_batches 16 $sp $seed")
+  done
+  for v in "${G[@]}"; do
+    IFS='|' read -r name sft args <<< "$v"
+    [ -e runs/$name/latest/adapter ] || SFT_DIR=$sft run "$name" configs/grpo.yaml $F32 $args &
+  done; wait
+  for v in "${G[@]}"; do
+    IFS='|' read -r name sft args <<< "$v"; sp=""; [ "${sft:4:2}" = sd ] && sp=none
+    [ -e "$OUT/heldout_$name.json" ] || $PY benchmarks/eval_heldout.py --n 1000 --system-prompt "$sp" \
+      --out "$OUT/heldout_$name.json" --adapters runs/$sft/latest/adapter runs/$name/latest/adapter > "$OUT/heldout_$name.log" 2>&1 &
+    [ $(jobs -r | wc -l) -ge 4 ] && wait -n
+  done; wait
+  grep -h '^{' "$OUT"/heldout_*.log
+elif [ "$MODE" = grpo_seeds ]; then  # GRPO settings at the demo's length (24 rollouts) from four SFT seeds, float32 as
+  export OMP_NUM_THREADS=1            # on the CPU, each scored on 1000 fresh problems against its own SFT adapter
+  F32="--model.base.dtype float32"
+  for s in 0 1 2 3; do [ -e runs/sft_s$s/latest/adapter ] || run sft_s$s configs/sft.yaml $F32 --seed_everything $s & done; wait
+  V=("base|" "kl04|--model.grpo.beta 0.04" "lr5e-5|--model.optim.lr 5.0e-5" "t07|--model.sampling.temperature 0.7"
+     "rloo|--model.grpo.advantage rloo" "k8|--model.grpo.samples_per_prompt 8 --data.batch_size 8"
+     "seqmean|--model.grpo.loss_aggregation sequence_mean")
+  for wave in 0 1; do
+    for v in "${V[@]}"; do for s in $((2 * wave)) $((2 * wave + 1)); do
+      n=${v%%|*}_s$s; [ -e runs/$n/latest/adapter ] || SFT_DIR=sft_s$s run $n configs/grpo.yaml $F32 --seed_everything $s ${v#*|} &
+    done; done; wait
+  done
+  for v in "${V[@]}"; do for s in 0 1 2 3; do
+    n=${v%%|*}_s$s
+    [ -e "$OUT/heldout_$n.json" ] || $PY benchmarks/eval_heldout.py --n 1000 --out "$OUT/heldout_$n.json" \
+      --adapters runs/sft_s$s/latest/adapter runs/$n/latest/adapter > "$OUT/heldout_$n.log" 2>&1 &
+    [ $(jobs -r | wc -l) -ge 4 ] && wait -n
+  done; done; wait
+  for f in "$OUT"/heldout_*.json; do $PY -c "import json, sys; r = json.load(open(sys.argv[1]))['results']; \
+print(sys.argv[1].split('heldout_')[1][:-5], r[0]['exact_match'], r[1]['exact_match'], r[1]['better'], r[1]['worse'], \
+round(r[1]['change'], 3), round(r[1]['standard_error'], 3))" "$f"; done
 elif [ "$MODE" = strategies ]; then
   FSDP_LORA="--model.base.dtype float32 --trainer.precision bf16-mixed"
   FSDP_QLORA="--model.base.quant_storage bfloat16 --model.base.dtype bfloat16 --trainer.precision bf16-true"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -15,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_ft import strategies
+from lit_ft.errors import ConfigError
 from lit_ft.integrity import load_verified
 from lit_ft.runs import atomic_directory
 from lit_ft.generation import SamplingSpec, generate
@@ -220,6 +222,18 @@ class ThroughputLogger(L.Callback):
         pl_module.log("perf/tokens_per_sec", sum(n for _, n in self._times) / max(seconds, 1e-9), prog_bar=True)
 
 
+def _free_memory(model) -> int | None:
+    """Free bytes where the model's weights live: the CUDA device's, else the host's (free pages, the page cache not
+    counted)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class SampleGenerations(L.Callback):
     """Generates answers for held-out prompts, scores them with a task metric, and shows them.
 
@@ -232,7 +246,7 @@ class SampleGenerations(L.Callback):
     """
 
     def __init__(self, num_prompts: int = 64, batch_size: int = 32, max_new_tokens: int = 32, print_examples: int = 3,
-                 metric: str = "lit_ft.tasks.answer_match", metric_name: str = "exact_match"):
+                 metric: str = "lit_ft.tasks.answer_match", metric_name: str = "exact_match", merged: bool = False):
         """
         Args:
             num_prompts: held-out prompts evaluated each time.
@@ -241,7 +255,11 @@ class SampleGenerations(L.Callback):
             print_examples: generations printed before and after training.
             metric: dotted path of `fn(generation, reference) -> bool | float`.
             metric_name: the logged name, `val/<metric_name>`.
+            merged: decode with the active LoRA adapter merged into a temporary copy of the wrapped weights (as
+                `sampling.merged` does for rollouts: faster decode steps for one copy of those weights; a
+                quantized base is refused by name).
         """
+        self.merged = merged
         self.num_prompts, self.batch_size, self.print_examples = num_prompts, batch_size, print_examples
         self.sampling = SamplingSpec(max_new_tokens=max_new_tokens, do_sample=False)
         self.metric, self.metric_name = resolve_callable(metric), metric_name
@@ -253,7 +271,7 @@ class SampleGenerations(L.Callback):
         rows = dm.held_out_prompts(self.num_prompts)
         model = pl_module.model
         results = []
-        with eval_mode(model), torch.no_grad(), strategies.for_generation(trainer):
+        with eval_mode(model), torch.no_grad(), strategies.for_generation(trainer), self._merged(model):
             for i in range(0, len(rows), self.batch_size):
                 chunk = rows[i : i + self.batch_size]
                 enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True, padding_side="left",
@@ -264,6 +282,25 @@ class SampleGenerations(L.Callback):
                 results += [(p, g.strip(), ref, float(self.metric(g.strip(), ref))) for (p, ref), g in zip(chunk, texts)]
         score = sum(r[3] for r in results) / max(len(results), 1)
         return score, results
+
+    def _merged(self, model):
+        """The merged decode where it fits: the copy must take at most half the free memory of the device (so
+        a recipe that merges for a small model does not run a large one out of memory at its evaluation)."""
+        if not self.merged or not hasattr(model, "peft_config"):
+            return contextlib.nullcontext()
+        from lit_ft.rollout_ops import MergedWeights
+
+        need, free = MergedWeights.bytes_needed(model, model.active_adapter), _free_memory(model)
+        if free is not None and need > free / 2:
+            if not getattr(self, "_told", False):
+                rank_zero_info(f"SampleGenerations: merged decode skipped: its copy of the weights ({need / 2**30:.2f} "
+                               f"GiB) is more than half the free memory ({free / 2**30:.2f} GiB)")
+                self._told = True
+            return contextlib.nullcontext()
+        try:
+            return MergedWeights(model, model.active_adapter).swapped_in()
+        except ValueError as e:
+            raise ConfigError(f"SampleGenerations(merged=True): {e}; set merged: false") from e
 
     def _print(self, when: str, score: float, results) -> None:
         rank_zero_info(f"\n[{when}] {self.metric_name} on {len(results)} held-out prompts: {score:.3f}")

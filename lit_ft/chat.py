@@ -38,6 +38,24 @@ def load(adapter: str | None, base: str | None, dtype: str = "auto"):
     return model.eval(), tok
 
 
+def trained_system_prompt(adapter: str | None) -> str | None:
+    """`data.system_prompt` of the run that exported `adapter` (the `config.yaml` LightningCLI saved in its run
+    directory, read as plain YAML), or None where there is none."""
+    import yaml
+    from pathlib import Path
+
+    config = Path(adapter).parent / "config.yaml" if adapter else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        data = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return None
+    for key in ("data", "init_args", "system_prompt"):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, str) else None
+
+
 def reply(model, tok, messages: list[dict], max_new_tokens: int, temperature: float, stream: bool = True) -> str:
     """Generate the assistant's next turn for `messages`, printing the tokens as they come when `stream`."""
     from transformers import TextStreamer
@@ -61,7 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--adapter", default=None, help="a causal-LM adapter directory (an SFT or PPO export)")
     parser.add_argument("--base", default=None, help="base model (default: the adapter's, else the bundled one)")
     parser.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
-    parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument("--system", default=None,
+                        help="a system prompt (default: the one the adapter's run trained with, from its config.yaml)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -69,7 +88,10 @@ def main(argv=None) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens={args.max_new_tokens}: expected an integer >= 1")
     model, tok = load(args.adapter, args.base, args.dtype)
-    history = [{"role": "system", "content": args.system}] if args.system else []
+    system = args.system if args.system is not None else trained_system_prompt(args.adapter)
+    if args.system is None and system is not None:
+        print(f"(the system prompt the adapter was trained with: {system!r}; --system overrides it)", file=sys.stderr)
+    history = [{"role": "system", "content": system}] if system is not None else []
     if args.prompt is not None:
         reply(model, tok, history + [{"role": "user", "content": args.prompt}], args.max_new_tokens,
               args.temperature)

@@ -295,6 +295,7 @@ class Sampler:
     def __init__(self, model, eos_token_id: int, pad_token_id: int, adapter: str | None = "policy"):
         self.model, self.eos, self.pad, self.adapter = model, eos_token_id, pad_token_id, adapter
         self.engine: DecodeEngine | None = None
+        self.merged: MergedWeights | None = None  # the hf engine's merged copy (the static engine keeps its own)
         self.choice: str | None = None
 
     def resolve(self, spec, device) -> str:
@@ -321,18 +322,28 @@ class Sampler:
             log.info("rollouts decode with the %s engine%s", choice, " (merged policy)" if spec.merged else "")
             self.choice = choice
         if choice == "hf":
-            return generate(self.model, input_ids, attention_mask, spec, self.eos, self.pad, max_new_tokens=n)
+            if not (spec.merged and self.adapter and hasattr(self.model, "peft_config")):
+                return generate(self.model, input_ids, attention_mask, spec, self.eos, self.pad, max_new_tokens=n)
+            if self.merged is None:
+                self.merged = _merged_or_config_error(lambda: MergedWeights(self.model, self.adapter))
+            with self.merged.swapped_in():
+                return generate(self.model, input_ids, attention_mask, spec, self.eos, self.pad, max_new_tokens=n)
         if self.engine is None:
-            try:
-                self.engine = DecodeEngine(self.model, self.eos, self.pad, self.adapter, spec.merged,
-                                           spec.cuda_graph, spec.check_every)
-            except ValueError as e:
-                from lit_ft.errors import ConfigError
-
-                raise ConfigError(f"sampling.merged: {e}") from e
+            self.engine = _merged_or_config_error(lambda: DecodeEngine(
+                self.model, self.eos, self.pad, self.adapter, spec.merged, spec.cuda_graph, spec.check_every))
         # the allocation covers max_new_tokens, so a shorter drawn length (min_new_tokens) reuses the graphs
         if self.engine.shape is None:
             self.engine._allocate(*input_ids.shape, spec.max_new_tokens, input_ids.device)
         responses, mask, _ = self.engine.generate(input_ids, attention_mask, n, spec.do_sample, spec.temperature,
                                                   spec.top_k, spec.top_p)
         return responses, mask
+
+
+def _merged_or_config_error(build):
+    """`build()`, its refusal of a base it cannot merge into (quantized, DoRA) raised as the setting's error."""
+    try:
+        return build()
+    except ValueError as e:
+        from lit_ft.errors import ConfigError
+
+        raise ConfigError(f"sampling.merged: {e}") from e

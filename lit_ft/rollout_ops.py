@@ -3,6 +3,7 @@ merged policy weights, the top-k/top-p filter, and which models the engine can s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
@@ -73,6 +74,12 @@ class MergedWeights:
     refused: their weights are not plain tensors to add a delta to.
     """
 
+    @staticmethod
+    def bytes_needed(model, adapter: str) -> int:
+        """What the copy would take (without allocating it)."""
+        return sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size()
+                   for _, m in lora_layers(model, adapter))
+
     def __init__(self, model, adapter: str):
         from peft.tuners.lora import Linear as LoraLinear
 
@@ -95,6 +102,25 @@ class MergedWeights:
         for (m, adapter), buf in zip(self.layers, self.weights.values()):
             buf.copy_(m.base_layer.weight)
             buf.add_(m.get_delta_weight(adapter).to(buf.dtype))
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The policy as a plain forward, for transformers' `generate`: each LoRA-wrapped weight replaced by its
+        merged copy (refreshed now) and those layers' adapters off. Afterwards the base weights are the same tensors
+        as before (put back, not subtracted: no rounding drift) and each layer's adapters as they were; other
+        modules (a `modules_to_save` copy) are not touched."""
+        self.refresh()
+        kept = []
+        try:
+            for (m, _), buf in zip(self.layers, self.weights.values()):
+                kept.append((m, m.base_layer.weight.data, m._disable_adapters))
+                m.base_layer.weight.data = buf
+                m._disable_adapters = True
+            yield
+        finally:
+            for m, weight, disabled in kept:
+                m.base_layer.weight.data = weight
+                m._disable_adapters = disabled
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

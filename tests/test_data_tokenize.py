@@ -38,6 +38,20 @@ def test_chat_multi_turn_every_assistant_turn_trainable(tiny_tokenizer):
         [{"role": "system", "content": "be brief"}] + msgs, tokenize=False)
 
 
+def test_empty_system_prompt_is_an_empty_system_turn(tiny_tokenizer):
+    """system_prompt "" renders an empty system turn (the demo configs' setting: SmolLM2's template, which the tiny
+    tokenizer carries, inserts its default system turn when a conversation has none); None leaves the template's
+    default; a row's own system turn wins over either."""
+    prompt = render_prompt([U("hi")], tiny_tokenizer, "chat", "")
+    assert prompt == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    default = render_prompt([U("hi")], tiny_tokenizer, "chat", None)
+    assert default == tiny_tokenizer.apply_chat_template([U("hi")], tokenize=False, add_generation_prompt=True)
+    own = [{"role": "system", "content": "be brief"}, U("hi")]
+    assert render_prompt(own, tiny_tokenizer, "chat", "") == render_prompt(own, tiny_tokenizer, "chat", None)
+    assert render_segments([U("hi"), A("4")], tiny_tokenizer, "plain", system_prompt="") == \
+        render_segments([U("hi"), A("4")], tiny_tokenizer, "plain")
+
+
 def test_alpaca_and_plain_text(tiny_tokenizer):
     msgs = [U("Add the numbers."), A("7")]
     seg = render_segments(msgs, tiny_tokenizer, "alpaca", input="3 and 4")

@@ -107,6 +107,60 @@ def test_merged_equals_unmerged(tiny_model_dir, tiny_tokenizer):
     assert engine.merged.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
 
 
+def test_hf_engine_merged_equals_unmerged_and_puts_the_base_back(tiny_model_dir, tiny_tokenizer):
+    """`sampling.merged` with transformers' generate: the same greedy tokens and sampled tokens (same seed) as the
+    LoRA branches give; afterwards each base weight is the very tensor it was, its values unchanged, and the adapters
+    are on again (the next forward is the adapted model's, not the merged one's plus the adapter)."""
+    model = peft_model(tiny_model_dir, adapters=("policy", "reference"))
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    layers = lora_layers(model, "policy")
+    before = [(m.base_layer.weight, m.base_layer.weight.data_ptr(), m.base_layer.weight.clone()) for _, m in layers]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    sampler = Sampler(model, eos, pad, adapter="policy")
+    for spec in (SamplingSpec(do_sample=False, engine="hf"), SamplingSpec(temperature=0.8, engine="hf")):
+        torch.manual_seed(5)
+        plain = sampler(ids, mask, spec, max_new_tokens=10)
+        torch.manual_seed(5)
+        merged = sampler(ids, mask, SamplingSpec(**{**spec.__dict__, "merged": True}), max_new_tokens=10)
+        assert torch.equal(plain[0], merged[0]) and torch.equal(plain[1], merged[1])
+    assert sampler.merged is not None and sampler.merged.nbytes == sum(w.numel() * 4 for w, _, _ in before)
+    for (w, ptr, values), (_, m) in zip(before, layers):
+        assert m.base_layer.weight is w and w.data_ptr() == ptr and torch.equal(w, values)
+        assert not m.disable_adapters
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+def test_sample_generations_merged_scores_as_unmerged_and_skips_what_does_not_fit(tiny_model_dir, tiny_tokenizer,
+                                                                                 monkeypatch):
+    """SampleGenerations(merged=True): the same greedy generations as the LoRA branches give, the adapters on again
+    afterwards; where the copy would take more than half the free memory it decodes unmerged and says so once."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from lit_ft import callbacks, rollout_ops
+
+    model = peft_model(tiny_model_dir)
+    rows = [(t, "42") for t in TEXTS]
+    plugin = SimpleNamespace(forward_context=contextlib.nullcontext)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tiny_tokenizer, held_out_prompts=lambda n: rows[:n]),
+                              strategy=SimpleNamespace(precision_plugin=plugin))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    swaps, said, swapped_in = [], [], rollout_ops.MergedWeights.swapped_in
+    monkeypatch.setattr(rollout_ops.MergedWeights, "swapped_in", lambda self: swaps.append(1) or swapped_in(self))
+    monkeypatch.setattr(callbacks, "rank_zero_info", said.append)
+    plain = callbacks.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8).evaluate(trainer, module)
+    assert swaps == [] and len({g for _, g, _, _ in plain[1]}) > 1
+    merged = callbacks.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8, merged=True)
+    assert merged.evaluate(trainer, module) == plain and swaps == [1]
+    assert all(not m.disable_adapters for _, m in lora_layers(model, "policy"))
+    monkeypatch.setattr(callbacks, "_free_memory", lambda m: 1000)  # far less than twice the copy
+    assert merged.evaluate(trainer, module) == plain and merged.evaluate(trainer, module) == plain and swaps == [1]
+    assert len(said) == 1 and said[0].startswith("SampleGenerations: merged decode skipped: its copy of the weights")
+
+
 def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
     """bf16 weights: W + BA rounded once vs W x + B(A x) in bf16; equal log-probs within bf16 rounding, over the
     prefix where the greedy tokens agree (a near-tie may flip a later token)."""

@@ -289,6 +289,25 @@ def test_chat_streams_the_greedy_answer_of_base_plus_adapter(tiny_model_dir, tmp
     assert not torch.equal(plain, out)  # the adapter is applied
 
 
+def test_chat_takes_the_system_prompt_the_adapter_was_trained_with(tmp_path):
+    """An adapter inside a run directory: chat renders the run's `data.system_prompt` (the demo's "" included);
+    no config, a config without the setting, or one that is not YAML: None (the template's default)."""
+    from lit_ft.chat import trained_system_prompt
+
+    run = tmp_path / "runs/sft/version_0"
+    (run / "adapter").mkdir(parents=True)
+    assert trained_system_prompt(str(run / "adapter")) is None
+    (run / "config.yaml").write_text("data:\n  class_path: x\n  init_args:\n    system_prompt: ''\n")
+    assert trained_system_prompt(str(run / "adapter")) == ""
+    (run / "config.yaml").write_text("data:\n  init_args:\n    system_prompt: be brief\n")
+    assert trained_system_prompt(str(run / "adapter")) == "be brief"
+    (run / "config.yaml").write_text("data:\n  init_args: null\n")
+    assert trained_system_prompt(str(run / "adapter")) is None
+    (run / "config.yaml").write_text("data: [unclosed\n")
+    assert trained_system_prompt(str(run / "adapter")) is None
+    assert trained_system_prompt(None) is None
+
+
 def test_load_from_checkpoint_names_no_frozen_tensor_and_loads_the_adapter(tiny_model_dir, small_data, tmp_path,
                                                                            monkeypatch, recwarn):
     from lit_ft import SFTModule

@@ -74,7 +74,8 @@ class InstructionDataModule(LightningDataModule):
             format: input shape: alpaca (instruction/input/output), prompt_completion, messages (chat),
                 question_answer, or auto (detected from the first row).
             template: how text is rendered: the tokenizer's chat template, the alpaca format, or plain text.
-            system_prompt: system prompt for rows that have none.
+            system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
+                template that inserts a default one, as SmolLM2's does, leaves it out).
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
             max_length: longest tokenized row.
             overlong: rows longer than ``max_length``: drop them, truncate the prompt from the left, or error.
@@ -201,7 +202,8 @@ class PreferenceDataModule(LightningDataModule):
                 form where each is a list of one assistant message), hh (HH-RLHF full conversations without a
                 prompt), or auto (detected from the first row).
             template: how text is rendered: the tokenizer's chat template, the alpaca format, or plain text.
-            system_prompt: system prompt for rows that have none.
+            system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
+                template that inserts a default one, as SmolLM2's does, leaves it out).
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
             max_length: longest tokenized prompt + response.
             overlong: pairs longer than ``max_length``: drop them, cut the shared prompt from the left, or error.

@@ -50,7 +50,8 @@ class PromptDataModule(LightningDataModule):
             format: where the prompt is: a prompt column (text or messages), instruction (+input), messages
                 (all but a final assistant turn), question, preference (the prompt of a pair), or auto.
             template: how prompts are rendered: the tokenizer's chat template, the alpaca format, or plain text.
-            system_prompt: system prompt for rows that have none.
+            system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
+                template that inserts a default one, as SmolLM2's does, leaves it out).
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
             max_length: longest tokenized prompt.
             overlong: prompts longer than ``max_length``: drop them, keep their last tokens, or error.

@@ -53,9 +53,10 @@ def _probe_chat_template(tokenizer) -> None:
 
 
 def _prepare(messages: list[dict], system_prompt: str | None, input: str | None) -> list[dict]:
-    """Apply the default system prompt (the data's own system turn wins) and append ``input`` to the first user turn."""
+    """Apply the default system prompt (the data's own system turn wins; "" is an empty system turn, which keeps a
+    chat template from inserting its own) and append ``input`` to the first user turn."""
     msgs = [dict(m) for m in messages]
-    if system_prompt and msgs[0]["role"] != "system":
+    if system_prompt is not None and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
     if input:
         first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
