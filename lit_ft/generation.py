@@ -34,9 +34,9 @@ class SamplingSpec:
     else `hf`."""
     merged: bool = False
     """With a non-quantized base: decode with the policy LoRA merged into a rollout copy of the LoRA-wrapped
-    weights (costs one copy of them, logged; refreshed every rollout), so a decode step runs no LoRA branches (on 2
-    CPU cores it halves a decode step of SmolLM2-135M with r16 on every projection). Both engines; the tokens are
-    the unmerged policy's up to float rounding."""
+    weights (costs one copy of them, logged; refreshed every rollout), so the decode runs no LoRA branches (on 2 CPU
+    cores, 16 demo prompts x 4 samples with SmolLM2-135M and r16 on every projection: 6.5 s -> 5.9 s). Both
+    engines; the tokens are the unmerged policy's up to float rounding."""
     cuda_graph: bool = True
     """Capture the static engine's decode step as a CUDA graph (CUDA only)."""
     check_every: int = 8
