@@ -27,9 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lit_ft.callbacks import paired_change  # noqa: E402
+from lit_ft.callbacks import paired_change, score_prompts  # noqa: E402
 from lit_ft.data.templates import render_prompt  # noqa: E402
-from lit_ft.generation import SamplingSpec, generate  # noqa: E402
+from lit_ft.generation import SamplingSpec  # noqa: E402
 from lit_ft.rollout_ops import MergedWeights  # noqa: E402
 from lit_ft.tasks import answer_match, make_problem  # noqa: E402
 
@@ -56,17 +56,9 @@ def evaluate(base: str, adapter: str, problems, batch: int, device: str = "cpu",
     tok = AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval().to(device)
     spec = SamplingSpec(max_new_tokens=16, do_sample=False)
-    prompts = [render_prompt([{"role": "user", "content": q}], tok, "chat", system_prompt) for q, _ in problems]
-    scores = []
-    with torch.no_grad(), MergedWeights(model, model.active_adapter).swapped_in():  # as SampleGenerations(merged=True)
-        for i in range(0, len(prompts), batch):
-            enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True, padding_side="left",
-                      add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            out, _ = generate(model, enc["input_ids"], enc["attention_mask"], spec, tok.eos_token_id, tok.pad_token_id)
-            texts = tok.batch_decode(out, skip_special_tokens=True)
-            scores += [float(answer_match(t.strip(), a)) for t, (_, a) in zip(texts, problems[i:i + batch])]
-    return scores
+    rows = [(render_prompt([{"role": "user", "content": q}], tok, "chat", system_prompt), a) for q, a in problems]
+    with MergedWeights(model, model.active_adapter).swapped_in():  # as SampleGenerations(merged=True)
+        return [r[3] for r in score_prompts(model, tok, rows, spec, answer_match, batch, device)]
 
 
 def main(argv=None) -> None:

@@ -222,6 +222,22 @@ class ThroughputLogger(L.Callback):
         pl_module.log("perf/tokens_per_sec", sum(n for _, n in self._times) / max(seconds, 1e-9), prog_bar=True)
 
 
+@torch.no_grad()
+def score_prompts(model, tok, rows: list[tuple[str, str]], sampling: SamplingSpec, metric, batch_size: int,
+                  device) -> list[tuple[str, str, str, float]]:
+    """(prompt, generation, reference, metric(generation, reference)) for each rendered (prompt, reference) row,
+    generated `batch_size` prompts at a time (left-padded, no special tokens added: the rendering has them)."""
+    results = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True, padding_side="left",
+                  add_special_tokens=False).to(device)
+        out, _ = generate(model, enc["input_ids"], enc["attention_mask"], sampling, tok.eos_token_id, tok.pad_token_id)
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        results += [(p, g.strip(), ref, float(metric(g.strip(), ref))) for (p, ref), g in zip(chunk, texts)]
+    return results
+
+
 def _free_memory(model) -> int | None:
     """Free bytes where the model's weights live: the CUDA device's, else the host's (free pages, the page cache not
     counted)."""
@@ -270,16 +286,8 @@ class SampleGenerations(L.Callback):
         tok = dm.tokenizer
         rows = dm.held_out_prompts(self.num_prompts)
         model = pl_module.model
-        results = []
         with eval_mode(model), torch.no_grad(), strategies.for_generation(trainer), self._merged(model):
-            for i in range(0, len(rows), self.batch_size):
-                chunk = rows[i : i + self.batch_size]
-                enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True, padding_side="left",
-                          add_special_tokens=False).to(pl_module.device)
-                out, _ = generate(model, enc["input_ids"], enc["attention_mask"], self.sampling,
-                                  tok.eos_token_id, tok.pad_token_id)
-                texts = tok.batch_decode(out, skip_special_tokens=True)
-                results += [(p, g.strip(), ref, float(self.metric(g.strip(), ref))) for (p, ref), g in zip(chunk, texts)]
+            results = score_prompts(model, tok, rows, self.sampling, self.metric, self.batch_size, pl_module.device)
         score = sum(r[3] for r in results) / max(len(results), 1)
         return score, results
 
