@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     p.add_argument("--base", default=None, help="base model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--system-prompt", default="",
                    help="data.system_prompt the adapters were trained with ('' as the demo configs; 'none' = the "
-                        "template's default, as before 2026-12-02 evening)")
+                        "template's default system turn, as the earlier configs and the 2026-12-02_heldout1000 results)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
