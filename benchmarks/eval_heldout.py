@@ -1,5 +1,5 @@
 """Greedy exact match of demo-task adapters on a large fresh held-out set, each compared prompt by prompt with the
-first adapter (the paired change and its standard error, `lit_ft.callbacks.paired_change`).
+first adapter (the paired change and its standard error, `lit_ft.heldout.paired_change`).
 
     python benchmarks/eval_heldout.py --adapters runs/sft/latest/adapter runs/grpo/latest/adapter --n 1000 \
         --out benchmarks/results/heldout.json
@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lit_ft.callbacks import paired_change, score_prompts  # noqa: E402
+from lit_ft.heldout import paired_change, score_prompts  # noqa: E402
 from lit_ft.data.templates import render_prompt  # noqa: E402
 from lit_ft.generation import SamplingSpec  # noqa: E402
 from lit_ft.rollout_ops import MergedWeights  # noqa: E402
@@ -54,7 +54,8 @@ def evaluate(base: str, adapter: str, problems, batch: int, device: str = "cpu",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval().to(device)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base_model, adapter).eval().to(device)
     spec = SamplingSpec(max_new_tokens=16, do_sample=False)
     rows = [(render_prompt([{"role": "user", "content": q}], tok, "chat", system_prompt), a) for q, a in problems]
     with MergedWeights(model, model.active_adapter).swapped_in():  # as SampleGenerations(merged=True)

@@ -33,6 +33,13 @@ run() {  # run NAME CONFIG [--config MORE.yaml ...] [CLI arguments ...]: configs
   echo "$name: rc $? in $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
 }
 
+heldout() {  # heldout NAME SYSTEM_PROMPT BASELINE_RUN RUN...: benchmarks/eval_heldout.py on 1000 fresh problems, once
+  local name=$1 sp=$2; shift 2
+  [ -e "$OUT/heldout_$name.json" ] || $PY benchmarks/eval_heldout.py --n 1000 --system-prompt "$sp" \
+    --out "$OUT/heldout_$name.json" --adapters $(for r in "$@"; do echo runs/$r/latest/adapter; done) \
+    > "$OUT/heldout_$name.log" 2>&1
+}
+
 summary() {
   for f in "$OUT"/*.log; do
     echo "== $(basename "$f" .log)"
@@ -107,10 +114,9 @@ elif [ "$MODE" = grpo_demo ]; then
     IFS='|' read -r name sft args <<< "$v"
     [ -e runs/$name/latest/adapter ] || SFT_DIR=$sft run "$name" configs/grpo.yaml $args &
   done; wait
-  ev() { [ -e "$OUT/heldout_$1.json" ] || $PY benchmarks/eval_heldout.py --n 1000 --out "$OUT/heldout_$1.json" \
-           --adapters runs/sft/latest/adapter $(for n in "${@:2}"; do echo runs/$n/latest/adapter; done) > "$OUT/heldout_$1.log" 2>&1; }
   names=(sft15); for v in "${GRPO[@]}"; do names+=("${v%%|*}"); done
-  ev a grpo "${names[@]:0:5}" & ev b "${names[@]:5:5}" & ev c "${names[@]:10}" & wait
+  heldout a "" sft grpo "${names[@]:0:5}" & heldout b "" sft "${names[@]:5:5}" & heldout c "" sft "${names[@]:10}" &
+  wait
   cat "$OUT"/heldout_*.log
 elif [ "$MODE" = demo_prompt ]; then  # the demo's system turn (SmolLM2's default vs an empty one) x SFT length x seed,
   export OMP_NUM_THREADS=1             # in float32 as on the CPU; each SFT then 24 (and 16) GRPO rollouts, all scored
@@ -132,8 +138,7 @@ elif [ "$MODE" = demo_prompt ]; then  # the demo's system turn (SmolLM2's defaul
   done; wait
   for v in "${G[@]}"; do
     IFS='|' read -r name sft args <<< "$v"; sp=""; [ "${sft:4:2}" = sd ] && sp=none
-    [ -e "$OUT/heldout_$name.json" ] || $PY benchmarks/eval_heldout.py --n 1000 --system-prompt "$sp" \
-      --out "$OUT/heldout_$name.json" --adapters runs/$sft/latest/adapter runs/$name/latest/adapter > "$OUT/heldout_$name.log" 2>&1 &
+    heldout "$name" "$sp" "$sft" "$name" &
     [ $(jobs -r | wc -l) -ge 4 ] && wait -n
   done; wait
   grep -h '^{' "$OUT"/heldout_*.log
@@ -151,8 +156,7 @@ elif [ "$MODE" = grpo_seeds ]; then  # GRPO settings at the demo's length (24 ro
   done
   for v in "${V[@]}"; do for s in 0 1 2 3; do
     n=${v%%|*}_s$s
-    [ -e "$OUT/heldout_$n.json" ] || $PY benchmarks/eval_heldout.py --n 1000 --out "$OUT/heldout_$n.json" \
-      --adapters runs/sft_s$s/latest/adapter runs/$n/latest/adapter > "$OUT/heldout_$n.log" 2>&1 &
+    heldout "$n" "" "sft_s$s" "$n" &
     [ $(jobs -r | wc -l) -ge 4 ] && wait -n
   done; done; wait
   for f in "$OUT"/heldout_*.json; do $PY -c "import json, sys; r = json.load(open(sys.argv[1]))['results']; \

@@ -8,7 +8,7 @@
 Each stage is `lit-ft fit --config <stage>` in its own process; GRPO and PPO start from `runs/sft/latest/adapter`,
 PPO scores with `runs/reward/latest/adapter`. At the end a summary gives each stage's wall time and its
 before -> after metric with the evaluation-set size and its standard error, so a gain can be told from the noise
-of the evaluation set: the paired one (the same prompts before and after, `callbacks.paired_change`) where the
+of the evaluation set: the paired one (the same prompts before and after, `heldout.paired_change`) where the
 stage printed it, else the binomial one of each side.
 """
 

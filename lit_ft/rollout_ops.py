@@ -80,19 +80,28 @@ class MergedWeights:
         return sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size()
                    for _, m in lora_layers(model, adapter))
 
-    def __init__(self, model, adapter: str):
+    @staticmethod
+    def refusal(model, adapter: str) -> str | None:
+        """Why `adapter` cannot be merged into a copy of the weights (None when it can)."""
         from peft.tuners.lora import Linear as LoraLinear
 
-        self.layers, self.weights = [], {}
         for name, m in lora_layers(model, adapter):
             w = m.base_layer.weight
             if not isinstance(m, LoraLinear) or not w.is_floating_point() or type(w) is not torch.nn.Parameter:
-                raise ValueError(f"merged rollouts need plain floating-point Linear layers; {name} is "
-                                 f"{type(m).__name__} over {type(w).__name__}[{w.dtype}] (quantized base?)")
+                return (f"merged rollouts need plain floating-point Linear layers; {name} is "
+                        f"{type(m).__name__} over {type(w).__name__}[{w.dtype}] (quantized base?)")
             if m.use_dora.get(adapter, False):
-                raise ValueError(f"merged rollouts do not support DoRA ({name})")
+                return f"merged rollouts do not support DoRA ({name})"
+        return None
+
+    def __init__(self, model, adapter: str):
+        reason = self.refusal(model, adapter)
+        if reason is not None:
+            raise ValueError(reason)
+        self.layers, self.weights = [], {}
+        for name, m in lora_layers(model, adapter):
             self.layers.append((m, adapter))
-            self.weights[f"{name}.base_layer.weight"] = torch.empty_like(w)
+            self.weights[f"{name}.base_layer.weight"] = torch.empty_like(m.base_layer.weight)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.weights.values())
         log.info("merged rollout weights: %d layers, %.3f GB extra memory", len(self.layers), self.nbytes / 1e9)
 

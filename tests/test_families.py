@@ -282,3 +282,36 @@ def test_family_shared_prefix_generation(family, family_dirs, monkeypatch):
     if family in ("llama", "qwen2", "gpt2", "mistral"):
         assert used[0] is not None  # the families every GRPO user runs take the shared path
     assert torch.equal(shared, plain) and torch.equal(shared_mask, plain_mask)
+
+
+@pytest.mark.parametrize("family", PRESENT)
+def test_family_merged_decode(family, family_dirs):
+    """`sampling.merged` with transformers' `generate` on every family (its LoRA targets as lit_ft picks them, GPT-2's
+    Conv1D layers included): the greedy tokens of the adapted model, and afterwards the same base tensors unchanged
+    and the adapters on (the next forward gives the adapted logits)."""
+    from lit_ft.generation import SamplingSpec
+    from lit_ft.rollout import Sampler
+    from lit_ft.rollout_ops import lora_layers
+
+    moe = family in ("granitemoe", "mixtral", "qwen2_moe", "qwen3_moe")  # grouped expert matmuls: no fp64 kernel
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name_or_path=family_dirs(family), dtype="float32"), LoraSpec(r=4, dropout=0.0))
+    model = (model if moe else model.double()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    ids = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    layers = lora_layers(model, "default")
+    before = [(m.base_layer.weight, m.base_layer.weight.clone()) for _, m in layers]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    sampler = Sampler(model, eos_token_id=1, pad_token_id=0, adapter="default")
+    plain = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="hf"))
+    merged = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="hf", merged=True))
+    assert layers and torch.equal(plain[0], merged[0]) and torch.equal(plain[1], merged[1])
+    assert all(m.base_layer.weight is w and torch.equal(w, v) and not m.disable_adapters
+               for (w, v), (_, m) in zip(before, layers))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)

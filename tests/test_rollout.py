@@ -136,11 +136,15 @@ def test_hf_engine_merged_equals_unmerged_and_puts_the_base_back(tiny_model_dir,
 def test_sample_generations_merged_scores_as_unmerged_and_skips_what_does_not_fit(tiny_model_dir, tiny_tokenizer,
                                                                                  monkeypatch):
     """SampleGenerations(merged=True): the same greedy generations as the LoRA branches give, the adapters on again
-    afterwards; where the copy would take more than half the free memory it decodes unmerged and says so once."""
+    afterwards; where the copy would take more than half the free memory, or the adapter cannot be merged (DoRA),
+    it decodes unmerged and says so once."""
     import contextlib
     from types import SimpleNamespace
 
-    from lit_ft import callbacks, rollout_ops
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft import heldout, rollout_ops
 
     model = peft_model(tiny_model_dir)
     rows = [(t, "42") for t in TEXTS]
@@ -150,15 +154,26 @@ def test_sample_generations_merged_scores_as_unmerged_and_skips_what_does_not_fi
     module = SimpleNamespace(model=model, device=torch.device("cpu"))
     swaps, said, swapped_in = [], [], rollout_ops.MergedWeights.swapped_in
     monkeypatch.setattr(rollout_ops.MergedWeights, "swapped_in", lambda self: swaps.append(1) or swapped_in(self))
-    monkeypatch.setattr(callbacks, "rank_zero_info", said.append)
-    plain = callbacks.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8).evaluate(trainer, module)
+    monkeypatch.setattr(heldout, "rank_zero_info", said.append)
+    plain = heldout.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8).evaluate(trainer, module)
     assert swaps == [] and len({g for _, g, _, _ in plain[1]}) > 1
-    merged = callbacks.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8, merged=True)
+    merged = heldout.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8, merged=True)
     assert merged.evaluate(trainer, module) == plain and swaps == [1]
     assert all(not m.disable_adapters for _, m in lora_layers(model, "policy"))
-    monkeypatch.setattr(callbacks, "_free_memory", lambda m: 1000)  # far less than twice the copy
+    monkeypatch.setattr(heldout, "_free_memory", lambda m: 1000)  # far less than twice the copy
     assert merged.evaluate(trainer, module) == plain and merged.evaluate(trainer, module) == plain and swaps == [1]
     assert len(said) == 1 and said[0].startswith("SampleGenerations: merged decode skipped: its copy of the weights")
+    monkeypatch.undo()
+    said.clear()
+    monkeypatch.setattr(heldout, "rank_zero_info", said.append)
+    torch.manual_seed(0)
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, use_dora=True)).eval()
+    module = SimpleNamespace(model=dora, device=torch.device("cpu"))
+    plain = heldout.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8).evaluate(trainer, module)
+    assert heldout.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8, merged=True).evaluate(
+        trainer, module) == plain
+    assert len(said) == 1 and "merged decode skipped: merged rollouts do not support DoRA" in said[0]
 
 
 def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
