@@ -142,9 +142,9 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     import lightning as L
 
     from lit_ft.data.collate import PreferenceCollator
-    from lit_ft.dpo import DPOModule, DPOSpec
+    from lit_ft.stages.dpo import DPOModule, DPOSpec
     from lit_ft.models import LoraSpec, ModelSpec
-    from lit_ft.optim import OptimSpec
+    from lit_ft.train.optim import OptimSpec
 
     gc = "gc" in mods
     base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",

@@ -10,7 +10,7 @@ iterations are untimed, peak = torch.cuda.max_memory_allocated over the timed it
     python benchmarks/bench_ppo.py --workload w5 --tiny --variants lit,grpo --json /tmp/w5.json   # CPU dry run
 
 The driver also writes the reward model: a fresh SEQ_CLS LoRA with its `score` head, made by `RewardModule` on the
-same base and exported with `RewardModule.save_adapter` (the format `lit_ft.scoring` defines and PPO reads). PPO then
+same base and exported with `RewardModule.save_adapter` (the format `lit_ft.online.scoring` defines and PPO reads). PPO then
 holds four roles on one base: a new LoRA policy, the base without adapters as the reference, the frozen reward
 adapter + head, and a value adapter + head initialised from the reward model (`value_model="adapter"`).
 
@@ -22,7 +22,7 @@ The gap between their sum and the whole `training_step` is the KL-shaped rewards
 
 Variants: `lit` with modifiers joined by '+': `e<N>` (ppo_epochs=N, default 4), `gc` (gradient checkpointing),
 `mb<N>` (mini_batch_size=N, default 8); the rollout decoder (`SamplingSpec.engine`, default `auto`: the static
-engine of `lit_ft.rollout` on CUDA): `hf` (transformers' `generate`), `static`, `merged` (static, policy LoRA merged
+engine of `lit_ft.online.engine` on CUDA): `hf` (transformers' `generate`), `static`, `merged` (static, policy LoRA merged
 into a rollout copy), `nograph` (static without CUDA-graph capture). `grpo` runs `GRPOModule` on the same shapes
 (a new LoRA policy, the base as the reference, no value model, scored by the same reward adapter) with `k<N>`
 samples a prompt (default 8: `prompts x N` rollout rows), `p<N>` prompts a rollout (default the workload's), `mb<N>`, `it<N>` (num_iterations, default 1) and the
@@ -83,7 +83,7 @@ def build_reward_adapter(w: Workload, model_dir: Path) -> Path:
     weights do not change the cost). The base is loaded unquantized on the CPU: the adapter's shapes do not depend
     on how the base is held."""
     from lit_ft.models import LoraSpec, ModelSpec
-    from lit_ft.reward import RewardModule
+    from lit_ft.stages.reward import RewardModule
 
     path = model_dir / "reward_adapter"
     if (path / "adapter_config.json").exists():
@@ -177,7 +177,7 @@ class PhaseTimer:
 
 def sampling_and_base(w: Workload, args, device: str, mods: set[str]):
     """The rollout sampling, the base spec and the Lightning precision a variant's modifiers ask for."""
-    from lit_ft.generation import SamplingSpec
+    from lit_ft.online.generation import SamplingSpec
     from lit_ft.models import ModelSpec
 
     engine = "hf" if "hf" in mods else "static" if mods & {"static", "merged", "nograph"} else "auto"
@@ -213,7 +213,7 @@ def fp32_heads(module_cls, precision: str):
 
 def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
     from lit_ft.models import LoraSpec
-    from lit_ft.ppo import PPOModule, PPOSpec
+    from lit_ft.stages.ppo import PPOModule, PPOSpec
 
     epochs, mbs = int_mod(mods, "e", w.ppo_epochs), int_mod(mods, "mb", w.mini_batch_size)
     sampling, base, precision = sampling_and_base(w, args, device, mods)
@@ -232,8 +232,8 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
 def run_grpo(w: Workload, args, device: str, mods: set[str]) -> dict:
     """GRPOModule on the same shapes: `k<N>` samples a prompt (default 8), `mb<N>` rows a minibatch, `it<N>`
     num_iterations; scored by the same reward adapter; the reference is the base (a new LoRA policy)."""
-    from lit_ft import online
-    from lit_ft.grpo import GRPOModule, GRPOSpec
+    from lit_ft.online import shared as online
+    from lit_ft.stages.grpo import GRPOModule, GRPOSpec
     from lit_ft.models import LoraSpec
 
     k, mbs, iters = int_mod(mods, "k", 8), int_mod(mods, "mb", w.mini_batch_size), int_mod(mods, "it", 1)

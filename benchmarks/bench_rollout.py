@@ -11,8 +11,8 @@ static engine allocates its cache for the full length and captures its graph the
 rollout of `--new-tokens` tokens from `--prompt-len`-token prompts, sampled at temperature 1 with no EOS (every
 row decodes the full length, so every engine does the same work).
 
-Engines: `hf` (`lit_ft.generation.generate`: transformers' `generate` through PEFT), `static`
-(`lit_ft.rollout.DecodeEngine`: static cache, CUDA-graph replay on CUDA), `merged` (the same with the policy LoRA
+Engines: `hf` (`lit_ft.online.generation.generate`: transformers' `generate` through PEFT), `static`
+(`lit_ft.online.engine.DecodeEngine`: static cache, CUDA-graph replay on CUDA), `merged` (the same with the policy LoRA
 merged into a rollout copy; non-quantized bases only).
 
 Bandwidth bound (H200 HBM3e, 4.8 TB/s nominal): one decode step must read the base weights once (`W`, bytes as
@@ -58,7 +58,7 @@ def sync(device: str) -> None:
 
 def build_policy(w, model_dir: Path, device: str):
     """The PPO roles on the random base (policy + value adapters), cast as PPO runs them, in eval mode."""
-    from lit_ft import roles
+    from lit_ft.online import roles
     from lit_ft.models import LoraSpec, ModelSpec
 
     spec = ModelSpec(name_or_path=str(model_dir), dtype="bfloat16" if device == "cuda" else "float32",
@@ -82,8 +82,8 @@ def kv_bytes_per_token(w) -> int:
 
 def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
     """One engine at one batch size: warm-up, then one timed rollout of w.new_tokens tokens."""
-    from lit_ft.generation import SamplingSpec
-    from lit_ft.rollout import Sampler
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.online.engine import Sampler
 
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
@@ -127,8 +127,8 @@ def profile_point(model, w, engine: str, batch: int, device: str, steps: int = 1
     against the bound's time a step is how far the kernels themselves are from streaming the bytes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lit_ft.generation import SamplingSpec
-    from lit_ft.rollout import Sampler
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.online.engine import Sampler
 
     steps = max(1, min(steps, w.new_tokens - 6))  # the 4 warm-up steps and the prefill's token fit the buffers
     g = torch.Generator().manual_seed(batch)

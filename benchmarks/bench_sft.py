@@ -323,8 +323,8 @@ def run_trl(w: Workload, args, device: str, clock: Clock) -> dict:
 def lit_module(w: Workload, args, device: str, mods: set[str]):
     """(SFTModule, precision, extra) for a lit variant's modifiers."""
     from lit_ft.models import LoraSpec, ModelSpec
-    from lit_ft.optim import OptimSpec
-    from lit_ft.sft import SFTModule
+    from lit_ft.train.optim import OptimSpec
+    from lit_ft.stages.sft import SFTModule
 
     gc = (w.gc or "gc" in mods) and "nogc" not in mods
     base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",

@@ -1,11 +1,11 @@
 """Greedy exact match of demo-task adapters on a large fresh held-out set, each compared prompt by prompt with the
-first adapter (the paired change and its standard error, `lit_ft.heldout.paired_change`).
+first adapter (the paired change and its standard error, `lit_ft.callbacks.heldout.paired_change`).
 
     python benchmarks/eval_heldout.py --adapters runs/sft/latest/adapter runs/grpo/latest/adapter --n 1000 \
         --out benchmarks/results/heldout.json
 
 The 200 prompts of `data/demo/prompts_val.jsonl` tell a gain of about 0.08 from noise (about 50 of 200 greedy answers
-change in a short RL run, half each way); this set draws `--n` new problems with `lit_ft.tasks.make_problem` (seeded,
+change in a short RL run, half each way); this set draws `--n` new problems with `lit_ft.data.tasks.make_problem` (seeded,
 none of them a prompt of the demo's train or validation files) so that a smaller change can be measured. The prompts
 are rendered as the demo's `template: chat` renders them (the tokenizer's chat template, one user turn after the
 demo configs' empty system turn, `--system-prompt`) and decoded
@@ -27,11 +27,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lit_ft.heldout import paired_change, score_prompts  # noqa: E402
+from lit_ft.callbacks.heldout import paired_change, score_prompts  # noqa: E402
 from lit_ft.data.templates import render_prompt  # noqa: E402
-from lit_ft.generation import SamplingSpec  # noqa: E402
-from lit_ft.rollout_ops import MergedWeights  # noqa: E402
-from lit_ft.tasks import answer_match, make_problem  # noqa: E402
+from lit_ft.online.generation import SamplingSpec  # noqa: E402
+from lit_ft.online.engine_ops import MergedWeights  # noqa: E402
+from lit_ft.data.tasks import answer_match, make_problem  # noqa: E402
 
 
 def fresh_problems(n: int, seed: int) -> list[tuple[str, str]]:
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.base is None:
-        from lit_ft.default_model import default_model_dir
+        from lit_ft.models.default import default_model_dir
 
         args.base = default_model_dir()
     problems = fresh_problems(args.n, args.seed)

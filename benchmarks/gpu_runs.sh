@@ -26,7 +26,7 @@ run() {  # run NAME CONFIG [--config MORE.yaml ...] [CLI arguments ...]: configs
   sed -e "s#runs/$stage\([/ ,}]\|\$\)#runs/$name\1#g" \
       -e "s#runs/reward/latest/adapter#runs/${RM_DIR:-rm_fresh}/latest/adapter#g" \
       -e "s#runs/sft/latest/adapter#runs/${SFT_DIR:-sft}/latest/adapter#g" \
-      -e "s#class_path: lit_ft.callbacks.WandbLogger#class_path: lightning.pytorch.loggers.CSVLogger#" \
+      -e "s#class_path: lit_ft.WandbLogger#class_path: lightning.pytorch.loggers.CSVLogger#" \
       -e "s#init_args: {project: lit_ft, name: \([a-z_]*\)}#init_args: {name: \1, save_dir: .}#" "$cfg" > "$OUT/$name.yaml"
   local t0=$(date +%s) port=$((29400 + $(echo -n "$name" | cksum | cut -d' ' -f1) % 2000))  # runs go in parallel
   MASTER_PORT=$port timeout ${RUN_LIMIT:-3000} $PY train.py fit --config "$OUT/$name.yaml" --trainer.accelerator gpu "$@" > "$OUT/$name.log" 2>&1

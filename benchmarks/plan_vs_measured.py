@@ -3,7 +3,7 @@
     python benchmarks/plan_vs_measured.py --config configs/sft.yaml --config configs/reward.yaml \
         [--steps 5] [overrides applied to every config, e.g. --model.base.name_or_path meta-llama/Llama-3.2-1B]
 
-For each config: `lit_ft.plan.estimate` of the fit (the same LightningCLI parse as `fit`), then `--steps`
+For each config: `lit_ft.plan.memory` of the fit (the same LightningCLI parse as `fit`), then `--steps`
 optimizer steps (PPO: rollouts) with no logger, checkpoint or validation, and `torch.cuda.max_memory_allocated`
 against the planned peak. Without CUDA it prints the plan only (`measured_peak: null`), so the script runs
 anywhere; the accuracy target (within 15%) is checked on the GPU machine.
@@ -30,7 +30,7 @@ def parse(argv):
 def build(config: str, overrides: list[str]):
     import lightning as L
 
-    from lit_ft.cli import LitFTCLI
+    from lit_ft.cli.app import LitFTCLI
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")

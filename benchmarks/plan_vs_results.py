@@ -59,7 +59,7 @@ def int_mod(mods: set[str], prefix: str, default: int) -> int:
 
 def full_rows(seq: int, rows: int, labels: int):
     """Random full-length rows with an all-ones mask, as the bench scripts feed them."""
-    from lit_ft.plan_data import RowStats
+    from lit_ft.plan.rows import RowStats
 
     return RowStats(longest=seq, eval_longest=seq, label_counts=(labels,) * rows, padded=False,
                     note=f"bench rows: every row {seq} tokens, no padding")
@@ -67,9 +67,9 @@ def full_rows(seq: int, rows: int, labels: int):
 
 def settings_for(kind: str, w: dict, r: dict, where: Path):
     """The `Settings` the bench script built for result `r` of workload `w` (None: not a lit_ft variant)."""
-    from lit_ft.generation import SamplingSpec
+    from lit_ft.online.generation import SamplingSpec
     from lit_ft.models import LoraSpec, ModelSpec
-    from lit_ft.optim import OptimSpec
+    from lit_ft.train.optim import OptimSpec
     from lit_ft.plan import Settings
 
     impl, mods = mods_of(r["variant"])
@@ -89,7 +89,7 @@ def settings_for(kind: str, w: dict, r: dict, where: Path):
             rows = w["batch"]
             return Settings("sft", base, lora, OptimSpec(lr=w["lr"]), rows, seq, precision=precision,
                             loss_chunk_size=chunk, data=full_rows(seq, rows, seq - 1), compile="compile" in mods)
-        from lit_ft.dpo import DPOSpec
+        from lit_ft.stages.dpo import DPOSpec
 
         pairs = w["pairs"]
         labels = (w["response"] if kind == "dpo" else seq - 1)
@@ -97,8 +97,8 @@ def settings_for(kind: str, w: dict, r: dict, where: Path):
         return Settings(kind, base, lora, OptimSpec(lr=w["lr"]), pairs, seq, precision=precision, dpo=dpo,
                         data=full_rows(seq, 2 * pairs, labels), compile="compile" in mods)
     # PPO / GRPO (bench_ppo.py): a new LoRA policy, the reward adapter, PPO's value adapter
-    from lit_ft.grpo_spec import GRPOSpec
-    from lit_ft.ppo_spec import PPOSpec
+    from lit_ft.stages.grpo_spec import GRPOSpec
+    from lit_ft.stages.ppo_spec import PPOSpec
 
     seq = w["prompt_len"] + w["new_tokens"]
     engine = r.get("engine") or "hf"  # w5.json's `lit` predates the decode engine: hf generate

@@ -158,9 +158,9 @@ def check_init(section: str, cls, local: dict) -> None:
 # Where each section's settings are declared: their Literal (enum-like) settings join the README table.
 SOURCES = {
     "model.base": "lit_ft.models:ModelSpec", "model.lora": "lit_ft.models:LoraSpec",
-    "model.optim": "lit_ft.optim:OptimSpec", "model.ppo": "lit_ft.ppo_spec:PPOSpec",
-    "model.sampling": "lit_ft.generation:SamplingSpec", "model (PPOModule)": "lit_ft.ppo:PPOModule",
-    "model.grpo": "lit_ft.grpo_spec:GRPOSpec", "model (GRPOModule)": "lit_ft.grpo:GRPOModule",
+    "model.optim": "lit_ft.train.optim:OptimSpec", "model.ppo": "lit_ft.stages.ppo_spec:PPOSpec",
+    "model.sampling": "lit_ft.online.generation:SamplingSpec", "model (PPOModule)": "lit_ft.stages.ppo:PPOModule",
+    "model.grpo": "lit_ft.stages.grpo_spec:GRPOSpec", "model (GRPOModule)": "lit_ft.stages.grpo:GRPOModule",
     "data (InstructionDataModule)": "lit_ft.data.modules:InstructionDataModule",
     "data (PreferenceDataModule)": "lit_ft.data.modules:PreferenceDataModule",
     "data (PromptDataModule)": "lit_ft.data.modules:PromptDataModule",

@@ -16,12 +16,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
-from lit_ft.dpo import DPOModule
+from lit_ft.stages.dpo import DPOModule
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.resume import AtomicCheckpointIO
-from lit_ft.reward import RewardModule
-from lit_ft.sft import SFTModule
+from lit_ft.train.optim import OptimSpec
+from lit_ft.train.resume import AtomicCheckpointIO
+from lit_ft.stages.reward import RewardModule
+from lit_ft.stages.sft import SFTModule
 
 # stage -> (data module, LightningModule); both take the same arguments.
 STAGES = {"sft": (InstructionDataModule, SFTModule), "reward": (PreferenceDataModule, RewardModule),

@@ -17,21 +17,21 @@ import pytest
 
 from lit_ft.data import InstructionDataModule, PreferenceDataModule, PromptDataModule
 from lit_ft.errors import ConfigError, DataError
-from lit_ft.generation import SamplingSpec
+from lit_ft.online.generation import SamplingSpec
 from lit_ft.models import LoraSpec, ModelSpec, build_model, load_base, load_tokenizer
-from lit_ft.optim import OptimSpec
-from lit_ft.ppo_spec import PPOSpec
-from lit_ft.reward import RewardModule
-from lit_ft.sft import SFTModule
+from lit_ft.train.optim import OptimSpec
+from lit_ft.stages.ppo_spec import PPOSpec
+from lit_ft.stages.reward import RewardModule
+from lit_ft.stages.sft import SFTModule
 from tests.test_bad_inputs import BAD
 
 ROOT = Path(__file__).resolve().parents[1]
 F = "x.jsonl"  # DataModules read nothing at construction
-REWARD = "lit_ft.tasks.correctness_reward"
+REWARD = "lit_ft.data.tasks.correctness_reward"
 
 
 def _ppo(**kw):
-    from lit_ft.ppo import PPOModule
+    from lit_ft.stages.ppo import PPOModule
 
     return PPOModule(reward_fn=REWARD, **kw)
 
@@ -135,7 +135,7 @@ def test_readme_table_is_the_code_table():
     assert settings_table() in readme, "README's settings table is stale: python -m lit_ft.validation"
 
 
-# -- class 2: LoRA targets (resolved against the loaded model's layers, lit_ft.families) --------------------------
+# -- class 2: LoRA targets (resolved against the loaded model's layers, lit_ft.models.families) --------------------------
 
 TARGETS = [["q_proj", "v_prj"], ["nothing_here"], ["lm_head_typo"]]
 
@@ -264,7 +264,7 @@ def test_bitsandbytes_optimizer_named_by_setting_when_missing(monkeypatch):
 
     import torch
 
-    from lit_ft.optim import make_optimizer
+    from lit_ft.train.optim import make_optimizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an environment without it gives
     params = [("w", torch.nn.Parameter(torch.zeros(2, 2)))]
@@ -284,7 +284,7 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("args,line", CLI_CASES, ids=["setting", "data-setting", "data-row"])
 def test_train_py_prints_one_line(args, line, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from lit_ft.cli import main
+    from lit_ft.cli.app import main
 
     monkeypatch.chdir(ROOT)
     argv = ["fit", "--config", "configs/sft.yaml", "--model.init_args.base.name_or_path", tiny_model_dir,

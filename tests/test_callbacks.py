@@ -8,7 +8,8 @@ import pytest
 
 
 def test_offline_by_default_and_tables_reach_the_run(tmp_path, monkeypatch):
-    from lit_ft.callbacks import WandbLogger, log_table
+    from lit_ft.callbacks import WandbLogger
+    from lit_ft.train.metrics import log_table
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a stored key
@@ -27,7 +28,7 @@ def test_offline_by_default_and_tables_reach_the_run(tmp_path, monkeypatch):
 
 
 def test_credentials_switch_the_logger_online(tmp_path, monkeypatch):
-    from lit_ft import callbacks
+    from lit_ft.callbacks import logging as callbacks
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # WANDB_MODE, when set, decides (test_wandb_mode_is_obeyed)
@@ -39,10 +40,10 @@ def test_credentials_switch_the_logger_online(tmp_path, monkeypatch):
 
 
 def test_resolve_callable_names_bad_paths():
-    from lit_ft.callbacks import resolve_callable
-    from lit_ft.tasks import correctness_reward
+    from lit_ft.online.scoring import resolve_callable
+    from lit_ft.data.tasks import correctness_reward
 
-    assert resolve_callable("lit_ft.tasks.correctness_reward") is correctness_reward
+    assert resolve_callable("lit_ft.data.tasks.correctness_reward") is correctness_reward
     with pytest.raises(ValueError, match="not a dotted path"):
         resolve_callable("correctness_reward")
 
@@ -91,7 +92,7 @@ def test_generation_runs_in_the_trainers_precision_context():
     import lightning as L
     import torch
 
-    from lit_ft.strategies import for_generation
+    from lit_ft.train.strategies import for_generation
 
     for precision, expected in (("bf16-mixed", True), ("32-true", False)):
         trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)

@@ -20,17 +20,17 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_ft import integrity, runs
+from lit_ft.train import integrity, runs
 from lit_ft.callbacks import ExportAdapter
 from lit_ft.data.modules import InstructionDataModule
 from lit_ft.errors import ConfigError
-from lit_ft.export import adapter_from_checkpoint
-from lit_ft.guards import NonFiniteError
+from lit_ft.cli.export import adapter_from_checkpoint
+from lit_ft.train.guards import NonFiniteError
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.resume import AtomicCheckpointIO
-from lit_ft.rl import masked_mean, masked_var, masked_whiten
-from lit_ft.sft import SFTModule
+from lit_ft.train.optim import OptimSpec
+from lit_ft.train.resume import AtomicCheckpointIO
+from lit_ft.losses import masked_mean, masked_var, masked_whiten
+from lit_ft.stages.sft import SFTModule
 from tests.conftest import make_tiny_llama
 
 REPO = Path(__file__).parent.parent
@@ -118,7 +118,7 @@ def test_export_works_on_the_checkpoint_the_cli_writes(tiny_model_dir, data_file
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert "_class_path" in state["hyper_parameters"]  # what LightningCLI stores, and export used to choke on
-    export = _run(["-m", "lit_ft.export", "adapter", "--ckpt", str(ckpt), "--out", str(tmp_path / "x")], cwd=tmp_path)
+    export = _run(["-m", "lit_ft.cli.export", "adapter", "--ckpt", str(ckpt), "--out", str(tmp_path / "x")], cwd=tmp_path)
     assert export.returncode == 0, export.stderr[-3000:]
     mine, fit_export = load_peft_weights(str(tmp_path / "x")), load_peft_weights(str(tmp_path / "run" / "adapter"))
     assert mine.keys() == fit_export.keys() and mine
@@ -426,7 +426,7 @@ def test_base_fingerprint_ignores_who_wrote_the_config_but_not_what_it_says(tmp_
     does not."""
     import json
 
-    from lit_ft.integrity import weights_fingerprint
+    from lit_ft.models.identity import weights_fingerprint
 
     def write(folder, config, blob):
         folder.mkdir()
@@ -449,7 +449,8 @@ def test_an_adapter_with_the_digest_of_before_the_config_change_still_matches_it
     config's digest: the same weights still match it; other weights do not."""
     import json
 
-    from lit_ft.integrity import _fingerprint, check_adapter_base, identity_diff, weights_fingerprint
+    from lit_ft.models.adapters import check_adapter_base
+    from lit_ft.models.identity import _fingerprint, identity_diff, weights_fingerprint
 
     base = tmp_path / "base"
     base.mkdir()

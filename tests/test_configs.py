@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_ft.cli import LitFTCLI
+from lit_ft.cli.app import LitFTCLI
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 STAGES = [c for c in CONFIGS if "/strategies/" not in c]
@@ -56,8 +56,8 @@ def test_strategy_config_composes_with_a_stage(config, tmp_path):
     import lightning as L
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
-    from lit_ft.resume import AtomicCheckpointIO
-    from lit_ft.strategies import wrap_decoder_layers
+    from lit_ft.train.resume import AtomicCheckpointIO
+    from lit_ft.train.strategies import wrap_decoder_layers
 
     if "deepspeed" in config and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
@@ -85,7 +85,7 @@ def test_strategy_config_composes_with_a_stage(config, tmp_path):
 def test_fsdp_policy_wraps_decoder_layers(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lit_ft.strategies import wrap_decoder_layers
+    from lit_ft.train.strategies import wrap_decoder_layers
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     wrapped = [type(m).__name__ for m in model.modules() if wrap_decoder_layers(m, recurse=False, nonwrapped_numel=0)]

@@ -142,7 +142,7 @@ def test_the_val_file_reads_its_own_split_of_a_saved_dataset(tmp_path, tiny_mode
 def _length_loader(row_lengths, **kw):
     import datasets
 
-    from lit_ft.resume import ResumableDataLoader
+    from lit_ft.train.resume import ResumableDataLoader
 
     ds = datasets.Dataset.from_dict({"idx": list(range(len(row_lengths))),
                                      "input_ids": [[1] * n for n in row_lengths]})

@@ -113,7 +113,7 @@ def test_ppo_under_ddp_keeps_the_ranks_in_step(tiny_model_dir, tmp_path):
 def _average_on_rank(rank: int, world: int, port: int, contributed: list[bool], out: str):
     import types
 
-    from lit_ft.strategies import average_gradients
+    from lit_ft.train.strategies import average_gradients
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_ft.demo import binomial_se, main, parse
+from lit_ft.cli.demo import binomial_se, main, parse
 from lit_ft.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

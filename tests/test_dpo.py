@@ -17,15 +17,15 @@ import lightning as L
 import pytest
 import torch
 
-from lit_ft import integrity
+from lit_ft.train import integrity
 from lit_ft.data.collate import PackedPreferenceCollator, PreferenceCollator
 from lit_ft.data.modules import PreferenceDataModule
 from lit_ft.data.records import load_records
-from lit_ft.dpo import DPOModule, DPOSpec
-from lit_ft.dpo_ref import sequence_logps
+from lit_ft.stages.dpo import DPOModule, DPOSpec
+from lit_ft.stages.dpo_ref import sequence_logps
 from lit_ft.errors import ConfigError, DataError
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
+from lit_ft.train.optim import OptimSpec
 from tests.test_resume import LORA, OPTIM, PAIRS, Recorder, Runs, Stage, _final, _loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,8 +243,8 @@ def dpo_runs(tiny_model_dir, tmp_path_factory) -> Runs:
 
 @pytest.mark.parametrize("kill", sorted(DPO_STAGE.kills))
 def test_killed_run_resumes_exactly_without_recomputing_the_reference(kill, dpo_runs, tmp_path):
-    from lit_ft.dpo import REF_KEY
-    from lit_ft.dpo_ref import dataset_digest
+    from lit_ft.stages.dpo import REF_KEY
+    from lit_ft.stages.dpo_ref import dataset_digest
 
     kill_after = DPO_STAGE.kills[kill]
     values, weights = dpo_runs.uninterrupted
@@ -264,7 +264,7 @@ def test_killed_run_resumes_exactly_without_recomputing_the_reference(kill, dpo_
 
 
 def test_a_table_for_other_data_is_recomputed(dpo_runs, tmp_path):
-    from lit_ft.dpo import REF_KEY
+    from lit_ft.stages.dpo import REF_KEY
 
     values, _ = dpo_runs.uninterrupted
     ckpt_dir, _ = dpo_runs.killed(DPO_STAGE.kills["mid_epoch"])
@@ -279,12 +279,12 @@ def test_a_table_for_other_data_is_recomputed(dpo_runs, tmp_path):
 
 
 def test_export_is_a_plain_peft_adapter_and_merges(tmp_path, tiny_model_dir):
-    """The exported policy loads with PeftModel.from_pretrained and merges (lit_ft.export merge) into a plain model
+    """The exported policy loads with PeftModel.from_pretrained and merges (lit_ft.cli.export merge) into a plain model
     whose log-probs are the trained policy's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lit_ft.export import merge
+    from lit_ft.cli.export import merge
 
     dm = _datamodule(tmp_path, tiny_model_dir)
     module = _module(tiny_model_dir, _sft_adapter(tiny_model_dir, tmp_path / "sft"))
@@ -321,7 +321,7 @@ def test_validation_logs_trl_metrics_and_subsets(tmp_path, tiny_model_dir):
 
 
 def test_reward_model_refuses_packed_batches(tmp_path, tiny_model_dir):
-    from lit_ft.reward import RewardModule
+    from lit_ft.stages.reward import RewardModule
 
     dm = _datamodule(tmp_path, tiny_model_dir, packing=True)
     module = RewardModule(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4))

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_ft.cli import main
-from lit_ft.export import _parser
+from lit_ft.cli.app import main
+from lit_ft.cli.export import _parser
 
 
 @pytest.fixture
 def adapter(tiny_model_dir, tmp_path):
     from lit_ft.models import LoraSpec, ModelSpec, load_tokenizer
-    from lit_ft.sft import SFTModule
+    from lit_ft.stages.sft import SFTModule
 
     torch.manual_seed(0)
     module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0))

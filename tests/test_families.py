@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 
-from lit_ft import families, roles, scoring
+from lit_ft.models import adapters, families
+
+from lit_ft.online import roles, scoring
 from lit_ft.errors import ConfigError
 from lit_ft.models import LoraSpec, ModelSpec, build_model, check_lora, eval_mode
 from tests.conftest import make_tokenizer
@@ -55,8 +57,8 @@ def _own_logits(model, batch):
 def test_family_sft_logprobs_merge(family, family_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lit_ft import export
-    from lit_ft.sft import SFTModule
+    from lit_ft.cli import export
+    from lit_ft.stages.sft import SFTModule
 
     d = family_dirs(family)
     module = SFTModule(base=ModelSpec(name_or_path=d, dtype="float32"), lora=LoraSpec(r=4, alpha=8))
@@ -108,7 +110,7 @@ def test_family_sft_logprobs_merge(family, family_dirs, tmp_path):
 
 @pytest.mark.parametrize("family", PRESENT)
 def test_family_nf4_layers_quantized(family, family_dirs):
-    from lit_ft.sft import SFTModule
+    from lit_ft.stages.sft import SFTModule
 
     spec = ModelSpec(name_or_path=family_dirs(family), dtype="float32", quantization="nf4", compute_dtype="float32")
     module = SFTModule(base=spec, lora=LoraSpec(r=4, alpha=8))
@@ -133,7 +135,7 @@ def test_family_nf4_layers_quantized(family, family_dirs):
 
 @pytest.mark.parametrize("family", PRESENT)
 def test_family_reward_head(family, family_dirs, tmp_path):
-    from lit_ft.reward import RewardModule
+    from lit_ft.stages.reward import RewardModule
 
     d = family_dirs(family)
     module = RewardModule(base=ModelSpec(name_or_path=d, dtype="float32"), lora=LoraSpec(r=4, alpha=8),
@@ -160,7 +162,7 @@ def test_family_reward_head(family, family_dirs, tmp_path):
     torch.testing.assert_close(scorer.score_ids(batch["input_ids"], batch["attention_mask"]), rewards,
                                rtol=1e-4, atol=1e-4)
     # PPO reads the same export onto the causal LM: the reward adapter + head on its trunk give the same rewards.
-    export = roles.read_reward_export(out)
+    export = adapters.read_reward_export(out)
     model, trainable = roles.build_roles(ModelSpec(name_or_path=d, dtype="float32"), LoraSpec(r=4), None, export,
                                          "adapter")
     head = roles.linear_head(export.head_weight.shape[1], export.head_weight, export.head_bias, trainable=False)
@@ -223,9 +225,9 @@ def test_attention_auto_and_refused_kernel(family_dirs):
 def test_reward_merge_of_a_family_without_sequence_classifier(family_dirs, tmp_path):
     """Granite has no *ForSequenceClassification: its merged reward model keeps lit_ft's score head, and loading
     the merged directory as a scorer reads that head back (same rewards as the adapter)."""
-    from lit_ft import export
+    from lit_ft.cli import export
     from lit_ft.models import load_base
-    from lit_ft.reward import RewardModule
+    from lit_ft.stages.reward import RewardModule
 
     d = family_dirs("granite")
     module = RewardModule(base=ModelSpec(name_or_path=d, dtype="float32"), lora=LoraSpec(r=4, alpha=8),
@@ -260,8 +262,8 @@ def test_family_shared_prefix_generation(family, family_dirs, monkeypatch):
     padding included."""
     from transformers import AutoModelForCausalLM
 
-    from lit_ft import generation
-    from lit_ft.generation import SamplingSpec, generate
+    from lit_ft.online import generation
+    from lit_ft.online.generation import SamplingSpec, generate
 
     moe = family in ("granitemoe", "mixtral", "qwen2_moe", "qwen3_moe")  # grouped expert matmuls: no fp64 kernel
     model = AutoModelForCausalLM.from_pretrained(family_dirs(family), dtype=torch.float32 if moe else torch.float64)
@@ -289,9 +291,9 @@ def test_family_merged_decode(family, family_dirs):
     """`sampling.merged` with transformers' `generate` on every family (its LoRA targets as lit_ft picks them, GPT-2's
     Conv1D layers included): the greedy tokens of the adapted model, and afterwards the same base tensors unchanged
     and the adapters on (the next forward gives the adapted logits)."""
-    from lit_ft.generation import SamplingSpec
-    from lit_ft.rollout import Sampler
-    from lit_ft.rollout_ops import lora_layers
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.online.engine import Sampler
+    from lit_ft.online.engine_ops import lora_layers
 
     moe = family in ("granitemoe", "mixtral", "qwen2_moe", "qwen3_moe")  # grouped expert matmuls: no fp64 kernel
     torch.manual_seed(0)

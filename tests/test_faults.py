@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_ft.data.modules import InstructionDataModule
 from lit_ft.errors import ConfigError, LitFTError
-from lit_ft.guards import NonFiniteError, OOMAdvice, is_oom
+from lit_ft.train.guards import NonFiniteError, OOMAdvice, is_oom
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.sft import SFTModule
+from lit_ft.train.optim import OptimSpec
+from lit_ft.stages.sft import SFTModule
 
 ROWS = [{"prompt": f"What is {a} plus {b}?", "completion": f"The answer is {a + b}."}
         for a in range(4) for b in range(2)]
@@ -192,19 +192,19 @@ def test_configs_install_the_oom_callback():
 
     for name in ("sft.yaml", "sft_qlora.yaml"):
         cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
-        assert "lit_ft.guards.OOMAdvice" in [c["class_path"] for c in cfg["trainer"]["callbacks"]], name
+        assert "lit_ft.OOMAdvice" in [c["class_path"] for c in cfg["trainer"]["callbacks"]], name
 
 
 # ---------------------------------------------------------------------------------------------- secrets
 
 
 def test_secrets_stay_out_of_config_checkpoint_and_output(tiny_model_dir, data_file, tmp_path, monkeypatch, capfd):
-    from lit_ft.cli import main
+    from lit_ft.cli.app import main
 
     monkeypatch.setenv("WANDB_API_KEY", "secret-xyz")
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     main([
-        "fit", "--model", "lit_ft.sft.SFTModule", "--model.base.name_or_path", tiny_model_dir,
+        "fit", "--model", "lit_ft.stages.sft.SFTModule", "--model.base.name_or_path", tiny_model_dir,
         "--model.lora.r", "4", "--data", "lit_ft.data.modules.InstructionDataModule",
         "--data.train_file", data_file, "--data.val_split", "0", "--data.max_length", "48", "--data.batch_size", "4",
         "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.logger", "false",
@@ -232,10 +232,10 @@ class Payload:
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    from lit_ft.export import adapter_from_checkpoint
+    from lit_ft.cli.export import adapter_from_checkpoint
 
     ckpt = tmp_path / "evil.ckpt"
-    torch.save({"lit_ft_module": "lit_ft.sft.SFTModule", "hyper_parameters": {"x": Payload()}}, ckpt)
+    torch.save({"lit_ft_module": "lit_ft.stages.sft.SFTModule", "hyper_parameters": {"x": Payload()}}, ckpt)
     with pytest.raises(ConfigError, match=r"evil.ckpt: refused: the checkpoint holds pickled Python objects"):
         adapter_from_checkpoint(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -254,7 +254,7 @@ def test_with_a_grad_scaler_only_the_loss_is_checked():
     """fp16 AMP (CUDA): inf gradients are the GradScaler's to skip; the guard must not take that step from it."""
     from types import SimpleNamespace
 
-    from lit_ft.guards import NonFiniteGuard
+    from lit_ft.train.guards import NonFiniteGuard
 
     param = torch.nn.Parameter(torch.zeros(2))
     param.grad = torch.tensor([float("inf"), 0.0])
@@ -275,7 +275,7 @@ def test_with_a_grad_scaler_only_the_loss_is_checked():
 def test_reward_module_skips_a_nan_step(tiny_model_dir, tmp_path):
     """The reward stage uses the same guard: a NaN loss leaves the adapter, head and optimizer untouched."""
     from lit_ft.data.modules import PreferenceDataModule
-    from lit_ft.reward import RewardModule
+    from lit_ft.stages.reward import RewardModule
 
     class FaultyRM(RewardModule):
         def training_step(self, batch, batch_idx):

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lit_ft.errors import ConfigError
-from lit_ft.generation import SamplingSpec
-from lit_ft.grpo import GRPOModule
-from lit_ft.grpo_spec import GRPOSpec
+from lit_ft.online.generation import SamplingSpec
+from lit_ft.stages.grpo import GRPOModule
+from lit_ft.stages.grpo_spec import GRPOSpec
 from lit_ft.models import ALL_PROJECTIONS, LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.plots import MetricsPlot
+from lit_ft.train.optim import OptimSpec
+from lit_ft.callbacks.plots import MetricsPlot
 from tests.test_ppo import MAX_NEW, adapters, one_thread, params, prompt_loader, tokenizer, trainer  # noqa: F401
 
 TRL_NAMES = ("train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/kl", "train/clip_ratio/low_mean",
@@ -59,7 +59,7 @@ def test_only_the_policy_trains_and_metrics_have_trl_names(tiny_model_dir, token
     module.configure_model()
     assert not module.roles.has_value_adapter and sorted(module.model.peft_config) == ["policy", "ref"]
     ro = module.rollout(next(iter(prompt_loader(tokenizer))), module.sampling)
-    from lit_ft import online
+    from lit_ft.online import shared as online
 
     online.old_and_ref_logprobs(module, ro, 8)
     assert torch.equal(ro.old_logprobs, ro.ref_logprobs)  # the policy starts as the reference
@@ -83,7 +83,7 @@ def test_only_the_policy_trains_and_metrics_have_trl_names(tiny_model_dir, token
 ])
 def test_no_grad_passes_run_only_where_needed(tiny_model_dir, tokenizer, adapters, monkeypatch, mbs, ga, log_kl,
                                               policy_pass, kl):
-    from lit_ft import online
+    from lit_ft.online import shared as online
 
     calls, real = [], online.old_and_ref_logprobs
     monkeypatch.setattr(online, "old_and_ref_logprobs", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
@@ -100,7 +100,7 @@ def test_no_grad_passes_run_only_where_needed(tiny_model_dir, tokenizer, adapter
 def test_detached_old_logprobs_give_the_separate_pass_gradient(tiny_model_dir, tokenizer, adapters):
     """The on-policy shortcut (old log-probs = the update's own, detached) against a separate no-grad pass of the
     same policy: the same loss value (ratio 1) and the same gradient of every policy weight."""
-    from lit_ft import online
+    from lit_ft.online import shared as online
 
     module = make_module(tiny_model_dir, sft_adapter=adapters[0], grpo=GRPOSpec(samples_per_prompt=4,
                          mini_batch_size=32, log_kl=False))
@@ -209,7 +209,7 @@ def test_validation_and_export(tiny_model_dir, tokenizer, adapters, tmp_path):
 
 
 def test_gsm8k_reward_reads_the_number_after_the_marks():
-    from lit_ft.tasks import gsm8k_number, gsm8k_reward
+    from lit_ft.data.tasks import gsm8k_number, gsm8k_reward
 
     reference = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
     assert gsm8k_number(reference) == "72" and gsm8k_number("#### 1,200.00") == "1200"
@@ -247,7 +247,7 @@ def test_count_scales_make_each_step_a_token_mean_over_minibatches_and_ranks():
     the step on every rank, with ragged token counts (early EOS) in each minibatch."""
     from types import SimpleNamespace
 
-    from lit_ft.online import count_scales
+    from lit_ft.online.shared import count_scales
 
     tokens = {0: torch.tensor([8, 1, 5, 2, 7, 3]), 1: torch.tensor([2, 2, 8, 6, 1, 4])}  # rows' tokens, per rank
     sums = {0: torch.tensor([4.0, -1.0, 2.5, 0.5, 3.0, 1.0]), 1: torch.tensor([1.0, 0.0, -2.0, 3.0, 0.5, 2.0])}

@@ -201,7 +201,7 @@ def test_adapter_from_a_gathered_state_matches_peft_save_pretrained(tiny_model_d
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from lit_ft.checkpointing import save_adapter
+    from lit_ft.train.checkpointing import save_adapter
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1),

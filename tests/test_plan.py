@@ -12,11 +12,13 @@ import json
 import pytest
 import torch
 
-from lit_ft import plan
-from lit_ft import plan_activations as act
+from lit_ft.cli import plan as plan_cli
+from lit_ft.models import adapters
+from lit_ft.plan import memory as plan
+from lit_ft.plan import activations as act
 from lit_ft.errors import ConfigError
 from lit_ft.models import LoraSpec, ModelSpec, build_model
-from lit_ft.optim import OptimSpec, make_optimizer
+from lit_ft.train.optim import OptimSpec, make_optimizer
 from lit_ft.plan import Settings, estimate_settings
 
 QUANT = ["none", "nf4", "int8"]
@@ -165,13 +167,13 @@ def role_adapters(tiny_model_dir, tmp_path_factory):
 
 def check_ppo_roles(model_dir, quantization, sft=None, reward=None, value_model="adapter", stage="ppo"):
     """The roles as the online stage builds them (`online.build_roles`: PPO's value model, or GRPO's "none")."""
-    from lit_ft import roles
-    from lit_ft.generation import SamplingSpec
-    from lit_ft.grpo_spec import GRPOSpec
-    from lit_ft.ppo_spec import PPOSpec
+    from lit_ft.online import roles
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo_spec import GRPOSpec
+    from lit_ft.stages.ppo_spec import PPOSpec
 
     base, lora = ModelSpec(name_or_path=model_dir, quantization=quantization), LoraSpec(r=6)
-    export = roles.read_reward_export(reward) if reward else None
+    export = adapters.read_reward_export(reward) if reward else None
     model, trainable = roles.build_roles(base, lora, sft, export, value_model)
     roles.AdapterRoles(model, trainable)  # the requires_grad flags the fit uses
     hidden = model.get_base_model().config.hidden_size
@@ -216,7 +218,7 @@ def test_grpo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantiza
 def test_dpo_roles_equal_the_real_module(tiny_model_dir, role_adapters, quantization, with_sft):
     """DPO as `DPOModule.configure_model` builds it: the trainable policy (a copy of the SFT adapter, or a new
     LoRA) and the frozen reference copy on one base."""
-    from lit_ft.dpo import DPOModule
+    from lit_ft.stages.dpo import DPOModule
 
     sft, lora = (role_adapters[0] if with_sft else None), LoraSpec(r=6)
     base = ModelSpec(name_or_path=tiny_model_dir, quantization=quantization)
@@ -275,7 +277,7 @@ def adapted(model) -> frozenset:
 
 def planner_shape(s: Settings) -> act.LoraShape:
     """The LoRA shape the planner reads off its meta-device model for settings `s`."""
-    from lit_ft import plan_stages
+    from lit_ft.plan import stages as plan_stages
 
     return plan_stages.counted_model(s)[3]
 
@@ -341,7 +343,7 @@ def test_fused_projections_phi3(tiny_phi3_dir, dtype, dropout):
     """Phi-3's fused projections through the planner's own dims and LoRA shape (read off its meta model): `all`
     adapts qkv_proj, o_proj, gate_up_proj and down_proj, sdpa keeps the fused qkv output behind v, and o_proj reads
     a copy of the attention output."""
-    from lit_ft import plan_stages
+    from lit_ft.plan import stages as plan_stages
 
     rows, seq, lora = 3, 20, LoraSpec(dropout=dropout)
     measured, n_loss, _, targets = sft_forward_saved(tiny_phi3_dir, dtype, lora, rows=rows, seq=seq)
@@ -368,12 +370,13 @@ def test_padded_rows_repeat_kv_heads_and_keep_a_mask_per_layer(tiny_model_dir):
 def online_update_saved(model_dir, stage, dtype, temperature=1.0, value_model="adapter"):
     """(bytes autograd saves in the update forward of one minibatch of left-padded prompts + responses, the module,
     its settings): PPO's `policy_forward`, GRPO's `minibatch_step` forward (`online.logprobs` under the policy)."""
-    from lit_ft import online, roles
-    from lit_ft.generation import SamplingSpec
-    from lit_ft.grpo import GRPOModule
-    from lit_ft.grpo_spec import GRPOSpec
-    from lit_ft.ppo import PPOModule
-    from lit_ft.ppo_spec import PPOSpec, Rollout
+    from lit_ft.online import shared as online, roles
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo import GRPOModule
+    from lit_ft.stages.grpo_spec import GRPOSpec
+    from lit_ft.stages.ppo import PPOModule
+    from lit_ft.online.batch import Rollout
+    from lit_ft.stages.ppo_spec import PPOSpec
 
     mbs, P, R = 4, 12, 6
     base, lora = ModelSpec(name_or_path=model_dir, dtype=dtype), LoraSpec(r=6)
@@ -381,10 +384,10 @@ def online_update_saved(model_dir, stage, dtype, temperature=1.0, value_model="a
     if stage == "ppo":
         spec = {"ppo": PPOSpec(mini_batch_size=mbs)}
         module = PPOModule(base=base, lora=lora, sampling=sampling, value_model=value_model,
-                           reward_fn="lit_ft.tasks.correctness_reward", **spec)
+                           reward_fn="lit_ft.data.tasks.correctness_reward", **spec)
     else:
         spec = {"grpo": GRPOSpec(mini_batch_size=mbs, samples_per_prompt=2)}
-        module = GRPOModule(base=base, lora=lora, sampling=sampling, reward_fn="lit_ft.tasks.correctness_reward",
+        module = GRPOModule(base=base, lora=lora, sampling=sampling, reward_fn="lit_ft.data.tasks.correctness_reward",
                             **spec)
     module.configure_model()
     module.model.train()
@@ -420,7 +423,7 @@ def test_online_update_forward_terms_equal_what_autograd_saves(tiny_model_dir, s
     """The update forward of PPO and GRPO (the policy over a minibatch of prompts + responses, with position ids,
     dropout off; the logits cast to fp32 whatever the base dtype; PPO's shared-trunk value head on the same hidden
     states) saves what `plan_online.policy_saved` says."""
-    from lit_ft import plan_online, plan_stages
+    from lit_ft.plan import online as plan_online, stages as plan_stages
 
     measured, module, s = online_update_saved(tiny_model_dir, stage, dtype, temperature, value_model or "adapter")
     d = act.Dims.from_config(module.model.get_base_model().config)
@@ -440,7 +443,8 @@ def _policy_targets(model) -> frozenset:
 def test_reward_forward_terms_equal_what_autograd_saves(tiny_model_dir, dtype):
     """The reward forward over 2B padded rows with position ids (`scoring.sequence_scores`) saves what
     `plan_stages.reward_saved` says."""
-    from lit_ft import plan_stages, scoring
+    from lit_ft.plan import stages as plan_stages
+    from lit_ft.online import scoring
 
     pairs, seq, lora = 2, 14, LoraSpec(r=4)
     model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype=dtype), lora, "score")
@@ -494,10 +498,10 @@ def test_rollout_engine_row_equals_the_decode_engine(tiny_model_dir):
     batch_size x samples_per_prompt rows (the engine keeps the larger of the two); hf generate keeps none."""
     import dataclasses
 
-    from lit_ft import roles
-    from lit_ft.generation import SamplingSpec
-    from lit_ft.grpo_spec import GRPOSpec
-    from lit_ft.rollout import Sampler
+    from lit_ft.online import roles
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo_spec import GRPOSpec
+    from lit_ft.online.engine import Sampler
 
     B, k, P, R, eval_rows = 3, 2, 9, 5, 8
     model, _ = roles.build_roles(ModelSpec(name_or_path=tiny_model_dir, dtype="bfloat16"), LoraSpec(r=4), None, None,
@@ -526,7 +530,7 @@ def test_estimate_reads_the_objects_of_a_fit(tiny_model_dir):
     import lightning as L
 
     from lit_ft.data.modules import InstructionDataModule
-    from lit_ft.sft import SFTModule
+    from lit_ft.stages.sft import SFTModule
 
     module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir, gradient_checkpointing=True),
                        lora=LoraSpec(r=8), loss_chunk_size=512)
@@ -542,9 +546,9 @@ def test_estimate_reads_the_objects_of_a_fit(tiny_model_dir):
 
 
 def test_cli_reads_the_config_as_fit_and_advises(smollm2_dir, capsys):
-    """`python -m lit_ft.plan --config configs/sft.yaml --budget 1GiB`: the shipped config (the bundled
+    """`lit-ft plan --config configs/sft.yaml --budget 1GiB`: the shipped config (the bundled
     SmolLM2, from its cached directory) does not fit in 1 GiB, and the advice lists the overrides to use."""
-    assert plan.main(["--config", "configs/sft.yaml", "--budget", "1GiB"]) == 0
+    assert plan_cli.main(["--config", "configs/sft.yaml", "--budget", "1GiB"]) == 0
     out = capsys.readouterr().out
     assert "budget 1.00 GiB: DOES NOT FIT" in out and "cheapest changes" in out
     assert "--data.batch_size" in out and "--model.base.gradient_checkpointing true" in out
@@ -556,18 +560,18 @@ def test_advice_totals_are_the_plans_of_the_changed_configs(tiny_model_dir, conf
     args = ["--config", config, "--model.base.name_or_path", tiny_model_dir, "--data.max_length", "256",
             "--data.batch_size", "16"]
     target = "cuda" if "grpo" in config else "cpu"  # on CUDA the rollout engine is planned, and hf advised
-    first = plan.plan_from_cli(args, budget="1MiB", target=target)
+    first = plan_cli.plan_from_cli(args, budget="1MiB", target=target)
     assert first.fits is False and first.advice
     for what, overrides, total, fits in first.advice:
-        again = plan.plan_from_cli(args + overrides, budget="1MiB", target=target)
+        again = plan_cli.plan_from_cli(args + overrides, budget="1MiB", target=target)
         assert again.total == total, what
     assert first.advice[0][2] < first.total  # the micro-batch change lowers the peak
 
 
 def test_cli_plans_grpo(tiny_model_dir, capsys):
-    """`python -m lit_ft.plan --config configs/grpo.yaml`: the GRPO stage, its rollout engine and minibatch advice
+    """`lit-ft plan --config configs/grpo.yaml`: the GRPO stage, its rollout engine and minibatch advice
     in the spec's own keys (manual optimization: no Trainer accumulation)."""
-    assert plan.main(["--config", "configs/grpo.yaml", "--model.base.name_or_path", tiny_model_dir, "--device", "cuda",
+    assert plan_cli.main(["--config", "configs/grpo.yaml", "--model.base.name_or_path", tiny_model_dir, "--device", "cuda",
                       "--budget", "1MiB"]) == 0
     out = capsys.readouterr().out
     assert "memory plan: grpo on cuda" in out and "KV cache (rollout)" in out and "DOES NOT FIT" in out
@@ -594,7 +598,7 @@ def test_bad_budget_and_missing_model_are_config_errors(tiny_model_dir, tmp_path
         estimate_settings(settings("sft", "nobody/no-such-model-here"), budget=None)
     with pytest.raises(ConfigError, match="local path /no/such/dir does not exist"):
         estimate_settings(settings("sft", "/no/such/dir"), budget=None)
-    assert plan.main(["--config", "configs/sft.yaml", "--budget", "lots"]) == 2
+    assert plan_cli.main(["--config", "configs/sft.yaml", "--budget", "lots"]) == 2
 
 
 def test_config_json_alone_is_enough(tiny_model_dir, tmp_path):
@@ -606,7 +610,7 @@ def test_config_json_alone_is_enough(tiny_model_dir, tmp_path):
 
 
 def test_json_output(tiny_model_dir, capsys):
-    assert plan.main(["--config", "configs/reward.yaml", "--model.base.name_or_path", tiny_model_dir,
+    assert plan_cli.main(["--config", "configs/reward.yaml", "--model.base.name_or_path", tiny_model_dir,
                       "--budget", "80GiB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["stage"] == "reward" and out["total"] <= out["budget"] and out["advice"] == []
@@ -624,7 +628,7 @@ def test_memory_plan_log_at_the_start_of_a_fit(tiny_model_dir, tmp_path, caplog)
 
     from lit_ft.data.modules import InstructionDataModule
     from lit_ft.plan import MemoryPlanLog
-    from lit_ft.sft import SFTModule
+    from lit_ft.stages.sft import SFTModule
 
     module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4))
     dm = InstructionDataModule(train_file="data/demo/sft_train.jsonl", tokenizer=tiny_model_dir, batch_size=2,
@@ -688,7 +692,7 @@ def test_hub_id_from_the_local_cache_only(tiny_model_dir, tmp_path):
     (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
     code = ("import sys\nfrom lit_ft.plan import Settings, estimate_settings\nfrom lit_ft.models import ModelSpec, LoraSpec\n"
-            "from lit_ft.optim import OptimSpec\nfrom lit_ft.errors import ConfigError\n"
+            "from lit_ft.train.optim import OptimSpec\nfrom lit_ft.errors import ConfigError\n"
             "for name in sys.argv[1:]:\n"
             "    try:\n"
             "        print(estimate_settings(Settings('sft', ModelSpec(name_or_path=name), LoraSpec(), OptimSpec(), 2, 16,"

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_ft import plan_activations as act
-from lit_ft import plan_stages
+from lit_ft.plan import activations as act
+from lit_ft.plan import stages as plan_stages
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers
 from lit_ft.plan import Settings
-from lit_ft.optim import OptimSpec
+from lit_ft.train.optim import OptimSpec
 from tests.test_plan import saved_bytes
 
 

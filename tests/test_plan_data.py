@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from lit_ft import plan, plan_data
+from lit_ft.cli import plan as plan_cli
+from lit_ft.plan import memory as plan, rows as plan_data
 from lit_ft.models import LoraSpec, ModelSpec
 
 SFT_ROWS = [(3, 2), (10, 5), (4, 20), (1, 1)]  # (prompt words, completion words): 1 token a word, + EOS
@@ -53,7 +54,7 @@ def sft_dm(path, tok, **kw):
 
 
 def sft_module(model_dir):
-    from lit_ft.sft import SFTModule
+    from lit_ft.stages.sft import SFTModule
 
     return SFTModule(base=ModelSpec(name_or_path=model_dir), lora=LoraSpec(r=4))
 
@@ -104,7 +105,7 @@ def test_packed_shape_is_the_collators(tmp_path, word_tokenizer, tiny_model_dir,
 def test_pairs_plan_their_longest_side(tmp_path, word_tokenizer, tiny_model_dir):
     """Sides of 2+3+1, 2+7+1, 5+1+1 (twice) and 1+9+1, 1+2+1 tokens: 11 is the width of the widest real batch."""
     from lit_ft.data.modules import PreferenceDataModule
-    from lit_ft.dpo import DPOModule
+    from lit_ft.stages.dpo import DPOModule
 
     path = write(tmp_path / "pairs.jsonl", [{"prompt": words(p), "chosen": words(c, "w6", " "),
                                              "rejected": words(r, "w7", " ")} for p, c, r in PAIRS])
@@ -124,8 +125,8 @@ def test_prompts_plan_the_longest_prompt_and_the_engine_the_longest_seen(tmp_pat
     """Left-padded prompts: the rollout is planned at the longest training prompt (9), the static engine at the
     longest prompt it will see, validation included (12)."""
     from lit_ft.data.modules import PromptDataModule
-    from lit_ft.generation import SamplingSpec
-    from lit_ft.grpo import GRPOModule
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo import GRPOModule
 
     train = write(tmp_path / "prompts.jsonl", [{"prompt": words(n)} for n in PROMPTS])
     val = write(tmp_path / "val.jsonl", [{"prompt": words(12)}, {"prompt": words(3)}])
@@ -135,14 +136,14 @@ def test_prompts_plan_the_longest_prompt_and_the_engine_the_longest_seen(tmp_pat
                                 max_length=64, batch_size=2, answer_field=None)
 
     module = GRPOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4),
-                        sampling=SamplingSpec(max_new_tokens=5), reward_fn="lit_ft.tasks.correctness_reward")
+                        sampling=SamplingSpec(max_new_tokens=5), reward_fn="lit_ft.data.tasks.correctness_reward")
     s = plan.settings_from(module, dm(), target="cuda")
     assert (s.data.longest, s.data.eval_longest) == (9, 12)
     real = dm()
     real.setup("fit")
     assert max(b["input_ids"].shape[1] for b in real.train_dataloader()) == 9
     assert max(b["input_ids"].shape[1] for b in real.val_dataloader()) == 12
-    from lit_ft import plan_online
+    from lit_ft.plan import online as plan_online
 
     assert plan_online.shapes(s)[2] == 9 and plan_online.engine_prompt(s, 9) == 12
     rows = {c: how for c, _, how in plan.estimate_settings(s, budget=None).rows}
@@ -185,8 +186,8 @@ def test_a_datamodule_already_set_up_is_read_as_it_is(tmp_path, word_tokenizer, 
 
 
 def test_cli_plans_the_shipped_demo_rows(tiny_model_dir, capsys):
-    """`python -m lit_ft.plan --config configs/dpo.yaml`: the demo pairs, tokenized as the fit tokenizes them."""
-    assert plan.main(["--config", "configs/dpo.yaml", "--model.base.name_or_path", tiny_model_dir,
+    """`lit-ft plan --config configs/dpo.yaml`: the demo pairs, tokenized as the fit tokenizes them."""
+    assert plan_cli.main(["--config", "configs/dpo.yaml", "--model.base.name_or_path", tiny_model_dir,
                       "--budget", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert "rows: longest real pair side" in out and "of 2000 rows" in out and "(max_length 256)" in out

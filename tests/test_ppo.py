@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 
-from lit_ft.generation import SamplingSpec
+from lit_ft.online.generation import SamplingSpec
 from lit_ft.models import ALL_PROJECTIONS, LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.plots import MetricsPlot
-from lit_ft.ppo import PPOModule, PPOSpec, Rollout
+from lit_ft.train.optim import OptimSpec
+from lit_ft.callbacks.plots import MetricsPlot
+from lit_ft.stages.ppo import PPOModule, PPOSpec, Rollout
 
 MAX_NEW = 8
 QUESTIONS = ["What is 12 plus 30?", "hello there", "Add the numbers.", "the quick brown fox", "reward model",
@@ -116,7 +116,7 @@ def test_kl_is_exactly_zero_when_policy_equals_reference(tiny_model_dir, tokeniz
 
 
 def test_post_eos_tokens_carry_no_loss(tiny_model_dir, tokenizer, adapters):
-    from lit_ft.rl import ppo_policy_loss, ppo_value_loss, response_mask_after_eos
+    from lit_ft.losses import ppo_policy_loss, ppo_value_loss, response_mask_after_eos
 
     module = make_module(tiny_model_dir, sft_adapter=adapters[0], reward_adapter=adapters[1])
     module.configure_model()
@@ -236,7 +236,7 @@ def test_save_adapter_is_peft_loadable(tiny_model_dir, tokenizer, adapters, tmp_
     theirs = {n.replace(".default.", "."): p for n, p in loaded.named_parameters() if "lora_" in n}
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
     assert (tmp_path / "out" / "value" / "adapter_model.safetensors").exists()
-    from lit_ft.checkpointing import read_base_identity
+    from lit_ft.models.adapters import read_base_identity
 
     assert read_base_identity(tmp_path / "out") == module.base.identity()
 
@@ -284,7 +284,7 @@ def recording_reward(prompts, responses, answers):
 
 
 def test_repeat_prompts_keeps_rows_together():
-    from lit_ft.ppo import repeat_prompts
+    from lit_ft.online.batch import repeat_prompts
 
     batch = {"input_ids": torch.tensor([[0, 1], [2, 3]]), "attention_mask": torch.tensor([[0, 1], [1, 1]]),
              "prompts": ["a", "b"], "answers": ["1", None]}

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ppo_config_parses(tmp_path, monkeypatch):
-    from lit_ft.cli import LitFTCLI
-    from lit_ft.ppo import PPOModule
+    from lit_ft.cli.app import LitFTCLI
+    from lit_ft.stages.ppo import PPOModule
 
     monkeypatch.chdir(tmp_path)  # the logger creates its save_dir
     cli = LitFTCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
@@ -60,18 +60,18 @@ def one_thread():
 @pytest.mark.slow
 def test_ppo_iterations_on_smollm2(smollm2_dir, tmp_path, one_thread):
     from lit_ft.data.modules import PromptDataModule
-    from lit_ft.generation import SamplingSpec
+    from lit_ft.online.generation import SamplingSpec
     from lit_ft.models import ModelSpec
-    from lit_ft.optim import OptimSpec
-    from lit_ft.plots import MetricsPlot
-    from lit_ft.ppo import PPOModule, PPOSpec
+    from lit_ft.train.optim import OptimSpec
+    from lit_ft.callbacks.plots import MetricsPlot
+    from lit_ft.stages.ppo import PPOModule, PPOSpec
 
     sft, reward = _fresh_adapters(smollm2_dir, tmp_path)
     dm = PromptDataModule(train_file=str(ROOT / "data/demo/prompts_train.jsonl"),
                           val_file=str(ROOT / "data/demo/prompts_val.jsonl"), tokenizer=smollm2_dir,
                           template="chat", batch_size=4)
     module = PPOModule(base=ModelSpec(name_or_path=smollm2_dir, dtype="float32"), lora=None, sft_adapter=sft,
-                       reward_adapter=reward, reward_fn="lit_ft.tasks.correctness_reward", reward_fn_weight=0.0,
+                       reward_adapter=reward, reward_fn="lit_ft.data.tasks.correctness_reward", reward_fn_weight=0.0,
                        sampling=SamplingSpec(max_new_tokens=12), ppo=PPOSpec(ppo_epochs=1, mini_batch_size=4),
                        optim=OptimSpec(lr=1e-4, scheduler="constant", warmup_ratio=0.0), sample_table_every=0)
     plot = MetricsPlot(path=str(tmp_path / "metrics.png"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from lit_ft.progress import StepRichProgressBar, StepTQDMProgressBar
+from lit_ft.callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +81,8 @@ def test_an_epoch_bounded_run_keeps_a_bar_per_epoch(tiny_model_dir, tmp_path):
 
 
 def test_lit_ft_uses_the_step_bar_unless_the_config_names_one(tiny_model_dir):
-    from lit_ft.cli import LitFTCLI
-    from lit_ft.recipes import resolve_config
+    from lit_ft.cli.app import LitFTCLI
+    from lit_ft.data.recipes import resolve_config
 
     def bar(*extra):
         cli = LitFTCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

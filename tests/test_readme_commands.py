@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from lit_ft import rundirs
-from lit_ft.cli import main
+from lit_ft.train import rundirs
+from lit_ft.cli.app import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,10 +38,9 @@ EXERCISED = {
                                                      "test_ddp.py, test_strategies_gpu.py run them",
     r"python -m lit_ft( \.\.\.|$)|python train\.py": "test_install.py (python -m lit_ft --help), "
                                                      "test_checkpoint_safety.py (train.py fit)",
-    r"python -m lit_ft\.tasks": "test_readme_commands.py::test_tasks_regenerates_the_demo_data",
+    r"python -m lit_ft\.data\.tasks": "test_readme_commands.py::test_tasks_regenerates_the_demo_data",
     r"python -m lit_ft\.validation": "test_bad_settings.py (the README table equals the code's)",
-    r"python -m lit_ft\.export merge": "test_readme_commands.py::test_quick_start_commands",
-    r"python -m lit_ft\.plan": "test_plan.py::test_cli_reads_the_config_as_fit_and_advises",
+    r"lit-ft plan": "test_plan.py::test_cli_reads_the_config_as_fit_and_advises",
     r"make test": "CI (.ci/run runs exactly `make test`)",
     r"make demo": "the targets run `lit-ft demo` / `lit-ft fit --config <stage>` (tests/test_demo.py, test_configs.py)",
     r"wandb sync": "needs the network; the offline run directory it names: test_wandb_artifacts.py",
@@ -116,7 +115,7 @@ def test_quick_start_commands(tiny_run, tiny_model_dir, tmp_path, capsys):
     main(["export", "adapter", "--ckpt", "runs/sft/latest/checkpoints/last.ckpt", "--out", "sft_adapter_from_ckpt"])
     assert (tmp_path / "sft_adapter_from_ckpt/adapter_model.safetensors").exists()
 
-    # lit-ft export merge --adapter runs/sft/latest/adapter --out sft_merged (python -m lit_ft.export merge
+    # lit-ft export merge --adapter runs/sft/latest/adapter --out sft_merged (python -m lit_ft.cli.export merge
     # --attn-implementation auto is the same): the merged model's logits are base + adapter's.
     main(["export", "merge", "--adapter", "runs/sft/latest/adapter", "--out", "sft_merged",
           "--attn-implementation", "auto"])
@@ -148,21 +147,21 @@ def test_help_and_print_config(capsys):
             assert e.code in (0, None), argv
         return capsys.readouterr().out
 
-    assert "--model.loss_chunk_size" in shown("fit", "--model.help", "lit_ft.sft.SFTModule")
+    assert "--model.loss_chunk_size" in shown("fit", "--model.help", "lit_ft.stages.sft.SFTModule")
     assert "--data.max_length" in shown("fit", "--data.help", "lit_ft.data.modules.InstructionDataModule")
     assert "--trainer.max_steps" in shown("fit", "--help")
     assert "--model.base.name_or_path" in shown("fit", "--config", "sft", "--model.base.help")
     assert "--model.optim.lr" in shown("fit", "--config", "sft", "--model.optim.help")
     assert "--model.ppo.cliprange" in shown("fit", "--config", "ppo", "--model.ppo.help")
     config = yaml.safe_load(shown("fit", "--config", "sft", "--print_config"))
-    assert config["model"]["class_path"] == "lit_ft.sft.SFTModule"
+    assert config["model"]["class_path"] == "lit_ft.SFTModule"
     recipe = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())  # the resolved config keeps the recipe's values
     assert config["trainer"]["max_steps"] == recipe["trainer"]["max_steps"]
     assert config["model"]["init_args"]["lora"]["r"] == recipe["model"]["init_args"]["lora"]["r"] == 16
 
 
 def test_tasks_regenerates_the_demo_data(tmp_path):
-    subprocess.run([sys.executable, "-m", "lit_ft.tasks", str(tmp_path)], cwd=REPO, check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "lit_ft.data.tasks", str(tmp_path)], cwd=REPO, check=True, timeout=120)
     made = sorted(p.name for p in tmp_path.glob("*.jsonl"))
     assert made == sorted(p.name for p in (REPO / "data/demo").glob("*.jsonl"))
     for name in made:

@@ -14,17 +14,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_ft import integrity
+from lit_ft.train import integrity
 from lit_ft.callbacks import ExportAdapter
 from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
-from lit_ft.generation import SamplingSpec
-from lit_ft.grpo import GRPOModule, GRPOSpec
+from lit_ft.online.generation import SamplingSpec
+from lit_ft.stages.grpo import GRPOModule, GRPOSpec
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.ppo import PPOModule, PPOSpec
-from lit_ft.resume import AtomicCheckpointIO, ResumableDataLoader, ResumeRNG
-from lit_ft.reward import RewardModule
-from lit_ft.sft import SFTModule
+from lit_ft.train.optim import OptimSpec
+from lit_ft.stages.ppo import PPOModule, PPOSpec
+from lit_ft.train.resume import AtomicCheckpointIO, ResumableDataLoader, ResumeRNG
+from lit_ft.stages.reward import RewardModule
+from lit_ft.stages.sft import SFTModule
 
 ROWS = [{"prompt": f"What is {a} plus {b}?", "completion": f"The answer is {a + b}."} for a in range(4) for b in range(4)]
 PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
@@ -90,7 +90,7 @@ class Stage:
     kills: dict[str, int]  # training batches done when the run dies: one mid-epoch, one at an epoch end
     steps_per_batch: int = 1  # optimizer steps per training batch (PPO: ppo_epochs x minibatches per rollout)
     # Run length as `max_steps` (configs/sft.yaml) or as `max_epochs` (configs/ppo.yaml; the loader is then built
-    # before the checkpoint is read, see lit_ft.resume.ResumeLoaderState).
+    # before the checkpoint is read, see lit_ft.train.resume.ResumeLoaderState).
     by_steps: bool = False
     batch_size: int = 4
     data_kwargs: dict = field(default_factory=dict)
@@ -415,3 +415,19 @@ def test_export_adapter_best_refuses_a_checkpoint_that_matches_no_parameter(tiny
                                            r"parameter of the module \(first: model\.wrapped\."):
         trainer.fit(module, datamodule=runs("sft").dm)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_data_digest_reads_the_rows_not_the_datasets_fingerprint():
+    """`datasets` stores its cache fingerprint in the Arrow schema; it changes with the environment (HF_HUB_OFFLINE
+    among others) for the same rows, and must not make a resume refuse unchanged data."""
+    import datasets
+
+    from lit_ft.train.resume import dataset_digest
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]], "labels": [[-100, 2], [3]]})
+    same_rows = ds.map(lambda row: row, new_fingerprint="another")
+    assert ds.with_format("arrow")[:].schema.metadata != same_rows.with_format("arrow")[:].schema.metadata
+    assert dataset_digest(ds) == dataset_digest(same_rows)
+    assert dataset_digest(ds, legacy=True) != dataset_digest(same_rows, legacy=True)  # what the old digest did
+    edited = datasets.Dataset.from_dict({"input_ids": [[1, 2], [4]], "labels": [[-100, 2], [3]]})
+    assert dataset_digest(edited) != dataset_digest(ds)

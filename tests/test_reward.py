@@ -12,10 +12,13 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from lit_ft import checkpointing, scoring
+from lit_ft.train import checkpointing
+
+from lit_ft.models import adapters
+from lit_ft.online import scoring
 from lit_ft.models import LoraSpec, ModelSpec, trainable_state_dict
-from lit_ft.optim import OptimSpec
-from lit_ft.reward import RewardModule
+from lit_ft.train.optim import OptimSpec
+from lit_ft.stages.reward import RewardModule
 
 PAIRS = [
     ("What is 2 plus 3?", "The answer is 5.", "The answer is 6."),
@@ -201,14 +204,14 @@ def test_head_saved_and_reloaded_three_ways(tiny_model_dir, tiny_tokenizer, tmp_
                 p.add_(torch.randn_like(p) * 0.5)
     module.reward_stats.copy_(torch.tensor([0.3, 2.0], dtype=torch.float64))
     out = module.save_adapter(tmp_path / "rm", tokenizer=tok)
-    assert checkpointing.read_base_identity(out) == module.base.identity()
+    assert adapters.read_base_identity(out) == module.base.identity()
 
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
         head_key = [k for k in f.keys() if k.endswith("score.weight")]
         assert len(head_key) == 1
         torch.testing.assert_close(f.get_tensor(head_key[0]), scoring.decoder_and_head(module.model)[1].weight)
     assert (out / "tokenizer_config.json").exists()
-    gain, bias = scoring.read_normalization(out)
+    gain, bias = adapters.read_normalization(out)
     assert (gain, bias) == pytest.approx((0.5, -0.15))
 
     chosen, rejected = _texts(tok)
@@ -230,17 +233,17 @@ def test_head_saved_and_reloaded_three_ways(tiny_model_dir, tiny_tokenizer, tmp_
         logits = peft_model(**enc).logits.squeeze(-1)
     torch.testing.assert_close(logits, scorer.score(plain, normalize=False))
     # the standalone head loader
-    head = scoring.load_score_head(out)
+    head = adapters.load_score_head(out)
     torch.testing.assert_close(head.weight, scoring.decoder_and_head(module.model)[1].weight)
 
 
 def test_normalization_files_round_trip(tmp_path):
-    assert scoring.read_normalization(tmp_path) == (1.0, 0.0)
-    scoring.write_normalization(tmp_path, 2.0, -1.0)
+    assert adapters.read_normalization(tmp_path) == (1.0, 0.0)
+    adapters.write_normalization(tmp_path, 2.0, -1.0)
     assert json.loads((tmp_path / "reward_normalization.json").read_text()) == {"gain": 2.0, "bias": -1.0}
-    assert scoring.read_normalization(tmp_path) == (2.0, -1.0)
+    assert adapters.read_normalization(tmp_path) == (2.0, -1.0)
     with pytest.raises(ValueError):
-        scoring.write_normalization(tmp_path, float("nan"), 0.0)
+        adapters.write_normalization(tmp_path, float("nan"), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -311,6 +314,6 @@ def test_missing_head_is_refused(tiny_model_dir, tmp_path):
 
     save_file({k: v for k, v in load_file(str(path)).items() if "score" not in k}, str(path))
     with pytest.raises(ValueError, match="score"):
-        scoring.load_score_head(tmp_path / "rm")
+        adapters.load_score_head(tmp_path / "rm")
     with pytest.raises(ValueError, match="head"):
         scoring.RewardScorer.from_pretrained(tmp_path / "rm")

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.reward import RewardModule
-from lit_ft.scoring import RewardScorer
+from lit_ft.train.optim import OptimSpec
+from lit_ft.stages.reward import RewardModule
+from lit_ft.online.scoring import RewardScorer
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 

@@ -1,4 +1,4 @@
-"""lit_ft.rl against plain Python loops, hand-derived numbers and Monte Carlo on known distributions."""
+"""lit_ft.losses against plain Python loops, hand-derived numbers and Monte Carlo on known distributions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lit_ft.rl import (
+from lit_ft.losses import (
     AdaptiveKLController,
     FixedKLController,
     compute_rewards,
@@ -235,7 +235,7 @@ def test_adaptive_kl_controller_hand_numbers():
 
 
 def test_negative_mean_kl_is_flagged():
-    from lit_ft.rl import kl_looks_wrong
+    from lit_ft.losses import kl_looks_wrong
 
     assert kl_looks_wrong(-0.5)
     assert not kl_looks_wrong(-0.05)  # sampling noise around a near-zero KL
@@ -244,7 +244,7 @@ def test_negative_mean_kl_is_flagged():
 
 # -- critic-free estimators and losses (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO) -------------------------------
 
-from lit_ft.rl import aggregate_loss, clipped_policy_loss, group_advantages, overlong_penalty, zero_std_groups  # noqa: E402
+from lit_ft.losses import aggregate_loss, clipped_policy_loss, group_advantages, overlong_penalty, zero_std_groups  # noqa: E402
 
 # Two prompts, k = 4: one answered right once in four, one always right (a group of equal rewards).
 SCORES = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])

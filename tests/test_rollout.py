@@ -1,4 +1,4 @@
-"""The decode engine (`lit_ft.rollout`) against the reference path: HF `generate` and the training forward."""
+"""The decode engine (`lit_ft.online.engine`) against the reference path: HF `generate` and the training forward."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_ft import roles
-from lit_ft.generation import SamplingSpec, generate
-from lit_ft.rollout import DecodeEngine, Sampler
-from lit_ft.rollout_ops import filter_logits, lora_layers
+from lit_ft.online import roles
+from lit_ft.online.generation import SamplingSpec, generate
+from lit_ft.online.engine import DecodeEngine, Sampler
+from lit_ft.online.engine_ops import filter_logits, lora_layers
 
 TEXTS = ["What is 12 plus 30?", "hi", "The quick brown fox jumps over", "Add the numbers 3 and 4.", "reward"]
 
@@ -144,7 +144,9 @@ def test_sample_generations_merged_scores_as_unmerged_and_skips_what_does_not_fi
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lit_ft import heldout, rollout_ops
+    from lit_ft.callbacks import heldout
+
+    from lit_ft.online import engine_ops as rollout_ops
 
     model = peft_model(tiny_model_dir)
     rows = [(t, "42") for t in TEXTS]
@@ -374,7 +376,7 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
     """One query token over a grouped-query cache under a padding mask, without expanding the cache."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from lit_ft.rollout_ops import grouped_decode_attention
+    from lit_ft.online.engine_ops import grouped_decode_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, h, t, 16, generator=g) for h, t in ((8, 1), (2, 20), (2, 20)))
@@ -386,7 +388,7 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
 
 
 def test_the_engine_switches_attention_only_during_a_rollout(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    import lit_ft.rollout_ops as rollout
+    from lit_ft.online import engine_ops as rollout
 
     model = peft_model(tiny_model_dir)
     ids, mask = prompts(tiny_tokenizer)

@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_ft.callbacks import ExportAdapter
 from lit_ft.data.modules import InstructionDataModule
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.optim import OptimSpec
-from lit_ft.sft import SFTModule
+from lit_ft.train.optim import OptimSpec
+from lit_ft.stages.sft import SFTModule
 
 ROWS = [{"prompt": f"What is {a} plus {b}?", "completion": f"The answer is {a + b}."} for a in range(4) for b in range(4)]
 
@@ -180,7 +180,7 @@ def test_exported_adapter_loads_in_peft_and_merges(trained, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lit_ft.export import merge
+    from lit_ft.cli.export import merge
 
     adapter = trained["tmp"] / "adapter"
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"} <= {
@@ -201,7 +201,7 @@ def test_exported_adapter_loads_in_peft_and_merges(trained, tiny_model_dir):
 def test_adapter_from_checkpoint_matches_export(trained, tmp_path):
     from safetensors.torch import load_file
 
-    from lit_ft.export import adapter_from_checkpoint
+    from lit_ft.cli.export import adapter_from_checkpoint
 
     out = adapter_from_checkpoint(trained["tmp"] / "ckpt" / "last.ckpt", tmp_path / "from_ckpt")
     a = load_file(str(out / "adapter_model.safetensors"))

@@ -27,10 +27,10 @@ def test_default_model_is_a_plain_checkpoint_with_pinned_tokens(smollm2_dir):
 @pytest.mark.slow
 def test_short_sft_lowers_val_loss_and_checkpoint_is_small(smollm2_dir, tmp_path):
     from lit_ft.data.modules import InstructionDataModule
-    from lit_ft.export import merge
+    from lit_ft.cli.export import merge
     from lit_ft.models import LoraSpec, ModelSpec
-    from lit_ft.optim import OptimSpec
-    from lit_ft.sft import SFTModule
+    from lit_ft.train.optim import OptimSpec
+    from lit_ft.stages.sft import SFTModule
 
     torch.manual_seed(0)
     rows = [json.loads(line) for line in (ROOT / "data/demo/sft_train.jsonl").read_text().splitlines()[:96]]

@@ -13,9 +13,11 @@ import importlib.util
 import pytest
 import torch
 
-from lit_ft import models, sft
+from lit_ft import models
+
+from lit_ft.stages import sft
 from lit_ft.models import LoraSpec, ModelSpec
-from lit_ft.sft import SFTModule
+from lit_ft.stages.sft import SFTModule
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -112,8 +114,8 @@ def test_liger_kernel_refused_without_cuda(tiny_model_dir, monkeypatch):
 
 
 def test_reward_compile_matches_eager(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    from lit_ft import reward
-    from lit_ft.reward import RewardModule
+    from lit_ft.stages import reward
+    from lit_ft.stages.reward import RewardModule
 
     backend = "inductor" if CUDA else "aot_eager"
     monkeypatch.setattr(reward, "compile_decoder_layers",

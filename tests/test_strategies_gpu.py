@@ -26,7 +26,7 @@ def _fit(strategy, model_dir, rows, tmp_path, precision, clip=None, callbacks=()
     from lit_ft.callbacks import SampleGenerations
     from lit_ft.data.modules import InstructionDataModule
     from lit_ft.models import LoraSpec, ModelSpec
-    from lit_ft.sft import SFTModule
+    from lit_ft.stages.sft import SFTModule
 
     dm = InstructionDataModule(train_file=rows, val_file=rows, tokenizer=model_dir, batch_size=4, max_length=64)
     module = SFTModule(base=ModelSpec(name_or_path=model_dir, **base), lora=LoraSpec(r=4))
@@ -45,7 +45,7 @@ def test_fsdp_lora_trains_generates_checkpoints_and_exports(tiny_model_dir, rows
     from transformers import AutoModelForCausalLM
 
     from lit_ft.callbacks import ExportAdapter
-    from lit_ft.strategies import wrap_decoder_layers
+    from lit_ft.train.strategies import wrap_decoder_layers
 
     # frozen and LoRA tensors share FSDP units, so they share a dtype: fp32 weights, bf16 autocast
     export = tmp_path / "adapter"
@@ -67,7 +67,7 @@ def test_fsdp_refuses_a_quantized_base_by_name(tiny_model_dir, rows, tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from lit_ft.errors import ConfigError
-    from lit_ft.strategies import wrap_decoder_layers
+    from lit_ft.train.strategies import wrap_decoder_layers
 
     with pytest.raises(ConfigError, match=r"model.base.quantization=nf4 under FSDP is not supported"):
         _fit(FSDPStrategy(auto_wrap_policy=wrap_decoder_layers), tiny_model_dir, rows, tmp_path, "bf16-true",

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from lit_ft import rundirs
-from lit_ft.cli import LitFTCLI, main
+from lit_ft.train import rundirs
+from lit_ft.cli.app import LitFTCLI, main
 from lit_ft.errors import ConfigError
-from lit_ft.recipes import configs_dir, resolve_config, resolve_source
+from lit_ft.data.recipes import configs_dir, resolve_config, resolve_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def test_wandb_mode_is_obeyed(tmp_path, monkeypatch):
 
 
 def test_self_hosted_credentials_in_netrc_switch_online(tmp_path, monkeypatch):
-    from lit_ft.callbacks import wandb_offline
+    from lit_ft.callbacks.logging import wandb_offline
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
@@ -220,7 +220,7 @@ def test_hparams_yaml_loads_with_safe_load(tiny_model_dir, tmp_path):
 
 
 def test_exports_name_the_hub_id_of_the_default_and_carry_a_model_card(tiny_model_dir, tmp_path):
-    from lit_ft.model_card import DEFAULT_HUB_ID, finish_export, local_base
+    from lit_ft.models.card import DEFAULT_HUB_ID, finish_export, local_base
     from lit_ft.models import DEFAULT_MODEL_NAME, LoraSpec, ModelSpec, build_model
 
     model = build_model(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4))
@@ -242,7 +242,7 @@ def test_exports_name_the_hub_id_of_the_default_and_carry_a_model_card(tiny_mode
 
 
 def test_gguf_export_says_what_is_missing(tmp_path, monkeypatch):
-    from lit_ft.gguf_export import to_gguf
+    from lit_ft.cli.gguf import to_gguf
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
@@ -258,10 +258,10 @@ def test_gguf_export_says_what_is_missing(tmp_path, monkeypatch):
 
 
 def test_chat_streams_the_greedy_answer_of_base_plus_adapter(tiny_model_dir, tmp_path, capsys):
-    from lit_ft.chat import load
-    from lit_ft.chat import main as chat
+    from lit_ft.cli.chat import load
+    from lit_ft.cli.chat import main as chat
     from lit_ft.models import LoraSpec, ModelSpec, build_model, load_tokenizer
-    from lit_ft.sft import SFTModule
+    from lit_ft.stages.sft import SFTModule
 
     torch.manual_seed(0)
     module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0))
@@ -292,7 +292,7 @@ def test_chat_streams_the_greedy_answer_of_base_plus_adapter(tiny_model_dir, tmp
 def test_chat_takes_the_system_prompt_the_adapter_was_trained_with(tmp_path):
     """An adapter inside a run directory: chat renders the run's `data.system_prompt` (the demo's "" included);
     no config, a config without the setting, or one that is not YAML: None (the template's default)."""
-    from lit_ft.chat import trained_system_prompt
+    from lit_ft.cli.chat import trained_system_prompt
 
     run = tmp_path / "runs/sft/version_0"
     (run / "adapter").mkdir(parents=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_ft import rundirs
-from lit_ft.cli import main
+from lit_ft.train import rundirs
+from lit_ft.cli.app import main
 
 REPO = Path(__file__).resolve().parents[1]
 

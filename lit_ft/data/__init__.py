@@ -1,4 +1,11 @@
-"""Data: read and normalise records, render templates, tokenize, collate, and the LightningDataModules."""
+"""Layer 4, data: read files or hub datasets (`readers`; the shipped recipes and `demo:` files: `recipes`), normalise
+and check records (`records`, `checks`), render templates (`templates`), tokenize with completion-only labels
+(`tokenize`), collate (`collate`), and the LightningDataModules (`modules`, `prompts`, `shared`, `splits`); the demo
+arithmetic task and its rewards (`tasks`).
+
+May import: `lit_ft.errors`, `lit_ft.validation`, `lit_ft.models` (the tokenizer), `lit_ft.train` (the resumable
+loader).
+"""
 
 from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
 from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule

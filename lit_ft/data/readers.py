@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lit_ft.errors import ConfigError, DataError
-from lit_ft.recipes import resolve_source
+from lit_ft.data.recipes import resolve_source
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from lit_ft.data.records import Kind, load_records
 from lit_ft.data.templates import check_template
 from lit_ft.data.tokenize import tokenize_records
 from lit_ft.errors import ConfigError, DataError
-from lit_ft.resume import ResumableDataLoader
+from lit_ft.train.resume import ResumableDataLoader
 
 
 def check_score_filter(score_field: str | None, min_score: float | None) -> None:
@@ -82,7 +82,7 @@ def tokenize_split(records: list[dict], kind: Kind, report: DataReport, file: st
 def make_loader(ds, batch_size: int, collate, num_workers: int, shuffle: bool, seed: int,
                 lengths: list[int] | None = None) -> DataLoader:
     """Training (shuffle=True): a seeded loader whose position is saved in checkpoints and restored on resume,
-    mid-epoch included (`lit_ft.resume.ResumableDataLoader`; `lengths`: length-grouped batches). Evaluation: a
+    mid-epoch included (`lit_ft.train.resume.ResumableDataLoader`; `lengths`: length-grouped batches). Evaluation: a
     plain ordered DataLoader."""
     if shuffle:
         return ResumableDataLoader(ds, batch_size=batch_size, shuffle=True, seed=seed, collate_fn=collate,

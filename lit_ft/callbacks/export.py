@@ -1,0 +1,64 @@
+"""`ExportAdapter`: the trained adapter written at the end of fit, atomically, and logged as a W&B artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_ft.callbacks.logging import log_adapter_artifacts
+from lit_ft.train import strategies
+from lit_ft.train.integrity import load_verified
+from lit_ft.train.runs import atomic_directory
+
+
+class ExportAdapter(L.Callback):
+    """At the end of fit, writes the trained adapter (PEFT format, with tokenizer files) to `dirpath`.
+
+    With `best=True` and a ModelCheckpoint monitoring a metric, the best checkpoint's weights are exported.
+    The directory is written atomically (`runs.atomic_directory`): a kill during the export leaves the previous
+    export or none, never a partial one. A fit that finds its run already finished (resumed from its last
+    checkpoint) writes the adapter when the directory is missing.
+    """
+
+    def __init__(self, dirpath: str = "adapter", best: bool = False):
+        """
+        Args:
+            dirpath: output directory (adapter_model.safetensors, adapter_config.json, tokenizer files, README.md);
+                under `lit-ft`, a relative path is inside the run's directory.
+            best: export the best checkpoint of the run's ModelCheckpoint instead of the last weights.
+        """
+        self.dirpath, self.best = dirpath, best
+        self._written = False
+
+    def on_fit_start(self, trainer, pl_module):
+        self._written = False
+
+    def on_train_end(self, trainer, pl_module):
+        self.export(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        # Lightning skips the training loop, and with it on_train_end, when a resumed run has nothing left to do.
+        if not self._written and not (Path(self.dirpath) / "adapter_config.json").exists():
+            self.export(trainer, pl_module)
+
+    def export(self, trainer, pl_module):
+        if self.best and trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
+            best = trainer.checkpoint_callback.best_model_path
+            state = load_verified(best)
+            unmatched = pl_module.load_state_dict(state["state_dict"], strict=False).unexpected_keys
+            if unmatched:  # e.g. under FSDP, whose wrapped parameter names differ: never export the last weights silently
+                raise RuntimeError(f"ExportAdapter(best=True): {len(unmatched)} tensors of {best} match no parameter "
+                                   f"of the module (first: {unmatched[0]}); use best=False, or export that checkpoint "
+                                   "with `lit-ft export adapter`")
+        state = strategies.gathered_model_state(trainer)  # collective under FSDP: every rank takes part
+        if trainer.is_global_zero:
+            dm = trainer.datamodule
+            kwargs = {"state_dict": state} if state is not None else {}
+            with atomic_directory(self.dirpath) as tmp:
+                pl_module.save_adapter(tmp, tokenizer=getattr(dm, "tokenizer", None), **kwargs)
+            rank_zero_info(f"adapter written to {self.dirpath}")
+            log_adapter_artifacts(trainer, pl_module, self.dirpath)
+        self._written = True
+        trainer.strategy.barrier()

@@ -1,0 +1,52 @@
+"""`lit-ft plan`: the memory plan of a fit (`lit_ft.plan`), from the same config and overrides as `fit`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import lightning as L
+
+from lit_ft.cli.app import LitFTCLI, lit_ft_cause
+from lit_ft.plan.memory import Plan, estimate
+from lit_ft.plan.sizes import parse_size
+
+
+USAGE = """usage: lit-ft plan --config CONFIG.yaml [--budget 24GiB] [--device cuda|cpu] [--json] [overrides]
+
+The memory plan of `fit` with the same config and overrides (e.g. --model.lora.r 32 --data.batch_size 4)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lit-ft plan`: print the plan (or its JSON); exit 0, or 2 on a bad setting."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--budget", default="auto")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
+    ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if ours.help or not rest:
+        print(USAGE)
+        return 0
+    try:
+        budget = ours.budget if ours.budget == "auto" else parse_size(ours.budget)  # before the (slower) parse
+        plan = plan_from_cli(rest, budget=budget, target=ours.device)
+    except Exception as e:
+        cause = lit_ft_cause(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict(), indent=1) if ours.json else plan.table())
+    return 0
+
+
+def plan_from_cli(args: list[str], budget="auto", target: str | None = None) -> Plan:
+    """Parse `args` exactly as `fit` does (LitFTCLI, run=False; no logger is made) and estimate."""
+    with warnings.catch_warnings():  # `args` given while sys.argv holds the same options
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = LitFTCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       run=False, args=[*args, "--trainer.logger", "false"], save_config_callback=None)
+    return estimate(cli.model, cli.datamodule, cli.trainer, budget=budget, target=target)

@@ -1,0 +1,136 @@
+"""The demo task: two-number arithmetic with a verifiable answer, its data generator, metric and reward.
+
+Every example is written by the project from a seeded generator (`python -m lit_ft.data.tasks data/demo`), so the
+answer of each prompt is known exactly: the SFT demo measures exact match on held-out prompts, the reward
+model learns to prefer the correct answer over a plausible wrong one, and PPO can use `correctness_reward`
+as a verifiable reward.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+_NUMBER = re.compile(r"-?\d+")
+
+QUESTION_STYLES = [
+    "What is {a} {op} {b}?",
+    "Compute {a} {op} {b}.",
+    "Calculate {a} {op} {b}.",
+    "{a} {op} {b} = ?",
+]
+
+
+def make_problem(rng: random.Random) -> tuple[str, str, str]:
+    """Return (question, worked response, answer) for a random two-digit addition or subtraction."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    op = rng.choice(["+", "-"])
+    if op == "-" and b > a:
+        a, b = b, a
+    result = a + b if op == "+" else a - b
+    question = rng.choice(QUESTION_STYLES).format(a=a, op=op, b=b)
+    return question, f"{a} {op} {b} = {result}", str(result)
+
+
+WRONG_KINDS = ("near_miss", "wrong_operation")
+
+
+def wrong_response(response: str, answer: str, rng: random.Random) -> tuple[str, str]:
+    """(a plausible wrong response, its kind). Half are near misses (off by one or ten, digits swapped), the slips
+    a model that carries or borrows wrongly makes; half apply the other operation (a - b for a + b and vice
+    versa), the slip of a model that misreads the question. The reward demo reports its accuracy per kind."""
+    value = int(answer)
+    left = response.rsplit("=", 1)[0]
+    kind = rng.choice(WRONG_KINDS)
+    if kind == "wrong_operation":
+        a, op, b = left.split()
+        wrong = int(a) - int(b) if op == "+" else int(a) + int(b)
+        if wrong != value:
+            return left + f"= {wrong}", kind
+    candidates = {value + 1, value - 1, value + 10, value - 10, int(answer[::-1]) if len(answer) > 1 else value + 2}
+    candidates.discard(value)
+    return left + f"= {rng.choice(sorted(candidates))}", "near_miss"
+
+
+def extract_answer(text: str) -> str | None:
+    """The last integer in a response, or None."""
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def exact_match(response: str, answer: str) -> bool:
+    return extract_answer(response) == answer.strip()
+
+
+def correctness_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """Verifiable reward for PPO: 1 for the correct final number, 0 otherwise (no answer: 0)."""
+    return [float(a is not None and exact_match(r, a)) for r, a in zip(responses, answers)]
+
+
+def generate(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 1234) -> None:
+    """Write the demo's instruction, preference and prompt files (JSONL) into `out_dir`."""
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    splits: dict[str, list] = {"train": [], "val": []}
+    for split, n in (("train", n_train), ("val", n_val)):
+        while len(splits[split]) < n:
+            q, resp, ans = make_problem(rng)
+            if q in seen:  # no prompt appears in both splits
+                continue
+            seen.add(q)
+            splits[split].append((q, resp, ans))
+    for split, rows in splits.items():
+        _write(out / f"sft_{split}.jsonl", [{"prompt": q, "completion": r, "answer": a} for q, r, a in rows])
+        _write(
+            out / f"pref_{split}.jsonl",
+            [{"prompt": q, "chosen": r, "rejected": w, "kind": k} for q, r, a in rows for w, k in [wrong_response(r, a, rng)]],
+        )
+        _write(out / f"prompts_{split}.jsonl", [{"prompt": q, "answer": a} for q, _, a in rows])
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def answer_match(generation: str, reference: str) -> bool:
+    """Task-agnostic exact match: the final numbers agree when the reference has one, else the stripped texts."""
+    ref = extract_answer(reference)
+    if ref is None:
+        return generation.strip() == reference.strip()
+    return extract_answer(generation) == ref
+
+
+# ---------------------------------------------------------------------------------------------- GSM8K
+# GSM8K (Cobbe et al. 2021) solutions end with a line "#### <number>"; configs/recipes/grpo_gsm8k.yaml asks the
+# policy to end its answer the same way and rewards the number after its last "####".
+
+_GSM8K_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def gsm8k_number(text: str | None) -> str | None:
+    """The number after the last "####" of a text, commas and a trailing ".0" removed ("1,200.00" -> "1200")."""
+    found = _GSM8K_FINAL.findall(text or "")
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".") or "0"
+    return number
+
+
+def gsm8k_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+    """Verifiable GSM8K reward: 1 when the number after the response's last "####" equals the one after the
+    reference solution's "####", else 0 (no "####" in the response: 0)."""
+    return [float(a is not None and gsm8k_number(r) is not None and gsm8k_number(r) == gsm8k_number(a))
+            for r, a in zip(responses, answers)]
+
+
+if __name__ == "__main__":
+    generate(sys.argv[1] if len(sys.argv) > 1 else "data/demo")

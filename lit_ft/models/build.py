@@ -1,0 +1,73 @@
+"""One model factory for every stage: load, quantize, prepare for k-bit training, checkpoint, adapt with LoRA.
+
+`build_model` turns a `ModelSpec` and a `LoraSpec` (`lit_ft.models.spec`) into a PEFT model. Nothing here knows
+about Lightning, so the modules, the export command and the tests share one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+from lit_ft.errors import ConfigError
+from lit_ft.models import families
+from lit_ft.models.adapters import check_adapter_base
+from lit_ft.models.load import load_base, prepare_for_training
+from lit_ft.models.lora import adapt, load_adapter
+from lit_ft.models.spec import LoraSpec, ModelSpec
+
+
+def build_model(
+    spec: ModelSpec,
+    lora: LoraSpec | None,
+    task: Literal["causal_lm", "score"] = "causal_lm",
+    device=None,
+    trainable: bool = True,
+):
+    """Load the base and return a `PeftModel` whose only trainable weights are the adapter (and its heads).
+
+    With `spec.adapter` the existing adapter is loaded (trainable when `trainable`); otherwise a new one is
+    made from `lora`.
+    """
+    model = prepare_for_training(load_base(spec, task, device), spec)
+    if spec.adapter is not None:
+        check_adapter_base(spec.adapter, spec.identity(), "model.base.adapter")
+        model = load_adapter(model, spec.adapter, task, trainable)
+    elif lora is not None:
+        model = adapt(model, lora, task)
+    else:
+        raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
+    # from_pretrained returns eval mode; training mode turns LoRA dropout on (evaluation code switches it off).
+    return model.train(trainable)
+
+
+def describe(model) -> str:
+    """Trainable parameters and memory footprint, for the start-of-run log."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else 0
+    line = (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+        f" || memory footprint: {footprint / 2**20:.1f} MiB"
+    )
+    targets = families.describe_targets(model) if hasattr(model, "peft_config") else ""
+    return line + ("\n" + targets if targets else "")
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train (adapters, heads): what a checkpoint holds instead of the frozen base."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in module.state_dict().items() if k in names}
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Temporarily switch to eval mode (no dropout), restoring the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,0 +1,39 @@
+"""The rollout batch the online stages fill step by step (`Rollout`: prompts, sampled responses, log-probs, values,
+advantages), each prompt repeated for its samples, and the minibatch slices of an update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from torch import Tensor
+
+
+def repeat_prompts(batch: dict, k: int) -> dict:
+    """Each prompt row `k` times in a row (tensors along dim 0, lists element by element): k episodes a prompt."""
+    if k == 1:
+        return batch
+    return {key: v.repeat_interleave(k, dim=0) if isinstance(v, Tensor) else [x for x in v for _ in range(k)]
+            for key, v in batch.items()}
+
+
+@dataclass
+class Rollout:
+    """One batch of prompts with sampled responses and everything PPO computes from them (rows = episodes)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    responses: Tensor
+    mask: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    entropy: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+
+    def rows(self, idx) -> "Rollout":
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if getattr(self, f.name) is not None})
+
+
+def slices(n: int, size: int) -> list[slice]:
+    return [slice(i, i + size) for i in range(0, n, size)]

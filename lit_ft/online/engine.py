@@ -1,0 +1,349 @@
+"""Rollouts at the speed of the hardware: a decode engine for online RL over the one-base multi-adapter model.
+
+`DecodeEngine` samples responses for left-padded prompts with
+
+- a static KV cache (transformers' `StaticCache`) allocated once for `batch x (prompt + max_new_tokens)` and reused
+  by every rollout (smaller batches and shorter prompts are padded up to it, so the shapes never change);
+- the prefill in one pass over the prompts;
+- a fixed-shape one-token decode step (`DecodeEngine.step`) that reads and writes only preallocated buffers, so
+  on CUDA it is captured once into a CUDA graph and replayed for every token; on the CPU the same function runs
+  eagerly (that is what the tests exercise);
+- sampling (temperature, top-k, top-p) on the device, no host synchronisation per token: "all rows finished?" is
+  read every `check_every` steps;
+- an optional `merged` mode for non-quantized bases: the policy LoRA is merged into a rollout copy of the
+  LoRA-wrapped weights (refreshed at the start of every rollout, so it follows each optimizer update), and the
+  step runs plain matmuls with every adapter disabled.
+
+What is hand-written here, and why transformers/torch could not do it:
+
+- HF `generate` cannot be captured: its loop reads `unfinished_sequences.max() == 0` on the host every token, and
+  its mask builder checks the padding mask on the host outside `torch.compile`. The loop, the stopping check and
+  the sampling (Gumbel-max over the filtered logits, graph-safe RNG) are therefore ours; the model forward, the
+  logits (the model's own LM head and post-processing, via `logits_to_keep=1`) and the `StaticCache` are theirs.
+- Decode attention (`rollout_ops.grouped_decode_attention`, registered with transformers' `AttentionInterface`
+  and switched on only during a rollout): with a mask, transformers' sdpa path repeats the KV heads to the query heads
+  (`repeat_kv`), which for grouped-query models copies the whole cache 4x every layer of every step; folding the
+  query heads of a group into the query-length axis lets SDPA read each cached head once.
+- The attention mask is built here as a 4D tensor (transformers passes a 4D mask through unchanged) from device
+  tensors, so the decode step has no data-dependent host code.
+- `torch.compile(mode="reduce-overhead")` would trace PEFT's per-layer Python branches over the active adapters
+  and guard on them; switching to the reference/reward/value adapters between rollouts would recompile or break
+  the graph. Capturing the eager step directly with `torch.cuda.CUDAGraph` records the policy's kernels once,
+  whatever adapter is active later.
+- PEFT's `merge_adapter` writes the merge into the shared base weights, which the reference, reward and value
+  roles read too; the merged mode keeps its own copy (`rollout_ops.MergedWeights`) and swaps it in with
+  `torch.func.functional_call`.
+
+Validity: the captured graph reads the parameters' storage; before every replay series the engine compares the
+parameters' data pointers with those at capture and recaptures when any moved (optimizer steps update in place,
+so after an update the graph already reads the new weights; the merged copy is recomputed every rollout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import Tensor
+
+from lit_ft.online.generation import cache_argument
+from lit_ft.losses import first_true_index, response_mask_after_eos
+from lit_ft.online.engine_ops import (GROUPED_SDPA, MergedWeights, engine_unsupported, filter_logits,
+                               register_grouped_attention)
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS workspaces, lazy inits), as torch advises
+
+
+class DecodeEngine:
+    """Batched sampling with a static KV cache and a fixed-shape decode step (CUDA-graph replay on CUDA).
+
+    `generate(input_ids, attention_mask, ...)` -> (responses [B, R], mask [B, R], logprobs [B, R]); responses are
+    pad after the first EOS and masked out, like `lit_ft.online.generation.generate`; logprobs are the sampled tokens'
+    log-probs under logits / temperature (the full distribution, what PPO's ratios use), 0 where masked.
+    """
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, adapter: str | None = "policy",
+                 merged: bool = False, cuda_graph: bool = True, check_every: int = 8):
+        reason = engine_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the decode engine cannot serve this model: {reason}")
+        self.model, self.eos, self.pad, self.check_every = model, eos_token_id, pad_token_id, max(1, check_every)
+        self.peft = hasattr(model, "get_base_model")
+        self.base = model.get_base_model() if self.peft else model
+        self.adapter = adapter if self.peft else None
+        self.cuda_graph = cuda_graph
+        self.impl = self.base.config._attn_implementation
+        if self.impl == "sdpa":
+            register_grouped_attention()
+        self.cache_kw = cache_argument(self.base)
+        self.merged = MergedWeights(model, self.adapter) if merged and self.peft and self.adapter else None
+        self.shape = None  # (batch, prompt_len, max_new) the buffers are allocated for
+        self.graphs: dict = {}
+        self._ptrs = None
+
+    # -- buffers ----------------------------------------------------------------------------------------------
+
+    def _allocate(self, batch: int, prompt_len: int, max_new: int, device) -> None:
+        from transformers import StaticCache
+
+        old = self.shape or (0, 0, 0)
+        batch, prompt_len, max_new = max(batch, old[0]), max(prompt_len, old[1]), max(max_new, old[2])
+        L = prompt_len + max_new
+        log.info("decode engine: static KV cache for %d rows x %d positions", batch, L)
+        self.shape, self.graphs = (batch, prompt_len, max_new), {}
+        self.cache = StaticCache(config=self.base.config, max_cache_len=L)
+        z = dict(device=device, dtype=torch.long)
+        self.tok, self.pos, self.t = torch.zeros(batch, 1, **z), torch.zeros(batch, 1, **z), torch.zeros((), **z)
+        self.prompt_ok = torch.zeros(batch, L, dtype=torch.bool, device=device)
+        self.cols = torch.arange(L, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out = torch.zeros(batch, max_new, **z)
+        self.out_logp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+
+    def _mask(self, visible: Tensor) -> Tensor:
+        """A boolean visibility [B, 1, Q, L] as the attention implementation takes it (sdpa: bool, eager: additive)."""
+        if self.impl == "sdpa":
+            return visible
+        dtype = self.base.get_input_embeddings().weight.dtype
+        zero = torch.zeros((), dtype=dtype, device=visible.device)
+        return torch.where(visible, zero, torch.finfo(dtype).min)
+
+    # -- forward, sampling, the step ---------------------------------------------------------------------------
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """Last-position logits [B, V] fp32 from the model's own forward (its LM head and logit processing)."""
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        kwargs[self.cache_kw] = self.cache
+        if self.merged is not None:
+            out = torch.func.functional_call(self.base, self.merged.weights, (), kwargs, strict=False)
+        else:
+            out = self.base(**kwargs)
+        return out.logits[:, -1].float()
+
+    def _emit(self, logits: Tensor) -> None:
+        """Sample from logits [B, V], write the token and its log-prob at column t, advance t (all on the device)."""
+        s = self.sampling
+        scaled = logits / s["temperature"] if s["temperature"] != 1.0 else logits
+        # log p(token) = scaled[token] - logsumexp(scaled): one read of the [B, V] logits, no log-softmax written
+        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        if not s["do_sample"]:
+            nxt = logits.argmax(-1)
+        else:
+            # Gumbel-max (argmax of logits - log E, E ~ Exp(1)) draws from softmax(logits) like multinomial, with
+            # graph-safe RNG and no normalisation pass.
+            filt = filter_logits(scaled, s["top_k"], s["top_p"])
+            nxt = (filt - torch.empty_like(filt).exponential_().log()).argmax(-1)
+        nxt = torch.where(self.finished, torch.full_like(nxt, self.pad), nxt)
+        col = self.t.view(1)
+        self.out.index_copy_(1, col, nxt[:, None])
+        self.out_logp.index_copy_(1, col, (scaled.gather(1, nxt[:, None]) - lse).float())  # autocast may lower it
+        self.finished |= nxt == self.eos
+        self.tok.copy_(nxt[:, None])
+        self.pos.add_(1)
+        self.t.add_(1)
+
+    def step(self) -> None:
+        """The fixed-shape one-token decode step: feed `tok` (response token t-1, cache slot prompt_len + t - 1),
+        emit token t. Reads and writes only the engine's buffers and the cache: eager on the CPU, captured on CUDA."""
+        p = self.shape[1]
+        visible = self.prompt_ok | ((self.cols >= p) & (self.cols < p + self.t))
+        self._emit(self._forward(self.tok, self.pos, self._mask(visible[:, None, None, :])))
+
+    def _prefill(self, ids: Tensor, mask: Tensor) -> None:
+        """One pass over the (padded) prompts [B, P] into cache slots [0, P); emits the first token."""
+        self.cache.reset()  # zeroes the cache in place and rewinds its write position (storage kept)
+        B, P = ids.shape
+        self.prompt_ok.zero_()
+        self.prompt_ok[:, :P] = mask.bool()
+        self.finished.zero_()
+        self.out.fill_(self.pad)
+        self.out_logp.zero_()
+        self.t.zero_()
+        self.pos.copy_(mask.sum(1, keepdim=True) - 1)  # _emit adds 1: the first response token sits at n_real
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        q = self.cols[:P, None]
+        # causal over real keys; a pad query sees itself only (a fully masked row would give NaN states)
+        visible = (self.cols[None, :] <= q) & (self.prompt_ok[:, None, :] | (self.cols[None, :] == q))
+        self._emit(self._forward(ids, positions, self._mask(visible[:, None])))
+
+    # -- graphs ------------------------------------------------------------------------------------------------
+
+    def _params_signature(self):
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def _graph(self, key):
+        """The captured step for these sampling settings; None where graphs do not apply (CPU, switched off)."""
+        if not (self.cuda_graph and self.tok.is_cuda):
+            return None
+        sig = self._params_signature()
+        if sig != self._ptrs:  # weights moved (reloaded, re-cast): every captured graph reads stale storage
+            self.graphs, self._ptrs = {}, sig
+        if key not in self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # the warm-up steps are real decode steps of this rollout
+                for _ in range(WARMUP_STEPS):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                pool = next(iter(self.graphs.values())).pool() if self.graphs else None
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self.step()  # recorded, not run
+            except RuntimeError as e:  # keep the rollout going; the step still runs without host syncs
+                log.warning("decode engine: CUDA graph capture failed (%s); decoding eagerly", e)
+                self.cuda_graph = False
+                return None
+            self.graphs[key] = graph
+            log.info("decode engine: captured the decode step (%s)", key)
+        return self.graphs[key]
+
+    # -- the rollout -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, do_sample: bool = True,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        if attention_mask[:, -1].min() == 0:
+            raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+        B, P = input_ids.shape
+        if self.shape is None or B > self.shape[0] or P > self.shape[1] or max_new_tokens > self.shape[2]:
+            self._allocate(B, P, max_new_tokens, input_ids.device)
+        ids, mask = self._pad_to_shape(input_ids, attention_mask)
+        self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        key = tuple(self.sampling.values())
+        with self._policy_context():
+            if self.merged is not None:
+                self.merged.refresh()  # after an optimizer update the copy must follow the policy
+            self._prefill(ids, mask)
+            graph = self._graph(key) if max_new_tokens - 1 > WARMUP_STEPS else None
+            done = int(self.t)  # 1, or more when the capture's warm-up steps decoded
+            while done < max_new_tokens and not bool(self.finished[:B].all()):  # one host sync per chunk
+                n = min(self.check_every, max_new_tokens - done)
+                for _ in range(n):
+                    graph.replay() if graph is not None else self.step()
+                done += n
+        return self._result(B, done)
+
+    def _pad_to_shape(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Left-pad the prompts to the allocated prompt length and repeat row 0 up to the allocated batch."""
+        B, P = ids.shape
+        rows, width = self.shape[0], self.shape[1]
+        ids = torch.nn.functional.pad(ids, (width - P, 0), value=self.pad)
+        mask = torch.nn.functional.pad(mask.long(), (width - P, 0), value=0)
+        if B < rows:
+            ids = torch.cat([ids, ids[:1].expand(rows - B, -1)])
+            mask = torch.cat([mask, mask[:1].expand(rows - B, -1)])
+        return ids, mask
+
+    def _result(self, B: int, done: int):
+        responses, logp = self.out[:B, :done].clone(), self.out_logp[:B, :done].clone()
+        mask = response_mask_after_eos(responses, self.eos, self.pad)
+        if bool(self.finished[:B].all()):  # every row ended with EOS: as long as the longest, like HF generate
+            width = int(first_true_index(responses == self.eos).max()) + 1
+            responses, logp, mask = responses[:, :width], logp[:, :width], mask[:, :width]
+        mask = mask.long()
+        return responses.masked_fill(mask == 0, self.pad), mask, logp * mask
+
+    @contextlib.contextmanager
+    def _policy_context(self):
+        """Grouped decode attention on, the policy adapter active (merged mode: every adapter disabled, the merged
+        copy swapped in), under a fresh autocast without its weight-cast cache (a captured graph must recompute the
+        casts on replay); the `requires_grad` flags PEFT's switches flip are restored afterwards."""
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        dev = self.tok.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if autocast else None
+        try:
+            with contextlib.ExitStack() as stack:
+                if autocast:
+                    stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=False))
+                if self.impl == "sdpa":
+                    self.base.set_attn_implementation(GROUPED_SDPA)
+                    stack.callback(self.base.set_attn_implementation, "sdpa")
+                if self.peft and self.merged is not None:
+                    stack.enter_context(self.model.disable_adapter())
+                elif self.peft and self.adapter is not None and self.model.active_adapter != self.adapter:
+                    previous = self.model.active_adapter
+                    self.model.set_adapter(self.adapter)
+                    stack.callback(self.model.set_adapter, previous)
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def autocast_mismatch(model, device) -> str | None:
+    """Why autocast rules the engine out, or None. Autocast over weights of another dtype (fp32 weights under
+    bf16-mixed) gives keys and values of mixed dtypes (RoPE promotes the keys back to fp32), which a static cache
+    written in place cannot hold (HF's dynamic cache concatenates and promotes); seen on the H200."""
+    dev = torch.device(device).type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    low = torch.get_autocast_dtype(dev)
+    return f"{low} autocast over {weights} weights" if weights is not None and weights != low else None
+
+
+class Sampler:
+    """What a stage calls to sample responses: picks the decoder per `SamplingSpec.engine` and keeps the static
+    engine (its cache and graphs) between calls. `sampler(input_ids, attention_mask, spec, max_new_tokens)` ->
+    (responses [B, R], mask [B, R]), as `lit_ft.online.generation.generate` returns."""
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, adapter: str | None = "policy"):
+        self.model, self.eos, self.pad, self.adapter = model, eos_token_id, pad_token_id, adapter
+        self.engine: DecodeEngine | None = None
+        self.merged: MergedWeights | None = None  # the hf engine's merged copy (the static engine keeps its own)
+        self.choice: str | None = None
+
+    def resolve(self, spec, device) -> str:
+        """`static` or `hf` for this spec on this device (auto: static on CUDA where the engine can serve)."""
+        from lit_ft.errors import ConfigError
+
+        if spec.engine not in ("auto", "static", "hf"):
+            raise ConfigError(f"sampling.engine: expected auto, static or hf, got {spec.engine!r}")
+        if spec.check_every < 1:
+            raise ConfigError(f"sampling.check_every: must be >= 1, got {spec.check_every}")
+        reason = engine_unsupported(self.model) or autocast_mismatch(self.model, device)
+        if spec.engine == "static" and reason is not None:
+            raise ConfigError(f"sampling.engine: static cannot serve this model ({reason}); use hf or auto")
+        if spec.engine == "auto":
+            return "static" if device.type == "cuda" and reason is None else "hf"
+        return spec.engine
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor, spec, max_new_tokens: int | None = None):
+        from lit_ft.online.generation import generate
+
+        n = max_new_tokens or spec.max_new_tokens
+        choice = self.resolve(spec, input_ids.device)
+        if choice != self.choice:
+            log.info("rollouts decode with the %s engine%s", choice, " (merged policy)" if spec.merged else "")
+            self.choice = choice
+        if choice == "hf":
+            if not (spec.merged and self.adapter and hasattr(self.model, "peft_config")):
+                return generate(self.model, input_ids, attention_mask, spec, self.eos, self.pad, max_new_tokens=n)
+            if self.merged is None:
+                self.merged = _merged_or_config_error(lambda: MergedWeights(self.model, self.adapter))
+            with self.merged.swapped_in():
+                return generate(self.model, input_ids, attention_mask, spec, self.eos, self.pad, max_new_tokens=n)
+        if self.engine is None:
+            self.engine = _merged_or_config_error(lambda: DecodeEngine(
+                self.model, self.eos, self.pad, self.adapter, spec.merged, spec.cuda_graph, spec.check_every))
+        # the allocation covers max_new_tokens, so a shorter drawn length (min_new_tokens) reuses the graphs
+        if self.engine.shape is None:
+            self.engine._allocate(*input_ids.shape, spec.max_new_tokens, input_ids.device)
+        responses, mask, _ = self.engine.generate(input_ids, attention_mask, n, spec.do_sample, spec.temperature,
+                                                  spec.top_k, spec.top_p)
+        return responses, mask
+
+
+def _merged_or_config_error(build):
+    """`build()`, its refusal of a base it cannot merge into (quantized, DoRA) raised as the setting's error."""
+    try:
+        return build()
+    except ValueError as e:
+        from lit_ft.errors import ConfigError
+
+        raise ConfigError(f"sampling.merged: {e}") from e

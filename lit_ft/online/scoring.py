@@ -1,0 +1,166 @@
+"""Scalar rewards: where a sequence scorer's score is read (the reward module trains with these functions and the
+online stages score rollouts with them, so both read the reward at exactly the same token), a one-call loader of a
+reward export (`lit_ft.models.adapters` owns the format), and the user's reward or metric callables by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lit_ft.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_NAME, head_keys, read_normalization
+from lit_ft.models.card import local_base
+from lit_ft.models.load import load_base
+from lit_ft.models.spec import ModelSpec
+
+
+def resolve_callable(path: str):
+    """Import `package.module.function` (used for metrics and rewards named in a config)."""
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"'{path}' is not a dotted path like package.module.function")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token of each row, for right or left padding.
+
+    The mask, not the pad id, decides: with pad == EOS (SmolLM2, Llama 3) a search for the first pad id would
+    stop before the EOS that closes the response.
+
+    Args:
+        attention_mask: ``[B, T]`` 1 on real tokens, 0 on padding.
+
+    Returns:
+        ``[B]`` long: the largest position whose mask is 1 (0 for an all-padding row).
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * (attention_mask != 0)).argmax(-1)
+
+
+def scores_from_hidden(hidden: Tensor, attention_mask: Tensor, head: nn.Module) -> Tensor:
+    """Scalar score of each row: the head applied to the hidden state of its last real token.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states (after the final norm).
+        attention_mask: ``[B, T]``.
+        head: a 1-output linear layer (``nn.Linear(H, 1)`` or PEFT's wrapper of one).
+
+    Returns:
+        ``[B]`` fp32 scores. Only ``B`` rows go through the head, never ``B * T``.
+    """
+    idx = last_token_index(attention_mask)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # [B, H]
+    dtype = next(head.parameters()).dtype
+    return head(pooled.to(dtype)).squeeze(-1).float()
+
+
+def decoder_and_head(model) -> tuple[nn.Module, nn.Module]:
+    """(decoder returning hidden states, score head) of an ``*ForSequenceClassification`` model or a causal LM
+    with a ``score`` head (families without a sequence classifier), PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(inner, inner.base_model_prefix)
+    head = getattr(inner, HEAD_NAME, None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no '{HEAD_NAME}' head: expected an *ForSequenceClassification model")
+    return decoder, head
+
+
+def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Raw ``[B]`` fp32 rewards of token rows (right- or left-padded) under a sequence scorer."""
+    decoder, head = decoder_and_head(model)
+    # Left padding needs positions that start at each row's first real token (right padding: a plain arange).
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    return scores_from_hidden(hidden, attention_mask, head)
+
+
+# ---------------------------------------------------------------------------------------------- scorer
+
+
+class RewardScorer:
+    """A trained reward model, ready to score texts or token rows (normalized when the export says so)."""
+
+    def __init__(self, model, tokenizer=None, gain: float = 1.0, bias: float = 0.0, max_length: int | None = None):
+        """
+        Args:
+            model: an ``*ForSequenceClassification`` model, or a causal LM with lit_ft's ``score`` head
+                (``lit_ft.models.families.add_score_head``), PEFT-wrapped or merged, with a 1-output ``score`` head.
+            tokenizer: tokenizer for :meth:`score`; not needed for :meth:`score_ids`.
+            gain: multiplier of the raw reward.
+            bias: added after the gain.
+            max_length: longest row :meth:`score` keeps (its LAST tokens, so the scored end survives).
+        """
+        self.model, self.tokenizer, self.gain, self.bias, self.max_length = model, tokenizer, gain, bias, max_length
+        self.model.eval()
+        if tokenizer is not None:
+            tokenizer.truncation_side = "left"  # keep the end of each text, where the reward is read
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str | Path, base: ModelSpec | None = None, device="cpu",
+                        max_length: int | None = None) -> "RewardScorer":
+        """Load an exported reward adapter (LoRA + head + tokenizer + normalization) in one call.
+
+        Args:
+            adapter_dir: the export directory.
+            base: how to load the base (quantization, dtype, ...); None = float32 from the adapter config's
+                ``base_model_name_or_path``.
+            device: where the model runs.
+            max_length: see ``__init__``.
+        """
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / ADAPTER_CONFIG).exists():
+            raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a reward adapter directory")
+        if not head_keys(adapter_dir):
+            raise ValueError(f"{adapter_dir}/{ADAPTER_WEIGHTS} holds no '{HEAD_NAME}' head: it would score at random")
+        if base is None:
+            # float32 from the adapter's base (the bundled default's local cache for the default); a family without
+            # a sequence classifier gets lit_ft's score head
+            base = ModelSpec(name_or_path=local_base(adapter_dir), dtype="float32")
+        model = load_base(base, task="score", device=torch.device(device))
+        base_name = base.name_or_path
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        if base.quantization == "none":  # k-bit weights were placed on load and cannot move
+            model.to(device)
+        tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_name
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir is not None else None
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        gain, bias = read_normalization(adapter_dir)
+        return cls(model, tokenizer, gain, bias, max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: Tensor, attention_mask: Tensor, normalize: bool = True) -> Tensor:
+        """``[B]`` fp32 rewards of token rows (right- or left-padded), read at each row's last real token."""
+        raw = sequence_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        return raw * self.gain + self.bias if normalize else raw
+
+    @torch.no_grad()
+    def score(self, texts: list[str], batch_size: int = 16, normalize: bool = True) -> Tensor:
+        """``[N]`` fp32 rewards of fully rendered texts (prompt and response in the training template).
+
+        Texts are tokenized without added special tokens, as the data modules do: the template carries them.
+        """
+        if self.tokenizer is None:
+            raise ValueError("RewardScorer.score needs a tokenizer; use score_ids for token rows")
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right",
+                                 add_special_tokens=False, truncation=self.max_length is not None,
+                                 max_length=self.max_length)
+            out.append(self.score_ids(enc["input_ids"], enc["attention_mask"], normalize).cpu())
+        return torch.cat(out) if out else torch.zeros(0)

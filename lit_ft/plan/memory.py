@@ -1,0 +1,274 @@
+"""Will it fit? A pre-flight plan of the peak GPU memory of a fit, by component, without loading any weights.
+
+``estimate(model, datamodule, trainer)`` reads the same objects a fit has (the LightningModule's specs, the
+DataModule's batch shape, the Trainer's precision and accumulation) and returns a `Plan`: the expected peak by
+component, the total against a budget and, over budget, the cheapest changes that bring it under, each
+re-estimated. ``lit-ft plan --config configs/sft.yaml [--budget 24GiB] [--model.lora.r 32 ...]`` (`lit_ft.cli.plan`)
+parses the config with the project's LightningCLI, so every key and override means what it means to ``fit``.
+`MemoryPlanLog` (`lit_ft.plan.log`) logs the plan at the start of a fit and ``torch.cuda.max_memory_allocated`` at
+its end.
+
+The model is counted on the meta device (`lit_ft.plan.weights`); activations follow the per-term formulas of
+`lit_ft.plan.activations`. The batch is planned at its worst case: the real data's longest rows when the
+DataModule's files are local (`lit_ft.plan.rows`: tokenized as the fit tokenizes them), else every row
+``max_length`` tokens long; the table says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from lit_ft.online.generation import SamplingSpec
+from lit_ft.models import LoraSpec, ModelSpec
+from lit_ft.train.optim import OptimSpec
+from lit_ft.plan import stages as plan_stages
+from lit_ft.plan.rows import RowStats, row_stats
+from lit_ft.plan.sizes import fmt, parse_size
+
+log = logging.getLogger(__name__)
+
+CONTEXT_ALLOWANCE = 600 * 2**20
+"""CUDA context, cuBLAS/cuDNN workspaces and kernels' modules on the device: outside the caching allocator, so
+never in `max_memory_allocated`, but taken from the card (about 0.5 GiB on Hopper with CUDA 12/13)."""
+FRAGMENTATION = 0.10
+"""The caching allocator reserves more than it hands out (block rounding, fragmentation): 10% of the peak."""
+
+
+@dataclass
+class Settings:
+    """Everything the plan depends on, flat (what `estimate` reads from the module, datamodule and trainer)."""
+
+    stage: str
+    base: ModelSpec
+    lora: LoraSpec | None
+    optim: OptimSpec
+    batch_size: int
+    max_length: int
+    packing: bool = False
+    eval_batch_size: int | None = None
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    loss_chunk_size: int = 4096
+    sampling: SamplingSpec | None = None
+    ppo: object = None
+    grpo: object = None
+    dpo: object = None
+    value_model: str = "adapter"
+    sft_adapter: str | None = None
+    reward_adapter: str | None = None
+    target: str = "cuda"
+    data: RowStats | None = None
+    """The real rows' lengths (`lit_ft.plan.rows.row_stats`); None: every row `max_length` tokens (the worst
+    case)."""
+    rows_note: str = ""
+    """Why the rows are planned at `max_length` when `data` is None (a hub dataset, an unreadable file...)."""
+    compile: bool = False
+    """`compile: true` (each decoder layer through torch.compile): what inductor saves differs from eager."""
+    head_dtype: str | None = None
+    """"float32": the online stages' value/reward heads are cast back to fp32 after Lightning's `*-true` cast (as
+    benchmarks/bench_ppo.py does); None: they are cast with the module."""
+
+
+@dataclass
+class Plan:
+    """The expected peak memory of one fit by component (bytes), and what to change when it does not fit."""
+
+    settings: Settings
+    rows: list[tuple[str, int, str]]
+    """(component, bytes, how it is counted) of the allocated peak."""
+    off_peak: list[tuple[str, int, str]] = field(default_factory=list)
+    """Shown but not in the peak: paged optimizer state (CUDA unified memory)."""
+    allowance: int = 0
+    budget: int | None = None
+    notes: list[str] = field(default_factory=list)
+    advice: list[tuple[str, list[str], int, bool]] = field(default_factory=list)
+    """(change, CLI overrides, new total, fits) for each candidate change, cheapest first."""
+
+    @property
+    def peak(self) -> int:
+        """Planned allocated peak: what `torch.cuda.max_memory_allocated` measures."""
+        return sum(b for _, b, _ in self.rows)
+
+    @property
+    def total(self) -> int:
+        """The peak plus the context/allocator allowance: what the card must hold."""
+        return self.peak + self.allowance
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.total <= self.budget
+
+    def table(self) -> str:
+        s = self.settings
+        seq = s.data.longest if s.data is not None else s.max_length
+        lines = [f"memory plan: {s.stage} on {s.target} | {s.base.name_or_path or 'SmolLM2-135M-Instruct (bundled)'}"
+                 f" | quantization {s.base.quantization} | precision {s.precision} | micro-batch {s.batch_size}"
+                 f" x {seq} tokens | gradient checkpointing {s.base.gradient_checkpointing}",
+                 f"rows: {s.data.note if s.data is not None else s.rows_note or f'max_length {s.max_length}'}", ""]
+        width = max(len(c) for c, _, _ in self.rows + self.off_peak) + 2
+        for c, b, how in self.rows:
+            lines.append(f"  {c:<{width}}{fmt(b):>11}   {how}")
+        lines.append(f"  {'= planned peak (allocated)':<{width}}{fmt(self.peak):>11}   compare: torch.cuda.max_memory_allocated")
+        lines.append(f"  {'+ context/allocator allowance':<{width}}{fmt(self.allowance):>11}   "
+                     f"{fmt(CONTEXT_ALLOWANCE) if s.target == 'cuda' else '0'} context + {FRAGMENTATION:.0%} of the peak")
+        lines.append(f"  {'= total':<{width}}{fmt(self.total):>11}   " + (
+            "no budget (no GPU visible; give --budget)" if self.budget is None else
+            f"budget {fmt(self.budget)}: {'fits' if self.fits else 'DOES NOT FIT'}"))
+        for c, b, how in self.off_peak:
+            lines.append(f"  {c:<{width}}{fmt(b):>11}   {how}")
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.advice:
+            lines += ["", "cheapest changes, in order (each re-estimated; cumulative last):"]
+            for i, (what, args, total, ok) in enumerate(self.advice, 1):
+                lines.append(f"  {i}. {what}: total {fmt(total)} {'fits' if ok else 'still over'}   {' '.join(args)}")
+        return "\n".join(lines)
+
+    def one_line(self) -> str:
+        parts = ", ".join(f"{c.split(' (')[0]} {fmt(b)}" for c, b, _ in self.rows if b)
+        budget = "" if self.budget is None else f" of {fmt(self.budget)} ({'fits' if self.fits else 'over budget'})"
+        return f"memory plan: peak {fmt(self.peak)} ({parts}) + allowance {fmt(self.allowance)} = {fmt(self.total)}{budget}"
+
+    def as_dict(self) -> dict:
+        s = self.settings
+        return {"stage": s.stage, "rows": s.data.note if s.data is not None else s.rows_note or "max_length",
+                "peak": self.peak, "total": self.total, "budget": self.budget,
+                "components": {c: b for c, b, _ in self.rows}, "off_peak": {c: b for c, b, _ in self.off_peak},
+                "advice": [{"change": w, "overrides": a, "total": t, "fits": f} for w, a, t, f in self.advice]}
+
+
+def default_budget() -> int | None:
+    """The visible GPU's memory, or None on a machine without one."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- estimate
+
+
+def settings_from(model, datamodule=None, trainer=None, target: str | None = None) -> Settings:
+    """Read a stage's settings from the objects of a fit (any of datamodule/trainer may be None: defaults)."""
+    stage = plan_stages.stage_of(model)
+    dm = datamodule
+    precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+    data, rows_note = row_stats(dm)
+    return Settings(
+        stage=stage, base=model.base, lora=model.lora, optim=model.optim,
+        batch_size=getattr(dm, "batch_size", 8), max_length=getattr(dm, "max_length", 1024),
+        packing=bool(getattr(dm, "packing", False)), eval_batch_size=getattr(dm, "eval_batch_size", None),
+        precision=precision, accumulate_grad_batches=accumulate,
+        loss_chunk_size=getattr(model, "loss_chunk_size", 4096),
+        sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None), grpo=getattr(model, "grpo", None),
+        dpo=getattr(model, "dpo", None),
+        value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
+        reward_adapter=getattr(model, "reward_adapter", None), target=target or "cuda", data=data,
+        rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)))
+
+
+def estimate(model, datamodule=None, trainer=None, *, budget: int | str | None = "auto", target: str | None = None,
+             advise: bool = True) -> Plan:
+    """The memory plan of fitting `model` (an SFT/reward/DPO/PPO/GRPO LightningModule, not yet configured) on
+    `datamodule`
+    with `trainer`. `budget`: bytes or a size string; "auto" = the visible GPU's memory (None on a CPU).
+    `target`: the device planned for, "cuda" (default: the plan is of GPU memory) or "cpu"; it decides what
+    `dtype: auto` means (bfloat16 on CUDA) and the CUDA context allowance."""
+    return estimate_settings(settings_from(model, datamodule, trainer, target), budget=budget, advise=advise)
+
+
+def estimate_settings(s: Settings, budget: int | str | None = "auto", advise: bool = True) -> Plan:
+    budget = default_budget() if budget == "auto" else parse_size(budget)
+    rows, off_peak, notes = plan_stages.components(s)
+    plan = Plan(s, rows, off_peak, budget=budget, notes=notes)
+    plan.allowance = (CONTEXT_ALLOWANCE if s.target == "cuda" else 0) + int(FRAGMENTATION * plan.peak)
+    if advise and plan.fits is False:
+        plan.advice = advice(s, budget)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- advice
+
+
+def _candidates(s: Settings):
+    """(description, overrides, changed settings), cheapest first: changes that keep the result (micro-batch with
+    accumulation, checkpointing, the loss chunk) before those that change the numerics (4-bit base, 8-bit
+    optimizer state)."""
+    online = s.stage in ("ppo", "grpo")
+    p = getattr(s, s.stage, None) if online else None
+    if online and p.mini_batch_size > 1:
+        # Manual optimization: the spec's own minibatch and accumulation (Lightning refuses its accumulate flag);
+        # a minibatch larger than the rollout acts as the rollout, so the halving starts from there.
+        start = min(p.mini_batch_size, s.batch_size * p.samples_per_prompt)
+        for k in (2, 4, 8, 16, 32, 64):
+            mb, ga = max(start // k, 1), p.gradient_accumulation_steps * k
+            yield (f"{s.stage.upper()} minibatch {p.mini_batch_size} -> {mb}, gradient_accumulation_steps x{k}",
+                   [f"--model.{s.stage}.mini_batch_size", str(mb), f"--model.{s.stage}.gradient_accumulation_steps",
+                    str(ga)], replace(s, **{s.stage: replace(p, mini_batch_size=mb, gradient_accumulation_steps=ga)}),
+                   "microbatch")
+            if mb == 1:
+                break
+    elif not online and s.batch_size > 1:
+        for k in (2, 4, 8, 16, 32, 64):
+            b = max(s.batch_size // k, 1)
+            yield (f"micro-batch {s.batch_size} -> {b}, accumulate_grad_batches x{k}",
+                   ["--data.batch_size", str(b), "--trainer.accumulate_grad_batches", str(s.accumulate_grad_batches * k)],
+                   replace(s, batch_size=b, accumulate_grad_batches=s.accumulate_grad_batches * k), "microbatch")
+            if b == 1:
+                break
+    if not s.base.gradient_checkpointing:
+        yield ("gradient checkpointing (about a third more compute)", ["--model.base.gradient_checkpointing", "true"],
+               replace(s, base=replace(s.base, gradient_checkpointing=True)), "checkpointing")
+    if online and s.target == "cuda" and s.sampling is not None and s.sampling.engine != "hf":
+        yield ("hf generate for rollouts (its KV cache is freed after each rollout; slower decoding)",
+               ["--model.sampling.engine", "hf"], replace(s, sampling=replace(s.sampling, engine="hf")), "engine")
+    if s.stage == "sft" and s.loss_chunk_size > 1024:  # (DPO's log-prob chunk, model.dpo.logp_chunk_size, is 1024)
+        yield (f"loss chunk {s.loss_chunk_size} -> 1024 tokens", ["--model.loss_chunk_size", "1024"],
+               replace(s, loss_chunk_size=1024), "chunk")
+    if s.base.quantization in ("none", "int8"):
+        yield ("4-bit NF4 base with double quantization (QLoRA)", ["--model.base.quantization", "nf4"],
+               replace(s, base=replace(s.base, quantization="nf4", double_quant=True)), "quantization")
+    if s.optim.optimizer in ("adamw", "adamw_8bit"):
+        yield ("paged 8-bit AdamW (state in unified memory, 8-bit)", ["--model.optim.optimizer", "paged_adamw_8bit"],
+               replace(s, optim=replace(s.optim, optimizer="paged_adamw_8bit")), "optimizer")
+
+
+def advice(s: Settings, budget: int) -> list[tuple[str, list[str], int, bool]]:
+    """Each kind of change on its own (for the micro-batch: the largest that fits, else the smallest), then all of
+    them in that order until the total fits."""
+    out, best = [], {}
+    for what, args, changed, kind in _candidates(s):
+        if kind in best and best[kind][3]:
+            continue
+        total = estimate_settings(changed, budget=budget, advise=False).total
+        best[kind] = (what, args, total, total <= budget, changed)
+    cum, cum_args, cum_what = s, [], []
+    for kind, (what, args, total, ok, changed) in best.items():
+        out.append((what, args, total, ok))
+        if cum is not s and estimate_settings(cum, budget=budget, advise=False).fits:
+            continue
+        cum = _apply(cum, s, changed)
+        cum_args += args
+        cum_what.append(what.split(" (")[0])
+    if len(cum_what) > 1:
+        total = estimate_settings(cum, budget=budget, advise=False).total
+        out.append(("together: " + " + ".join(cum_what), cum_args, total, total <= budget))
+    return out
+
+
+def _apply(cum: Settings, start: Settings, changed: Settings) -> Settings:
+    """Carry the fields `changed` differs in from `start` over to `cum` (dataclasses one level deep)."""
+    updates = {}
+    for f in dataclasses.fields(Settings):
+        new, old = getattr(changed, f.name), getattr(start, f.name)
+        if new != old:
+            if dataclasses.is_dataclass(new):
+                sub = {g.name: getattr(new, g.name) for g in dataclasses.fields(new)
+                       if getattr(new, g.name) != getattr(old, g.name)}
+                updates[f.name] = replace(getattr(cum, f.name), **sub)
+            else:
+                updates[f.name] = new
+    return replace(cum, **updates)

@@ -1,0 +1,252 @@
+"""The memory components of each stage (SFT, reward, DPO, PPO, GRPO): what is resident, what peaks, and when.
+
+`components(settings)` builds the stage's model on the meta device (its roles and adapters as the stage builds
+them), counts it (`lit_ft.plan.weights`) and adds the activations and stage extras (`lit_ft.plan.activations`;
+the online stages' rollout, no-grad passes and update in `lit_ft.plan.online`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from lit_ft.models import families
+from lit_ft.errors import ConfigError
+from lit_ft.plan import activations as act
+from lit_ft.plan import rows as rows_of
+from lit_ft.plan import online
+from lit_ft.plan import weights as pw
+from lit_ft.plan.sizes import fmt
+
+_STAGES = {"SFTModule": "sft", "RewardModule": "reward", "PPOModule": "ppo", "GRPOModule": "grpo",
+           "DPOModule": "dpo"}
+_HALF = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def stage_of(module) -> str:
+    for cls in type(module).__mro__:
+        if cls.__name__ in _STAGES:
+            return _STAGES[cls.__name__]
+    raise ConfigError(f"model: no memory plan for {type(module).__name__} (planned: SFT, reward, DPO, PPO, GRPO "
+                      "modules)")
+
+
+def precision_dtypes(precision: str, weight_dtype: torch.dtype) -> tuple[torch.dtype | None, int]:
+    """(the dtype `*-true` half precision casts the module to, or None; bytes of an activation element).
+    `*-mixed` autocasts matmuls (activations in half, weights as built); `32-true` computes in the weights'
+    dtype."""
+    prec = str(precision)
+    kind = prec.split("-")[0]
+    if kind in _HALF:
+        half = _HALF[kind]
+        return (half if prec.endswith("true") else None), half.itemsize
+    return None, weight_dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build_meta(s, config, dtype):
+    """The stage's PEFT model on the meta device, the base's unquantized-module names, notes, the online stages'
+    heads."""
+    from peft import get_peft_model
+
+    from lit_ft.models import lora_config
+
+    notes, heads = [], []
+    task = "score" if s.stage == "reward" else "causal_lm"
+    base = pw.meta_model(s.base, task, config, dtype)
+    keep = pw.unquantized_modules(base)
+    with torch.device("meta"):
+        if s.stage not in online.ROLES:
+            saved = pw.read_adapter_config(s.base.adapter)
+            if s.base.adapter is not None and saved is None:
+                notes.append(f"model.base.adapter {s.base.adapter} not found: assumed to be model.lora")
+            if saved is not None:
+                cfg = online.trainable_config(saved, "SEQ_CLS" if task == "score" else None)
+            elif s.lora is not None:
+                cfg = lora_config(s.lora, task, base)  # targets resolved on the meta base, as the real build
+            else:
+                raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
+            return get_peft_model(base, cfg), keep, notes, heads
+        return online.roles_meta(s, base, notes, heads), keep, notes, heads
+
+
+def lora_shape(model, s, a: int, cast) -> act.LoraShape | None:
+    """The adapted projections (the policy's, for PPO and GRPO), rank, dropout and working dtype, from the built
+    model."""
+    cfgs = getattr(model, "peft_config", {})
+    name = "policy" if "policy" in cfgs else "default"
+    cfg = cfgs.get(name)
+    if cfg is None:
+        return None
+    # `...q_proj.lora_A.<adapter>.weight` -> q_proj (the module before lora_A; an expert parameter has no .weight)
+    targets = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if f"lora_A.{name}" in n}
+    dropout = cfg.lora_dropout > 0 and not (s.stage in online.ROLES and online.disable_dropout(s))
+    adapter = next((p.dtype for n, p in model.named_parameters() if f"lora_A.{name}" in n), None)
+    mixed = str(s.precision).endswith("mixed") and str(s.precision).split("-")[0] in _HALF
+    nbytes = 2 if mixed else (cast or adapter or torch.float32).itemsize
+    return act.LoraShape(frozenset(targets), int(cfg.r), dropout, nbytes, copies=mixed or nbytes != a)
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+
+_CACHE: dict[str, tuple] = {}  # the counted meta model of recent settings: advice re-plans only batch shapes
+
+
+def counted_model(s):
+    """(dims, weight dtype, counts, LoRA shape, notes, heads, LoRA-wrapped base numel, whether the static decode
+    engine serves the model) of the stage's meta model, cached by what decides them."""
+    from lit_ft.online.engine_ops import engine_unsupported
+
+    key = repr((s.stage, s.base, s.lora, s.precision, s.sft_adapter, s.reward_adapter, s.value_model, s.target,
+                s.stage in online.ROLES and online.disable_dropout(s)))
+    if key not in _CACHE:
+        config = pw.model_config(s.base)
+        dtype = pw.resolve_dtype_for(s.base, s.target)
+        cast, a = precision_dtypes(s.precision, dtype)
+        model, keep, notes, heads = build_meta(s, config, dtype)
+        counts = pw.count(model, s.base, keep, cast)
+        merged = sum(p.numel() for n, p in model.named_parameters() if ".base_layer." in n)
+        if len(_CACHE) > 16:
+            _CACHE.clear()
+        attn = getattr(model.get_base_model().config, "_attn_implementation", None) or "sdpa"  # `auto` resolved
+        fused = any(n.endswith("qkv_proj") for n in families.linear_layers(model))
+        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn, fused_qkv=fused)
+        engine = s.stage in online.ONLINE and engine_unsupported(model) is None
+        _CACHE[key] = (dims, dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged, engine)
+    dims, dtype, counts, shape, notes, heads, merged, engine = _CACHE[key]
+    return dims, dtype, copy.deepcopy(counts), shape, list(notes), heads, merged, engine
+
+
+def components(s):
+    """(rows, off-peak rows, notes) of a stage's plan: [(component, bytes, how it is counted)]."""
+    dims, dtype, counts, shape, notes, heads, merged, engine = counted_model(s)
+    cast, a = precision_dtypes(s.precision, dtype)
+    head_dtype = cast or torch.float32  # Lightning's *-true casts the fp32 heads too
+    if s.head_dtype == "float32":  # ... unless they are cast back (a hook after the cast, as benchmarks/bench_ppo.py)
+        head_dtype = torch.float32
+    for numel, trainable in heads:
+        nbytes = numel * head_dtype.itemsize
+        role = "trainable" if trainable else "frozen"
+        counts.adapters[role] = counts.adapters.get(role, 0) + nbytes
+        if trainable:
+            counts.trainable.append((numel, head_dtype))
+    grads = sum(n * d.itemsize for n, d in counts.trainable)
+    opt = pw.optimizer_state_bytes(counts.trainable, s.optim.optimizer)
+    kinds = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(counts.base.items(), key=lambda kv: -kv[1]))
+    rows = [("base weights", counts.base_bytes, kinds),
+            ("adapters + heads", counts.adapter_bytes,
+             f"trainable {counts.adapters.get('trainable', 0) / 2**20:.1f} MiB, frozen roles "
+             f"{counts.adapters.get('frozen', 0) / 2**20:.1f} MiB (PEFT on the meta model)"),
+            ("gradients", grads, "trainable tensors, in their dtype")]
+    off = []
+    paged = s.optim.optimizer.startswith("paged")
+    how = {"adamw": "AdamW: 2 moments in the parameters' dtype", "adamw_8bit": "8-bit AdamW: 2 bytes + absmax / 256"}
+    if paged:
+        off.append(("optimizer state (paged)", opt, "CUDA unified memory: pages out to host RAM under pressure, not in "
+                    "max_memory_allocated, so not in the peak"))
+        rows.append(("optimizer state", 0, "paged (below)"))
+    else:
+        rows.append(("optimizer state", opt, how.get(s.optim.optimizer, "2 x fp32 moments")))
+    mask = 1 if s.target == "cuda" else None
+    if s.stage == "reward":
+        stage_rows = _reward(s, dims, a, shape, mask, (cast or dtype).itemsize)  # the score head: base dtype
+    elif s.stage in online.ONLINE:
+        # `rollout.autocast_mismatch`: autocast over weights of another dtype sends `auto` to the hf engine
+        kind = str(s.precision).split("-")[0]
+        mixed = str(s.precision).endswith("mixed") and kind in _HALF and dtype != _HALF[kind]
+        stage_rows = online.components(s, dims, a, shape, mask, _trunk, engine and not mixed, head_dtype.itemsize)
+    else:
+        stage_rows = {"sft": _sft, "dpo": _dpo}[s.stage](s, dims, a, shape, mask)
+    rows += stage_rows
+    if s.stage in online.ONLINE and s.sampling is not None and s.sampling.merged and s.base.quantization == "none":
+        rows.append(("merged rollout copy", merged * (cast or dtype).itemsize,
+                     "sampling.merged: one copy of the LoRA-wrapped weights"))
+    if s.stage == "dpo":
+        notes.append("DPO: the policy over the 2B chosen + rejected rows; the no-grad reference pass runs before it")
+    return rows, off, notes
+
+
+def _fmt(n: int) -> str:
+    return fmt(n)
+
+
+def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
+    """The decoder's saved bytes; `positions`: position ids are passed (the online stages' left-padded rows, the
+    reward model's). A mask reaches the attention for packed rows, and for padded ones: rows of different lengths
+    (`plan_data.padded`; without data any batch of several rows, and every online or reward batch); transformers
+    drops an all-ones mask (equal rows: the causal kernel, no repeated KV heads). `s.compile`: the layers through
+    torch.compile (`plan_activations.layer_saved`)."""
+    uneven = s.data is None or s.data.padded
+    return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
+                           pos_rows=rows if s.packing or positions else 1,
+                           masked=s.packing or ((positions or rows > 1) and uneven), compiled=s.compile)
+
+
+def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved, transient=None):
+    """The trunk and the chunked loss over the worst micro-batch of `seqs` sequences: `seqs` rows of the longest
+    row (`plan_data.seq_len`), or packed (`plan_data.packed_shape`); the loss over its trained tokens, `chunk`
+    positions of logits at a time. Returns the rows and the activations' peak."""
+    if s.packing:
+        rows, L = rows_of.packed_shape(s, seqs)
+        n_loss = min(rows * (L - 1), rows_of.loss_tokens(s, seqs, s.max_length))
+    else:
+        rows, L = seqs, rows_of.seq_len(s)
+        n_loss = rows_of.loss_tokens(s, seqs, L)
+    t = _trunk(s, d, rows, L, a, lora, mask)
+    saved = t["layers"] + loss_saved(n_loss, rows, L, d.hidden, a)
+    transient = transient or (lambda n, c: act.loss_transient(n, c, d.vocab, a))
+    peak = max(transient(n_loss, chunk),
+               act.backward_working(d, rows * L, a) + t["recompute"])
+    ckpt = "checkpointed: one [n, H] input a layer" if s.base.gradient_checkpointing else "every layer's saved tensors"
+    ckpt += ", compiled layers" if s.compile else ""
+    return [(f"activations (saved, {label})", saved, f"{rows} x {L} tokens, {ckpt}, + loss gather"),
+            ("activations (backward peak)", peak,
+             f"max(loss chunk {min(chunk, n_loss)} x {d.vocab} fp32, layer backward"
+             + (" + recompute)" if s.base.gradient_checkpointing else ")"))], saved + peak
+
+
+def _sft(s, d, a, lora, mask):
+    # the frozen head's fused loss (LoRA SFT): `fused_loss_transient` (a trained head would recompute its chunks)
+    return _lm_rows(s, d, s.batch_size, a, lora, mask, "packed" if s.packing else "padded", s.loss_chunk_size,
+                    transient=lambda n, c: act.fused_loss_transient(n, c, d.vocab))[0]
+
+
+def _dpo(s, d, a, lora, mask):
+    """The policy's forward and backward over the 2B chosen + rejected rows (`dpo_ref.sequence_logps`: log-prob
+    chunks of `dpo.logp_chunk_size` positions), and the reference's no-grad pass, which runs first
+    (`DPOModule.pair_stats`) and is freed before the policy's forward: it counts only by what it exceeds the
+    policy's activations (precomputed reference: no pass)."""
+    chunk = getattr(s.dpo, "logp_chunk_size", 1024)
+    rows, policy = _lm_rows(s, d, 2 * s.batch_size, a, lora, mask, "chosen + rejected", chunk, act.logp_saved)
+    ref = 0
+    if s.dpo is None or not s.dpo.precompute_ref:
+        n = 2 * s.batch_size * rows_of.seq_len(s)
+        # a layer's forward at a time, then one chunk's logits in the activation dtype and fp32 and logsumexp's
+        ref = max(act.nograd_forward(d, n, a), min(chunk, n) * d.vocab * (a + 8))
+    rows.append(("reference pass (no grad)", max(0, ref - policy),
+                 "runs before the policy's forward and is freed: only what it exceeds the policy's peak"))
+    return rows
+
+
+def reward_saved(s, d, a, lora, mask, head_bytes: int) -> tuple[int, int]:
+    """(saved bytes, recompute extra) of one reward forward (`scoring.sequence_scores` over the 2B chosen+rejected
+    rows, with position ids): the trunk, the row and column indices [2B] of the last-token gather (int64) and the
+    pooled states [2B, H] the trainable head keeps, in the head's dtype."""
+    rows = 2 * s.batch_size
+    t = _trunk(s, d, rows, rows_of.seq_len(s), a, lora, mask, positions=True)
+    return t["layers"] + 2 * rows * 8 + rows * d.hidden * head_bytes, t["recompute"]
+
+
+def _reward(s, d, a, lora, mask, head_bytes):
+    rows, L = 2 * s.batch_size, rows_of.seq_len(s)
+    saved, recompute = reward_saved(s, d, a, lora, mask, head_bytes)
+    peak = act.backward_working(d, rows * L, a) + recompute
+    ev = 2 * (s.eval_batch_size or s.batch_size) * rows_of.eval_seq_len(s)
+    return [("activations (saved)", saved, f"2B = {rows} rows (chosen + rejected) x {L} tokens"),
+            ("activations (backward peak)", max(peak, act.nograd_forward(d, ev, a)),
+             "max(layer backward, validation forward of 2 x eval_batch_size rows)")]

@@ -1,0 +1,176 @@
+"""Supervised fine-tuning of a causal LM with LoRA / QLoRA as a LightningModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from lit_ft.train import checkpointing, guards, metrics, runs, strategies
+
+from lit_ft.stages import predict
+from lit_ft.train import optim as optim_mod
+from lit_ft.train.guards import GUARD_KEY, NonFiniteGuard
+from lit_ft.models import families
+from lit_ft.losses import causal_lm_loss
+from lit_ft.models.neftune import add_neftune
+from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
+from lit_ft.validation import check_init
+
+
+class SFTModule(L.LightningModule):
+    """Completion-only causal-LM loss over a PEFT model.
+
+    Batches carry `input_ids`, `attention_mask` and `labels` (-100 where no loss is taken), and for padding-free
+    packing `position_ids` that restart at each packed sequence. The loss is computed from the final hidden
+    states in chunks, so the full [B, T, V] float32 logits never exist.
+    """
+
+    def __init__(
+        self,
+        base: ModelSpec = ModelSpec(),
+        lora: LoraSpec | None = LoraSpec(),
+        optim: optim_mod.OptimSpec = optim_mod.OptimSpec(),
+        loss_chunk_size: int = 4096,
+        compile: bool = False,
+        max_consecutive_skips: int = 10,
+        neftune_alpha: float | None = None,
+    ):
+        """
+        Args:
+            base: the base model and how it is held (dtype, quantization, checkpointing).
+            lora: the adapter to train (ignored when base.adapter names an existing one).
+            optim: optimizer and learning-rate schedule.
+            loss_chunk_size: tokens per chunk of the cross-entropy (bounds the float32 logits in memory).
+            compile: `torch.compile` each decoder layer (inductor). Same function, fused element-wise kernels and
+                fewer saved activations; the first steps pay the compilation (about a minute on a GPU).
+            max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
+                (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.train.guards).
+            neftune_alpha: NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(L * d) on the input
+                embeddings while training (the paper uses 5, 10 or 15); None = off. Validation and generation
+                see no noise.
+        """
+        check_init("model (SFTModule)", SFTModule, locals())
+        super().__init__()
+        self.save_hyperparameters()
+        checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
+        self.base = checkpointing.as_spec(ModelSpec, base)
+        self.lora = checkpointing.as_spec(LoraSpec, lora)
+        self.optim = checkpointing.as_spec(optim_mod.OptimSpec, optim)
+        self.loss_chunk_size = loss_chunk_size
+        self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile
+        self.neftune_alpha = neftune_alpha
+        self.model = None
+        self.strict_loading = False  # checkpoints hold the adapter only
+        self.val_loss = MeanMetric()
+        self.guard = NonFiniteGuard(max_consecutive_skips)
+
+    # -- model ----------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = strategies.model_device(self, self.base)
+        self.model = build_model(self.base, self.lora, "causal_lm", device=device)
+        if self.neftune_alpha:
+            add_neftune(self.model, self.neftune_alpha)
+        if self.compile_layers:
+            compile_decoder_layers(self.model)
+        rank_zero_info(describe(self.model))
+
+    @property
+    def lr(self) -> float:
+        """`optim.lr`, under the name `Tuner.lr_find` reads and sets."""
+        return self.optim.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        import dataclasses
+
+        self.optim = dataclasses.replace(self.optim, lr=float(value))
+
+    def _decoder_and_head(self):
+        inner = self.model.get_base_model()
+        return inner.get_decoder(), inner.get_output_embeddings()
+
+    def token_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of loss tokens) for one batch."""
+        decoder, head = self._decoder_and_head()
+        packed = "position_ids" in batch
+        if packed and not getattr(self, "_packing_checked", False):
+            families.check_packing(self.model)  # once: does this attention derive masks from position_ids?
+            self._packing_checked = True
+        hidden = decoder(
+            input_ids=batch["input_ids"],
+            # Packed rows: no padding mask; transformers derives the block-diagonal causal mask from the
+            # restarting position_ids, so no token attends across a sequence boundary.
+            attention_mask=None if packed else batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+        # The model's own logits: its head bias and whatever it applies after the head (families.logit_transform).
+        return causal_lm_loss(hidden, head.weight, batch["labels"], chunk_size=self.loss_chunk_size,
+                              head_bias=head.bias, transform=families.logit_transform(self.model))
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, n_tokens = self.token_loss(batch)
+        # 1. Token-weighted over the whole optimizer step (every micro-batch of the accumulation, every rank): the
+        #    sum over this micro-batch's tokens, rescaled before the step (guards.CountWeighting).
+        loss = self.guard.weighting.loss(self, loss_sum, n_tokens)
+        # 2. Log this micro-batch's mean per token, with the batch size Lightning cannot infer from a dict.
+        bsz = batch["input_ids"].shape[0]
+        self.log("train/loss", loss_sum.detach() / n_tokens.clamp(min=1), prog_bar=True, batch_size=bsz)
+        self.log("train/loss_tokens", n_tokens.float(), batch_size=bsz, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss_sum, n_tokens = self.token_loss(batch)
+        if n_tokens > 0:
+            # Token-weighted: val/loss is the mean over all validation tokens, not over batches.
+            self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)
+
+    def on_validation_epoch_start(self) -> None:
+        metrics.fresh(self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        split = metrics.split_name(self)  # "test" under `test`, where the same steps score data.test_file
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{split}/ppl", torch.exp(loss.clamp(max=50)))
+
+    # `test` scores data.test_file as validation scores the val file; `predict` generates (lit_ft.stages.predict).
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+    predict_step = predict.predict_step
+
+    def configure_optimizers(self):
+        return optim_mod.configure(self, self.optim, self.trainer.estimated_stepping_batches)
+
+    optimizer_step = guards.optimizer_step  # skip (and count) a step whose loss or gradients are not finite
+    lr_scheduler_step = guards.lr_scheduler_step  # a skipped step does not advance the schedule
+
+    # -- checkpoints and export -----------------------------------------------------------------------------
+
+    configure_callbacks = runs.configure_callbacks  # exact resume, resume rules, run lock, preemption
+    load_state_dict = checkpointing.load_trainable  # the frozen base is not 'missing' from a checkpoint
+    configure_gradient_clipping = strategies.configure_gradient_clipping  # norm clipping under FSDP too
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpointing.slim(self, checkpoint, self.base.identity(), extra={GUARD_KEY: self.guard.state_dict()})
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpointing.check_resume(self, checkpoint, self.base.identity())
+        guards.restore(self, checkpoint)
+
+    def save_adapter(self, path: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+        """Write the adapter in PEFT format (what `PeftModel.from_pretrained` loads); `state_dict` under FSDP."""
+        return checkpointing.save_adapter(self.model, path, tokenizer, self.base.identity(), state_dict)
