@@ -30,7 +30,7 @@ def parse(argv):
 def build(config: str, overrides: list[str]):
     import lightning as L
 
-    from lit_ft.cli.app import LitFTCLI
+    from lit_ft.cli.trainer import LitFTCLI
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")

@@ -1,7 +1,7 @@
 """Allowed values of every numeric and enum-like setting, checked when a spec or module is constructed.
 
 One table (`RULES`) is the single source: the specs' ``__post_init__``, the DataModules' and LightningModules'
-``__init__`` call `check_settings`, and `settings_table` renders the same table for the README (a test keeps the
+``__init__`` call `check_settings`, and `settings_table` renders the same table for docs/data.md (a test keeps the
 two equal). Enum-like settings (``Literal[...]`` annotations) are checked against their annotation, so a value
 passed from Python (where nothing else checks a ``Literal``) fails as early as one from YAML.
 A bad value is a `ConfigError` naming the key, the value and the allowed range, before any compute is spent.
@@ -155,7 +155,7 @@ def check_init(section: str, cls, local: dict) -> None:
     check_settings(section, {n: local[n] for n in names if n in local and n != "self"}, cls)
 
 
-# Where each section's settings are declared: their Literal (enum-like) settings join the README table.
+# Where each section's settings are declared: their Literal (enum-like) settings join the table of docs/data.md.
 SOURCES = {
     "model.base": "lit_ft.models:ModelSpec", "model.lora": "lit_ft.models:LoraSpec",
     "model.optim": "lit_ft.train.optim:OptimSpec", "model.ppo": "lit_ft.stages.ppo_spec:PPOSpec",
@@ -176,7 +176,7 @@ def _source(section: str):
 
 
 def settings_table() -> str:
-    """The README's table of allowed values, rendered from `RULES` and the Literal annotations."""
+    """docs/data.md's table of allowed values, rendered from `RULES` and the Literal annotations."""
     lines = ["| section | setting | allowed |", "| --- | --- | --- |"]
     for section in dict.fromkeys(list(RULES) + list(SOURCES)):
         for name, rule in RULES.get(section, {}).items():

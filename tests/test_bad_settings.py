@@ -131,8 +131,8 @@ def test_defaults_are_valid(build):
 def test_readme_table_is_the_code_table():
     from lit_ft.validation import settings_table
 
-    readme = (ROOT / "README.md").read_text()
-    assert settings_table() in readme, "README's settings table is stale: python -m lit_ft.validation"
+    readme = (ROOT / "docs" / "data.md").read_text()
+    assert settings_table() in readme, "docs/data.md's settings table is stale: python -m lit_ft.validation"
 
 
 # -- class 2: LoRA targets (resolved against the loaded model's layers, lit_ft.models.families) --------------------------

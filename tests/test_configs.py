@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_ft.cli.app import LitFTCLI
+from lit_ft.cli.trainer import LitFTCLI
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 STAGES = [c for c in CONFIGS if "/strategies/" not in c]

@@ -236,7 +236,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
 
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"lit_ft_module": "lit_ft.stages.sft.SFTModule", "hyper_parameters": {"x": Payload()}}, ckpt)
-    with pytest.raises(ConfigError, match=r"evil.ckpt: refused: the checkpoint holds pickled Python objects"):
+    with pytest.raises(ConfigError, match=r"evil.ckpt: refused: the file holds pickled Python objects"):
         adapter_from_checkpoint(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

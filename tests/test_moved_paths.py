@@ -78,7 +78,7 @@ def _tiny_fit_args(stage: str, out: Path) -> list[str]:
             "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(out / "runs" / stage),
             "--trainer.plugins", "lit_ft.resume.AtomicCheckpointIO",
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath=checkpoints",
-            "--trainer.callbacks.save_last=true"]
+            "--trainer.callbacks.save_last=true"]  # as the fixtures were written (tests/fixtures/premove/README.md)
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward"])
@@ -88,10 +88,10 @@ def test_a_checkpoint_of_the_old_layout_resumes_and_exports(stage, tmp_path, fre
     assert torch.load(old, weights_only=True)["lit_ft_module"].startswith(f"lit_ft.{stage}.")  # the old path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        main([*_tiny_fit_args(stage, tmp_path), "--trainer.max_steps", "4", "--ckpt_path", str(old)])
+        main([*_tiny_fit_args(stage, tmp_path), "--trainer.max_steps", "8", "--ckpt_path", str(old)])
     last = next((tmp_path / "runs" / stage).rglob("last.ckpt"))
     state = torch.load(last, weights_only=True)
-    assert state["global_step"] == 4  # continued from step 2, not restarted
+    assert state["global_step"] == 8  # continued from step 2, not restarted
     assert state["lit_ft_module"] == {"sft": "lit_ft.SFTModule", "reward": "lit_ft.RewardModule"}[stage]
     saved = next((tmp_path / "runs" / stage).rglob("config.yaml")).read_text()  # the run's config: public paths only
     named = [line.split("class_path:")[1].strip() for line in saved.splitlines() if "class_path: lit_ft." in line]

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ppo_config_parses(tmp_path, monkeypatch):
-    from lit_ft.cli.app import LitFTCLI
+    from lit_ft.cli.trainer import LitFTCLI
     from lit_ft.stages.ppo import PPOModule
 
     monkeypatch.chdir(tmp_path)  # the logger creates its save_dir

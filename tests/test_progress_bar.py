@@ -39,7 +39,7 @@ def _fit(tiny_model_dir, tmp_path, bar, ckpt_path=None, **trainer_args):
     data = tmp_path / "small.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0),
-                       optim=OptimSpec(lr=1e-3))
+                       optim=OptimSpec(lr=1e-3, min_lr_ratio=0.1))  # extended on resume: a floor above 0
     dm = InstructionDataModule(train_file=str(data), val_file=str(data), tokenizer=tiny_model_dir, max_length=64,
                                batch_size=4)  # 16 rows: 4 batches an epoch
     record = Record()
@@ -81,7 +81,7 @@ def test_an_epoch_bounded_run_keeps_a_bar_per_epoch(tiny_model_dir, tmp_path):
 
 
 def test_lit_ft_uses_the_step_bar_unless_the_config_names_one(tiny_model_dir):
-    from lit_ft.cli.app import LitFTCLI
+    from lit_ft.cli.trainer import LitFTCLI
     from lit_ft.data.recipes import resolve_config
 
     def bar(*extra):

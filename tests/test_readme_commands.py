@@ -24,6 +24,7 @@ EXERCISED = {
     r"lit-ft demo": "tests/test_demo.py (the demo on a tiny model, with demo.py)",
     r"lit-ft fit --config sft$": "test_install.py::test_fit_predict_export_from_an_empty_directory",
     r"lit-ft fit --config (sft_qlora|reward|ppo|dpo|grpo)$": "test_configs.py::test_config_instantiates",
+    r"lit-ft fit --config sft --trainer.fast_dev_run": "test_hostile.py::test_every_recipe_has_a_smoke_run",
     r"lit-ft fit --config sft --ckpt_path last": "test_tool.py::test_each_fit_gets_its_own_run_and_last_resumes_the_"
                                                  "newest_only",
     r"lit-ft (predict|test) --config sft --ckpt_path last": "test_readme_commands.py::test_quick_start_commands",
@@ -51,8 +52,8 @@ EXERCISED = {
 
 def readme_commands() -> list[str]:
     """Every `lit-ft ...`, `make ...`, `python -m lit_ft...`, `python train.py`, `wandb sync` and `torchrun` command
-    of the README: lines of its shell blocks and inline code spans."""
-    text = (REPO / "README.md").read_text()
+    of the README and the pages of docs/: lines of their shell blocks and inline code spans."""
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         found += [line.split("  #")[0].strip() for line in block.splitlines()]

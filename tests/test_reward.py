@@ -29,8 +29,9 @@ PAIRS = [
 
 
 def _module(tiny_model_dir, quantization="none", **kw) -> RewardModule:
+    # a floor above 0: test_slim_checkpoint_resume_and_export extends a finished run, which lr 0 would refuse
     module = RewardModule(ModelSpec(name_or_path=tiny_model_dir, quantization=quantization),
-                          LoraSpec(r=4, dropout=0.0), OptimSpec(lr=1e-2, warmup_steps=0), **kw)
+                          LoraSpec(r=4, dropout=0.0), OptimSpec(lr=1e-2, warmup_steps=0, min_lr_ratio=0.1), **kw)
     module.configure_model()
     return module
 

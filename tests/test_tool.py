@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from lit_ft.train import rundirs
-from lit_ft.cli.app import LitFTCLI, main
+from lit_ft.cli.app import main
+from lit_ft.cli.trainer import LitFTCLI
 from lit_ft.errors import ConfigError
 from lit_ft.data.recipes import configs_dir, resolve_config, resolve_source
 
@@ -34,6 +35,7 @@ def _args(tiny_model_dir, data, *extra):
             "--model.init_args.lora", "{r: 4, alpha: 8, dropout: 0.0}", "--data.init_args.max_length", "64",
             "--data.init_args.train_file", str(data), "--data.init_args.val_file", str(data),
             "--data.init_args.batch_size", "4", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+            "--model.init_args.optim.min_lr_ratio", "0.1",  # runs here are extended on resume: a floor above 0
             *extra]
 
 

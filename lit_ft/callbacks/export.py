@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks.logging import log_adapter_artifacts
 from lit_ft.train import strategies
+from lit_ft.train.guards import check_trained
 from lit_ft.train.integrity import load_verified
 from lit_ft.train.runs import atomic_directory
 
@@ -36,6 +37,7 @@ class ExportAdapter(L.Callback):
         self._written = False
 
     def on_train_end(self, trainer, pl_module):
+        check_trained(pl_module)  # a run that trained nothing exports nothing
         self.export(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module):

@@ -72,7 +72,7 @@ class SampleGenerations(L.Callback):
                 `sampling.merged` does for rollouts: faster decode steps for one copy of those weights); where
                 the base cannot be merged into (quantized, DoRA) or the copy would not fit, unmerged, said once.
         """
-        self.merged, self._told = merged, False
+        self.merged, self._told, self._told_off = merged, False, False
         self.num_prompts, self.batch_size, self.print_examples = num_prompts, batch_size, print_examples
         self.sampling = SamplingSpec(max_new_tokens=max_new_tokens, do_sample=False)
         self.metric, self.metric_name = resolve_callable(metric), metric_name
@@ -112,13 +112,23 @@ class SampleGenerations(L.Callback):
         for p, g, ref, _ in results[: self.print_examples]:
             rank_zero_info(f"  prompt: {p[-80:]!r}\n  output: {g!r}\n  reference: {ref!r}")
 
+    def _off(self, trainer) -> bool:
+        """`--trainer.fast_dev_run N` is the smoke run (a few steps to see that everything wires up): the held-out
+        generations, which take minutes, are left out, said once."""
+        if trainer.fast_dev_run and not self._told_off:
+            self._told_off = True
+            rank_zero_info("SampleGenerations: held-out evaluation off under trainer.fast_dev_run")
+        return bool(trainer.fast_dev_run)
+
     def on_train_start(self, trainer, pl_module):
+        if self._off(trainer):
+            return
         self.before, results = self.evaluate(trainer, pl_module)
         self._before_results = results
         self._print("before training", self.before, results)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self._off(trainer):
             return
         score, results = self.evaluate(trainer, pl_module)
         self._last = (trainer.global_step, score, results)
@@ -126,6 +136,8 @@ class SampleGenerations(L.Callback):
         self._log_table(trainer, results)
 
     def on_train_end(self, trainer, pl_module):
+        if self._off(trainer):
+            return
         step, score, results = getattr(self, "_last", (None, None, None))
         if step != trainer.global_step:  # no validation ran on the final weights: evaluate them now
             score, results = self.evaluate(trainer, pl_module)

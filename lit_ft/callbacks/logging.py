@@ -47,6 +47,9 @@ class WandbLogger(_LightningWandbLogger):
             log_model = False
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model)
+        init = getattr(self, "_wandb_init", {})
+        if init.get("anonymous", 0) is None:  # W&B warns about the setting even when it is unset
+            init.pop("anonymous")
         self.log_adapter = log_adapter
 
     @rank_zero_only

@@ -1,5 +1,6 @@
 """The `lit-ft` command (also `python -m lit_ft` and `train.py`): LightningCLI's fit/validate/test/predict over every
-lit_ft module and datamodule, plus `export`, `chat`, `plan` and `demo`.
+lit_ft module and datamodule (`lit_ft.cli.trainer`), plus `export`, `chat`, `plan` and `demo`. Only what a command
+uses is imported: `lit-ft --help` loads neither torch nor Lightning.
 
     lit-ft fit --config sft                       # a shipped recipe, by name (a path works too)
     lit-ft fit --config sft --ckpt_path last      # continue the newest run in its own directory
@@ -11,12 +12,10 @@ lit_ft module and datamodule, plus `export`, `chat`, `plan` and `demo`.
 
 from __future__ import annotations
 
-import inspect
+import errno
 import os
 import sys
 from pathlib import Path
-
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_ft.errors import ConfigError, LitFTError
 
@@ -34,149 +33,12 @@ TRAINER_COMMANDS = {
 }
 
 
-class LitFTSaveConfig(SaveConfigCallback):
-    """Saves `config.yaml` in the run's directory and gives W&B the whole resolved config (trainer and seed too)."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        config = self.config.clone().as_dict()
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(_plain(config), allow_val_change=True)
-
-
-def _plain(value):
-    """YAML/JSON-safe values only (W&B and yaml.safe_load read them back)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
-class LitFTCLI(LightningCLI):
-    """LightningCLI that names the model once (the datamodule's tokenizer follows `model.base.name_or_path`) and
-    places every output of a run in the run's own directory (`lit_ft.train.rundirs`)."""
-
-    def __init__(self, *args, **kwargs):
-        show_attribute_docstrings()
-        kwargs.setdefault("auto_configure_optimizers", False)  # lit_ft's modules configure their own (model.optim)
-        kwargs.setdefault("save_config_callback", LitFTSaveConfig)
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.init_args.base.name_or_path", "data.init_args.tokenizer")
-
-    def parse_arguments(self, parser, args) -> None:
-        # `main` hands over the command line with recipe names resolved: not a second command line to warn about.
-        argv, sys.argv = sys.argv, sys.argv[:1]
-        try:
-            super().parse_arguments(parser, args)
-        finally:
-            sys.argv = argv
-        self.config = public_class_paths(self.config)
-
-
-    def _parse_ckpt_path(self) -> None:
-        """Settings come from the user, never from a checkpoint: LightningCLI would merge the checkpoint's stored
-        hyper-parameters over the command line (another model path, `trust_remote_code`, even another module class).
-        lit_ft's modules compare those stored settings with the user's on load instead (`checkpointing.check_resume`:
-        refused where a setting cannot change, a `resume:` line where it can)."""
-
-    def _instantiate_trainer(self, config, callbacks):
-        # The progress bar: one over the whole run when it is bounded by max_steps (lit_ft.callbacks.progress), unless the
-        # config names its own bar or turns bars off.
-        from lightning.pytorch.callbacks import ProgressBar
-
-        from lit_ft.callbacks.progress import step_progress_bar
-
-        configured = config.get("callbacks") or []
-        configured = configured if isinstance(configured, list) else [configured]
-        if config.get("enable_progress_bar") is not False and not any(
-                isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
-            callbacks = [*callbacks, step_progress_bar()]
-        return super()._instantiate_trainer(config, callbacks)
-
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand is not None:
-            self.run_dir = place_run(self.config[self.subcommand], self.subcommand)
-
-
-def public_class_paths(value):
-    """`value` (a parsed config) with every `class_path` that names a public class by a module path written as
-    `lit_ft.<Name>`, so the run's saved config.yaml names only paths that do not move."""
-    import lit_ft
-    from jsonargparse import Namespace
-
-    if isinstance(value, Namespace):
-        for key, item in list(vars(value).items()):
-            setattr(value, key, public_class_paths(item))
-        if isinstance(getattr(value, "class_path", None), str):
-            value.class_path = lit_ft.public_name(value.class_path) or value.class_path
-    elif isinstance(value, list):
-        return [public_class_paths(v) for v in value]
-    return value
-
-
-def show_attribute_docstrings() -> None:
-    """`--help` shows the docstring under each dataclass field (ModelSpec, LoraSpec, OptimSpec, ...)."""
-    import jsonargparse
-
-    if "docstring_parse_attribute_docstrings" in inspect.signature(jsonargparse.set_parsing_settings).parameters:
-        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    else:  # jsonargparse < 4.35
-        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
-
-
-def place_run(config, subcommand: str):
-    """Choose the run directory and put the trainer's, the callbacks' and the loggers' output paths in it."""
-    from lit_ft.train import rundirs
-
-    trainer = config.trainer
-    root = trainer.default_root_dir or "runs"
-    ckpt_path = config.get("ckpt_path")
-    run_dir, continued = rundirs.choose(root, subcommand, ckpt_path)
-    callbacks = trainer.get("callbacks") or []
-    checkpoint_dirs = [_args(c).get("dirpath") for c in callbacks if _name(c).endswith("ModelCheckpoint")]
-    if subcommand != "fit" and ckpt_path == "last":
-        newest = rundirs.newest_fit(Path(root))
-        if newest is None:
-            raise ConfigError(f"--ckpt_path last: no fit run in {root} (trainer.default_root_dir)")
-        config.ckpt_path = rundirs.last_checkpoint(newest, checkpoint_dirs)
-    trainer.default_root_dir = str(run_dir)
-    for cb in callbacks:
-        args = _args(cb)
-        default = "checkpoints" if _name(cb).endswith("ModelCheckpoint") else None
-        for key in rundirs.PATH_ARGS:
-            if key in args and (args[key] is not None or default):
-                args[key] = rundirs.place(args[key], run_dir, default)
-    loggers = trainer.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if not isinstance(logger, (bool, type(None))) and "save_dir" in _args(logger):
-            _args(logger)["save_dir"] = rundirs.place(_args(logger)["save_dir"], run_dir, ".")
-    os.environ[rundirs.RUN_DIR_ENV] = str(run_dir)  # for the ranks Lightning starts after this one
-    what = "continuing" if continued else "writing"
-    print(f"[lit_ft] {subcommand}: {what} {run_dir}", file=sys.stderr, flush=True)
-    return run_dir
-
-
-def _name(entry) -> str:
-    return str(entry.get("class_path", "")) if hasattr(entry, "get") else type(entry).__name__
-
-
-def _args(entry):
-    init = entry.get("init_args") if hasattr(entry, "get") else None
-    if init is None:
-        return {}
-    return init
-
-
 def main(args=None) -> None:
     """`lit-ft`: a lit_ft error (bad data, a bad setting) is the user's to fix, so it prints as one line,
     ``error: <message>``, with exit code 2 instead of a traceback through Lightning (``LIT_FT_TRACEBACK=1``
     keeps the traceback). A preemption exits with its own code (143 after SIGTERM)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_third_party()
     args = list(sys.argv[1:] if args is None else args)
     try:
         if not args or args[0] in ("-h", "--help"):
@@ -187,11 +49,38 @@ def main(args=None) -> None:
         elif not nested_help(args):
             run_cli(args)
     except Exception as e:
-        ours = lit_ft_cause(e)
+        ours = lit_ft_cause(e) or pickle_refusal(e, args)
         if ours is None or os.environ.get("LIT_FT_TRACEBACK") == "1":
             raise
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+NOISE = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning calling torch's own deprecated API
+    r".*`is_gradient_checkpointing` is deprecated.*",  # transformers calling its own deprecated API
+    r".*The installed version of bitsandbytes was compiled without GPU support.*",
+)
+"""Warnings about third-party code calling third-party code: nothing a user of the command can act on."""
+
+
+def quiet_third_party() -> None:
+    """The command's output keeps what a user can act on: the warnings in `NOISE` and Lightning's advertising tips
+    are dropped (every other warning still shows; a Python user of the library keeps all of them)."""
+    import logging
+    import warnings
+
+    for pattern in NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    class NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "💡 Tip:" not in record.getMessage()
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoTips) for f in logger.filters):
+            logger.addFilter(NoTips())
 
 
 def usage() -> str:
@@ -238,6 +127,8 @@ def nested_help(args: list[str]) -> bool:
                  and hasattr(t, "__dataclass_fields__")), None)
     if spec is None:
         raise ConfigError(f"--{section}.{field}.help: {class_path}'s {field!r} is not a group of settings")
+    from lit_ft.cli.trainer import show_attribute_docstrings
+
     show_attribute_docstrings()
     parser = ArgumentParser(prog=f"lit-ft fit ... --{section}.{field}.X VALUE", description=spec.__doc__)
     parser.add_class_arguments(spec, f"{section}.{field}")
@@ -262,12 +153,33 @@ def run_tool(name: str, argv: list[str]) -> None:
         raise SystemExit(code)
 
 
+def pickle_refusal(error: BaseException, args: list[str]) -> ConfigError | None:
+    """torch's refusal to unpickle a file this command loads (`weights_only=True`), as one line naming the file: the
+    checkpoint of `--ckpt_path` when the command has one."""
+    from lit_ft.errors import pickle_cause, refused_pickle
+
+    cause = pickle_cause(error)
+    if cause is None:
+        return None
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--ckpt_path"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")]
+    return ConfigError(refused_pickle(f"--ckpt_path {paths[-1]}" if paths else "a file this command loads", cause))
+
+
 def lit_ft_cause(error: BaseException | None) -> LitFTError | None:
     """The LitFTError in ``error``'s chain (jsonargparse wraps a spec's ConfigError in its own ValueErrors)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, LitFTError):
             return error
+        if type(error).__name__ == "MisconfigurationException":  # Lightning's own word for a setting that cannot work
+            return ConfigError(f"trainer: {str(error).strip()}")
+        if isinstance(error, ValueError) and "`val_check_interval`" in str(error):
+            return ConfigError(f"trainer.val_check_interval: {str(error).strip()} (or validate every N steps across "
+                               "epochs: --trainer.check_val_every_n_epoch null)")
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.ENOTDIR):
+            return ConfigError(f"{error.filename or 'an output path'}: {error.strerror} (check trainer.default_root_dir "
+                               "and the output paths: a writable directory with free space)")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
@@ -303,6 +215,7 @@ def report_module_paths(args: list[str]) -> dict[str, str]:
 def run_cli(args=None) -> None:
     import lightning as L
 
+    from lit_ft.cli.trainer import LitFTCLI
     from lit_ft.data.recipes import resolve_config_args
 
     args = resolve_config_args(list(sys.argv[1:] if args is None else args))

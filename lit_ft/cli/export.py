@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import pickle
 from pathlib import Path
 
 from lit_ft.models.adapters import check_adapter_base, read_base_identity
 from lit_ft.models.identity import identity_diff
 from lit_ft.train.checkpointing import IDENTITY_KEY, MODULE_KEY
-from lit_ft.errors import ConfigError
+from lit_ft.errors import ConfigError, loading
 from lit_ft.train.integrity import load_verified
 from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer
-from lit_ft.train.runs import atomic_directory
+from lit_ft.train.runs import atomic_directory, check_output
 
 # The only classes an export builds from a checkpoint's `lit_ft_module` entry: a checkpoint cannot name any other
 # callable to be imported or called. A checkpoint records `lit_ft.<Name>`; one written before the subpackages
@@ -60,24 +59,17 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     truncated or corrupted one with a CheckpointError naming the newest checkpoint beside it that verifies."""
     if not Path(ckpt).is_file():
         raise ConfigError(f"--ckpt: {ckpt} is not a file")
-    try:
-        return load_verified(ckpt)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{ckpt}: refused: the checkpoint holds pickled Python objects, which weights_only=True loading does "
-            f"not execute ({first[:200]}). lit_ft checkpoints hold tensors and plain values only; re-save it "
-            "with plain hyper-parameters, or load it yourself only if you trust its origin"
-        ) from e
+    return load_verified(ckpt)
 
 
 def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
-                            base: str | None = None) -> Path:
+                            base: str | None = None, overwrite: bool = False) -> Path:
     """Rebuild the LightningModule recorded in a lit_ft checkpoint, load its trainable state, save the adapter.
 
     The checkpoint's settings shape the module (LoRA rank, targets, heads), but never run code: model code shipped
     with a base (`trust_remote_code`) stays off whatever the checkpoint says, and `base` loads the base from
     another place than the one recorded (its weights must be the ones the checkpoint was trained on)."""
+    check_output(out, "--out", inputs=(ckpt,), overwrite=overwrite)
     state = load_checkpoint(ckpt)
     if MODULE_KEY not in state:
         raise ConfigError(f"{ckpt} is not a lit_ft checkpoint (no '{MODULE_KEY}' entry)")
@@ -121,7 +113,7 @@ def init_arguments(cls: type, hparams: dict) -> dict:
 
 
 def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32",
-          attn_implementation: str = "auto") -> Path:
+          attn_implementation: str = "auto", overwrite: bool = False) -> Path:
     """Merge LoRA weights into the base (`merge_and_unload`) and save a plain HF model + tokenizer.
 
     `attn_implementation` is how the base loads for the merge (`auto`: what transformers picks for the family,
@@ -129,6 +121,10 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     from peft import PeftModel
 
     adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there (an adapter directory is what "
+                          "ExportAdapter or `lit-ft export adapter` writes)")
+    check_output(out, "--out", inputs=(adapter, base if base and Path(base).exists() else None), overwrite=overwrite)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     identity = read_base_identity(adapter) or {}
     name = base or identity.get("name_or_path") or cfg.get("base_model_name_or_path")
@@ -138,7 +134,8 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
     check_adapter_base(adapter, spec.identity(), "--adapter")
     task = "score" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
     spec.attn_implementation = attn_implementation
-    model = PeftModel.from_pretrained(load_base(spec, task), str(adapter)).merge_and_unload()
+    with loading(adapter, "--adapter"):
+        model = PeftModel.from_pretrained(load_base(spec, task), str(adapter)).merge_and_unload()
     tok = load_tokenizer(str(adapter)) if (adapter / "tokenizer_config.json").exists() else load_tokenizer(spec.name_or_path)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
@@ -202,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--attn-implementation", default="auto",
                    choices=["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"])
     for p in (a, m):
+        p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (never an input)")
         p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                        help="upload the written directory to this hub model repository (needs network and a token)")
         p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -211,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--llama_cpp", default=None, help="llama.cpp checkout holding convert_hf_to_gguf.py and "
                    "convert_lora_to_gguf.py (default: $LLAMA_CPP_DIR, else the scripts on PATH)")
     g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    g.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     return parser
 
 
@@ -219,14 +218,14 @@ def main(argv=None) -> None:
     if args.command == "gguf":
         from lit_ft.cli.gguf import to_gguf
 
-        print(to_gguf(args.src, args.out, args.llama_cpp, args.outtype))
+        print(to_gguf(args.src, args.out, args.llama_cpp, args.outtype, args.overwrite))
         return
     if args.push_to_hub is not None:
         check_hub_target(args.push_to_hub)  # before a possibly long export
     if args.command == "adapter":
-        print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer, args.base))
+        print(adapter_from_checkpoint(args.ckpt, args.out, args.tokenizer, args.base, args.overwrite))
     else:
-        print(merge(args.adapter, args.out, args.base, args.dtype, args.attn_implementation))
+        print(merge(args.adapter, args.out, args.base, args.dtype, args.attn_implementation, args.overwrite))
     if args.push_to_hub is not None:
         print(push_to_hub(args.out, args.push_to_hub, args.private))
 

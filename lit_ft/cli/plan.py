@@ -9,7 +9,8 @@ import warnings
 
 import lightning as L
 
-from lit_ft.cli.app import LitFTCLI, lit_ft_cause
+from lit_ft.cli.app import lit_ft_cause
+from lit_ft.cli.trainer import LitFTCLI
 from lit_ft.plan.memory import Plan, estimate
 from lit_ft.plan.sizes import parse_size
 

@@ -7,27 +7,21 @@ May import: `lit_ft.errors`, `lit_ft.validation`, `lit_ft.models` (the tokenizer
 loader).
 """
 
-from lit_ft.data.collate import PackedSFTCollator, PreferenceCollator, PromptCollator, SFTCollator
-from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
-from lit_ft.data.readers import DataReport, read_rows
-from lit_ft.data.records import load_records
-from lit_ft.data.templates import render_pair, render_prompt, render_segments
-from lit_ft.data.tokenize import tokenize_records, tokenize_segments
+import importlib
 
-__all__ = [
-    "DataReport",
-    "InstructionDataModule",
-    "PackedSFTCollator",
-    "PreferenceCollator",
-    "PreferenceDataModule",
-    "PromptCollator",
-    "PromptDataModule",
-    "SFTCollator",
-    "load_records",
-    "read_rows",
-    "render_pair",
-    "render_prompt",
-    "render_segments",
-    "tokenize_records",
-    "tokenize_segments",
-]
+_EXPORTS = {
+    "PackedSFTCollator": "collate", "PreferenceCollator": "collate", "PromptCollator": "collate",
+    "SFTCollator": "collate", "InstructionDataModule": "modules", "PreferenceDataModule": "modules",
+    "PromptDataModule": "modules", "DataReport": "readers", "read_rows": "readers", "load_records": "records",
+    "render_pair": "templates", "render_prompt": "templates", "render_segments": "templates",
+    "tokenize_records": "tokenize", "tokenize_segments": "tokenize",
+}
+"""Imported on first use, so the command's recipe lookup (`lit_ft.data.recipes`) loads no Lightning."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lit_ft.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lit_ft.data.{_EXPORTS[name]}"), name)

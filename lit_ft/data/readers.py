@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lit_ft.data.csv_rows import read_csv, text_bytes
 from lit_ft.errors import ConfigError, DataError
 from lit_ft.data.recipes import resolve_source
 
@@ -172,7 +173,7 @@ def _read_hub(name: str, split: str, setting: str, subset: str | None = None) ->
 
 def _read_table(path: Path, suffix: str) -> tuple[list[dict], list[int]]:
     if suffix == ".csv":
-        return _read_csv(path)
+        return read_csv(path)
     import datasets
 
     try:
@@ -182,51 +183,8 @@ def _read_table(path: Path, suffix: str) -> tuple[list[dict], list[int]]:
     return list(ds), list(range(1, len(ds) + 1))
 
 
-def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
-    """CSV rows as text, with the source line where each row starts (line 1 is the header).
-
-    Read with the ``csv`` module rather than pandas: every cell stays text (pandas would turn an answer "42"
-    into an int and fail the string check), multi-line quoted cells keep true line numbers, a UTF-8 BOM is
-    accepted, and bad bytes are reported by line. An empty cell is a missing value (None). Columns with an
-    empty header (a trailing comma, an unnamed index column) are ignored; a row with more cells than the
-    header has columns is an error.
-    """
-    import csv
-    import io
-
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8",
-                        file=str(path), line=data.count(b"\n", 0, e.start) + 1) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        if header is None:
-            return [], []
-        twice = sorted({k for k in header if k.strip() and header.count(k) > 1})
-        if twice:  # a dict keeps the last of two same-named cells: which one is meant?
-            raise DataError(f"the header names {twice} more than once", file=str(path), line=1)
-        rows, lines, start = [], [], reader.line_num + 1
-        for cells in reader:
-            if any(c.strip() for c in cells):
-                if len(cells) > len(header):
-                    raise DataError(f"{len(cells)} cells but the header has {len(header)} columns",
-                                    file=str(path), line=start)
-                rows.append({k: (c if c != "" else None) for k, c in zip(header, cells) if k.strip()}
-                            | {k: None for k in header[len(cells):] if k.strip()})
-                lines.append(start)
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise DataError(f"invalid CSV: {e}", file=str(path), line=reader.line_num) from None
-    if not rows and any(k.strip() for k in header):
-        raise DataError("no rows: the file has a header but no data rows", file=str(path))
-    return rows, lines
-
-
 def _read_json(path: Path, skip_bad_rows: bool, report: DataReport) -> tuple[list[dict], list[int]]:
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not an error
+    data = text_bytes(path).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not an error
     # A .jsonl file is lines whatever its first character: its first line being an array is line 1's fault.
     if data.lstrip()[:1] == b"[" and path.suffix.lower() != ".jsonl" and not _array_then_more(data):
         return _read_json_array(path, data)

@@ -240,6 +240,19 @@ def _prompt_messages(record: dict) -> list[dict]:
     return record["prompt"] if "prompt" in record else record["messages"]
 
 
+def _spaced(value):
+    """`value` with every text's trailing whitespace (of the text and of each line) and line endings made one form:
+    rows that differ only there are the same row (a duplicate), and a pair whose sides differ only there prefers
+    nothing. Indentation is kept: in code it is meaning."""
+    if isinstance(value, str):
+        return "\n".join(line.rstrip() for line in value.replace("\r\n", "\n").split("\n")).strip()
+    if isinstance(value, dict):
+        return {k: _spaced(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_spaced(v) for v in value]
+    return value
+
+
 def _quality_drop(record: dict, kind: Kind, seen: set | None) -> str | None:
     """The reason to drop a well-formed record, or None to keep it.
 
@@ -251,10 +264,10 @@ def _quality_drop(record: dict, kind: Kind, seen: set | None) -> str | None:
     users = [m["content"] for m in _prompt_messages(record) if m["role"] == "user"] + [record.get("input") or ""]
     if all(is_blank(u) for u in users):
         return "empty_prompt"  # nothing asked: a rollout has nothing to answer, SFT nothing to condition on
-    if kind == "preference" and record["chosen"] == record["rejected"]:
-        return "chosen_equals_rejected"
+    if kind == "preference" and _spaced(record["chosen"]) == _spaced(record["rejected"]):
+        return "chosen_equals_rejected"  # also when they differ in whitespace only: nothing to prefer
     if seen is not None:
-        key = json.dumps({k: v for k, v in record.items() if k != "line"}, sort_keys=True)
+        key = json.dumps(_spaced({k: v for k, v in record.items() if k != "line"}), sort_keys=True)
         if key in seen:
             return "duplicate"
         seen.add(key)

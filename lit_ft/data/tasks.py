@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-_NUMBER = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 QUESTION_STYLES = [
     "What is {a} {op} {b}?",
@@ -55,19 +55,38 @@ def wrong_response(response: str, answer: str, rng: random.Random) -> tuple[str,
     return left + f"= {rng.choice(sorted(candidates))}", "near_miss"
 
 
+def normalize_number(text) -> str | None:
+    """One spelling of a number: commas and a trailing ".0" dropped ("1,200.50" -> "1200.5", "11.0" and 11 -> "11");
+    None when `text` is not a number."""
+    text = str(text).strip().replace(",", "").removeprefix("$")
+    if not re.fullmatch(r"[-+]?\d+(?:\.\d*)?|[-+]?\.\d+", text):
+        return None
+    sign = "-" if text.startswith("-") else ""
+    whole, _, frac = text.lstrip("+-").partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    number = f"{whole}.{frac}" if frac else whole
+    return "0" if number == "0" else sign + number
+
+
 def extract_answer(text: str) -> str | None:
-    """The last integer in a response, or None."""
+    """The last number in a response (normalised: `normalize_number`), or None."""
     found = _NUMBER.findall(text)
-    return found[-1] if found else None
+    return normalize_number(found[-1]) if found else None
 
 
-def exact_match(response: str, answer: str) -> bool:
-    return extract_answer(response) == answer.strip()
+def exact_match(response: str, answer) -> bool:
+    """The response's last number equals the answer, as numbers are written either way ("11" / "11.0" / 11)."""
+    expected = normalize_number(answer)
+    return expected is not None and extract_answer(response) == expected
 
 
-def correctness_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
+def correctness_reward(prompts: list[str], responses: list[str], answers: list) -> list[float]:
     """Verifiable reward for PPO: 1 for the correct final number, 0 otherwise (no answer: 0)."""
     return [float(a is not None and exact_match(r, a)) for r, a in zip(responses, answers)]
+
+
+correctness_reward.usable_answer = lambda answer: normalize_number(answer) is not None
+"""What the online stages check before the first step: an answer this reward can ever match (`online.shared`)."""
 
 
 def generate(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 1234) -> None:
@@ -99,8 +118,9 @@ def _write(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def answer_match(generation: str, reference: str) -> bool:
+def answer_match(generation: str, reference) -> bool:
     """Task-agnostic exact match: the final numbers agree when the reference has one, else the stripped texts."""
+    reference = str(reference)
     ref = extract_answer(reference)
     if ref is None:
         return generation.strip() == reference.strip()
@@ -128,8 +148,11 @@ def gsm8k_number(text: str | None) -> str | None:
 def gsm8k_reward(prompts: list[str], responses: list[str], answers: list[str | None]) -> list[float]:
     """Verifiable GSM8K reward: 1 when the number after the response's last "####" equals the one after the
     reference solution's "####", else 0 (no "####" in the response: 0)."""
-    return [float(a is not None and gsm8k_number(r) is not None and gsm8k_number(r) == gsm8k_number(a))
+    return [float(a is not None and gsm8k_number(r) is not None and gsm8k_number(r) == gsm8k_number(str(a)))
             for r, a in zip(responses, answers)]
+
+
+gsm8k_reward.usable_answer = lambda answer: gsm8k_number(str(answer)) is not None
 
 
 if __name__ == "__main__":

@@ -13,12 +13,43 @@ Concatenating the segment texts gives the full training text; ``trainable`` mark
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from typing import Literal
 
 from lit_ft.errors import ConfigError
 
 TemplateName = Literal["chat", "alpaca", "plain"]
 Segments = list[tuple[str, bool]]
+
+RENDER_SECONDS = 10.0
+"""The longest one chat-template render may take: a template is a program shipped with a model, and one that loops
+without end (nested loops over a range) would otherwise hold the run before its first step."""
+
+
+class TemplateTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise TemplateTimeout in the block after `seconds` (SIGALRM: the main thread of a Unix process, where the
+    command renders; elsewhere, a DataLoader worker or a thread, the block runs unlimited)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TemplateTimeout(f"rendering took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def check_template(template: str, tokenizer) -> None:
@@ -46,6 +77,8 @@ def _probe_chat_template(tokenizer) -> None:
     try:
         text = _chat(tokenizer, probe)
         _chat(tokenizer, probe[:1], add_generation_prompt=True)
+    except ConfigError:
+        raise
     except Exception as e:  # jinja2's TemplateSyntaxError/UndefinedError, TypeError from a bad filter, ...
         raise ConfigError(problem.format(f"fails on a plain two-turn conversation: {type(e).__name__}: {e}")) from e
     if "Hi" not in text or "Hello" not in text:
@@ -65,7 +98,16 @@ def _prepare(messages: list[dict], system_prompt: str | None, input: str | None)
 
 
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The tokenizer's chat template, rendered under `RENDER_SECONDS` (a row that makes it loop is a ConfigError
+    naming the template, not a run that hangs)."""
+    try:
+        with _time_limit(RENDER_SECONDS):
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+    except TemplateTimeout as e:
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ConfigError(f"data.template='chat': the chat template of {where} {e} for one conversation; fix the "
+                          "template or use data.template 'alpaca' or 'plain'") from None
 
 
 def _chat_segments(messages: list[dict], tokenizer) -> Segments:

@@ -14,7 +14,7 @@ import torch
 
 from lit_ft.models import families
 from lit_ft.models.default import default_model_dir
-from lit_ft.errors import ConfigError
+from lit_ft.errors import ConfigError, loading
 from lit_ft.models.spec import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,7 +145,8 @@ def load_base(spec: ModelSpec, task: Literal["causal_lm", "score"] = "causal_lm"
     if scorer:
         kwargs["num_labels"] = 1
     try:
-        model = cls.from_pretrained(where, **kwargs)
+        with loading(where, "model.base.name_or_path"):
+            model = cls.from_pretrained(where, **kwargs)
     except ValueError as e:
         if "attention implementation" not in str(e):
             raise

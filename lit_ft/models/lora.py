@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from lit_ft.models import families
-from lit_ft.errors import ConfigError
+from lit_ft.errors import ConfigError, loading
 from lit_ft.models.spec import LoraSpec
 
 
@@ -107,7 +107,8 @@ def load_adapter(model, path: str, task: Literal["causal_lm", "score"], trainabl
                 f"model.adapter: {path} is a reward adapter (task_type SEQ_CLS) and has no language-model head; "
                 "a causal-LM stage needs a CAUSAL_LM adapter such as the SFT export"
             )
-        return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        with loading(path, "model.base.adapter"):
+            return PeftModel.from_pretrained(model, path, is_trainable=trainable)
     if saved not in (None, TaskType.CAUSAL_LM) or config.peft_type != "LORA":
         raise ConfigError(f"model.adapter: {path} is a {config.peft_type} {saved} adapter; a reward model can "
                           "start from a LoRA CAUSAL_LM (SFT) or SEQ_CLS (reward) adapter")
@@ -115,7 +116,8 @@ def load_adapter(model, path: str, task: Literal["causal_lm", "score"], trainabl
     model = get_peft_model(model, config)
     # The new head keeps its fresh initialisation: it is handed back as it is, the LoRA weights come from `path`.
     weights = get_peft_model_state_dict(model)
-    loaded = load_peft_weights(path)
+    with loading(path, "model.base.adapter"):
+        loaded = load_peft_weights(path)
     strays = sorted(set(loaded) - set(weights))
     if strays:
         raise ConfigError(f"model.adapter: {path} does not fit this base model (unexpected {strays[:3]})")

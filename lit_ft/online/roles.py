@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lit_ft.errors import ConfigError
+from lit_ft.errors import ConfigError, loading
 from lit_ft.losses import entropy_from_logits, selective_log_softmax
 from lit_ft.models import families
 from lit_ft.models.adapters import ADAPTER_WEIGHTS, HEAD_NAME, RewardExport, check_adapter
@@ -76,8 +76,9 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
     model = prepare_for_training(load_base(base, "causal_lm", device), base)
     if sft_adapter is not None:
         check_adapter(sft_adapter, base.identity(), "model.sft_adapter")
-        model = PeftModel.from_pretrained(model, sft_adapter, adapter_name=POLICY, is_trainable=True)
-        model.load_adapter(sft_adapter, adapter_name=REF, is_trainable=False)
+        with loading(sft_adapter, "model.sft_adapter"):
+            model = PeftModel.from_pretrained(model, sft_adapter, adapter_name=POLICY, is_trainable=True)
+            model.load_adapter(sft_adapter, adapter_name=REF, is_trainable=False)
     elif lora is not None:
         model = get_peft_model(model, lora_config(lora, "causal_lm", model), adapter_name=POLICY)
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lit_ft.errors import loading
 from lit_ft.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_NAME, head_keys, read_normalization
 from lit_ft.models.card import local_base
 from lit_ft.models.load import load_base
@@ -129,7 +130,8 @@ class RewardScorer:
             base = ModelSpec(name_or_path=local_base(adapter_dir), dtype="float32")
         model = load_base(base, task="score", device=torch.device(device))
         base_name = base.name_or_path
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with loading(adapter_dir, "reward adapter"):
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         if base.quantization == "none":  # k-bit weights were placed on load and cannot move
             model.to(device)
         tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_name

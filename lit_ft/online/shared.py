@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -54,6 +54,39 @@ def check_strategy(trainer, stage: str) -> None:
         )
 
 
+def setup(module, stage: str, name: str) -> None:
+    """What the online stages check in `setup`, before any model is built: the strategy, and that the reward can be
+    earned at all."""
+    check_strategy(module.trainer, name)
+    if stage == "fit":
+        check_answers(module)
+
+
+def check_answers(module) -> None:
+    """A verifiable reward (one with `usable_answer`, like `correctness_reward`) on prompts without answers it can
+    match scores every response 0: every GRPO group is dropped and the run trains nothing while exiting 0. So no
+    usable answer in the training rows is a ConfigError before the first step; some rows without one, a warning with
+    their count."""
+    usable = getattr(module.reward_fn, "usable_answer", None)
+    datamodule = getattr(module.trainer, "datamodule", None)
+    rows = getattr(datamodule, "train_dataset", None)
+    if usable is None or rows is None or len(rows) == 0:
+        return
+    answers = rows["answer"] if "answer" in rows.column_names else [None] * len(rows)
+    good = sum(1 for a in answers if a is not None and usable(a))
+    where = f"{getattr(datamodule, 'train_file', None) or 'the training data'}"
+    field = getattr(datamodule, "answer_field", "answer")
+    if good == 0:
+        raise ConfigError(
+            f"model.reward_fn={module.reward_fn_name}: needs an answer for every prompt, but none of the {len(rows)} "
+            f"training rows of {where} has one it can match in data.answer_field={field!r} (missing, empty, or not "
+            "of its kind): every reward would be 0 and nothing would train. Name the column that holds the answers "
+            "(data.answer_field) or use a reward that needs none")
+    if good < len(rows):
+        rank_zero_warn(f"model.reward_fn={module.reward_fn_name}: {len(rows) - good} of {len(rows)} training rows of "
+                       f"{where} have no answer it can match (data.answer_field={field!r}); their reward is always 0")
+
+
 def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim_spec,
                sample_table_every) -> None:
     """The `__init__` settings every online stage shares, as attributes (specs from dataclasses, or from the plain
@@ -65,6 +98,7 @@ def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, rewar
                                                                                                           optim_spec)
     module.sft_adapter, module.reward_adapter = sft_adapter or module.base.adapter, reward_adapter
     module.reward_fn = resolve_callable(reward_fn) if reward_fn else None
+    module.reward_fn_name = reward_fn
     module.reward_fn_weight, module.sample_table_every = reward_fn_weight, sample_table_every
     module.automatic_optimization = False
     module.strict_loading = False  # checkpoints hold the trainable adapters (and PPO's value head) only

@@ -150,6 +150,14 @@ def default_budget() -> int | None:
 # ---------------------------------------------------------------------------------------------- estimate
 
 
+def run_device(trainer=None) -> str:
+    """What the run will use: the trainer's device when there is one, else a GPU if this machine has one."""
+    root = getattr(getattr(trainer, "strategy", None), "root_device", None) if trainer is not None else None
+    if root is not None:
+        return "cuda" if root.type == "cuda" else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def settings_from(model, datamodule=None, trainer=None, target: str | None = None) -> Settings:
     """Read a stage's settings from the objects of a fit (any of datamodule/trainer may be None: defaults)."""
     stage = plan_stages.stage_of(model)
@@ -166,17 +174,16 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None), grpo=getattr(model, "grpo", None),
         dpo=getattr(model, "dpo", None),
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
-        reward_adapter=getattr(model, "reward_adapter", None), target=target or "cuda", data=data,
+        reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
         rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)))
 
 
 def estimate(model, datamodule=None, trainer=None, *, budget: int | str | None = "auto", target: str | None = None,
              advise: bool = True) -> Plan:
     """The memory plan of fitting `model` (an SFT/reward/DPO/PPO/GRPO LightningModule, not yet configured) on
-    `datamodule`
-    with `trainer`. `budget`: bytes or a size string; "auto" = the visible GPU's memory (None on a CPU).
-    `target`: the device planned for, "cuda" (default: the plan is of GPU memory) or "cpu"; it decides what
-    `dtype: auto` means (bfloat16 on CUDA) and the CUDA context allowance."""
+    `datamodule` with `trainer`. `budget`: bytes or a size string; "auto" = the visible GPU's memory (None on a
+    CPU). `target`: the device planned for, "cuda" or "cpu" (default: the one the run will use, `run_device`); it
+    decides what `dtype: auto` means (bfloat16 on CUDA) and the CUDA context allowance."""
     return estimate_settings(settings_from(model, datamodule, trainer, target), budget=budget, advise=advise)
 
 

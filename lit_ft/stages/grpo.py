@@ -94,7 +94,7 @@ class GRPOModule(L.LightningModule):
             online.build_roles(self, "none", self.grpo.disable_dropout)
 
     def setup(self, stage: str) -> None:
-        online.check_strategy(self.trainer, "GRPO")
+        online.setup(self, stage, "GRPO")
 
     # -- training -------------------------------------------------------------------------------------------
 

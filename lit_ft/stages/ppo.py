@@ -93,7 +93,7 @@ class PPOModule(L.LightningModule):
         self.value_head = roles.value_head_from(export, self.model.get_base_model().config.hidden_size)
 
     def setup(self, stage: str) -> None:
-        online.check_strategy(self.trainer, "PPO")
+        online.setup(self, stage, "PPO")
 
     # -- training -------------------------------------------------------------------------------------------
 

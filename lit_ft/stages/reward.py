@@ -90,8 +90,18 @@ class RewardModule(L.LightningModule):
             compile_decoder_layers(self.model)
         rank_zero_info(describe(self.model))
 
+    BATCH_FORMAT = ("a dict with input_ids Long[2B, T] (the B chosen rows, then the B rejected rows, right-padded), "
+                    "attention_mask [2B, T] and optionally margin Float[B], as lit_ft.PreferenceDataModule collates "
+                    "it (TRL's input_ids_chosen / input_ids_rejected pairs: concatenate them, chosen first)")
+
     def rewards(self, batch: dict) -> torch.Tensor:
         """Raw fp32 rewards [2B] of every row of the batch (chosen rows first), one forward pass."""
+        if not isinstance(batch, dict) or not {"input_ids", "attention_mask"} <= set(batch):
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ConfigError(f"RewardModule: a batch is {self.BATCH_FORMAT}; got {keys}")
+        if batch["input_ids"].shape[0] % 2:
+            raise ConfigError(f"RewardModule: {batch['input_ids'].shape[0]} rows, not 2B; a batch is "
+                              f"{self.BATCH_FORMAT}")
         if "position_ids" in batch:  # a score is read at each row's last real token: rows must be padded
             raise ConfigError("data.packing: the reward model reads padded batches; set data.packing false")
         return scoring.sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])

@@ -15,6 +15,7 @@ from lit_ft.stages import predict
 from lit_ft.train import optim as optim_mod
 from lit_ft.train.guards import GUARD_KEY, NonFiniteGuard
 from lit_ft.models import families
+from lit_ft.errors import ConfigError
 from lit_ft.losses import causal_lm_loss
 from lit_ft.models.neftune import add_neftune
 from lit_ft.models import LoraSpec, ModelSpec, build_model, compile_decoder_layers, describe
@@ -75,6 +76,11 @@ class SFTModule(L.LightningModule):
             return
         device = strategies.model_device(self, self.base)
         self.model = build_model(self.base, self.lora, "causal_lm", device=device)
+        if hasattr(self._decoder_and_head()[1], "lora_A"):
+            raise ConfigError(
+                "model.lora.target_modules: the LM head is adapted, but SFT computes its loss from the head's weight "
+                "in chunks (model.loss_chunk_size), which a LoRA on the head would bypass: it would never train. "
+                "Leave the head out of target_modules (the default 'all' does)")
         if self.neftune_alpha:
             add_neftune(self.model, self.neftune_alpha)
         if self.compile_layers:

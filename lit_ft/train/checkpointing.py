@@ -104,11 +104,15 @@ def as_spec(cls, value):
 
 
 def check_identity(checkpoint: dict, identity: dict) -> None:
-    """Refuse to load adapters onto a different base (name, revision, quantization or weights)."""
+    """Refuse to load adapters onto a different base (weights, quantization; the name and revision only where a
+    side has no fingerprint of the weights: the same weights under another path, a moved checkout or cache, are the
+    same base)."""
     saved = checkpoint.get(IDENTITY_KEY)
     if saved is None:
         return
-    diff = identity_diff(saved, identity)
+    fingerprinted = saved.get("weights") is not None and identity.get("weights") is not None
+    keys = ("weights", "quantization") if fingerprinted else None
+    diff = identity_diff(saved, identity, keys=keys)
     if diff:
         lines = ", ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.train import integrity
-from lit_ft.errors import LitFTError
+from lit_ft.errors import ConfigError, LitFTError
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class NonFiniteGuard:
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped = 0
         self.consecutive = 0
+        self.stepped = 0  # optimizer steps taken by this process (not saved: a resumed run counts its own)
         self.last_skipped = False
         self.weighting = CountWeighting()
 
@@ -160,6 +161,7 @@ class NonFiniteGuard:
         self.last_skipped = not finite
         if finite:
             self.consecutive = 0
+            self.stepped += 1
             # The closure already ran: hand its result to the optimizer (and the precision plugin's clipping
             # and on_before_optimizer_step hook) without running forward/backward again.
             optimizer.step(closure=lambda: loss)
@@ -260,3 +262,32 @@ class OOMAdvice(L.Callback):
         log.error(message)
         if message not in getattr(exception, "__notes__", ()):
             exception.add_note(message)
+
+
+class TrainsSomething(L.Callback):
+    """A fit that cannot train, or did not, is an error, never an exit 0 with an untrained adapter: zero steps or
+    epochs are refused before any model is built, and a run whose every optimizer step was skipped (each loss or
+    gradient non-finite, fewer than `max_consecutive_skips` of them) fails at its end."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.accumulate_grad_batches < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be at least 1")
+        for key in ("max_steps", "max_epochs"):
+            if getattr(trainer, key, None) == 0 and not trainer.fast_dev_run:
+                raise ConfigError(f"trainer.{key}=0: the run would train nothing; give it at least one step "
+                                 "(lit-ft validate measures a model without training it)")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        check_trained(pl_module)
+
+
+def check_trained(module) -> None:
+    """Raise when every optimizer step this process ran was skipped (called before any export, too)."""
+    guard = getattr(module, "guard", None)
+    if isinstance(guard, NonFiniteGuard) and guard.stepped == 0 and guard.skipped > 0:
+        raise NonFiniteError(
+            f"every optimizer step of this run was skipped ({guard.skipped}: non-finite loss or gradient), so nothing "
+            "was trained and no adapter is exported. Lower model.optim.lr, check the loss settings (a margin or beta "
+            "that overflows) and the data")

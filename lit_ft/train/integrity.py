@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lit_ft.errors import LitFTError
+from lit_ft.errors import ConfigError, LitFTError, refused_pickle
 
 DIGEST_KEY = "lit_ft_digest"
 STATS_KEYS = "lit_ft_statistics"  # state_dict entries that are statistics, not weights (NaN may mean "not yet seen")
@@ -98,7 +98,7 @@ def load_verified(path: str | os.PathLike) -> dict:
         raise
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
-            raise  # a checkpoint holding pickled objects: the caller explains that case
+            raise ConfigError(refused_pickle(path, e)) from None
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).strip()[:160]}){_newest_hint(path)}") from e
     except Exception as e:  # truncated zip, wrong file type: torch raises many kinds
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__

@@ -132,6 +132,12 @@ def apply_on_resume(module, optimizer, scheduler, spec: OptimSpec, saved_spec: O
                 "already done: nothing left to train")
         else:
             mult = lr_lambda(saved_spec, saved_total)(step)
+            if mult <= 0.0:
+                raise ConfigError(
+                    f"trainer.max_steps: the run's length changed ({saved_total} -> {state['total']} optimizer steps) "
+                    f"but its lr schedule had already reached 0 at step {step}: every added step would run at lr 0 and "
+                    "train nothing. Start a new run from the exported adapter (model.base.adapter), or keep a floor "
+                    "above 0 (model.optim.min_lr_ratio) in runs you mean to extend")
             warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil(spec.warmup_ratio * state["total"])
             if step >= warmup:
                 state["resume"].update(step=step, mult=mult)

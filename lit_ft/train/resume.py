@@ -164,6 +164,12 @@ class ResumableDataLoader(DataLoader):
         self._epoch, self._position = int(state["epoch"]), self.sampler.start
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def dataset_digest(dataset, legacy: bool = False) -> str | None:
     """SHA-256 of a `datasets.Dataset`'s rows in their order (its Arrow IPC stream, selections applied), so a resume
     notices edited or reordered data, not only a changed row count; None for other dataset types.
@@ -305,6 +311,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would ignore the user's umask
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from lit_ft.errors import ConfigError
@@ -121,10 +122,22 @@ def place(value: str | None, run_dir: Path, default: str | None = None) -> str |
     return os.path.normpath(str(run_dir / value))
 
 
-def last_checkpoint(run_dir: Path, checkpoint_dirs: list[str | None]) -> str:
-    """`last.ckpt` of the fit run in `run_dir` (`--ckpt_path last` of validate/test/predict)."""
-    for d in checkpoint_dirs or [None]:
-        path = Path(place(d, run_dir, "checkpoints")) / "last.ckpt"
-        if path.is_file():
-            return str(path)
+def last_checkpoint(run_dir: Path, checkpoint_dirs: list[str | None], required: bool = True) -> str | None:
+    """What `--ckpt_path last` means in the fit run in `run_dir`: its `last.ckpt`, else (deleted, or never written)
+    the newest checkpoint there that verifies, said in one line; with none, a ConfigError (or None when not
+    `required`: a fit that never saved starts from the beginning)."""
+    from lit_ft.train.integrity import newest_verified
+
+    folders = [Path(place(d, run_dir, "checkpoints")) for d in checkpoint_dirs or [None]]
+    for folder in folders:
+        if (folder / "last.ckpt").is_file():
+            return str(folder / "last.ckpt")
+    for folder in folders:
+        newest = newest_verified(folder) if folder.is_dir() else None
+        if newest is not None:
+            print(f"[lit_ft] --ckpt_path last: {folder} has no last.ckpt; resuming from {newest.name}, its newest "
+                  "checkpoint that verifies", file=sys.stderr, flush=True)
+            return str(newest)
+    if not required:
+        return None
     raise ConfigError(f"--ckpt_path last: the newest run, {run_dir}, has no checkpoints/last.ckpt")

@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.errors import ConfigError
+from lit_ft.train.resume import current_umask
 
 LOCK_FILE = ".lit_ft.lock"
 _TMP_FILE_GLOB = ".*.tmp"  # resume.AtomicCheckpointIO's temporary checkpoint files
@@ -53,14 +54,16 @@ def atomic_directory(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep the export from other users once renamed
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for written in tmp.rglob("*"):  # writers that go through a temporary file leave 0600, whatever the umask
+        if written.is_file():
+            os.chmod(written, 0o666 & ~umask)
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -69,6 +72,28 @@ def atomic_directory(path: str | os.PathLike):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(out: str | os.PathLike, setting: str, inputs: tuple = (), overwrite: bool = False,
+                 kind: str = "directory") -> Path:
+    """A command's output path, refused before any work when writing it would destroy something: an existing file
+    where a directory goes (or the reverse), an existing non-empty target unless `overwrite`, or a path that is, holds
+    or lies inside one of the command's `inputs` (never, whatever `overwrite` says)."""
+    out = Path(out)
+    target = out.resolve()
+    for source in (Path(p).resolve() for p in inputs if p is not None):
+        if target == source or source in target.parents or target in source.parents:
+            raise ConfigError(f"{setting} {out}: it is (or holds, or lies inside) the input {source}; write "
+                              "somewhere else")
+    if out.exists():
+        if kind == "directory" and not out.is_dir():
+            raise ConfigError(f"{setting} {out}: an existing file, not a directory; name a directory")
+        if kind == "file" and out.is_dir():
+            raise ConfigError(f"{setting} {out}: an existing directory, not a file; name a file")
+        if not overwrite and (out.is_file() or any(out.iterdir())):
+            raise ConfigError(f"{setting} {out}: already exists and is not empty; name a new path, or add "
+                              "--overwrite to replace it")
+    return out
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
@@ -92,12 +117,17 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def run_directories(trainer) -> list[Path]:
-    """The directories a fit writes into: `default_root_dir` and the checkpoint directories (outermost only)."""
-    dirs = [Path(trainer.default_root_dir)]
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-            dirs.append(Path(cb.dirpath))
-    resolved = sorted({d.resolve() for d in dirs}, key=lambda d: len(d.parts))
+    """The directories a fit writes into (outermost only): the checkpoint directories, and `default_root_dir` when a
+    logger or a checkpoint callback writes in it (or below it). A run that writes nothing (no logger, no
+    checkpoints) locks nothing, so two such runs from one working directory do not exclude each other."""
+    root = Path(trainer.default_root_dir).resolve()
+    dirs = [Path(cb.dirpath).resolve() for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    writes_root = bool(trainer.loggers) or any(isinstance(cb, ModelCheckpoint) and not cb.dirpath
+                                               for cb in trainer.checkpoint_callbacks)
+    if writes_root or any(root in d.parents for d in dirs):
+        dirs.append(root)
+    resolved = sorted(set(dirs), key=lambda d: len(d.parts))
     outer: list[Path] = []
     for d in resolved:
         if not any(d == o or o in d.parents for o in outer):
@@ -273,12 +303,14 @@ class Preemption(L.Callback):
 
 def configure_callbacks(module: L.LightningModule) -> list[L.Callback]:
     """What every lit_ft module adds to its Trainer (`configure_callbacks = runs.configure_callbacks`): exact resume
-    (`resume.configure_callbacks`), the resume rules for changed settings, one run a directory, preemption. A
+    (`resume.configure_callbacks`), the resume rules for changed settings, one run a directory, preemption, and no
+    run that trains nothing (`guards.TrainsSomething`). A
     callback of the same type already on the Trainer (configured by the user) is kept instead."""
     from lit_ft.train import resume
     from lit_ft.train.checkpointing import ResumeSettings
+    from lit_ft.train.guards import TrainsSomething
 
     trainer = getattr(module, "_trainer", None)
     present = {type(cb) for cb in (trainer.callbacks if trainer is not None else [])}
-    wanted = [*resume.configure_callbacks(module), ResumeSettings(), RunLock(), Preemption()]
+    wanted = [TrainsSomething(), *resume.configure_callbacks(module), ResumeSettings(), RunLock(), Preemption()]
     return [cb for cb in wanted if type(cb) not in present]
