@@ -57,7 +57,6 @@ class LitFTCLI(LightningCLI):
             sys.argv = argv
         self.config = public_class_paths(self.config)
 
-
     def _parse_ckpt_path(self) -> None:
         """Settings come from the user, never from a checkpoint: LightningCLI would merge the checkpoint's stored
         hyper-parameters over the command line (another model path, `trust_remote_code`, even another module class).
