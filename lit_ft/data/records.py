@@ -1,5 +1,8 @@
 """Validate rows and normalise them into canonical records (reading is `lit_ft.data.readers`).
 
+One file of about 370 lines on purpose: every format's row builder and the one drop rule they share read best beside
+each other (each row's checks, in the order a row meets them).
+
 Canonical records (every prompt is a list of chat messages; a raw-text prompt is one user message):
 
 - instruction: ``{"messages": [{"role", "content"}, ...], "input": str | None, "line": int}``

@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 
 from lit_ft.train import checkpointing, optim, runs
 
-from lit_ft.online import shared as online, roles
+from lit_ft.online import checks, roles, shared as online
 from lit_ft.errors import ConfigError
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.stages.grpo_spec import GRPOSpec
@@ -94,7 +94,7 @@ class GRPOModule(L.LightningModule):
             online.build_roles(self, "none", self.grpo.disable_dropout)
 
     def setup(self, stage: str) -> None:
-        online.setup(self, stage, "GRPO")
+        checks.setup(self, stage, "GRPO")
 
     # -- training -------------------------------------------------------------------------------------------
 

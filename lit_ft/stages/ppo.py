@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lit_ft.train import checkpointing, optim, runs
 
-from lit_ft.online import shared as online, roles
+from lit_ft.online import checks, roles, shared as online
 from lit_ft.errors import ConfigError
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.models import LoraSpec, ModelSpec, eval_mode
@@ -93,7 +93,7 @@ class PPOModule(L.LightningModule):
         self.value_head = roles.value_head_from(export, self.model.get_base_model().config.hidden_size)
 
     def setup(self, stage: str) -> None:
-        online.setup(self, stage, "PPO")
+        checks.setup(self, stage, "PPO")
 
     # -- training -------------------------------------------------------------------------------------------
 
