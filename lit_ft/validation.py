@@ -79,7 +79,8 @@ _DATA = {"val_split": UNIT_OPEN, "max_length": POS_INT, "batch_size": POS_INT, "
 RULES: dict[str, dict[str, Rule]] = {
     "model.lora": {"r": POS_INT, "alpha": POSITIVE, "dropout": UNIT_OPEN},
     "model.optim": {"lr": POSITIVE, "weight_decay": NONNEG, "eps": POSITIVE, "warmup_ratio": UNIT,
-                    "warmup_steps": NONNEG_INT_OR_NONE, "min_lr_ratio": UNIT},
+                    "warmup_steps": NONNEG_INT_OR_NONE, "min_lr_ratio": UNIT,
+                    "loraplus_lr_ratio": Rule(lo=1, nullable=True)},
     "model.ppo": {"samples_per_prompt": POS_INT, "ppo_epochs": POS_INT, "mini_batch_size": POS_INT,
                   "gradient_accumulation_steps": POS_INT, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
                   "vf_coef": NONNEG, "gamma": UNIT, "lam": UNIT, "init_kl_coef": NONNEG, "target": POSITIVE,

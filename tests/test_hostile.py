@@ -292,3 +292,26 @@ def test_predict_without_its_file_stops_before_making_anything(sft_file, tmp_pat
             str(tmp_path / "runs")]
     one_error_line(capsys, argv, "data.predict_file")
     assert not (tmp_path / "runs").exists()
+
+
+def test_loraplus_trains_the_b_matrices_at_a_multiple_of_the_lr_and_keeps_it_on_resume(sft_file, tmp_path):
+    """LoRA+ (Hayou et al. 2024): `model.optim.loraplus_lr_ratio` puts every lora_B at lr x ratio, and a resumed run
+    (Lightning restores the param groups, the resume rule sets this run's lr) keeps the ratio."""
+    from lit_ft import LoraSpec, ModelSpec, OptimSpec, SFTModule
+    from lit_ft.train.optim import make_optimizer
+
+    module = SFTModule(base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4),
+                       optim=OptimSpec(lr=1e-3, loraplus_lr_ratio=16))
+    module.configure_model()
+    opt = make_optimizer(module.named_parameters(), module.optim)
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert {g["lr"] for g in opt.param_groups} == {1e-3, 1e-3 * 16}
+    assert all("lora_B" in names[id(p)] for g in opt.param_groups if g["lr"] == 1e-3 * 16 for p in g["params"])
+    assert all("lora_B" not in names[id(p)] for g in opt.param_groups if g["lr"] == 1e-3 for p in g["params"])
+    extra = ["--model.optim.loraplus_lr_ratio", "16", "--model.optim.scheduler", "constant",
+             "--model.optim.warmup_ratio", "0", *CKPT_EVERY_2]
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "2", *extra))
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "4", *extra, "--ckpt_path", "last"))
+    state = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
+    lrs = sorted({g["lr"] for g in state["optimizer_states"][0]["param_groups"]})
+    assert state["global_step"] == 4 and lrs == [2e-4, 16 * 2e-4]  # the recipe-less default lr, and 16 x it

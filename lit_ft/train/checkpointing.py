@@ -132,6 +132,7 @@ REFUSED_ON_RESUME = {
     "model.lora.use_rslora": "the saved LoRA weights were trained under the old scale",
     "model.lora.use_dora": "DoRA adds magnitude vectors the saved adapter does (not) have",
     "model.optim.optimizer": "the saved optimizer state belongs to the old optimizer",
+    "model.optim.loraplus_lr_ratio": "the saved optimizer state has the old parameter groups (LoRA+ splits them)",
     "model.value_model": "the saved value model is of the old kind",
 }
 

@@ -34,6 +34,9 @@ class OptimSpec:
     """Warmup length in optimizer steps; overrides warmup_ratio."""
     min_lr_ratio: float = 0.0
     """Floor of the decay as a share of `lr`."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024): the LoRA B matrices train at `lr` x this ratio (the paper and PEFT suggest 16), the
+    A matrices and everything else at `lr`; None = one lr for all."""
 
     def __post_init__(self):
         check_spec(self, "model.optim")
@@ -43,10 +46,22 @@ class OptimSpec:
             raise ConfigError(f"model.optim.betas={betas!r}: expected two numbers in [0, 1)")
 
 
-def _param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _param_groups(params: list[tuple[str, torch.nn.Parameter]], spec: OptimSpec) -> list[dict]:
+    """Decay on matrices only; with LoRA+, the B matrices in groups of their own at `lr` x the ratio (`lr_scale`,
+    which the resume rule keeps: `apply_on_resume`)."""
+    ratio = spec.loraplus_lr_ratio
+
+    def is_b(name: str) -> bool:
+        return ratio is not None and ("lora_B" in name or "lora_embedding_B" in name)
+
+    groups = []
+    for b_side in (False, True) if ratio is not None else (False,):
+        scale = float(ratio) if b_side else 1.0
+        mine = [(n, p) for n, p in params if is_b(n) == b_side]
+        groups += [{"params": [p for _, p in mine if p.ndim >= 2], "weight_decay": spec.weight_decay,
+                    "lr": spec.lr * scale, "lr_scale": scale},
+                   {"params": [p for _, p in mine if p.ndim < 2], "weight_decay": 0.0,
+                    "lr": spec.lr * scale, "lr_scale": scale}]
     return [g for g in groups if g["params"]]
 
 
@@ -54,7 +69,7 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in named_params if p.requires_grad]
     if not params:
         raise ConfigError("no trainable parameters: check model.lora / model.base.adapter")
-    groups = _param_groups(params, spec.weight_decay)
+    groups = _param_groups(params, spec)
     kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
@@ -155,11 +170,11 @@ def apply_on_resume(module, optimizer, scheduler, spec: OptimSpec, saved_spec: O
     for group in optimizer.param_groups:
         group["betas"], group["eps"] = tuple(spec.betas), spec.eps
         group["weight_decay"] = spec.weight_decay if _decays(group) else 0.0  # as `_param_groups` splits them
-        group["initial_lr"] = spec.lr
+        group["initial_lr"] = spec.lr * group.get("lr_scale", 1.0)
     if scheduler is not None:
-        scheduler.base_lrs = [spec.lr for _ in optimizer.param_groups]
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
         for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            group["lr"] = spec.lr * fn(step)
+            group["lr"] = group["initial_lr"] * fn(step)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
