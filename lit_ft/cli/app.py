@@ -59,7 +59,6 @@ def main(args=None) -> None:
 NOISE = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning calling torch's own deprecated API
     r".*`is_gradient_checkpointing` is deprecated.*",  # transformers calling its own deprecated API
-    r".*The installed version of bitsandbytes was compiled without GPU support.*",
 )
 """Warnings about third-party code calling third-party code: nothing a user of the command can act on."""
 

@@ -35,8 +35,10 @@ class TemplateTimeout(Exception):
 @contextlib.contextmanager
 def _time_limit(seconds: float):
     """Raise TemplateTimeout in the block after `seconds` (SIGALRM: the main thread of a Unix process, where the
-    command renders; elsewhere, a DataLoader worker or a thread, the block runs unlimited)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    command renders; elsewhere, a DataLoader worker or a thread, or where the caller already runs a timer of its own,
+    which is left alone, the block runs unlimited)."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
         yield
         return
 
