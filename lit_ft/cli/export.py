@@ -25,10 +25,10 @@ from pathlib import Path
 
 from lit_ft.models.adapters import check_adapter_base, read_base_identity
 from lit_ft.models.identity import identity_diff
-from lit_ft.train.checkpointing import IDENTITY_KEY, MODULE_KEY
+from lit_ft.train.checkpointing import IDENTITY_KEY, MODULE_KEY, START_KEY
 from lit_ft.errors import ConfigError, loading
 from lit_ft.train.integrity import load_verified
-from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer
+from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer, restore_start
 from lit_ft.train.runs import atomic_directory, check_output
 
 # The only classes an export builds from a checkpoint's `lit_ft_module` entry: a checkpoint cannot name any other
@@ -88,6 +88,7 @@ def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | 
     if missing:
         raise ConfigError(f"{ckpt} holds tensors this module does not have, e.g. {sorted(missing)[:3]}")
     module.load_state_dict(state["state_dict"], strict=False)
+    restore_start(module.model, state.get(START_KEY))  # a PiSSA/OLoRA run: the residual its adapter trained against
     base_name = tokenizer or base or state[IDENTITY_KEY]["name_or_path"]
     tok = load_tokenizer(None if base_name == DEFAULT_MODEL_NAME else base_name)
     with atomic_directory(out) as tmp:  # a kill during the export leaves no partial directory

@@ -16,5 +16,7 @@ from lit_ft.models.load import (  # noqa: F401
     apply_liger_kernel, check_gguf_magic, check_model_files, compile_decoder_layers, disable_cpu_4bit_repacking,
     load_base, load_tokenizer, prepare_for_training, quantization_config, resolve_dtype, resolve_name,
 )
-from lit_ft.models.lora import adapt, check_lora, load_adapter, lora_config  # noqa: F401
+from lit_ft.models.lora import (  # noqa: F401
+    INIT_ATTR, adapt, check_lora, check_start, load_adapter, lora_config, plain_lora, restore_start,
+)
 from lit_ft.models.spec import ALL_PROJECTIONS, LoraSpec, ModelSpec  # noqa: F401

@@ -15,7 +15,7 @@ from lit_ft.errors import ConfigError
 from lit_ft.models import families
 from lit_ft.models.adapters import check_adapter_base
 from lit_ft.models.load import load_base, prepare_for_training
-from lit_ft.models.lora import adapt, load_adapter
+from lit_ft.models.lora import adapt, check_start, load_adapter
 from lit_ft.models.spec import LoraSpec, ModelSpec
 
 
@@ -31,12 +31,13 @@ def build_model(
     With `spec.adapter` the existing adapter is loaded (trainable when `trainable`); otherwise a new one is
     made from `lora`.
     """
+    check_start(lora, spec)  # before the weights load
     model = prepare_for_training(load_base(spec, task, device), spec)
     if spec.adapter is not None:
         check_adapter_base(spec.adapter, spec.identity(), "model.base.adapter")
         model = load_adapter(model, spec.adapter, task, trainable)
     elif lora is not None:
-        model = adapt(model, lora, task)
+        model = adapt(model, lora, task, spec)
     else:
         raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
     # from_pretrained returns eval mode; training mode turns LoRA dropout on (evaluation code switches it off).

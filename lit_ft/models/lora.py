@@ -1,18 +1,33 @@
 """PEFT LoRA on a loaded base for `lit_ft.models.build_model`: check the settings, resolve the targets against the
-model's layers, make a new adapter or load a saved one (a causal-LM adapter re-typed under a score model).
+model's layers, make a new adapter (with its start, `LoraSpec.init`) or load a saved one (a causal-LM adapter
+re-typed under a score model).
+
+PiSSA and OLoRA starts move part of each adapted base weight into the adapter (W = W_res + s*B0*A0). The start
+(A0, B0) is kept on the model (`INIT_ATTR`), written into checkpoints, re-applied on resume (`restore_start`) and
+used by the export to write an ordinary LoRA on the unchanged base (`plain_lora`).
 
 Every name is re-exported by `lit_ft.models`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import warnings
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from lit_ft.models import families
 from lit_ft.errors import ConfigError, loading
-from lit_ft.models.spec import LoraSpec
+from lit_ft.models.spec import LoraSpec, ModelSpec
+
+MUTATING_INITS = ("pissa", "olora")
+"""Starts that rewrite the adapted base weights into the residual W - s*B0*A0."""
+INIT_ATTR = "lit_ft_lora_init"
+"""On a model adapted with a mutating start: {PEFT state-dict key: A0 or B0} of every LoRA matrix."""
 
 
 def check_lora(lora: LoraSpec, model=None) -> list[str] | str:
@@ -62,13 +77,182 @@ def lora_config(lora: LoraSpec, task: Literal["causal_lm", "score"], model=None)
         modules_to_save=lora.modules_to_save,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
+        init_lora_weights=_peft_init(lora),
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
     )
 
 
-def adapt(model, lora: LoraSpec, task: Literal["causal_lm", "score"]):
+def _peft_init(lora: LoraSpec) -> bool | str:
+    if lora.init == "pissa":
+        return f"pissa_niter_{lora.init_svd_iters}" if lora.init_svd_iters else "pissa"
+    return {"default": True, "gaussian": "gaussian", "olora": "olora", "loftq": True}[lora.init]
+
+
+def check_start(lora: LoraSpec | None, base: ModelSpec, reference: bool = False) -> None:
+    """Refuse a `model.lora.init` the run cannot honour, before any weight is loaded. `reference`: the stage
+    compares the policy with the base without its adapter (DPO, PPO, GRPO), so the adapter must start as a no-op
+    on the unchanged base."""
+    if lora is None or lora.init in ("default", "gaussian"):
+        return
+    key = f"model.lora.init={lora.init}"
+    if base.adapter is not None:
+        raise ConfigError(f"{key} starts a new adapter, but model.base.adapter continues {base.adapter}: drop one")
+    if reference:
+        raise ConfigError(
+            f"{key}: DPO, PPO and GRPO compare the policy with its reference, the base with the adapter switched off, which "
+            f"must be the starting policy; a {lora.init} adapter is not a no-op at step 0"
+            + (" and it rewrites the shared base" if lora.init in MUTATING_INITS else "")
+            + ". Train SFT with it and start this stage from that export (model.sft_adapter), or use init default")
+    quantized = base.quantization != "none"
+    if lora.init in MUTATING_INITS:
+        if quantized:
+            raise ConfigError(f"{key} rewrites the adapted base weights, which a quantized base (model.base."
+                              f"quantization={base.quantization}) cannot hold exactly: use init loftq for a 4-bit "
+                              "base, or quantization none")
+        if lora.use_dora:
+            raise ConfigError(f"{key} with model.lora.use_dora: DoRA's magnitude vectors are taken from the rewritten "
+                              "base, so the export cannot be converted back to the unchanged base; choose one")
+        if lora.experts:
+            raise ConfigError(f"{key} with model.lora.experts: PEFT starts only linear layers this way, not fused "
+                              "expert weights")
+    elif lora.init == "loftq":
+        if base.quantization not in ("nf4", "fp4"):
+            raise ConfigError(f"{key} fits the adapter to the 4-bit quantization error of the base: set "
+                              f"model.base.quantization nf4 (now {base.quantization})")
+        if str(base.name_or_path or "").endswith(".gguf"):
+            raise ConfigError(f"{key} reads the base's original weights from its safetensors files; a .gguf base "
+                              "has none")
+
+
+def _loftq(model, base: ModelSpec, svd_iters: int) -> None:
+    """LoftQ on a 4-bit base (Li et al. 2023, one alternation, as PEFT's `replace_lora_weights_loftq`): per adapted
+    layer, s*B*A = the best rank-r approximation of W - Q(W), with W read lazily from the base's safetensors files.
+    Written here because PEFT's version runs on CUDA only."""
+    import bitsandbytes.functional as bnbf
+
+    from lit_ft.models.identity import local_weights_path
+
+    path = local_weights_path(base.name_or_path, base.revision)
+    read = _safetensors_reader(Path(path)) if path is not None else None
+    if read is None:
+        raise ConfigError(f"model.lora.init=loftq reads the base's original weights from safetensors files: none "
+                          f"found for {base.name_or_path or 'the bundled default'} ({path})")
+    for name, layer in _lora_layers(model).items():
+        weight = layer.get_base_layer().weight
+        if getattr(weight, "quant_state", None) is None:
+            continue  # a layer left unquantized (bitsandbytes skips some): nothing to correct
+        key = name.removeprefix("base_model.model.") + ".weight"
+        original = read(key)
+        if original is None:
+            raise ConfigError(f"model.lora.init=loftq: {path} has no tensor {key} for the layer {name}")
+        residual = original.to(weight.device, torch.float32) - bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        r, scale = layer.r["default"], layer.scaling["default"]
+        if svd_iters:
+            u, sigma, v = torch.svd_lowrank(residual, q=min(r + 8, *residual.shape), niter=svd_iters)
+            vh = v.T
+        else:
+            u, sigma, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = (sigma[:r] / scale).sqrt()
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            b.copy_((u[:, :r] * root).to(b))
+            a.copy_((root[:, None] * vh[:r]).to(a))
+
+
+def _safetensors_reader(path: Path):
+    """name -> tensor (or None) over a base's safetensors file(s), one tensor at a time; None without any."""
+    from safetensors import safe_open
+
+    files = [path] if path.is_file() and path.suffix == ".safetensors" else sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    index = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), f))
+
+    def read(key: str):
+        if key not in index:
+            return None
+        with safe_open(str(index[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    return read
+
+
+@contextlib.contextmanager
+def _seeded(on: bool):
+    """The fast SVD of pissa_niter_N is random: seeded (the caller's generators untouched), so a resume on the same
+    device rebuilds the same start. Default starts keep drawing from the run's seed."""
+    if not on:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
+def lora_start(model) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA matrices now, keyed as in its saved files."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def _lora_layers(model) -> dict[str, torch.nn.Module]:
+    """PEFT state-dict key prefix (`...q_proj`) -> the LoRA layer, for the default adapter."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def restore_start(model, saved: dict[str, torch.Tensor] | None) -> None:
+    """After a resume: make the base residual the one the checkpoint's adapter was trained against. The start is
+    recomputed when the model is built (same settings, seeded); where it came out differently (another device's
+    SVD), each base weight gets s*(B0'A0' - B0*A0) added, so W_res + s*B*A is again the trained model."""
+    current = getattr(model, INIT_ATTR, None)
+    if not saved or current is None:
+        return
+    for prefix, layer in _lora_layers(model).items():
+        a_key = next((k for k in saved if k.endswith(".lora_A.weight") and prefix.endswith(k[:-len(".lora_A.weight")])), None)
+        if a_key is None:
+            continue
+        b_key = a_key.replace(".lora_A.", ".lora_B.")
+        if torch.equal(saved[a_key], current[a_key]) and torch.equal(saved[b_key], current[b_key]):
+            continue
+        weight = layer.get_base_layer().weight
+        scale = layer.scaling["default"]
+        delta = current[b_key].float() @ current[a_key].float() - saved[b_key].float() @ saved[a_key].float()
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        with torch.no_grad():
+            weight.add_((scale * delta).to(weight.device, weight.dtype))
+    setattr(model, INIT_ATTR, {k: v.clone() for k, v in saved.items()})
+
+
+def plain_lora(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor], config):
+    """An adapter trained from a PiSSA/OLoRA start as an ordinary LoRA on the unchanged base. Training gives
+    W_res + s*B*A = W + s*(B*A - B0*A0) = W + s*[B | -B0][A ; A0]: rank 2r, with alpha set so the scale s is the
+    same (PEFT's conversion, Meng et al. 2024). Returns (weights, config)."""
+    out = dict(weights)
+    for key, value in start.items():
+        if key not in out:
+            raise ConfigError(f"model.lora.init: the adapter has no {key} to convert (its start does not match it)")
+        if ".lora_A." in key:
+            out[key] = torch.cat([out[key], value.to(out[key])], dim=0)
+        else:
+            out[key] = torch.cat([out[key], -value.to(out[key])], dim=1)
+    config = copy.deepcopy(config)
+    config.r *= 2
+    config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
+    config.init_lora_weights = True
+    return out, config
+
+
+def adapt(model, lora: LoraSpec, task: Literal["causal_lm", "score"], base: ModelSpec | None = None):
     """`get_peft_model` with the errors user settings cause as ConfigErrors naming the setting (PEFT's own error
-    chained), and ``modules_to_save`` names that match no module refused (PEFT ignores them silently)."""
+    chained), and ``modules_to_save`` names that match no module refused (PEFT ignores them silently). `base`: the
+    spec the model was loaded from, for the `lora.init` starts (checked by `check_start`)."""
     from peft import get_peft_model
 
     names = [n for n, _ in model.named_modules() if n]
@@ -79,9 +263,15 @@ def adapt(model, lora: LoraSpec, task: Literal["causal_lm", "score"]):
                           f"(its top-level modules: {tops})")
     config = lora_config(lora, task, model)  # its own ConfigErrors (unmatched target names) pass unwrapped
     try:
-        return get_peft_model(model, config)
+        with _seeded(lora.init in MUTATING_INITS):
+            model = get_peft_model(model, config)
     except (ValueError, TypeError, KeyError) as e:  # peft.utils.error.PeftError is a ValueError
         raise ConfigError(f"model.lora: PEFT refused the settings ({type(e).__name__}: {e})") from e
+    if lora.init == "loftq":
+        _loftq(model, base if base is not None else ModelSpec(), lora.init_svd_iters)
+    if lora.init in MUTATING_INITS:
+        setattr(model, INIT_ATTR, lora_start(model))
+    return model
 
 
 def load_adapter(model, path: str, task: Literal["causal_lm", "score"], trainable: bool):

@@ -39,6 +39,19 @@ class LoraSpec:
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024)."""
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    """How a new adapter starts. `default`: A Kaiming-uniform, B zero, so the adapter starts as a no-op (Hu et al.
+    2021); `gaussian`: A Gaussian, B zero. `pissa` (Meng et al. 2024) and `olora` (Buyukakyuz 2024) start A and B
+    from each adapted weight's top-r singular vectors (a QR decomposition for OLoRA) and leave the base the residual
+    W - s*B0*A0, so the model is unchanged at step 0 but the adapter trains the principal directions: SFT and reward
+    stages only, a non-quantized base, no DoRA; the export is converted to an ordinary LoRA of rank 2r on the
+    unchanged base (what PEFT's conversion writes). `loftq` (Li et al. 2023) fits A and B to the 4-bit quantization
+    error of each weight (`model.base.quantization` nf4/fp4, the base's weights as safetensors on disk): the
+    adapter then belongs to the quantized base it corrects. The DPO, PPO and GRPO stages compare the policy with the
+    base without the adapter, so they start from `default` or an exported adapter."""
+    init_svd_iters: int = 16
+    """`pissa` and `loftq`: subspace iterations of the fast randomized SVD (PEFT's `pissa_niter_N`, minutes faster
+    on large models); 0 = the exact SVD."""
     experts: bool = False
     """Mixture-of-experts models: also adapt the experts' fused weights (PEFT `target_parameters`: r x (in + out)
     adapter weights per expert and weight, and each forward materialises every adapted expert weight's full-size

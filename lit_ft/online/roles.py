@@ -32,7 +32,7 @@ from lit_ft.losses import entropy_from_logits, selective_log_softmax
 from lit_ft.models import families
 from lit_ft.models.adapters import ADAPTER_WEIGHTS, HEAD_NAME, RewardExport, check_adapter
 from lit_ft.models.load import load_base, prepare_for_training
-from lit_ft.models.lora import lora_config
+from lit_ft.models.lora import check_start, lora_config
 from lit_ft.models.spec import LoraSpec, ModelSpec
 from lit_ft.online import scoring
 
@@ -73,6 +73,7 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
     from `lit_ft.models.adapters.read_reward_export`, which checked its base."""
     from peft import PeftModel, get_peft_model
 
+    check_start(lora, base, reference=True)
     model = prepare_for_training(load_base(base, "causal_lm", device), base)
     if sft_adapter is not None:
         check_adapter(sft_adapter, base.identity(), "model.sft_adapter")

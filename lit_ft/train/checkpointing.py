@@ -23,11 +23,13 @@ from lit_ft.models.adapters import write_base_identity
 from lit_ft.models.build import trainable_state_dict
 from lit_ft.models.card import finish_export
 from lit_ft.models.identity import describe_identity, identity_diff
+from lit_ft.models.lora import INIT_ATTR, plain_lora, restore_start
 from lit_ft.train.strategies import FSDP_INFIX
 
 IDENTITY_KEY = "lit_ft_base"
 MODULE_KEY = "lit_ft_module"
 RUN_KEY = "lit_ft_run"  # trainer settings a resume compares: accumulation, world size
+START_KEY = "lit_ft_lora_init"  # a PiSSA/OLoRA adapter's start (A0, B0): the base residual it trains against
 RESUMED_ATTR = "_lit_ft_resumed"  # on the module after a restore: the checkpoint's settings, for apply_on_resume
 
 
@@ -59,6 +61,9 @@ def slim(module: torch.nn.Module, checkpoint: dict, identity: dict, extra: dict 
     if trainer is not None:
         run.update(accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size)
     checkpoint[RUN_KEY] = run
+    start = getattr(getattr(module, "model", None), INIT_ATTR, None)
+    if start:
+        checkpoint[START_KEY] = start
     checkpoint["state_dict"].update(extra_state or {})
     checkpoint[integrity.STATS_KEYS] = sorted(extra_state or {})
     checkpoint.update(extra or {})
@@ -130,6 +135,7 @@ REFUSED_ON_RESUME = {
     "model.lora.bias": "the saved trainable biases follow the old setting",
     "model.lora.modules_to_save": "the saved adapter holds the old fully-trained modules",
     "model.lora.use_rslora": "the saved LoRA weights were trained under the old scale",
+    "model.lora.init": "the saved adapter was trained from the old start (PiSSA/OLoRA: against the old base residual)",
     "model.lora.use_dora": "DoRA adds magnitude vectors the saved adapter does (not) have",
     "model.optim.optimizer": "the saved optimizer state belongs to the old optimizer",
     "model.optim.loraplus_lr_ratio": "the saved optimizer state has the old parameter groups (LoRA+ splits them)",
@@ -184,6 +190,7 @@ def check_resume(module, checkpoint: dict, identity: dict) -> None:
             if run.get(key) is not None and run[key] != now:
                 rank_zero_info(f"resume: trainer {key} changed since the checkpoint ({run[key]} -> {now}); the run "
                                "continues from the same sample, but is no longer an exact repeat of an uninterrupted one")
+    restore_start(getattr(module, "model", None), checkpoint.get(START_KEY))
     setattr(module, RESUMED_ATTR, {"optim": (checkpoint.get("hyper_parameters") or {}).get("optim"),
                                   "schedule_total": run.get("schedule_total")})
 
@@ -210,10 +217,11 @@ def save_adapter(model, path, tokenizer=None, identity: dict | None = None, stat
     with the tokenizer files and `lit_ft_base.json` naming the base it was trained on. `state_dict`: the model's
     full state where its own `state_dict()` holds shards (FSDP: `strategies.gathered_model_state`)."""
     path = Path(path)
-    if state_dict is None:
+    start = getattr(model, INIT_ATTR, None)
+    if state_dict is None and not start:
         model.save_pretrained(path)
     else:
-        _save_gathered_adapter(model, path, state_dict)
+        _write_adapter(model, path, state_dict, start)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     if identity is not None:
@@ -222,18 +230,22 @@ def save_adapter(model, path, tokenizer=None, identity: dict | None = None, stat
     return path
 
 
-def _save_gathered_adapter(model, path: Path, state_dict: dict) -> None:
-    """PEFT's adapter files from a gathered FSDP state. PEFT selects adapter tensors by the model's module names,
-    which hold FSDP's infix at every wrapped decoder layer (PEFT strips it only at the root), so `state_dict` is keyed
-    by those names and the infix leaves the written keys here, giving the plain names `PeftModel` loads."""
+def _write_adapter(model, path: Path, state_dict: dict | None, start: dict | None) -> None:
+    """PEFT's adapter files written here rather than by `save_pretrained`, for two cases. A gathered FSDP state:
+    PEFT selects adapter tensors by the model's module names, which hold FSDP's infix at every wrapped decoder layer
+    (PEFT strips it only at the root), so `state_dict` is keyed by those names and the infix leaves the written keys
+    here, giving the plain names `PeftModel` loads. A PiSSA/OLoRA `start`: converted to an ordinary LoRA on the
+    unchanged base (`plain_lora`)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     weights = get_peft_model_state_dict(model, state_dict=state_dict)
     weights = {k.replace(FSDP_INFIX, ""): v.detach().cpu().contiguous() for k, v in weights.items()}
+    config = copy.copy(model.peft_config["default"])
+    if start:
+        weights, config = plain_lora(weights, start, config)
     path.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = copy.copy(model.peft_config["default"])
     config.inference_mode = True  # as PeftModel.save_pretrained writes it
     config.save_pretrained(str(path))
 
