@@ -199,10 +199,13 @@ class InfiniteLossSFT(SFTModule):
 
 
 def test_a_run_whose_every_step_was_skipped_fails_and_exports_nothing(sft_file, tmp_path, capsys):
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "1", "--trainer.callbacks+=lit_ft.ExportAdapter"))
+    assert os.readlink(tmp_path / "runs" / "latest") == "version_0"
     argv = fit_args(sft_file, tmp_path / "runs", "--trainer.max_epochs", "1",  # 4 batches: fewer than 10 in a row
                     "--trainer.callbacks+=lit_ft.ExportAdapter", module="tests.test_hostile.InfiniteLossSFT")
     one_error_line(capsys, argv, "every optimizer step of this run was skipped")
-    assert not list((tmp_path / "runs").rglob("adapter_config.json"))
+    assert not list((tmp_path / "runs" / "version_1").rglob("adapter_config.json"))
+    assert os.readlink(tmp_path / "runs" / "latest") == "version_0"  # the next stage still finds a trained adapter
 
 
 # ---------------------------------------------------------------------------------------------- one line, exit 2
@@ -274,6 +277,17 @@ def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(sft_file, tmp_p
     folder = next((tmp_path / "after").rglob("last.ckpt")).parent
     assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]  # no stale last.ckpt beside last-v1
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_last_resumes_the_newest_run_with_a_checkpoint_not_a_newer_failed_start(sft_file, tmp_path, capsys):
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "2", *CKPT_EVERY_2))
+    one_error_line(capsys, fit_args(sft_file, tmp_path / "runs", "--trainer.accumulate_grad_batches", "0"),
+                   "trainer.accumulate_grad_batches")  # a newer run that failed before its first checkpoint
+    assert (tmp_path / "runs" / "version_1").is_dir()
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "4", *CKPT_EVERY_2, "--ckpt_path", "last"))
+    last = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert os.readlink(tmp_path / "runs" / "latest") == "version_0"
 
 
 def test_a_deleted_last_checkpoint_resumes_from_the_newest_good_one(sft_file, tmp_path, capsys):

@@ -95,9 +95,13 @@ def test_claims_are_distinct_and_last_without_a_fit_is_refused(tmp_path, monkeyp
     assert [r.name for r in runs] == ["version_0", "version_1", "version_2"]
     (tmp_path / "version_7").mkdir()
     assert rundirs.claim(tmp_path, rundirs.FIT_PREFIX).name == "version_8"
-    assert rundirs.newest_fit(tmp_path).name == "version_8"  # no `latest` link: the highest N
-    rundirs.point_latest(tmp_path, runs[1])
-    assert rundirs.newest_fit(tmp_path) == tmp_path / "version_1"
+    assert rundirs.newest_fit(tmp_path) is None  # no run holds a checkpoint yet
+    (runs[1] / "checkpoints").mkdir()
+    (runs[1] / "checkpoints" / "step=2.ckpt").write_bytes(b"")
+    assert rundirs.newest_fit(tmp_path) == runs[1]  # the newest run with a checkpoint, not the newest claim
+    assert rundirs.finished_fit(tmp_path) is None
+    rundirs.point_latest(tmp_path, runs[0])
+    assert rundirs.finished_fit(tmp_path) == tmp_path / "version_0"
     with pytest.raises(ConfigError, match=r"--ckpt_path last: the newest run, .*version_1, has no checkpoints/last"):
         rundirs.last_checkpoint(runs[1], ["checkpoints"])
     assert rundirs.place("adapter", runs[0]) == str(runs[0] / "adapter")

@@ -81,6 +81,16 @@ class LitFTCLI(LightningCLI):
         if self.subcommand is not None:
             self.run_dir = place_run(self.config[self.subcommand], self.subcommand)
 
+    def after_fit(self) -> None:
+        """`latest` names the newest fit that finished: moved only now, never for a run that failed (an exception
+        never reaches here), was interrupted or stopped early by a signal."""
+        from lit_ft.train import rundirs
+
+        trainer = self.trainer
+        if trainer.is_global_zero and trainer.state.finished and not trainer.interrupted:
+            run_dir = Path(self.run_dir)
+            rundirs.point_latest(run_dir.parent, run_dir)
+
 
 def public_class_paths(value):
     """`value` (a parsed config) with every `class_path` that names a public class by a module path written as
@@ -119,13 +129,13 @@ def place_run(config, subcommand: str):
     data_args = _args(config.get("data")) if config.get("data") is not None else {}
     if wanted and wanted in data_args and not data_args[wanted]:  # before a run directory or a logger is made
         raise ConfigError(f"data.{wanted}: `lit-ft {subcommand}` reads the rows of data.{wanted}; name a file")
-    run_dir, continued = rundirs.choose(root, subcommand, ckpt_path)
     callbacks = trainer.get("callbacks") or []
     checkpoint_dirs = [_args(c).get("dirpath") for c in callbacks if _name(c).endswith("ModelCheckpoint")]
+    run_dir, continued = rundirs.choose(root, subcommand, ckpt_path, checkpoint_dirs)
     if subcommand != "fit" and ckpt_path == "last":
-        newest = rundirs.newest_fit(Path(root))
+        newest = rundirs.newest_fit(Path(root), checkpoint_dirs)
         if newest is None:
-            raise ConfigError(f"--ckpt_path last: no fit run in {root} (trainer.default_root_dir)")
+            raise ConfigError(f"--ckpt_path last: no fit run in {root} (trainer.default_root_dir) holds a checkpoint")
         config.ckpt_path = rundirs.last_checkpoint(newest, checkpoint_dirs)
     elif ckpt_path == "last" and continued:  # the run's own: last.ckpt, or its newest good one if that is gone
         config.ckpt_path = rundirs.last_checkpoint(run_dir, checkpoint_dirs, required=False) or "last"

@@ -159,6 +159,19 @@ def settings_diff(saved: dict, current: dict, prefix: str) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def with_defaults(saved: dict, module) -> dict:
+    """A checkpoint's settings with each spec's fields that did not exist when it was written set to their defaults
+    (what that run used), so a setting added since is not read as a change."""
+    out = dict(saved)
+    for key, value in saved.items():
+        spec = getattr(module, key, None)
+        if dataclasses.is_dataclass(spec) and isinstance(value, dict):
+            for f in dataclasses.fields(spec):
+                if f.name not in value and f.default is not dataclasses.MISSING:
+                    out[key] = {**out[key], f.name: f.default}
+    return out
+
+
 def _plain_dict(hparams) -> dict:
     return {k: _plain(v) for k, v in dict(hparams or {}).items()}
 
@@ -173,7 +186,7 @@ def check_resume(module, checkpoint: dict, identity: dict) -> None:
     if saved_class and saved_class != type(module).__qualname__:
         raise ConfigError(f"the checkpoint was written by {saved_class}, not {type(module).__qualname__}: resume it "
                           f"with the model it was trained as (--model lit_ft.{saved_class})")
-    changed = settings_diff(checkpoint.get("hyper_parameters") or {}, module.hparams, "model")
+    changed = settings_diff(with_defaults(checkpoint.get("hyper_parameters") or {}, module), module.hparams, "model")
     refused = {k: v for k, v in changed.items() if k in REFUSED_ON_RESUME}
     if refused:
         k, (old, new) = next(iter(refused.items()))

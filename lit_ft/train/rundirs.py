@@ -3,11 +3,13 @@
 `trainer.default_root_dir` (say `runs/sft`) is the only output setting of a recipe. Each `fit` gets its own
 `runs/sft/version_N/` (N = the next free number, claimed with an atomic `mkdir`, so two fits started together
 never share one), and the callbacks' and loggers' relative paths are placed inside it: `checkpoints/`, `adapter/`,
-`metrics.png`, the W&B files and `config.yaml`. `runs/sft/latest` is a symlink to the newest fit, so a later
-stage names `runs/sft/latest/adapter`. `fit --ckpt_path last` continues the newest run in its own directory (its
-own `last.ckpt`, never another run's); a checkpoint inside `version_N/` continues run N. `validate`, `test` and
-`predict` get `validate_N/`, `test_N/`, `predict_N/` beside the fits, so they never overwrite a fit's config, and
-their `--ckpt_path last` is the newest fit's `last.ckpt`. The lock of `runs.RunLock` is then taken per run
+`metrics.png`, the W&B files and `config.yaml`. `runs/sft/latest` is a symlink to the newest fit that FINISHED
+(moved by the command when its fit returns, never at the start: a run that fails, is interrupted or trained nothing
+leaves it on the last good one), so a later stage names `runs/sft/latest/adapter`. `fit --ckpt_path last` continues
+the newest run that holds a checkpoint, in its own directory (its own `last.ckpt`, never another run's); a
+checkpoint inside `version_N/` continues run N. `validate`, `test` and `predict` get `validate_N/`, `test_N/`,
+`predict_N/` beside the fits, so they never overwrite a fit's config, and their `--ckpt_path last` is the newest
+checkpointed fit's `last.ckpt`. The lock of `runs.RunLock` is then taken per run
 directory: a second fit into the same run (a double resume) is refused, fits of new runs are not.
 
 Under DDP, Lightning starts the other ranks as copies of the command after rank 0 chose the directory; rank 0
@@ -39,14 +41,23 @@ def numbered(root: Path, prefix: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def newest_fit(root: Path) -> Path | None:
-    """The newest fit run under `root`: where `latest` points, else the highest `version_N`."""
+def newest_fit(root: Path, checkpoint_dirs: list[str | None] | None = None) -> Path | None:
+    """The newest fit run under `root` that holds a checkpoint (what `--ckpt_path last` continues or evaluates): the
+    highest `version_N` with a `.ckpt` file in one of its checkpoint folders; None when no run has one."""
+    for _, run in reversed(numbered(root, FIT_PREFIX)):
+        folders = [Path(place(d, run, "checkpoints")) for d in checkpoint_dirs or [None]]
+        if any(f.is_dir() and any(f.glob("*.ckpt")) for f in folders):
+            return run
+    return None
+
+
+def finished_fit(root: Path) -> Path | None:
+    """Where `root/latest` points: the newest fit that finished (None before the first)."""
     link = root / LATEST
-    if link.is_symlink() and link.resolve().is_dir():
-        target = Path(os.readlink(link))
-        return target if target.is_absolute() else root / target
-    runs = numbered(root, FIT_PREFIX)
-    return runs[-1][1] if runs else None
+    if not (link.is_symlink() and link.resolve().is_dir()):
+        return None
+    target = Path(os.readlink(link))
+    return target if target.is_absolute() else root / target
 
 
 def claim(root: Path, prefix: str) -> Path:
@@ -63,7 +74,7 @@ def claim(root: Path, prefix: str) -> Path:
 
 
 def point_latest(root: Path, run_dir: Path) -> None:
-    """`root/latest` -> `run_dir` (relative), replaced atomically."""
+    """`root/latest` -> `run_dir` (relative), replaced atomically: called when a fit has finished."""
     tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     os.symlink(run_dir.name, tmp)
@@ -83,20 +94,20 @@ def _other_rank() -> bool:
     return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "RANK", "NODE_RANK"))
 
 
-def choose(root: str | os.PathLike, subcommand: str, ckpt_path: str | None) -> tuple[Path, bool]:
+def choose(root: str | os.PathLike, subcommand: str, ckpt_path: str | None,
+           checkpoint_dirs: list[str | None] | None = None) -> tuple[Path, bool]:
     """(the run directory of this command, whether it continues an existing fit run)."""
     if _other_rank() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV]), True
     root = Path(root)
     if subcommand == "fit":
-        existing = newest_fit(root) if ckpt_path == "last" else run_of(root, ckpt_path) if ckpt_path else None
+        existing = (newest_fit(root, checkpoint_dirs) if ckpt_path == "last"
+                    else run_of(root, ckpt_path) if ckpt_path else None)
         if existing is not None:
             return existing, True
         if _other_rank():  # started by an outside launcher (torchrun, srun) before rank 0 chose: follow rank 0
             return _wait_for_newest(root), True
-        run = claim(root, FIT_PREFIX)
-        point_latest(root, run)
-        return run, False
+        return claim(root, FIT_PREFIX), False
     return claim(root, f"{subcommand}_"), False
 
 
@@ -105,7 +116,8 @@ def _wait_for_newest(root: Path, seconds: float = 60.0) -> Path:
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        run = newest_fit(root)
+        runs = numbered(root, FIT_PREFIX)
+        run = runs[-1][1] if runs else None
         if run is not None and time.time() - run.stat().st_mtime < seconds:
             return run
         time.sleep(0.5)
