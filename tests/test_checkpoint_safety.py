@@ -20,7 +20,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_ft.train import integrity, runs
+from lit_ft.train import integrity, outputs, runs
 from lit_ft.callbacks import ExportAdapter
 from lit_ft.data.modules import InstructionDataModule
 from lit_ft.errors import ConfigError
@@ -353,9 +353,9 @@ def test_a_second_run_into_a_directory_in_use_is_refused(base_dir, data_file, tm
 
 def test_adapter_export_is_atomic_and_a_finished_run_writes_a_missing_one(base_dir, data_file, tmp_path):
     target = tmp_path / "exports" / "adapter"
-    with runs.atomic_directory(target) as tmp:
+    with outputs.atomic_directory(target) as tmp:
         (tmp / "adapter_config.json").write_text("{}")
-    with pytest.raises(OSError), runs.atomic_directory(target) as tmp:
+    with pytest.raises(OSError), outputs.atomic_directory(target) as tmp:
         (tmp / "adapter_config.json").write_text('{"partial": true}')
         raise OSError("killed mid-export")
     assert json.loads((target / "adapter_config.json").read_text()) == {}  # the previous export, intact

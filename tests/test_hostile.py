@@ -329,3 +329,48 @@ def test_loraplus_trains_the_b_matrices_at_a_multiple_of_the_lr_and_keeps_it_on_
     state = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
     lrs = sorted({g["lr"] for g in state["optimizer_states"][0]["param_groups"]})
     assert state["global_step"] == 4 and lrs == [2e-4, 16 * 2e-4]  # the recipe-less default lr, and 16 x it
+
+
+@pytest.mark.parametrize("command", [["export", "merge", "--adapter", "{adapter}", "--out", "{file}"],
+                                     ["export", "adapter", "--ckpt", "{file}", "--out", "{file}"],
+                                     ["export", "gguf", "--src", "{adapter}", "--out", "{adapter}"],
+                                     ["--help"]])
+def test_a_refused_output_path_and_help_come_before_torch_is_imported(tmp_path, command):
+    """The light commands and every export's check of its output path run without importing torch (seconds)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.format(adapter=tmp_path / "adapter", file=tmp_path / "a_file") for a in command]
+    code = ("import sys\nfrom lit_ft.cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nelse:\n    code = 0\nprint('torch' in sys.modules, code)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["False", "0" if command == ["--help"] else "2"], done.stdout + done.stderr
+    if command != ["--help"]:
+        assert re.search(r"^error: --(out|src|ckpt) ", done.stderr, re.M), done.stderr
+
+
+def test_saving_an_adapter_asks_no_hub_and_warns_nothing(tmp_path, monkeypatch):
+    """PEFT's save looks up the base's config.json on the Hub to see whether the vocabulary was resized (a network
+    call, and under no network the line "Could not find a config file"); lit_ft never resizes embeddings, so it
+    tells PEFT not to look."""
+    import warnings
+
+    import peft.utils.save_and_load as peft_save
+
+    from lit_ft import LoraSpec, ModelSpec
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    module = SFTModule(base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4))
+    module.configure_model()
+    module.model.peft_config["default"].base_model_name_or_path = "someone/not-cached-here"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        module.save_adapter(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [w for w in seen if "config" in str(w.message)], [str(w.message) for w in seen]

@@ -11,14 +11,14 @@ from lit_ft.callbacks.logging import log_adapter_artifacts
 from lit_ft.train import strategies
 from lit_ft.train.guards import check_trained
 from lit_ft.train.integrity import load_verified
-from lit_ft.train.runs import atomic_directory
+from lit_ft.train.outputs import atomic_directory
 
 
 class ExportAdapter(L.Callback):
     """At the end of fit, writes the trained adapter (PEFT format, with tokenizer files) to `dirpath`.
 
     With `best=True` and a ModelCheckpoint monitoring a metric, the best checkpoint's weights are exported.
-    The directory is written atomically (`runs.atomic_directory`): a kill during the export leaves the previous
+    The directory is written atomically (`outputs.atomic_directory`): a kill during the export leaves the previous
     export or none, never a partial one. A fit that finds its run already finished (resumed from its last
     checkpoint) writes the adapter when the directory is missing.
     """

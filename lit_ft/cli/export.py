@@ -23,13 +23,11 @@ import inspect
 import json
 from pathlib import Path
 
-from lit_ft.models.adapters import check_adapter_base, read_base_identity
-from lit_ft.models.identity import identity_diff
-from lit_ft.train.checkpointing import IDENTITY_KEY, MODULE_KEY, START_KEY
 from lit_ft.errors import ConfigError, loading
-from lit_ft.train.integrity import load_verified
-from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer, restore_start
-from lit_ft.train.runs import atomic_directory, check_output
+from lit_ft.train.outputs import atomic_directory, check_output
+
+# Light at import (no torch): every refusal of a path or a name comes in a fraction of a second; the model layers are
+# imported inside the functions that use them.
 
 # The only classes an export builds from a checkpoint's `lit_ft_module` entry: a checkpoint cannot name any other
 # callable to be imported or called. A checkpoint records `lit_ft.<Name>`; one written before the subpackages
@@ -59,6 +57,8 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     truncated or corrupted one with a CheckpointError naming the newest checkpoint beside it that verifies."""
     if not Path(ckpt).is_file():
         raise ConfigError(f"--ckpt: {ckpt} is not a file")
+    from lit_ft.train.integrity import load_verified
+
     return load_verified(ckpt)
 
 
@@ -70,6 +70,10 @@ def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | 
     with a base (`trust_remote_code`) stays off whatever the checkpoint says, and `base` loads the base from
     another place than the one recorded (its weights must be the ones the checkpoint was trained on)."""
     check_output(out, "--out", inputs=(ckpt,), overwrite=overwrite)
+    from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_tokenizer, restore_start
+    from lit_ft.models.identity import identity_diff
+    from lit_ft.train.checkpointing import IDENTITY_KEY, MODULE_KEY, START_KEY
+
     state = load_checkpoint(ckpt)
     if MODULE_KEY not in state:
         raise ConfigError(f"{ckpt} is not a lit_ft checkpoint (no '{MODULE_KEY}' entry)")
@@ -99,6 +103,8 @@ def adapter_from_checkpoint(ckpt: str | Path, out: str | Path, tokenizer: str | 
 def module_class(name: str, ckpt) -> type:
     """The LightningModule class a checkpoint names, from `MODULE_CLASSES` only (checked before any import)."""
     if not isinstance(name, str) or name not in MODULE_CLASSES:
+        from lit_ft.train.checkpointing import MODULE_KEY
+
         raise ConfigError(f"{ckpt}: refused: its '{MODULE_KEY}' entry names {name!r}, which is not one of lit_ft's "
                           f"modules ({', '.join(f'lit_ft.{n}' for n in MODULE_NAMES)}); nothing was imported or called")
     import lit_ft
@@ -119,13 +125,15 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: 
 
     `attn_implementation` is how the base loads for the merge (`auto`: what transformers picks for the family,
     so families that refuse SDPA, such as Gemma 2, merge too); the saved model records none of it."""
-    from peft import PeftModel
-
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there (an adapter directory is what "
                           "ExportAdapter or `lit-ft export adapter` writes)")
     check_output(out, "--out", inputs=(adapter, base if base and Path(base).exists() else None), overwrite=overwrite)
+    from peft import PeftModel
+
+    from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer
+    from lit_ft.models.adapters import check_adapter_base, read_base_identity
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     identity = read_base_identity(adapter) or {}
     name = base or identity.get("name_or_path") or cfg.get("base_model_name_or_path")

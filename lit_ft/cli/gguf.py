@@ -39,7 +39,7 @@ def find_converter(kind: str, llama_cpp: str | None = None) -> Path:
 def to_gguf(src: str | os.PathLike, out: str | os.PathLike, llama_cpp: str | None = None,
             outtype: str = "f16", overwrite: bool = False) -> Path:
     """Convert `src` (a merged model directory, or a PEFT adapter directory) into the GGUF file `out`."""
-    from lit_ft.train.runs import check_output
+    from lit_ft.train.outputs import check_output
 
     src, out = Path(src), Path(out)
     check_output(out, "--out", inputs=(src,), overwrite=overwrite, kind="file")

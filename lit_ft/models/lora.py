@@ -197,7 +197,7 @@ def lora_start(model) -> dict[str, torch.Tensor]:
     """The adapter's LoRA matrices now, keyed as in its saved files."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
 
 
@@ -305,7 +305,7 @@ def load_adapter(model, path: str, task: Literal["causal_lm", "score"], trainabl
     config = dataclasses.replace(config, task_type=TaskType.SEQ_CLS, inference_mode=not trainable)
     model = get_peft_model(model, config)
     # The new head keeps its fresh initialisation: it is handed back as it is, the LoRA weights come from `path`.
-    weights = get_peft_model_state_dict(model)
+    weights = get_peft_model_state_dict(model, save_embedding_layers=False)
     with loading(path, "model.base.adapter"):
         loaded = load_peft_weights(path)
     strays = sorted(set(loaded) - set(weights))

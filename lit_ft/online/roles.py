@@ -227,7 +227,7 @@ def export_adapter(model, name: str, path: Path, head: nn.Linear | None = None) 
     path.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.peft_config[name])
     config.inference_mode = True
-    state = get_peft_model_state_dict(model, adapter_name=name)
+    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     if head is not None:
         config.task_type = "SEQ_CLS"
         state[f"base_model.model.{_HEAD}.weight"] = head.weight

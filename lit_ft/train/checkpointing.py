@@ -232,7 +232,7 @@ def save_adapter(model, path, tokenizer=None, identity: dict | None = None, stat
     path = Path(path)
     start = getattr(model, INIT_ATTR, None)
     if state_dict is None and not start:
-        model.save_pretrained(path)
+        model.save_pretrained(path, save_embedding_layers=False)  # lit_ft never resizes them
     else:
         _write_adapter(model, path, state_dict, start)
     if tokenizer is not None:
@@ -252,7 +252,7 @@ def _write_adapter(model, path: Path, state_dict: dict | None, start: dict | Non
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    weights = get_peft_model_state_dict(model, state_dict=state_dict)
+    weights = get_peft_model_state_dict(model, state_dict=state_dict, save_embedding_layers=False)
     weights = {k.replace(FSDP_INFIX, ""): v.detach().cpu().contiguous() for k, v in weights.items()}
     config = copy.copy(model.peft_config["default"])
     if start:

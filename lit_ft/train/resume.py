@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_ft.train import integrity
 from lit_ft.errors import ConfigError
+from lit_ft.train.outputs import current_umask
 
 # ------------------------------------------------------------------------------------------------ data order
 
@@ -162,12 +163,6 @@ class ResumableDataLoader(DataLoader):
         self.sampler.set_epoch(int(state["epoch"]))
         self.sampler.start = min(int(state["position"]), self.sampler.total_size)
         self._epoch, self._position = int(state["epoch"]), self.sampler.start
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def dataset_digest(dataset, legacy: bool = False) -> str | None:
