@@ -226,7 +226,30 @@ def test_hh_rlhf_prefix_split(tmp_path):
     with pytest.raises(DataError, match=r"hh.jsonl:2: field 'chosen': no shared prefix ending in"):
         load_records(f, "preference")
     records, _ = load_records(f, "preference", format="hh", skip_bad_rows=True)
-    assert records[0]["prompt"] == [{"role": "user", "content": common}]
+    assert records[0]["prompt"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                    {"role": "user", "content": "add 2 and 2"}]
+    assert records[0]["transcript"] == common
+
+
+def test_hh_rows_are_turns_for_the_chat_template_and_the_text_as_written_for_the_text_ones(tmp_path):
+    """A user expects an HH conversation rendered by the chat template as its turns (not one user message holding
+    the raw transcript); the plain template keeps the text as written, the only place the speakers are named."""
+    from lit_ft.data.records import prompt_for
+
+    common = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: and\n\nHuman: add 2 and 2\n\nAssistant:"
+    f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": common + " 4", "rejected": common + " 5"}])
+    record = load_records(f, "preference")[0][0]
+    assert prompt_for(record, "chat") == [{"role": "user", "content": "hi there"},
+                                          {"role": "assistant", "content": "hello"},
+                                          {"role": "user", "content": "and\n\nadd 2 and 2"}]
+    assert prompt_for(record, "plain") == [{"role": "user", "content": common}]
+    prompts = load_records(f, "prompt")[0]
+    assert prompt_for(prompts[0], "chat")[-1]["content"] == "and\n\nadd 2 and 2"
+    assert prompt_for(prompts[0], "plain")[0]["content"].endswith("\n\nAssistant:")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "Preamble\n\nHuman: x\n\nAssistant: a",
+                                                "rejected": "Preamble\n\nHuman: x\n\nAssistant: b"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'chosen': text before the first 'Human:' turn"):
+        load_records(bad, "preference")
 
 
 def test_bad_margin(tmp_path):

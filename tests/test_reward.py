@@ -318,3 +318,25 @@ def test_missing_head_is_refused(tiny_model_dir, tmp_path):
         adapters.load_score_head(tmp_path / "rm")
     with pytest.raises(ValueError, match="head"):
         scoring.RewardScorer.from_pretrained(tmp_path / "rm")
+
+
+def test_a_bfloat16_base_trains_its_score_head_in_float32(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Adam moves each weight by about lr a step; in bfloat16 a step far below the weights' spacing rounds away (at
+    |w| ~ 0.02 the spacing is 1.2e-4), so a bf16 head would not learn at small learning rates. Every weight of the
+    head moves on the first step, by what float32 Adam gives."""
+    module = RewardModule(ModelSpec(name_or_path=tiny_model_dir, dtype="bfloat16"), LoraSpec(r=4, dropout=0.0),
+                          OptimSpec(lr=1e-5, warmup_steps=0, scheduler="constant"))
+    trainer = _trainer(tmp_path, 1, enable_checkpointing=False, limit_val_batches=0)
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in trainable_state_dict(pl_module).items() if "score" in k})
+
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(module, datamodule=_Batches([_batch(tiny_tokenizer)], tiny_tokenizer))
+    (key, start), = before.items()
+    after = trainable_state_dict(module)[key]
+    assert start.dtype == after.dtype == torch.float32
+    step = (after - start).abs()
+    assert bool((step > 0).all()) and torch.allclose(step, torch.full_like(step, 1e-5), rtol=0.05)

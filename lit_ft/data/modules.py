@@ -28,6 +28,7 @@ from lit_ft.data.shared import (  # noqa: F401 (re-exported)
     check_score_filter, fit_context, load_splits, load_tokenizer_for, make_loader, plain_hparams, prepare_hub,
     split_records, tokenize_split,
 )
+from lit_ft.data.records import prompt_for
 from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong
 from lit_ft.validation import check_init
@@ -264,7 +265,8 @@ class PreferenceDataModule(LightningDataModule):
 
     def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
         """(rendered prompt text, chosen response) of the first ``n`` validation pairs (greedy-answer checks)."""
-        return [(render_prompt(r["prompt"], self.tokenizer, self.template, self.system_prompt), r["chosen"])
+        return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt),
+                 r["chosen"])
                 for r in self.val_records[:n]]
 
     train_dataloader = shared.train_dataloader

@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule
 from lit_ft.data import shared, splits
 from lit_ft.data.collate import PromptCollator
 from lit_ft.data.readers import SourceSpec
+from lit_ft.data.records import prompt_for
 from lit_ft.data.templates import TemplateName, render_prompt
 from lit_ft.validation import check_init
 
@@ -102,7 +103,8 @@ class PromptDataModule(LightningDataModule):
     def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
         """(rendered prompt text, answer) of the first ``n`` validation records that have an answer."""
         rows = [r for r in self.val_records if r.get("answer") is not None][:n]
-        return [(render_prompt(r["prompt"], self.tokenizer, self.template, self.system_prompt, r.get("input")),
+        return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt,
+                               r.get("input")),
                  r["answer"]) for r in rows]
 
     train_dataloader = shared.train_dataloader

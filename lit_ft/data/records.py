@@ -9,6 +9,10 @@ Canonical records (every prompt is a list of chat messages; a raw-text prompt is
 - preference:  ``{"prompt": [messages], "chosen": str, "rejected": str, "margin": float | None, "line": int}``
 - prompt:      ``{"prompt": [messages], "input": str | None, "answer": str | None, "line": int}``
 
+An HH-RLHF row (``"\n\nHuman: ...\n\nAssistant: ..."`` text) becomes its conversation's turns in ``prompt``, and
+keeps the prompt as written in ``transcript``: the chat template renders the turns, the text templates the text as
+written (`prompt_for`), where the speaker markers are the only record of who said what.
+
 ``input`` is the alpaca ``input`` column, kept apart so the alpaca template can render its ``### Input:``
 section; the other templates append it to the first user turn. ``line`` is the 1-based source line (CSV:
 row index + 2 for the header; Parquet and hub data: row index + 1), so every later error can name it.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any, Literal
 
 from lit_ft.data.checks import check_unicode, is_blank, warn_unknown_columns
@@ -117,6 +122,42 @@ def _common_prefix_len(a: list, b: list) -> int:
     return n
 
 
+HH_SPEAKERS = {"Human": "user", "Assistant": "assistant"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_turns(transcript: str) -> list[dict]:
+    """An HH-RLHF prompt (``"\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"``) as chat messages
+    (user a, assistant b, user c). A speaker who talks twice in a row (it happens in HH) is one turn, the parts
+    joined by a blank line."""
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip():
+        raise RowError("chosen", f"text before the first 'Human:' turn ({parts[0].strip()[:40]!r}); expected "
+                                 "HH-RLHF style '\n\nHuman: ...\n\nAssistant: ...' text or a prompt field")
+    turns: list[dict] = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role, content = HH_SPEAKERS[speaker], content.strip()
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] = (turns[-1]["content"] + "\n\n" + content).strip()
+        else:
+            turns.append({"role": role, "content": content})
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()  # the prompt's closing "Assistant:", where the responses start
+    if not turns or turns[0]["role"] != "user" or turns[-1]["role"] != "user":
+        raise RowError("chosen", "expected HH-RLHF turns starting with 'Human:' and a 'Human:' turn right before "
+                                 "the responses")
+    if any(not t["content"] for t in turns):
+        raise RowError("chosen", "an HH-RLHF turn with no text")
+    return turns
+
+
+def prompt_for(record: dict, template: str) -> list[dict]:
+    """The prompt messages a template renders: an HH-RLHF row's turns for the chat template, its text as written
+    (one user message) for the text templates."""
+    transcript = record.get("transcript")
+    return _user(transcript) if transcript is not None and template != "chat" else record["prompt"]
+
+
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split HH-RLHF style conversations into (prompt, chosen, rejected) at the last shared Assistant marker."""
     shared = chosen[: _common_prefix_len(chosen, rejected)]
@@ -147,6 +188,7 @@ def _explicit_prompt_pair(row: dict) -> tuple[list[dict], str, str]:
 
 
 def _preference(row: dict, fmt: str) -> dict:
+    transcript = None
     if fmt == "chat" and row.get("prompt") is not None:
         prompt, c, r = _explicit_prompt_pair(row)
     elif fmt == "chat":
@@ -160,15 +202,18 @@ def _preference(row: dict, fmt: str) -> dict:
             raise RowError("chosen", "expected at least one user message before the final assistant turn")
         _check_prompt_beside_chat(row.get("prompt"), prompt)
     elif fmt == "hh":
-        text, c, r = split_hh(_text(row, "chosen"), _text(row, "rejected"))
-        prompt = _user(text)
+        transcript, c, r = split_hh(_text(row, "chosen"), _text(row, "rejected"))
+        prompt = hh_turns(transcript)
     else:
         p = row.get("prompt")
         prompt = check_messages(p, "prompt", end="user") if isinstance(p, list) else _user(_text(row, "prompt"))
         c, r = _text(row, "chosen"), _text(row, "rejected")
     margin = row.get("margin")
     margin = None if margin is None else _number(margin, "margin", "a number or null")
-    return {"prompt": prompt, "chosen": c, "rejected": r, "margin": margin}
+    record = {"prompt": prompt, "chosen": c, "rejected": r, "margin": margin}
+    if transcript is not None:
+        record["transcript"] = transcript
+    return record
 
 
 def _check_prompt_beside_chat(text, prompt: list[dict]) -> None:
@@ -187,18 +232,25 @@ def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
         if prompt[-1]["role"] != "user":
             raise RowError("messages", "expected a user turn to prompt with")
     elif fmt == "preference":
-        prompt = _preference(row, _preference_format(row))["prompt"]
+        pair = _preference(row, _preference_format(row))
+        prompt = pair["prompt"]
+        if "transcript" in pair:
+            return {"prompt": prompt, "transcript": pair["transcript"], "input": None, "answer": _answer(row, answer_field)}
     elif fmt == "instruction":
         prompt, inp = _user(_text(row, "instruction")), _text(row, "input", required=False) or None
     else:
         p = row.get(fmt)
         prompt = check_messages(p, fmt, end="user") if isinstance(p, list) else _user(_text(row, fmt))
+    return {"prompt": prompt, "input": inp, "answer": _answer(row, answer_field)}
+
+
+def _answer(row: dict, answer_field: str | None) -> str | None:
     answer = row.get(answer_field) if answer_field else None
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         raise RowError(answer_field, f"expected a string or number, got {type(answer).__name__} ({answer!r})")
     if isinstance(answer, float) and not math.isfinite(answer):
         raise RowError(answer_field, f"expected a string or number, got {answer} (not finite: no answer to check)")
-    return {"prompt": prompt, "input": inp, "answer": None if answer is None else str(answer)}
+    return None if answer is None else str(answer)
 
 
 def _preference_format(row: dict) -> str:

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Literal
 
 from lit_ft.data.readers import DataReport
+from lit_ft.data.records import prompt_for
 from lit_ft.data.templates import TemplateName, render_pair, render_prompt, render_segments
 from lit_ft.errors import DataError
 
@@ -107,8 +108,9 @@ def preference_example(
     Both sides share the prompt tokens; ``truncate_prompt`` cuts the shared prompt from the left so both
     responses keep their ends (at least one prompt token must remain).
     """
-    prompt_text, chosen_text = render_pair(record["prompt"], record["chosen"], tokenizer, template, system_prompt)
-    _, rejected_text = render_pair(record["prompt"], record["rejected"], tokenizer, template, system_prompt)
+    prompt = prompt_for(record, template)
+    prompt_text, chosen_text = render_pair(prompt, record["chosen"], tokenizer, template, system_prompt)
+    _, rejected_text = render_pair(prompt, record["rejected"], tokenizer, template, system_prompt)
     prompt, chosen, rejected = (_ids(tokenizer, t) for t in (prompt_text, chosen_text, rejected_text))
     longest = max(len(chosen), len(rejected))
     drop = ""
@@ -134,7 +136,7 @@ def prompt_example(
     overlong: Overlong, file: str,
 ) -> dict:
     """Dataset.map function: a prompt record to ``input_ids``, ``prompt`` (rendered text), ``answer``, ``drop``."""
-    text = render_prompt(record["prompt"], tokenizer, template, system_prompt, record.get("input"))
+    text = render_prompt(prompt_for(record, template), tokenizer, template, system_prompt, record.get("input"))
     ids, drop = _ids(tokenizer, text), ""
     if len(ids) > max_length:
         if overlong == "error":

@@ -40,8 +40,20 @@ def build_model(
         model = adapt(model, lora, task, spec)
     else:
         raise ConfigError("model.lora is null and no model.base.adapter is given: nothing would be trained")
+    if task == "score" and trainable:
+        fp32_head(model)
     # from_pretrained returns eval mode; training mode turns LoRA dropout on (evaluation code switches it off).
     return model.train(trainable)
+
+
+def fp32_head(model) -> None:
+    """Train the score head in float32 whatever the base's dtype, as PEFT keeps the LoRA weights (its
+    `autocast_adapter_dtype`): in bfloat16, Adam's steps of about lr on weights whose spacing is coarser (2.4e-4 at
+    |w| = 0.06, and the head's weights grow) round away, and the head stops learning. The score is read with the
+    hidden state cast to the head's dtype (`lit_ft.online.scoring.scores_from_hidden`)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and ".score." in f".{name}":
+            p.data = p.data.float()
 
 
 def describe(model) -> str:

@@ -58,7 +58,10 @@ def scores_from_hidden(hidden: Tensor, attention_mask: Tensor, head: nn.Module) 
     """
     idx = last_token_index(attention_mask)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # [B, H]
-    dtype = next(head.parameters()).dtype
+    copies = getattr(head, "modules_to_save", None)  # PEFT's wrapper: the active adapter's copy computes
+    use_copy = copies is not None and not head.disable_adapters and head.active_adapters[0] in copies
+    active = copies[head.active_adapters[0]] if use_copy else head
+    dtype = next(active.parameters()).dtype  # a trained head is float32 (`lit_ft.models.build.fp32_head`)
     return head(pooled.to(dtype)).squeeze(-1).float()
 
 
