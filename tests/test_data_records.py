@@ -246,9 +246,12 @@ def test_hh_rows_are_turns_for_the_chat_template_and_the_text_as_written_for_the
     prompts = load_records(f, "prompt")[0]
     assert prompt_for(prompts[0], "chat")[-1]["content"] == "and\n\nadd 2 and 2"
     assert prompt_for(prompts[0], "plain")[0]["content"].endswith("\n\nAssistant:")
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "Preamble\n\nHuman: x\n\nAssistant: a",
-                                                "rejected": "Preamble\n\nHuman: x\n\nAssistant: b"}])
-    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'chosen': text before the first 'Human:' turn"):
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"chosen": "Say hi\n\nAssistant: hi",
+                                                  "rejected": "Say hi\n\nAssistant: no"}])
+    assert load_records(bare, "preference")[0][0]["prompt"] == [{"role": "user", "content": "Say hi"}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "\n\nHuman: x\n\nAssistant: a\n\nAssistant: b",
+                                                "rejected": "\n\nHuman: x\n\nAssistant: a\n\nAssistant: c"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'chosen': expected HH-RLHF turns .* 'Human:' turn right"):
         load_records(bad, "preference")
 
 

@@ -128,13 +128,10 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 def hh_turns(transcript: str) -> list[dict]:
     """An HH-RLHF prompt (``"\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"``) as chat messages
-    (user a, assistant b, user c). A speaker who talks twice in a row (it happens in HH) is one turn, the parts
-    joined by a blank line."""
+    (user a, assistant b, user c). Text before the first marker is the user's; a speaker who talks twice in a row
+    (it happens in HH) is one turn, the parts joined by a blank line."""
     parts = _HH_TURN.split(transcript)
-    if parts[0].strip():
-        raise RowError("chosen", f"text before the first 'Human:' turn ({parts[0].strip()[:40]!r}); expected "
-                                 "HH-RLHF style '\n\nHuman: ...\n\nAssistant: ...' text or a prompt field")
-    turns: list[dict] = []
+    turns: list[dict] = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
     for speaker, content in zip(parts[1::2], parts[2::2]):
         role, content = HH_SPEAKERS[speaker], content.strip()
         if turns and turns[-1]["role"] == role:
