@@ -1,0 +1,211 @@
+"""Reward models on HH-RLHF harmless pairs: lit_ft's RewardModule against TRL's RewardTrainer at the same settings,
+several seeds each, held-out pair accuracy on one split both systems score the same way.
+
+    python benchmarks/hh_reward.py split --src ../shared/data/hh_harmless/train.jsonl --out .hh     # once, here
+    python benchmarks/hh_reward.py run --data .hh --out $OUT/hh --jobs trl:0,trl:1,lit:0,lit+fp32:0   # on the GPU
+
+Settings (what issue 29 measured): SmolLM2-135M-Instruct (the bundled model as lit_ft converts it), LoRA r16 alpha 32
+dropout 0 on every projection + the score head, batch 8 pairs, lr 2e-4 cosine with 2 warm-up steps, 1 epoch, max 512
+tokens, bf16 autocast, gradient checkpointing (TRL's default), no reward centering.
+
+The split: the 2,000 pairs shuffled with seed 0, the last 312 held out (the size of the held-out set the data's
+README keeps elsewhere); the held-out file keeps the pairs whose chosen and rejected texts are at most 512 tokens
+(TRL drops longer pairs from any dataset it is given, lit_ft would cut their prompts: on this file neither happens),
+so both systems score exactly the same 2 x N texts. Training pairs over 512 tokens are TRL's to drop and lit_ft's to
+cut (its default `overlong: truncate_prompt`), as each does for a user.
+
+A job is SYSTEM[+MOD...]:SEED. SYSTEM `trl` (its documented Python API, its defaults otherwise: float32 weights under
+bf16 autocast, dropout disabled) or `lit` (the `lit-ft fit --config reward` command with the settings above,
+`--trainer.precision bf16-mixed`, the base's dtype `auto`: bfloat16 on the GPU). lit modifiers: `fp32` (the base in
+float32, as TRL holds it), `chat` (template chat: HH turns through SmolLM2's chat template), `bf16head` (the score
+head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does).
+Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall times of concurrent jobs
+are not speed figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(batch=8, lr=2e-4, warmup=2, r=16, alpha=32, max_length=512, eval_batch=16)
+
+
+def split(src: str, out: str, test: int = 312, seed: int = 0) -> None:
+    sys.path.insert(0, str(ROOT))
+    from lit_ft.models import default_model_dir, load_tokenizer
+
+    rows = [json.loads(line) for line in open(src)]
+    random.Random(seed).shuffle(rows)
+    train, held = rows[:-test], rows[-test:]
+    tok = load_tokenizer(default_model_dir())
+    fits = [r for r in held if max(len(tok(r[k] + tok.eos_token)["input_ids"]) for k in ("chosen", "rejected"))
+            <= SETTINGS["max_length"]]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("test_all", held), ("test", fits)):
+        with open(Path(out) / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    print(f"train {len(train)}, held out {len(held)}, of which {len(fits)} fit {SETTINGS['max_length']} tokens")
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+
+
+def run_trl(data: Path, out: Path, seed: int) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from trl import RewardConfig, RewardTrainer
+
+    sys.path.insert(0, str(ROOT))
+    from lit_ft.models import default_model_dir
+
+    files = {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}
+    ds = load_dataset("json", data_files=files)
+    args = RewardConfig(
+        output_dir=str(out), per_device_train_batch_size=SETTINGS["batch"],
+        per_device_eval_batch_size=SETTINGS["eval_batch"], learning_rate=SETTINGS["lr"], lr_scheduler_type="cosine",
+        warmup_steps=SETTINGS["warmup"], num_train_epochs=1, max_length=SETTINGS["max_length"], seed=seed,
+        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),  # the CPU: a dry run of the script
+        logging_steps=25, report_to="none", save_strategy="no", eval_strategy="no")
+    peft = LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"], lora_dropout=0.0, target_modules="all-linear",
+                      task_type="SEQ_CLS", modules_to_save=["score"])
+    trainer = RewardTrainer(model=default_model_dir(), args=args, train_dataset=ds["train"], peft_config=peft)
+    reset_peak()
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    metrics = trainer.evaluate(eval_dataset=ds["test"])
+    return {"accuracy": metrics["eval_accuracy"], "train_s": seconds,
+            "peak_gib": peak_gib(), "eval_pairs": len(ds["test"]),
+            "train_pairs_used": len(trainer.train_dataset)}
+
+
+# ------------------------------------------------------------------------------------------------ lit_ft
+
+
+def lit_args(data: Path, out: Path, seed: int, mods: list[str]) -> list[str]:
+    s = SETTINGS
+    args = ["fit", "--config", "reward", "--seed_everything", str(seed),
+            "--data.train_file", str(data / "train.jsonl"), "--data.val_file", str(data / "test.jsonl"),
+            "--data.template", "chat" if "chat" in mods else "plain", "--data.group_field", "null",
+            "--data.max_length", str(s["max_length"]), "--data.batch_size", str(s["batch"]),
+            "--data.eval_batch_size", str(s["eval_batch"]),
+            "--data.overlong", "drop" if "drop" in mods else "truncate_prompt",
+            "--model.lora.r", str(s["r"]), "--model.lora.alpha", str(s["alpha"]), "--model.lora.dropout", "0",
+            "--model.optim.lr", str(s["lr"]), "--model.optim.warmup_steps", str(s["warmup"]),
+            "--model.optim.scheduler", "cosine", "--model.center_coef", "0",
+            "--model.base.gradient_checkpointing", "true",
+            "--model.base.dtype", "float32" if "fp32" in mods else "auto",
+            "--trainer.precision", os.environ.get("HH_PRECISION", "bf16-mixed"), "--trainer.max_steps", "-1", "--trainer.max_epochs", "1",
+            "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", ".",
+            "--trainer.default_root_dir", str(out)]
+    return args
+
+
+def run_lit(data: Path, out: Path, seed: int, mods: list[str]) -> dict:
+    import csv
+
+    sys.path.insert(0, str(ROOT))
+    if "bf16head" in mods:  # the head as it was: in the base's dtype
+        import lit_ft.models.build as build
+
+        build.fp32_head = lambda model: None
+    from lit_ft.cli.app import main
+
+    reset_peak()
+    t0 = time.perf_counter()
+    try:
+        main(lit_args(data, out, seed, mods))
+    except SystemExit as e:
+        if e.code:
+            raise
+    seconds = time.perf_counter() - t0
+    rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
+    acc = [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
+    return {"accuracy": acc[-1], "train_s": seconds, "peak_gib": peak_gib()}
+
+
+def reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def one(job: str, data: Path, out: Path) -> None:
+    system, seed = job.rsplit(":", 1)
+    name, *mods = system.split("+")
+    target = out / job.replace(":", "_s").replace("+", "_")
+    target.mkdir(parents=True, exist_ok=True)
+    result = run_trl(data, target, int(seed)) if name == "trl" else run_lit(data, target, int(seed), mods)
+    result.update(job=job)
+    (target / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+def run_all(jobs: list[str], data: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for job in jobs:
+        log = open(out / f"{job.replace(':', '_s').replace('+', '_')}.log", "w")
+        procs.append((job, subprocess.Popen([sys.executable, __file__, "one", job, "--data", str(data), "--out",
+                                             str(out)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
+    for job, p in procs:
+        p.wait()
+        print(f"{job}: exit {p.returncode}", flush=True)
+    summarize(out)
+
+
+def summarize(out: Path) -> None:
+    import statistics
+
+    results = [json.loads(f.read_text()) for f in sorted(out.rglob("result.json"))]
+    by = {}
+    for r in results:
+        by.setdefault(r["job"].rsplit(":", 1)[0], []).append(r)
+    for system, rs in sorted(by.items()):
+        accs = [r["accuracy"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        print(f"{system:16s} seeds {len(accs)}  accuracy " + " / ".join(f"{a:.3f}" for a in accs)
+              + f"  mean {statistics.mean(accs):.3f} sd {sd:.3f}"
+              + f"  train {statistics.mean(r['train_s'] for r in rs):.0f} s"
+              + f"  peak {max(r['peak_gib'] for r in rs):.1f} GiB")
+    (out / "summary.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["split", "run", "one", "summary"])
+    parser.add_argument("job", nargs="?")
+    parser.add_argument("--src", default="../shared/data/hh_harmless/train.jsonl")
+    parser.add_argument("--data", default=".hh")
+    parser.add_argument("--out", default="hh_runs")
+    parser.add_argument("--jobs", default="trl:0,lit:0")
+    a = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.mode == "split":
+        split(a.src, a.data)
+    elif a.mode == "one":
+        one(a.job, Path(a.data).resolve(), Path(a.out).resolve())
+    elif a.mode == "run":
+        run_all(a.jobs.split(","), Path(a.data).resolve(), Path(a.out).resolve())
+    else:
+        summarize(Path(a.out).resolve())
