@@ -22,6 +22,7 @@ from lit_ft.errors import ConfigError, LitFTError
 TOOLS = {
     "export": ("lit_ft.cli.export", "write an adapter from a checkpoint, merge it into its base, or convert it to GGUF"),
     "chat": ("lit_ft.cli.chat", "generate with a base model plus an adapter, one-shot (--prompt) or interactive"),
+    "judge": ("lit_ft.cli.judge", "score policy adapters' answers with a reward model: win rates, paired SE, KL"),
     "plan": ("lit_ft.cli.plan", "estimate a run's memory before starting it"),
     "demo": ("lit_ft.cli.demo", "run SFT -> GRPO (or --stages sft,reward,ppo) on the shipped demo data"),
 }
