@@ -48,8 +48,15 @@ def split(src: str, out: str, test: int = 312, seed: int = 0) -> None:
     tok = load_tokenizer(default_model_dir())
     fits = [r for r in held if max(len(tok(r[k] + tok.eos_token)["input_ids"]) for k in ("chosen", "rejected"))
             <= SETTINGS["max_length"]]
+    from lit_ft.data.records import hh_turns, split_hh
+
+    sft = []  # SFT on the chosen responses: the conversation's turns, then the chosen answer
+    for r in train:
+        prompt, chosen, _ = split_hh(r["chosen"], r["rejected"])
+        if chosen.strip():
+            sft.append({"messages": hh_turns(prompt) + [{"role": "assistant", "content": chosen.strip()}]})
     Path(out).mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", train), ("test_all", held), ("test", fits)):
+    for name, part in (("train", train), ("test_all", held), ("test", fits), ("sft_train", sft)):
         with open(Path(out) / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)
     print(f"train {len(train)}, held out {len(held)}, of which {len(fits)} fit {SETTINGS['max_length']} tokens")
@@ -147,6 +154,73 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+# ------------------------------------------------------------------------------------------------ RLHF
+
+
+def common(out: Path, minutes: float | None = None) -> list[str]:
+    args = ["--trainer.precision", os.environ.get("HH_PRECISION", "bf16-mixed"), "--trainer.enable_progress_bar",
+            "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", ".",
+            "--trainer.default_root_dir", str(out)]
+    if minutes:
+        args += ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
+    if os.environ.get("HH_BASE"):  # a dry run on another base (the tests' tiny model)
+        args += ["--model.base.name_or_path", os.environ["HH_BASE"]]
+    return args
+
+
+def sft_args(data: Path, out: Path) -> list[str]:
+    """SFT on the chosen responses (chat template), 1 epoch: the policy every RLHF stage starts from."""
+    return ["fit", "--config", "sft", "--data.train_file", str(data / "sft_train.jsonl"), "--data.val_file", "null",
+            "--data.val_split", "0.05", "--data.max_length", "512", "--data.batch_size", "16",
+            "--model.optim.lr", "2e-4", "--model.base.gradient_checkpointing", "true", "--trainer.max_steps", "-1",
+            "--trainer.max_epochs", "1", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch",
+            "1", *common(out)]
+
+
+def stage_args(stage: str, data: Path, out: Path, sft: str, proxy: str, minutes: float) -> list[str]:
+    """PPO and GRPO against the proxy reward model on the HH prompts, DPO on the HH pairs; all from the SFT policy,
+    for about `minutes` of training each."""
+    prompts = ["--data.train_file", str(data / "train.jsonl"), "--data.val_file", str(data / "test_all.jsonl"),
+               "--data.max_length", "448", "--data.overlong", "truncate_prompt", "--model.sampling.max_new_tokens",
+               "64", "--model.reward_fn", "null", "--model.reward_adapter", proxy, "--trainer.max_steps", "-1",
+               "--trainer.max_epochs", "50", "--trainer.val_check_interval", "25", "--trainer.check_val_every_n_epoch", "null",
+               "--trainer.limit_val_batches", "2"]
+    per_stage = {
+        "ppo": ["fit", "--config", "ppo", *prompts, "--data.batch_size", "32", "--model.ppo.init_kl_coef", "0.05"],
+        "grpo": ["fit", "--config", "grpo", *prompts, "--data.batch_size", "16", "--model.grpo.beta", "0.04"],
+        "dpo": ["fit", "--config", "dpo", "--data.train_file", str(data / "train.jsonl"), "--data.val_file",
+                str(data / "test.jsonl"), "--data.group_field", "null", "--data.max_length", "512",
+                "--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "1.0",
+                "--trainer.check_val_every_n_epoch", "1", "--model.optim.lr", "5e-5"],
+    }[stage]
+    return [*per_stage, "--model.sft_adapter", sft, "--model.base.gradient_checkpointing", "true",
+            *common(out, minutes)]
+
+
+def run_rlhf(data: Path, out: Path, sft: str, proxy: str, judge: str, minutes: float, n: int) -> None:
+    """PPO, GRPO and DPO side by side from the SFT policy, then `lit-ft judge` of all of them against the SFT policy
+    with the judge reward model (one the policies were not trained against)."""
+    out.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for stage in ("ppo", "grpo", "dpo"):
+        log = open(out / f"{stage}.log", "w")
+        procs[stage] = subprocess.Popen([sys.executable, "-m", "lit_ft", *stage_args(stage, data, out / stage, sft,
+                                                                                      proxy, minutes)],
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    for stage, p in procs.items():
+        print(f"{stage}: exit {p.wait()}", flush=True)
+    policies = [f"sft={sft}"] + [f"{s}={out / s / 'latest' / 'adapter'}" for s in procs
+                                 if (out / s / "latest" / "adapter").is_dir()]
+    args = ["judge", "--judge", judge, "--prompts", str(data / "test_all.jsonl"), "--n", str(n), "--template",
+            "chat", "--max_new_tokens", "64", "--batch_size", "64", "--baseline", "sft", "--out",
+            str(out / "judged.json")]
+    if os.environ.get("HH_BASE"):
+        args += ["--base", os.environ["HH_BASE"]]
+    for policy in policies:
+        args += ["--policy", policy]
+    subprocess.run([sys.executable, "-m", "lit_ft", *args], cwd=ROOT, check=False)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -155,7 +229,16 @@ def one(job: str, data: Path, out: Path) -> None:
     name, *mods = system.split("+")
     target = out / job.replace(":", "_s").replace("+", "_")
     target.mkdir(parents=True, exist_ok=True)
-    result = run_trl(data, target, int(seed)) if name == "trl" else run_lit(data, target, int(seed), mods)
+    if name == "sft":
+        from lit_ft.cli.app import main
+
+        t0 = time.perf_counter()
+        main(sft_args(data, target))
+        result = {"accuracy": float("nan"), "train_s": time.perf_counter() - t0, "peak_gib": peak_gib()}
+    elif name == "trl":
+        result = run_trl(data, target, int(seed))
+    else:
+        result = run_lit(data, target, int(seed), mods)
     result.update(job=job)
     (target / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
@@ -193,12 +276,17 @@ def summarize(out: Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["split", "run", "one", "summary"])
+    parser.add_argument("mode", choices=["split", "run", "one", "summary", "rlhf"])
     parser.add_argument("job", nargs="?")
     parser.add_argument("--src", default="../shared/data/hh_harmless/train.jsonl")
     parser.add_argument("--data", default=".hh")
     parser.add_argument("--out", default="hh_runs")
     parser.add_argument("--jobs", default="trl:0,lit:0")
+    parser.add_argument("--sft", help="rlhf: the SFT adapter")
+    parser.add_argument("--proxy", help="rlhf: the reward adapter PPO and GRPO train against")
+    parser.add_argument("--judge", help="rlhf: the reward adapter that judges (not trained against)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="rlhf: training time of each stage")
+    parser.add_argument("--n", type=int, default=312, help="rlhf: held-out prompts judged")
     a = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.mode == "split":
@@ -207,5 +295,7 @@ if __name__ == "__main__":
         one(a.job, Path(a.data).resolve(), Path(a.out).resolve())
     elif a.mode == "run":
         run_all(a.jobs.split(","), Path(a.data).resolve(), Path(a.out).resolve())
+    elif a.mode == "rlhf":
+        run_rlhf(Path(a.data).resolve(), Path(a.out).resolve(), a.sft, a.proxy, a.judge, a.minutes, a.n)
     else:
         summarize(Path(a.out).resolve())
