@@ -154,7 +154,8 @@ def components(s):
         rows.append(("optimizer state", opt, how.get(s.optim.optimizer, "2 x fp32 moments")))
     mask = 1 if s.target == "cuda" else None
     if s.stage == "reward":
-        stage_rows = _reward(s, dims, a, shape, mask, (cast or dtype).itemsize)  # the score head: base dtype
+        # the score head trains in float32 (`models.build.fp32_head`) unless a *-true precision casts it
+        stage_rows = _reward(s, dims, a, shape, mask, (cast or torch.float32).itemsize)
     elif s.stage in online.ONLINE:
         # `rollout.autocast_mismatch`: autocast over weights of another dtype sends `auto` to the hf engine
         kind = str(s.precision).split("-")[0]
