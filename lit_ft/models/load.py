@@ -205,6 +205,10 @@ def prepare_for_training(model, spec: ModelSpec):
         p.requires_grad_(False)
     if spec.liger_kernel:
         apply_liger_kernel(model)
+    if spec.activation_offloading:
+        from lit_ft.models.offload import install
+
+        install(model)
     if spec.gradient_checkpointing:
         # Non-reentrant checkpointing (torch.utils.checkpoint, use_reentrant=False) tracks gradients to LoRA
         # weights even when the checkpointed block's inputs do not require grad.

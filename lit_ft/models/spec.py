@@ -90,6 +90,11 @@ class ModelSpec:
     """Storage dtype of the packed 4-bit weights; FSDP needs it equal to the other weights' dtype (bfloat16)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant, so frozen inputs keep LoRA trainable)."""
+    activation_offloading: bool = False
+    """Move the activations a training forward saves to pinned host memory and back for the backward, on a side
+    stream (`lit_ft.models.offload`; CUDA only, a no-op elsewhere): the GPU holds about two layers' activations
+    instead of all of them, for host memory and PCIe time. Composes with `gradient_checkpointing` (then only each
+    layer's input moves)."""
     liger_kernel: bool = False
     """Swap RMSNorm, SwiGLU and RoPE for Liger's fused Triton kernels (`pip install liger-kernel`; CUDA only).
     Same function, fewer passes over memory and fewer saved activations. Liger patches transformers' RoPE

@@ -229,6 +229,10 @@ def _candidates(s: Settings):
     if not s.base.gradient_checkpointing:
         yield ("gradient checkpointing (about a third more compute)", ["--model.base.gradient_checkpointing", "true"],
                replace(s, base=replace(s.base, gradient_checkpointing=True)), "checkpointing")
+    if s.target == "cuda" and not s.base.activation_offloading:
+        yield ("activation offloading (saved activations in pinned host memory; PCIe time)",
+               ["--model.base.activation_offloading", "true"],
+               replace(s, base=replace(s.base, activation_offloading=True)), "offloading")
     if online and s.target == "cuda" and s.sampling is not None and s.sampling.engine != "hf":
         yield ("hf generate for rollouts (its KV cache is freed after each rollout; slower decoding)",
                ["--model.sampling.engine", "hf"], replace(s, sampling=replace(s.sampling, engine="hf")), "engine")

@@ -183,9 +183,12 @@ def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
     drops an all-ones mask (equal rows: the causal kernel, no repeated KV heads). `s.compile`: the layers through
     torch.compile (`plan_activations.layer_saved`)."""
     uneven = s.data is None or s.data.padded
-    return act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
-                           pos_rows=rows if s.packing or positions else 1,
-                           masked=s.packing or ((positions or rows > 1) and uneven), compiled=s.compile)
+    t = act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
+                        pos_rows=rows if s.packing or positions else 1,
+                        masked=s.packing or ((positions or rows > 1) and uneven), compiled=s.compile)
+    if s.base.activation_offloading and s.target == "cuda":  # `models.offload`: about two layers' worth in flight
+        t = dict(t, layers=t["layers"] * min(1.0, 2 / d.layers))
+    return t
 
 
 def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved, transient=None):
@@ -205,6 +208,7 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
                act.backward_working(d, rows * L, a) + t["recompute"])
     ckpt = "checkpointed: one [n, H] input a layer" if s.base.gradient_checkpointing else "every layer's saved tensors"
     ckpt += ", compiled layers" if s.compile else ""
+    ckpt += ", offloaded to host (2 layers on the GPU)" if s.base.activation_offloading and s.target == "cuda" else ""
     return [(f"activations (saved, {label})", saved, f"{rows} x {L} tokens, {ckpt}, + loss gather"),
             ("activations (backward peak)", peak,
              f"max(loss chunk {min(chunk, n_loss)} x {d.vocab} fp32, layer backward"
