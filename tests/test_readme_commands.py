@@ -42,6 +42,7 @@ EXERCISED = {
     r"python -m lit_ft\.data\.tasks": "test_readme_commands.py::test_tasks_regenerates_the_demo_data",
     r"python -m lit_ft\.validation": "test_bad_settings.py (the README table equals the code's)",
     r"lit-ft plan": "test_plan.py::test_cli_reads_the_config_as_fit_and_advises",
+    r"lit-ft fit .*--memory": "test_memory_auto.py::test_the_chosen_settings_reach_the_run",
     r"lit-ft judge --judge": "test_judge.py::test_the_command_scores_each_answer_as_the_reward_scorer_does",
     r"make test": "CI (.ci/run runs exactly `make test`)",
     r"make demo": "the targets run `lit-ft demo` / `lit-ft fit --config <stage>` (tests/test_demo.py, test_configs.py)",

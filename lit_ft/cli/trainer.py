@@ -47,6 +47,12 @@ class LitFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base.name_or_path", "data.init_args.tokenizer")
+        parser.add_argument(
+            "--memory", default="off",
+            help="off | auto | a budget such as 24GiB: before a fit loads any weights, its memory plan chooses the "
+                 "cheapest settings that fit the GPU's free memory (auto) or the budget: micro-batch with "
+                 "accumulation, checkpointing, offloading, ... (lit_ft.plan.auto); nothing fits: an error naming "
+                 "the smallest budget that would")
 
     def parse_arguments(self, parser, args) -> None:
         # `main` hands over the command line with recipe names resolved: not a second command line to warn about.
@@ -80,6 +86,17 @@ class LitFTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             self.run_dir = place_run(self.config[self.subcommand], self.subcommand)
+
+    def before_fit(self) -> None:
+        memory = str(self.config[self.subcommand].get("memory") or "off")
+        if memory != "off":
+            from lit_ft.plan.auto import fit_memory
+
+            def say(line: str) -> None:
+                if self.trainer.is_global_zero:
+                    print(f"[lit_ft] {line}", file=sys.stderr, flush=True)
+
+            fit_memory(self.model, self.datamodule, self.trainer, memory, say=say)
 
     def after_fit(self) -> None:
         """`latest` names the newest fit that finished: moved only now, never for a run that failed (an exception

@@ -1,0 +1,98 @@
+"""`--memory auto` (or a budget such as `24GiB`): before a fit loads any weights, the memory plan chooses the settings
+the run uses. The run as configured when its plan fits; else the first change of the plan's advice that fits on its
+own, in the advice's order (the cheapest first: micro-batch with gradient accumulation, keeping the effective batch;
+gradient checkpointing; activation offloading; the rollout engine; the loss chunk; a paged 8-bit optimizer), else
+those changes together; when even that does not fit, a ConfigError naming the smallest total any of them reaches.
+A 4-bit base is never chosen: it changes the model, not just how it is computed.
+
+`auto` plans for the device's free memory (`torch.cuda.mem_get_info`); on a machine without a GPU it does nothing.
+A size plans for that budget on the run's device (on a CPU: the host memory the planner counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lit_ft.errors import ConfigError
+from lit_ft.plan.memory import Settings, _apply, _candidates, estimate_settings, settings_from
+from lit_ft.plan.sizes import fmt, parse_size
+
+NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
+CUDA_ONLY = ("offloading", "engine", "optimizer")
+
+
+def budget_of(memory: str) -> int | None:
+    """Bytes to plan for: `auto` = the GPU's free memory (None without a GPU), else the size given."""
+    if memory == "auto":
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    return parse_size(memory)
+
+
+def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
+    """(settings to run with, what changed, the overrides that say it) for `budget`; ConfigError when nothing fits."""
+    if estimate_settings(s, budget=budget, advise=False).fits:
+        return s, [], []
+    options, best = [], {}
+    for what, args, changed, kind in _candidates(s):
+        if kind in NEVER or (kind in CUDA_ONLY and s.target != "cuda") or (kind in best and best[kind][3]):
+            continue
+        total = estimate_settings(changed, budget=budget, advise=False).total
+        best[kind] = (what, args, changed, total <= budget, total)
+        options.append(total)
+    for what, args, changed, fits, _ in best.values():
+        if fits:
+            return changed, [what], args
+    together, whats, argv = s, [], []
+    for what, args, changed, _, _ in best.values():
+        together = _apply(together, s, changed)
+        whats.append(what)
+        argv += args
+    total = estimate_settings(together, budget=budget, advise=False).total
+    if whats and total <= budget:
+        return together, whats, argv
+    leanest = min([total, *options]) if options else estimate_settings(s, budget=budget, advise=False).total
+    raise ConfigError(f"memory: nothing fits {fmt(budget)}: the leanest settings (micro-batch 1, every lever "
+                      f"`lit-ft plan` knows but a 4-bit base) need {fmt(leanest)}; give a budget of at least that, "
+                      "or a 4-bit base (model.base.quantization nf4) or a smaller model")
+
+
+def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None:
+    """Put the chosen settings on the fit's objects (before `configure_model`: no weights are loaded yet)."""
+    for f in dataclasses.fields(Settings):
+        new = getattr(chosen, f.name)
+        if new == getattr(start, f.name):
+            continue
+        if f.name == "batch_size":
+            datamodule.batch_size = new
+        elif f.name == "accumulate_grad_batches":
+            trainer.accumulate_grad_batches = new
+        elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "loss_chunk_size"):
+            setattr(model, f.name, new)
+            if f.name in getattr(model, "hparams", {}) and dataclasses.is_dataclass(new):
+                model.hparams[f.name] = dataclasses.asdict(new)  # what the checkpoint records
+            elif f.name in getattr(model, "hparams", {}):
+                model.hparams[f.name] = new
+        else:
+            raise ConfigError(f"memory: the plan changed {f.name}, which it cannot set on the run")
+
+
+def fit_memory(model, datamodule, trainer, memory: str, say=print) -> None:
+    """`--memory`: plan the fit and set what it chose on the objects; `say` gets the lines for the log."""
+    budget = budget_of(memory)
+    if budget is None:
+        say("memory auto: no GPU on this machine, nothing to plan (give a size to plan for host memory)")
+        return
+    start = settings_from(model, datamodule, trainer)
+    chosen, whats, argv = choose(start, budget)
+    plan = estimate_settings(chosen, budget=budget, advise=False)
+    if not whats:
+        say(f"memory {memory}: the run fits as configured ({fmt(plan.total)} of {fmt(budget)})")
+        return
+    apply(model, datamodule, trainer, start, chosen)
+    say(f"memory {memory}: {' + '.join(whats)} -> {fmt(plan.total)} of {fmt(budget)} (as overrides: {' '.join(argv)})")
+    say(plan.table())

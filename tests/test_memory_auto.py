@@ -1,0 +1,91 @@
+"""`--memory auto | SIZE`: the plan chooses the settings before any weights load. The choice for a budget against
+the planner's own totals, the settings reaching the run, an impossible budget refused with the smallest that would
+fit, and `auto` without a GPU leaving the run alone. (That micro-batch + accumulation and checkpointing keep the loss
+and gradients: tests/test_resume.py's CountWeighting tests and tests/test_plan.py's checkpointing ones.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from lit_ft import LoraSpec, ModelSpec
+from lit_ft.cli.app import main
+from lit_ft.errors import ConfigError
+from lit_ft.plan import Settings, estimate_settings
+from lit_ft.plan.auto import choose
+from lit_ft.train.optim import OptimSpec
+from tests.test_hostile import BASE, fit_args, one_error_line, sft_file  # noqa: F401  (sft_file is a fixture)
+
+
+def settings(**kw) -> Settings:
+    return Settings(stage="sft", base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4), optim=OptimSpec(),
+                    max_length=64, target="cpu", **{"batch_size": 8, **kw})
+
+
+def total(s: Settings) -> int:
+    return estimate_settings(s, budget=None, advise=False).total
+
+
+def test_a_run_that_fits_is_left_as_configured():
+    s = settings()
+    assert choose(s, total(s)) == (s, [], [])
+
+
+def test_the_first_lever_that_fits_is_chosen_in_the_plans_order():
+    s = settings()
+    half = dataclasses.replace(s, batch_size=4, accumulate_grad_batches=2)
+    chosen, whats, args = choose(s, total(half))
+    assert (chosen.batch_size, chosen.accumulate_grad_batches) == (4, 2)
+    assert args == ["--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2"]
+    one = settings(batch_size=1)  # no micro-batch left to split: checkpointing is next
+    ckpt = dataclasses.replace(one, base=dataclasses.replace(one.base, gradient_checkpointing=True))
+    assert total(ckpt) < total(one)
+    chosen, whats, args = choose(one, total(ckpt))
+    assert chosen.base.gradient_checkpointing and "--model.base.gradient_checkpointing" in args
+
+
+def test_a_4bit_base_is_never_chosen_and_an_impossible_budget_names_the_leanest():
+    s = settings(batch_size=1)
+    leanest = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=True), loss_chunk_size=1024)
+    with pytest.raises(ConfigError, match=r"memory: nothing fits 1.00 KiB: .* need ") as info:
+        choose(s, 1024)
+    needed = re.search(r"need ([\d.]+ \w+)", str(info.value)).group(1)
+    from lit_ft.plan.sizes import fmt
+
+    assert needed == fmt(min(total(leanest), total(dataclasses.replace(s, base=leanest.base))))
+
+
+def test_the_chosen_settings_reach_the_run(sft_file, tmp_path, capsys):  # noqa: F811
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "2", "--memory", "600KiB"))
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("[lit_ft] memory 600KiB"))
+    assert re.search(r"micro-batch 4 -> [12], accumulate_grad_batches x[24] -> .* of 600.00 KiB", line), line
+    import lightning as L
+
+    from lit_ft import InstructionDataModule, SFTModule
+    from lit_ft.plan.auto import fit_memory
+
+    model = SFTModule(base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4, alpha=8))
+    data = InstructionDataModule(train_file=sft_file, val_split=0, max_length=48, batch_size=4, tokenizer=BASE)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0)
+    said = []
+    fit_memory(model, data, trainer, "600KiB", say=said.append)
+    assert said[0] == line.removeprefix("[lit_ft] ")
+    assert data.batch_size * trainer.accumulate_grad_batches == 4 and data.batch_size < 4
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2 and next(iter(trainer.train_dataloader))["input_ids"].shape[0] == data.batch_size
+
+
+def test_an_impossible_budget_is_one_error_line_before_any_weights(sft_file, tmp_path, capsys):  # noqa: F811
+    one_error_line(capsys, fit_args(sft_file, tmp_path / "runs", "--memory", "10KiB"),
+                   "memory: nothing fits 10.00 KiB", "give a budget of at least")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU case")
+def test_auto_without_a_gpu_leaves_the_run_alone(sft_file, tmp_path, capsys):  # noqa: F811
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "1", "--memory", "auto"))
+    assert "memory auto: no GPU on this machine" in capsys.readouterr().err
