@@ -38,6 +38,9 @@ def make_module(model_dir, grpo=None, lr=1e-3, reward_fn="tests.test_ppo.upperca
     ({"advantage": "gae"}, "model.grpo.advantage='gae': expected one of ['grpo', 'dr_grpo', 'rloo', 'reinforce_pp']"),
     ({"loss_aggregation": "mean"}, "model.grpo.loss_aggregation='mean'"),
     ({"num_iterations": 0}, "model.grpo.num_iterations=0: expected an integer >= 1"),
+    ({"importance_sampling_level": "seq"}, "model.grpo.importance_sampling_level='seq': expected one of"),
+    ({"policy_loss": "ppo"}, "model.grpo.policy_loss='ppo': expected one of ['clip', 'cispo']"),
+    ({"cispo_ratio_min": 6.0}, "model.grpo.cispo_ratio_min=6.0: expected below model.grpo.cispo_ratio_max=5.0"),
 ])
 def test_bad_settings_name_the_key(kw, message):
     with pytest.raises(ConfigError) as info:
@@ -226,6 +229,18 @@ def test_nan_scores_skip_the_batch(tiny_model_dir, tokenizer):
     trainer(2).fit(module, train_dataloaders=prompt_loader(tokenizer))
     assert module.counters["skipped_batches"] == 2 and module.trainer.global_step == 0
     assert all(torch.equal(before[n], p) for n, p in params(module, ".policy.").items())
+
+
+@pytest.mark.parametrize("level, policy_loss", [("sequence", "clip"), ("token", "cispo"), ("sequence", "cispo")])
+def test_gspo_and_cispo_update_the_policy_through_the_stage(tiny_model_dir, tokenizer, level, policy_loss):
+    module = make_module(tiny_model_dir, reward_fn="tests.test_grpo.half_constant_reward",
+                         grpo=GRPOSpec(samples_per_prompt=2, mini_batch_size=8, num_iterations=2,
+                                       importance_sampling_level=level, policy_loss=policy_loss))
+    module.configure_model()
+    before = params(module, "lora_B")
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(before[n], p) for n, p in params(module, "lora_B").items())
 
 
 @pytest.mark.parametrize("advantage, aggregation, k", [("dr_grpo", "constant", 2), ("rloo", "sequence_mean", 3),

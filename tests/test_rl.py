@@ -334,6 +334,42 @@ def test_kl_term_is_k3_times_beta():
     assert lp.grad[0].tolist() == pytest.approx([0.1 * 0.5, 0.0])
 
 
+def test_gspo_weights_every_token_by_its_sequences_length_normalised_ratio():
+    """GSPO (Zheng et al. 2025): s_i = exp(mean_t(logp - old)); loss per token max(-A s_i, -A clip(s_i)), so the
+    gradient of token t of row i is -A_i s_i / |y_i| summed over the row's tokens' loss terms (unclipped rows)."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.3, 0.0]])
+    lp = (old + torch.tensor([[0.1, -0.05, 0.2], [0.02, 0.04, 0.0]])).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = clipped_policy_loss(lp, old, adv, mask, 0.2, 0.28, "sequence_mean", level="sequence")
+    s = [math.exp((0.1 - 0.05 + 0.2) / 3), math.exp((0.02 + 0.04) / 2)]  # both inside [0.8, 1.28]
+    assert float(loss) == pytest.approx((-1.0 * s[0] + 1.0 * s[1]) / 2, rel=1e-6)
+    loss.backward()
+    expected = [[-s[0] / 3 / 2] * 3, [s[1] / 2 / 2, s[1] / 2 / 2, 0.0]]
+    assert lp.grad.tolist()[0] == pytest.approx(expected[0], rel=1e-5)
+    assert lp.grad.tolist()[1] == pytest.approx(expected[1], rel=1e-5)
+    # one sequence ratio past the upper clip with A > 0: the whole response stops, not one token
+    far = (old + torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]])).requires_grad_(True)
+    loss, stats = clipped_policy_loss(far, old, adv, mask, 0.2, 0.28, "token_mean", level="sequence")
+    loss.backward()
+    assert far.grad[0].abs().sum() == 0 and float(stats["clip_ratio/high_mean"]) == pytest.approx(3 / 5)
+
+
+def test_cispo_is_reinforce_weighted_by_the_clipped_detached_ratio():
+    """CISPO (MiniMax-M1 2025): d loss / d logp_t = -min(r_t, max) * A / N for every token, clipped or not."""
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[2.0, 1.0, 9.0]])).requires_grad_(True)  # ratios 2, 1, 9
+    loss, stats = clipped_policy_loss(lp, old, torch.tensor([0.5]), torch.ones(1, 3), 0.2, 0.28, "token_mean",
+                                      policy_loss="cispo", cispo_ratio_max=5.0)
+    weights = [2.0, 1.0, 5.0]
+    assert float(loss) == pytest.approx(-sum(w * 0.5 * math.log(r) for w, r in zip(weights, [2, 1, 9])) / 3)
+    loss.backward()
+    assert lp.grad[0].tolist() == pytest.approx([-w * 0.5 / 3 for w in weights])  # the clipped token too
+    assert float(stats["clip_ratio/high_mean"]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="expected clip or cispo"):
+        clipped_policy_loss(lp, old, torch.tensor([0.5]), torch.ones(1, 3), 0.2, 0.28, policy_loss="nope")
+
+
 def test_overlong_penalty():
     got = overlong_penalty(torch.tensor([3, 6, 8, 10]), max_len=10, buffer=4, factor=0.5)
     assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.5])

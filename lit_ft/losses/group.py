@@ -92,16 +92,25 @@ def aggregate_loss(token_losses: Tensor, mask: Tensor, how: str, max_len: int | 
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                         cliprange_low: float, cliprange_high: float, aggregation: str = "token_mean",
                         max_len: int | None = None, ref_logprobs: Tensor | None = None,
-                        beta: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped surrogate with a sequence advantage and an optional KL term (GRPO's objective).
+                        beta: float = 0.0, level: str = "token", policy_loss: str = "clip",
+                        cispo_ratio_max: float = 5.0, cispo_ratio_min: float | None = None,
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The policy loss of the critic-free stages with a sequence advantage and an optional KL term.
 
-    Per token: ``max(-A * ratio, -A * clip(ratio, 1 - cliprange_low, 1 + cliprange_high)) + beta * k3`` with
-    ``ratio = exp(logprobs - old_logprobs)``, ``k3`` the KL estimate to the reference (Schulman 2020; Shao et al.
-    2024, eq. 4), reduced by :func:`aggregate_loss`. ``cliprange_high > cliprange_low`` is DAPO's clip-higher: a
-    token with ``A > 0`` may gain more probability before its gradient stops. Stats (detached token means, TRL's
-    names): ``clip_ratio/low_mean`` (ratio below ``1 - low`` with ``A < 0``), ``clip_ratio/high_mean`` (above
-    ``1 + high`` with ``A > 0``), ``clip_ratio/region_mean`` (either), ``kl`` (mean k3, with a reference).
-    Shapes: ``logprobs``, ``old_logprobs``, ``mask`` ``[B, T]``; ``advantages`` ``[B]`` or ``[B, T]``;
+    ``ratio = exp(logprobs - old_logprobs)`` per token; with ``level="sequence"`` (GSPO, Zheng et al. 2025) every
+    token of a response carries its length-normalised sequence ratio ``exp(mean_t(logprobs - old_logprobs))``
+    instead (with ``aggregation="sequence_mean"`` that is the paper's objective exactly; TRL's
+    ``importance_sampling_level="sequence"`` broadcasts it the same way).
+
+    ``policy_loss="clip"``, per token: ``max(-A * ratio, -A * clip(ratio, 1 - cliprange_low, 1 + cliprange_high))``
+    (PPO's surrogate; GRPO, Shao et al. 2024, eq. 4; ``cliprange_high > cliprange_low`` is DAPO's clip-higher).
+    ``policy_loss="cispo"`` (MiniMax-M1, 2025): ``-sg(clip(ratio, cispo_ratio_min, cispo_ratio_max)) * A *
+    logprobs``: a REINFORCE loss weighted by the clipped, detached importance ratio, so no token's gradient is ever
+    cut off, only its weight bounded. Then ``+ beta * k3`` with ``k3`` the KL estimate to the reference (Schulman
+    2020), reduced by :func:`aggregate_loss`. Stats (detached token means, TRL's names): ``clip_ratio/low_mean``
+    (ratio below ``1 - low`` with ``A < 0``; cispo: below its minimum), ``clip_ratio/high_mean`` (above ``1 + high``
+    with ``A > 0``; cispo: above its maximum), ``clip_ratio/region_mean`` (either), ``kl`` (mean k3, with a
+    reference). Shapes: ``logprobs``, ``old_logprobs``, ``mask`` ``[B, T]``; ``advantages`` ``[B]`` or ``[B, T]``;
     ``ref_logprobs`` ``[B, T]`` or None -> scalar loss.
     """
     adv = as_float(advantages)
@@ -109,9 +118,22 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
         adv = adv[:, None]
     keep = mask.bool()  # after EOS every log-prob is 0: no exp() of a pad token's log-prob can overflow there
     logprobs, old_logprobs = torch.where(keep, as_float(logprobs), 0.0), torch.where(keep, as_float(old_logprobs), 0.0)
-    ratio = torch.exp(logprobs - old_logprobs)
-    clipped = torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)
-    token_losses = torch.maximum(-adv * ratio, -adv * clipped)
+    log_ratio = logprobs - old_logprobs
+    if level == "sequence":
+        log_ratio = (masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logprobs)
+    elif level != "token":
+        raise ValueError(f"unknown importance sampling level {level!r}; expected token or sequence")
+    ratio = torch.exp(log_ratio)
+    if policy_loss == "clip":
+        clipped = torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)
+        token_losses = torch.maximum(-adv * ratio, -adv * clipped)
+        low_bound, high_bound = 1.0 - cliprange_low, 1.0 + cliprange_high
+    elif policy_loss == "cispo":
+        weight = torch.clamp(ratio, min=cispo_ratio_min, max=cispo_ratio_max).detach()
+        token_losses = -weight * adv * logprobs
+        low_bound, high_bound = cispo_ratio_min if cispo_ratio_min is not None else 0.0, cispo_ratio_max
+    else:
+        raise ValueError(f"unknown policy loss {policy_loss!r}; expected clip or cispo")
     stats: dict[str, Tensor] = {}
     if ref_logprobs is not None:
         kl = kl_estimate(logprobs, torch.where(keep, as_float(ref_logprobs), 0.0), "k3")
@@ -120,8 +142,8 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
         stats["kl"] = masked_mean(kl.detach(), mask)
     loss = aggregate_loss(token_losses, mask, aggregation, max_len)
     with torch.no_grad():
-        low = (ratio < 1.0 - cliprange_low) & (adv < 0)
-        high = (ratio > 1.0 + cliprange_high) & (adv > 0)
+        low = (ratio < low_bound) & (adv < 0) if policy_loss == "clip" else ratio < low_bound
+        high = (ratio > high_bound) & (adv > 0) if policy_loss == "clip" else ratio > high_bound
         stats.update({"clip_ratio/low_mean": masked_mean(low.float(), mask),
                       "clip_ratio/high_mean": masked_mean(high.float(), mask),
                       "clip_ratio/region_mean": masked_mean((low | high).float(), mask)})

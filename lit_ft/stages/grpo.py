@@ -208,7 +208,8 @@ class GRPOModule(L.LightningModule):
         old = (logprobs.detach() * mb.mask) if on_policy else mb.old_logprobs
         loss, stats = clipped_policy_loss(logprobs, old, mb.advantages, mb.mask, g.cliprange_low,
                                           g.cliprange_high, g.loss_aggregation, self.sampling.max_new_tokens,
-                                          mb.ref_logprobs, g.beta)
+                                          mb.ref_logprobs, g.beta, g.importance_sampling_level, g.policy_loss,
+                                          g.cispo_ratio_max, g.cispo_ratio_min)
         self.manual_backward(loss * scale)
         if on_policy:
             stats["entropy"] = masked_mean(entropy.detach(), mb.mask)

@@ -36,6 +36,19 @@ class GRPOSpec:
     """Lower clip range: the ratio is clipped below at 1 - this (Schulman et al. 2017; DAPO's epsilon_low)."""
     cliprange_high: float = 0.28
     """Upper clip range, 1 + this (DAPO's clip-higher, 0.28: low-probability tokens of good answers can rise)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """`token`: a ratio per token (GRPO, DAPO); `sequence`: GSPO (Zheng et al. 2025), every token weighted by its
+    response's length-normalised sequence ratio exp(mean log-ratio), clipped per sequence (TRL's
+    `importance_sampling_level`); `loss_aggregation: sequence_mean` then gives the paper's objective exactly. GSPO's
+    paper clips far tighter than token-level ratios need (3e-4 / 4e-4): set cliprange_low/high with it."""
+    policy_loss: Literal["clip", "cispo"] = "clip"
+    """`clip`: PPO's clipped surrogate; `cispo` (MiniMax-M1, 2025; TRL's `loss_type="cispo"`): the importance ratio
+    clipped to [cispo_ratio_min, cispo_ratio_max] and detached, times the advantage and the log-prob, so every
+    token keeps a gradient (its weight bounded) where the clipped surrogate would drop it."""
+    cispo_ratio_max: float = 5.0
+    """`cispo`: the upper bound of the importance weight."""
+    cispo_ratio_min: float | None = None
+    """`cispo`: the lower bound of the importance weight (None: none; the paper leaves it open)."""
     beta: float = 0.0
     """Weight of the k3 KL to the reference in the loss (Shao et al. 2024 used 0.04). 0 by default, as TRL since
     0.19, DAPO and Dr. GRPO: with a verifiable reward the policy is meant to move far from the SFT start and the KL
@@ -63,6 +76,9 @@ class GRPOSpec:
         if self.advantage != "reinforce_pp" and self.samples_per_prompt < 2:
             raise ConfigError(f"model.grpo.samples_per_prompt={self.samples_per_prompt}: advantage "
                               f"{self.advantage} needs at least 2 samples a prompt (use reinforce_pp for 1)")
+        if self.cispo_ratio_min is not None and self.cispo_ratio_min >= self.cispo_ratio_max:
+            raise ConfigError(f"model.grpo.cispo_ratio_min={self.cispo_ratio_min}: expected below "
+                              f"model.grpo.cispo_ratio_max={self.cispo_ratio_max}")
         if self.dynamic_sampling and self.samples_per_prompt < 2:
             raise ConfigError(f"model.grpo.samples_per_prompt={self.samples_per_prompt}: dynamic_sampling needs "
                               "groups of at least 2 samples")
