@@ -5,6 +5,7 @@ one line before the weights load."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,36 @@ def test_loftq_fits_the_adapter_to_the_quantization_error():
 ])
 def test_a_start_the_run_cannot_honour_is_one_error_line(sft_file, tmp_path, capsys, extra, expected):  # noqa: F811
     one_error_line(capsys, fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "1", *extra), expected)
+
+
+def test_olora_on_transposed_projections_is_refused_and_pissa_exports_them(tmp_path):
+    """GPT-2 keeps its projections as Conv1D ([in, out]): PEFT's OLoRA start ignores that (the forward would fail on
+    the shapes), PiSSA handles it and its export reloads onto the untouched base."""
+    import shutil
+
+    from lit_ft.errors import ConfigError
+    from tests.family_models import make_family_model
+
+    make_family_model("gpt2", str(tmp_path / "gpt2"), 512)
+    for f in Path(BASE).glob("tokenizer*"):
+        shutil.copy(f, tmp_path / "gpt2")
+    spec = ModelSpec(name_or_path=str(tmp_path / "gpt2"))
+    with pytest.raises(ConfigError, match=r"init=olora: .*\['c_attn', 'c_fc', 'c_proj'\]: GPT-2-style Conv1D"):
+        SFTModule(base=spec, lora=LoraSpec(r=4, init="olora")).configure_model()
+    module = SFTModule(base=spec, lora=LoraSpec(r=4, alpha=8, dropout=0.0, init="pissa"))
+    module.configure_model()
+    module.model.eval()
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(load_base(spec, "causal_lm"), str(module.save_adapter(tmp_path / "a"))).eval()
+    ids = IDS % 512
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits,
+                                   atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("module", ["lit_ft.DPOModule", "lit_ft.GRPOModule"])

@@ -111,3 +111,30 @@ def test_on_cuda_the_peak_drops_and_the_numbers_stay():
     loss_o, grads_o, peak_o = run(True)
     assert loss_o == loss and all(torch.equal(grads[k], grads_o[k]) for k in grads)
     assert peak_o < peak
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "phi3"])
+def test_other_families_offload_with_the_same_numbers(family, tmp_path):
+    """Not only Llama-shaped stacks: OPT's causal LM calls its decoder past the `base_model_prefix` module (the
+    hooks sit on `get_decoder()`), GPT-2 keeps Conv1D projections, Phi-3 fused ones."""
+    import shutil
+
+    from tests.family_models import make_family_model
+
+    make_family_model(family, str(tmp_path), 512)
+    for f in Path(BASE).glob("tokenizer*"):
+        shutil.copy(f, tmp_path)
+
+    def run(offload: bool):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(name_or_path=str(tmp_path)), LoraSpec(r=4, dropout=0.0))
+        hooks = install(model, min_bytes=0, copy_on_cpu=True) if offload else None
+        ids = IDS % 512
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, hooks
+
+    loss, grads, _ = run(False)
+    loss_o, grads_o, hooks = run(True)
+    assert hooks.offloaded_bytes > 0 and torch.equal(loss, loss_o)
+    assert all(torch.equal(grads[k], grads_o[k]) for k in grads)

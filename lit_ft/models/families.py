@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lit_ft.errors import ConfigError
 from lit_ft.losses import LogitTransform
+from lit_ft.models.identity import saved_tensor
 
 SHORTCUTS = ("all", "attention", "mlp")
 """`target_modules` entries that expand per model: every decoder linear, its attention ones, the others."""
@@ -314,22 +315,8 @@ def add_score_head(model, where: str | None = None):
                      device=weight.device)
     with torch.no_grad():
         head.weight.normal_(0.0, getattr(cfg, "initializer_range", 0.02))
-        saved = _saved_tensor(where, "score.weight")
+        saved = saved_tensor(where, "score.weight")
         if saved is not None:
             head.weight.copy_(saved)
     inner.score = head
     return model
-
-
-def _saved_tensor(where: str | None, key: str) -> Tensor | None:
-    from pathlib import Path
-
-    if where is None or not Path(where).is_dir():
-        return None
-    from safetensors import safe_open
-
-    for f in sorted(Path(where).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            if key in handle.keys():
-                return handle.get_tensor(key)
-    return None

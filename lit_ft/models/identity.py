@@ -37,6 +37,20 @@ def local_weights_path(name_or_path: str | None, revision: str | None = None) ->
         return None
 
 
+def saved_tensor(where: str | os.PathLike | None, key: str):
+    """The tensor `key` from the safetensors files of the model directory `where`, read alone (None when `where` is
+    no directory or no file holds it)."""
+    if where is None or not Path(where).is_dir():
+        return None
+    from safetensors import safe_open
+
+    for f in sorted(Path(where).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            if key in handle.keys():
+                return handle.get_tensor(key)
+    return None
+
+
 # ------------------------------------------------------------------------------------------- base weights
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

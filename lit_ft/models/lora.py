@@ -130,11 +130,10 @@ def _loftq(model, base: ModelSpec, svd_iters: int) -> None:
     Written here because PEFT's version runs on CUDA only."""
     import bitsandbytes.functional as bnbf
 
-    from lit_ft.models.identity import local_weights_path
+    from lit_ft.models.identity import local_weights_path, saved_tensor
 
     path = local_weights_path(base.name_or_path, base.revision)
-    read = _safetensors_reader(Path(path)) if path is not None else None
-    if read is None:
+    if path is None or not any(Path(path).glob("*.safetensors")):
         raise ConfigError(f"model.lora.init=loftq reads the base's original weights from safetensors files: none "
                           f"found for {base.name_or_path or 'the bundled default'} ({path})")
     for name, layer in _lora_layers(model).items():
@@ -142,7 +141,7 @@ def _loftq(model, base: ModelSpec, svd_iters: int) -> None:
         if getattr(weight, "quant_state", None) is None:
             continue  # a layer left unquantized (bitsandbytes skips some): nothing to correct
         key = name.removeprefix("base_model.model.") + ".weight"
-        original = read(key)
+        original = saved_tensor(path, key)
         if original is None:
             raise ConfigError(f"model.lora.init=loftq: {path} has no tensor {key} for the layer {name}")
         residual = original.to(weight.device, torch.float32) - bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
@@ -157,27 +156,6 @@ def _loftq(model, base: ModelSpec, svd_iters: int) -> None:
         with torch.no_grad():
             b.copy_((u[:, :r] * root).to(b))
             a.copy_((root[:, None] * vh[:r]).to(a))
-
-
-def _safetensors_reader(path: Path):
-    """name -> tensor (or None) over a base's safetensors file(s), one tensor at a time; None without any."""
-    from safetensors import safe_open
-
-    files = [path] if path.is_file() and path.suffix == ".safetensors" else sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    index = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            index.update(dict.fromkeys(handle.keys(), f))
-
-    def read(key: str):
-        if key not in index:
-            return None
-        with safe_open(str(index[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    return read
 
 
 @contextlib.contextmanager
@@ -214,11 +192,9 @@ def restore_start(model, saved: dict[str, torch.Tensor] | None) -> None:
     if not saved or current is None:
         return
     for prefix, layer in _lora_layers(model).items():
-        a_key = next((k for k in saved if k.endswith(".lora_A.weight") and prefix.endswith(k[:-len(".lora_A.weight")])), None)
-        if a_key is None:
-            continue
-        b_key = a_key.replace(".lora_A.", ".lora_B.")
-        if torch.equal(saved[a_key], current[a_key]) and torch.equal(saved[b_key], current[b_key]):
+        a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+        if a_key not in saved or (torch.equal(saved[a_key], current[a_key])
+                                   and torch.equal(saved[b_key], current[b_key])):
             continue
         weight = layer.get_base_layer().weight
         scale = layer.scaling["default"]
@@ -262,6 +238,11 @@ def adapt(model, lora: LoraSpec, task: Literal["causal_lm", "score"], base: Mode
         raise ConfigError(f"model.lora.modules_to_save: {missing} name no module of the model "
                           f"(its top-level modules: {tops})")
     config = lora_config(lora, task, model)  # its own ConfigErrors (unmatched target names) pass unwrapped
+    transposed = lora.init == "olora" and sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                                  if type(m).__name__ == "Conv1D"})
+    if transposed:  # PEFT's OLoRA start ignores fan_in_fan_out: the forward would then fail on the shapes
+        raise ConfigError(f"model.lora.init=olora: this model keeps its projections transposed ({transposed}: "
+                          "GPT-2-style Conv1D), which PEFT's OLoRA start does not handle; use init pissa")
     try:
         with _seeded(lora.init in MUTATING_INITS):
             model = get_peft_model(model, config)

@@ -31,25 +31,28 @@ class ActivationOffload:
         self.model, self.min_bytes, self.copy_on_cpu = model, min_bytes, copy_on_cpu
         self.offloaded_bytes = 0  # over the current forward (reset by `active`)
         self._stream = None
+        self._kept: set[int] | None = None  # the storages of the parameters and buffers, read at the first copy
 
-    def _kept(self) -> set[int]:
-        return {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+    def _is_weight(self, tensor: torch.Tensor) -> bool:
+        if self._kept is None:
+            self._kept = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        return tensor.untyped_storage().data_ptr() in self._kept
 
     def active(self):
-        self.offloaded_bytes = 0
-        kept = self._kept()
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t, kept), self._unpack)
+        """The hooks for one forward (the weights' storages are read again: they move with `.to()`)."""
+        self.offloaded_bytes, self._kept = 0, None
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _stream_for(self, device: torch.device):
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
-    def _pack(self, tensor: torch.Tensor, kept: set[int]):
+    def _pack(self, tensor: torch.Tensor):
         nbytes = tensor.numel() * tensor.element_size()
         on_cuda = tensor.device.type == "cuda"
         if (nbytes < self.min_bytes or not (on_cuda or self.copy_on_cpu) or tensor.layout != torch.strided
-                or tensor.untyped_storage().data_ptr() in kept):
+                or self._is_weight(tensor)):
             return tensor
         self.offloaded_bytes += nbytes
         if not on_cuda:  # the CPU's stand-in: a copy in other memory, what the round trip must survive
@@ -97,6 +100,11 @@ def install(model: nn.Module, decoder: nn.Module | None = None, **kwargs) -> Act
 
 
 def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack every forward goes through: `get_decoder()` (OPT's causal LM calls `model.decoder`
+    directly, past its `base_model_prefix` module), else the prefix module."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prefix = getattr(inner, "base_model_prefix", "model")
-    return getattr(inner, prefix, inner)
+    try:
+        decoder = inner.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    return decoder if isinstance(decoder, nn.Module) else getattr(inner, getattr(inner, "base_model_prefix", ""), inner)
