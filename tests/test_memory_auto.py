@@ -56,6 +56,13 @@ def test_a_4bit_base_is_never_chosen_and_an_impossible_budget_names_the_leanest(
     from lit_ft.plan.sizes import fmt
 
     assert needed == fmt(min(total(leanest), total(dataclasses.replace(s, base=leanest.base))))
+    # a budget that only a 4-bit base would meet (4 tokens a row: the weights dominate) is refused, not quantized
+    short = dataclasses.replace(s, max_length=4)
+    nf4 = dataclasses.replace(short, base=dataclasses.replace(short.base, quantization="nf4", double_quant=True))
+    ckpt = dataclasses.replace(short, base=dataclasses.replace(short.base, gradient_checkpointing=True))
+    assert total(nf4) < total(ckpt)
+    with pytest.raises(ConfigError, match="nothing fits"):
+        choose(short, (total(nf4) + total(ckpt)) // 2)
 
 
 def test_the_chosen_settings_reach_the_run(sft_file, tmp_path, capsys):  # noqa: F811

@@ -2,7 +2,8 @@
 the run uses. The run as configured when its plan fits; else the first change of the plan's advice that fits on its
 own, in the advice's order (the cheapest first: micro-batch with gradient accumulation, keeping the effective batch;
 gradient checkpointing; activation offloading; the rollout engine; the loss chunk; a paged 8-bit optimizer), else
-those changes together; when even that does not fit, a ConfigError naming the smallest total any of them reaches.
+those changes added one after the other until the total fits (`memory.combine`, the advice's last line); when even
+all of them do not fit, a ConfigError naming the smallest total any of them reaches.
 A 4-bit base is never chosen: it changes the model, not just how it is computed.
 
 `auto` plans for the device's free memory (`torch.cuda.mem_get_info`); on a machine without a GPU it does nothing.
@@ -16,7 +17,7 @@ import dataclasses
 import torch
 
 from lit_ft.errors import ConfigError
-from lit_ft.plan.memory import Settings, _apply, _candidates, estimate_settings, settings_from
+from lit_ft.plan.memory import Settings, combine, estimate_settings, lever_options, settings_from
 from lit_ft.plan.sizes import fmt, parse_size
 
 NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
@@ -37,25 +38,16 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     """(settings to run with, what changed, the overrides that say it) for `budget`; ConfigError when nothing fits."""
     if estimate_settings(s, budget=budget, advise=False).fits:
         return s, [], []
-    options, best = [], {}
-    for what, args, changed, kind in _candidates(s):
-        if kind in NEVER or (kind in CUDA_ONLY and s.target != "cuda") or (kind in best and best[kind][3]):
-            continue
-        total = estimate_settings(changed, budget=budget, advise=False).total
-        best[kind] = (what, args, changed, total <= budget, total)
-        options.append(total)
-    for what, args, changed, fits, _ in best.values():
+    skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
+    options = lever_options(s, budget, skip)
+    for what, args, changed, _, fits in options.values():
         if fits:
             return changed, [what], args
-    together, whats, argv = s, [], []
-    for what, args, changed, _, _ in best.values():
-        together = _apply(together, s, changed)
-        whats.append(what)
-        argv += args
+    together, whats, argv = combine(s, options, budget)
     total = estimate_settings(together, budget=budget, advise=False).total
     if whats and total <= budget:
         return together, whats, argv
-    leanest = min([total, *options]) if options else estimate_settings(s, budget=budget, advise=False).total
+    leanest = min([total] + [o[3] for o in options.values()])
     raise ConfigError(f"memory: nothing fits {fmt(budget)}: the leanest settings (micro-batch 1, every lever "
                       f"`lit-ft plan` knows but a 4-bit base) need {fmt(leanest)}; give a budget of at least that, "
                       "or a 4-bit base (model.base.quantization nf4) or a smaller model")

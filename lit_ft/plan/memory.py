@@ -247,26 +247,38 @@ def _candidates(s: Settings):
                replace(s, optim=replace(s.optim, optimizer="paged_adamw_8bit")), "optimizer")
 
 
-def advice(s: Settings, budget: int) -> list[tuple[str, list[str], int, bool]]:
-    """Each kind of change on its own (for the micro-batch: the largest that fits, else the smallest), then all of
-    them in that order until the total fits."""
-    out, best = [], {}
+def lever_options(s: Settings, budget: int, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """kind -> (description, overrides, changed settings, total, fits): each kind of change of `_candidates` on its
+    own (for the micro-batch: the largest that fits, else the smallest), in their order; `skip`: kinds left out."""
+    best: dict[str, tuple] = {}
     for what, args, changed, kind in _candidates(s):
-        if kind in best and best[kind][3]:
+        if kind in skip or (kind in best and best[kind][4]):
             continue
         total = estimate_settings(changed, budget=budget, advise=False).total
-        best[kind] = (what, args, total, total <= budget, changed)
-    cum, cum_args, cum_what = s, [], []
-    for kind, (what, args, total, ok, changed) in best.items():
-        out.append((what, args, total, ok))
+        best[kind] = (what, args, changed, total, total <= budget)
+    return best
+
+
+def combine(s: Settings, options: dict[str, tuple], budget: int) -> tuple[Settings, list[str], list[str]]:
+    """The options applied one after the other, in order, until the total fits: (settings, changes, overrides)."""
+    cum, whats, argv = s, [], []
+    for what, args, changed, _, _ in options.values():
         if cum is not s and estimate_settings(cum, budget=budget, advise=False).fits:
-            continue
+            break
         cum = _apply(cum, s, changed)
-        cum_args += args
-        cum_what.append(what.split(" (")[0])
-    if len(cum_what) > 1:
-        total = estimate_settings(cum, budget=budget, advise=False).total
-        out.append(("together: " + " + ".join(cum_what), cum_args, total, total <= budget))
+        whats.append(what.split(" (")[0])
+        argv += args
+    return cum, whats, argv
+
+
+def advice(s: Settings, budget: int) -> list[tuple[str, list[str], int, bool]]:
+    """Each kind of change on its own, then all of them in that order until the total fits (`combine`)."""
+    options = lever_options(s, budget)
+    out = [(what, args, total, fits) for what, args, _, total, fits in options.values()]
+    together, whats, argv = combine(s, options, budget)
+    if len(whats) > 1:
+        total = estimate_settings(together, budget=budget, advise=False).total
+        out.append(("together: " + " + ".join(whats), argv, total, total <= budget))
     return out
 
 
