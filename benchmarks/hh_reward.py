@@ -48,7 +48,7 @@ def split(src: str, out: str, test: int = 312, seed: int = 0) -> None:
     tok = load_tokenizer(default_model_dir())
     fits = [r for r in held if max(len(tok(r[k] + tok.eos_token)["input_ids"]) for k in ("chosen", "rejected"))
             <= SETTINGS["max_length"]]
-    from lit_ft.data.records import hh_turns, split_hh
+    from lit_ft.data.hh import hh_turns, split_hh
 
     sft = []  # SFT on the chosen responses: the conversation's turns, then the chosen answer
     for r in train:

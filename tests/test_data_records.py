@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lit_ft.data.readers import read_rows
-from lit_ft.data.records import load_records, split_hh
+from lit_ft.data.hh import split_hh
+from lit_ft.data.records import load_records
 from lit_ft.errors import ConfigError, DataError
 
 
@@ -234,7 +235,7 @@ def test_hh_rlhf_prefix_split(tmp_path):
 def test_hh_rows_are_turns_for_the_chat_template_and_the_text_as_written_for_the_text_ones(tmp_path):
     """A user expects an HH conversation rendered by the chat template as its turns (not one user message holding
     the raw transcript); the plain template keeps the text as written, the only place the speakers are named."""
-    from lit_ft.data.records import prompt_for
+    from lit_ft.data.hh import prompt_for
 
     common = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: and\n\nHuman: add 2 and 2\n\nAssistant:"
     f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": common + " 4", "rejected": common + " 5"}])

@@ -87,7 +87,8 @@ def test_kl_is_the_log_ratio_of_an_independent_full_forward(moved_adapter):
 
 
 def test_the_command_scores_each_answer_as_the_reward_scorer_does(moved_adapter, tmp_path, capsys):
-    from lit_ft.data.records import load_records, prompt_for
+    from lit_ft.data.hh import prompt_for
+    from lit_ft.data.records import load_records
     from lit_ft.data.templates import render_pair
     from lit_ft.models import ModelSpec, load_tokenizer
     from lit_ft.online.scoring import RewardScorer

@@ -78,7 +78,8 @@ def main(argv=None) -> None:
 def run(args, policies: dict[str, str | None], baseline: str) -> None:
     import torch
 
-    from lit_ft.data.records import load_records, prompt_for
+    from lit_ft.data.hh import prompt_for
+    from lit_ft.data.records import load_records
     from lit_ft.data.templates import render_pair, render_prompt
     from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer
     from lit_ft.models.adapters import check_adapter_base, read_base_identity

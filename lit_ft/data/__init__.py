@@ -1,5 +1,5 @@
 """Layer 4, data: read files or hub datasets (`readers`; the shipped recipes and `demo:` files: `recipes`), normalise
-and check records (`records`, `checks`), render templates (`templates`), tokenize with completion-only labels
+and check records (`records`, `checks`; the HH-RLHF format: `hh`), render templates (`templates`), tokenize with completion-only labels
 (`tokenize`), collate (`collate`), and the LightningDataModules (`modules`, `prompts`, `shared`, `splits`); the demo
 arithmetic task and its rewards (`tasks`).
 

@@ -28,7 +28,7 @@ from lit_ft.data.shared import (  # noqa: F401 (re-exported)
     check_score_filter, fit_context, load_splits, load_tokenizer_for, make_loader, plain_hparams, prepare_hub,
     split_records, tokenize_split,
 )
-from lit_ft.data.records import prompt_for
+from lit_ft.data.hh import prompt_for
 from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong
 from lit_ft.validation import check_init

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningDataModule
 from lit_ft.data import shared, splits
 from lit_ft.data.collate import PromptCollator
 from lit_ft.data.readers import SourceSpec
-from lit_ft.data.records import prompt_for
+from lit_ft.data.hh import prompt_for
 from lit_ft.data.templates import TemplateName, render_prompt
 from lit_ft.validation import check_init
 

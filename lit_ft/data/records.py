@@ -1,7 +1,7 @@
 """Validate rows and normalise them into canonical records (reading is `lit_ft.data.readers`).
 
 One file of about 370 lines on purpose: every format's row builder and the one drop rule they share read best beside
-each other (each row's checks, in the order a row meets them).
+each other (each row's checks, in the order a row meets them); the HH-RLHF text format is parsed in `lit_ft.data.hh`.
 
 Canonical records (every prompt is a list of chat messages; a raw-text prompt is one user message):
 
@@ -9,9 +9,8 @@ Canonical records (every prompt is a list of chat messages; a raw-text prompt is
 - preference:  ``{"prompt": [messages], "chosen": str, "rejected": str, "margin": float | None, "line": int}``
 - prompt:      ``{"prompt": [messages], "input": str | None, "answer": str | None, "line": int}``
 
-An HH-RLHF row (``"\n\nHuman: ...\n\nAssistant: ..."`` text) becomes its conversation's turns in ``prompt``, and
-keeps the prompt as written in ``transcript``: the chat template renders the turns, the text templates the text as
-written (`prompt_for`), where the speaker markers are the only record of who said what.
+An HH-RLHF row (``"\n\nHuman: ...\n\nAssistant: ..."`` text) becomes its conversation's turns in ``prompt`` and keeps
+the prompt as written in ``transcript`` (`lit_ft.data.hh`: the format, and `prompt_for`, what each template renders).
 
 ``input`` is the alpaca ``input`` column, kept apart so the alpaca template can render its ``### Input:``
 section; the other templates append it to the first user turn. ``line`` is the 1-based source line (CSV:
@@ -23,10 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from typing import Any, Literal
 
 from lit_ft.data.checks import check_unicode, is_blank, warn_unknown_columns
+from lit_ft.data.hh import hh_turns, split_hh
 from lit_ft.data.readers import DataReport, RowError, read_rows
 from lit_ft.errors import ConfigError, DataError
 
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["instruction", "preference", "prompt"]
 ROLES = ("system", "user", "assistant")
-HH_MARKER = "\n\nAssistant:"
 
 
 # ---------------------------------------------------------------------------------------------- normalising
@@ -122,50 +120,6 @@ def _common_prefix_len(a: list, b: list) -> int:
     return n
 
 
-HH_SPEAKERS = {"Human": "user", "Assistant": "assistant"}
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-def hh_turns(transcript: str) -> list[dict]:
-    """An HH-RLHF prompt (``"\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"``) as chat messages
-    (user a, assistant b, user c). Text before the first marker is the user's; a speaker who talks twice in a row
-    (it happens in HH) is one turn, the parts joined by a blank line."""
-    parts = _HH_TURN.split(transcript)
-    turns: list[dict] = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        role, content = HH_SPEAKERS[speaker], content.strip()
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] = (turns[-1]["content"] + "\n\n" + content).strip()
-        else:
-            turns.append({"role": role, "content": content})
-    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
-        turns.pop()  # the prompt's closing "Assistant:", where the responses start
-    if not turns or turns[0]["role"] != "user" or turns[-1]["role"] != "user":
-        raise RowError("chosen", "expected HH-RLHF turns starting with 'Human:' and a 'Human:' turn right before "
-                                 "the responses")
-    if any(not t["content"] for t in turns):
-        raise RowError("chosen", "an HH-RLHF turn with no text")
-    return turns
-
-
-def prompt_for(record: dict, template: str) -> list[dict]:
-    """The prompt messages a template renders: an HH-RLHF row's turns for the chat template, its text as written
-    (one user message) for the text templates."""
-    transcript = record.get("transcript")
-    return _user(transcript) if transcript is not None and template != "chat" else record["prompt"]
-
-
-def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split HH-RLHF style conversations into (prompt, chosen, rejected) at the last shared Assistant marker."""
-    shared = chosen[: _common_prefix_len(chosen, rejected)]
-    cut = shared.rfind(HH_MARKER)
-    if cut < 0:
-        raise RowError("chosen", f"no shared prefix ending in {HH_MARKER!r} between chosen and rejected; "
-                                 "expected HH-RLHF style '\\n\\nHuman: ...\\n\\nAssistant: ...' text or a prompt field")
-    end = cut + len(HH_MARKER)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
 def _explicit_prompt_pair(row: dict) -> tuple[list[dict], str, str]:
     """TRL's explicit-prompt conversational pair: ``prompt`` a message list ending with a user turn (or a string),
     ``chosen`` and ``rejected`` each a list of ONE assistant message (the response to that prompt)."""
@@ -230,9 +184,8 @@ def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
             raise RowError("messages", "expected a user turn to prompt with")
     elif fmt == "preference":
         pair = _preference(row, _preference_format(row))
-        prompt = pair["prompt"]
-        if "transcript" in pair:
-            return {"prompt": prompt, "transcript": pair["transcript"], "input": None, "answer": _answer(row, answer_field)}
+        record = {"prompt": pair["prompt"], "input": None, "answer": _answer(row, answer_field)}
+        return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {})
     elif fmt == "instruction":
         prompt, inp = _user(_text(row, "instruction")), _text(row, "input", required=False) or None
     else:

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Literal
 
 from lit_ft.data.readers import DataReport
-from lit_ft.data.records import prompt_for
+from lit_ft.data.hh import prompt_for
 from lit_ft.data.templates import TemplateName, render_pair, render_prompt, render_segments
 from lit_ft.errors import DataError
 
