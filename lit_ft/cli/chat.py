@@ -20,12 +20,11 @@ from lit_ft.errors import ConfigError
 def load(adapter: str | None, base: str | None, dtype: str = "auto"):
     """(model in eval mode, tokenizer) for a base (None = the adapter's own base, or the bundled default) plus an
     optional causal-LM adapter."""
-    from lit_ft.models.adapters import check_adapter_base, read_base_identity
-    from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_adapter, load_base, load_tokenizer
+    from lit_ft.models.adapters import check_adapter_base, trained_base
+    from lit_ft.models import ModelSpec, load_adapter, load_base, load_tokenizer
 
     if base is None and adapter is not None:
-        name = (read_base_identity(adapter) or {}).get("name_or_path")
-        base = None if name in (None, DEFAULT_MODEL_NAME) else name
+        base = trained_base(adapter)
     spec = ModelSpec(name_or_path=base, dtype=dtype)
     model = load_base(spec, "causal_lm")
     if adapter is not None:

@@ -81,8 +81,8 @@ def run(args, policies: dict[str, str | None], baseline: str) -> None:
     from lit_ft.data.hh import prompt_for
     from lit_ft.data.records import load_records
     from lit_ft.data.templates import render_pair, render_prompt
-    from lit_ft.models import DEFAULT_MODEL_NAME, ModelSpec, load_base, load_tokenizer
-    from lit_ft.models.adapters import check_adapter_base, read_base_identity
+    from lit_ft.models import ModelSpec, load_base, load_tokenizer
+    from lit_ft.models.adapters import check_adapter_base, trained_base
     from lit_ft.online.generation import SamplingSpec
     from lit_ft.online.judge import BASE, judge_policies, report
     from lit_ft.online.scoring import RewardScorer
@@ -92,10 +92,7 @@ def run(args, policies: dict[str, str | None], baseline: str) -> None:
     if not records:
         raise ConfigError(f"--prompts {args.prompts}: no prompts")
     adapters = {k: v for k, v in policies.items() if v}
-    base = args.base
-    if base is None and adapters:
-        name = (read_base_identity(next(iter(adapters.values()))) or {}).get("name_or_path")
-        base = None if name in (None, DEFAULT_MODEL_NAME) else name
+    base = args.base if args.base is not None or not adapters else trained_base(next(iter(adapters.values())))
     spec = ModelSpec(name_or_path=base, dtype=args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base(spec, "causal_lm", device)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_ft.errors import ConfigError
+from lit_ft.models.default import DEFAULT_MODEL_NAME
 from lit_ft.models.identity import describe_identity, identity_diff
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,6 +42,13 @@ BASE_FILE = "lit_ft_base.json"  # in every exported adapter directory: the base 
 def read_base_identity(adapter_dir) -> dict | None:
     f = Path(adapter_dir) / BASE_FILE
     return json.loads(f.read_text()) if f.exists() else None
+
+
+def trained_base(adapter_dir) -> str | None:
+    """The `model.base.name_or_path` of the base an adapter was trained on (its `lit_ft_base.json`): None for the
+    bundled default, or where the adapter does not say."""
+    name = (read_base_identity(adapter_dir) or {}).get("name_or_path")
+    return None if name in (None, DEFAULT_MODEL_NAME) else name
 
 
 def write_base_identity(adapter_dir, identity: dict) -> None:
