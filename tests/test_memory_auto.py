@@ -90,6 +90,7 @@ def test_the_chosen_settings_reach_the_run(sft_file, tmp_path, capsys):  # noqa:
 def test_an_impossible_budget_is_one_error_line_before_any_weights(sft_file, tmp_path, capsys):  # noqa: F811
     one_error_line(capsys, fit_args(sft_file, tmp_path / "runs", "--memory", "10KiB"),
                    "memory: nothing fits 10.00 KiB", "give a budget of at least")
+    assert not list((tmp_path / "runs").glob("version_*"))  # no empty run left behind
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU case")

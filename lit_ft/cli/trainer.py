@@ -96,7 +96,13 @@ class LitFTCLI(LightningCLI):
                 if self.trainer.is_global_zero:
                     print(f"[lit_ft] {line}", file=sys.stderr, flush=True)
 
-            fit_memory(self.model, self.datamodule, self.trainer, memory, say=say)
+            try:
+                fit_memory(self.model, self.datamodule, self.trainer, memory, say=say)
+            except ConfigError:
+                run_dir = Path(self.run_dir)
+                if run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before anything was written
+                    run_dir.rmdir()
+                raise
 
     def after_fit(self) -> None:
         """`latest` names the newest fit that finished: moved only now, never for a run that failed (an exception
