@@ -25,10 +25,10 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits.float()
 
 
-def trained(init: str, **lora) -> SFTModule:
+def trained(init: str, base: str = BASE, **lora) -> SFTModule:
     """An SFT module with `init`, its adapter moved as training would move it."""
     torch.manual_seed(1)
-    module = SFTModule(base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4, alpha=8, dropout=0.0, init=init, **lora))
+    module = SFTModule(base=ModelSpec(name_or_path=base), lora=LoraSpec(r=4, alpha=8, dropout=0.0, init=init, **lora))
     module.configure_model()
     module.model.eval()
     with torch.no_grad():
@@ -129,13 +129,7 @@ def test_olora_on_transposed_projections_is_refused_and_pissa_exports_them(tmp_p
     spec = ModelSpec(name_or_path=str(tmp_path / "gpt2"))
     with pytest.raises(ConfigError, match=r"init=olora: .*\['c_attn', 'c_fc', 'c_proj'\]: GPT-2-style Conv1D"):
         SFTModule(base=spec, lora=LoraSpec(r=4, init="olora")).configure_model()
-    module = SFTModule(base=spec, lora=LoraSpec(r=4, alpha=8, dropout=0.0, init="pissa"))
-    module.configure_model()
-    module.model.eval()
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_" in name:
-                p.add_(0.05 * torch.randn_like(p))
+    module = trained("pissa", base=spec.name_or_path)
     from peft import PeftModel
 
     reloaded = PeftModel.from_pretrained(load_base(spec, "causal_lm"), str(module.save_adapter(tmp_path / "a"))).eval()
