@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -146,6 +147,37 @@ def test_preference_truncates_the_shared_prompt(tiny_tokenizer):
     assert preference_example(rec, tok, "chat", None, 5, "truncate_prompt", "p.jsonl")["drop"] == "too_long"
     with pytest.raises(DataError, match=r"p.jsonl:3: .*chosen .*rejected"):
         preference_example(rec, tok, "chat", None, n, "error", "p.jsonl")
+
+
+def test_hh_pairs_render_like_the_policy_answers_and_feed_sft_their_chosen_side(tmp_path, tiny_tokenizer):
+    """Under the chat template an HH response loses the space after 'Assistant:' (a policy's sampled chat answer
+    has none: a reward model trained with it would score tokens PPO never samples); the plain template keeps the
+    transcript as written. The same file feeds SFT (its chosen side), the reward model and the prompts."""
+    from lit_ft.data.records import load_records
+
+    tok = tiny_tokenizer
+    common = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: add 2 and 2\n\nAssistant:"
+    f = tmp_path / "hh.jsonl"
+    f.write_text(json.dumps({"chosen": common + " It is 4.", "rejected": common + " 5"}) + "\n")
+    pair = load_records(str(f), "preference")[0][0] | {"line": 1}
+    chat = preference_example(pair, tok, "chat", None, 512, "error", "hh.jsonl")
+    prompt_ids = chat["chosen_input_ids"][: chat["prompt_length"]]
+    assert tok.decode(chat["chosen_input_ids"][chat["prompt_length"]:]).startswith("It is 4.")
+    sampled = tok("It is 4.", add_special_tokens=False)["input_ids"]
+    assert chat["chosen_input_ids"][chat["prompt_length"]:][: len(sampled)] == sampled
+    assert tok.decode(prompt_ids).endswith("add 2 and 2<|im_end|>\n<|im_start|>assistant\n")
+    plain = preference_example(pair, tok, "plain", None, 512, "error", "hh.jsonl")
+    assert tok.decode(plain["chosen_input_ids"]) == common + " It is 4." + tok.eos_token
+
+    (sft,), report = load_records(str(f), "instruction")
+    assert report.rows_kept == 1 and sft["messages"][-1] == A(" It is 4.")
+    chat_sft = sft_example(sft, tok, "chat", None, 512, "error", True, "hh.jsonl")
+    # every assistant turn of the chosen conversation is trained, as for any messages row
+    assert trained_text(tok, chat_sft["input_ids"], chat_sft["labels"]) == "hello<|im_end|>\nIt is 4.<|im_end|>\n"
+    assert chat_sft["input_ids"][: len(prompt_ids)] == prompt_ids  # the prompt the reward model and PPO see
+    plain_sft = sft_example(sft, tok, "plain", None, 512, "error", True, "hh.jsonl")
+    assert tok.decode(plain_sft["input_ids"]) == common + " It is 4." + tok.eos_token
+    assert trained_text(tok, plain_sft["input_ids"], plain_sft["labels"]) == " It is 4." + tok.eos_token
 
 
 def test_prompt_example_keeps_the_end(tiny_tokenizer):

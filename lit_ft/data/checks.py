@@ -60,7 +60,8 @@ def check_unicode(row: dict) -> None:
 
 
 _READS = {"alpaca": {"instruction", "input", "output"}, "prompt_completion": {"prompt", "completion"},
-          "question_answer": {"question", "answer"}, "messages": {"messages"}}
+          "question_answer": {"question", "answer"}, "messages": {"messages"},
+          "preference": {"prompt", "chosen", "rejected", "margin"}}
 
 
 def warn_unknown_columns(rows: list[dict], source: str, kind: str, format: str, settings: set) -> set[str]:

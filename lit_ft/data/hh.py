@@ -48,6 +48,23 @@ def prompt_for(record: dict, template: str) -> list[dict]:
     return [{"role": "user", "content": transcript}]
 
 
+def response_for(record: dict, text: str, template: str) -> str:
+    """A response as a template renders it: an HH-RLHF response loses the space that follows ``Assistant:`` under
+    the chat template (there the turn's markup separates it, and a policy's sampled answer has no such space), and
+    stays as written under the text templates, where it continues the transcript."""
+    return text.lstrip() if template == "chat" and "transcript" in record else text
+
+
+def messages_for(record: dict, template: str) -> list[dict]:
+    """An instruction record's messages as a template renders them; for the chosen side of an HH-RLHF pair, the
+    prompt per `prompt_for` and the answer per `response_for`."""
+    if "transcript" not in record:
+        return record["messages"]
+    answer = record["messages"][-1]["content"]
+    prompt = prompt_for({"prompt": record["messages"][:-1], "transcript": record["transcript"]}, template)
+    return prompt + [{"role": "assistant", "content": response_for(record, answer, template)}]
+
+
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split HH-RLHF style conversations into (prompt, chosen, rejected) at the last shared Assistant marker."""
     shared = os.path.commonprefix([chosen, rejected])

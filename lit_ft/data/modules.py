@@ -28,12 +28,12 @@ from lit_ft.data.shared import (  # noqa: F401 (re-exported)
     check_score_filter, fit_context, load_splits, load_tokenizer_for, make_loader, plain_hparams, prepare_hub,
     split_records, tokenize_split,
 )
-from lit_ft.data.hh import prompt_for
+from lit_ft.data.hh import messages_for, prompt_for, response_for
 from lit_ft.data.templates import TemplateName, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong
 from lit_ft.validation import check_init
 
-InstructionFormat = Literal["auto", "alpaca", "prompt_completion", "messages", "question_answer"]
+InstructionFormat = Literal["auto", "alpaca", "prompt_completion", "messages", "question_answer", "preference"]
 PreferenceFormat = Literal["auto", "prompt_chosen_rejected", "chat", "hh"]
 
 
@@ -73,7 +73,8 @@ class InstructionDataModule(LightningDataModule):
             val_file: validation data; None carves ``val_split`` off the training data.
             val_split: fraction of the training rows held out (seeded) when there is no ``val_file``.
             format: input shape: alpaca (instruction/input/output), prompt_completion, messages (chat),
-                question_answer, or auto (detected from the first row).
+                question_answer, preference (the chosen side of preference pairs, any shape the preference data
+                reads: SFT before RLHF on the same file), or auto (detected from the first row).
             template: how text is rendered: the tokenizer's chat template, the alpaca format, or plain text.
             system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
                 template that inserts a default one, as SmolLM2's does, leaves it out).
@@ -159,7 +160,7 @@ class InstructionDataModule(LightningDataModule):
         """(rendered prompt text, reference response) of the first ``n`` validation records."""
         out = []
         for record in self.val_records[:n]:
-            messages = record["messages"]
+            messages = messages_for(record, self.template)
             prompt = render_prompt(messages[:-1], self.tokenizer, self.template, self.system_prompt,
                                    record.get("input"))
             out.append((prompt, messages[-1]["content"]))
@@ -266,7 +267,7 @@ class PreferenceDataModule(LightningDataModule):
     def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
         """(rendered prompt text, chosen response) of the first ``n`` validation pairs (greedy-answer checks)."""
         return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt),
-                 r["chosen"])
+                 response_for(r, r["chosen"], self.template))
                 for r in self.val_records[:n]]
 
     train_dataloader = shared.train_dataloader

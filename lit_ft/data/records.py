@@ -74,7 +74,7 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages", "question_answer")
+INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages", "question_answer", "preference")
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "chat", "hh")
 PROMPT_FORMATS = ("prompt", "instruction", "messages", "question", "preference")
 
@@ -100,10 +100,16 @@ def detect_format(row: dict, kind: Kind) -> str:
             return "prompt_completion"
         if {"question", "answer"} <= keys:
             return "question_answer"
+        if {"chosen", "rejected"} <= keys:
+            return "preference"
     raise RowError(None, f"cannot detect the {kind} format from the keys {sorted(keys)}; set data.format")
 
 
 def _instruction(row: dict, fmt: str) -> dict:
+    if fmt == "preference":  # SFT on the chosen side of preference pairs (the first stage of RLHF)
+        pair = _preference(row, _preference_format(row))
+        record = {"messages": pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}], "input": None}
+        return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {})
     if fmt == "messages":
         return {"messages": check_messages(row.get("messages"), "messages"), "input": None}
     key_p, key_r = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
@@ -352,6 +358,7 @@ _REQUIRED = {
     ("instruction", "prompt_completion"): ("prompt", "completion"),
     ("instruction", "question_answer"): ("question", "answer"),
     ("instruction", "messages"): ("messages",),
+    ("instruction", "preference"): ("chosen", "rejected"),
     ("preference", "prompt_chosen_rejected"): ("prompt", "chosen", "rejected"),
     ("preference", "chat"): ("chosen", "rejected"),
     ("preference", "hh"): ("chosen", "rejected"),

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Literal
 
 from lit_ft.data.readers import DataReport
-from lit_ft.data.hh import prompt_for
+from lit_ft.data.hh import messages_for, prompt_for, response_for
 from lit_ft.data.templates import TemplateName, render_pair, render_prompt, render_segments
 from lit_ft.errors import DataError
 
@@ -90,7 +90,7 @@ def sft_example(
     overlong: Overlong, completion_only: bool, file: str,
 ) -> dict:
     """Dataset.map function: an instruction record to ``input_ids``, ``labels`` and ``drop``."""
-    segments = render_segments(record["messages"], tokenizer, template, system_prompt, record.get("input"))
+    segments = render_segments(messages_for(record, template), tokenizer, template, system_prompt, record.get("input"))
     ids, labels, drop = tokenize_segments(segments, tokenizer, max_length, overlong, completion_only, file,
                                           record["line"])
     return {"input_ids": ids, "labels": labels, "drop": drop}
@@ -109,8 +109,10 @@ def preference_example(
     responses keep their ends (at least one prompt token must remain).
     """
     prompt = prompt_for(record, template)
-    prompt_text, chosen_text = render_pair(prompt, record["chosen"], tokenizer, template, system_prompt)
-    _, rejected_text = render_pair(prompt, record["rejected"], tokenizer, template, system_prompt)
+    prompt_text, chosen_text = render_pair(prompt, response_for(record, record["chosen"], template), tokenizer,
+                                           template, system_prompt)
+    _, rejected_text = render_pair(prompt, response_for(record, record["rejected"], template), tokenizer, template,
+                                   system_prompt)
     prompt, chosen, rejected = (_ids(tokenizer, t) for t in (prompt_text, chosen_text, rejected_text))
     longest = max(len(chosen), len(rejected))
     drop = ""
