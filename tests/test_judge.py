@@ -95,24 +95,68 @@ def test_the_command_scores_each_answer_as_the_reward_scorer_does(moved_adapter,
 
     prompts = FIXTURES / "pairs.jsonl"
     out = tmp_path / "judged.json"
-    main(["judge", "--judge", str(FIXTURES / "reward_adapter"), "--policy", "base", "--policy",
+    judge = FIXTURES / "reward_adapter"
+    main(["judge", "--judge", f"a={judge}", "--judge", f"b={judge}", "--policy", "base", "--policy",
           f"moved={moved_adapter}", "--prompts", str(prompts), "--n", "6", "--max_new_tokens", "6",
           "--batch_size", "4", "--base", BASE_DIR, "--out", str(out)])
     table = capsys.readouterr().out
-    assert "win rate vs base" in table and "moved" in table
+    assert "judge a\n" in table and "judge b\n" in table and "win rate vs base" in table and "distinct" in table
     report = json.loads(out.read_text())
     base, moved = report["policies"]
-    assert base["vs_baseline"]["win_rate"] == 0.5 and base["mean_kl"] == 0.0
+    assert base["vs_baseline"]["a"]["win_rate"] == 0.5 and base["mean_kl"] == 0.0
     assert moved["mean_kl"] > 0  # its own samples are likelier under itself than under the base
+    assert moved["distinct"] == len({a["response"] for a in moved["answers"]})
     records = load_records(str(prompts), "prompt")[0][:6]
     tok = load_tokenizer(BASE_DIR)
     texts = ["".join(render_pair(prompt_for(r, "chat"), a["response"], tok, "chat"))
              for r, a in zip(records, moved["answers"])]
-    scorer = RewardScorer.from_pretrained(FIXTURES / "reward_adapter", base=ModelSpec(name_or_path=BASE_DIR))
-    expected = scorer.score(texts)
-    torch.testing.assert_close(torch.tensor([a["score"] for a in moved["answers"]]), expected, atol=1e-4, rtol=1e-4)
-    wins = paired(expected, torch.tensor([a["score"] for a in base["answers"]]))
-    assert moved["vs_baseline"]["win_rate"] == pytest.approx(wins["win_rate"])
+    expected = RewardScorer.from_pretrained(judge, base=ModelSpec(name_or_path=BASE_DIR)).score(texts)
+    for j in ("a", "b"):  # both judges score the same answers (one sampling pass per policy)
+        got = torch.tensor([a["scores"][j] for a in moved["answers"]])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        wins = paired(expected, torch.tensor([a["scores"][j] for a in base["answers"]]))
+        assert moved["vs_baseline"][j]["win_rate"] == pytest.approx(wins["win_rate"])
+
+
+def test_adapters_written_along_a_run_are_the_policy_at_that_step(tmp_path):
+    """`ExportAdapter(every_n_steps=N)` writes the policy each time the optimizer step count passes a multiple of N
+    (PPO takes several optimizer steps a rollout), each loadable and equal to the weights at that step; the
+    judged curve over training reads them."""
+    from peft.utils import load_peft_weights
+
+    from lit_ft.callbacks import ExportAdapter
+    from lit_ft.stages.grpo_spec import GRPOSpec
+    from tests.test_grpo import make_module
+    from tests.test_ppo import prompt_loader, trainer
+    from transformers import AutoTokenizer
+
+    class Record(ExportAdapter):
+        weights = {}
+
+        def _write(self, trainer, pl_module, path, artifact):
+            super()._write(trainer, pl_module, path, artifact)
+            Record.weights[Path(path).name] = {n: p.detach().clone() for n, p in pl_module.named_parameters()
+                                               if ".policy." in n}
+
+    tokenizer = AutoTokenizer.from_pretrained(BASE_DIR)
+    module = make_module(BASE_DIR, grpo=GRPOSpec(samples_per_prompt=2, mini_batch_size=4, num_iterations=2))
+    export = Record(str(tmp_path / "adapter"), every_n_steps=3)
+    trainer(4, callbacks=[export]).fit(module, train_dataloaders=prompt_loader(tokenizer, 4, 16))
+    steps = sorted(p.name for p in (tmp_path / "adapter_steps").iterdir())
+    # 4 optimizer steps a rollout (2 iterations x 8 rows / 4): 4, 8, 12, 16 pass 3, 6, 9, 12 and 15
+    assert steps == ["step_000004", "step_000008", "step_000012", "step_000016"], steps
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    for step in steps:
+        saved = load_peft_weights(str(tmp_path / "adapter_steps" / step))
+        ours = {n[n.index("base_model."):].replace(".policy.", "."): p for n, p in Record.weights[step].items()
+                if "lora_" in n}
+        assert set(saved) == set(ours)
+        for name, value in saved.items():
+            torch.testing.assert_close(ours[name], value)
+    first, last = (load_peft_weights(str(tmp_path / "adapter_steps" / s)) for s in (steps[0], steps[-1]))
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the policy moved between them
+    with pytest.raises(Exception, match="every_n_steps=0"):
+        ExportAdapter(every_n_steps=0)
 
 
 @pytest.mark.parametrize("extra,expected", [

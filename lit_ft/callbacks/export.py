@@ -1,4 +1,5 @@
-"""`ExportAdapter`: the trained adapter written at the end of fit, atomically, and logged as a W&B artifact."""
+"""`ExportAdapter`: the trained adapter written at the end of fit (and every N steps if asked), atomically, and
+logged as a W&B artifact."""
 
 from __future__ import annotations
 
@@ -21,20 +22,39 @@ class ExportAdapter(L.Callback):
     The directory is written atomically (`outputs.atomic_directory`): a kill during the export leaves the previous
     export or none, never a partial one. A fit that finds its run already finished (resumed from its last
     checkpoint) writes the adapter when the directory is missing.
+
+    With `every_n_steps`, the adapter as it stands is also written each time the optimizer step count
+    (`trainer.global_step`) passes a multiple of it, to `<dirpath>_steps/step_NNNNNN/`: the policies along a run,
+    ready for `lit-ft judge` (a judged score against KL over training) or `lit-ft chat`, without a checkpoint's
+    optimizer state. Under manual optimization (PPO, GRPO) a training step may take several optimizer steps.
     """
 
-    def __init__(self, dirpath: str = "adapter", best: bool = False):
+    def __init__(self, dirpath: str = "adapter", best: bool = False, every_n_steps: int | None = None):
         """
         Args:
             dirpath: output directory (adapter_model.safetensors, adapter_config.json, tokenizer files, README.md);
                 under `lit-ft`, a relative path is inside the run's directory.
             best: export the best checkpoint of the run's ModelCheckpoint instead of the last weights.
+            every_n_steps: also write the adapter every this many optimizer steps, to `<dirpath>_steps/step_N`.
         """
-        self.dirpath, self.best = dirpath, best
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
+            from lit_ft.errors import ConfigError
+
+            raise ConfigError(f"ExportAdapter every_n_steps={every_n_steps!r}: expected an integer >= 1 or null")
+        self.dirpath, self.best, self.every_n_steps = dirpath, best, every_n_steps
         self._written = False
+        self._snapshot_step = 0
 
     def on_fit_start(self, trainer, pl_module):
         self._written = False
+        self._snapshot_step = trainer.global_step  # a resumed run does not rewrite the snapshots it already has
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n, step = self.every_n_steps, trainer.global_step
+        if n is None or step // n <= self._snapshot_step // n:
+            return
+        self._snapshot_step = step
+        self._write(trainer, pl_module, Path(f"{self.dirpath}_steps") / f"step_{step:06d}", artifact=False)
 
     def on_train_end(self, trainer, pl_module):
         check_trained(pl_module)  # a run that trained nothing exports nothing
@@ -54,13 +74,17 @@ class ExportAdapter(L.Callback):
                 raise RuntimeError(f"ExportAdapter(best=True): {len(unmatched)} tensors of {best} match no parameter "
                                    f"of the module (first: {unmatched[0]}); use best=False, or export that checkpoint "
                                    "with `lit-ft export adapter`")
+        self._write(trainer, pl_module, self.dirpath, artifact=True)
+        self._written = True
+
+    def _write(self, trainer, pl_module, path, artifact: bool):
         state = strategies.gathered_model_state(trainer)  # collective under FSDP: every rank takes part
         if trainer.is_global_zero:
             dm = trainer.datamodule
             kwargs = {"state_dict": state} if state is not None else {}
-            with atomic_directory(self.dirpath) as tmp:
+            with atomic_directory(path) as tmp:
                 pl_module.save_adapter(tmp, tokenizer=getattr(dm, "tokenizer", None), **kwargs)
-            rank_zero_info(f"adapter written to {self.dirpath}")
-            log_adapter_artifacts(trainer, pl_module, self.dirpath)
-        self._written = True
+            rank_zero_info(f"adapter written to {path}")
+            if artifact:
+                log_adapter_artifacts(trainer, pl_module, path)
         trainer.strategy.barrier()

@@ -5,9 +5,10 @@
 
 Each policy (`NAME=ADAPTER_DIR`, or `base` for the base model alone) samples one answer per prompt; the judge (an
 exported reward adapter, ideally one no policy was trained against: trained on other pairs or with another seed)
-scores each answer; every policy is compared with the baseline prompt by prompt: win rate and score difference
-with their paired standard errors, and the KL to the baseline on the policy's own answers
-(`lit_ft.online.judge`). `--out FILE.json` keeps every answer and score.
+scores each answer (`--judge` repeated, `NAME=DIR` each: several judges score the same answers); every policy is
+compared with the baseline prompt by prompt: win rate and score difference with their paired standard errors, the
+KL to the baseline on the policy's own answers, and the number of distinct answers (`lit_ft.online.judge`).
+`--out FILE.json` keeps every answer and score. The policies along a run: `ExportAdapter(every_n_steps=N)`.
 
 Prompts are read like `PromptDataModule`'s (`prompt`, `question`, `messages`, `instruction`, HH-RLHF pairs, ...),
 the first `--n` of them, rendered with `--template` for the policies and `--judge_template` for the judge.
@@ -37,10 +38,25 @@ def _policies(values: list[str]) -> dict[str, str | None]:
     return out
 
 
+def _judges(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, value in enumerate(values):
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = ("judge" if len(values) == 1 else f"judge{i + 1}"), value
+        if not name or not path:
+            raise ConfigError(f"--judge {value!r}: expected ADAPTER_DIR or NAME=ADAPTER_DIR")
+        if name in out:
+            raise ConfigError(f"--judge {value!r}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="lit-ft judge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--judge", required=True, help="an exported reward adapter directory")
+    parser.add_argument("--judge", action="append", required=True,
+                        help="an exported reward adapter directory, or NAME=DIR; repeat for several judges")
     parser.add_argument("--policy", action="append", required=True, help="NAME=ADAPTER_DIR, or `base`; repeat")
     parser.add_argument("--baseline", default=None, help="the policy the others are compared with (default: the first)")
     parser.add_argument("--prompts", required=True, help="a prompt file (JSONL, JSON, CSV, Parquet)")
@@ -58,24 +74,25 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--out", default=None, help="write every answer and score here (JSON)")
     args = parser.parse_args(argv)
-    policies = _policies(args.policy)
+    policies, judges = _policies(args.policy), _judges(args.judge)
     baseline = args.baseline or next(iter(policies))
     if baseline not in policies:
         raise ConfigError(f"--baseline {baseline}: not one of the policies {list(policies)}")
     for key in ("n", "max_new_tokens", "batch_size"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key}={getattr(args, key)}: expected an integer >= 1")
-    for name, path in [("--judge", args.judge), *((f"--policy {k}", v) for k, v in policies.items() if v)]:
+    for name, path in [*((f"--judge {k}", v) for k, v in judges.items()),
+                       *((f"--policy {k}", v) for k, v in policies.items() if v)]:
         if not (Path(path) / "adapter_config.json").is_file():
             raise ConfigError(f"{name}: {path} has no adapter_config.json (an exported adapter directory)")
     if args.out is not None:
         from lit_ft.train.outputs import check_output
 
         check_output(args.out, "--out", kind="file")
-    run(args, policies, baseline)
+    run(args, policies, judges, baseline)
 
 
-def run(args, policies: dict[str, str | None], baseline: str) -> None:
+def run(args, policies: dict[str, str | None], judges: dict[str, str], baseline: str) -> None:
     import torch
 
     from lit_ft.data.hh import prompt_for
@@ -121,21 +138,24 @@ def run(args, policies: dict[str, str | None], baseline: str) -> None:
         p, a = render_pair(prompt_for(records[i], judge_template), response, tok, judge_template, args.system_prompt)
         return p + a
 
-    scorer = RewardScorer.from_pretrained(args.judge, base=ModelSpec(name_or_path=base, dtype=args.dtype),
-                                          device=device)
+    scorers = {j: RewardScorer.from_pretrained(path, base=ModelSpec(name_or_path=base, dtype=args.dtype),
+                                               device=device) for j, path in judges.items()}
     sampling = SamplingSpec(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                             temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
                             engine="hf")
-    results = judge_policies(model, tok, names, baseline, prompts, judge_text, scorer, sampling, args.batch_size,
+    results = judge_policies(model, tok, names, baseline, prompts, judge_text, scorers, sampling, args.batch_size,
                              args.seed)
-    print(f"judge {args.judge}; {len(prompts)} prompts of {args.prompts}; sampling T={args.temperature} "
+    print(f"judges {judges}; {len(prompts)} prompts of {args.prompts}; sampling T={args.temperature} "
           f"top_p={args.top_p}, at most {args.max_new_tokens} tokens, seed {args.seed}", file=sys.stderr)
     print(report(results, baseline))
     if args.out is not None:
         Path(args.out).write_text(json.dumps({
-            "judge": args.judge, "prompts": args.prompts, "baseline": baseline, "settings": vars(args),
+            "judges": judges, "prompts": args.prompts, "baseline": baseline, "settings": vars(args),
             "policies": [{"name": r.name, "adapter": policies.get(r.name), "vs_baseline": r.vs_baseline,
-                          "mean_score": float(r.scores.mean()), "mean_kl": float(r.kl.mean()),
-                          "answers": [{"prompt": p, "response": t, "score": float(s), "kl": float(k)}
-                                      for p, t, s, k in zip(prompts, r.responses, r.scores, r.kl)]}
+                          "mean_score": {j: float(v.mean()) for j, v in r.scores.items()},
+                          "mean_kl": float(r.kl.mean()), "mean_tokens": float(r.lengths.float().mean()),
+                          "distinct": r.distinct,
+                          "answers": [{"prompt": p, "response": t, "kl": float(k), "tokens": int(n),
+                                       "scores": {j: float(v[i]) for j, v in r.scores.items()}}
+                                      for i, (p, t, k, n) in enumerate(zip(prompts, r.responses, r.kl, r.lengths))]}
                          for r in results]}, indent=1))
