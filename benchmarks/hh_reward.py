@@ -3,6 +3,7 @@ several seeds each, held-out pair accuracy on one split both systems score the s
 
     python benchmarks/hh_reward.py split --src ../shared/data/hh_harmless/train.jsonl --out .hh     # once, here
     python benchmarks/hh_reward.py run --data .hh --out $OUT/hh --jobs trl:0,trl:1,lit:0,lit+fp32:0   # on the GPU
+    python benchmarks/hh_reward.py rlhf --data .hh --out $OUT/rlhf --minutes 4 [--phases models,stages,judge]
 
 Settings (what issue 29 measured): SmolLM2-135M-Instruct (the bundled model as lit_ft converts it), LoRA r16 alpha 32
 dropout 0 on every projection + the score head, batch 8 pairs, lr 2e-4 cosine with 2 warm-up steps, 1 epoch, max 512
@@ -21,6 +22,9 @@ float32, as TRL holds it), `chat` (template chat: HH turns through SmolLM2's cha
 head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does).
 Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall times of concurrent jobs
 are not speed figures).
+
+`rlhf`: SFT -> reward model -> PPO / GRPO / DPO with configs/recipes/hh_rlhf/, judged by reward models the policies
+never saw (see the RLHF section below).
 """
 
 from __future__ import annotations
@@ -48,15 +52,8 @@ def split(src: str, out: str, test: int = 312, seed: int = 0) -> None:
     tok = load_tokenizer(default_model_dir())
     fits = [r for r in held if max(len(tok(r[k] + tok.eos_token)["input_ids"]) for k in ("chosen", "rejected"))
             <= SETTINGS["max_length"]]
-    from lit_ft.data.hh import hh_turns, split_hh
-
-    sft = []  # SFT on the chosen responses: the conversation's turns, then the chosen answer
-    for r in train:
-        prompt, chosen, _ = split_hh(r["chosen"], r["rejected"])
-        if chosen.strip():
-            sft.append({"messages": hh_turns(prompt) + [{"role": "assistant", "content": chosen.strip()}]})
     Path(out).mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", train), ("test_all", held), ("test", fits), ("sft_train", sft)):
+    for name, part in (("train", train), ("test_all", held), ("test", fits)):
         with open(Path(out) / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)
     print(f"train {len(train)}, held out {len(held)}, of which {len(fits)} fit {SETTINGS['max_length']} tokens")
@@ -155,12 +152,28 @@ def peak_gib() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ RLHF
+#
+# The pipeline of configs/recipes/hh_rlhf/ (the recipes as a user runs them, with the paths of this split), in three
+# phases a GPU call each can hold:
+#   models: SFT on the chosen side of the training pairs; the proxy reward model (seed 0) the online stages train
+#           against; two judges the policies never see: the same recipe with seed 1, and one trained on the
+#           HELD-OUT pairs (other data, the preferences of the very prompts judged);
+#   stages: PPO (the recipe), PPO with last session's looser KL (init 0.05, target 6), GRPO and DPO, side by side
+#           for the same wall time, each writing its policy along the run (ExportAdapter every_n_steps);
+#   judge:  `lit-ft judge` of the SFT policy, every policy along every run and the final ones, by both judges, on
+#           the held-out prompts: the judged score against KL over training.
+
+STAGES = {  # name: (stage recipe, extra flags, optimizer steps between the policies written along the run)
+    "ppo": ("ppo", [], 40),  # 4 optimizer steps a rollout: every 10 rollouts
+    "ppo_loose": ("ppo", ["--model.ppo.init_kl_coef", "0.05", "--model.ppo.target", "6.0"], 40),
+    "grpo": ("grpo", [], 10),  # one optimizer step a rollout
+    "dpo": ("dpo", [], 50),
+}
 
 
 def common(out: Path, minutes: float | None = None) -> list[str]:
-    args = ["--trainer.precision", os.environ.get("HH_PRECISION", "bf16-mixed"), "--trainer.enable_progress_bar",
-            "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", ".",
-            "--trainer.default_root_dir", str(out)]
+    args = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", ".", "--trainer.default_root_dir", str(out)]
     if minutes:
         args += ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
     if os.environ.get("HH_BASE"):  # a dry run on another base (the tests' tiny model)
@@ -168,57 +181,78 @@ def common(out: Path, minutes: float | None = None) -> list[str]:
     return args
 
 
+def recipe(stage: str, name: str | None = None) -> list[str]:
+    return ["fit", "--config", stage, "--config", f"recipes/hh_rlhf/{name or stage}"]
+
+
 def sft_args(data: Path, out: Path) -> list[str]:
-    """SFT on the chosen responses (chat template), 1 epoch: the policy every RLHF stage starts from."""
-    return ["fit", "--config", "sft", "--data.train_file", str(data / "sft_train.jsonl"), "--data.val_file", "null",
-            "--data.val_split", "0.05", "--data.max_length", "512", "--data.batch_size", "16",
-            "--model.optim.lr", "2e-4", "--model.base.gradient_checkpointing", "true", "--trainer.max_steps", "-1",
-            "--trainer.max_epochs", "1", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch",
-            "1", *common(out)]
+    """SFT on the chosen side of the training pairs: the policy every RLHF stage starts from."""
+    return [*recipe("sft"), "--data.train_file", str(data / "train.jsonl"), *common(out)]
 
 
-def stage_args(stage: str, data: Path, out: Path, sft: str, proxy: str, minutes: float) -> list[str]:
-    """PPO and GRPO against the proxy reward model on the HH prompts, DPO on the HH pairs; all from the SFT policy,
-    for about `minutes` of training each."""
-    prompts = ["--data.train_file", str(data / "train.jsonl"), "--data.val_file", str(data / "test_all.jsonl"),
-               "--data.max_length", "448", "--data.overlong", "truncate_prompt", "--model.sampling.max_new_tokens",
-               "64", "--model.reward_fn", "null", "--model.reward_adapter", proxy, "--trainer.max_steps", "-1",
-               "--trainer.max_epochs", "50", "--trainer.val_check_interval", "25", "--trainer.check_val_every_n_epoch", "null",
-               "--trainer.limit_val_batches", "2"]
-    per_stage = {
-        "ppo": ["fit", "--config", "ppo", *prompts, "--data.batch_size", "32", "--model.ppo.init_kl_coef", "0.05"],
-        "grpo": ["fit", "--config", "grpo", *prompts, "--data.batch_size", "16", "--model.grpo.beta", "0.04"],
-        "dpo": ["fit", "--config", "dpo", "--data.train_file", str(data / "train.jsonl"), "--data.val_file",
-                str(data / "test.jsonl"), "--data.group_field", "null", "--data.max_length", "512",
-                "--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "1.0",
-                "--trainer.check_val_every_n_epoch", "1", "--model.optim.lr", "5e-5"],
-    }[stage]
-    return [*per_stage, "--model.sft_adapter", sft, "--model.base.gradient_checkpointing", "true",
-            *common(out, minutes)]
+def model_jobs(data: Path, out: Path) -> dict[str, list[str]]:
+    rm = [*recipe("reward"), "--data.train_file", str(data / "train.jsonl"), "--data.val_file",
+          str(data / "test.jsonl")]
+    return {"sft": sft_args(data, out / "sft"),
+            "proxy": [*rm, "--seed_everything", "0", *common(out / "proxy")],
+            "judge_seed1": [*rm, "--seed_everything", "1", *common(out / "judge_seed1")],
+            "judge_heldout": [*recipe("reward"), "--data.train_file", str(data / "test_all.jsonl"),
+                              "--trainer.max_epochs", "2", *common(out / "judge_heldout")]}
 
 
-def run_rlhf(data: Path, out: Path, sft: str, proxy: str, judge: str, minutes: float, n: int) -> None:
-    """PPO, GRPO and DPO side by side from the SFT policy, then `lit-ft judge` of all of them against the SFT policy
-    with the judge reward model (one the policies were not trained against)."""
+def stage_jobs(data: Path, out: Path, minutes: float) -> dict[str, list[str]]:
+    sft, proxy = out / "sft" / "latest" / "adapter", out / "proxy" / "latest" / "adapter"
+    jobs = {}
+    for name, (stage, extra, every) in STAGES.items():
+        files = ["--data.train_file", str(data / "train.jsonl")]
+        if stage != "grpo":
+            files += ["--data.val_file", str(data / ("test.jsonl" if stage == "dpo" else "test_all.jsonl"))]
+        adapters = ["--model.sft_adapter", str(sft)] + ([] if stage == "dpo" else ["--model.reward_adapter", str(proxy)])
+        snapshots = ["--trainer.callbacks+=lit_ft.ExportAdapter", "--trainer.callbacks.dirpath", "policy",
+                     "--trainer.callbacks.every_n_steps", str(every)]
+        jobs[name] = [*recipe(stage), *files, *adapters, *extra, *snapshots, *common(out / name, minutes)]
+    return jobs
+
+
+def run_jobs(jobs: dict[str, list[str]], out: Path) -> None:
+    """Each job a `lit-ft` process of its own, all at once (a 135M model leaves the GPU mostly idle)."""
     out.mkdir(parents=True, exist_ok=True)
     procs = {}
-    for stage in ("ppo", "grpo", "dpo"):
-        log = open(out / f"{stage}.log", "w")
-        procs[stage] = subprocess.Popen([sys.executable, "-m", "lit_ft", *stage_args(stage, data, out / stage, sft,
-                                                                                      proxy, minutes)],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    for stage, p in procs.items():
-        print(f"{stage}: exit {p.wait()}", flush=True)
-    policies = [f"sft={sft}"] + [f"{s}={out / s / 'latest' / 'adapter'}" for s in procs
-                                 if (out / s / "latest" / "adapter").is_dir()]
-    args = ["judge", "--judge", judge, "--prompts", str(data / "test_all.jsonl"), "--n", str(n), "--template",
-            "chat", "--max_new_tokens", "64", "--batch_size", "64", "--baseline", "sft", "--out",
-            str(out / "judged.json")]
+    for name, args in jobs.items():
+        log = open(out / f"{name}.log", "w")
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "lit_ft", *args], stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=ROOT), time.perf_counter())
+    for name, (p, t0) in procs.items():
+        print(f"{name}: exit {p.wait()} after {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def judge_policies(data: Path, out: Path, n: int) -> None:
+    """The SFT policy, every policy written along each run and each final one, judged by both judges."""
+    policies = [f"sft={out / 'sft' / 'latest' / 'adapter'}"]
+    for name in STAGES:
+        run = out / name / "latest"
+        for step in sorted((run / "policy_steps").glob("step_*")):
+            policies.append(f"{name}@{int(step.name.split('_')[1])}={step}")
+        if (run / "adapter").is_dir():
+            policies.append(f"{name}={run / 'adapter'}")
+    args = ["judge", "--judge", f"seed1={out / 'judge_seed1' / 'latest' / 'adapter'}", "--judge",
+            f"heldout={out / 'judge_heldout' / 'latest' / 'adapter'}", "--prompts", str(data / "test_all.jsonl"),
+            "--n", str(n), "--template", "chat", "--system_prompt", "", "--max_new_tokens", "64", "--batch_size", "64",
+            "--baseline", "sft", "--out", str(out / "judged.json")]
     if os.environ.get("HH_BASE"):
         args += ["--base", os.environ["HH_BASE"]]
     for policy in policies:
         args += ["--policy", policy]
-    subprocess.run([sys.executable, "-m", "lit_ft", *args], cwd=ROOT, check=False)
+    subprocess.run([sys.executable, "-m", "lit_ft", *args], cwd=ROOT, check=True)
+
+
+def run_rlhf(data: Path, out: Path, phases: list[str], minutes: float, n: int) -> None:
+    if "models" in phases:
+        run_jobs(model_jobs(data, out), out)
+    if "stages" in phases:
+        run_jobs(stage_jobs(data, out, minutes), out)
+    if "judge" in phases:
+        judge_policies(data, out, n)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -277,14 +311,12 @@ def summarize(out: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["split", "run", "one", "summary", "rlhf"])
+    parser.add_argument("--phases", default="models,stages,judge", help="rlhf: which of models, stages, judge")
     parser.add_argument("job", nargs="?")
     parser.add_argument("--src", default="../shared/data/hh_harmless/train.jsonl")
     parser.add_argument("--data", default=".hh")
     parser.add_argument("--out", default="hh_runs")
     parser.add_argument("--jobs", default="trl:0,lit:0")
-    parser.add_argument("--sft", help="rlhf: the SFT adapter")
-    parser.add_argument("--proxy", help="rlhf: the reward adapter PPO and GRPO train against")
-    parser.add_argument("--judge", help="rlhf: the reward adapter that judges (not trained against)")
     parser.add_argument("--minutes", type=float, default=5.0, help="rlhf: training time of each stage")
     parser.add_argument("--n", type=int, default=312, help="rlhf: held-out prompts judged")
     a = parser.parse_args()
@@ -296,6 +328,6 @@ if __name__ == "__main__":
     elif a.mode == "run":
         run_all(a.jobs.split(","), Path(a.data).resolve(), Path(a.out).resolve())
     elif a.mode == "rlhf":
-        run_rlhf(Path(a.data).resolve(), Path(a.out).resolve(), a.sft, a.proxy, a.judge, a.minutes, a.n)
+        run_rlhf(Path(a.data).resolve(), Path(a.out).resolve(), a.phases.split(","), a.minutes, a.n)
     else:
         summarize(Path(a.out).resolve())

@@ -9,7 +9,8 @@ import pytest
 from lit_ft.cli.trainer import LitFTCLI
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml"))
-STAGES = [c for c in CONFIGS if "/strategies/" not in c]
+OVERLAYS = [c for c in CONFIGS if "/recipes/hh_rlhf/" in c]  # compose with a stage's recipe: `--config ppo --config X`
+STAGES = [c for c in CONFIGS if "/strategies/" not in c and c not in OVERLAYS]
 
 
 def _cli(args):
@@ -93,7 +94,7 @@ def test_fsdp_policy_wraps_decoder_layers(tiny_model_dir):
     assert wrap_decoder_layers(model, recurse=True, nonwrapped_numel=0)
 
 
-RECIPES = [c for c in CONFIGS if "/recipes/" in c]
+RECIPES = [c for c in CONFIGS if "/recipes/" in c and c not in OVERLAYS]
 # Per-family SFT recipes (a stage's recipe such as grpo_gsm8k.yaml is covered by test_config_instantiates alone).
 FAMILY_RECIPES = [c for c in RECIPES if not Path(c).stem.startswith(("grpo_", "ppo_", "dpo_", "reward_"))]
 
@@ -113,3 +114,32 @@ def test_recipe_80gb_overrides_parse(config, tmp_path):
     if "--model.base.quantization" in pairs:
         assert (small.model.base.quantization, big.model.base.quantization) == ("nf4", pairs["--model.base.quantization"])
     assert big.datamodule.batch_size == int(pairs["--data.batch_size"]) > small.datamodule.batch_size
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[Path(c).stem for c in OVERLAYS])
+def test_rlhf_overlays_compose_with_their_stage(overlay, tmp_path):
+    """`lit-ft fit --config STAGE --config recipes/hh_rlhf/STAGE`: the overlay changes the stage's settings and keeps
+    the rest (callbacks, logger); each later stage reads the earlier stages' runs; the command its comment gives for
+    the policy along the run parses."""
+    from lit_ft.data.recipes import resolve_config
+
+    stage = Path(overlay).stem
+    name = f"recipes/hh_rlhf/{stage}"
+    args = ["--config", resolve_config(stage), "--config", resolve_config(name), "--trainer.logger", "false"]
+    cli = _cli(args)
+    alone = _cli(["--config", resolve_config(stage), "--trainer.logger", "false"])
+    assert type(cli.model) is type(alone.model) and type(cli.datamodule) is type(alone.datamodule)
+    assert cli.config["trainer"]["default_root_dir"] == f"runs/hh_{stage}"
+    assert cli.datamodule.train_file == "pairs.jsonl" and cli.datamodule.max_length in (448, 512)
+    assert len(cli.config["trainer"]["callbacks"]) == len(alone.config["trainer"]["callbacks"])
+    if stage == "sft":
+        assert cli.datamodule.format == "preference"
+    for key in ("sft_adapter", "reward_adapter"):
+        if getattr(alone.model, key, None) is not None:
+            assert getattr(cli.model, key) == f"runs/hh_{key.split('_')[0]}/latest/adapter"
+    if stage == "ppo":
+        assert cli.model.reward_fn is None and cli.model.sampling.max_new_tokens == 64
+        line = next(ln for ln in Path(overlay).read_text().splitlines() if "--trainer.callbacks+=" in ln)
+        snap = _cli(args + line.lstrip("# ").split())
+        export = [c for c in snap.trainer.callbacks if type(c).__name__ == "ExportAdapter"]
+        assert [(e.dirpath.endswith("policy"), e.every_n_steps) for e in export[-1:]] == [(True, 80)]
