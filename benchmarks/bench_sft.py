@@ -11,7 +11,8 @@ memory, no patched modules or compile caches shared between variants), prints a 
 Variants: `hf` (plain loop: model(input_ids, labels) + torch AdamW; W3 adds peft.prepare_model_for_kbit_training),
 `trl` (trl.SFTTrainer with its defaults: gradient checkpointing on, bf16 autocast), and `lit` with modifiers joined
 by '+': `mixed` (precision bf16-mixed instead of bf16-true), `compile` (SFTModule(compile=True)), `liger`
-(ModelSpec(liger_kernel=True)), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's).
+(ModelSpec(liger_kernel=True)), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's), `off`
+(ModelSpec(activation_offloading=True): saved activations in pinned CPU memory).
 
 W2 trains on real variable-length data (GSM8K, chat-formatted, loss on the assistant turn only) and counts REAL
 (non-pad) tokens: `trl` pads, `trl+pack` is TRL's padding-free BFD packing, `trl+pf` TRL's padding-free flattening
@@ -329,7 +330,7 @@ def lit_module(w: Workload, args, device: str, mods: set[str]):
     gc = (w.gc or "gc" in mods) and "nogc" not in mods
     base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",
                      attn_implementation="sdpa", quantization=w.quant, double_quant=True, compute_dtype="bfloat16",
-                     gradient_checkpointing=gc, liger_kernel="liger" in mods)
+                     gradient_checkpointing=gc, liger_kernel="liger" in mods, activation_offloading="off" in mods)
     chunk = next((int(m[1:]) for m in mods if m[:1] == "c" and m[1:].isdigit()), 4096)  # e.g. lit+c1024
     optimizer = "paged_adamw_32bit" if w.name == "qlora_smoke" and device == "cuda" else "adamw"
     module = SFTModule(base=base, lora=LoraSpec(**w.lora),
