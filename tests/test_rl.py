@@ -375,3 +375,62 @@ def test_overlong_penalty():
     assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.5])
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty(torch.tensor([1]), max_len=4, buffer=5)
+
+
+# ---------------------------------------------------------------------------------------------- rollout correction
+
+from lit_ft.losses import rollout_correction, rollout_mismatch  # noqa: E402
+
+# Token weights w = exp(train - sampler): 1, 3, 0.5 on row 0 (its 4th token is after EOS, whatever it holds), 4, 1.5
+# on row 1. With cap 2: tis gives 1, 2, 0.5 | 2, 1.5; mis gives 1, 0, 0.5 | 0, 1.5.
+SAMPLER = torch.tensor([[-1.0, -2.0, -0.3, float("-inf")], [-0.7, -1.1, 0.0, 0.0]])
+TRAIN = SAMPLER.nan_to_num(neginf=0.0) + torch.log(torch.tensor([[1.0, 3.0, 0.5, 7.0], [4.0, 1.5, 1.0, 1.0]]))
+CORRECTION_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+
+@pytest.mark.parametrize("mode, weights", [("tis", [[1.0, 2.0, 0.5, 0.0], [2.0, 1.5, 0.0, 0.0]]),
+                                           ("mis", [[1.0, 0.0, 0.5, 0.0], [0.0, 1.5, 0.0, 0.0]])])
+def test_rollout_correction_weights_by_hand(mode, weights):
+    w = rollout_correction(TRAIN, SAMPLER, CORRECTION_MASK, mode, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor(weights), rtol=1e-6, atol=0)
+    assert not w.requires_grad
+    assert rollout_correction(TRAIN, SAMPLER, CORRECTION_MASK, "none", cap=2.0) is None
+    stats = rollout_mismatch(SAMPLER, TRAIN, CORRECTION_MASK, mode, cap=2.0)
+    d = [[0.0, -math.log(3), -math.log(0.5)], [-math.log(4), -math.log(1.5)]]  # sampler - train, masked tokens
+    assert float(stats["logprob_diff_mean"]) == pytest.approx(sum(abs(x) for r in d for x in r) / 5, rel=1e-6)
+    assert float(stats["logprob_diff_max"]) == pytest.approx(math.log(4), rel=1e-6)
+    assert float(stats["kl_sampler_train"]) == pytest.approx((sum(d[0]) + sum(d[1])) / 2, rel=1e-6)
+    assert float(stats["correction_weight_mean"]) == pytest.approx(sum(map(sum, weights)) / 5, rel=1e-6)
+    assert float(stats["correction_masked_frac"]) == pytest.approx(2 / 5)  # w = 3 and w = 4 exceed the cap
+    assert set(rollout_mismatch(SAMPLER, TRAIN, CORRECTION_MASK)) == {"logprob_diff_mean", "logprob_diff_max",
+                                                                      "kl_sampler_train"}
+    with pytest.raises(ValueError, match="unknown rollout correction 'is'"):
+        rollout_correction(TRAIN, SAMPLER, CORRECTION_MASK, "is", cap=2.0)
+
+
+@pytest.mark.parametrize("mode, weights", [("tis", [1.0, 2.0, 0.5]), ("mis", [1.0, 0.0, 0.5])])
+def test_rollout_correction_weighs_the_policy_terms_not_the_kl(mode, weights):
+    """Through both policy losses at ratio 1 (old = current): GRPO's token mean is -A * sum(w) / 3 and its
+    gradient -A * w_t / 3; the k3 KL term (beta 0.1) is added unweighted. PPO's masked token mean alike with a
+    per-token advantage; its ratio stats are not weighted."""
+    lp = TRAIN[:1].clone().requires_grad_(True)
+    mask = CORRECTION_MASK[:1]
+    w = rollout_correction(TRAIN[:1], SAMPLER[:1], mask, mode, cap=2.0)
+    ref = lp.detach() - 0.5  # k3 = (e^-0.5 - 1) + 0.5 on every token
+    k3 = math.exp(-0.5) - 1 + 0.5
+    loss, _ = clipped_policy_loss(lp, lp.detach(), torch.tensor([2.0]), mask, 0.2, 0.28, "token_mean",
+                                  ref_logprobs=ref, beta=0.1, token_weights=w)
+    assert loss.item() == pytest.approx(-2.0 * sum(weights) / 3 + 0.1 * k3, rel=1e-6)
+    loss.backward()
+    # d k3 / d logp = 1 - exp(ref - logp) = 1 - e^-0.5
+    want = [-2.0 * x / 3 + 0.1 * (1 - math.exp(-0.5)) / 3 for x in weights] + [0.0]
+    assert lp.grad[0].tolist() == pytest.approx(want, rel=1e-5)
+    plain, _ = clipped_policy_loss(lp, lp.detach(), torch.tensor([2.0]), mask, 0.2, 0.28, "token_mean")
+    assert plain.item() == pytest.approx(-2.0, rel=1e-6)  # no weights: w = 1 everywhere
+    lp.grad = None
+    adv = torch.tensor([[1.0, -1.0, 3.0, 9.0]])
+    pg, stats = ppo_policy_loss(lp, lp.detach(), adv, mask, 0.2, token_weights=w)
+    assert pg.item() == pytest.approx(-(1.0 * weights[0] - 1.0 * weights[1] + 3.0 * weights[2]) / 3, rel=1e-6)
+    pg.backward()
+    assert lp.grad[0].tolist() == pytest.approx([-a * x / 3 for a, x in zip([1.0, -1.0, 3.0], weights)] + [0.0])
+    assert float(stats["ratio_mean"]) == pytest.approx(1.0) and float(stats["clipfrac"]) == 0.0

@@ -5,6 +5,7 @@
 - `masked`: masked statistics over response tokens, KL estimators, the response mask after EOS.
 - `group`: critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO's overlong penalty), loss aggregation.
 - `ppo`: KL-shaped rewards, GAE, the PPO policy and value losses, KL controllers.
+- `mismatch`: the sampler/trainer log-prob mismatch of a rollout and its truncated / masked importance weights.
 
 Shapes are in each function's docstring; every function is tested against hand-derived numbers. `lit_ft.losses` is
 the one import for all of them.
@@ -21,6 +22,7 @@ from lit_ft.losses.masked import (  # noqa: F401
     as_float, first_true_index, kl_estimate, last_true_index, masked_mean, masked_sum, masked_var, masked_whiten,
     response_mask_after_eos,
 )
+from lit_ft.losses.mismatch import ROLLOUT_CORRECTIONS, rollout_correction, rollout_mismatch  # noqa: F401
 from lit_ft.losses.ppo import (  # noqa: F401
     AdaptiveKLController, FixedKLController, compute_rewards, gae, kl_controller, kl_looks_wrong, ppo_policy_loss,
     ppo_value_loss, ratio_guard,

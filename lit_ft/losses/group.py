@@ -94,7 +94,7 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
                         max_len: int | None = None, ref_logprobs: Tensor | None = None,
                         beta: float = 0.0, level: str = "token", policy_loss: str = "clip",
                         cispo_ratio_max: float = 5.0, cispo_ratio_min: float | None = None,
-                        ) -> tuple[Tensor, dict[str, Tensor]]:
+                        token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of the critic-free stages with a sequence advantage and an optional KL term.
 
     ``ratio = exp(logprobs - old_logprobs)`` per token; with ``level="sequence"`` (GSPO, Zheng et al. 2025) every
@@ -106,12 +106,13 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     (PPO's surrogate; GRPO, Shao et al. 2024, eq. 4; ``cliprange_high > cliprange_low`` is DAPO's clip-higher).
     ``policy_loss="cispo"`` (MiniMax-M1, 2025): ``-sg(clip(ratio, cispo_ratio_min, cispo_ratio_max)) * A *
     logprobs``: a REINFORCE loss weighted by the clipped, detached importance ratio, so no token's gradient is ever
-    cut off, only its weight bounded. Then ``+ beta * k3`` with ``k3`` the KL estimate to the reference (Schulman
-    2020), reduced by :func:`aggregate_loss`. Stats (detached token means, TRL's names): ``clip_ratio/low_mean``
-    (ratio below ``1 - low`` with ``A < 0``; cispo: below its minimum), ``clip_ratio/high_mean`` (above ``1 + high``
-    with ``A > 0``; cispo: above its maximum), ``clip_ratio/region_mean`` (either), ``kl`` (mean k3, with a
-    reference). Shapes: ``logprobs``, ``old_logprobs``, ``mask`` ``[B, T]``; ``advantages`` ``[B]`` or ``[B, T]``;
-    ``ref_logprobs`` ``[B, T]`` or None -> scalar loss.
+    cut off, only its weight bounded. ``token_weights`` (``[B, T]``, detached; e.g. the rollout correction of
+    `lit_ft.losses.rollout_correction`) multiply this policy term per token. Then ``+ beta * k3`` with ``k3`` the KL
+    estimate to the reference (Schulman 2020), reduced by :func:`aggregate_loss`. Stats (detached token means, TRL's
+    names): ``clip_ratio/low_mean`` (ratio below ``1 - low`` with ``A < 0``; cispo: below its minimum),
+    ``clip_ratio/high_mean`` (above ``1 + high`` with ``A > 0``; cispo: above its maximum), ``clip_ratio/region_mean``
+    (either), ``kl`` (mean k3, with a reference). Shapes: ``logprobs``, ``old_logprobs``, ``mask`` ``[B, T]``;
+    ``advantages`` ``[B]`` or ``[B, T]``; ``ref_logprobs`` and ``token_weights`` ``[B, T]`` or None -> scalar loss.
     """
     adv = as_float(advantages)
     if adv.dim() == 1:
@@ -134,6 +135,8 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
         low_bound, high_bound = cispo_ratio_min if cispo_ratio_min is not None else 0.0, cispo_ratio_max
     else:
         raise ValueError(f"unknown policy loss {policy_loss!r}; expected clip or cispo")
+    if token_weights is not None:
+        token_losses = token_losses * as_float(token_weights).detach()
     stats: dict[str, Tensor] = {}
     if ref_logprobs is not None:
         kl = kl_estimate(logprobs, torch.where(keep, as_float(ref_logprobs), 0.0), "k3")

@@ -81,14 +81,16 @@ def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float)
 
 
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7), as a masked token mean.
 
     ``pg_loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`` with
-    ``ratio = exp(logprobs - old_logprobs)``. Stats (detached scalars): ``clipfrac`` (share of tokens where the
-    clipped term is the larger), ``approxkl`` (``0.5 * mean((logprobs - old_logprobs)^2)``, Huang et al. 2022
-    detail 12), ``ratio_mean``, ``ratio_max``.
+    ``ratio = exp(logprobs - old_logprobs)``; ``token_weights`` ``[B, T]`` (detached; e.g. the rollout correction of
+    `lit_ft.losses.rollout_correction`) multiply each token's term inside the mean (its denominator unchanged).
+    Stats (detached scalars): ``clipfrac`` (share of tokens where the clipped term is the larger), ``approxkl``
+    (``0.5 * mean((logprobs - old_logprobs)^2)``, Huang et al. 2022 detail 12), ``ratio_mean``, ``ratio_max``.
     Shapes: all ``[B, T]`` -> scalar loss.
     """
     log_ratio = as_float(logprobs) - as_float(old_logprobs)
@@ -96,7 +98,10 @@ def ppo_policy_loss(
     adv = as_float(advantages)
     pg_losses = -adv * ratio
     pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.maximum(pg_losses, pg_losses2), mask)
+    token_losses = torch.maximum(pg_losses, pg_losses2)
+    if token_weights is not None:
+        token_losses = token_losses * as_float(token_weights).detach()
+    pg_loss = masked_mean(token_losses, mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
