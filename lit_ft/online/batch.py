@@ -30,6 +30,9 @@ class Rollout:
     entropy: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    sampler_logprobs: Tensor | None = None
+    """[B, R] the sampler's log-probs of the response tokens (either engine), 0 after EOS: what the rollout
+    correction and the `rollout/*` mismatch figures compare `old_logprobs` with."""
 
     def rows(self, idx) -> "Rollout":
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if getattr(self, f.name) is not None})

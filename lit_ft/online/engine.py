@@ -290,7 +290,8 @@ def autocast_mismatch(model, device) -> str | None:
 class Sampler:
     """What a stage calls to sample responses: picks the decoder per `SamplingSpec.engine` and keeps the static
     engine (its cache and graphs) between calls. `sampler(input_ids, attention_mask, spec, max_new_tokens)` ->
-    (responses [B, R], mask [B, R]), as `lit_ft.online.generation.generate` returns."""
+    (responses [B, R], mask [B, R]), as `lit_ft.online.generation.generate` returns; with `logprobs=True` also the
+    sampled tokens' log-probs [B, R] under log_softmax(logits / temperature), 0 where masked (either engine)."""
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, adapter: str | None = "policy"):
         self.model, self.eos, self.pad, self.adapter = model, eos_token_id, pad_token_id, adapter
@@ -313,7 +314,8 @@ class Sampler:
             return "static" if device.type == "cuda" and reason is None else "hf"
         return spec.engine
 
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor, spec, max_new_tokens: int | None = None):
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor, spec, max_new_tokens: int | None = None,
+                 logprobs: bool = False):
         from lit_ft.online.generation import generate
 
         n = max_new_tokens or spec.max_new_tokens
@@ -322,21 +324,22 @@ class Sampler:
             log.info("rollouts decode with the %s engine%s", choice, " (merged policy)" if spec.merged else "")
             self.choice = choice
         if choice == "hf":
+            args = (self.model, input_ids, attention_mask, spec, self.eos, self.pad, n, logprobs)
             if not (spec.merged and self.adapter and hasattr(self.model, "peft_config")):
-                return generate(self.model, input_ids, attention_mask, spec, self.eos, self.pad, max_new_tokens=n)
+                return generate(*args)
             if self.merged is None:
                 self.merged = _merged_or_config_error(lambda: MergedWeights(self.model, self.adapter))
             with self.merged.swapped_in():
-                return generate(self.model, input_ids, attention_mask, spec, self.eos, self.pad, max_new_tokens=n)
+                return generate(*args)
         if self.engine is None:
             self.engine = _merged_or_config_error(lambda: DecodeEngine(
                 self.model, self.eos, self.pad, self.adapter, spec.merged, spec.cuda_graph, spec.check_every))
         # the allocation covers max_new_tokens, so a shorter drawn length (min_new_tokens) reuses the graphs
         if self.engine.shape is None:
             self.engine._allocate(*input_ids.shape, spec.max_new_tokens, input_ids.device)
-        responses, mask, _ = self.engine.generate(input_ids, attention_mask, n, spec.do_sample, spec.temperature,
-                                                  spec.top_k, spec.top_p)
-        return responses, mask
+        out = self.engine.generate(input_ids, attention_mask, n, spec.do_sample, spec.temperature, spec.top_k,
+                                   spec.top_p)
+        return out if logprobs else out[:2]
 
 
 def _merged_or_config_error(build):

@@ -49,12 +49,47 @@ class SamplingSpec:
                               f"model.sampling.max_new_tokens={self.max_new_tokens}")
 
 
+class SampledLogprobs:
+    """A logits processor for transformers' `generate` that records each sampled token's log-prob under
+    log_softmax(logits / temperature): the distribution the training forward's log-probs use
+    (`lit_ft.online.roles.token_logprobs`), not the top-k/top-p-filtered one the draw uses.
+
+    Put first among the processors a caller passes, it sees the fp32 logits `generate` takes from the model after
+    only the processors the model's own generation config asks for (none for most models; a repetition penalty
+    there is part of what the sampler drew from), before the temperature and filtering warpers. A processor runs
+    before the draw, so the token of step t is read from `input_ids` at step t + 1 and the last one by `finish`:
+    one [B, V] fp32 tensor is kept between steps, never the [B, R, V] of `output_logits`."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None  # log-softmax of the last step's logits [B, V]
+        self.steps: list[torch.Tensor] = []  # [B, 1] each
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]))
+        logp = scores.float() / self.temperature  # a new tensor (the division), normalised in place
+        self.previous = logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+        return scores
+
+    def finish(self, responses: torch.Tensor) -> torch.Tensor:
+        """[B, R] fp32 log-probs of the response tokens `generate` returned (R steps, or fewer where it undid
+        steps it had run past the stop)."""
+        n = responses.shape[1]
+        if len(self.steps) < n:
+            self.steps.append(self.previous.gather(1, responses[:, len(self.steps):n]))
+        self.previous = None
+        return torch.cat(self.steps, dim=1)[:, :n]
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, spec: SamplingSpec, eos_token_id: int, pad_token_id: int,
-             max_new_tokens: int | None = None):
+             max_new_tokens: int | None = None, logprobs: bool = False):
     """Sample responses for left-padded prompts [B, P].
 
-    Returns (responses [B, R], mask [B, R]); tokens after the first EOS are replaced by pad and masked out.
+    Returns (responses [B, R], mask [B, R]); tokens after the first EOS are replaced by pad and masked out. With
+    `logprobs`, also the sampled tokens' log-probs [B, R] under log_softmax(logits / temperature), 0 where masked
+    (`SampledLogprobs`; what `lit_ft.online.engine.DecodeEngine` returns too).
     """
     if attention_mask[:, -1].min() == 0:
         raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
@@ -70,10 +105,19 @@ def generate(model, input_ids, attention_mask, spec: SamplingSpec, eos_token_id:
     cache = shared_prefix_cache(model, input_ids, attention_mask)
     if cache is not None:
         kwargs[cache_argument(model)] = cache
+    recorder = SampledLogprobs(spec.temperature) if logprobs else None
+    if recorder is not None:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([recorder])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     responses = out[:, input_ids.shape[1]:]
     mask = response_mask_after_eos(responses, eos_token_id, pad_token_id).long()
-    return responses.masked_fill(mask == 0, pad_token_id), mask
+    if recorder is None:
+        return responses.masked_fill(mask == 0, pad_token_id), mask
+    # where(), not a product: a pad position's log-prob may be -inf (a processor of the model's config)
+    logp = torch.where(mask.bool(), recorder.finish(responses), 0.0)
+    return responses.masked_fill(mask == 0, pad_token_id), mask, logp
 
 
 def shared_prefix_cache(model, input_ids, attention_mask):
