@@ -164,9 +164,9 @@ def peak_gib() -> float:
 #           the held-out prompts: the judged score against KL over training.
 
 STAGES = {  # name: (stage recipe, extra flags, optimizer steps between the policies written along the run)
-    "ppo": ("ppo", [], 40),  # 4 optimizer steps a rollout: every 10 rollouts
-    "ppo_loose": ("ppo", ["--model.ppo.init_kl_coef", "0.05", "--model.ppo.target", "6.0"], 40),
-    "grpo": ("grpo", [], 10),  # one optimizer step a rollout
+    "ppo": ("ppo", [], 100),  # 4 optimizer steps a rollout: every 25 rollouts
+    "ppo_loose": ("ppo", ["--model.ppo.init_kl_coef", "0.05", "--model.ppo.target", "6.0"], 100),
+    "grpo": ("grpo", [], 20),  # one optimizer step a rollout
     "dpo": ("dpo", [], 50),
 }
 
