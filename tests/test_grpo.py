@@ -41,6 +41,8 @@ def make_module(model_dir, grpo=None, lr=1e-3, reward_fn="tests.test_ppo.upperca
     ({"importance_sampling_level": "seq"}, "model.grpo.importance_sampling_level='seq': expected one of"),
     ({"policy_loss": "ppo"}, "model.grpo.policy_loss='ppo': expected one of ['clip', 'cispo']"),
     ({"cispo_ratio_min": 6.0}, "model.grpo.cispo_ratio_min=6.0: expected below model.grpo.cispo_ratio_max=5.0"),
+    ({"rollout_correction_cap": 0.5}, "model.grpo.rollout_correction_cap=0.5: expected a number > 1"),
+    ({"rollout_correction": "is"}, "model.grpo.rollout_correction='is': expected one of ['none', 'tis', 'mis']"),
 ])
 def test_bad_settings_name_the_key(kw, message):
     with pytest.raises(ConfigError) as info:
@@ -285,3 +287,66 @@ def test_count_scales_make_each_step_a_token_mean_over_minibatches_and_ranks():
         rows = torch.cat([groups[j] for j in members])
         want = sum(float(sums[r][rows].sum()) for r in (0, 1)) / sum(float(tokens[r][rows].sum()) for r in (0, 1))
         assert ddp_mean == pytest.approx(want, rel=1e-6), step
+
+
+MISMATCH = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/kl_sampler_train")
+
+
+@pytest.mark.parametrize("engine, mbs", [("hf", 32), ("hf", 8), ("static", 32)])
+def test_rollout_mismatch_is_zero_when_sampler_and_trainer_compute_one_function(tiny_model_dir, tokenizer, adapters,
+                                                                                engine, mbs):
+    """fp32, eager, no merged copy: the sampler's log-probs (transformers' generate, or the static engine run eagerly
+    on the CPU) equal the training forward's up to float rounding (max |diff| < 1e-5), against the separate old-policy
+    pass (mbs 8: 4 optimizer steps) or the on-policy update's own (mbs 32: one step); `tis` then weighs every token
+    by 1."""
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0],
+                         grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=mbs, rollout_correction="tis"))
+    module.sampling = SamplingSpec(max_new_tokens=MAX_NEW, temperature=0.8, engine=engine)
+    torch.manual_seed(0)
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    m = module.trainer.callback_metrics
+    assert module.sampler.choice == engine
+    assert float(m["rollout/logprob_diff_max"]) < 1e-5 and float(m["rollout/logprob_diff_mean"]) < 1e-6
+    assert abs(float(m["rollout/kl_sampler_train"])) < 1e-4
+    assert float(m["rollout/correction_weight_mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(m["rollout/correction_masked_frac"]) == 0.0
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "mis"])
+def test_rollout_mismatch_of_a_merged_bf16_copy_is_measured_and_corrected(tiny_model_dir, tokenizer, adapters,
+                                                                          correction):
+    """A bf16 base with `sampling.merged`: the sampler decodes W + BA rounded to bf16, the trainer W x + B(A x); the
+    logged difference is bf16 rounding, far above the fp32 case's 1e-5 (on the CPU, deterministic). The corrections
+    weigh the loss with weights near 1 (cap 1.001 here: some tokens lie past it, truncated or masked) and train."""
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0],
+                         grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=8, rollout_correction=correction,
+                                       rollout_correction_cap=1.001))
+    module.base = ModelSpec(name_or_path=tiny_model_dir, dtype="bfloat16")
+    module.sampling = SamplingSpec(max_new_tokens=MAX_NEW, merged=True)
+    module.configure_model()
+    before = params(module, "lora_B")
+    torch.manual_seed(0)  # the sampled tokens, so the figures, are fixed
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    m = module.trainer.callback_metrics
+    assert float(m["rollout/logprob_diff_max"]) > 1e-3 and float(m["rollout/logprob_diff_mean"]) > 1e-4
+    assert ("rollout/correction_weight_mean" in m) == (correction != "none")
+    if correction != "none":
+        frac = float(m["rollout/correction_masked_frac"])
+        assert 0 < frac < 1
+        weight = float(m["rollout/correction_weight_mean"])
+        assert (weight <= 1.001) if correction == "tis" else (weight < 1 - frac + 1e-2)
+    assert any(not torch.equal(before[n], p) for n, p in params(module, "lora_B").items())
+
+
+def test_a_correction_without_sampler_logprobs_names_the_setting(tiny_model_dir, tokenizer):
+    module = make_module(tiny_model_dir, grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=8,
+                                                       rollout_correction="mis"))
+    module.configure_model()
+    ro = module.rollout(next(iter(prompt_loader(tokenizer))), module.sampling, logprobs=False)
+    assert ro.sampler_logprobs is None
+    ro.advantages = torch.ones(len(ro.mask))
+    with pytest.raises(ConfigError) as info:
+        module.minibatch_step(ro, torch.tensor(1.0))
+    assert str(info.value) == ("model.grpo.rollout_correction=mis: the rollout carries no sampler log-probs to weigh "
+                               "the policy loss with (both decode engines supply them); set "
+                               "model.grpo.rollout_correction: none")

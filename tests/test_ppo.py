@@ -333,3 +333,22 @@ def test_validation_logs_the_score_parts_and_prints_the_sanity_check(tiny_model_
     assert {"val/scores", "val/reward_fn", "val/no_eos"} <= set(m) and "val/reward_model" not in m
     assert torch.allclose(m["val/scores"], 0.5 * m["val/reward_fn"] - 0.25 * m["val/no_eos"])
     assert 0 < float(m["val/no_eos"]) <= 1  # a random tiny model rarely stops within 8 tokens
+
+
+@pytest.mark.parametrize("engine, correction", [("hf", "mis"), ("static", "tis")])
+def test_rollout_mismatch_is_logged_and_corrected(tiny_model_dir, tokenizer, adapters, engine, correction):
+    """PPO logs the sampler/trainer mismatch of every rollout (fp32, eager, no merged copy: float rounding only,
+    max |diff| < 1e-5) and weighs the policy loss by the correction (every weight 1 here), the value loss not."""
+    module = make_module(tiny_model_dir, sft_adapter=adapters[0],
+                         ppo=PPOSpec(mini_batch_size=4, ppo_epochs=2, rollout_correction=correction))
+    module.sampling = SamplingSpec(max_new_tokens=MAX_NEW, engine=engine)
+    module.configure_model()
+    before = params(module, ".policy.")
+    torch.manual_seed(0)
+    trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer))
+    m = module.trainer.callback_metrics
+    assert module.sampler.choice == engine
+    assert float(m["rollout/logprob_diff_max"]) < 1e-5 and abs(float(m["rollout/kl_sampler_train"])) < 1e-4
+    assert float(m["rollout/correction_weight_mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(m["rollout/correction_masked_frac"]) == 0.0 and torch.isfinite(m["ppo/loss/value"])
+    assert any(not torch.equal(before[n], p) for n, p in params(module, ".policy.").items())

@@ -23,6 +23,9 @@ from torchmetrics import MeanMetric
 
 from lit_ft.train import checkpointing, metrics, optim, strategies
 
+from lit_ft.errors import ConfigError
+from lit_ft.losses import rollout_correction, rollout_mismatch
+
 from lit_ft.online import roles, engine as decode
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.online.scoring import resolve_callable
@@ -106,16 +109,19 @@ def sample_and_score(module, batch: dict, k: int, skipped_key: str):
 
 
 @torch.no_grad()
-def rollout(module, batch: dict, sampling: SamplingSpec) -> Rollout:
-    """Sample one response per prompt row; with `min_new_tokens`, the batch's length is drawn uniformly."""
+def rollout(module, batch: dict, sampling: SamplingSpec, logprobs: bool = True) -> Rollout:
+    """Sample one response per prompt row; with `min_new_tokens`, the batch's length is drawn uniformly. With
+    `logprobs`, the rollout carries the sampler's log-probs of its tokens (`Rollout.sampler_logprobs`)."""
     n = sampling.max_new_tokens
     if sampling.min_new_tokens is not None:
         n = random.randint(sampling.min_new_tokens, sampling.max_new_tokens)
     if module.sampler is None:
         module.sampler = decode.Sampler(module.model, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
     with eval_mode(module.model), strategies.for_generation(module._trainer):
-        responses, mask = module.sampler(batch["input_ids"], batch["attention_mask"], sampling, max_new_tokens=n)
-    return Rollout(batch["input_ids"], batch["attention_mask"], responses, mask)
+        responses, mask, *logp = module.sampler(batch["input_ids"], batch["attention_mask"], sampling,
+                                                max_new_tokens=n, logprobs=logprobs)
+    return Rollout(batch["input_ids"], batch["attention_mask"], responses, mask,
+                   sampler_logprobs=logp[0] if logp else None)
 
 
 def no_eos(module, ro: Rollout) -> Tensor:
@@ -176,6 +182,31 @@ def old_and_ref_logprobs(module, ro: Rollout, chunk: int, value_head=None, polic
                 ro.ref_logprobs = torch.cat([logprobs(module, ro.rows(s))[0] for s in slices(len(ro.mask), chunk)])
             ro.ref_logprobs = ro.ref_logprobs * ro.mask
     return torch.cat([p[2] for p in pol]) if policy and value_head is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- sampler mismatch
+
+
+def correction_weights(mb: Rollout, old_logprobs: Tensor, setting: str, mode: str, cap: float) -> Tensor | None:
+    """A minibatch's rollout-correction weights [B, R] (`lit_ft.losses.rollout_correction`: the no-grad training
+    forward's log-probs `old_logprobs` against the sampler's), None under `none`. `setting` is the key the error
+    names when the rollout carries no sampler log-probs (both engines supply them)."""
+    if mode == "none":
+        return None
+    if mb.sampler_logprobs is None:
+        raise ConfigError(f"{setting}={mode}: the rollout carries no sampler log-probs to weigh the policy loss with "
+                          f"(both decode engines supply them); set {setting}: none")
+    return rollout_correction(old_logprobs, mb.sampler_logprobs, mb.mask, mode, cap)
+
+
+def mismatch_stats(sampler_logprobs: Tensor | None, train_logprobs: Tensor | None, mask: Tensor, mode: str,
+                   cap: float) -> dict[str, Tensor]:
+    """The `rollout/*` figures of a rollout (`lit_ft.losses.rollout_mismatch`): the sampler's log-probs against the
+    training forward's of the same tokens under the same weights, and the correction's weights; nothing without
+    both or without rows."""
+    if sampler_logprobs is None or train_logprobs is None or not len(mask):
+        return {}
+    return {f"rollout/{k}": v for k, v in rollout_mismatch(sampler_logprobs, train_logprobs, mask, mode, cap).items()}
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -263,7 +294,7 @@ def mean_over_ranks(module, values: list[Tensor]) -> float:
 
 def validation_step(module, batch: dict, batch_idx: int) -> None:
     """Greedy responses to held-out prompts, scored as in training: `val/scores` and its parts."""
-    ro = module.rollout(batch, replace(module.sampling, do_sample=False, min_new_tokens=None))
+    ro = module.rollout(batch, replace(module.sampling, do_sample=False, min_new_tokens=None), logprobs=False)
     scores, _, parts = module.score(batch, ro)
     module.val_scores.update(scores)
     for k, v in parts.items():  # batch means, weighted by the batch's rows

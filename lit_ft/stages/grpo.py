@@ -86,6 +86,7 @@ class GRPOModule(L.LightningModule):
             self.val_parts["overlong"] = MeanMetric()
         self.counters = {"rollouts": 0, "skipped_batches": 0, "skipped_minibatches": 0, "groups": 0,
                          "dropped_groups": 0}
+        self.on_policy_seen: list[tuple[Tensor, Tensor, Tensor]] = []  # (sampler, update's own, mask) a minibatch
 
     # -- model ----------------------------------------------------------------------------------------------
 
@@ -117,9 +118,11 @@ class GRPOModule(L.LightningModule):
             online.old_and_ref_logprobs(self, kept, g.mini_batch_size, policy=not on_policy,
                                         reference=g.beta > 0 or g.log_kl)
         t1 = time.perf_counter()
-        # 5. num_iterations passes of clipped updates over shuffled minibatches.
+        # 5. num_iterations passes of clipped updates over shuffled minibatches (weighted by the rollout correction).
+        self.on_policy_seen = []
         stats = self.grpo_update(kept, minibatches)
-        # 6. Log (TRL's GRPO names).
+        # 6. Log (TRL's GRPO names; the sampler/trainer mismatch under rollout/).
+        stats.update(self.mismatch(kept))
         stats.update(group_stats)
         stats.update({f"train/rewards/{k}/mean": v for k, v in parts.items()})
         stats.update({"train/reward": scores.mean(), "train/completions/mean_length": ro.mask.sum(1).float().mean(),
@@ -181,6 +184,17 @@ class GRPOModule(L.LightningModule):
         keep = (~flat).repeat_interleave(k).nonzero().flatten()
         return ro.rows(keep), stats
 
+    def mismatch(self, ro: Rollout) -> dict[str, Tensor]:
+        """The `rollout/*` figures over the kept rows: the sampler's log-probs against the old ones, those of the
+        separate no-grad pass or, on-policy, the update's own (detached, collected by `minibatch_step` before the
+        optimizer step: the weights that sampled)."""
+        g, seen, self.on_policy_seen = self.grpo, self.on_policy_seen, []
+        if ro.old_logprobs is None and seen:
+            sampler, train, mask = (torch.cat(t) for t in zip(*seen))
+            return online.mismatch_stats(sampler, train, mask, g.rollout_correction, g.rollout_correction_cap)
+        return online.mismatch_stats(ro.sampler_logprobs, ro.old_logprobs, ro.mask, g.rollout_correction,
+                                     g.rollout_correction_cap)
+
     def minibatches_per_pass(self, rows: int) -> int:
         """Minibatches of a pass over `rows` kept rows; every rank takes the same number (and so the same optimizer
         steps), whatever dynamic sampling kept on it: the most rows of any rank decide."""
@@ -206,10 +220,14 @@ class GRPOModule(L.LightningModule):
         with self.roles.active(roles.POLICY):
             logprobs, entropy, _ = online.logprobs(self, mb, entropy=on_policy)
         old = (logprobs.detach() * mb.mask) if on_policy else mb.old_logprobs
+        if on_policy and mb.sampler_logprobs is not None:
+            self.on_policy_seen.append((mb.sampler_logprobs, old, mb.mask))
+        weights = online.correction_weights(mb, old, "model.grpo.rollout_correction", g.rollout_correction,
+                                            g.rollout_correction_cap)
         loss, stats = clipped_policy_loss(logprobs, old, mb.advantages, mb.mask, g.cliprange_low,
                                           g.cliprange_high, g.loss_aggregation, self.sampling.max_new_tokens,
                                           mb.ref_logprobs, g.beta, g.importance_sampling_level, g.policy_loss,
-                                          g.cispo_ratio_max, g.cispo_ratio_min)
+                                          g.cispo_ratio_max, g.cispo_ratio_min, weights)
         self.manual_backward(loss * scale)
         if on_policy:
             stats["entropy"] = masked_mean(entropy.detach(), mb.mask)

@@ -49,6 +49,17 @@ class GRPOSpec:
     """`cispo`: the upper bound of the importance weight."""
     cispo_ratio_min: float | None = None
     """`cispo`: the lower bound of the importance weight (None: none; the paper leaves it open)."""
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Correct the policy loss for the sampler not computing exactly the trained policy (a merged copy in bf16, the
+    static engine's kernels, a quantized base; Yao et al. 2025; TRL's `vllm_importance_sampling_correction`): each
+    token's policy loss is weighted by w = exp(old_logprobs - sampler_logprobs), detached, the old log-probs being
+    the no-grad training forward's of the rollout. `tis`: min(w, rollout_correction_cap) (truncated importance
+    sampling); `mis`: w, or 0 where w > rollout_correction_cap (masked importance sampling: the token carries no
+    loss). `none`: no weight. The mismatch itself is logged on every rollout (`rollout/logprob_diff_mean`,
+    `rollout/logprob_diff_max`, `rollout/kl_sampler_train`); with a correction also `rollout/correction_weight_mean`
+    and `rollout/correction_masked_frac` (tokens above the cap). The KL term (`beta`) is not weighted."""
+    rollout_correction_cap: float = 2.0
+    """The cap of `rollout_correction` (above 1: a weight of 1 is no correction)."""
     beta: float = 0.0
     """Weight of the k3 KL to the reference in the loss (Shao et al. 2024 used 0.04). 0 by default, as TRL since
     0.19, DAPO and Dr. GRPO: with a verifiable reward the policy is meant to move far from the SFT start and the KL

@@ -124,7 +124,9 @@ class PPOModule(L.LightningModule):
         t1 = time.perf_counter()
         # 6. PPO epochs over shuffled minibatches (clipped surrogate + clipped value loss).
         stats = self.ppo_update(ro)
-        # 7. Log.
+        # 7. Log (the sampler/trainer mismatch under rollout/).
+        stats.update(online.mismatch_stats(ro.sampler_logprobs, ro.old_logprobs, ro.mask, self.ppo.rollout_correction,
+                                           self.ppo.rollout_correction_cap))
         stats.update({f"objective/{k}": v for k, v in parts.items()})
         stats.update({"objective/scores": scores.mean(), "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
                       "objective/entropy": masked_mean(ro.entropy, ro.mask),
@@ -182,7 +184,9 @@ class PPOModule(L.LightningModule):
         logprobs, _, shared_values = self.policy_forward(mb)
         if p.ratio_threshold is not None and ratio_guard(logprobs, mb.old_logprobs, mb.mask, p.ratio_threshold):
             return None
-        pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, p.cliprange)
+        weights = online.correction_weights(mb, mb.old_logprobs, "model.ppo.rollout_correction", p.rollout_correction,
+                                            p.rollout_correction_cap)
+        pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, p.cliprange, weights)
         if shared_values is None:  # own value adapter: finish the policy's backward, then switch adapters
             self.manual_backward(pg_loss * scale)
             with self.roles.active(roles.VALUE):

@@ -54,6 +54,17 @@ class PPOSpec:
     """Clip scores to [-score_clip, score_clip]."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that never emit EOS (truncated)."""
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Correct the policy loss for the sampler not computing exactly the trained policy (a merged copy in bf16, the
+    static engine's kernels, a quantized base; Yao et al. 2025; TRL's `vllm_importance_sampling_correction`): each
+    token's policy loss is weighted by w = exp(old_logprobs - sampler_logprobs), detached, the old log-probs being
+    the no-grad training forward's of the rollout. `tis`: min(w, rollout_correction_cap) (truncated importance
+    sampling); `mis`: w, or 0 where w > rollout_correction_cap (masked importance sampling: the token carries no
+    loss). `none`: no weight. The mismatch itself is logged on every rollout (`rollout/logprob_diff_mean`,
+    `rollout/logprob_diff_max`, `rollout/kl_sampler_train`); with a correction also `rollout/correction_weight_mean`
+    and `rollout/correction_masked_frac` (tokens above the cap). The value loss is not weighted."""
+    rollout_correction_cap: float = 2.0
+    """The cap of `rollout_correction` (above 1: a weight of 1 is no correction)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm of each optimizer step."""
     disable_dropout: bool = True
