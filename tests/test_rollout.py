@@ -219,6 +219,27 @@ def test_sample_generations_merged_scores_as_unmerged_and_skips_what_does_not_fi
     assert len(said) == 1 and "merged decode skipped: merged rollouts do not support DoRA" in said[0]
 
 
+def test_sample_generations_without_reference_answers_measures_nothing_and_says_so(tiny_tokenizer, monkeypatch):
+    """Held-out prompts with no reference answer (the prompts of preference pairs): no '0.000 -> 0.000' line, one
+    line saying the metric is not measured, no generation, no logged value."""
+    from types import SimpleNamespace
+
+    from lit_ft.callbacks import heldout
+
+    said, logged = [], []
+    monkeypatch.setattr(heldout, "rank_zero_info", said.append)
+    monkeypatch.setattr(heldout, "score_prompts", lambda *a, **k: pytest.fail("nothing to score"))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tiny_tokenizer, held_out_prompts=lambda n: []),
+                              fast_dev_run=0, sanity_checking=False, global_step=5)
+    module = SimpleNamespace(model=None, device=torch.device("cpu"), log=lambda *a: logged.append(a))
+    cb = heldout.SampleGenerations(num_prompts=5)
+    cb.on_train_start(trainer, module)
+    cb.on_validation_epoch_end(trainer, module)
+    cb.on_train_end(trainer, module)
+    assert said == ["SampleGenerations: no held-out prompt has a reference answer: exact_match is not measured"]
+    assert logged == [] and cb.before is None
+
+
 def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
     """bf16 weights: W + BA rounded once vs W x + B(A x) in bf16; equal log-probs within bf16 rounding, over the
     prefix where the greedy tokens agree (a near-tie may flip a later token)."""

@@ -72,16 +72,24 @@ class SampleGenerations(L.Callback):
                 `sampling.merged` does for rollouts: faster decode steps for one copy of those weights); where
                 the base cannot be merged into (quantized, DoRA) or the copy would not fit, unmerged, said once.
         """
-        self.merged, self._told, self._told_off = merged, False, False
+        self.merged, self._told, self._told_off, self._told_empty = merged, False, False, False
         self.num_prompts, self.batch_size, self.print_examples = num_prompts, batch_size, print_examples
         self.sampling = SamplingSpec(max_new_tokens=max_new_tokens, do_sample=False)
         self.metric, self.metric_name = resolve_callable(metric), metric_name
         self.before: float | None = None
 
-    def evaluate(self, trainer, pl_module) -> tuple[float, list[tuple[str, str, str, float]]]:
+    def evaluate(self, trainer, pl_module) -> tuple[float, list[tuple[str, str, str, float]]] | None:
+        """(score, results), or None when no held-out prompt has a reference answer (said once: prompts of
+        preference pairs, say, have nothing to match)."""
         dm = trainer.datamodule
         tok = dm.tokenizer
         rows = dm.held_out_prompts(self.num_prompts)
+        if not rows:
+            if not self._told_empty:
+                self._told_empty = True
+                rank_zero_info(f"SampleGenerations: no held-out prompt has a reference answer: {self.metric_name} "
+                               "is not measured")
+            return None
         model = pl_module.model
         with eval_mode(model), torch.no_grad(), strategies.for_generation(trainer), self._merged(model):
             results = score_prompts(model, tok, rows, self.sampling, self.metric, self.batch_size, pl_module.device)
@@ -121,16 +129,16 @@ class SampleGenerations(L.Callback):
         return bool(trainer.fast_dev_run)
 
     def on_train_start(self, trainer, pl_module):
-        if self._off(trainer):
+        if self._off(trainer) or (evaluated := self.evaluate(trainer, pl_module)) is None:
             return
-        self.before, results = self.evaluate(trainer, pl_module)
+        self.before, results = evaluated
         self._before_results = results
         self._print("before training", self.before, results)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or self._off(trainer):
+        if trainer.sanity_checking or self._off(trainer) or (evaluated := self.evaluate(trainer, pl_module)) is None:
             return
-        score, results = self.evaluate(trainer, pl_module)
+        score, results = evaluated
         self._last = (trainer.global_step, score, results)
         pl_module.log(f"val/{self.metric_name}", score)
         self._log_table(trainer, results)
@@ -140,7 +148,9 @@ class SampleGenerations(L.Callback):
             return
         step, score, results = getattr(self, "_last", (None, None, None))
         if step != trainer.global_step:  # no validation ran on the final weights: evaluate them now
-            score, results = self.evaluate(trainer, pl_module)
+            if (evaluated := self.evaluate(trainer, pl_module)) is None:
+                return
+            score, results = evaluated
         self._print("after training", score, results)
         if self.before is not None:
             line = f"{self.metric_name}: {self.before:.3f} -> {score:.3f}"
