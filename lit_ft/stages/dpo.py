@@ -7,30 +7,29 @@ Batches come from `PreferenceDataModule`: chosen and rejected sequences with com
 in one forward. Losses are pure functions of per-sequence log-prob sums (`lit_ft.losses.preference_loss`).
 Reference log-probs are computed on the fly (one no-grad pass under the reference adapter per batch) or, with
 `dpo.precompute_ref`, once before training for the training and validation pairs (`lit_ft.stages.dpo_ref`); the table rides
-in the checkpoint under the dataset's digest, so a resumed run does not recompute it.
+in the checkpoint under the dataset's digest, so a resumed run does not recompute it. What DPO shares with KTO (the
+roles, the precomputed table, the checkpoint hooks, the export) is in `lit_ft.stages.offline`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_ft.train import checkpointing, guards, metrics, optim, runs, strategies
 
-from lit_ft.stages import dpo_ref
+from lit_ft.stages import dpo_ref, offline
 
 from lit_ft.online import roles
 from lit_ft.errors import ConfigError
-from lit_ft.train.guards import GUARD_KEY, NonFiniteGuard
+from lit_ft.train.guards import NonFiniteGuard
 from lit_ft.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
-from lit_ft.models import LoraSpec, ModelSpec, compile_decoder_layers, describe, eval_mode
+from lit_ft.models import LoraSpec, ModelSpec, eval_mode
 from lit_ft.train.optim import OptimSpec
 
 REF_KEY = "dpo_reference"  # checkpoint key of the precomputed reference tables
@@ -83,11 +82,13 @@ class DPOSpec:
 
 _STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
           "logps/rejected")
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
 class DPOModule(L.LightningModule):
     """DPO and its family over a LoRA policy and a reference adapter on one base (see the module docstring)."""
+
+    SECTION, REF_KEY = "dpo", REF_KEY  # `lit_ft.stages.offline`: the settings section, the table's checkpoint key
+    DIGEST_COLUMNS, TABLE_KEY = dpo_ref.DIGEST_COLUMNS, "line"  # what the reference table is keyed by
 
     def __init__(
         self,
@@ -133,25 +134,8 @@ class DPOModule(L.LightningModule):
 
     # -- model ----------------------------------------------------------------------------------------------
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        device = strategies.model_device(self, self.base)
-        # "shared_trunk" and no reward export: build_roles adds no value or reward adapter, only policy and ref.
-        model, trainable = roles.build_roles(self.base, self.lora, self.sft_adapter, None, "shared_trunk", device)
-        if self.dpo.disable_dropout:
-            roles.disable_dropout(model)
-        if self.compile_layers:
-            compile_decoder_layers(model)
-        self.model, self.roles = model, roles.AdapterRoles(model, trainable)
-        rank_zero_info(describe(model))
-
-    def setup(self, stage: str) -> None:
-        name = type(self.trainer.strategy).__name__
-        if name in _UNSUPPORTED_STRATEGIES:
-            raise ConfigError(f"trainer.strategy: DPO under {name.removesuffix('Strategy')} is not supported (the "
-                              "policy and reference adapters switch on one base); use configs/strategies/ddp.yaml, "
-                              "with a 4-bit base (model.base.quantization nf4) for large models")
+    configure_model = offline.configure_model  # policy and reference adapters on one base (idempotent)
+    setup = offline.setup  # FSDP and DeepSpeed refused
 
     # -- log-probs ------------------------------------------------------------------------------------------
 
@@ -186,32 +170,10 @@ class DPOModule(L.LightningModule):
                  "rewards/margins": rc - rr, "logps/chosen": lc.detach(), "logps/rejected": lr.detach()}
         return losses.mean(), stats
 
-    # -- precomputed reference ------------------------------------------------------------------------------
+    # -- precomputed reference (`offline.ensure_reference`: the table of every training and validation pair) --
 
-    def ensure_reference(self, split: str, dataset) -> None:
-        """Compute the split's reference table unless one for this exact dataset is held (from a checkpoint)."""
-        if not self.dpo.precompute_ref or self.reference_free or dataset is None or len(dataset) == 0:
-            return
-        digest = dpo_ref.dataset_digest(dataset)
-        if split in self.ref_tables and self.ref_tables[split].digest == digest:
-            return
-        collator = getattr(self.trainer.datamodule, "collator", None)
-        if collator is None:
-            raise ConfigError("model.dpo.precompute_ref: the datamodule needs a collator() method, as "
-                              "PreferenceDataModule has (its batches, padded or packed, are what the pass reads)")
-        with self.trainer.precision_plugin.forward_context():  # the same autocast as the training forward
-            table = dpo_ref.compute_table(self, dataset, collator(), self.dpo.ref_batch_size, digest)
-        self.ref_tables[split] = table
-        self.precomputed.append(split)
-        rank_zero_info(f"DPO: reference log-probs of {len(table.lines)} {split} pairs computed (digest {digest[:12]})")
-
-    def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
-        self.ensure_reference("train", getattr(dm, "train_dataset", None))
-        self.ensure_reference("val", getattr(dm, "val_dataset", None))
-
-    def on_validation_start(self) -> None:
-        self.ensure_reference("val", getattr(self.trainer.datamodule, "val_dataset", None))
+    on_fit_start = offline.on_fit_start
+    on_validation_start = offline.on_validation_start
 
     # -- steps ----------------------------------------------------------------------------------------------
 
@@ -248,10 +210,7 @@ class DPOModule(L.LightningModule):
             metric.reset()
         self.group_accuracy.log(self, "val/rewards/accuracies")
 
-    def configure_optimizers(self):
-        self.roles.restore_flags()
-        return optim.configure(self, self.optim, self.trainer.estimated_stepping_batches)
-
+    configure_optimizers = offline.configure_optimizers
     optimizer_step = guards.optimizer_step  # skip (and count) a step whose loss or gradients are not finite
     lr_scheduler_step = guards.lr_scheduler_step  # a skipped step does not advance the schedule
 
@@ -261,24 +220,6 @@ class DPOModule(L.LightningModule):
     load_state_dict = checkpointing.load_trainable  # the frozen base is not 'missing' from a checkpoint
     configure_gradient_clipping = strategies.configure_gradient_clipping
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.roles.restore_flags()
-        extra = {GUARD_KEY: self.guard.state_dict()}
-        if self.ref_tables:
-            extra[REF_KEY] = {split: t.state() for split, t in self.ref_tables.items()}
-        checkpointing.slim(self, checkpoint, self.base.identity(), extra=extra)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpointing.check_resume(self, checkpoint, self.base.identity())
-        guards.restore(self, checkpoint)
-        for split, state in checkpoint.get(REF_KEY, {}).items():
-            self.ref_tables[split] = dpo_ref.ReferenceTable.from_state(state)
-
-    def save_adapter(self, path: str | Path, tokenizer=None) -> Path:
-        """Export the policy adapter in PEFT format (what `PeftModel.from_pretrained` and `lit_ft.cli.export merge`
-        load), with the tokenizer files and the base identity."""
-        path = roles.export_adapter(self.model, roles.POLICY, Path(path))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        checkpointing.write_base_identity(path, self.base.identity())
-        return path
+    on_save_checkpoint = offline.on_save_checkpoint  # slim and sealed, with the reference tables
+    on_load_checkpoint = offline.on_load_checkpoint
+    save_adapter = offline.save_adapter  # the policy adapter in PEFT format

@@ -1,8 +1,10 @@
-"""DPO's log-probs: per-sequence sums over response tokens, and the reference's, computed once and kept.
+"""The offline stages' log-probs (DPO, KTO): per-sequence sums over response tokens, and the reference's, computed
+once and kept.
 
-`sequence_logps` runs the active adapter over a preference batch (padded or packed, `lit_ft.data.collate`) and sums
-each sequence's response-token log-probs. `ReferenceTable` holds the reference's sums of every pair of a dataset,
-keyed by the dataset's fingerprint (`dataset_digest`: a SHA-256 of its tokenized rows), so a run can precompute them
+`sequence_logps` runs the active adapter over a preference batch (padded or packed, `lit_ft.data.collate`; or any
+padded batch of completion-only labelled rows, as KTO's) and sums each sequence's response-token log-probs.
+`ReferenceTable` holds the reference's sums of every row of a dataset (a DPO pair: both sides; a KTO example: its
+completion), keyed by the dataset's fingerprint (`dataset_digest`: a SHA-256 of its tokenized rows), so a run can precompute them
 once before training (`DPOSpec.precompute_ref`) and a resumed run reads them from its checkpoint instead of
 recomputing them; a changed dataset has another digest and is computed afresh.
 """
@@ -63,15 +65,16 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     return sums, torch.bincount(seq, minlength=n_seq)
 
 
-def dataset_digest(dataset) -> str:
-    """SHA-256 of a tokenized preference dataset's rows (token ids, prompt lengths, source lines), in order."""
-    missing = [c for c in DIGEST_COLUMNS if c not in dataset.column_names]
+def dataset_digest(dataset, columns: tuple[str, ...] = DIGEST_COLUMNS,
+                   setting: str = "model.dpo.precompute_ref") -> str:
+    """SHA-256 of a tokenized dataset's rows in order: the `columns` (DPO's: token ids, prompt lengths, source
+    lines)."""
+    missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise ConfigError(f"model.dpo.precompute_ref: the dataset lacks the columns {missing} (lit_ft's "
-                          "PreferenceDataModule writes them)")
+        raise ConfigError(f"{setting}: the dataset lacks the columns {missing} (lit_ft's DataModules write them)")
     h = hashlib.sha256()
-    columns = [dataset[c] for c in DIGEST_COLUMNS]
-    for row in zip(*columns):
+    values = [dataset[c] for c in columns]
+    for row in zip(*values):
         h.update(json.dumps(row, separators=(",", ":")).encode())
         h.update(b"\n")
     return h.hexdigest()
@@ -79,7 +82,8 @@ def dataset_digest(dataset) -> str:
 
 @dataclass
 class ReferenceTable:
-    """The reference's log-prob sums of every pair of one dataset: `logps` [N, 2] (chosen, rejected), by `lines`."""
+    """The reference's log-prob sums of every row of one dataset: `logps` [N, K] (DPO: chosen, rejected; KTO: the
+    completion), by `lines` (the batch key the table was computed under: DPO's `line`, KTO's `example`)."""
 
     digest: str
     lines: Tensor
@@ -88,15 +92,14 @@ class ReferenceTable:
     def __post_init__(self):
         self._row = {int(line): i for i, line in enumerate(self.lines.tolist())}
 
-    def lookup(self, lines: Tensor) -> tuple[Tensor, Tensor]:
-        """(ref chosen [B], ref rejected [B]) of the pairs with these source lines."""
+    def lookup(self, lines: Tensor, setting: str = "model.dpo.precompute_ref") -> tuple[Tensor, ...]:
+        """The K columns ([B] each; DPO: ref chosen, ref rejected) of the rows with these keys."""
         try:
             idx = torch.tensor([self._row[int(x)] for x in lines.tolist()], dtype=torch.long)
         except KeyError as e:
-            raise ConfigError(f"model.dpo.precompute_ref: no reference log-probs for the pair of line {e}; "
-                              "the batches do not come from the dataset they were computed for") from None
-        values = self.logps[idx].to(lines.device)
-        return values[:, 0], values[:, 1]
+            raise ConfigError(f"{setting}: no reference log-probs for the row of key {e}; the batches do not come "
+                              "from the dataset they were computed for") from None
+        return tuple(self.logps[idx].to(lines.device).unbind(1))
 
     def state(self) -> dict:
         return {"digest": self.digest, "lines": self.lines.cpu(), "logps": self.logps.cpu()}
@@ -107,13 +110,13 @@ class ReferenceTable:
 
 
 @torch.no_grad()
-def compute_table(module, dataset, collate, batch_size: int, digest: str) -> ReferenceTable:
-    """One no-grad pass of `module.reference_logps` over `dataset` in order, in batches made by `collate`."""
+def compute_table(module, dataset, collate, batch_size: int, digest: str, key: str = "line") -> ReferenceTable:
+    """One no-grad pass of `module.reference_logps` (a tuple of [B] columns) over `dataset` in order, in batches
+    made by `collate`, keyed by the batch's `key`."""
     lines, logps = [], []
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in collate(rows).items()}
-        chosen, rejected = module.reference_logps(batch)
-        lines.append(batch["line"].cpu())
-        logps.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+        lines.append(batch[key].cpu())
+        logps.append(torch.stack(list(module.reference_logps(batch)), dim=1).float().cpu())
     return ReferenceTable(digest, torch.cat(lines), torch.cat(logps))
