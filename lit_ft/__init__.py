@@ -1,4 +1,4 @@
-"""lit_ft: PyTorch Lightning modules for LLM fine-tuning (SFT, reward modelling, DPO, PPO, GRPO) over transformers +
+"""lit_ft: PyTorch Lightning modules for LLM fine-tuning (SFT, reward modelling, DPO, KTO, PPO, GRPO) over transformers +
 PEFT, every role an adapter on one base.
 
     from lit_ft import SFTModule, InstructionDataModule, ModelSpec, LoraSpec
@@ -27,6 +27,8 @@ _EXPORTS = {
     "RewardModule": "lit_ft.stages.reward",
     "DPOModule": "lit_ft.stages.dpo",
     "DPOSpec": "lit_ft.stages.dpo",
+    "KTOModule": "lit_ft.stages.kto",
+    "KTOSpec": "lit_ft.stages.kto",
     "PPOModule": "lit_ft.stages.ppo",
     "PPOSpec": "lit_ft.stages.ppo_spec",
     "GRPOModule": "lit_ft.stages.grpo",
@@ -35,6 +37,7 @@ _EXPORTS = {
     "InstructionDataModule": "lit_ft.data.modules",
     "PreferenceDataModule": "lit_ft.data.modules",
     "PromptDataModule": "lit_ft.data.modules",
+    "UnpairedPreferenceDataModule": "lit_ft.data.modules",
     # settings
     "ModelSpec": "lit_ft.models.spec",
     "LoraSpec": "lit_ft.models.spec",

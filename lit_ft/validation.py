@@ -101,9 +101,15 @@ RULES: dict[str, dict[str, Rule]] = {
     "model (RewardModule)": {"center_coef": NONNEG, "max_consecutive_skips": POS_INT},
     "model (PPOModule)": {"reward_fn_weight": FINITE, "sample_table_every": NONNEG_INT},
     "model (GRPOModule)": {"reward_fn_weight": FINITE, "sample_table_every": NONNEG_INT},
+    "model.kto": {"beta": POSITIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE,
+                  "logp_chunk_size": POS_INT, "ref_batch_size": POS_INT},
+    "model (KTOModule)": {"max_consecutive_skips": POS_INT},
     "data (InstructionDataModule)": _DATA | {"min_score": FINITE_OR_NONE},
     "data (PreferenceDataModule)": _DATA,
     "data (PromptDataModule)": _DATA,
+    # KTO's KL estimate pairs each prompt with another example's completion of the same micro-batch
+    "data (UnpairedPreferenceDataModule)": _DATA | {"batch_size": Rule(lo=2, integer=True),
+                                                    "eval_batch_size": Rule(lo=2, integer=True, nullable=True)},
 }
 
 
@@ -168,6 +174,7 @@ SOURCES = {
     "data (InstructionDataModule)": "lit_ft.data.modules:InstructionDataModule",
     "data (PreferenceDataModule)": "lit_ft.data.modules:PreferenceDataModule",
     "data (PromptDataModule)": "lit_ft.data.modules:PromptDataModule",
+    "data (UnpairedPreferenceDataModule)": "lit_ft.data.modules:UnpairedPreferenceDataModule",
 }
 
 

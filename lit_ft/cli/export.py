@@ -32,7 +32,7 @@ from lit_ft.train.outputs import atomic_directory, check_output
 # The only classes an export builds from a checkpoint's `lit_ft_module` entry: a checkpoint cannot name any other
 # callable to be imported or called. A checkpoint records `lit_ft.<Name>`; one written before the subpackages
 # records the module path of then (`lit_ft.sft.SFTModule`), one written in between today's (`lit_ft.stages.sft...`).
-MODULE_NAMES = ("SFTModule", "RewardModule", "PPOModule", "DPOModule", "GRPOModule")
+MODULE_NAMES = ("SFTModule", "RewardModule", "PPOModule", "DPOModule", "GRPOModule", "KTOModule")
 
 
 def _recorded_paths() -> dict[str, str]:

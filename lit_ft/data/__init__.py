@@ -1,6 +1,6 @@
 """Layer 4, data: read files or hub datasets (`readers`; the shipped recipes and `demo:` files: `recipes`), normalise
 and check records (`records`, `checks`; the HH-RLHF format: `hh`), render templates (`templates`), tokenize with completion-only labels
-(`tokenize`), collate (`collate`), and the LightningDataModules (`modules`, `prompts`, `shared`, `splits`); the demo
+(`tokenize`), collate (`collate`), and the LightningDataModules (`modules`, `prompts`, `unpaired`, `shared`, `splits`); the demo
 arithmetic task and its rewards (`tasks`).
 
 May import: `lit_ft.errors`, `lit_ft.validation`, `lit_ft.models` (the tokenizer), `lit_ft.train` (the resumable
@@ -12,7 +12,8 @@ import importlib
 _EXPORTS = {
     "PackedSFTCollator": "collate", "PreferenceCollator": "collate", "PromptCollator": "collate",
     "SFTCollator": "collate", "InstructionDataModule": "modules", "PreferenceDataModule": "modules",
-    "PromptDataModule": "modules", "DataReport": "readers", "read_rows": "readers", "load_records": "records",
+    "PromptDataModule": "modules", "UnpairedPreferenceDataModule": "modules", "UnpairedCollator": "collate",
+    "DataReport": "readers", "read_rows": "readers", "load_records": "records",
     "render_pair": "templates", "render_prompt": "templates", "render_segments": "templates",
     "tokenize_records": "tokenize", "tokenize_segments": "tokenize",
 }

@@ -89,7 +89,7 @@ def _texts(record: dict) -> list[tuple[str, str]]:
     out = []
     for key in ("messages", "prompt"):
         out += [(f"{key}[{i}]", m["content"]) for i, m in enumerate(record.get(key) or [])]
-    out += [(k, record[k]) for k in ("input", "chosen", "rejected") if isinstance(record.get(k), str)]
+    out += [(k, record[k]) for k in ("input", "chosen", "rejected", "completion") if isinstance(record.get(k), str)]
     return out
 
 
@@ -162,7 +162,7 @@ def _bound(record: dict, kind: str, limit: int, max_length: int, per: int, trunc
     parts of at most ``max_length // per + 1`` of them."""
     key = "messages" if kind == "instruction" else "prompt"
     messages = record[key]
-    responses = [(k, record[k]) for k in ("chosen", "rejected") if k in record]
+    responses = [(k, record[k]) for k in ("chosen", "rejected", "completion") if k in record]
     if kind == "instruction":
         responses = [(f"messages[{len(messages) - 1}]", messages[-1]["content"])]
     for name, text in responses:

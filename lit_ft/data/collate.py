@@ -16,6 +16,11 @@ Batch keys (the modules rely on exactly these):
   token belongs to, chosen 0..B-1 then rejected B..2B-1; -1 on the padding tail), ``attention_mask`` all ones,
   ``margin`` and ``line`` as above.
 - Prompt: ``input_ids`` Long[B, T] LEFT-padded, ``attention_mask``, ``prompts`` list[str], ``answers`` list[str | None].
+- Unpaired (KTO): ``input_ids``, ``attention_mask``, ``labels`` Long[B, T] (each example's prompt + completion,
+  right-padded, -100 on the prompt), ``label`` Bool[B] (True: desirable), ``line`` Long[B] and ``example`` Long[B]
+  (``2 * line + (0 if desirable else 1)``: unique also where a pair gave two examples of one line; the key of the
+  precomputed reference log-probs); with two rows or more also ``kl_input_ids``, ``kl_attention_mask``,
+  ``kl_labels`` Long[B, T'] (each prompt followed by another row's completion: the mismatched pairs).
 """
 
 from __future__ import annotations
@@ -231,4 +236,54 @@ class PackedPreferenceCollator:
             batch["group"] = [r["group"] for r in rows]
         if rows[0].get("line") is not None:
             batch["line"] = torch.tensor([int(r["line"]) for r in rows], dtype=torch.long)
+        return batch
+
+
+def mismatched_partners(prompts: list[list[int]]) -> list[int]:
+    """For each row i, the row whose completion follows row i's prompt in KTO's mismatched pairs: the completions
+    shifted by one (row i - 1, the last row for row 0), or, where that row has the same prompt (the two examples of
+    one pair sit side by side in an unshuffled split), the nearest row before it with another prompt; i - 1 when
+    every row has i's prompt."""
+    n = len(prompts)
+    out = []
+    for i in range(n):
+        j = next((i - k for k in range(1, n) if prompts[(i - k) % n] != prompts[i]), i - 1)
+        out.append(j % n)
+    return out
+
+
+@dataclass
+class UnpairedCollator:
+    """KTO batches (keys in the module docstring): the examples right-padded, and each prompt followed by another
+    row's completion (`mismatched_partners`), cut from the left where that pair is longer than ``max_length``."""
+
+    pad_token_id: int
+    """Id written into padding positions."""
+    max_length: int
+    """Longest mismatched pair (the data's ``max_length``); longer ones keep the end of their prompt."""
+    pad_to_multiple_of: int | None = None
+    """Round the padded length up to a multiple of this."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [list(r["input_ids"]) for r in rows]
+        length = _padded_length(max(len(x) for x in ids), self.pad_to_multiple_of)
+        label = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
+        batch = {"input_ids": pad_rows(ids, self.pad_token_id, length), "attention_mask": _mask(ids, length),
+                 "labels": pad_rows([r["labels"] for r in rows], IGNORE_INDEX, length), "label": label}
+        if rows[0].get("line") is not None:
+            batch["line"] = torch.tensor([int(r["line"]) for r in rows], dtype=torch.long)
+            batch["example"] = 2 * batch["line"] + (~label).long()
+        if len(rows) < 2:
+            return batch  # no other row: no mismatched pair (the module then takes the KL estimate as 0)
+        n = [int(r["prompt_length"]) for r in rows]
+        prompts, completions = [x[:k] for x, k in zip(ids, n)], [x[k:] for x, k in zip(ids, n)]
+        kl_ids, kl_labels = [], []
+        for i, j in enumerate(mismatched_partners(prompts)):
+            prompt = prompts[i][-max(1, self.max_length - len(completions[j])):]
+            kl_ids.append(prompt + completions[j])
+            kl_labels.append([IGNORE_INDEX] * len(prompt) + completions[j])
+        kl_length = _padded_length(max(len(x) for x in kl_ids), self.pad_to_multiple_of)
+        batch.update(kl_input_ids=pad_rows(kl_ids, self.pad_token_id, kl_length),
+                     kl_attention_mask=_mask(kl_ids, kl_length),
+                     kl_labels=pad_rows(kl_labels, IGNORE_INDEX, kl_length))
         return batch

@@ -1,5 +1,5 @@
-"""LightningDataModules for the three stages: instruction (SFT), preference (reward model, DPO) and prompt (PPO,
-GRPO) data.
+"""LightningDataModules for the stages: instruction (SFT), preference (reward model, DPO), prompt (PPO, GRPO) and
+unpaired preference (KTO) data.
 
 Usable without the CLI::
 
@@ -10,7 +10,8 @@ Usable without the CLI::
 ``setup`` reads, validates, normalises, filters and tokenizes; ``train_report``/``val_report`` hold the row
 counts (read = kept + dropped, per reason), logged at the end of setup. What the modules share (reading,
 splitting, tokenizing a split, the loaders) is in `lit_ft.data.shared`; `PromptDataModule` is in
-`lit_ft.data.prompts`. Both are re-exported here, so every name keeps its `lit_ft.data.modules` path.
+`lit_ft.data.prompts` and `UnpairedPreferenceDataModule` in `lit_ft.data.unpaired`. They are re-exported here, so
+every name keeps its `lit_ft.data.modules` path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from lit_ft.data import shared, splits
 from lit_ft.data.collate import PackedPreferenceCollator, PackedSFTCollator, PreferenceCollator, SFTCollator
 from lit_ft.data.prompts import PromptDataModule, PromptFormat  # noqa: F401 (re-exported)
+from lit_ft.data.unpaired import UnpairedFormat, UnpairedPreferenceDataModule  # noqa: F401 (re-exported)
 from lit_ft.data.readers import SourceSpec
 from lit_ft.data.shared import (  # noqa: F401 (re-exported)
     check_score_filter, fit_context, load_splits, load_tokenizer_for, make_loader, plain_hparams, prepare_hub,

@@ -1,6 +1,6 @@
 """Validate rows and normalise them into canonical records (reading is `lit_ft.data.readers`).
 
-One file of about 370 lines on purpose: every format's row builder and the one drop rule they share read best beside
+One file of about 430 lines on purpose: every format's row builder and the one drop rule they share read best beside
 each other (each row's checks, in the order a row meets them); the HH-RLHF text format is parsed in `lit_ft.data.hh`.
 
 Canonical records (every prompt is a list of chat messages; a raw-text prompt is one user message):
@@ -8,6 +8,9 @@ Canonical records (every prompt is a list of chat messages; a raw-text prompt is
 - instruction: ``{"messages": [{"role", "content"}, ...], "input": str | None, "line": int}``
 - preference:  ``{"prompt": [messages], "chosen": str, "rejected": str, "margin": float | None, "line": int}``
 - prompt:      ``{"prompt": [messages], "input": str | None, "answer": str | None, "line": int}``
+- unpaired:    ``{"prompt": [messages], "completion": str, "label": bool, "line": int}`` (KTO: a completion labelled
+  desirable or not); read from pairs, each pair is kept whole while reading and splitting, then `unpair` makes it
+  one desirable and one undesirable example of the same line
 
 An HH-RLHF row (``"\n\nHuman: ...\n\nAssistant: ..."`` text) becomes its conversation's turns in ``prompt`` and keeps
 the prompt as written in ``transcript`` (`lit_ft.data.hh`: the format, and `prompt_for`, what each template renders).
@@ -31,7 +34,7 @@ from lit_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["instruction", "preference", "prompt"]
+Kind = Literal["instruction", "preference", "prompt", "unpaired"]
 ROLES = ("system", "user", "assistant")
 
 
@@ -77,12 +80,15 @@ def _user(text: str) -> list[dict]:
 INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages", "question_answer", "preference")
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "chat", "hh")
 PROMPT_FORMATS = ("prompt", "instruction", "messages", "question", "preference")
+UNPAIRED_FORMATS = ("unpaired",) + PREFERENCE_FORMATS
 
 
 def detect_format(row: dict, kind: Kind) -> str:
     """The record shape of a file, from the keys of its first row."""
     keys = set(row)
-    if kind == "preference" and {"chosen", "rejected"} <= keys:
+    if kind == "unpaired" and "label" in keys:
+        return "unpaired"
+    if kind in ("preference", "unpaired") and {"chosen", "rejected"} <= keys:
         if isinstance(row["chosen"], list):
             return "chat"
         return "prompt_chosen_rejected" if "prompt" in keys else "hh"
@@ -181,6 +187,52 @@ def _check_prompt_beside_chat(text, prompt: list[dict]) -> None:
                                  f"({text[:40]!r} vs {prompt[-1]['content'][:40]!r}); keep one of them")
 
 
+def _label(row: dict) -> bool:
+    """An unpaired example's ``label``: a JSON/Parquet boolean, or the text true/false (CSV cells are text)."""
+    value = row.get("label")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        shown = "missing" if value is None else f"got {type(value).__name__} ({repr(value)[:40]})"
+        raise RowError("label", f"expected true or false (is the completion desirable?), {shown}")
+    return value
+
+
+def _unpaired(row: dict, fmt: str) -> dict:
+    """TRL's unpaired preference row: ``prompt`` (a string, or a message list ending with a user turn),
+    ``completion`` (a string, or a list of one assistant message) and ``label`` (true: desirable). A pair of any
+    preference format stays a pair record here (`unpair` splits it after the validation split)."""
+    if fmt != "unpaired":
+        return _preference(row, fmt)
+    p, c = row.get("prompt"), row.get("completion")
+    prompt = check_messages(p, "prompt", end="user") if isinstance(p, list) else _user(_text(row, "prompt"))
+    if isinstance(c, list):
+        m = c[0] if len(c) == 1 else None
+        if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), str):
+            raise RowError("completion", f"expected a string or a list of one {{'role': 'assistant', 'content': str}}"
+                                         f" message, got {str(c)[:60]}")
+        completion = m["content"]
+    else:
+        completion = _text(row, "completion")
+    return {"prompt": prompt, "completion": completion, "label": _label(row)}
+
+
+def unpair(records: list[dict], report: DataReport) -> list[dict]:
+    """Unpaired records with every pair record split into its desirable (chosen) and undesirable (rejected)
+    example, both of the pair's line, in that order (TRL's `unpair_preference_dataset`). ``report`` then counts
+    examples: each split pair adds one row read and kept."""
+    out = []
+    for r in records:
+        if "chosen" not in r:
+            out.append(r)
+            continue
+        shared = {k: v for k, v in r.items() if k not in ("chosen", "rejected", "margin")}
+        out += [dict(shared, completion=r["chosen"], label=True), dict(shared, completion=r["rejected"], label=False)]
+        report.rows_read += 1
+        report.rows_kept += 1
+    return out
+
+
 def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
     inp = None
     if fmt == "messages":
@@ -219,7 +271,7 @@ def responses(record: dict) -> list[str]:
     """Every response text of a canonical record (assistant turns, or the two sides of a pair)."""
     if "messages" in record:
         return [m["content"] for m in record["messages"] if m["role"] == "assistant"]
-    return [record[k] for k in ("chosen", "rejected") if k in record]
+    return [record[k] for k in ("chosen", "rejected", "completion") if k in record]
 
 
 def _number(value: Any, key: str, expected: str) -> float:
@@ -275,7 +327,7 @@ def _quality_drop(record: dict, kind: Kind, seen: set | None) -> str | None:
     users = [m["content"] for m in _prompt_messages(record) if m["role"] == "user"] + [record.get("input") or ""]
     if all(is_blank(u) for u in users):
         return "empty_prompt"  # nothing asked: a rollout has nothing to answer, SFT nothing to condition on
-    if kind == "preference" and _spaced(record["chosen"]) == _spaced(record["rejected"]):
+    if "chosen" in record and _spaced(record["chosen"]) == _spaced(record["rejected"]):
         return "chosen_equals_rejected"  # also when they differ in whitespace only: nothing to prefer
     if seen is not None:
         key = json.dumps(_spaced({k: v for k, v in record.items() if k != "line"}), sort_keys=True)
@@ -325,7 +377,7 @@ def load_records(
             raise DataError(e.message, file=source, line=lines[0]) from None
     _check_columns(rows, source, kind, format)
     warn_unknown_columns(rows, source, kind, format, {score_field, group_field, answer_field})
-    build = {"instruction": _instruction, "preference": _preference,
+    build = {"instruction": _instruction, "preference": _preference, "unpaired": _unpaired,
              "prompt": lambda row, fmt: _prompt(row, fmt, answer_field)}[kind]
     records, seen, errors = [], set() if dedup else None, 0
     for row, line in zip(rows, lines):
@@ -363,12 +415,17 @@ _REQUIRED = {
     ("preference", "chat"): ("chosen", "rejected"),
     ("preference", "hh"): ("chosen", "rejected"),
     ("prompt", "preference"): ("chosen", "rejected"),
+    ("unpaired", "unpaired"): ("prompt", "completion", "label"),
+    ("unpaired", "prompt_chosen_rejected"): ("prompt", "chosen", "rejected"),
+    ("unpaired", "chat"): ("chosen", "rejected"),
+    ("unpaired", "hh"): ("chosen", "rejected"),
 }
 
 
 def _check_columns(rows: list[dict], source: str, kind: Kind, format: str) -> None:
     """A format the file cannot have: unknown name, or (for tables, whose rows share keys) a missing column."""
-    known = {"instruction": INSTRUCTION_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS}[kind]
+    known = {"instruction": INSTRUCTION_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS,
+             "unpaired": UNPAIRED_FORMATS}[kind]
     if format == "auto" and not rows:
         return  # every row was dropped while reading (skip_bad_rows): "no rows left" is reported later
     if format not in known:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lit_ft.data.checks import bound_lengths, check_context, drop_control_tokens
 from lit_ft.data.readers import DataReport, SourceSpec, is_hub_name, read_rows
-from lit_ft.data.records import Kind, load_records
+from lit_ft.data.records import Kind, load_records, unpair
 from lit_ft.data.templates import check_template
 from lit_ft.data.tokenize import tokenize_records
 from lit_ft.errors import ConfigError, DataError
@@ -152,6 +152,8 @@ def setup_fit(dm: LightningDataModule, kind: Kind, extra: dict | None = None, **
     train, dm.train_report, dm.val_records, dm.val_report = load_splits(
         kind, dm.train_file, dm.val_file, dm.val_split, dm.seed, source=dm.source, format=dm.format,
         skip_bad_rows=dm.skip_bad_rows, dedup=dm.dedup, **read)
+    if kind == "unpaired":  # pairs were split into train and val whole; now each is a desirable + undesirable example
+        train, dm.val_records = unpair(train, dm.train_report), unpair(dm.val_records, dm.val_report)
     settings = dict(token_settings(dm), **(extra or {}))
     dm.train_dataset = tokenize_split(train, kind, dm.train_report, dm.train_file, dm.num_proc, True, **settings)
     dm.val_dataset = tokenize_split(dm.val_records, kind, dm.val_report, dm.val_file or dm.train_file, dm.num_proc,

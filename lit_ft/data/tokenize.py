@@ -133,6 +133,38 @@ def preference_example(
 
 
 @blame_row
+def unpaired_example(
+    record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
+    overlong: Overlong, file: str,
+) -> dict:
+    """Dataset.map function: an unpaired record (KTO) to ``input_ids`` (prompt + completion), ``labels`` (-100 on
+    the prompt), ``prompt_length``, ``label`` (True: desirable) and ``drop``.
+
+    The prompt and the completion are tokenized apart, as a pair's sides are, so the collator can put one example's
+    completion after another's prompt (KTO's mismatched pairs). ``truncate_prompt`` cuts the prompt from the left
+    (at least one prompt token must remain).
+    """
+    prompt_text, completion_text = render_pair(prompt_for(record, template),
+                                               response_for(record, record["completion"], template), tokenizer,
+                                               template, system_prompt)
+    prompt, completion = _ids(tokenizer, prompt_text), _ids(tokenizer, completion_text)
+    drop = ""
+    if len(prompt) + len(completion) > max_length:
+        if overlong == "error":
+            detail = f"prompt {len(prompt)}, completion {len(completion)}"
+            raise _too_long(file, record["line"], len(prompt) + len(completion), max_length, detail)
+        keep = max_length - len(completion)
+        if overlong == "drop" or keep < 1:
+            drop = "too_long"
+        else:
+            prompt = prompt[-keep:]
+    if drop:
+        prompt = completion = []
+    return {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion,
+            "prompt_length": len(prompt), "label": bool(record["label"]), "drop": drop}
+
+
+@blame_row
 def prompt_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
     overlong: Overlong, file: str,
@@ -151,7 +183,8 @@ def prompt_example(
     return {"input_ids": ids, "prompt": text, "answer": record.get("answer"), "drop": drop}
 
 
-_EXAMPLE_FNS = {"instruction": sft_example, "preference": preference_example, "prompt": prompt_example}
+_EXAMPLE_FNS = {"instruction": sft_example, "preference": preference_example, "prompt": prompt_example,
+                "unpaired": unpaired_example}
 
 
 def tokenize_records(records: list[dict], kind: str, report: DataReport, num_proc: int | None = None,

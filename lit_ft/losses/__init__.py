@@ -1,7 +1,8 @@
 """Layer 1, pure tensor math. May import: torch only (nothing else of lit_ft).
 
 - `lm`: the chunked causal-LM loss with the model's own logit transform, token log-probs and entropy, Bradley-Terry.
-- `preference`: the DPO family (sigmoid, IPO, hinge, robust, SimPO, ORPO) over per-sequence log-prob sums.
+- `preference`: the DPO family (sigmoid, IPO, hinge, robust, SimPO, ORPO) over per-sequence log-prob sums, and KTO
+  (unpaired examples, the KL reference point from mismatched pairs).
 - `masked`: masked statistics over response tokens, KL estimators, the response mask after EOS.
 - `group`: critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO's overlong penalty), loss aggregation.
 - `ppo`: KL-shaped rewards, GAE, the PPO policy and value losses, KL controllers.
@@ -28,6 +29,6 @@ from lit_ft.losses.ppo import (  # noqa: F401
     ppo_value_loss, ratio_guard,
 )
 from lit_ft.losses.preference import (  # noqa: F401
-    PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, dpo_logits, hinge_loss, ipo_loss, log_odds, orpo_loss, preference_loss,
-    robust_preference_loss, sigmoid_preference_loss, simpo_loss,
+    PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, dpo_logits, hinge_loss, ipo_loss, kto_kl, kto_loss, log_odds, orpo_loss,
+    preference_loss, robust_preference_loss, sigmoid_preference_loss, simpo_loss,
 )

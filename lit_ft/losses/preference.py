@@ -161,3 +161,48 @@ def preference_loss(
     if rpo_alpha:
         losses = losses + rpo_alpha * (-_acc(chosen_logps) / nc)
     return losses, rewards[0].detach(), rewards[1].detach()
+
+
+# KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization") works on UNPAIRED examples:
+# each completion is labelled desirable or undesirable on its own. Its reference point z0 is the KL between the
+# policy and the reference, estimated from MISMATCHED pairs (a prompt with another example's completion), whose
+# log-ratios say how far the policy has moved from the reference in general rather than on this answer.
+
+
+def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """The KL estimate behind KTO's reference point: the mean over mismatched pairs of ``log pi(y'|x) -
+    log pi_ref(y'|x)`` (``[M]`` log-prob sums each), a detached fp32 scalar; 0 when there are none. Not clamped:
+    :func:`kto_loss` clamps it at 0 (after the caller has averaged it over ranks)."""
+    if policy_kl_logps.numel() == 0:
+        return policy_kl_logps.new_zeros((), dtype=torch.float32)
+    return (_acc(policy_kl_logps) - _acc(ref_kl_logps)).mean().detach()
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl: Tensor, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """KTO's loss of each example (Ethayarajh et al. 2024, eq. 8; TRL's ``loss_type="kto"``).
+
+    With the log-ratio ``r = log pi(y|x) - log pi_ref(y|x)`` of the example's completion and the reference point
+    ``z0 = max(0, kl)``, detached (``kl``: :func:`kto_kl`, the batch's mismatched-pair estimate):
+
+    - desirable: ``desirable_weight * (1 - sigmoid(beta * (r - z0)))``
+    - undesirable: ``undesirable_weight * (1 - sigmoid(beta * (z0 - r)))``
+
+    Args:
+        policy_logps, ref_logps: ``[B]`` log-prob sums of each example's completion under the policy / reference.
+        desirable: ``[B]`` bool, True for a desirable (good) example.
+        kl: scalar, the KL estimate (a tensor; averaged over ranks by the caller under DDP).
+        beta: the KL strength (0.1, as DPO's).
+        desirable_weight, undesirable_weight: lambda_D and lambda_U of the paper.
+
+    Returns:
+        ``(losses [B], rewards [B], z0)``: the per-example losses (the caller takes the mean), the implicit
+        rewards ``beta * r`` (detached, what TRL logs as ``rewards/chosen`` and ``rewards/rejected``), and ``z0``.
+        At the start (policy == reference, so r = 0 and kl = 0) every loss is its weight x 1/2.
+    """
+    r = _acc(policy_logps) - _acc(ref_logps)
+    z0 = _acc(torch.as_tensor(kl, device=r.device)).detach().clamp(min=0)
+    d = desirable.to(device=r.device, dtype=torch.bool)
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    return torch.where(d, good, bad), (beta * r).detach(), z0

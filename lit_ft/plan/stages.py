@@ -1,4 +1,4 @@
-"""The memory components of each stage (SFT, reward, DPO, PPO, GRPO): what is resident, what peaks, and when.
+"""The memory components of each stage (SFT, reward, DPO, KTO, PPO, GRPO): what is resident, what peaks, and when.
 
 `components(settings)` builds the stage's model on the meta device (its roles and adapters as the stage builds
 them), counts it (`lit_ft.plan.weights`) and adds the activations and stage extras (`lit_ft.plan.activations`;
@@ -21,7 +21,8 @@ from lit_ft.plan import weights as pw
 from lit_ft.plan.sizes import fmt
 
 _STAGES = {"SFTModule": "sft", "RewardModule": "reward", "PPOModule": "ppo", "GRPOModule": "grpo",
-           "DPOModule": "dpo"}
+           "DPOModule": "dpo", "KTOModule": "kto"}
+_OFFLINE_ROLES = ("kto",)  # policy and reference adapters of one base, as `online.ROLES` (`stages.offline`)
 _HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -29,8 +30,8 @@ def stage_of(module) -> str:
     for cls in type(module).__mro__:
         if cls.__name__ in _STAGES:
             return _STAGES[cls.__name__]
-    raise ConfigError(f"model: no memory plan for {type(module).__name__} (planned: SFT, reward, DPO, PPO, GRPO "
-                      "modules)")
+    raise ConfigError(f"model: no memory plan for {type(module).__name__} (planned: SFT, reward, DPO, KTO, PPO, "
+                      "GRPO modules)")
 
 
 def precision_dtypes(precision: str, weight_dtype: torch.dtype) -> tuple[torch.dtype | None, int]:
@@ -60,7 +61,7 @@ def build_meta(s, config, dtype):
     base = pw.meta_model(s.base, task, config, dtype)
     keep = pw.unquantized_modules(base)
     with torch.device("meta"):
-        if s.stage not in online.ROLES:
+        if s.stage not in online.ROLES + _OFFLINE_ROLES:
             saved = pw.read_adapter_config(s.base.adapter)
             if s.base.adapter is not None and saved is None:
                 notes.append(f"model.base.adapter {s.base.adapter} not found: assumed to be model.lora")
@@ -162,13 +163,16 @@ def components(s):
         mixed = str(s.precision).endswith("mixed") and kind in _HALF and dtype != _HALF[kind]
         stage_rows = online.components(s, dims, a, shape, mask, _trunk, engine and not mixed, head_dtype.itemsize)
     else:
-        stage_rows = {"sft": _sft, "dpo": _dpo}[s.stage](s, dims, a, shape, mask)
+        stage_rows = {"sft": _sft, "dpo": _dpo, "kto": _kto}[s.stage](s, dims, a, shape, mask)
     rows += stage_rows
     if s.stage in online.ONLINE and s.sampling is not None and s.sampling.merged and s.base.quantization == "none":
         rows.append(("merged rollout copy", merged * (cast or dtype).itemsize,
                      "sampling.merged: one copy of the LoRA-wrapped weights"))
     if s.stage == "dpo":
         notes.append("DPO: the policy over the 2B chosen + rejected rows; the no-grad reference pass runs before it")
+    if s.stage == "kto":
+        notes.append("KTO: the policy over the B examples; the no-grad passes (the reference's, and the mismatched "
+                     "pairs' under policy and reference, B rows each) run before it")
     return rows, off, notes
 
 
@@ -235,6 +239,21 @@ def _dpo(s, d, a, lora, mask):
         ref = max(act.nograd_forward(d, n, a), min(chunk, n) * d.vocab * (a + 8))
     rows.append(("reference pass (no grad)", max(0, ref - policy),
                  "runs before the policy's forward and is freed: only what it exceeds the policy's peak"))
+    return rows
+
+
+def _kto(s, d, a, lora, mask):
+    """KTO (`KTOModule.example_stats`): the policy's forward and backward over the B examples, after the no-grad
+    passes of B rows each (the reference over the completions, and the mismatched pairs under the policy and the
+    reference), each freed before the next: they count only by what one exceeds the policy's activations. The
+    mismatched pairs are planned at the examples' longest row (their prompt is cut to fit `max_length`)."""
+    chunk = 1024  # model.kto.logp_chunk_size's default (the plan's settings carry no KTO section)
+    rows, policy = _lm_rows(s, d, s.batch_size, a, lora, mask, "examples", chunk, act.logp_saved)
+    n = s.batch_size * rows_of.seq_len(s)
+    nograd = max(act.nograd_forward(d, n, a), min(chunk, n) * d.vocab * (a + 8))
+    rows.append(("no-grad passes (reference, mismatched pairs)", max(0, nograd - policy),
+                 "run before the policy's forward, one at a time, and are freed: only what one exceeds the policy's "
+                 "peak"))
     return rows
 
 
