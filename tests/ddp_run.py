@@ -3,8 +3,9 @@ re-runs this file for rank 1, as it does `train.py` under `strategy: ddp`.
 
     python tests/ddp_run.py STAGE OUT MODEL_DIR TRAIN_FILE DEVICES MAX_STEPS [CKPT_PATH]
 
-STAGE is `sft` (instruction rows), `reward` or `dpo` (preference pairs), `ppo` or `grpo` (prompts; one epoch of
-rollouts of a global batch of 4, MAX_STEPS unused). Every rank writes its losses and its trainable weights.
+STAGE is `sft` (instruction rows), `reward`, `dpo` or `kto` (preference pairs; KTO reads each as two examples), `ppo`
+or `grpo` (prompts; one epoch of rollouts of a global batch of 4, MAX_STEPS unused). Every rank writes its losses
+(KTO: and its reference point z0) and its trainable weights.
 """
 
 import json
@@ -15,8 +16,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule
+from lit_ft.data.modules import InstructionDataModule, PreferenceDataModule, PromptDataModule, UnpairedPreferenceDataModule
 from lit_ft.stages.dpo import DPOModule
+from lit_ft.stages.kto import KTOModule
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.train.optim import OptimSpec
 from lit_ft.train.resume import AtomicCheckpointIO
@@ -25,7 +27,7 @@ from lit_ft.stages.sft import SFTModule
 
 # stage -> (data module, LightningModule); both take the same arguments.
 STAGES = {"sft": (InstructionDataModule, SFTModule), "reward": (PreferenceDataModule, RewardModule),
-          "dpo": (PreferenceDataModule, DPOModule)}
+          "dpo": (PreferenceDataModule, DPOModule), "kto": (UnpairedPreferenceDataModule, KTOModule)}
 
 
 class LocalLosses(L.Callback):
@@ -37,8 +39,10 @@ class LocalLosses(L.Callback):
             key = "ppo/loss/policy" if "ppo/loss/policy" in trainer.callback_metrics else "train/reward"
             self.losses[batch_idx + 1] = trainer.callback_metrics[key].item()
         else:  # this rank's mean loss and its weight (loss tokens; reward: 1, equal pairs per rank)
-            weight = trainer.callback_metrics.get("train/loss_tokens", torch.tensor(1.0)).item()
-            self.losses[trainer.global_step] = [trainer.callback_metrics["train/loss"].item(), weight]
+            m = trainer.callback_metrics
+            weight = m.get("train/loss_tokens", torch.tensor(1.0)).item()
+            self.losses[trainer.global_step] = [m["train/loss"].item(), weight] + (
+                [m["train/kl"].item()] if "train/kl" in m else [])  # KTO: z0, from every rank's mismatched pairs
 
 
 def _shipped_ddp():

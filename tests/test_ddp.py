@@ -1,5 +1,5 @@
 """SFT, reward modelling and DPO under DDP with two CPU processes (gloo): the same losses and weights as one process on
-the same global batch, one checkpoint writer, and resume."""
+the same global batch, one checkpoint writer, and resume; KTO's reference point the same on both ranks."""
 
 from __future__ import annotations
 
@@ -86,6 +86,23 @@ def test_ddp_two_processes_match_one_and_resume(stage, rows, tiny_model_dir, tin
     state = torch.load(two / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert len(state["callbacks"]["ResumeRNG"]["ranks"]) == 2  # each rank's RNG state, gathered
+
+
+def test_kto_reference_point_is_one_over_the_ranks(tiny_model_dir, tmp_path):
+    """KTO under DDP: each rank's micro-batch makes its own mismatched pairs, and the KL estimate z0 is their mean
+    over both ranks, so the two ranks train with the same z0 at every step (a rank's own estimate would differ: its
+    batches differ). Desirable examples only (unpaired rows): raising them raises the mismatched pairs' log-ratios
+    too, so z0 grows past 0, where the clamp would hide a difference."""
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in PAIRS[:12]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))  # 3 global batches of 4
+    _run("kto", tmp_path, tiny_model_dir, train, 2, 8)
+    ranks = [_losses(tmp_path, "run", r) for r in (0, 1)]
+    assert sorted(ranks[0]) == sorted(ranks[1]) == list(range(1, 9))
+    z0 = [[ranks[r][step][2] for step in range(1, 9)] for r in (0, 1)]
+    assert z0[0] == pytest.approx(z0[1], abs=1e-6) and max(z0[0]) > 1e-3, z0
+    assert z0[0][0] == 0.0  # the first step: policy == reference
+    assert any(ranks[0][s][0] != ranks[1][s][0] for s in ranks[0])  # the ranks' own examples (and losses) differ
 
 
 def test_ppo_under_ddp_keeps_the_ranks_in_step(tiny_model_dir, tmp_path):

@@ -350,6 +350,29 @@ def test_a_short_fit_raises_desirable_rewards_above_undesirable(tmp_path, tiny_m
         assert k in trainer.callback_metrics, k
 
 
+def test_killed_run_resumes_exactly_without_recomputing_the_reference(tiny_model_dir, tmp_path_factory, tmp_path):
+    """Dropout on (the RNG matters), the reference precomputed (its table rides in the checkpoint under
+    `kto_reference`); 16 unpaired rows / batch 4 = 4 steps an epoch, 3 epochs, killed after step 7."""
+    from tests.test_resume import LORA, OPTIM, Runs, Stage, _final, _loss
+
+    stage = Stage(UNPAIRED, UnpairedPreferenceDataModule,
+                  lambda d: KTOModule(base=ModelSpec(name_or_path=d), lora=LORA, optim=OPTIM,
+                                      kto=KTOSpec(precompute_ref=True, disable_dropout=False)),
+                  _loss, epochs=3, kills={"mid_epoch": 7})
+    runs = Runs(stage, tiny_model_dir, tmp_path_factory)
+    values, weights = runs.uninterrupted
+    ckpt_dir, first = runs.killed(7)
+    assert all(torch.equal(v, values[b]) for b, v in first.items())
+    state = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state[KTOModule.REF_KEY]["train"]["logps"].shape == (len(UNPAIRED), 1)
+    second, module, _ = runs.resume(ckpt_dir / "last.ckpt", tmp_path)
+    assert module.precomputed == [] and sorted(second) == list(range(8, 13))  # both tables from the checkpoint
+    for batch, value in second.items():
+        assert torch.equal(value, values[batch]), (batch, value.tolist(), values[batch].tolist())
+    resumed = _final(module)
+    assert [k for k in weights if not torch.equal(resumed[k], weights[k])] == []
+
+
 # ---------------------------------------------------------------------------------------------- settings, recipe
 
 
