@@ -238,7 +238,7 @@ def test_a_root_directory_under_a_file_is_a_one_line_error(sft_file, tmp_path, c
 
 def test_every_recipe_has_a_smoke_run(tmp_path, monkeypatch):
     """`--trainer.fast_dev_run 2` (README, "Smoke run"): two steps of each shipped stage on the tiny model, held-out
-    evaluations off, chained as the demo chains them (the SFT adapter starts DPO/GRPO/PPO, the reward adapter
+    evaluations off, chained as the demo chains them (the SFT adapter starts DPO/KTO/GRPO/PPO, the reward adapter
     scores PPO)."""
     monkeypatch.chdir(tmp_path)
     smoke = ["--model.base.name_or_path", BASE, "--trainer.fast_dev_run", "2", "--trainer.logger", "false"]
@@ -247,10 +247,11 @@ def test_every_recipe_has_a_smoke_run(tmp_path, monkeypatch):
     sft, reward = tmp_path / "runs/sft/latest/adapter", tmp_path / "runs/reward/latest/adapter"
     assert (sft / "adapter_config.json").is_file() and (reward / "adapter_config.json").is_file()
     main(["fit", "--config", "dpo", *smoke, "--model.sft_adapter", str(sft)])
+    main(["fit", "--config", "kto", *smoke, "--model.sft_adapter", str(sft)])
     main(["fit", "--config", "grpo", *smoke, "--model.sft_adapter", str(sft), "--model.sampling.max_new_tokens", "8"])
     main(["fit", "--config", "ppo", *smoke, "--model.sft_adapter", str(sft), "--model.reward_adapter", str(reward),
           "--model.sampling.max_new_tokens", "8"])
-    for stage in ("dpo", "grpo", "ppo"):
+    for stage in ("dpo", "kto", "grpo", "ppo"):
         assert (tmp_path / f"runs/{stage}/latest/adapter/adapter_config.json").is_file(), stage
 
 

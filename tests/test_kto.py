@@ -15,7 +15,6 @@ import torch
 
 from lit_ft.data.collate import UnpairedCollator, mismatched_partners
 from lit_ft.data.modules import UnpairedPreferenceDataModule
-from lit_ft.data.readers import DataReport
 from lit_ft.data.records import load_records, unpair
 from lit_ft.errors import ConfigError, DataError
 from lit_ft.losses import kto_kl, kto_loss
