@@ -97,3 +97,47 @@ def test_an_impossible_budget_is_one_error_line_before_any_weights(sft_file, tmp
 def test_auto_without_a_gpu_leaves_the_run_alone(sft_file, tmp_path, capsys):  # noqa: F811
     main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "1", "--memory", "auto"))
     assert "memory auto: no GPU on this machine" in capsys.readouterr().err
+
+
+def test_auto_is_the_default_and_acts_only_where_the_run_does_not_fit(sft_file, tmp_path, capsys,  # noqa: F811
+                                                                      monkeypatch):
+    """Without `--memory`, a fit on a GPU plans for the GPU's free memory (here a stand-in of 600 KiB free): it
+    splits the micro-batch as `--memory auto` does; with room to spare it leaves the run alone and says so; without a
+    GPU it says nothing; `--memory off` skips the plan; a budget nothing meets is refused, naming the way out."""
+    from lit_ft.plan import auto
+    from lit_ft.plan.sizes import parse_size
+
+    free = {"auto": "600KiB"}
+    real = auto.budget_of
+    monkeypatch.setattr(auto, "budget_of", lambda memory: parse_size(free[memory]) if memory in free else real(memory))
+    main(fit_args(sft_file, tmp_path / "a", "--trainer.max_steps", "1"))
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("[lit_ft] memory"))
+    assert re.match(r"\[lit_ft\] memory auto: micro-batch 4 -> [12], accumulate_grad_batches x[24] -> ", line), line
+    free["auto"] = "80GiB"
+    main(fit_args(sft_file, tmp_path / "b", "--trainer.max_steps", "1"))
+    assert "[lit_ft] memory auto: the run fits as configured" in capsys.readouterr().err
+    main(fit_args(sft_file, tmp_path / "c", "--trainer.max_steps", "1", "--memory", "off"))
+    assert "memory" not in capsys.readouterr().err
+    free["auto"] = "10KiB"
+    one_error_line(capsys, fit_args(sft_file, tmp_path / "d"), "memory: nothing fits 10.00 KiB",
+                   "--memory off runs it as configured")
+    monkeypatch.setattr(auto, "budget_of", real)
+    if not torch.cuda.is_available():
+        main(fit_args(sft_file, tmp_path / "e", "--trainer.max_steps", "1"))
+        assert "memory" not in capsys.readouterr().err  # the default says nothing where there is nothing to plan
+
+
+def test_the_default_runs_a_module_it_cannot_plan_as_configured(monkeypatch):
+    """A LightningModule of the user's own has no plan: the default runs it as configured, in one line; an explicit
+    `--memory` stops at the same point with the planner's error."""
+    import lightning as L
+
+    from lit_ft.plan import auto
+
+    monkeypatch.setattr(auto, "budget_of", lambda memory: 2**30)
+    said = []
+    auto.fit_memory(L.LightningModule(), None, None, "auto", say=said.append, asked=False)
+    assert len(said) == 1 and said[0].startswith("memory auto: no plan for this run (ConfigError: model: no memory "
+                                                 "plan for LightningModule")
+    with pytest.raises(ConfigError, match="no memory plan for LightningModule"):
+        auto.fit_memory(L.LightningModule(), None, None, "auto", say=said.append, asked=True)

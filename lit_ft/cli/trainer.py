@@ -48,11 +48,11 @@ class LitFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base.name_or_path", "data.init_args.tokenizer")
         parser.add_argument(
-            "--memory", default="off",
-            help="off | auto | a budget such as 24GiB: before a fit loads any weights, its memory plan chooses the "
-                 "cheapest settings that fit the GPU's free memory (auto) or the budget: micro-batch with "
-                 "accumulation, checkpointing, offloading, ... (lit_ft.plan.auto); nothing fits: an error naming "
-                 "the smallest budget that would")
+            "--memory", default=None,
+            help="auto (the default on a GPU) | a budget such as 24GiB | off: before a fit loads any weights, its "
+                 "memory plan keeps the run as configured when it fits the GPU's free memory (auto) or the budget, else "
+                 "chooses the cheapest settings that fit: micro-batch with accumulation, checkpointing, offloading, "
+                 "... (lit_ft.plan.auto); nothing fits: an error naming the smallest budget that would")
 
     def parse_arguments(self, parser, args) -> None:
         # `main` hands over the command line with recipe names resolved: not a second command line to warn about.
@@ -88,7 +88,7 @@ class LitFTCLI(LightningCLI):
             self.run_dir = place_run(self.config[self.subcommand], self.subcommand)
 
     def before_fit(self) -> None:
-        memory = str(self.config[self.subcommand].get("memory") or "off")
+        memory = self.config[self.subcommand].get("memory")
         if memory != "off":
             from lit_ft.plan.auto import fit_memory
 
@@ -97,7 +97,8 @@ class LitFTCLI(LightningCLI):
                     print(f"[lit_ft] {line}", file=sys.stderr, flush=True)
 
             try:
-                fit_memory(self.model, self.datamodule, self.trainer, memory, say=say)
+                fit_memory(self.model, self.datamodule, self.trainer, str(memory or "auto"), say=say,
+                           asked=memory is not None)
             except ConfigError:
                 run_dir = Path(self.run_dir)
                 if run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before anything was written

@@ -7,7 +7,10 @@ all of them do not fit, a ConfigError naming the smallest total any of them reac
 A 4-bit base is never chosen: it changes the model, not just how it is computed.
 
 `auto` plans for the device's free memory (`torch.cuda.mem_get_info`); on a machine without a GPU it does nothing.
-A size plans for that budget on the run's device (on a CPU: the host memory the planner counts).
+A size plans for that budget on the run's device (on a CPU: the host memory the planner counts). `auto` is the
+default of `lit-ft fit` (`--memory off` turns it off): a run that fits is left as configured, so the default only
+acts where the run would not fit; a run the planner cannot read (a module of the user's own, say) then runs as
+configured, said in one line, where an explicit `--memory` would stop.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import torch
 from lit_ft.errors import ConfigError
 from lit_ft.plan.memory import Settings, combine, estimate_settings, lever_options, settings_from
 from lit_ft.plan.sizes import fmt, parse_size
+
+class NothingFits(ConfigError):
+    """No settings `auto` may choose fit the budget."""
+
 
 NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
 CUDA_ONLY = ("offloading", "engine", "optimizer")
@@ -48,7 +55,7 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     if whats and total <= budget:
         return together, whats, argv
     leanest = min([total] + [o[3] for o in options.values()])
-    raise ConfigError(f"memory: nothing fits {fmt(budget)}: the leanest settings (micro-batch 1, every lever "
+    raise NothingFits(f"memory: nothing fits {fmt(budget)}: the leanest settings (micro-batch 1, every lever "
                       f"`lit-ft plan` knows but a 4-bit base) need {fmt(leanest)}; give a budget of at least that, "
                       "or a 4-bit base (model.base.quantization nf4) or a smaller model")
 
@@ -73,14 +80,28 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             raise ConfigError(f"memory: the plan changed {f.name}, which it cannot set on the run")
 
 
-def fit_memory(model, datamodule, trainer, memory: str, say=print) -> None:
-    """`--memory`: plan the fit and set what it chose on the objects; `say` gets the lines for the log."""
+def fit_memory(model, datamodule, trainer, memory: str, say=print, asked: bool = True) -> None:
+    """`--memory`: plan the fit and set what it chose on the objects; `say` gets the lines for the log. `asked`
+    False is the default `auto`: silent without a GPU, and a run the planner cannot read runs as configured."""
     budget = budget_of(memory)
     if budget is None:
-        say("memory auto: no GPU on this machine, nothing to plan (give a size to plan for host memory)")
+        if asked:
+            say("memory auto: no GPU on this machine, nothing to plan (give a size to plan for host memory)")
         return
-    start = settings_from(model, datamodule, trainer)
-    chosen, whats, argv = choose(start, budget)
+    try:
+        start = settings_from(model, datamodule, trainer)
+        chosen, whats, argv = choose(start, budget)
+    except NothingFits as e:
+        if asked:
+            raise
+        raise ConfigError(f"{e} (the default --memory auto planned this run; --memory off runs it as "
+                          "configured)") from e
+    except Exception as e:
+        if asked:
+            raise
+        say(f"memory auto: no plan for this run ({type(e).__name__}: {e}); it runs as configured "
+            "(--memory off skips the plan)")
+        return
     plan = estimate_settings(chosen, budget=budget, advise=False)
     if not whats:
         say(f"memory {memory}: the run fits as configured ({fmt(plan.total)} of {fmt(budget)})")
