@@ -57,6 +57,7 @@ _EXPORTS = {
     "MetricsPlot": "lit_ft.callbacks.plots",
     "WritePredictions": "lit_ft.callbacks.predictions",
     "MemoryPlanLog": "lit_ft.plan.log",
+    "fit_memory": "lit_ft.plan.auto",  # `--memory` from Python: fit_memory(module, datamodule, trainer, "auto")
     # errors
     "ConfigError": "lit_ft.errors",
     "DataError": "lit_ft.errors",
