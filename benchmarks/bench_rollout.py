@@ -3,6 +3,7 @@
     python benchmarks/bench_rollout.py --out $OUT/rollout_1b.json                                  # 1B sweep + W5
     python benchmarks/bench_rollout.py --shape 8b_nf4 --batches 16 --engines hf,static --out $OUT/rollout_8b.json
     python benchmarks/bench_rollout.py --tiny --out /tmp/rollout.json                                 # CPU dry run
+    python benchmarks/bench_rollout.py --engines '' --ppo-engines '' --mismatch hf:64,static:64,merged:64 --out m.json
 
 Decode sweep: the random-init model of `bench_ppo.py` (its workload shapes: Llama-3.2-1B bf16, or Llama-3.1-8B
 NF4 + double quant with bf16 autocast, as PPO runs it), with the roles PPO builds (`roles.build_roles`: a LoRA policy
@@ -120,6 +121,38 @@ def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
     return out
 
 
+@torch.no_grad()
+def mismatch_point(model, w, engine: str, batch: int, device: str) -> dict:
+    """The sampler's log-probs of its own tokens against the training forward's (the PPO/GRPO old log-probs: one
+    pass over prompt + response with the policy adapter, `lit_ft.online.roles`), same weights, as every rollout logs
+    them (`rollout/logprob_diff_*`, `lit_ft.losses.rollout_mismatch`)."""
+    from lit_ft.losses import rollout_mismatch
+    from lit_ft.online import roles
+    from lit_ft.online.engine import Sampler
+    from lit_ft.online.generation import SamplingSpec
+
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    spec = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="hf" if engine == "hf" else "static",
+                        merged=engine == "merged")
+    sampler = Sampler(model, eos_token_id=10**9, pad_token_id=0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and w.quant != "none")
+    with autocast:
+        torch.manual_seed(batch)
+        responses, rmask, sampler_lp = sampler(ids, mask, spec, logprobs=True)
+        model.set_adapter(roles.POLICY)
+        seq, smask, pos = roles.sequence(ids, mask, responses, rmask)
+        hidden = roles.response_hidden(roles.trunk(model, seq, smask, pos), ids.shape[1])
+        train_lp, _ = roles.token_logprobs(model, hidden, responses, spec.temperature)
+    stats = {k: float(v) for k, v in rollout_mismatch(sampler_lp, train_lp.float(), rmask).items()}
+    del sampler
+    print(f"mismatch {engine:7s} batch {batch}: mean |diff| {stats['logprob_diff_mean']:.4f}, max "
+          f"{stats['logprob_diff_max']:.3f}, KL(sampler||trainer) a sequence {stats['kl_sampler_train']:.4f}",
+          flush=True)
+    return dict(engine=engine, batch=batch, new_tokens=responses.shape[1], **stats)
+
+
 def profile_point(model, w, engine: str, batch: int, device: str, steps: int = 16) -> dict:
     """Where a decode step's time goes: the engine's step run eagerly under the profiler (its CUDA kernels by
     name, count and time a step) and its captured graph replayed (wall time a step, and the kernel time inside
@@ -207,6 +240,13 @@ def decode_sweep(w, args, device: str) -> list[dict]:
                 print(f"{engine} batch {batch}: FAILED {e!r}"[:300], flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
+    for point in filter(None, (args.mismatch or "").split(",")):
+        engine, batch = point.split(":")
+        try:
+            results.append(dict(mismatch=mismatch_point(model, w, engine, int(batch), device)))
+        except (RuntimeError, ValueError) as e:
+            results.append(dict(mismatch=dict(engine=engine, batch=int(batch), error=repr(e)[-600:])))
+            print(f"mismatch {point}: FAILED {e!r}"[:300], flush=True)
     for point in filter(None, (args.profile or "").split(",")):
         engine, batch = point.split(":")
         try:
@@ -239,6 +279,8 @@ def main(argv=None) -> None:
     p.add_argument("--engines", default="hf,static,merged", help="decode sweep: comma-separated hf,static,merged")
     p.add_argument("--batches", default="16,64,256")
     p.add_argument("--profile", default="", help="ENGINE:BATCH,... : profile the decode step (kernels, graph)")
+    p.add_argument("--mismatch", default="", help="ENGINE:BATCH,... : the sampler's log-probs against the training "
+                                                  "forward's (rollout/logprob_diff_*)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--ppo-engines", default="hf,static,merged", help="W5 iterations per engine ('' to skip)")
