@@ -60,7 +60,7 @@ def check_unicode(row: dict) -> None:
 
 
 _READS = {"alpaca": {"instruction", "input", "output"}, "prompt_completion": {"prompt", "completion"},
-          "question_answer": {"question", "answer"}, "messages": {"messages"},
+          "question_answer": {"question", "answer"}, "messages": {"messages", "tools"},
           "preference": {"prompt", "chosen", "rejected", "margin"}}
 
 

@@ -164,7 +164,7 @@ class InstructionDataModule(LightningDataModule):
         for record in self.val_records[:n]:
             messages = messages_for(record, self.template)
             prompt = render_prompt(messages[:-1], self.tokenizer, self.template, self.system_prompt,
-                                   record.get("input"))
+                                   record.get("input"), record.get("tools"))
             out.append((prompt, messages[-1]["content"]))
         return out
 
@@ -268,7 +268,8 @@ class PreferenceDataModule(LightningDataModule):
 
     def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
         """(rendered prompt text, chosen response) of the first ``n`` validation pairs (greedy-answer checks)."""
-        return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt),
+        return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt,
+                               tools=r.get("tools")),
                  response_for(r, r["chosen"], self.template))
                 for r in self.val_records[:n]]
 

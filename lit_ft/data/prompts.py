@@ -104,7 +104,7 @@ class PromptDataModule(LightningDataModule):
         """(rendered prompt text, answer) of the first ``n`` validation records that have an answer."""
         rows = [r for r in self.val_records if r.get("answer") is not None][:n]
         return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt,
-                               r.get("input")),
+                               r.get("input"), r.get("tools")),
                  r["answer"]) for r in rows]
 
     train_dataloader = shared.train_dataloader

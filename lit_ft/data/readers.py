@@ -296,12 +296,16 @@ def rename_columns(rows: list[dict], columns: dict[str, str], source: str, setti
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
 def from_sharegpt(row: dict, source: str, line: int) -> dict:
     """A ShareGPT row (`conversations`: [{from, value}]) as a chat row (`messages`: [{role, content}]); other rows
-    unchanged. ShareGPT's speakers: system, human (user), gpt (assistant; chatgpt, bing, bard in some dumps)."""
+    unchanged. ShareGPT's speakers: system, human (user), gpt (assistant; chatgpt, bing, bard in some dumps), and
+    LLaMA-Factory's tool turns: function_call (an assistant turn that calls: its value the call as JSON text,
+    {"name", "arguments"}, or a list of them) and observation (the tool's result, answering the calls before it in
+    order); `lit_ft.data.tools` checks and parses them as it does OpenAI-style messages."""
     turns = row.get("conversations")
     if "messages" in row or not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t for t in turns):
         return row
@@ -311,7 +315,10 @@ def from_sharegpt(row: dict, source: str, line: int) -> dict:
         if role is None:
             raise DataError(f"ShareGPT speaker {turn['from']!r} is not one of {sorted(SHAREGPT_ROLES)}",
                             file=source, line=line, field=f"conversations[{i}].from")
-        messages.append({"role": role, "content": turn.get("value")})
+        if str(turn["from"]).lower() == "function_call":
+            messages.append({"role": role, "content": "", "function_call": turn.get("value")})
+        else:
+            messages.append({"role": role, "content": turn.get("value")})
     out = {k: v for k, v in row.items() if k != "conversations"}
     out["messages"] = messages
     return out

@@ -30,12 +30,13 @@ from typing import Any, Literal
 from lit_ft.data.checks import check_unicode, is_blank, warn_unknown_columns
 from lit_ft.data.hh import hh_turns, split_hh
 from lit_ft.data.readers import DataReport, RowError, read_rows
+from lit_ft.data.tools import match_tool_result, parse_tool_calls, parse_tools
 from lit_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["instruction", "preference", "prompt", "unpaired"]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # ---------------------------------------------------------------------------------------------- normalising
@@ -52,25 +53,53 @@ def _text(row: dict, key: str, required: bool = True) -> str | None:
     return value
 
 
-def check_messages(value: Any, key: str, end: Literal["assistant", "user", "any"] = "assistant") -> list[dict]:
-    """Validate a chat message list: system turns only first, then user/assistant alternating from user."""
+def check_messages(value: Any, key: str, end: Literal["assistant", "user", "any"] = "assistant",
+                   tools: list[dict] | None = None) -> list[dict]:
+    """Validate a chat message list: system turns only first, then user/assistant alternating from user; an
+    assistant turn that calls tools (`lit_ft.data.tools`) is followed by their results (``tool`` turns), then by the
+    assistant again. ``end="user"``: a prompt, which ends with a user turn or a tool result."""
     if not isinstance(value, list) or not value:
         raise RowError(key, f"expected a non-empty list of {{role, content}} messages, got {type(value).__name__}")
-    out, expected = [], "user"
+    out, expected, pending, answered = [], ("user",), [], 0
     for i, m in enumerate(value):
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and (
+            m.get("tool_calls") is not None or m.get("function_call") is not None)
+        if isinstance(m, dict) and calls and m.get("content") is None:
+            m = dict(m, content="")  # an assistant turn that only calls: OpenAI's content null
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
             raise RowError(f"{key}[{i}]", f"expected {{'role': one of {list(ROLES)}, 'content': str}}, got {str(m)[:60]}")
         role = m["role"]
         if role == "system" and out and out[-1]["role"] != "system":
             raise RowError(f"{key}[{i}].role", "a system message may only come before the conversation")
+        if role == "tool":
+            out.append(match_tool_result(m, f"{key}[{i}]", pending, answered))
+            answered += 1
+            expected = ("tool", "assistant")
+            continue
         if role != "system":
-            if role != expected:
-                raise RowError(f"{key}[{i}].role", f"expected '{expected}' (turns alternate, starting with user)")
-            expected = "assistant" if role == "user" else "user"
-        out.append({"role": role, "content": m["content"]})
-    if end != "any" and out[-1]["role"] != end:
-        raise RowError(f"{key}[{len(out) - 1}].role", f"expected the last message to be '{end}'")
+            if role not in expected:
+                why = {("tool",): "the results of the calls of the assistant turn before it",
+                       ("tool", "assistant"): "the assistant answers after the tool results"}.get(
+                    expected, "turns alternate, starting with user")
+                raise RowError(f"{key}[{i}].role", f"expected '{expected[-1]}' ({why})")
+            pending, answered = [], 0
+            if role == "assistant":
+                pending = parse_tool_calls(m, f"{key}[{i}]", tools)
+            expected = ("assistant",) if role == "user" else ("tool",) if pending else ("user",)
+        msg = {"role": role, "content": m["content"]}
+        if role == "assistant" and pending:
+            msg["tool_calls"] = pending
+        out.append(msg)
+    last = out[-1]["role"]
+    if end == "assistant" and last != "assistant" or end == "user" and last not in ("user", "tool"):
+        raise RowError(f"{key}[{len(out) - 1}].role", f"expected the last message to be '{end}'"
+                       + (" (or a tool result)" if end == "user" else ""))
     return out
+
+
+def _tools(tools: list[dict] | None) -> dict:
+    """The record's ``tools`` entry: only where the row has tools (records without stay as they were)."""
+    return {"tools": tools} if tools else {}
 
 
 def _user(text: str) -> list[dict]:
@@ -115,9 +144,10 @@ def _instruction(row: dict, fmt: str) -> dict:
     if fmt == "preference":  # SFT on the chosen side of preference pairs (the first stage of RLHF)
         pair = _preference(row, _preference_format(row))
         record = {"messages": pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}], "input": None}
-        return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {})
+        return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {}) | _tools(pair.get("tools"))
     if fmt == "messages":
-        return {"messages": check_messages(row.get("messages"), "messages"), "input": None}
+        tools = parse_tools(row.get("tools"))
+        return {"messages": check_messages(row.get("messages"), "messages", tools=tools), "input": None} | _tools(tools)
     key_p, key_r = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
                     "question_answer": ("question", "answer")}[fmt]
     prompt, response = _text(row, key_p), _text(row, key_r)
@@ -132,11 +162,16 @@ def _common_prefix_len(a: list, b: list) -> int:
     return n
 
 
-def _explicit_prompt_pair(row: dict) -> tuple[list[dict], str, str]:
+_PAIR_CALLS = ("a final assistant turn that calls tools is not supported in preference pairs yet (only the prompt may "
+               "hold tool calls and results); keep such rows out of the pairs")
+
+
+def _explicit_prompt_pair(row: dict, tools: list[dict] | None) -> tuple[list[dict], str, str]:
     """TRL's explicit-prompt conversational pair: ``prompt`` a message list ending with a user turn (or a string),
     ``chosen`` and ``rejected`` each a list of ONE assistant message (the response to that prompt)."""
     p = row.get("prompt")
-    prompt = check_messages(p, "prompt", end="user") if isinstance(p, list) else _user(_text(row, "prompt"))
+    prompt = (check_messages(p, "prompt", end="user", tools=tools) if isinstance(p, list)
+              else _user(_text(row, "prompt")))
     out = []
     for key in ("chosen", "rejected"):
         value = row.get(key)
@@ -144,6 +179,8 @@ def _explicit_prompt_pair(row: dict) -> tuple[list[dict], str, str]:
             n = len(value) if isinstance(value, list) else type(value).__name__
             raise RowError(key, f"with a separate prompt, expected a list of one assistant message, got {n}")
         m = value[0]
+        if isinstance(m, dict) and (m.get("tool_calls") is not None or m.get("function_call") is not None):
+            raise RowError(f"{key}[0].tool_calls", _PAIR_CALLS)
         if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), str):
             raise RowError(f"{key}[0]", f"expected {{'role': 'assistant', 'content': str}}, got {str(m)[:60]}")
         out.append(m["content"])
@@ -151,17 +188,20 @@ def _explicit_prompt_pair(row: dict) -> tuple[list[dict], str, str]:
 
 
 def _preference(row: dict, fmt: str) -> dict:
-    transcript = None
+    transcript, tools = None, parse_tools(row.get("tools")) if fmt == "chat" else None
     if fmt == "chat" and row.get("prompt") is not None:
-        prompt, c, r = _explicit_prompt_pair(row)
+        prompt, c, r = _explicit_prompt_pair(row, tools)
     elif fmt == "chat":
-        chosen = check_messages(row.get("chosen"), "chosen")
-        rejected = check_messages(row.get("rejected"), "rejected")
+        chosen = check_messages(row.get("chosen"), "chosen", tools=tools)
+        rejected = check_messages(row.get("rejected"), "rejected", tools=tools)
+        for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if "tool_calls" in side[-1]:
+                raise RowError(f"{key}[{len(side) - 1}].tool_calls", _PAIR_CALLS)
         n = _common_prefix_len(chosen[:-1], rejected[:-1])
         if n != len(chosen) - 1 or n != len(rejected) - 1:
             raise RowError("rejected", "chosen and rejected must share every message but the final assistant turn")
         prompt, c, r = chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
-        if not prompt or prompt[-1]["role"] != "user":
+        if not prompt or prompt[-1]["role"] not in ("user", "tool"):
             raise RowError("chosen", "expected at least one user message before the final assistant turn")
         _check_prompt_beside_chat(row.get("prompt"), prompt)
     elif fmt == "hh":
@@ -176,7 +216,7 @@ def _preference(row: dict, fmt: str) -> dict:
     record = {"prompt": prompt, "chosen": c, "rejected": r, "margin": margin}
     if transcript is not None:
         record["transcript"] = transcript
-    return record
+    return record | _tools(tools)
 
 
 def _check_prompt_beside_chat(text, prompt: list[dict]) -> None:
@@ -234,22 +274,22 @@ def unpair(records: list[dict], report: DataReport) -> list[dict]:
 
 
 def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
-    inp = None
+    inp, tools = None, parse_tools(row.get("tools"))
     if fmt == "messages":
-        msgs = check_messages(row.get("messages"), "messages", end="any")
+        msgs = check_messages(row.get("messages"), "messages", end="any", tools=tools)
         prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-        if prompt[-1]["role"] != "user":
-            raise RowError("messages", "expected a user turn to prompt with")
+        if prompt[-1]["role"] not in ("user", "tool"):
+            raise RowError("messages", "expected a user turn (or a tool result) to prompt with")
     elif fmt == "preference":
         pair = _preference(row, _preference_format(row))
         record = {"prompt": pair["prompt"], "input": None, "answer": _answer(row, answer_field)}
-        return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {})
+        return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {}) | _tools(pair.get("tools"))
     elif fmt == "instruction":
         prompt, inp = _user(_text(row, "instruction")), _text(row, "input", required=False) or None
     else:
         p = row.get(fmt)
-        prompt = check_messages(p, fmt, end="user") if isinstance(p, list) else _user(_text(row, fmt))
-    return {"prompt": prompt, "input": inp, "answer": _answer(row, answer_field)}
+        prompt = check_messages(p, fmt, end="user", tools=tools) if isinstance(p, list) else _user(_text(row, fmt))
+    return {"prompt": prompt, "input": inp, "answer": _answer(row, answer_field)} | _tools(tools)
 
 
 def _answer(row: dict, answer_field: str | None) -> str | None:
@@ -269,8 +309,9 @@ def _preference_format(row: dict) -> str:
 
 def responses(record: dict) -> list[str]:
     """Every response text of a canonical record (assistant turns, or the two sides of a pair)."""
-    if "messages" in record:
-        return [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    if "messages" in record:  # a turn that only calls tools shows its calls
+        return [m["content"] + (json.dumps(m["tool_calls"]) if m.get("tool_calls") else "")
+                for m in record["messages"] if m["role"] == "assistant"]
     return [record[k] for k in ("chosen", "rejected", "completion") if k in record]
 
 

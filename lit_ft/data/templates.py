@@ -87,6 +87,55 @@ def _probe_chat_template(tokenizer) -> None:
         raise ConfigError(problem.format(f"leaves the messages out of a two-turn conversation (renders {text[:60]!r})"))
 
 
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "probe_schema_fn", "description": "Looks a word up.",
+    "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}}
+_PROBE_CALL = [{"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_probe", "type": "function", "function": {
+                   "name": "probe_call_fn", "arguments": {"word": "hi"}}}]},
+               {"role": "tool", "tool_call_id": "call_probe", "name": "probe_call_fn", "content": "probe_result_text"}]
+
+
+def tool_parts(records: list[dict]) -> list[str]:
+    """The tool parts canonical records use, in the order a template is probed for them: tools, tool_calls and
+    the tool role."""
+    msgs = [m for r in records for m in (r.get("messages") or r.get("prompt") or [])]
+    return [part for part, used in (("tools", any(r.get("tools") for r in records)),
+                                    ("tool_calls", any(m.get("tool_calls") for m in msgs)),
+                                    ("the tool role", any(m["role"] == "tool" for m in msgs))) if used]
+
+
+def check_tool_template(tokenizer, template: str, parts: list[str]) -> None:
+    """Refuse, before any row is tokenized, a template that would drop the tool parts the data uses: a text
+    template (alpaca, plain), or a chat template whose rendering of a probe conversation leaves out the tool
+    schema's name (``tools``), the called function's name (``tool_calls``) or the tool's result (``the tool
+    role``). A template that raises on them is refused the same way, with its error chained."""
+    if not parts:
+        return
+    if template != "chat":
+        raise ConfigError(f"data.template='{template}' cannot render {', '.join(parts)}; rows with tool calls "
+                          "need data.template 'chat' and a chat template that supports tool calling")
+    where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    probes = {"tools": (_PROBE_CALL[:1], "probe_schema_fn"), "tool_calls": (_PROBE_CALL[:2], "probe_call_fn"),
+              "the tool role": (_PROBE_CALL, "probe_result_text")}
+    for part in parts:
+        messages, needle = probes[part]
+        try:
+            text = _chat(tokenizer, messages, add_generation_prompt=part != "tool_calls", tools=[_PROBE_TOOL])
+        except ConfigError:
+            raise
+        except Exception as e:
+            text, error = "", e
+        else:
+            error = None
+        if needle not in text:
+            raise ConfigError(
+                f"data.template='chat': the chat template of {where} ignores {part} (a probe conversation renders "
+                f"without {needle!r}{f': {type(error).__name__}: {error}' if error else ''}), and this data has "
+                "them; use a model whose chat template supports tool calling (as Qwen2.5's and Llama 3.1's do) or "
+                "give the tokenizer such a template") from error
+
+
 def _prepare(messages: list[dict], system_prompt: str | None, input: str | None) -> list[dict]:
     """Apply the default system prompt (the data's own system turn wins; "" is an empty system turn, which keeps a
     chat template from inserting its own) and append ``input`` to the first user turn."""
@@ -99,27 +148,28 @@ def _prepare(messages: list[dict], system_prompt: str | None, input: str | None)
     return msgs
 
 
-def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
     """The tokenizer's chat template, rendered under `RENDER_SECONDS` (a row that makes it loop is a ConfigError
-    naming the template, not a run that hangs)."""
+    naming the template, not a run that hangs); ``tools`` are passed as the template expects them."""
+    extra = {"tools": tools} if tools else {}
     try:
         with _time_limit(RENDER_SECONDS):
             return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
+                                                 add_generation_prompt=add_generation_prompt, **extra)
     except TemplateTimeout as e:
         where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise ConfigError(f"data.template='chat': the chat template of {where} {e} for one conversation; fix the "
                           "template or use data.template 'alpaca' or 'plain'") from None
 
 
-def _chat_segments(messages: list[dict], tokenizer) -> Segments:
+def _chat_segments(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> Segments:
     segments: Segments = []
     done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
-            continue
-        before = _chat(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _chat(tokenizer, messages[: i + 1])
+            continue  # user, system and tool turns are rendered into the prompt before the next assistant turn
+        before = _chat(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        full = _chat(tokenizer, messages[: i + 1], tools=tools)
         if not before.startswith(done) or not full.startswith(before):
             raise ConfigError(
                 "the tokenizer's chat template does not render conversations incrementally (a prefix renders "
@@ -157,7 +207,7 @@ def _text_segments(messages: list[dict], tokenizer, template: str, input: str | 
 
 def render_segments(
     messages: list[dict], tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
-    input: str | None = None, generation_prompt: bool = False,
+    input: str | None = None, generation_prompt: bool = False, tools: list[dict] | None = None,
 ) -> Segments:
     """Segments of a conversation; with ``generation_prompt`` the text ends ready for the next assistant turn.
 
@@ -168,14 +218,18 @@ def render_segments(
         system_prompt: a system prompt for rows that have none.
         input: the alpaca ``input`` of the first user turn.
         generation_prompt: append the opening of an assistant turn (for prompts).
+        tools: the row's tool schemas (`lit_ft.data.tools`), passed to the chat template.
     """
     if template == "chat":
         msgs = _prepare(messages, system_prompt, input)
-        segments = _chat_segments(msgs, tokenizer)
+        segments = _chat_segments(msgs, tokenizer, tools)
         if generation_prompt:
             done = "".join(s for s, _ in segments)
-            segments.append((_chat(tokenizer, msgs, add_generation_prompt=True)[len(done):], False))
+            segments.append((_chat(tokenizer, msgs, add_generation_prompt=True, tools=tools)[len(done):], False))
         return [s for s in segments if s[0]]
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        raise ConfigError(f"data.template='{template}' cannot render tools, tool calls or tool results; rows with "
+                          "them need data.template 'chat' and a chat template that supports tool calling")
     msgs = _prepare(messages, system_prompt, None) if template == "plain" else list(messages)
     if template == "alpaca" and system_prompt and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
@@ -184,16 +238,17 @@ def render_segments(
 
 def render_prompt(
     messages: list[dict], tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
-    input: str | None = None,
+    input: str | None = None, tools: list[dict] | None = None,
 ) -> str:
     """The prompt text a model continues with its response (chat: with the generation prompt)."""
-    return "".join(t for t, _ in render_segments(messages, tokenizer, template, system_prompt, input, True))
+    return "".join(t for t, _ in render_segments(messages, tokenizer, template, system_prompt, input, True, tools))
 
 
 def render_pair(
     prompt: list[dict], response: str, tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[str, str]:
     """(prompt_text, response_text) of one prompt and one final response, as the template renders them."""
     segments = render_segments(prompt + [{"role": "assistant", "content": response}], tokenizer, template,
-                               system_prompt)
+                               system_prompt, tools=tools)
     return "".join(t for t, _ in segments[:-1]), segments[-1][0]

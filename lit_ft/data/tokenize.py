@@ -10,12 +10,14 @@ response stays in the labels.
 from __future__ import annotations
 
 import functools
+import json
 from collections import Counter
 from typing import Literal
 
 from lit_ft.data.readers import DataReport
 from lit_ft.data.hh import messages_for, prompt_for, response_for
-from lit_ft.data.templates import TemplateName, render_pair, render_prompt, render_segments
+from lit_ft.data.templates import (TemplateName, check_tool_template, render_pair, render_prompt, render_segments,
+                                   tool_parts)
 from lit_ft.errors import DataError
 
 IGNORE_INDEX = -100
@@ -90,7 +92,8 @@ def sft_example(
     overlong: Overlong, completion_only: bool, file: str,
 ) -> dict:
     """Dataset.map function: an instruction record to ``input_ids``, ``labels`` and ``drop``."""
-    segments = render_segments(messages_for(record, template), tokenizer, template, system_prompt, record.get("input"))
+    segments = render_segments(messages_for(record, template), tokenizer, template, system_prompt, record.get("input"),
+                               tools=record.get("tools"))
     ids, labels, drop = tokenize_segments(segments, tokenizer, max_length, overlong, completion_only, file,
                                           record["line"])
     return {"input_ids": ids, "labels": labels, "drop": drop}
@@ -109,10 +112,11 @@ def preference_example(
     responses keep their ends (at least one prompt token must remain).
     """
     prompt = prompt_for(record, template)
+    tools = record.get("tools")
     prompt_text, chosen_text = render_pair(prompt, response_for(record, record["chosen"], template), tokenizer,
-                                           template, system_prompt)
+                                           template, system_prompt, tools)
     _, rejected_text = render_pair(prompt, response_for(record, record["rejected"], template), tokenizer, template,
-                                   system_prompt)
+                                   system_prompt, tools)
     prompt, chosen, rejected = (_ids(tokenizer, t) for t in (prompt_text, chosen_text, rejected_text))
     longest = max(len(chosen), len(rejected))
     drop = ""
@@ -146,7 +150,7 @@ def unpaired_example(
     """
     prompt_text, completion_text = render_pair(prompt_for(record, template),
                                                response_for(record, record["completion"], template), tokenizer,
-                                               template, system_prompt)
+                                               template, system_prompt, record.get("tools"))
     prompt, completion = _ids(tokenizer, prompt_text), _ids(tokenizer, completion_text)
     drop = ""
     if len(prompt) + len(completion) > max_length:
@@ -170,7 +174,8 @@ def prompt_example(
     overlong: Overlong, file: str,
 ) -> dict:
     """Dataset.map function: a prompt record to ``input_ids``, ``prompt`` (rendered text), ``answer``, ``drop``."""
-    text = render_prompt(prompt_for(record, template), tokenizer, template, system_prompt, record.get("input"))
+    text = render_prompt(prompt_for(record, template), tokenizer, template, system_prompt, record.get("input"),
+                         record.get("tools"))
     ids, drop = _ids(tokenizer, text), ""
     if len(ids) > max_length:
         if overlong == "error":
@@ -187,6 +192,13 @@ _EXAMPLE_FNS = {"instruction": sft_example, "preference": preference_example, "p
                 "unpaired": unpaired_example}
 
 
+def _example(row: dict, tokenizer, kind: str, **settings) -> dict:
+    """Dataset.map function: one record, stored as its JSON text (so Arrow keeps every message and tool-call
+    argument as written: a table of rows would unify their dicts' keys, filling the missing ones with null), through
+    its kind's ``*_example`` function."""
+    return _EXAMPLE_FNS[kind](json.loads(row["record"]), tokenizer, **settings)
+
+
 def tokenize_records(records: list[dict], kind: str, report: DataReport, num_proc: int | None = None,
                      **settings) -> "datasets.Dataset":  # noqa: F821
     """Tokenize canonical records with ``datasets.Dataset.map`` and drop (counting into ``report``) what failed.
@@ -198,9 +210,10 @@ def tokenize_records(records: list[dict], kind: str, report: DataReport, num_pro
 
     if not records:
         return datasets.Dataset.from_dict({})
-    ds = datasets.Dataset.from_list(records)
+    check_tool_template(settings["tokenizer"], settings["template"], tool_parts(records))
+    ds = datasets.Dataset.from_list([{"line": r["line"], "record": json.dumps(r)} for r in records])
     ds = ds.map(
-        _EXAMPLE_FNS[kind], fn_kwargs=settings, num_proc=num_proc if num_proc and num_proc > 1 else None,
+        _example, fn_kwargs={**settings, "kind": kind}, num_proc=num_proc if num_proc and num_proc > 1 else None,
         remove_columns=[c for c in ds.column_names if c != "line"], desc=f"tokenizing {report.source}",
     )
     counts = Counter(ds["drop"])

@@ -114,7 +114,8 @@ class UnpairedPreferenceDataModule(LightningDataModule):
     def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
         """(rendered prompt text, desirable completion) of the first ``n`` desirable validation examples."""
         rows = [r for r in self.val_records if r["label"]][:n]
-        return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt),
+        return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt,
+                               tools=r.get("tools")),
                  response_for(r, r["completion"], self.template)) for r in rows]
 
     train_dataloader = shared.train_dataloader
