@@ -7,11 +7,13 @@
 - `group`: critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO's overlong penalty), loss aggregation.
 - `ppo`: KL-shaped rewards, GAE, the PPO policy and value losses, KL controllers.
 - `mismatch`: the sampler/trainer log-prob mismatch of a rollout and its truncated / masked importance weights.
+- `distill`: GKD's generalised Jensen-Shannon divergence over the vocabulary, per token, in chunks of tokens.
 
 Shapes are in each function's docstring; every function is tested against hand-derived numbers. `lit_ft.losses` is
 the one import for all of them.
 """
 
+from lit_ft.losses.distill import chunked_generalized_jsd, generalized_jsd, reverse_kl  # noqa: F401
 from lit_ft.losses.group import (  # noqa: F401
     ADVANTAGE_ESTIMATORS, GRPO_STD_EPS, aggregate_loss, clipped_policy_loss, group_advantages, overlong_penalty,
     zero_std_groups,
