@@ -32,6 +32,8 @@ _EXPORTS = {
     "PPOModule": "lit_ft.stages.ppo",
     "PPOSpec": "lit_ft.stages.ppo_spec",
     "GRPOModule": "lit_ft.stages.grpo",
+    "DistillModule": "lit_ft.stages.distill",
+    "DistillSpec": "lit_ft.stages.distill_spec",
     "GRPOSpec": "lit_ft.stages.grpo_spec",
     # data
     "InstructionDataModule": "lit_ft.data.modules",

@@ -202,7 +202,8 @@ def test_supervised_steps_use_the_batch_responses(tiny_model_dir, tokenizer, ada
     seen = []
     real = module.teacher_pass
     module.teacher_pass = lambda ro: seen.append(ro.responses.clone()) or real(ro)
-    trainer(2).fit(module, train_dataloaders=list(with_responses()))
+    loader = torch.utils.data.DataLoader(list(with_responses()), batch_size=None)
+    trainer(2).fit(module, train_dataloaders=loader)
     want = tokenizer("The answer is 42.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert seen and all(r[0, :len(want)].tolist() == want[:MAX_NEW] for r in seen)
     assert float(module.trainer.callback_metrics["train/on_policy"]) == 0.0
@@ -220,9 +221,9 @@ def test_validation_resume_and_export(tiny_model_dir, tokenizer, adapters, tmp_p
     m = module.trainer.callback_metrics
     assert float(m["val/loss"]) > 0 and "val/teacher_student_kl" in m and "val/completions/mean_length" in m
     resumed = make_module(tiny_model_dir, adapters[0])
-    trainer(3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck2")], enable_checkpointing=True).fit(
+    trainer(2, epochs=2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck2")], enable_checkpointing=True).fit(
         resumed, train_dataloaders=prompt_loader(tokenizer), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
-    assert resumed.counters["rollouts"] == 3 and resumed.trainer.global_step == 3
+    assert resumed.counters["rollouts"] == 4 and resumed.trainer.global_step == 4  # 2 restored + 2 more
     out = resumed.save_adapter(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
     state = {n: p for n, p in loaded.named_parameters() if "lora_" in n}

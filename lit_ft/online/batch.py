@@ -33,6 +33,9 @@ class Rollout:
     sampler_logprobs: Tensor | None = None
     """[B, R] the sampler's log-probs of the response tokens (either engine), 0 after EOS: what the rollout
     correction and the `rollout/*` mismatch figures compare `old_logprobs` with."""
+    teacher_hidden: Tensor | None = None
+    """[B, R, Ht] distillation: the teacher's final hidden states that predict each response token (no grad); its
+    head turns a chunk of them into logits when the loss needs them."""
 
     def rows(self, idx) -> "Rollout":
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if getattr(self, f.name) is not None})

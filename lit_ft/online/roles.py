@@ -9,6 +9,7 @@ value      trainable adapter ``value`` + value head, both initialised from the r
            when one is given (Stiennon et al. 2020; Huang et al. 2024, "N+ implementation details"), else a new
            LoRA + zero head; or, with ``shared_trunk``, a head on the policy's own hidden states (no adapter)
 reward     frozen adapter ``reward`` + frozen score head, read from an exported SEQ_CLS reward adapter
+teacher    frozen adapter ``teacher``: on-policy distillation's teacher when it is an adapter of the same base
 =========  ======================================================================================================
 
 PEFT's ``set_adapter`` flips ``requires_grad``: it enables the adapter it activates (even a frozen one) and
@@ -36,7 +37,7 @@ from lit_ft.models.lora import check_start, lora_config
 from lit_ft.models.spec import LoraSpec, ModelSpec
 from lit_ft.online import scoring
 
-POLICY, REF, VALUE, REWARD = "policy", "ref", "value", "reward"
+POLICY, REF, VALUE, REWARD, TEACHER = "policy", "ref", "value", "reward", "teacher"
 _HEAD = HEAD_NAME
 
 
@@ -68,9 +69,11 @@ def _load_adapter_state(model, name: str, config, state: dict[str, Tensor]) -> N
 
 
 def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None, reward: RewardExport | None,
-                value_model: str, device=None):
+                value_model: str, device=None, frozen: dict[str, tuple[str, str]] | None = None):
     """The PEFT model holding every adapter of a PPO run; returns (model, trainable adapter names). `reward` comes
-    from `lit_ft.models.adapters.read_reward_export`, which checked its base."""
+    from `lit_ft.models.adapters.read_reward_export`, which checked its base. `frozen`: more frozen adapters, role
+    name -> (exported adapter directory, the setting that named it), each checked against the base (the
+    distillation teacher `TEACHER`)."""
     from peft import PeftModel, get_peft_model
 
     check_start(lora, base, reference=True)
@@ -85,6 +88,10 @@ def build_roles(base: ModelSpec, lora: LoraSpec | None, sft_adapter: str | None,
     else:
         raise ConfigError("PPO needs a policy adapter: set sft_adapter or lora")
     trainable = [POLICY]
+    for name, (path, setting) in (frozen or {}).items():
+        check_adapter(path, base.identity(), setting)
+        with loading(path, setting):
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
     if reward is not None:
         frozen = copy.deepcopy(reward.config)
         frozen.inference_mode = True

@@ -38,10 +38,11 @@ from lit_ft.online.batch import Rollout, repeat_prompts, slices
 
 
 def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim_spec,
-               sample_table_every) -> None:
+               sample_table_every, needs_reward: bool = True) -> None:
     """The `__init__` settings every online stage shares, as attributes (specs from dataclasses, or from the plain
-    dicts a checkpoint stores: `lit_ft.cli.export`), manual optimization, the validation metrics, no model yet."""
-    if reward_adapter is None and reward_fn is None:
+    dicts a checkpoint stores: `lit_ft.cli.export`), manual optimization, the validation metrics, no model yet.
+    `needs_reward` False: a stage that learns from something else (distillation's teacher)."""
+    if needs_reward and reward_adapter is None and reward_fn is None:
         raise ValueError(f"{type(module).__name__} needs a reward: set reward_adapter and/or reward_fn")
     module.base, module.lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
     module.sampling, module.optim = checkpointing.as_spec(SamplingSpec, sampling), checkpointing.as_spec(OptimSpec,
@@ -66,13 +67,15 @@ def validation_metrics(module, reward_adapter: str | None, reward_fn: str | None
 # ---------------------------------------------------------------------------------------------- model
 
 
-def build_roles(module, value_model: str, disable_dropout: bool):
-    """Build the one base with its adapters (`lit_ft.online.roles`) on the module, the frozen reward head and the
-    tokenizer; returns the reward export (or None). Idempotence is the caller's (`configure_model`)."""
+def build_roles(module, value_model: str, disable_dropout: bool, frozen: dict[str, tuple[str, str]] | None = None):
+    """Build the one base with its adapters (`lit_ft.online.roles`; `frozen`: more frozen adapters by role) on the
+    module, the frozen reward head and the tokenizer; returns the reward export (or None). Idempotence is the
+    caller's (`configure_model`)."""
     device = strategies.model_device(module, module.base)
     export = (adapters.read_reward_export(module.reward_adapter, module.base.identity()) if module.reward_adapter
               else None)
-    model, trainable = roles.build_roles(module.base, module.lora, module.sft_adapter, export, value_model, device)
+    model, trainable = roles.build_roles(module.base, module.lora, module.sft_adapter, export, value_model, device,
+                                         frozen)
     if disable_dropout:
         roles.disable_dropout(model)
     hidden = model.get_base_model().config.hidden_size
