@@ -96,7 +96,7 @@ def test_sharegpt_rows_become_chat_messages(tmp_path, tiny_model_dir):
     assert dm.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100]).startswith("1")  # the answer
     bad = rows[:1] + [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}]
     with pytest.raises(DataError, match=r"bad.jsonl:2: field 'conversations\[1\]\.from': ShareGPT speaker 'robot' "
-                                        r"is not one of \['assistant', 'bard', 'bing', 'chatgpt', 'gpt', 'human'"):
+                                        r"is not one of \['assistant', 'bard', 'bing', 'chatgpt', 'function_call', 'gpt', 'human'"):
         load_records(_jsonl(tmp_path / "bad.jsonl", bad), "instruction")
 
 
