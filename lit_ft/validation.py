@@ -175,6 +175,8 @@ SOURCES = {
     "model.optim": "lit_ft.train.optim:OptimSpec", "model.ppo": "lit_ft.stages.ppo_spec:PPOSpec",
     "model.sampling": "lit_ft.online.generation:SamplingSpec", "model (PPOModule)": "lit_ft.stages.ppo:PPOModule",
     "model.grpo": "lit_ft.stages.grpo_spec:GRPOSpec", "model (GRPOModule)": "lit_ft.stages.grpo:GRPOModule",
+    "model.distill": "lit_ft.stages.distill_spec:DistillSpec",
+    "model (DistillModule)": "lit_ft.stages.distill:DistillModule",
     "data (InstructionDataModule)": "lit_ft.data.modules:InstructionDataModule",
     "data (PreferenceDataModule)": "lit_ft.data.modules:PreferenceDataModule",
     "data (PromptDataModule)": "lit_ft.data.modules:PromptDataModule",
