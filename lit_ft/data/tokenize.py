@@ -223,4 +223,8 @@ def tokenize_records(records: list[dict], kind: str, report: DataReport, num_pro
     report.check()
     if len(counts) > 1 or "" not in counts:
         ds = ds.select([i for i, d in enumerate(ds["drop"]) if not d])
-    return ds.remove_columns("drop")
+    ds = ds.remove_columns("drop")
+    # The columns in the order a map over the records themselves gives (a record's own keys first, in its order):
+    # the resume check digests the table as laid out, and checkpoints written before the JSON storage hold that.
+    first = [k for k in records[0] if k in ds.column_names]
+    return ds.select_columns(first + [c for c in ds.column_names if c not in first])
