@@ -77,6 +77,7 @@ _DATA = {"val_split": UNIT_OPEN, "max_length": POS_INT, "batch_size": POS_INT, "
 
 # section -> setting -> rule. Sections are the keys a config file uses (model.* of the LightningModules).
 RULES: dict[str, dict[str, Rule]] = {
+    "model.base": {"checkpoint_every": POS_INT},
     "model.lora": {"r": POS_INT, "alpha": POSITIVE, "dropout": UNIT_OPEN, "init_svd_iters": NONNEG_INT},
     "model.optim": {"lr": POSITIVE, "weight_decay": NONNEG, "eps": POSITIVE, "warmup_ratio": UNIT,
                     "warmup_steps": NONNEG_INT_OR_NONE, "min_lr_ratio": UNIT,

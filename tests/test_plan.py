@@ -282,10 +282,11 @@ def planner_shape(s: Settings) -> act.LoraShape:
     return plan_stages.counted_model(s)[3]
 
 
-def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=20, padded=False):
+def sft_forward_saved(model_dir, dtype, lora, checkpointing=False, rows=3, seq=20, padded=False, every=1):
     from lit_ft.losses import causal_lm_loss
 
-    model = build_model(ModelSpec(name_or_path=model_dir, dtype=dtype, gradient_checkpointing=checkpointing), lora)
+    model = build_model(ModelSpec(name_or_path=model_dir, dtype=dtype, gradient_checkpointing=checkpointing,
+                                  checkpoint_every=every), lora)
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     inner = model.get_base_model()
     torch.manual_seed(0)
@@ -476,6 +477,52 @@ def test_checkpointing_keeps_only_layer_inputs_outside(tiny_model_dir):
     assert measured == trunk["layers"] - act.rope_saved(d, 1, seq, 4) + act.loss_saved(n_loss, rows, seq, d.hidden, 4)
     full = act.trunk_saved(d, rows, seq, 4, act.LoraShape(targets, 16, True), False)
     assert trunk["layers"] < full["layers"] / 3
+
+
+def test_checkpointing_every_kth_layer_saves_between_none_and_all_with_the_same_gradients(tiny_model_dir):
+    """`checkpoint_every: 2` on the 2-layer tiny Llama: layer 0 checkpointed (its input kept), layer 1 keeps its own
+    saved tensors, byte for byte as the planner counts them; the loss and every LoRA gradient equal the run without
+    checkpointing; the auto lever tries every 4th, every 2nd, then every layer."""
+    rows, seq = 3, 20
+    spec = LoraSpec(dropout=0.0)
+    measured, n_loss, config, targets = sft_forward_saved(tiny_model_dir, "float32", spec, checkpointing=True, every=2)
+    d = act.Dims.from_config(config)
+    shape = act.LoraShape(targets, spec.r, False)
+    half = act.trunk_saved(d, rows, seq, 4, shape, checkpointing=True, every=2)
+    assert measured == half["layers"] + act.loss_saved(n_loss, rows, seq, d.hidden, 4)
+    full = act.trunk_saved(d, rows, seq, 4, shape, checkpointing=True)["layers"]
+    none = act.trunk_saved(d, rows, seq, 4, shape, checkpointing=False)["layers"]
+    assert full < half["layers"] < none
+
+    def grads(**base):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32", **base), LoraSpec(dropout=0.0))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        model.train()
+        ids = torch.randint(0, 100, (rows, seq), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    model = build_model(ModelSpec(name_or_path=tiny_model_dir, gradient_checkpointing=True, checkpoint_every=2),
+                        LoraSpec())
+    assert [layer.gradient_checkpointing for layer in model.get_base_model().get_decoder().layers] == [True, False]
+    plain_loss, plain = grads()
+    kth_loss, kth = grads(gradient_checkpointing=True, checkpoint_every=2)
+    torch.testing.assert_close(kth_loss, plain_loss)
+    assert plain.keys() == kth.keys() and len(plain) > 0
+    for n in plain:
+        torch.testing.assert_close(kth[n], plain[n])
+    s = settings("sft", tiny_model_dir)
+    levers = [args for _, args, _, kind in plan._candidates(s) if kind == "checkpointing"]
+    assert levers == [["--model.base.gradient_checkpointing", "true", "--model.base.checkpoint_every", "4"],
+                      ["--model.base.gradient_checkpointing", "true", "--model.base.checkpoint_every", "2"],
+                      ["--model.base.gradient_checkpointing", "true"]]
+    with pytest.raises(ConfigError, match=r"model.base.checkpoint_every=0: expected an integer >= 1"):
+        ModelSpec(checkpoint_every=0)
 
 
 def test_kv_cache_equals_a_static_cache(tiny_model_dir):

@@ -214,7 +214,22 @@ def prepare_for_training(model, spec: ModelSpec):
         # weights even when the checkpointed block's inputs do not require grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if spec.checkpoint_every > 1:
+            checkpoint_every_kth(model, spec.checkpoint_every)
     return model
+
+
+def checkpoint_every_kth(model, k: int) -> None:
+    """Keep checkpointing on decoder layers 0, k, 2k, ... only (transformers' `GradientCheckpointingLayer` reads
+    its own `gradient_checkpointing` flag); a family whose layers are not such layers is refused."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None or not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+        raise ConfigError(f"model.base.checkpoint_every={k}: {type(model).__name__}'s decoder layers cannot be "
+                          "checkpointed one by one; use checkpoint_every 1")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % k == 0
 
 
 def apply_liger_kernel(model) -> None:

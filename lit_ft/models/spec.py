@@ -90,6 +90,10 @@ class ModelSpec:
     """Storage dtype of the packed 4-bit weights; FSDP needs it equal to the other weights' dtype (bfloat16)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant, so frozen inputs keep LoRA trainable)."""
+    checkpoint_every: int = 1
+    """With `gradient_checkpointing`: checkpoint every k-th decoder layer (layers 0, k, 2k, ...), the others keep
+    their activations. 1 = every layer; 2 halves the recompute for about half the saving (`lit-ft plan` shows
+    both; `--memory auto` tries 4, then 2, then 1)."""
     activation_offloading: bool = False
     """Move the activations a training forward saves to pinned host memory and back for the backward, on a side
     stream (`lit_ft.models.offload`; CUDA only, a no-op elsewhere): the GPU holds about two layers' activations

@@ -167,10 +167,11 @@ def attention_mask_bytes(rows: int, seq: int, a: int, attn: str, masked: bool) -
 
 def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, checkpointing: bool,
                 attn: str = "sdpa", mask_bytes: int | None = None, pos_rows: int = 1, masked: bool = False,
-                compiled: bool = False) -> dict:
+                compiled: bool = False, every: int = 1) -> dict:
     """Saved bytes of the whole decoder over [rows, seq] (the layers, RoPE, the final norm, the mask), and the
-    extra of recomputing one layer in the backward under gradient checkpointing. `compiled`: the layers run
-    through torch.compile (`layer_saved`; the final norm, outside them, stays eager)."""
+    extra of recomputing one layer in the backward under gradient checkpointing (of every `every`-th layer:
+    layers 0, k, 2k, ..., `models.load.checkpoint_every_kth`). `compiled`: the layers run through torch.compile
+    (`layer_saved`; the final norm, outside them, stays eager)."""
     n = rows * seq
     first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes, masked, compiled).values())
     other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes, masked, compiled).values())
@@ -179,7 +180,9 @@ def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, ch
     if checkpointing:
         # Non-reentrant checkpointing keeps each layer's inputs (the hidden states [n, H]) and nothing inside;
         # the backward re-runs one layer at a time, so one layer's saved set exists again at the peak.
-        return {"layers": d.layers * n * d.hidden * a + shared + final_norm, "recompute": other}
+        checkpointed = -(-d.layers // every)  # layer 0 is one of them: the others save as any later layer
+        kept = checkpointed * n * d.hidden * a + (d.layers - checkpointed) * other
+        return {"layers": kept + shared + final_norm, "recompute": other}
     return {"layers": first + (d.layers - 1) * other + shared + final_norm, "recompute": 0}
 
 

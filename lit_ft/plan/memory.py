@@ -226,9 +226,14 @@ def _candidates(s: Settings):
                    replace(s, batch_size=b, accumulate_grad_batches=s.accumulate_grad_batches * k), "microbatch")
             if b == 1:
                 break
-    if not s.base.gradient_checkpointing:
-        yield ("gradient checkpointing (about a third more compute)", ["--model.base.gradient_checkpointing", "true"],
-               replace(s, base=replace(s.base, gradient_checkpointing=True)), "checkpointing")
+    start = s.base.checkpoint_every if s.base.gradient_checkpointing else None
+    for k in (4, 2, 1):  # the least recompute first: lever_options keeps the first of a kind that fits
+        if start is None or k < start:
+            cost = "about a third more compute" if k == 1 else f"about 1/{3 * k} more compute"
+            args = ["--model.base.gradient_checkpointing", "true", "--model.base.checkpoint_every", str(k)]
+            yield (f"gradient checkpointing{'' if k == 1 else f' of every {k}th layer'} ({cost})",
+                   args if k > 1 or start is not None else args[:2],
+                   replace(s, base=replace(s.base, gradient_checkpointing=True, checkpoint_every=k)), "checkpointing")
     if s.target == "cuda" and not s.base.activation_offloading:
         yield ("activation offloading (saved activations in pinned host memory; PCIe time)",
                ["--model.base.activation_offloading", "true"],

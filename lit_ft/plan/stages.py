@@ -189,7 +189,8 @@ def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
     uneven = s.data is None or s.data.padded
     t = act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
                         pos_rows=rows if s.packing or positions else 1,
-                        masked=s.packing or ((positions or rows > 1) and uneven), compiled=s.compile)
+                        masked=s.packing or ((positions or rows > 1) and uneven), compiled=s.compile,
+                        every=s.base.checkpoint_every)
     if s.base.activation_offloading and s.target == "cuda":  # `models.offload`: about two layers' worth in flight
         t = dict(t, layers=t["layers"] * min(1.0, 2 / d.layers))
     return t
@@ -210,7 +211,10 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
     transient = transient or (lambda n, c: act.loss_transient(n, c, d.vocab, a))
     peak = max(transient(n_loss, chunk),
                act.backward_working(d, rows * L, a) + t["recompute"])
-    ckpt = "checkpointed: one [n, H] input a layer" if s.base.gradient_checkpointing else "every layer's saved tensors"
+    every = s.base.checkpoint_every
+    ckpt = ("every layer's saved tensors" if not s.base.gradient_checkpointing else
+            "checkpointed: one [n, H] input a layer" if every == 1 else
+            f"every {every}th layer checkpointed (its [n, H] input), the others' saved tensors")
     ckpt += ", compiled layers" if s.compile else ""
     ckpt += ", offloaded to host (2 layers on the GPU)" if s.base.activation_offloading and s.target == "cuda" else ""
     return [(f"activations (saved, {label})", saved, f"{rows} x {L} tokens, {ckpt}, + loss gather"),
