@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXERCISED = {
     r"lit-ft demo": "tests/test_demo.py (the demo on a tiny model, with demo.py)",
     r"lit-ft fit --config sft$": "test_install.py::test_fit_predict_export_from_an_empty_directory",
-    r"lit-ft fit --config (sft_qlora|reward|ppo|dpo|kto|grpo)$": "test_configs.py::test_config_instantiates",
+    r"lit-ft fit --config (sft_qlora|reward|ppo|dpo|kto|grpo|distill)$": "test_configs.py::test_config_instantiates",
     r"lit-ft fit --config (sft|reward|ppo|grpo|dpo) --config recipes/hh_rlhf/": "test_rlhf_recipe.py::test_the_readme_"
                                                                           "pipeline_runs_on_one_file_of_pairs",
     r"lit-ft fit --config sft --trainer.fast_dev_run": "test_hostile.py::test_every_recipe_has_a_smoke_run",
