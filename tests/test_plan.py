@@ -755,3 +755,111 @@ def test_hub_id_from_the_local_cache_only(tiny_model_dir, tmp_path):
     found, absent = out.stdout.strip().splitlines()[-2:]
     assert int(found) == estimate_settings(settings("sft", tiny_model_dir), budget=None).peak
     assert absent.startswith("error: model.base.name_or_path: no config for 'someone/absent'")
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+
+@pytest.fixture(scope="module")
+def wider_teacher_dir(tiny_model_dir, tmp_path_factory):
+    """A different tiny Llama of the same tokenizer: 3 layers, hidden 48 (the student's: 2, 32)."""
+    from tests.conftest import make_tiny_llama
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("teacher")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.save_pretrained(d)
+    make_tiny_llama(str(d), vocab_size=len(tok), seed=3, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
+    return str(d)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("teacher_kind", ["adapter", "model"])
+def test_distill_student_and_teacher_equal_the_real_module(tiny_model_dir, role_adapters, wider_teacher_dir,
+                                                           quantization, teacher_kind):
+    """`DistillModule.configure_model`: the trainable student LoRA (and its frozen teacher adapter) on one base;
+    a separate teacher's weights counted exactly as `load_base` holds them (quantized like a base), in its own
+    row."""
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.distill import DistillModule
+
+    lora = LoraSpec(r=6)
+    base = ModelSpec(name_or_path=tiny_model_dir, quantization=quantization)
+    teacher = ModelSpec(name_or_path=wider_teacher_dir, quantization=quantization) if teacher_kind == "model" else None
+    adapter = role_adapters[0] if teacher_kind == "adapter" else None
+    module = DistillModule(base=base, lora=lora, teacher=teacher, teacher_adapter=adapter)
+    module.configure_model()
+    real = real_split(module.model)
+    s = settings("distill", tiny_model_dir, quantization, lora=lora, sampling=SamplingSpec(), distill=module.distill,
+                 teacher=teacher, teacher_adapter=adapter)
+    got = planned(s)
+    assert (got["base weights"], got["adapters + heads"], got["gradients"]) == \
+        (real["base"], real["adapters"], real["trainable"])
+    trainable = [p for p in module.model.parameters() if p.requires_grad]
+    assert got["optimizer state"] == optimizer_state_bytes(trainable, "adamw")
+    if teacher is None:
+        assert got["teacher weights"] == 0 and "teacher" in module.model.peft_config
+    else:
+        t = real_split(module.teacher_model)
+        assert got["teacher weights"] == t["base"] + t["adapters"] > 0
+        assert got["teacher weights"] != got["base weights"]  # another model's shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_distill_chunk_saves_what_the_plan_counts(monkeypatch, dtype, beta, temperature):
+    """One chunk of `chunked_generalized_jsd` under grad (its checkpoint made a plain call, so the tensors it
+    re-creates in the backward stay held): the saved bytes, the heads' weights aside, equal
+    `online.distill_chunk_saved`; the chunk's transient is those plus the gradients' [chunk, V]."""
+    import lit_ft.losses.distill as distill_loss
+    from lit_ft.losses import chunked_generalized_jsd
+    from lit_ft.plan import online
+
+    monkeypatch.setattr(distill_loss, "checkpoint", lambda fn, *a, **k: fn(*a))
+    n, H, Ht, V = 13, 16, 24, 97
+    head_s = torch.nn.Linear(H, V, bias=False).to(dtype).requires_grad_(False)
+    head_t = torch.nn.Linear(Ht, V, bias=False).to(dtype).requires_grad_(False)
+    h_s = torch.randn(n, H, dtype=dtype, requires_grad=True)
+    h_t = torch.randn(n, Ht, dtype=dtype)
+    seen, (jsd, _) = saved_bytes(lambda: chunked_generalized_jsd(
+        h_s, h_t, lambda h: head_s(h).float(), lambda h: head_t(h).float(), beta, temperature, chunk_size=n))
+    weights = {p.untyped_storage().data_ptr() for p in (head_s.weight, head_t.weight)}
+    got = sum(b for ptr, b in seen.items() if ptr not in weights)
+    assert got == online.distill_chunk_saved(n, V, beta)
+    jsd.sum().backward()
+    assert h_s.grad is not None
+
+
+def test_distill_update_phase_grows_with_the_chunk_and_the_teacher(tiny_model_dir, wider_teacher_dir):
+    """The divergence's chunk is `model.distill.logits_chunk_size` tokens, at most the minibatch's response
+    tokens; a separate teacher's hidden states [rows, R, Ht] ride on the rollout record."""
+    import dataclasses
+
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.plan import online
+    from lit_ft.plan import weights as pw
+    from lit_ft.stages.distill_spec import DistillSpec
+
+    R = 8
+    s = settings("distill", tiny_model_dir, sampling=SamplingSpec(max_new_tokens=R), batch_size=4,
+                 distill=DistillSpec(mini_batch_size=4, logits_chunk_size=4), teacher_adapter="missing")
+    small = planned(s)
+    big = planned(dataclasses.replace(s, distill=DistillSpec(mini_batch_size=4, logits_chunk_size=1024)))
+    V = pw.model_config(s.base).vocab_size
+    key = [k for k in small if k.startswith("activations (peak phase: update")]
+    assert key, small
+    grow = big[key[0]] - small[key[0]]
+    assert grow == online.distill_transient(4 * R, V, 0.5, 4) - online.distill_transient(4, V, 0.5, 4)
+    other = planned(dataclasses.replace(s, teacher=ModelSpec(name_or_path=wider_teacher_dir), teacher_adapter=None))
+    assert other["rollout buffers"] - small["rollout buffers"] == 4 * R * (48 - 32) * 4
+
+
+def test_cli_plans_distill(tiny_model_dir, capsys):
+    """`lit-ft plan --config configs/distill.yaml`: the distillation stage's table (the teacher adapter not yet
+    trained: assumed to be the student's LoRA) and the divergence chunk among the advice."""
+    assert plan_cli.main(["--config", "configs/distill.yaml", "--model.base.name_or_path", tiny_model_dir,
+                          "--model.teacher_adapter", "/nonexistent/adapter", "--budget", "1MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: distill on" in out and "teacher weights" in out and "rollout buffers" in out
+    assert "DOES NOT FIT" in out and "--model.distill.mini_batch_size" in out

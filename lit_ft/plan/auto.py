@@ -70,7 +70,7 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             datamodule.batch_size = new
         elif f.name == "accumulate_grad_batches":
             trainer.accumulate_grad_batches = new
-        elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "loss_chunk_size"):
+        elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "distill", "loss_chunk_size"):
             setattr(model, f.name, new)
             if f.name in getattr(model, "hparams", {}) and dataclasses.is_dataclass(new):
                 model.hparams[f.name] = dataclasses.asdict(new)  # what the checkpoint records

@@ -57,6 +57,11 @@ class Settings:
     ppo: object = None
     grpo: object = None
     dpo: object = None
+    distill: object = None
+    teacher: ModelSpec | None = None
+    """Distillation's separate frozen teacher model (`DistillModule.teacher`); None: none, or `teacher_adapter`."""
+    teacher_adapter: str | None = None
+    """Distillation's teacher as a frozen adapter of the student's base (`DistillModule.teacher_adapter`)."""
     value_model: str = "adapter"
     sft_adapter: str | None = None
     reward_adapter: str | None = None
@@ -172,7 +177,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         precision=precision, accumulate_grad_batches=accumulate,
         loss_chunk_size=getattr(model, "loss_chunk_size", 4096),
         sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None), grpo=getattr(model, "grpo", None),
-        dpo=getattr(model, "dpo", None),
+        dpo=getattr(model, "dpo", None), distill=getattr(model, "distill", None) if stage == "distill" else None,
+        teacher=getattr(model, "teacher_spec", None), teacher_adapter=getattr(model, "teacher_adapter", None),
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
         rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)))
@@ -204,12 +210,12 @@ def _candidates(s: Settings):
     """(description, overrides, changed settings), cheapest first: changes that keep the result (micro-batch with
     accumulation, checkpointing, the loss chunk) before those that change the numerics (4-bit base, 8-bit
     optimizer state)."""
-    online = s.stage in ("ppo", "grpo")
+    online = s.stage in plan_stages.online.ONLINE
     p = getattr(s, s.stage, None) if online else None
     if online and p.mini_batch_size > 1:
         # Manual optimization: the spec's own minibatch and accumulation (Lightning refuses its accumulate flag);
         # a minibatch larger than the rollout acts as the rollout, so the halving starts from there.
-        start = min(p.mini_batch_size, s.batch_size * p.samples_per_prompt)
+        start = min(p.mini_batch_size, s.batch_size * getattr(p, "samples_per_prompt", 1))
         for k in (2, 4, 8, 16, 32, 64):
             mb, ga = max(start // k, 1), p.gradient_accumulation_steps * k
             yield (f"{s.stage.upper()} minibatch {p.mini_batch_size} -> {mb}, gradient_accumulation_steps x{k}",
@@ -244,6 +250,10 @@ def _candidates(s: Settings):
     if s.stage == "sft" and s.loss_chunk_size > 1024:  # (DPO's log-prob chunk, model.dpo.logp_chunk_size, is 1024)
         yield (f"loss chunk {s.loss_chunk_size} -> 1024 tokens", ["--model.loss_chunk_size", "1024"],
                replace(s, loss_chunk_size=1024), "chunk")
+    if s.stage == "distill" and s.distill.logits_chunk_size > 256:
+        yield (f"divergence chunk {s.distill.logits_chunk_size} -> 256 tokens",
+               ["--model.distill.logits_chunk_size", "256"],
+               replace(s, distill=replace(s.distill, logits_chunk_size=256)), "chunk")
     if s.base.quantization in ("none", "int8"):
         yield ("4-bit NF4 base with double quantization (QLoRA)", ["--model.base.quantization", "nf4"],
                replace(s, base=replace(s.base, quantization="nf4", double_quant=True)), "quantization")

@@ -1,10 +1,13 @@
-"""The memory plan of the online-RL stages, PPO and GRPO/RLOO (`lit_ft.online.shared`): their roles as adapters of one
+"""The memory plan of the online stages, PPO, GRPO/RLOO and on-policy distillation (`lit_ft.online.shared`): their roles as adapters of one
 meta-device base, the rollout (the decode engine's static KV cache and buffers, `lit_ft.online.engine`), the no-grad
 passes (scores, old and reference log-probs) and the minibatch update, of which the largest sets the peak.
 
 Both stages share one rollout and update path, so one set of formulas serves them; they differ in their roles
 (PPO: policy, reference, reward, value; GRPO: policy and reference, a reward adapter only when given, no value
-model) and in their spec section (`model.ppo` / `model.grpo`, same field names for the shapes used here).
+model; distillation: policy, and the teacher as a frozen adapter or a separate frozen model) and in their spec
+section (`model.ppo` / `model.grpo` / `model.distill`, same field names for the shapes used here). Distillation has
+no old or reference log-prob pass: the teacher's no-grad pass keeps its final hidden states of the response tokens,
+and the update adds the chunked [tokens, vocab] fp32 divergence (`distill_chunk_saved`).
 `tests/test_plan.py` checks the roles against the real tensors, the update forward against what autograd saves
 and the engine row against a real `DecodeEngine`'s cache and buffers.
 """
@@ -12,13 +15,16 @@ and the engine row against a real `DecodeEngine`'s cache and buffers.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+
+import torch
 
 from lit_ft.plan import activations as act
 from lit_ft.plan import rows as plan_data
 from lit_ft.plan import weights as pw
 from lit_ft.errors import ConfigError
 
-ONLINE = ("ppo", "grpo")
+ONLINE = ("ppo", "grpo", "distill")
 SELECTIVE_CHUNK = 1024  # rows `losses.selective_log_softmax` / `entropy_from_logits` convert to fp32 at a time
 
 
@@ -26,7 +32,8 @@ ROLES = ONLINE + ("dpo",)  # the stages whose policy and reference are adapters 
 
 
 def spec_of(s):
-    """The stage's spec section: `model.ppo` (PPOSpec), `model.grpo` (GRPOSpec) or `model.dpo` (DPOSpec)."""
+    """The stage's spec section: `model.ppo` (PPOSpec), `model.grpo` (GRPOSpec), `model.distill` (DistillSpec) or
+    `model.dpo` (DPOSpec)."""
     return getattr(s, s.stage, None)
 
 
@@ -64,6 +71,12 @@ def roles_meta(s, base, notes, heads):
     model = get_peft_model(base, policy, adapter_name="policy")
     if s.sft_adapter is not None:
         model.add_adapter("ref", copy.deepcopy(policy))
+    if s.stage == "distill" and s.teacher_adapter is not None:  # `roles.build_roles(frozen={TEACHER: ...})`
+        teacher = pw.read_adapter_config(s.teacher_adapter)
+        if teacher is None:
+            notes.append(f"teacher_adapter {s.teacher_adapter} not found yet: its LoRA is assumed to be the policy's")
+        model.add_adapter("teacher", trainable_config(teacher, "CAUSAL_LM") if teacher is not None
+                          else copy.deepcopy(policy))
     hidden = base.config.hidden_size
     rcfg = None
     if s.reward_adapter is not None:
@@ -90,7 +103,7 @@ def shapes(s) -> tuple[int, int, int, int, int]:
     which keeps the largest batch it has seen (`DecodeEngine._allocate`). Prompts are left-padded to the batch's
     longest (`PromptCollator`): the longest real prompt, else `max_length` (`plan_data.seq_len`)."""
     p, sp = spec_of(s), s.sampling
-    rows = s.batch_size * p.samples_per_prompt
+    rows = s.batch_size * getattr(p, "samples_per_prompt", 1)  # distillation: one response a prompt
     engine_rows = max(rows, s.eval_batch_size or s.batch_size)
     return rows, engine_rows, plan_data.seq_len(s), sp.max_new_tokens, min(p.mini_batch_size, rows)
 
@@ -145,11 +158,12 @@ def nograd_logits(d: act.Dims, rows: int, R: int, a: int, temperature: float) ->
     return max(head, n * 4 + min(SELECTIVE_CHUNK, rows * R) * d.vocab * 4 * 3)
 
 
-def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_bytes: int = 4
-               ) -> list[tuple[str, int, str]]:
+def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_bytes: int = 4,
+               teacher: "TeacherPlan | None" = None) -> list[tuple[str, int, str]]:
     """Rows of the rollout (engine), the rollout record and the largest phase (rollout prefill, no-grad passes,
     update). `engine_ok`: `sampling.engine: auto` picks the static engine for this model and precision
-    (`rollout.Sampler.resolve`: CUDA, an attention the engine serves, no autocast over weights of another dtype)."""
+    (`rollout.Sampler.resolve`: CUDA, an attention the engine serves, no autocast over weights of another dtype).
+    `teacher`: distillation's teacher (`teacher_plan`), whose pass and divergence replace the log-prob passes."""
     p, sp = spec_of(s), s.sampling
     rows, erows, P, R, mbs = shapes(s)
     seq, Pe = P + R, engine_prompt(s, P)
@@ -158,9 +172,12 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     # Prefill (one no-grad pass over the prompts, `logits_to_keep=1`): a layer's forward, the bool visibility
     # [rows, 1, P, P + R], the last position's logits [rows, V] in the activation dtype and in fp32.
     prefill = act.nograd_forward(d, erows * Pe, a) + erows * Pe * (Pe + R) + erows * d.vocab * (a + 4)
+    kv_hf = act.kv_cache(d, erows, Pe + R, a)
     # No-grad passes, mbs rows at a time: a layer's forward over mbs x (P + R) and the logits (old and reference
     # log-probs, entropy); a reward adapter's scoring pass has only the trunk.
     nograd = act.nograd_forward(d, mbs * seq, a) + nograd_logits(d, mbs, R, a, sp.temperature)
+    if s.stage == "distill":
+        return distill_components(s, d, a, lora, mask, trunk, teacher, static, engine, prefill, kv_hf)
     saved, recompute = policy_saved(s, d, a, lora, mask, trunk, head_bytes)
     # The backward: one layer's gradient buffers (+ the recomputed layer under checkpointing) and one recomputed
     # fp32 chunk of the log-softmax with its gradient and logsumexp work (3 x [1024, V]).
@@ -172,12 +189,95 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     record = rows * (2 * P + 2 * R) * 8 + rows * R * 4 * (8 if s.stage == "ppo" else 3)
     if s.stage == "grpo" and p.dynamic_sampling:
         record *= 2
-    out = [("KV cache (rollout)", engine if static else 0,
-            f"{erows} rows x ({Pe} + {R}) positions" + (", static engine: resident" if static else " (hf: freed)")),
-           ("rollout buffers", record, f"ids, masks and log-probs of {rows} episodes")]
-    kv_hf = act.kv_cache(d, erows, Pe + R, a)
+    out = [kv_row(erows, Pe, R, engine, static), ("rollout buffers", record, f"ids, masks and log-probs of {rows} episodes")]
     phase = max(("rollout", (0 if static else kv_hf) + prefill), ("no-grad passes", nograd), ("update", update),
                 key=lambda x: x[1])
     out.append((f"activations (peak phase: {phase[0]})", phase[1],
                 f"update: {mbs} rows x {seq} tokens with grad; rollout: prefill of {erows} x {Pe}"))
+    return out
+
+
+def kv_row(erows: int, Pe: int, R: int, engine: int, static: bool) -> tuple[str, int, str]:
+    return ("KV cache (rollout)", engine if static else 0,
+            f"{erows} rows x ({Pe} + {R}) positions" + (", static engine: resident" if static else " (hf: freed)"))
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+
+@dataclass
+class TeacherPlan:
+    """Distillation's teacher: its shapes, the bytes of its activations and hidden states, its weights' row."""
+
+    dims: act.Dims
+    a: int
+    """Bytes of an element of its activations and of the final hidden states it hands the update."""
+    row: tuple[str, int, str]
+
+
+def teacher_plan(s, d: act.Dims, a: int) -> TeacherPlan:
+    """The teacher of `DistillModule`: a frozen adapter of the student's base (`teacher_adapter`: counted with the
+    adapters, its passes of the student's shapes), or a separate frozen model (`teacher`: its weights counted as
+    `build_model` holds a base, quantization included, on the meta device). The separate teacher is no submodule of
+    the LightningModule, so Lightning's `*-true` cast leaves it in its own dtype; `*-mixed` autocast computes its
+    matmuls in half."""
+    if s.teacher is None:
+        return TeacherPlan(d, a, ("teacher weights", 0, "model.teacher_adapter: a frozen adapter of the student's "
+                                  "base (in adapters + heads)"))
+    config = pw.model_config(s.teacher)
+    dtype = pw.resolve_dtype_for(s.teacher, s.target)
+    model = pw.meta_model(s.teacher, "causal_lm", config, dtype)
+    counts = pw.count(model, s.teacher, pw.unquantized_modules(model))
+    kind = str(s.precision).split("-")[0]
+    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(kind)
+    ta = half.itemsize if half is not None and str(s.precision).endswith("mixed") else dtype.itemsize
+    kinds = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(counts.base.items(), key=lambda kv: -kv[1]))
+    return TeacherPlan(act.Dims.from_config(config), ta,
+                       ("teacher weights", counts.base_bytes + counts.adapter_bytes,
+                        f"model.teacher {s.teacher.name_or_path or '(bundled default)'}, frozen: {kinds}"))
+
+
+DISTILL_SAVED = {0.0: 2, 1.0: 3}
+"""fp32 [chunk, V] tensors `losses.generalized_jsd` saves for its backward: forward KL the two log-softmaxes
+(the teacher's as the product's operand); reverse KL also the student's probabilities; a JSD between the two
+log-softmaxes, the mixture and the two probabilities and one difference (6). The temperature's division and the
+half-precision logits' fp32 cast save nothing (`tests/test_plan.py` counts them through saved_tensors_hooks)."""
+
+
+def distill_chunk_saved(tokens: int, vocab: int, beta: float) -> int:
+    """Bytes one chunk of `tokens` positions of `losses.chunked_generalized_jsd` saves under grad (what its
+    checkpointed chunk re-creates in the backward)."""
+    return tokens * vocab * 4 * DISTILL_SAVED.get(float(beta), 6)
+
+
+def distill_transient(tokens: int, vocab: int, beta: float, a: int) -> int:
+    """One chunk's recomputation in the backward: its saved fp32 tensors, the incoming and outgoing fp32 gradient
+    [chunk, V] and the head output's gradient in the activation dtype."""
+    return distill_chunk_saved(tokens, vocab, beta) + tokens * vocab * (8 + a)
+
+
+def distill_components(s, d, a, lora, mask, trunk, t: TeacherPlan, static, engine, prefill, kv_hf):
+    """`DistillModule`: the rollout (one response a prompt) with the sampler's log-probs, the teacher's final
+    hidden states [rows, R, Ht] kept on the rollout, the teacher's no-grad pass (a layer's forward over a minibatch
+    and its last hidden state), and the update: the student's trunk with grad, the gathered response states of
+    both models [n, H] / [n, Ht] (the checkpointed chunks' inputs) and one chunk's recomputation."""
+    p = spec_of(s)
+    rows, erows, P, R, mbs = shapes(s)
+    seq, Pe = P + R, engine_prompt(s, P)
+    record = rows * (2 * P + 2 * R) * 8 + rows * R * 4 + rows * R * t.dims.hidden * t.a
+    n = mbs * R
+    teacher = act.nograd_forward(t.dims, mbs * seq, t.a) + mbs * seq * t.dims.hidden * t.a
+    tr = trunk(s, d, mbs, seq, a, lora, mask, positions=True)
+    chunk = min(p.logits_chunk_size, n)
+    saved = tr["layers"] + n * d.hidden * a + n * t.dims.hidden * t.a + mbs * R
+    update = (saved + act.backward_working(d, mbs * seq, a) + tr["recompute"]
+              + distill_transient(chunk, d.vocab, p.beta, a))
+    out = [kv_row(erows, Pe, R, engine, static),
+           ("rollout buffers", record, f"ids, masks, sampler log-probs of {rows} episodes and the teacher's final "
+            f"hidden states [{rows}, {R}, {t.dims.hidden}]")]
+    phase = max(("rollout", (0 if static else kv_hf) + prefill), ("teacher pass", teacher), ("update", update),
+                key=lambda x: x[1])
+    out.append((f"activations (peak phase: {phase[0]})", phase[1],
+                f"update: {mbs} rows x {seq} tokens with grad + the divergence, {chunk} x {d.vocab} fp32 a chunk; "
+                f"rollout: prefill of {erows} x {Pe}"))
     return out

@@ -1,4 +1,4 @@
-"""The memory components of each stage (SFT, reward, DPO, KTO, PPO, GRPO): what is resident, what peaks, and when.
+"""The memory components of each stage (SFT, reward, DPO, KTO, PPO, GRPO, distillation): what is resident, what peaks, and when.
 
 `components(settings)` builds the stage's model on the meta device (its roles and adapters as the stage builds
 them), counts it (`lit_ft.plan.weights`) and adds the activations and stage extras (`lit_ft.plan.activations`;
@@ -21,7 +21,7 @@ from lit_ft.plan import weights as pw
 from lit_ft.plan.sizes import fmt
 
 _STAGES = {"SFTModule": "sft", "RewardModule": "reward", "PPOModule": "ppo", "GRPOModule": "grpo",
-           "DPOModule": "dpo", "KTOModule": "kto"}
+           "DPOModule": "dpo", "KTOModule": "kto", "DistillModule": "distill"}
 _OFFLINE_ROLES = ("kto",)  # policy and reference adapters of one base, as `online.ROLES` (`stages.offline`)
 _HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 
@@ -31,7 +31,7 @@ def stage_of(module) -> str:
         if cls.__name__ in _STAGES:
             return _STAGES[cls.__name__]
     raise ConfigError(f"model: no memory plan for {type(module).__name__} (planned: SFT, reward, DPO, KTO, PPO, "
-                      "GRPO modules)")
+                      "GRPO, distillation modules)")
 
 
 def precision_dtypes(precision: str, weight_dtype: torch.dtype) -> tuple[torch.dtype | None, int]:
@@ -104,7 +104,7 @@ def counted_model(s):
     from lit_ft.online.engine_ops import engine_unsupported
 
     key = repr((s.stage, s.base, s.lora, s.precision, s.sft_adapter, s.reward_adapter, s.value_model, s.target,
-                s.stage in online.ROLES and online.disable_dropout(s)))
+                s.stage in online.ROLES and online.disable_dropout(s), s.teacher_adapter))
     if key not in _CACHE:
         config = pw.model_config(s.base)
         dtype = pw.resolve_dtype_for(s.base, s.target)
@@ -161,7 +161,11 @@ def components(s):
         # `rollout.autocast_mismatch`: autocast over weights of another dtype sends `auto` to the hf engine
         kind = str(s.precision).split("-")[0]
         mixed = str(s.precision).endswith("mixed") and kind in _HALF and dtype != _HALF[kind]
-        stage_rows = online.components(s, dims, a, shape, mask, _trunk, engine and not mixed, head_dtype.itemsize)
+        teacher = online.teacher_plan(s, dims, a) if s.stage == "distill" else None
+        if teacher is not None:
+            rows.append(teacher.row)
+        stage_rows = online.components(s, dims, a, shape, mask, _trunk, engine and not mixed, head_dtype.itemsize,
+                                       teacher)
     else:
         stage_rows = {"sft": _sft, "dpo": _dpo, "kto": _kto}[s.stage](s, dims, a, shape, mask)
     rows += stage_rows
@@ -170,6 +174,10 @@ def components(s):
                      "sampling.merged: one copy of the LoRA-wrapped weights"))
     if s.stage == "dpo":
         notes.append("DPO: the policy over the 2B chosen + rejected rows; the no-grad reference pass runs before it")
+    if s.stage == "distill":
+        notes.append("distillation: the student's rollout, then the teacher's no-grad pass (its final hidden states "
+                     "of the response tokens kept), then the student's update with the divergence's [tokens, vocab] "
+                     "fp32 work model.distill.logits_chunk_size tokens at a time; validation rollouts not planned")
     if s.stage == "kto":
         notes.append("KTO: the policy over the B examples; the no-grad passes (the reference's, and the mismatched "
                      "pairs' under policy and reference, B rows each) run before it")
