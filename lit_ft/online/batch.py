@@ -33,9 +33,20 @@ class Rollout:
     sampler_logprobs: Tensor | None = None
     """[B, R] the sampler's log-probs of the response tokens (either engine), 0 after EOS: what the rollout
     correction and the `rollout/*` mismatch figures compare `old_logprobs` with."""
+    attend: Tensor | None = None
+    """[B, R] episodes against an environment (`lit_ft.online.episodes`): 1 on every response token, the model's
+    and the environment's (what the forward attends to), where `mask` is 1 on the model's own tokens only (what
+    log-probs, the KL and the loss count). None: `mask` is both."""
+    env_rewards: Tensor | None = None
+    """[B] episodes: the environment's reward of each episode (0 where it gave none), added to the score."""
     teacher_hidden: Tensor | None = None
     """[B, R, Ht] distillation: the teacher's final hidden states that predict each response token (no grad); its
     head turns a chunk of them into logits when the loss needs them."""
+
+    @property
+    def visible(self) -> Tensor:
+        """[B, R] the response tokens the forward attends to (`attend`, else `mask`)."""
+        return self.mask if self.attend is None else self.attend
 
     def rows(self, idx) -> "Rollout":
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if getattr(self, f.name) is not None})

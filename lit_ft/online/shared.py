@@ -26,7 +26,7 @@ from lit_ft.train import checkpointing, metrics, optim, strategies
 from lit_ft.errors import ConfigError
 from lit_ft.losses import rollout_correction, rollout_mismatch
 
-from lit_ft.online import roles, engine as decode
+from lit_ft.online import episodes, roles, engine as decode
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.online.scoring import resolve_callable
 from lit_ft.train.metrics import log_table
@@ -114,7 +114,10 @@ def sample_and_score(module, batch: dict, k: int, skipped_key: str):
 @torch.no_grad()
 def rollout(module, batch: dict, sampling: SamplingSpec, logprobs: bool = True) -> Rollout:
     """Sample one response per prompt row; with `min_new_tokens`, the batch's length is drawn uniformly. With
-    `logprobs`, the rollout carries the sampler's log-probs of its tokens (`Rollout.sampler_logprobs`)."""
+    `logprobs`, the rollout carries the sampler's log-probs of its tokens (`Rollout.sampler_logprobs`). A module
+    with an `environment` runs multi-turn episodes instead (`lit_ft.online.episodes.rollout`)."""
+    if getattr(module, "environment", None) is not None:
+        return episodes.rollout(module, batch, sampling, logprobs)
     n = sampling.max_new_tokens
     if sampling.min_new_tokens is not None:
         n = random.randint(sampling.min_new_tokens, sampling.max_new_tokens)
@@ -137,11 +140,12 @@ def score(module, batch: dict, ro: Rollout, missing_eos_penalty: float | None, s
           chunk: int) -> tuple[Tensor, list[str], dict[str, Tensor]]:
     """Scores [B] (reward model, reward callable, EOS penalty, clipping), decoded responses, components."""
     # Only the masked tokens: whatever follows EOS is no part of the response.
-    texts = module.tokenizer.batch_decode([r[m.bool()] for r, m in zip(ro.responses, ro.mask)],
-                                          skip_special_tokens=True)
+    # Episodes: the model's final turn (the environment's turns and the earlier calls are no part of the answer).
+    tokens = ([r[m.bool()] for r, m in zip(ro.responses, ro.mask)] if ro.attend is None else episodes.last_turn(ro))
+    texts = module.tokenizer.batch_decode(tokens, skip_special_tokens=True)
     scores, parts = torch.zeros(ro.mask.shape[0], device=ro.mask.device), {}
     if module.reward_head is not None:
-        ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.mask)
+        ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.visible)
         with eval_mode(module.model), module.roles.active(roles.REWARD):
             raw = torch.cat([roles.last_token_scores(module.reward_head, roles.trunk(module.model, ids[s], mask[s],
                              pos[s]), mask[s]) for s in slices(len(ids), chunk)])
@@ -151,6 +155,9 @@ def score(module, batch: dict, ro: Rollout, missing_eos_penalty: float | None, s
         values = module.reward_fn(batch["prompts"], texts, batch.get("answers") or [None] * len(texts))
         parts["reward_fn"] = torch.tensor(values, dtype=torch.float32, device=scores.device)
         scores = scores + module.reward_fn_weight * parts["reward_fn"]
+    if ro.env_rewards is not None:
+        parts["environment"] = ro.env_rewards
+        scores = scores + ro.env_rewards
     parts["no_eos"] = no_eos(module, ro).float()
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * parts["no_eos"]
@@ -162,7 +169,7 @@ def score(module, batch: dict, ro: Rollout, missing_eos_penalty: float | None, s
 def logprobs(module, ro: Rollout, entropy: bool = False, value_head=None):
     """(log-probs, entropy or None, `value_head`'s values on the same hidden states or None) with the currently
     active adapter."""
-    ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.mask)
+    ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.visible)
     h = roles.response_hidden(roles.trunk(module.model, ids, mask, pos), ro.input_ids.shape[1])
     lp, ent = roles.token_logprobs(module.model, h, ro.responses, module.sampling.temperature, entropy)
     return lp, ent, (roles.head_values(value_head, h) if value_head is not None else None)

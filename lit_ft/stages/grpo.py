@@ -33,6 +33,7 @@ from lit_ft.online.generation import SamplingSpec
 from lit_ft.stages.grpo_spec import GRPOSpec
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.online.batch import Rollout
+from lit_ft.online.episodes import Environment, EpisodeSpec, check_environment, describe
 from lit_ft.losses import clipped_policy_loss, group_advantages, masked_mean, overlong_penalty, zero_std_groups
 from lit_ft.validation import check_init
 
@@ -52,6 +53,8 @@ class GRPOModule(L.LightningModule):
         reward_adapter: str | None = None,
         optim: optim.OptimSpec = optim.OptimSpec(lr=1e-5, scheduler="constant", warmup_ratio=0.0),
         sample_table_every: int = 10,
+        environment: Environment | None = None,
+        episodes: EpisodeSpec = EpisodeSpec(),
     ):
         """
         Args:
@@ -69,10 +72,21 @@ class GRPOModule(L.LightningModule):
             optim: optimizer and learning-rate schedule (stepped once per rollout). TRL's GRPOConfig defaults to
                 lr 1e-6 for full fine-tuning; a LoRA policy takes 10-100x that (configs/grpo.yaml: 1e-4).
             sample_table_every: log a W&B table of prompts, responses and scores every this many rollouts (0: never).
+            environment: multi-turn episodes against this object (`{class_path: ..., init_args: ...}`; its
+                `reset(row)` and `step(messages)`: `lit_ft.online.episodes`): each rollout row is an episode of
+                model and environment turns, only the model's tokens trained, the episode's reward added to the
+                score (reward_fn, if set, reads the model's final turn). None: one response a prompt.
+            episodes: the episodes' limits (max_turns, max_tokens) and the tool-call format.
         """
         check_init("model (GRPOModule)", GRPOModule, locals())
         super().__init__()
         self.save_hyperparameters()
+        if environment is not None:
+            environment = check_environment(environment, checkpointing.as_spec(SamplingSpec, sampling))
+            self.hparams["environment"] = describe(environment)
+            if grpo is not None and checkpointing.as_spec(GRPOSpec, grpo).overlong_buffer is not None:
+                raise ConfigError("model.grpo.overlong_buffer: not with model.environment (an episode's model tokens "
+                                  "span several turns, each up to model.sampling.max_new_tokens)")
         checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
         grpo = checkpointing.as_spec(GRPOSpec, grpo)
         if grpo.overlong_buffer is not None and grpo.overlong_buffer > checkpointing.as_spec(SamplingSpec, sampling) \
@@ -80,8 +94,12 @@ class GRPOModule(L.LightningModule):
             raise ConfigError(f"model.grpo.overlong_buffer={grpo.overlong_buffer}: expected at most "
                               "model.sampling.max_new_tokens")
         online.init_stage(self, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim,
-                          sample_table_every)
+                          sample_table_every, needs_reward=environment is None)
         self.grpo = grpo
+        self.environment, self.episodes = environment, checkpointing.as_spec(EpisodeSpec, episodes)
+        self.episode_stats: dict[str, Tensor] = {}  # the last episodes' rollout/* figures (lit_ft.online.episodes)
+        if environment is not None:
+            self.val_parts["environment"] = MeanMetric()
         if grpo.overlong_buffer is not None:
             self.val_parts["overlong"] = MeanMetric()
         self.counters = {"rollouts": 0, "skipped_batches": 0, "skipped_minibatches": 0, "groups": 0,
@@ -124,6 +142,7 @@ class GRPOModule(L.LightningModule):
         # 6. Log (TRL's GRPO names; the sampler/trainer mismatch under rollout/).
         stats.update(self.mismatch(kept))
         stats.update(group_stats)
+        stats.update(self.episode_stats if self.environment is not None else {})
         stats.update({f"train/rewards/{k}/mean": v for k, v in parts.items()})
         stats.update({"train/reward": scores.mean(), "train/completions/mean_length": ro.mask.sum(1).float().mean(),
                       "train/completions/clipped_ratio": parts["no_eos"],

@@ -1,0 +1,335 @@
+"""Multi-turn rollouts against an environment: episodes that alternate the model's turns and the environment's.
+
+An environment (`Environment`) is any object with ``reset(row) -> messages`` (the episode's starting conversation
+from a prompt row: ``{"prompt": rendered prompt text, "answer": ...}``) and ``step(messages) -> (new_messages,
+reward | None, done)`` (the conversation so far, ending with the model's turn: the environment's turns to append,
+e.g. ``tool`` messages with the results of the calls, the episode's reward when it ends, and whether it ended); an
+optional ``tools`` attribute (a list of JSON schemas) is passed to the chat template.
+
+`rollout` runs the episodes of a batch together: each round, the token sequence of every unfinished episode (its
+starting conversation rendered by the chat template with the tools and the generation prompt, then every turn's
+tokens) is sampled as one left-padded batch through the `Sampler`; the model's text is parsed into an assistant
+message (`TOOL_PARSERS`: the template's own tool-call format; a malformed call stays text, for the environment to
+answer); the environment's turns are the text the chat template adds after the model's end-of-turn token, tokenized
+and appended. The sequence the model sees next is the one the training forward sees, token for token. An episode
+ends when the environment says so, after `max_turns` model turns, when its tokens reach `max_tokens`, or when a
+model turn is cut without its end-of-turn token.
+
+The episode is one row of the `Rollout`: the starting conversation is the prompt; the response holds every later
+token, `attend` 1 on all of them and `mask` 1 on the model's own tokens only, so log-probs, the KL and the policy loss
+see the model's tokens; `env_rewards` carries the episode's reward (0 where the environment gave none).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+from lit_ft.errors import ConfigError
+from lit_ft.models import eval_mode
+from lit_ft.online import engine as decode
+from lit_ft.online.batch import Rollout
+from lit_ft.train import strategies
+from lit_ft.validation import check_spec
+
+
+class Environment:
+    """The base of what `model.environment` names (`{class_path: ..., init_args: ...}`, a subclass; jsonargparse
+    instantiates it): override `reset` and `step` (module docstring); `tools`: the JSON schemas the chat template
+    is given (None: none)."""
+
+    tools: list[dict] | None = None
+
+    def reset(self, row: dict) -> list[dict]:
+        """The episode's starting conversation for a prompt row (`prompt`: the rendered prompt, `answer`)."""
+        raise NotImplementedError
+
+    def step(self, messages: list[dict]) -> tuple[list[dict], float | None, bool]:
+        """The conversation so far, ending with the model's turn -> (the environment's turns to append, the
+        episode's reward or None, whether the episode ended)."""
+        raise NotImplementedError
+
+
+@dataclass
+class EpisodeSpec:
+    """Multi-turn episodes against `model.environment` (the `model.episodes` section)."""
+
+    max_turns: int = 4
+    """Model turns an episode takes at most (each followed by the environment's step)."""
+    max_tokens: int = 1024
+    """Tokens after the starting conversation an episode holds at most, the model's and the environment's together;
+    each model turn samples at most `model.sampling.max_new_tokens` of them."""
+    tool_format: Literal["auto", "hermes", "llama3_json"] = "auto"
+    """How the model's tool calls are read from its text: `hermes` (Qwen2.5, Hermes, SmolLM3:
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`), `llama3_json` (Llama 3.1/3.2: the whole turn one
+    `{"name": ..., "parameters": {...}}` object, after `<|python_tag|>` or not); `auto`: from the chat template
+    (`hermes` where it writes `<tool_call>`, `llama3_json` where it writes `<|python_tag|>` or `"parameters"`)."""
+
+    def __post_init__(self):
+        check_spec(self, "model.episodes")
+
+
+def check_environment(env: Any, sampling) -> Any:
+    """The environment object (a `{class_path, init_args}` dict, as a checkpoint stores it, is instantiated),
+    refused in one line when it lacks `reset`/`step` or when the static engine was asked for."""
+    if isinstance(env, dict):
+        env = _instantiate(env)
+    missing = [m for m in ("reset", "step") if not callable(getattr(env, m, None))
+               or getattr(type(env), m, None) is getattr(Environment, m)]
+    if missing:
+        raise ConfigError(f"model.environment: {type(env).__name__} has no {' or '.join(missing)} method; an "
+                          "environment needs reset(row) -> messages and step(messages) -> (messages, reward, done)")
+    if getattr(sampling, "engine", "auto") == "static":
+        raise ConfigError("model.sampling.engine='static': episodes against model.environment decode with the hf "
+                          "engine (the static engine does not continue from a cached prefix yet); set auto or hf")
+    return env
+
+
+def _instantiate(spec: dict) -> Any:
+    import importlib
+
+    path = spec.get("class_path")
+    if not isinstance(path, str) or "." not in path:
+        raise ConfigError(f"model.environment: expected {{class_path: module.Class, init_args: ...}}, got {spec!r}")
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.environment.class_path={path!r}: cannot import it ({e})") from None
+    return cls(**(spec.get("init_args") or {}))
+
+
+def describe(env: Any) -> dict:
+    """The environment as hparams.yaml keeps it (its class; init args are the config's)."""
+    return {"class_path": f"{type(env).__module__}.{type(env).__qualname__}"}
+
+
+# ---------------------------------------------------------------------------------------------- tool-call parsers
+
+
+def _call(obj: Any, key: str) -> dict | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(key, {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"type": "function", "function": {"name": obj["name"], "arguments": args}}
+
+
+def parse_hermes(text: str) -> tuple[str, list[dict]] | None:
+    """`<tool_call>{json}</tool_call>` blocks: (the text outside them, the calls); None when a block is malformed
+    (not JSON, no name, arguments not an object, unclosed); ("text", []) when there is no block."""
+    if "<tool_call>" not in text:
+        return text, []
+    blocks = re.findall(r"<tool_call>(.*?)</tool_call>", text, flags=re.S)
+    if len(blocks) != text.count("<tool_call>"):
+        return None
+    calls = []
+    for b in blocks:
+        try:
+            call = _call(json.loads(b), "arguments")
+        except json.JSONDecodeError:
+            return None
+        if call is None:
+            return None
+        calls.append(call)
+    return re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S).strip(), calls
+
+
+def parse_llama3_json(text: str) -> tuple[str, list[dict]] | None:
+    """Llama 3.1's JSON tool calls: the turn (after `<|python_tag|>` if present) is one `{"name", "parameters"}`
+    object, or several separated by `;`. Text that does not start like a call is plain text; one that does but
+    does not parse is malformed (None)."""
+    body = text.split("<|python_tag|>", 1)[1] if "<|python_tag|>" in text else text
+    body = body.strip()
+    if not (body.startswith("{") and '"name"' in body):
+        return text, []
+    calls = []
+    for part in body.split(";"):
+        try:
+            call = _call(json.loads(part), "parameters")
+        except json.JSONDecodeError:
+            return None
+        if call is None:
+            return None
+        calls.append(call)
+    return "", calls
+
+
+TOOL_PARSERS: dict[str, Callable[[str], tuple[str, list[dict]] | None]] = {
+    "hermes": parse_hermes, "llama3_json": parse_llama3_json}
+"""One parser per family of tool-call formats: text -> (content, calls), or None for a malformed call."""
+
+
+def tool_format(tokenizer, setting: str) -> str:
+    """The parser's name for `setting` (`auto`: read from the chat template; hermes when it shows nothing)."""
+    if setting != "auto":
+        return setting
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    if "<|python_tag|>" in template or '"parameters"' in template:
+        return "llama3_json"
+    return "hermes"
+
+
+def assistant_message(text: str, parser: Callable) -> tuple[dict, bool]:
+    """The model's turn as an assistant message, and whether it called a tool. A malformed call is passed on as the
+    turn's text, unparsed, for the environment to answer."""
+    parsed = parser(text)
+    if parsed is None or not parsed[1]:
+        return {"role": "assistant", "content": text}, False
+    content, calls = parsed
+    for i, c in enumerate(calls):
+        c["id"] = f"call_{i}"
+    return {"role": "assistant", "content": content, "tool_calls": calls}, True
+
+
+# ---------------------------------------------------------------------------------------------- episodes
+
+
+@dataclass
+class Episode:
+    messages: list[dict]
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    model: list[int] = field(default_factory=list)  # 1: the model's token, 0: the environment's
+    logprobs: list[float] = field(default_factory=list)
+    reward: float | None = None
+    turns: int = 0
+    called: bool = False
+    done: bool = False
+
+
+def render(tokenizer, messages: list[dict], tools, generation: bool) -> str:
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
+
+
+def environment_text(tokenizer, before: list[dict], new: list[dict], tools) -> str:
+    """The text the chat template adds after the model's end-of-turn token for the environment's `new` turns (and
+    the next generation prompt): the rendering with them, less the rendering up to that token without them."""
+    eos = tokenizer.eos_token
+    prev = render(tokenizer, before, tools, False)
+    cut = prev.rfind(eos)
+    full = render(tokenizer, before + new, tools, True)
+    if cut < 0 or not full.startswith(prev[:cut + len(eos)]):
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ConfigError(f"model.environment: the chat template of {where} does not render a conversation as its "
+                          f"earlier rendering plus the new turns (after the model's {eos!r}); episodes need a "
+                          "template that only appends")
+    return full[cut + len(eos):]
+
+
+@torch.no_grad()
+def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
+    """The episodes of `batch` (one a prompt row) against `module.environment`, batched round by round (module
+    docstring); sets `module.episode_stats` (the `rollout/*` figures)."""
+    env, spec, tok = module.environment, module.episodes, module.tokenizer
+    tools = getattr(env, "tools", None)
+    parser = TOOL_PARSERS[tool_format(tok, spec.tool_format)]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    names = {"prompts": "prompt", "answers": "answer"}
+    rows = [{names.get(k, k): v[i] for k, v in batch.items() if isinstance(v, list)}
+            for i in range(len(batch["input_ids"]))]
+    eps = []
+    for r in rows:
+        msgs = list(env.reset(r))
+        eps.append(Episode(msgs, tok(render(tok, msgs, tools, True), add_special_tokens=False)["input_ids"]))
+    device = batch["input_ids"].device
+    hf = replace(sampling, engine="hf")
+    if module.sampler is None:
+        module.sampler = decode.Sampler(module.model, eos, pad)
+    while True:
+        live = [e for e in eps if not e.done]
+        if not live:
+            break
+        n = min(sampling.max_new_tokens, max(spec.max_tokens - len(e.tokens) for e in live))
+        ids, mask = _left_padded([e.prompt + e.tokens for e in live], pad, device)
+        with eval_mode(module.model), strategies.for_generation(module._trainer):
+            out, out_mask, lp = module.sampler(ids, mask, hf, max_new_tokens=n, logprobs=True)
+        for i, e in enumerate(live):
+            k = min(int(out_mask[i].sum()), spec.max_tokens - len(e.tokens))
+            new = out[i, :k].tolist()
+            e.tokens += new
+            e.model += [1] * k
+            e.logprobs += lp[i, :k].tolist()
+            e.turns += 1
+            ended = bool(new) and new[-1] == eos
+            text = tok.decode(new[:-1] if ended else new, skip_special_tokens=False)
+            msg, called = assistant_message(text, parser)
+            e.messages.append(msg)
+            e.called |= called
+            if not ended:  # cut by the token budget: no end of turn for the environment to follow
+                e.done = True
+                continue
+            step = env.step([dict(m) for m in e.messages])
+            if not (isinstance(step, tuple) and len(step) == 3 and isinstance(step[0], list)):
+                raise ConfigError(f"model.environment: {type(env).__name__}.step returned {type(step).__name__}; "
+                                  "expected (new messages: list, reward: float | None, done: bool)")
+            turns, reward, done = step
+            if reward is not None:
+                e.reward = float(reward)
+            if done or e.turns >= spec.max_turns:
+                e.done = True
+                continue
+            text = environment_text(tok, e.messages, list(turns), tools)
+            env_ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(e.tokens) + len(env_ids) >= spec.max_tokens:  # no room left for a model turn
+                e.done = True
+                continue
+            e.messages.extend(turns)
+            e.tokens += env_ids
+            e.model += [0] * len(env_ids)
+            e.logprobs += [0.0] * len(env_ids)
+    prompts, attention = _left_padded([e.prompt for e in eps], pad, device)
+    R = max(1, max(len(e.tokens) for e in eps))
+    responses = torch.full((len(eps), R), pad, dtype=torch.long, device=device)
+    attend = torch.zeros(len(eps), R, dtype=torch.long, device=device)
+    model_mask = torch.zeros_like(attend)
+    sampler_lp = torch.zeros(len(eps), R, device=device)
+    for i, e in enumerate(eps):
+        t = len(e.tokens)
+        responses[i, :t] = torch.tensor(e.tokens, dtype=torch.long)
+        attend[i, :t] = 1
+        model_mask[i, :t] = torch.tensor(e.model, dtype=torch.long)
+        sampler_lp[i, :t] = torch.tensor(e.logprobs)
+    env_tokens = (attend - model_mask).sum(1).float()
+    module.episode_stats = {
+        "rollout/env_tokens_mean": env_tokens.mean(),
+        "rollout/turns_mean": torch.tensor([float(e.turns) for e in eps]).mean(),
+        "rollout/tool_call_frac": torch.tensor([float(e.called) for e in eps]).mean()}
+    module.episode_messages = [e.messages for e in eps]
+    return Rollout(prompts, attention, responses, model_mask, sampler_logprobs=sampler_lp if logprobs else None,
+                   attend=attend, env_rewards=torch.tensor([e.reward or 0.0 for e in eps], device=device))
+
+
+def _left_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def last_turn(ro: Rollout) -> list[list[int]]:
+    """Each row's last run of model tokens (the model's final turn), the tokens the reward callable reads."""
+    out = []
+    for r, m in zip(ro.responses.tolist(), ro.mask.tolist()):
+        end = max((j for j, v in enumerate(m) if v), default=-1)
+        start = end
+        while start > 0 and m[start - 1]:
+            start -= 1
+        out.append(r[start:end + 1] if end >= 0 else [])
+    return out
