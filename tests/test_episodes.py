@@ -206,10 +206,11 @@ def test_grpo_fit_with_an_environment_logs_the_episode_figures(tool_model_dir):
     torch.manual_seed(0)
     module = make_module(tool_model_dir, Echo(), reward_fn="tests.test_ppo.uppercase_share")
     module.configure_model()
-    trainer(2).fit(module, train_dataloaders=prompt_loader(module.tokenizer, batch_size=4, n=8))
+    trainer(2, limit_val_batches=1).fit(module, train_dataloaders=prompt_loader(module.tokenizer, batch_size=4, n=8),
+                                        val_dataloaders=prompt_loader(module.tokenizer, batch_size=4, n=4))
     m = module.trainer.callback_metrics
     for k in ("rollout/env_tokens_mean", "rollout/turns_mean", "rollout/tool_call_frac",
-              "train/rewards/environment/mean", "train/loss"):
+              "train/rewards/environment/mean", "train/loss", "val/scores", "val/environment"):
         assert k in m, k
     assert module.counters["rollouts"] == 2 and float(m["rollout/env_tokens_mean"]) > 0
 
