@@ -200,6 +200,9 @@ def test_malformed_call_reaches_the_environment_and_the_episode_goes_on(tool_mod
     assert "error: the call is not JSON" in env_text and "<tool_response>5</tool_response>" in env_text
     scores, texts, parts = module.score(batch, ro)
     assert texts == ["It is 5."] * 2 and scores.tolist() == [1.0, 1.0]
+    assert float(parts["no_eos"]) == 0
+    ro.mask[0, int(ro.mask[0].nonzero().max())] = 0  # the final turn's EOS gone: cut
+    assert online.no_eos(module, ro).tolist() == [True, False]
 
 
 def test_grpo_fit_with_an_environment_logs_the_episode_figures(tool_model_dir):
@@ -213,6 +216,7 @@ def test_grpo_fit_with_an_environment_logs_the_episode_figures(tool_model_dir):
               "train/rewards/environment/mean", "train/loss", "val/scores", "val/environment"):
         assert k in m, k
     assert module.counters["rollouts"] == 2 and float(m["rollout/env_tokens_mean"]) > 0
+    assert float(m["rollout/logprob_diff_max"]) < 1e-5  # the update's own log-probs of the model tokens
 
 
 def test_bad_settings(tool_model_dir):

@@ -131,7 +131,10 @@ def rollout(module, batch: dict, sampling: SamplingSpec, logprobs: bool = True) 
 
 
 def no_eos(module, ro: Rollout) -> Tensor:
-    """[B] bool: responses that never emit EOS (cut at the length limit)."""
+    """[B] bool: responses that never emit EOS (cut at the length limit); episodes: whose final model turn was cut."""
+    if ro.attend is not None:
+        return torch.tensor([not t or t[-1] != module.tokenizer.eos_token_id for t in episodes.last_turn(ro)],
+                            device=ro.mask.device)
     return ~((ro.responses == module.tokenizer.eos_token_id) & ro.mask.bool()).any(1)
 
 
