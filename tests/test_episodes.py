@@ -240,3 +240,14 @@ def test_bad_settings(tool_model_dir):
     module = make_module(tool_model_dir, {"class_path": "tests.test_episodes.Echo"})
     assert isinstance(module.environment, Echo) and module.hparams["environment"] == {
         "class_path": "tests.test_episodes.Echo"}
+
+
+def test_template_without_tools_is_refused(tiny_model_dir):
+    module = make_module(tiny_model_dir, Echo())
+    module.configure_model()
+    with pytest.raises(ConfigError) as info:
+        module.rollout(next(iter(prompt_loader(module.tokenizer, batch_size=2))), module.sampling)
+    assert str(info.value) == (
+        f"model.environment: the chat template of {tiny_model_dir} ignores tools (a prompt rendered with the "
+        "environment's tools leaves out 'add'); give the tokenizer a chat template that supports tool calling (as "
+        "Qwen2.5's and Llama 3.1's do)")

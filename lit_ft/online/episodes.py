@@ -229,6 +229,19 @@ def environment_text(tokenizer, before: list[dict], new: list[dict], tools) -> s
     return full[cut + len(eos):]
 
 
+def check_tools(tokenizer, tools) -> None:
+    """Refuse a chat template that leaves the environment's tool schemas out of the prompt (the model could not
+    know them), as the DataModules refuse one for tool-calling rows."""
+    text = render(tokenizer, [{"role": "user", "content": "probe"}], tools, True)
+    for t in tools or []:
+        name = (t.get("function") or t).get("name", "")
+        if name not in text:
+            where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+            raise ConfigError(f"model.environment: the chat template of {where} ignores tools (a prompt rendered with "
+                              f"the environment's tools leaves out {name!r}); give the tokenizer a chat template that "
+                              "supports tool calling (as Qwen2.5's and Llama 3.1's do)")
+
+
 @torch.no_grad()
 def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
     """The episodes of `batch` (one a prompt row) against `module.environment`, batched round by round (module
@@ -236,6 +249,9 @@ def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
     env, spec, tok = module.environment, module.episodes, module.tokenizer
     tools = getattr(env, "tools", None)
     parser = TOOL_PARSERS[tool_format(tok, spec.tool_format)]
+    if tools and getattr(module, "tools_checked", None) is not tok:
+        check_tools(tok, tools)
+        module.tools_checked = tok
     eos, pad = tok.eos_token_id, tok.pad_token_id
     names = {"prompts": "prompt", "answers": "answer"}
     rows = [{names.get(k, k): v[i] for k, v in batch.items() if isinstance(v, list)}
