@@ -21,16 +21,15 @@ from tests.test_ppo import one_thread, prompt_loader, trainer  # noqa: F401
 ENV_TEXT = "\n<|im_start|>tool\n<tool_response>result 7</tool_response><|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def tool_model_dir(tmp_path_factory):
-    """A tiny random Llama that ends a turn often (its EOS logit raised by a constant direction of the last hidden
-    state) and a tokenizer with a Qwen-style tool template."""
+def eos_biased_model(d: str, template: str | None = None) -> str:
+    """A tiny random Llama in `d` that ends a turn often (its EOS logit raised by a constant direction of the last
+    hidden state) and its tokenizer (with `template` as chat template when given); returns `d`."""
     from tests.conftest import make_tiny_llama, make_tokenizer
 
-    d = str(tmp_path_factory.mktemp("tool_llama"))
     tok = make_tokenizer(d)
-    tok.chat_template = TOOL_TEMPLATE
-    tok.save_pretrained(d)
+    if template is not None:
+        tok.chat_template = template
+        tok.save_pretrained(d)
     model = make_tiny_llama(d, vocab_size=len(tok), mlp_bias=True)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -40,6 +39,12 @@ def tool_model_dir(tmp_path_factory):
         model.lm_head.weight[tok.eos_token_id, 0] = 1.0
     model.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tmp_path_factory):
+    """`eos_biased_model` with a Qwen-style tool template."""
+    return eos_biased_model(str(tmp_path_factory.mktemp("tool_llama")), TOOL_TEMPLATE)
 
 
 class Echo(Environment):
@@ -76,6 +81,20 @@ class Calculator(Environment):
         if "<tool_call>" in last["content"]:
             return [{"role": "tool", "name": "add", "content": "error: the call is not JSON"}], None, False
         return [], float("5" in last["content"]), True
+
+
+class Again(Environment):
+    """No tools: every model turn is answered by a user turn; the second model turn ends the episode with the share
+    of upper-case letters in it as the reward."""
+
+    def reset(self, row):
+        return [{"role": "user", "content": row["prompt"][-24:]}]
+
+    def step(self, messages):
+        if sum(m["role"] == "assistant" for m in messages) >= 2:
+            text = messages[-1]["content"]
+            return [], sum(c.isascii() and c.isupper() for c in text) / 8, True
+        return [{"role": "user", "content": "Again."}], None, False
 
 
 class NoStep(Environment):

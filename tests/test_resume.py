@@ -78,6 +78,31 @@ def _grpo_module(model_dir, reward_fn="tests.test_ppo.uppercase_share", mini_bat
                       sample_table_every=0)
 
 
+GRPO_ENV_METRICS = GRPO_METRICS + ("rollout/env_tokens_mean", "rollout/turns_mean", "train/rewards/environment/mean")
+
+
+def _grpo_env_metrics(trainer, outputs) -> torch.Tensor:
+    return torch.stack([trainer.callback_metrics[k].detach().clone() for k in GRPO_ENV_METRICS])
+
+
+def _grpo_env_module(model_dir) -> GRPOModule:
+    # Multi-turn episodes (tests/test_episodes.py): a model that often ends its turn, an environment that answers
+    # each turn and ends the episode after the second; as GRPO's otherwise.
+    from lit_ft.online.episodes import EpisodeSpec
+    from tests.test_episodes import Again, eos_biased_model
+
+    d = Path(f"{model_dir}_eos")
+    if not (d / "config.json").exists():
+        d.mkdir(exist_ok=True)
+        with torch.random.fork_rng():  # the first run builds it: the runs' RNG stays the same
+            eos_biased_model(str(d))
+    return GRPOModule(base=ModelSpec(name_or_path=str(d), dtype="float32"), lora=LORA,
+                      sampling=SamplingSpec(max_new_tokens=8),
+                      grpo=GRPOSpec(samples_per_prompt=2, num_iterations=2, mini_batch_size=4, beta=0.04),
+                      optim=OptimSpec(lr=1e-3, weight_decay=0.01, warmup_ratio=0.25, scheduler="cosine"),
+                      sample_table_every=0, environment=Again(), episodes=EpisodeSpec(max_turns=3, max_tokens=64))
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage under the kill-and-resume test: its data and module, and what is compared after every batch."""
@@ -117,6 +142,9 @@ STAGES = {
     # 4 prompts x 2 samples = 8 rows a rollout; 2 iterations x 2 minibatches of 4 = 4 optimizer steps a rollout.
     "grpo": Stage(PROMPTS, PromptDataModule, _grpo_module, _grpo_metrics, epochs=3,
                   kills={"mid_epoch": 3, "epoch_end": 4}, steps_per_batch=4, data_kwargs={"answer_field": None}),
+    # GRPO's, the rollouts multi-turn episodes against an environment.
+    "grpo_env": Stage(PROMPTS, PromptDataModule, _grpo_env_module, _grpo_env_metrics, epochs=3,
+                      kills={"mid_epoch": 3}, steps_per_batch=4, data_kwargs={"answer_field": None}),
 }
 KILLS = [(s, k) for s, stage in STAGES.items() for k in stage.kills]
 
