@@ -16,7 +16,7 @@ from lit_ft.stages.grpo_spec import GRPOSpec
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.train.optim import OptimSpec
 from tests.test_data_tools import TOOL_TEMPLATE, TOOLS
-from tests.test_ppo import one_thread, prompt_loader, trainer  # noqa: F401
+from tests.test_ppo import adapters, one_thread, prompt_loader, trainer  # noqa: F401
 
 ENV_TEXT = "\n<|im_start|>tool\n<tool_response>result 7</tool_response><|im_end|>\n<|im_start|>assistant\n"
 
@@ -270,3 +270,22 @@ def test_template_without_tools_is_refused(tiny_model_dir):
         f"model.environment: the chat template of {tiny_model_dir} ignores tools (a prompt rendered with the "
         "environment's tools leaves out 'add'); give the tokenizer a chat template that supports tool calling (as "
         "Qwen2.5's and Llama 3.1's do)")
+
+
+def test_reward_adapter_reads_the_whole_conversation(tiny_model_dir, adapters):
+    """With a reward adapter, the episode is scored on every response token, the environment's included."""
+    from lit_ft.online import roles
+
+    module = make_module(tiny_model_dir, Again(), reward_adapter=adapters[1], max_new=64)
+    module.configure_model()
+    module.sampler = Scripted(module.tokenizer, ["Hello.", "HELLO."])
+    batch = next(iter(prompt_loader(module.tokenizer, batch_size=2)))
+    ro = module.rollout(batch, module.sampling)
+    assert (ro.attend - ro.mask).sum() > 0 and ro.env_rewards.tolist() == [0.625, 0.625]
+    scores, texts, parts = module.score(batch, ro)
+    ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.attend)
+    with torch.no_grad(), module.roles.active(roles.REWARD):
+        raw = roles.last_token_scores(module.reward_head, roles.trunk(module.model, ids, mask, pos), mask)
+    expected = raw * module.reward_norm[0] + module.reward_norm[1]
+    assert torch.allclose(parts["reward_model"], expected.mean()) and texts == ["HELLO."] * 2
+    assert torch.allclose(scores, expected + ro.env_rewards)
