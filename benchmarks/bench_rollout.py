@@ -240,20 +240,14 @@ def decode_sweep(w, args, device: str) -> list[dict]:
                 print(f"{engine} batch {batch}: FAILED {e!r}"[:300], flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    for point in filter(None, (args.mismatch or "").split(",")):
-        engine, batch = point.split(":")
-        try:
-            results.append(dict(mismatch=mismatch_point(model, w, engine, int(batch), device)))
-        except (RuntimeError, ValueError) as e:
-            results.append(dict(mismatch=dict(engine=engine, batch=int(batch), error=repr(e)[-600:])))
-            print(f"mismatch {point}: FAILED {e!r}"[:300], flush=True)
-    for point in filter(None, (args.profile or "").split(",")):
-        engine, batch = point.split(":")
-        try:
-            results.append(dict(profile=profile_point(model, w, engine, int(batch), device)))
-        except (RuntimeError, ValueError) as e:
-            results.append(dict(profile=dict(engine=engine, batch=int(batch), error=repr(e)[-600:])))
-            print(f"profile {point}: FAILED {e!r}"[:300], flush=True)
+    for key, points, measure in (("mismatch", args.mismatch, mismatch_point), ("profile", args.profile, profile_point)):
+        for point in filter(None, (points or "").split(",")):
+            engine, batch = point.split(":")
+            try:
+                results.append({key: measure(model, w, engine, int(batch), device)})
+            except (RuntimeError, ValueError) as e:
+                results.append({key: dict(engine=engine, batch=int(batch), error=repr(e)[-600:])})
+                print(f"{key} {point}: FAILED {e!r}"[:300], flush=True)
     del model
     return results
 

@@ -318,9 +318,10 @@ def on_validation_epoch_start(module) -> None:
     metrics.fresh(module.val_scores, *module.val_parts.values())
 
 
-def on_validation_epoch_end(module) -> None:
+def on_validation_epoch_end(module, key: str = "val/scores") -> None:
+    """Log the validation means (`module.val_scores` under `key`, each of `module.val_parts` under `val/<name>`)."""
     if module.val_scores.update_count:
-        module.log("val/scores", module.val_scores.compute(), prog_bar=True)
+        module.log(key, module.val_scores.compute(), prog_bar=True)
         for k, m in module.val_parts.items():
             module.log(f"val/{k}", m.compute())
     for m in (module.val_scores, *module.val_parts.values()):

@@ -34,7 +34,7 @@ from lit_ft.online import checks, roles, shared as online
 from lit_ft.online.batch import Rollout, slices
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.stages.distill_spec import DistillSpec
-from lit_ft.train import checkpointing, metrics, optim, runs, strategies
+from lit_ft.train import checkpointing, optim, runs, strategies
 from lit_ft.validation import check_init
 
 
@@ -241,16 +241,10 @@ class DistillModule(L.LightningModule):
         self.val_parts["teacher_student_kl"].update(kl, weight=n)
         self.val_parts["completions/mean_length"].update(n)
 
-    def on_validation_epoch_start(self) -> None:
-        metrics.fresh(self.val_scores, *self.val_parts.values())
+    on_validation_epoch_start = online.on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_scores.update_count:
-            self.log("val/loss", self.val_scores.compute(), prog_bar=True)
-            for k, m in self.val_parts.items():
-                self.log(f"val/{k}", m.compute())
-        for m in (self.val_scores, *self.val_parts.values()):
-            m.reset()
+        online.on_validation_epoch_end(self, "val/loss")  # val_scores holds the divergence here
 
     # -- checkpoints and export -------------------------------------------------------------------------------
 
