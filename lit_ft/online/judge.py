@@ -140,7 +140,8 @@ def report(results: list[Judged], baseline: str) -> str:
             s, v, kl = r.scores[j].double(), r.vs_baseline[j], r.kl.double()
             kl_se = float(kl.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
             rows.append(f"{r.name:<14} {float(s.mean()):>9.3f} ± {float(s.std() / math.sqrt(n)):<6.3f} "
-                        f"{v['win_rate']:>13.3f} ± {v['win_se']:<6.3f} {v['score_diff']:>9.3f} ± {v['diff_se']:<6.3f} "
+                        f"{v['win_rate']:>13.3f} ± {v['win_se']:<6.3f} "
+                        f"{v['score_diff']:>9.3f} ± {v['diff_se']:<6.3f} "
                         f"{float(kl.mean()):>13.3f} ± {kl_se:<6.3f} {float(r.lengths.float().mean()):>7.1f} "
                         f"{r.distinct:>8}")
         blocks.append("\n".join(rows))

@@ -23,6 +23,7 @@ from lit_ft.errors import ConfigError
 from lit_ft.plan.memory import Settings, combine, estimate_settings, lever_options, settings_from
 from lit_ft.plan.sizes import fmt, parse_size
 
+
 class NothingFits(ConfigError):
     """No settings `auto` may choose fit the budget."""
 
