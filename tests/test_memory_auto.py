@@ -141,3 +141,17 @@ def test_the_default_runs_a_module_it_cannot_plan_as_configured(monkeypatch):
                                                  "plan for LightningModule")
     with pytest.raises(ConfigError, match="no memory plan for LightningModule"):
         auto.fit_memory(L.LightningModule(), None, None, "auto", say=said.append, asked=True)
+
+
+def test_the_micro_batch_lever_keeps_two_rows_for_kto():
+    """KTO's KL estimate pairs each prompt with another row of its micro-batch (`data.batch_size` >= 2): the
+    micro-batch lever stops at 2 there, at 1 elsewhere."""
+    from lit_ft.plan import memory
+
+    def smallest(stage):
+        s = dataclasses.replace(settings(batch_size=8), stage=stage)
+        return min(c.batch_size for _, _, c, kind in memory._candidates(s) if kind == "microbatch")
+
+    assert smallest("kto") == 2 and smallest("sft") == 1
+    assert not [c for *_, c, kind in memory._candidates(dataclasses.replace(settings(batch_size=2), stage="kto"))
+                if kind == "microbatch"]

@@ -224,13 +224,13 @@ def _candidates(s: Settings):
                    "microbatch")
             if mb == 1:
                 break
-    elif not online and s.batch_size > 1:
+    elif not online and s.batch_size > (floor := 2 if s.stage == "kto" else 1):  # KTO pairs rows of a micro-batch
         for k in (2, 4, 8, 16, 32, 64):
-            b = max(s.batch_size // k, 1)
+            b = max(s.batch_size // k, floor)
             yield (f"micro-batch {s.batch_size} -> {b}, accumulate_grad_batches x{k}",
                    ["--data.batch_size", str(b), "--trainer.accumulate_grad_batches", str(s.accumulate_grad_batches * k)],
                    replace(s, batch_size=b, accumulate_grad_batches=s.accumulate_grad_batches * k), "microbatch")
-            if b == 1:
+            if b == floor:
                 break
     start = s.base.checkpoint_every if s.base.gradient_checkpointing else None
     for k in (4, 2, 1):  # the least recompute first: lever_options keeps the first of a kind that fits
