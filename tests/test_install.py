@@ -57,8 +57,9 @@ def test_wheel_holds_the_recipes_the_demo_data_and_the_command(installed):
 
     _, _, wheel = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for stage in ("sft", "reward", "ppo", "sft_qlora", "strategies/ddp"):
-        assert f"lit_ft/configs/{stage}.yaml" in names
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    shipped = {f"lit_ft/configs/{p.relative_to(configs)}" for p in configs.rglob("*.yaml")}
+    assert len(shipped) > 20 and not shipped - names, sorted(shipped - names)  # every recipe, folders included
     for data in ("sft_train", "sft_val", "pref_train", "pref_val", "prompts_train", "prompts_val"):
         assert f"lit_ft/demo_data/{data}.jsonl" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
