@@ -252,7 +252,32 @@ def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
     if tools and getattr(module, "tools_checked", None) is not tok:
         check_tools(tok, tools)
         module.tools_checked = tok
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eps = _start(env, tok, tools, batch)
+    device = batch["input_ids"].device
+    hf = replace(sampling, engine="hf")
+    if module.sampler is None:
+        module.sampler = decode.Sampler(module.model, tok.eos_token_id, tok.pad_token_id)
+    while live := [e for e in eps if not e.done]:
+        # 1. One model turn of every unfinished episode, sampled as one batch.
+        n = min(sampling.max_new_tokens, max(spec.max_tokens - len(e.tokens) for e in live))
+        ids, mask = _left_padded([e.prompt + e.tokens for e in live], tok.pad_token_id, device)
+        with eval_mode(module.model), strategies.for_generation(module._trainer):
+            out, out_mask, lp = module.sampler(ids, mask, hf, max_new_tokens=n, logprobs=True)
+        for i, e in enumerate(live):
+            # 2. The environment answers each turn that ended (its step, then its turns as tokens).
+            if _model_turn(e, out[i], out_mask[i], lp[i], spec, tok, parser):
+                _environment_turn(e, env, spec, tok, tools)
+    module.episode_stats = {
+        "rollout/env_tokens_mean": torch.tensor([float(len(e.model) - sum(e.model)) for e in eps]).mean(),
+        "rollout/turns_mean": torch.tensor([float(e.turns) for e in eps]).mean(),
+        "rollout/tool_call_frac": torch.tensor([float(e.called) for e in eps]).mean()}
+    module.episode_messages = [e.messages for e in eps]
+    return _as_rollout(eps, tok.pad_token_id, device, logprobs)
+
+
+def _start(env, tok, tools, batch: dict) -> list[Episode]:
+    """One episode a prompt row of `batch`: the environment's starting conversation, rendered with the generation
+    prompt as the episode's prompt tokens."""
     names = {"prompts": "prompt", "answers": "answer"}
     rows = [{names.get(k, k): v[i] for k, v in batch.items() if isinstance(v, list)}
             for i in range(len(batch["input_ids"]))]
@@ -260,52 +285,52 @@ def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
     for r in rows:
         msgs = list(env.reset(r))
         eps.append(Episode(msgs, tok(render(tok, msgs, tools, True), add_special_tokens=False)["input_ids"]))
-    device = batch["input_ids"].device
-    hf = replace(sampling, engine="hf")
-    if module.sampler is None:
-        module.sampler = decode.Sampler(module.model, eos, pad)
-    while True:
-        live = [e for e in eps if not e.done]
-        if not live:
-            break
-        n = min(sampling.max_new_tokens, max(spec.max_tokens - len(e.tokens) for e in live))
-        ids, mask = _left_padded([e.prompt + e.tokens for e in live], pad, device)
-        with eval_mode(module.model), strategies.for_generation(module._trainer):
-            out, out_mask, lp = module.sampler(ids, mask, hf, max_new_tokens=n, logprobs=True)
-        for i, e in enumerate(live):
-            k = min(int(out_mask[i].sum()), spec.max_tokens - len(e.tokens))
-            new = out[i, :k].tolist()
-            e.tokens += new
-            e.model += [1] * k
-            e.logprobs += lp[i, :k].tolist()
-            e.turns += 1
-            ended = bool(new) and new[-1] == eos
-            text = tok.decode(new[:-1] if ended else new, skip_special_tokens=False)
-            msg, called = assistant_message(text, parser)
-            e.messages.append(msg)
-            e.called |= called
-            if not ended:  # cut by the token budget: no end of turn for the environment to follow
-                e.done = True
-                continue
-            step = env.step([dict(m) for m in e.messages])
-            if not (isinstance(step, tuple) and len(step) == 3 and isinstance(step[0], list)):
-                raise ConfigError(f"model.environment: {type(env).__name__}.step returned {type(step).__name__}; "
-                                  "expected (new messages: list, reward: float | None, done: bool)")
-            turns, reward, done = step
-            if reward is not None:
-                e.reward = float(reward)
-            if done or e.turns >= spec.max_turns:
-                e.done = True
-                continue
-            text = environment_text(tok, e.messages, list(turns), tools)
-            env_ids = tok(text, add_special_tokens=False)["input_ids"]
-            if len(e.tokens) + len(env_ids) >= spec.max_tokens:  # no room left for a model turn
-                e.done = True
-                continue
-            e.messages.extend(turns)
-            e.tokens += env_ids
-            e.model += [0] * len(env_ids)
-            e.logprobs += [0.0] * len(env_ids)
+    return eps
+
+
+def _model_turn(e: Episode, out, out_mask, lp, spec: EpisodeSpec, tok, parser) -> bool:
+    """Append a sampled model turn (its tokens, log-probs, parsed message) to the episode; False when it was cut
+    by the token budget (the episode ends: no end of turn for the environment to follow)."""
+    k = min(int(out_mask.sum()), spec.max_tokens - len(e.tokens))
+    new = out[:k].tolist()
+    e.tokens += new
+    e.model += [1] * k
+    e.logprobs += lp[:k].tolist()
+    e.turns += 1
+    ended = bool(new) and new[-1] == tok.eos_token_id
+    msg, called = assistant_message(tok.decode(new[:-1] if ended else new, skip_special_tokens=False), parser)
+    e.messages.append(msg)
+    e.called |= called
+    e.done = not ended
+    return ended
+
+
+def _environment_turn(e: Episode, env, spec: EpisodeSpec, tok, tools) -> None:
+    """The environment's step after a model turn: its reward, whether the episode ends, else its turns appended as
+    the tokens the chat template renders after the model's end of turn (masked out of the loss)."""
+    step = env.step([dict(m) for m in e.messages])
+    if not (isinstance(step, tuple) and len(step) == 3 and isinstance(step[0], list)):
+        raise ConfigError(f"model.environment: {type(env).__name__}.step returned {type(step).__name__}; "
+                          "expected (new messages: list, reward: float | None, done: bool)")
+    turns, reward, done = step
+    if reward is not None:
+        e.reward = float(reward)
+    if done or e.turns >= spec.max_turns:
+        e.done = True
+        return
+    env_ids = tok(environment_text(tok, e.messages, list(turns), tools), add_special_tokens=False)["input_ids"]
+    if len(e.tokens) + len(env_ids) >= spec.max_tokens:  # no room left for a model turn
+        e.done = True
+        return
+    e.messages.extend(turns)
+    e.tokens += env_ids
+    e.model += [0] * len(env_ids)
+    e.logprobs += [0.0] * len(env_ids)
+
+
+def _as_rollout(eps: list[Episode], pad: int, device, logprobs: bool) -> Rollout:
+    """The episodes as one `Rollout`: the starting conversation is the prompt, every later token the response
+    (`attend` 1 on all of them, `mask` 1 on the model's own), the episode's reward in `env_rewards`."""
     prompts, attention = _left_padded([e.prompt for e in eps], pad, device)
     R = max(1, max(len(e.tokens) for e in eps))
     responses = torch.full((len(eps), R), pad, dtype=torch.long, device=device)
@@ -318,12 +343,6 @@ def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
         attend[i, :t] = 1
         model_mask[i, :t] = torch.tensor(e.model, dtype=torch.long)
         sampler_lp[i, :t] = torch.tensor(e.logprobs)
-    env_tokens = (attend - model_mask).sum(1).float()
-    module.episode_stats = {
-        "rollout/env_tokens_mean": env_tokens.mean(),
-        "rollout/turns_mean": torch.tensor([float(e.turns) for e in eps]).mean(),
-        "rollout/tool_call_frac": torch.tensor([float(e.called) for e in eps]).mean()}
-    module.episode_messages = [e.messages for e in eps]
     return Rollout(prompts, attention, responses, model_mask, sampler_logprobs=sampler_lp if logprobs else None,
                    attend=attend, env_rewards=torch.tensor([e.reward or 0.0 for e in eps], device=device))
 
