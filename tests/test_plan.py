@@ -510,6 +510,14 @@ def test_checkpointing_every_kth_layer_saves_between_none_and_all_with_the_same_
     model = build_model(ModelSpec(name_or_path=tiny_model_dir, gradient_checkpointing=True, checkpoint_every=2),
                         LoraSpec())
     assert [layer.gradient_checkpointing for layer in model.get_base_model().get_decoder().layers] == [True, False]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lit_ft.models.load import checkpoint_every_kth
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
+    gpt2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_every_kth(gpt2, 2)  # a family whose blocks are not `layers` (GPT-2's `h`)
+    assert [block.gradient_checkpointing for block in gpt2.transformer.h] == [True, False, True, False]
     plain_loss, plain = grads()
     kth_loss, kth = grads(gradient_checkpointing=True, checkpoint_every=2)
     torch.testing.assert_close(kth_loss, plain_loss)

@@ -220,12 +220,13 @@ def prepare_for_training(model, spec: ModelSpec):
 
 
 def checkpoint_every_kth(model, k: int) -> None:
-    """Keep checkpointing on decoder layers 0, k, 2k, ... only (transformers' `GradientCheckpointingLayer` reads
-    its own `gradient_checkpointing` flag); a family whose layers are not such layers is refused."""
+    """Keep checkpointing on decoder layers 0, k, 2k, ... only (`families.decoder_layers`: `layers`, GPT-2's `h`,
+    ...; transformers' `GradientCheckpointingLayer` reads its own `gradient_checkpointing` flag); a family whose
+    layers are not such layers is refused."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None or not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+    _, layers = families.decoder_layers(model)
+    if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
         raise ConfigError(f"model.base.checkpoint_every={k}: {type(model).__name__}'s decoder layers cannot be "
                           "checkpointed one by one; use checkpoint_every 1")
     for i, layer in enumerate(layers):
