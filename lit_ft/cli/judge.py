@@ -24,32 +24,30 @@ from pathlib import Path
 from lit_ft.errors import ConfigError
 
 
-def _policies(values: list[str]) -> dict[str, str | None]:
+def _named(values: list[str], flag: str, bare, expected: str) -> dict[str, str | None]:
+    """`NAME=ADAPTER_DIR` values of a repeated flag as {name: dir}; `bare(i, value)` -> (name, dir) for a value
+    without `=` (None: refused with `expected`); a name given twice is refused."""
     out: dict[str, str | None] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep and name == "base":
-            name, path = "base", None
-        elif not sep or not name or not path:
-            raise ConfigError(f"--policy {value!r}: expected NAME=ADAPTER_DIR (or `base` for the base model alone)")
-        if name in out:
-            raise ConfigError(f"--policy {value!r}: the name {name!r} is given twice")
-        out[name] = path
-    return out
-
-
-def _judges(values: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
     for i, value in enumerate(values):
         name, sep, path = value.partition("=")
         if not sep:
-            name, path = ("judge" if len(values) == 1 else f"judge{i + 1}"), value
-        if not name or not path:
-            raise ConfigError(f"--judge {value!r}: expected ADAPTER_DIR or NAME=ADAPTER_DIR")
+            name, path = bare(i, value) or ("", "")
+        if not name or not (path or path is None):
+            raise ConfigError(f"{flag} {value!r}: expected {expected}")
         if name in out:
-            raise ConfigError(f"--judge {value!r}: the name {name!r} is given twice")
+            raise ConfigError(f"{flag} {value!r}: the name {name!r} is given twice")
         out[name] = path
     return out
+
+
+def _policies(values: list[str]) -> dict[str, str | None]:
+    return _named(values, "--policy", lambda i, v: ("base", None) if v == "base" else None,
+                  "NAME=ADAPTER_DIR (or `base` for the base model alone)")
+
+
+def _judges(values: list[str]) -> dict[str, str]:
+    return _named(values, "--judge", lambda i, v: ("judge" if len(values) == 1 else f"judge{i + 1}", v),
+                  "ADAPTER_DIR or NAME=ADAPTER_DIR")
 
 
 def main(argv=None) -> None:
