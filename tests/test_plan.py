@@ -830,11 +830,14 @@ def test_distill_chunk_saves_what_the_plan_counts(monkeypatch, dtype, beta, temp
     head_t = torch.nn.Linear(Ht, V, bias=False).to(dtype).requires_grad_(False)
     h_s = torch.randn(n, H, dtype=dtype, requires_grad=True)
     h_t = torch.randn(n, Ht, dtype=dtype)
-    seen, (jsd, _) = saved_bytes(lambda: chunked_generalized_jsd(
-        h_s, h_t, lambda h: head_s(h).float(), lambda h: head_t(h).float(), beta, temperature, chunk_size=n))
     weights = {p.untyped_storage().data_ptr() for p in (head_s.weight, head_t.weight)}
-    got = sum(b for ptr, b in seen.items() if ptr not in weights)
-    assert got == online.distill_chunk_saved(n, V, beta)
+    # with `targets` (DistillModule's mismatch figures, as the stage calls it: width given) no more is saved
+    for targets in (torch.randint(0, V, (n,)), None):
+        seen, (jsd, _, _) = saved_bytes(lambda: chunked_generalized_jsd(
+            h_s, h_t, lambda h: head_s(h).float(), lambda h: head_t(h).float(), beta, temperature, chunk_size=n,
+            width=V, targets=targets, target_temperature=0.8))
+        got = sum(b for ptr, b in seen.items() if ptr not in weights)
+        assert got == online.distill_chunk_saved(n, V, beta)
     jsd.sum().backward()
     assert h_s.grad is not None
 

@@ -45,16 +45,32 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 
 def chunked_generalized_jsd(student_hidden: Tensor, teacher_hidden: Tensor,
                             student_logits: Callable[[Tensor], Tensor], teacher_logits: Callable[[Tensor], Tensor],
-                            beta: float, temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+                            beta: float, temperature: float = 1.0, chunk_size: int = 1024, width: int | None = None,
+                            targets: Tensor | None = None,
+                            target_temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor | None]:
     """`generalized_jsd` and `reverse_kl` [N] of N tokens from their hidden states, `chunk_size` tokens at a time.
 
     `student_hidden` [N, H] (with grad), `teacher_hidden` [N, Ht] (no grad), and the functions that turn each into
-    logits [n, V] (the models' own heads; both must give the same V). Under grad each chunk runs under activation
-    checkpointing: backward recomputes that chunk's logits, so at most one chunk's [chunk_size, V] fp32 tensors are
-    alive at a time in either direction. Returns (divergence with grad, reverse KL detached).
+    logits [n, V] (the models' own heads); `width`: the divergence compares the student's first `width` logits (a
+    head padded past the vocabulary the two share) with the teacher's, which must have that many; None: all of them.
+    Under grad each chunk runs under activation checkpointing: backward recomputes that chunk's logits, so at most
+    one chunk's [chunk_size, V] fp32 tensors are alive at a time in either direction.
+
+    `targets` [N] (token ids): also the student's log-probs of them under its whole head's logits divided by
+    `target_temperature` (no grad: the log-prob a sampler at that temperature drew them with, from the logits the
+    loss already made; no second pass of the head). Returns (divergence with grad, reverse KL detached, the
+    targets' log-probs [N] fp32 detached or None).
     """
-    def one(h_s: Tensor, h_t: Tensor) -> tuple[Tensor, Tensor]:
+    logps: list[Tensor] = []
+    forward = [True]  # the backward's recomputation of a chunk makes no log-probs again
+
+    def one(h_s: Tensor, h_t: Tensor, *tok: Tensor) -> tuple[Tensor, Tensor]:
         s, t = student_logits(h_s), teacher_logits(h_t).detach()
+        if tok and forward[0]:
+            with torch.no_grad():
+                x = s.detach().float() / target_temperature
+                logps.append(x.gather(-1, tok[0][:, None].long()).squeeze(-1) - torch.logsumexp(x, -1))
+        s = s if width is None else s[..., :width]
         if s.shape[-1] != t.shape[-1]:
             raise ValueError(f"student logits have {s.shape[-1]} entries, the teacher's {t.shape[-1]}")
         return generalized_jsd(s, t, beta, temperature), reverse_kl(s, t, temperature)
@@ -62,8 +78,11 @@ def chunked_generalized_jsd(student_hidden: Tensor, teacher_hidden: Tensor,
     parts = []
     for i in range(0, student_hidden.shape[0], chunk_size):
         h_s, h_t = student_hidden[i : i + chunk_size], teacher_hidden[i : i + chunk_size].detach()
-        parts.append(checkpoint(one, h_s, h_t, use_reentrant=False) if h_s.requires_grad else one(h_s, h_t))
+        tok = () if targets is None else (targets[i : i + chunk_size],)
+        parts.append(checkpoint(one, h_s, h_t, *tok, use_reentrant=False) if h_s.requires_grad else one(h_s, h_t, *tok))
+    forward[0] = False
+    empty = student_hidden.new_zeros(0, dtype=torch.float32)
+    lp = None if targets is None else torch.cat(logps) if logps else empty
     if not parts:
-        empty = student_hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+        return empty, empty, lp
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach(), lp

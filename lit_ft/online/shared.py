@@ -212,11 +212,11 @@ def correction_weights(mb: Rollout, old_logprobs: Tensor, setting: str, mode: st
     return rollout_correction(old_logprobs, mb.sampler_logprobs, mb.mask, mode, cap)
 
 
-def mismatch_stats(sampler_logprobs: Tensor | None, train_logprobs: Tensor | None, mask: Tensor, mode: str,
-                   cap: float) -> dict[str, Tensor]:
+def mismatch_stats(sampler_logprobs: Tensor | None, train_logprobs: Tensor | None, mask: Tensor, mode: str = "none",
+                   cap: float = 2.0) -> dict[str, Tensor]:
     """The `rollout/*` figures of a rollout (`lit_ft.losses.rollout_mismatch`): the sampler's log-probs against the
-    training forward's of the same tokens under the same weights, and the correction's weights; nothing without
-    both or without rows."""
+    training forward's of the same tokens under the same weights, and the correction's weights (`mode`; distillation
+    has no correction); nothing without both or without rows."""
     if sampler_logprobs is None or train_logprobs is None or not len(mask):
         return {}
     return {f"rollout/{k}": v for k, v in rollout_mismatch(sampler_logprobs, train_logprobs, mask, mode, cap).items()}

@@ -97,6 +97,7 @@ class DistillModule(L.LightningModule):
         self.val_scores = MeanMetric()  # val/loss: the divergence on greedy responses, token-weighted
         self.val_parts = torch.nn.ModuleDict({"teacher_student_kl": MeanMetric(), "completions/mean_length": MeanMetric()})
         self.counters = {"rollouts": 0, "on_policy": 0, "skipped_batches": 0, "skipped_minibatches": 0}
+        self.on_policy_seen: list[tuple[Tensor, Tensor, Tensor]] = []  # (sampler, loss pass's, mask) a minibatch
 
     # -- model ----------------------------------------------------------------------------------------------
 
@@ -139,9 +140,11 @@ class DistillModule(L.LightningModule):
         self.teacher_pass(ro)
         t1 = time.perf_counter()
         # 3. Minibatch updates of the per-token divergence, token-averaged per optimizer step on all ranks.
+        self.on_policy_seen = []
         stats, _ = online.update(self, ro, 1, d.mini_batch_size, d.gradient_accumulation_steps, ro.mask.sum(1),
                                  self.minibatch_step, d.max_grad_norm)
-        # 4. Log.
+        # 4. Log (the sampler/trainer mismatch under rollout/, as PPO's and GRPO's).
+        stats.update(self.mismatch())
         stats.update({"train/completions/mean_length": ro.mask.sum(1).float().mean(),
                       "train/completions/clipped_ratio": online.no_eos(self, ro).float().mean(),
                       "train/on_policy": torch.tensor(float(on_policy)),
@@ -187,8 +190,9 @@ class DistillModule(L.LightningModule):
         ro.teacher_hidden = torch.cat(out)
 
     def logit_fns(self):
-        """(student, teacher) functions from final hidden states to logits of one width (a padded vocabulary is cut
-        to the narrower of the two heads; the tokenizers are the same)."""
+        """(student, teacher, width): functions from final hidden states to logits, the student's of its whole head,
+        the teacher's cut to `width`, the entries the divergence compares (a padded vocabulary is cut to the narrower
+        of the two heads; the tokenizers are the same)."""
         width = self.model.get_output_embeddings().weight.shape[0]
         if self.teacher_model is not None:
             width = min(width, self.teacher_model.get_output_embeddings().weight.shape[0])
@@ -202,31 +206,53 @@ class DistillModule(L.LightningModule):
                 with self.roles.active(roles.TEACHER):
                     return families.lm_logits(self.model, h)[..., :width]
 
-        return (lambda h: families.lm_logits(self.model, h)[..., :width]), teacher
+        return (lambda h: families.lm_logits(self.model, h)), teacher, width
 
-    def divergence(self, ro: Rollout) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row token means [B] of the divergence (with grad) and of KL(student || teacher), and the [B, R] per
-        token divergence, under the student (the active policy adapter)."""
+    def divergence(self, ro: Rollout, token_logprobs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Per-row token means [B] of the divergence (with grad) and of KL(student || teacher), the [B, R] per
+        token divergence, under the student (the active policy adapter), and with `token_logprobs` the student's
+        log-probs [B, R] of the response tokens at the sampling temperature (no grad, 0 outside the mask: from the
+        logits the divergence makes, `chunked_generalized_jsd(targets=...)`; else None)."""
         ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.mask)
         h = roles.response_hidden(roles.trunk(self.model, ids, mask, pos), ro.input_ids.shape[1])
         keep = ro.mask.bool()
-        student, teacher = self.logit_fns()
+        student, teacher, width = self.logit_fns()
         d = self.distill
-        jsd, kl = chunked_generalized_jsd(h[keep], ro.teacher_hidden[keep], student, teacher, d.beta, d.temperature,
-                                          d.logits_chunk_size)
+        jsd, kl, lp = chunked_generalized_jsd(h[keep], ro.teacher_hidden[keep], student, teacher, d.beta,
+                                              d.temperature, d.logits_chunk_size, width,
+                                              ro.responses[keep] if token_logprobs else None,
+                                              self.sampling.temperature)
         per_token = h.new_zeros(ro.mask.shape, dtype=jsd.dtype).masked_scatter(keep, jsd)
         kl_token = h.new_zeros(ro.mask.shape, dtype=kl.dtype).masked_scatter(keep, kl)
+        if lp is not None:
+            lp = lp.new_zeros(ro.mask.shape).masked_scatter(keep, lp)
         n = ro.mask.sum(1).clamp(min=1)
-        return per_token.sum(1) / n, kl_token.sum(1) / n, per_token
+        return per_token.sum(1) / n, kl_token.sum(1) / n, per_token, lp
 
     def minibatch_step(self, mb: Rollout, scale: Tensor) -> dict[str, Tensor]:
-        """The divergence's token mean over one minibatch, back-propagated times `scale`."""
+        """The divergence's token mean over one minibatch, back-propagated times `scale`. The minibatches of the
+        first optimizer step (the weights that sampled) keep the sampler's and the loss pass's log-probs of their
+        tokens for the mismatch figures (`mismatch`)."""
+        record = mb.sampler_logprobs is not None and len(self.on_policy_seen) < self.distill.gradient_accumulation_steps
         with self.roles.active(roles.POLICY):
-            _, kl, per_token = self.divergence(mb)
+            _, kl, per_token, lp = self.divergence(mb, token_logprobs=record)
+        if record:
+            self.on_policy_seen.append((mb.sampler_logprobs, lp, mb.mask))
         loss = masked_mean(per_token, mb.mask)
         self.manual_backward(loss * scale)
         return {"train/loss": loss.detach(), "train/teacher_student_kl": masked_mean(
             kl[:, None].expand_as(mb.mask), mb.mask)}
+
+    def mismatch(self) -> dict[str, Tensor]:
+        """The `rollout/*` figures of an on-policy step (`lit_ft.online.shared.mismatch_stats`, as PPO's and GRPO's):
+        the sampler's log-probs of the response tokens against the student's of the loss's own forward, over the
+        rows of the update's first optimizer step (later ones see updated weights); none on a step off the batch's
+        own responses."""
+        seen, self.on_policy_seen = self.on_policy_seen, []
+        if not seen:
+            return {}
+        sampler, train, mask = (torch.cat(t) for t in zip(*seen))
+        return online.mismatch_stats(sampler, train, mask)
 
     # -- validation: the divergence on greedy responses ------------------------------------------------------
 
@@ -235,7 +261,7 @@ class DistillModule(L.LightningModule):
         ro = self.rollout(batch, replace(self.sampling, do_sample=False, min_new_tokens=None), logprobs=False)
         self.teacher_pass(ro)
         with eval_mode(self.model):
-            loss, kl, _ = self.divergence(ro)
+            loss, kl, *_ = self.divergence(ro)
         n = ro.mask.sum(1).float()
         self.val_scores.update(loss, weight=n)
         self.val_parts["teacher_student_kl"].update(kl, weight=n)
