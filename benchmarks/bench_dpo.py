@@ -16,7 +16,8 @@ Variants: `trl` (trl.DPOTrainer with its defaults, bf16 autocast over bf16 weigh
 `precompute_ref_log_probs=True`; `+nogc`: gradient checkpointing off), and `lit` with modifiers joined by '+':
 `compile` (DPOModule(compile=True)), `gc` (gradient checkpointing), `precompute` (DPOSpec(precompute_ref=True): the
 reference pass runs once before the timed steps instead of every step, as TRL's precompute), `mixed` (bf16-mixed
-instead of bf16-true). TRL is fed text in a word-level tokenizer (one word per random id), so it tokenizes the same
+instead of bf16-true), `mem<MiB>` / `memauto` (`lit_ft.fit_memory` plans the fit for that budget, or the card's free
+memory, and sets what it chooses: `lit-ft fit --memory`). TRL is fed text in a word-level tokenizer (one word per random id), so it tokenizes the same
 ids itself (and appends its EOS to each response); lit_ft reads the ids through its own PreferenceCollator.
 Without trl installed the TRL variants are skipped with a message.
 """
@@ -158,12 +159,13 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
             super().__init__()
             self.train_dataset = datasets.Dataset.from_list(make_pairs(w, (args.warmup + args.steps) * w.pairs))
             self.val_dataset, self.tokenizer = None, None
+            self.batch_size, self.max_length = w.pairs, w.seq  # what `fit_memory` reads (and may change)
 
         def collator(self):
             return PreferenceCollator(0)
 
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(self.train_dataset, batch_size=w.pairs, shuffle=False,
+            return torch.utils.data.DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False,
                                                collate_fn=self.collator(), pin_memory=device == "cuda")
 
     precision = ("bf16-mixed" if "mixed" in mods else "bf16-true") if device == "cuda" else args.cpu_precision
@@ -171,10 +173,21 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
                         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[clock.lightning_callback()])
+    data, extra = Pairs(), {}
+    budget = next((m[3:] for m in mods if m.startswith("mem")), None)
+    if budget:  # what `lit-ft fit --memory` does before the fit loads any weights
+        from lit_ft import fit_memory
+
+        said = []
+        fit_memory(module, data, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
+        gc = module.base.gradient_checkpointing
+        extra = dict(memory_plan=said, micro_batch=data.batch_size, grad_accum=trainer.accumulate_grad_batches,
+                     activation_offloading=module.base.activation_offloading,
+                     checkpoint_every=getattr(module.base, "checkpoint_every", 1))
     t = time.perf_counter()
-    trainer.fit(module, datamodule=Pairs())
+    trainer.fit(module, datamodule=data)
     return {"precision": precision, "gradient_checkpointing": gc, "fit_s": time.perf_counter() - t,
-            "precomputed": module.precomputed}
+            "precomputed": module.precomputed, **extra}
 
 
 # ---------------------------------------------------------------------------------------------- one variant

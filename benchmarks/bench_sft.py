@@ -18,6 +18,10 @@ W2 trains on real variable-length data (GSM8K, chat-formatted, loss on the assis
 (non-pad) tokens: `trl` pads, `trl+pack` is TRL's padding-free BFD packing, `trl+pf` TRL's padding-free flattening
 without packing, `lit` is SFTModule with PackedSFTCollator (InstructionDataModule(packing=True)), `lit+nopack` pads;
 `mb<N>` sets the micro-batch (sequences, or packed rows for `trl+pack`), `nogc` also applies to TRL.
+G135 is the same on the SmolLM2-135M shape at TRL's SFT settings (16 padded sequences a step, max length 1024).
+`mem<MiB>` (lit, real data): `lit_ft.fit_memory` plans the fit for that budget before it starts and sets what it
+chooses (micro-batch and accumulation, checkpointing, offloading, the loss chunk) — what `lit-ft fit --memory` does;
+`memauto` plans for the card's free memory, as the default `--memory auto` does.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ WORKLOADS = {
     # Llama-3.2-1B shape, LoRA SFT on GSM8K (chat-formatted, ~217 tokens a sequence): 64 sequences a step
     # (~13.9k real tokens), padded micro-batches of 8, packed rows of 2048
     "w2": Workload("w2", 2048, 16, 32, 8, 8192, 128256, True, 2048, 8, data="gsm8k", seqs_per_step=64),
+    # SmolLM2-135M shape, LoRA SFT on GSM8K at TRL's SFT settings: 16 padded sequences a step, max length 1024
+    "g135": Workload("g135", 576, 30, 9, 3, 1536, 49152, True, 1024, 16, data="gsm8k", seqs_per_step=16),
 }
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, seq=64, batch=2)
 # Real data keeps the tokenizer's ids (< 49152, SmolLM2), so the tiny model keeps that vocabulary
@@ -168,7 +174,7 @@ class Clock:
             torch.cuda.synchronize()
 
     def step_start(self, step: int):
-        if step == self.warmup:
+        if step == self.warmup and self.t0 is None:  # (the first micro-batch of the step under accumulation)
             self.sync()
             self.t0 = time.perf_counter()
             if self.device == "cuda":
@@ -206,7 +212,8 @@ class Clock:
                 clock.step_start(trainer.global_step)
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                clock.step_end(trainer.global_step - 1, outputs["loss"].detach())
+                # Lightning hands the loss back divided by the accumulation
+                clock.step_end(trainer.global_step - 1, outputs["loss"].detach() * trainer.accumulate_grad_batches)
 
         return TimerCb()
 
@@ -391,23 +398,36 @@ def run_lit_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -
     dm = InstructionDataModule(train_file=str(data_subset(w, args)), val_split=0.0, format="question_answer",
                                template="chat", tokenizer=args.model_dir, max_length=w.seq, completion_only=True,
                                dedup=False, packing=pack, batch_size=mb)
-    dm.setup("fit")
-    counter = TokenCount(dm.collator())
-    micro_losses = []
+    acc = {"ga": ga}
 
     class TimerCb(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx % ga == 0:
+            if batch_idx % acc["ga"] == 0:
                 clock.step_start(trainer.global_step)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            micro_losses.append(outputs["loss"].detach() * ga)  # Lightning hands it back divided by the accumulation
-            if (batch_idx + 1) % ga == 0:
+            micro_losses.append(outputs["loss"].detach() * acc["ga"])  # Lightning hands it back divided by it
+            if (batch_idx + 1) % acc["ga"] == 0:
                 clock.step_end(trainer.global_step - 1)
 
+    trainer = lit_trainer(device, precision, args.warmup + args.steps, TimerCb(), ga)
+    budget = next((m[3:] for m in mods if m.startswith("mem")), None)
+    if budget:  # what `lit-ft fit --memory` does before the fit loads any weights
+        from lit_ft import fit_memory
+
+        said = []
+        fit_memory(module, dm, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
+        mb, ga = dm.batch_size, trainer.accumulate_grad_batches
+        acc["ga"] = ga
+        extra.update(memory_plan=said, gradient_checkpointing=module.base.gradient_checkpointing,
+                     activation_offloading=module.base.activation_offloading,
+                     checkpoint_every=getattr(module.base, "checkpoint_every", 1),
+                     loss_chunk_size=module.loss_chunk_size)
+    dm.setup("fit")
+    counter = TokenCount(dm.collator())
+    micro_losses = []
     loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=mb, shuffle=False, collate_fn=counter,
                                          pin_memory=device == "cuda")
-    trainer = lit_trainer(device, precision, args.warmup + args.steps, TimerCb(), ga)
     trainer.fit(module, train_dataloaders=loader)
     # Each step's loss is the token-weighted mean over its micro-batches (what TRL logs), for the cross-checks
     losses = [float(x) for x in micro_losses]

@@ -4,6 +4,7 @@ several seeds each, held-out pair accuracy on one split both systems score the s
     python benchmarks/hh_reward.py split --src ../shared/data/hh_harmless/train.jsonl --out .hh     # once, here
     python benchmarks/hh_reward.py run --data .hh --out $OUT/hh --jobs trl:0,trl:1,lit:0,lit+fp32:0   # on the GPU
     python benchmarks/hh_reward.py rlhf --data .hh --out $OUT/rlhf --minutes 4 [--phases models,stages,judge]
+    python benchmarks/hh_reward.py rlhf --data .hh --out $OUT/rlhf --phases models,stages --only sft,dpo,kto   # KTO
 
 Settings (what issue 29 measured): SmolLM2-135M-Instruct (the bundled model as lit_ft converts it), LoRA r16 alpha 32
 dropout 0 on every projection + the score head, batch 8 pairs, lr 2e-4 cosine with 2 warm-up steps, 1 epoch, max 512
@@ -19,9 +20,11 @@ A job is SYSTEM[+MOD...]:SEED. SYSTEM `trl` (its documented Python API, its defa
 bf16 autocast, dropout disabled) or `lit` (the `lit-ft fit --config reward` command with the settings above,
 `--trainer.precision bf16-mixed`, the base's dtype `auto`: bfloat16 on the GPU). lit modifiers: `fp32` (the base in
 float32, as TRL holds it), `chat` (template chat: HH turns through SmolLM2's chat template), `bf16head` (the score
-head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does).
-Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall times of concurrent jobs
-are not speed figures).
+head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does),
+`mem<MiB>` / `memauto` (checkpointing not forced on: `--memory <MiB>MiB` / the default `--memory auto` plans the fit
+and chooses the settings). Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall
+times of concurrent jobs are not speed figures); `--sequential` runs them one after the other, for speed figures
+(`fit_s`: the training loop alone, model loading and tokenization excluded on both sides).
 
 `rlhf`: SFT -> reward model -> PPO / GRPO / DPO with configs/recipes/hh_rlhf/, judged by reward models the policies
 never saw (see the RLHF section below).
@@ -87,7 +90,7 @@ def run_trl(data: Path, out: Path, seed: int) -> dict:
     trainer.train()
     seconds = time.perf_counter() - t0
     metrics = trainer.evaluate(eval_dataset=ds["test"])
-    return {"accuracy": metrics["eval_accuracy"], "train_s": seconds,
+    return {"accuracy": metrics["eval_accuracy"], "train_s": seconds, "fit_s": seconds,
             "peak_gib": peak_gib(), "eval_pairs": len(ds["test"]),
             "train_pairs_used": len(trainer.train_dataset)}
 
@@ -106,7 +109,9 @@ def lit_args(data: Path, out: Path, seed: int, mods: list[str]) -> list[str]:
             "--model.lora.r", str(s["r"]), "--model.lora.alpha", str(s["alpha"]), "--model.lora.dropout", "0",
             "--model.optim.lr", str(s["lr"]), "--model.optim.warmup_steps", str(s["warmup"]),
             "--model.optim.scheduler", "cosine", "--model.center_coef", "0",
-            "--model.base.gradient_checkpointing", "true",
+            *([] if any(m.startswith("mem") for m in mods) else ["--model.base.gradient_checkpointing", "true"]),
+            *[a for m in mods if m.startswith("mem") and m != "memauto" for a in ("--memory", f"{m[3:]}MiB")],
+            "--trainer.callbacks+=__main__.FitClock",
             "--model.base.dtype", "float32" if "fp32" in mods else "auto",
             "--trainer.precision", os.environ.get("HH_PRECISION", "bf16-mixed"), "--trainer.max_steps", "-1", "--trainer.max_epochs", "1",
             "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
@@ -135,7 +140,25 @@ def run_lit(data: Path, out: Path, seed: int, mods: list[str]) -> dict:
     seconds = time.perf_counter() - t0
     rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
     acc = [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
-    return {"accuracy": acc[-1], "train_s": seconds, "peak_gib": peak_gib()}
+    return {"accuracy": acc[-1], "train_s": seconds, "fit_s": FitClock.seconds, "peak_gib": peak_gib()}
+
+
+try:
+    import lightning as _L
+
+    class FitClock(_L.Callback):
+        """The training loop's wall time (first batch to the end of fit, validation included), as `fit_s`."""
+
+        seconds = float("nan")
+
+        def on_train_start(self, trainer, pl_module):
+            reset_peak()
+            FitClock.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            FitClock.seconds = time.perf_counter() - FitClock.t0
+except ImportError:  # `split` needs no lightning
+    pass
 
 
 def reset_peak() -> None:
@@ -168,6 +191,7 @@ STAGES = {  # name: (stage recipe, extra flags, optimizer steps between the poli
     "ppo_loose": ("ppo", ["--model.ppo.init_kl_coef", "0.05", "--model.ppo.target", "6.0"], 100),
     "grpo": ("grpo", [], 20),  # one optimizer step a rollout
     "dpo": ("dpo", [], 50),
+    "kto": ("kto", [], 50),  # the pairs read unpaired (16 examples = 8 pairs a step, as DPO's batch)
 }
 
 
@@ -200,14 +224,17 @@ def model_jobs(data: Path, out: Path) -> dict[str, list[str]]:
                               "--trainer.max_epochs", "2", *common(out / "judge_heldout")]}
 
 
-def stage_jobs(data: Path, out: Path, minutes: float) -> dict[str, list[str]]:
+def stage_jobs(data: Path, out: Path, minutes: float, only: list[str] | None = None) -> dict[str, list[str]]:
     sft, proxy = out / "sft" / "latest" / "adapter", out / "proxy" / "latest" / "adapter"
     jobs = {}
     for name, (stage, extra, every) in STAGES.items():
+        if only and name not in only:
+            continue
+        offline = stage in ("dpo", "kto")
         files = ["--data.train_file", str(data / "train.jsonl")]
         if stage != "grpo":
-            files += ["--data.val_file", str(data / ("test.jsonl" if stage == "dpo" else "test_all.jsonl"))]
-        adapters = ["--model.sft_adapter", str(sft)] + ([] if stage == "dpo" else ["--model.reward_adapter", str(proxy)])
+            files += ["--data.val_file", str(data / ("test.jsonl" if offline else "test_all.jsonl"))]
+        adapters = ["--model.sft_adapter", str(sft)] + ([] if offline else ["--model.reward_adapter", str(proxy)])
         snapshots = ["--trainer.callbacks+=lit_ft.ExportAdapter", "--trainer.callbacks.dirpath", "policy",
                      "--trainer.callbacks.every_n_steps", str(every)]
         jobs[name] = [*recipe(stage), *files, *adapters, *extra, *snapshots, *common(out / name, minutes)]
@@ -246,11 +273,11 @@ def judge_policies(data: Path, out: Path, n: int) -> None:
     subprocess.run([sys.executable, "-m", "lit_ft", *args], cwd=ROOT, check=True)
 
 
-def run_rlhf(data: Path, out: Path, phases: list[str], minutes: float, n: int) -> None:
+def run_rlhf(data: Path, out: Path, phases: list[str], minutes: float, n: int, only: list[str] | None = None) -> None:
     if "models" in phases:
-        run_jobs(model_jobs(data, out), out)
+        run_jobs({k: v for k, v in model_jobs(data, out).items() if not only or k in only}, out)
     if "stages" in phases:
-        run_jobs(stage_jobs(data, out, minutes), out)
+        run_jobs(stage_jobs(data, out, minutes, only), out)
     if "judge" in phases:
         judge_policies(data, out, n)
 
@@ -278,13 +305,15 @@ def one(job: str, data: Path, out: Path) -> None:
     print(json.dumps(result))
 
 
-def run_all(jobs: list[str], data: Path, out: Path) -> None:
+def run_all(jobs: list[str], data: Path, out: Path, sequential: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     procs = []
     for job in jobs:
         log = open(out / f"{job.replace(':', '_s').replace('+', '_')}.log", "w")
         procs.append((job, subprocess.Popen([sys.executable, __file__, "one", job, "--data", str(data), "--out",
                                              str(out)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
+        if sequential:
+            procs[-1][1].wait()
     for job, p in procs:
         p.wait()
         print(f"{job}: exit {p.returncode}", flush=True)
@@ -304,6 +333,7 @@ def summarize(out: Path) -> None:
         print(f"{system:16s} seeds {len(accs)}  accuracy " + " / ".join(f"{a:.3f}" for a in accs)
               + f"  mean {statistics.mean(accs):.3f} sd {sd:.3f}"
               + f"  train {statistics.mean(r['train_s'] for r in rs):.0f} s"
+              + f"  fit {statistics.mean(r.get('fit_s', float('nan')) for r in rs):.1f} s"
               + f"  peak {max(r['peak_gib'] for r in rs):.1f} GiB")
     (out / "summary.json").write_text(json.dumps(results, indent=1))
 
@@ -317,8 +347,10 @@ if __name__ == "__main__":
     parser.add_argument("--data", default=".hh")
     parser.add_argument("--out", default="hh_runs")
     parser.add_argument("--jobs", default="trl:0,lit:0")
+    parser.add_argument("--sequential", action="store_true", help="run: one job after the other (speed figures)")
     parser.add_argument("--minutes", type=float, default=5.0, help="rlhf: training time of each stage")
     parser.add_argument("--n", type=int, default=312, help="rlhf: held-out prompts judged")
+    parser.add_argument("--only", default=None, help="rlhf: the models and stages to run (e.g. sft,dpo,kto)")
     a = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.mode == "split":
@@ -326,8 +358,9 @@ if __name__ == "__main__":
     elif a.mode == "one":
         one(a.job, Path(a.data).resolve(), Path(a.out).resolve())
     elif a.mode == "run":
-        run_all(a.jobs.split(","), Path(a.data).resolve(), Path(a.out).resolve())
+        run_all(a.jobs.split(","), Path(a.data).resolve(), Path(a.out).resolve(), a.sequential)
     elif a.mode == "rlhf":
-        run_rlhf(Path(a.data).resolve(), Path(a.out).resolve(), a.phases.split(","), a.minutes, a.n)
+        run_rlhf(Path(a.data).resolve(), Path(a.out).resolve(), a.phases.split(","), a.minutes, a.n,
+                 a.only.split(",") if a.only else None)
     else:
         summarize(Path(a.out).resolve())
