@@ -181,7 +181,9 @@ def test_template_without_tool_support_is_refused(tiny_model_dir, tmp_path):
     assert str(e.value) == (
         f"data.template='chat': the chat template of {tiny_model_dir} ignores tools (a probe conversation renders "
         "without 'probe_schema_fn'), and this data has them; use a model whose chat template supports tool calling "
-        "(as Qwen2.5's and Llama 3.1's do) or give the tokenizer such a template")
+        "(as Qwen2.5's and Llama 3.1's do), give the tokenizer such a template, or set data.tool_format hermes "
+        "(tools, calls and results written into plain messages in the Hermes form before the chat template renders "
+        "them; docs/data.md)")
     no_tools = {"messages": OPENAI_ROW["messages"]}
     dm = InstructionDataModule(train_file=_jsonl(tmp_path / "n.jsonl", [no_tools] * 4), val_split=0.25,
                                tokenizer=tiny_model_dir, max_length=256, batch_size=2)
@@ -250,3 +252,110 @@ def test_sft_fit_on_tool_rows(tiny_model_dir, tool_tok_dir, tmp_path):
                         limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------------------------------------- tool_format: hermes
+# The fallback for a chat template without tool support (SmolLM2's, the tiny model's): the tools, the calls and the
+# results written into plain messages in the Hermes form before the template renders them.
+
+HERMES_SYSTEM = ("You can call tools.\n\nTools:\n<tools>\n" + json.dumps(TOOLS) + "\n</tools>\nCall one as <tool_call>\n"
+                 '{"name": ..., "arguments": {...}}\n</tool_call>')
+HERMES_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+
+
+def _trained_runs(tok, out) -> list[str]:
+    """The decoded runs of consecutive trained tokens (labels != -100), checked to be the input ids there."""
+    runs, run = [], []
+    for t, lab in zip(out["input_ids"] + [None], out["labels"] + [IGNORE_INDEX]):
+        if lab == IGNORE_INDEX:
+            if run:
+                runs.append(tok.decode(run))
+            run = []
+        else:
+            assert lab == t
+            run.append(t)
+    return runs
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_hermes_rendering_and_labels_token_by_token(which, request, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lit_ft.data.templates import render_segments, tool_role
+    from lit_ft.data.tools import hermes_messages
+
+    tok = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_model_dir" if which == "tiny" else "smollm2_dir"))
+    (record,), _ = load_records(_jsonl(tmp_path / "r.jsonl", [OPENAI_ROW]), "instruction")
+    assert tool_role(tok) == "tool"  # ChatML writes any role as given
+    plain = hermes_messages(record["messages"], TOOLS, "tool")
+    assert plain == [{"role": "system", "content": HERMES_SYSTEM},
+                     {"role": "user", "content": "What is 2 plus 3?"},
+                     {"role": "assistant", "content": HERMES_CALL},
+                     {"role": "tool", "content": "<tool_response>\n5\n</tool_response>"},
+                     {"role": "assistant", "content": "The answer is 5."}]
+    out = sft_example(record, tok, "chat", None, 1024, "error", True, "r.jsonl", tool_format="hermes")
+    # the whole row is the chat template's rendering of the plain messages, token for token
+    expected = tok.apply_chat_template(plain, tokenize=False)
+    assert out["input_ids"] == tok(expected, add_special_tokens=False)["input_ids"]
+    # trained: the assistant turns, the call included (with the end-of-turn token); never the system (the tools),
+    # the user or the tool result
+    assert _trained_runs(tok, out) == [HERMES_CALL + "<|im_end|>\n", "The answer is 5.<|im_end|>\n"]
+    segments = render_segments(record["messages"], tok, "chat", None, tools=TOOLS, tool_format="hermes")
+    assert [t for t, trained in segments if not trained][1] == (
+        "<|im_start|>tool\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    # the template's own rendering is refused (it ignores tools); hermes passes the same check
+    from lit_ft.data.templates import check_tool_template
+
+    with pytest.raises(ConfigError, match="or set data.tool_format hermes"):
+        check_tool_template(tok, "chat", ["tools", "tool_calls", "the tool role"])
+    check_tool_template(tok, "chat", ["tools", "tool_calls", "the tool role"], "hermes")
+
+
+def test_hermes_calls_round_trip_through_the_parser():
+    from lit_ft.data.tools import hermes_messages
+    from lit_ft.online.episodes import parse_hermes
+
+    calls = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}},
+             {"type": "function", "function": {"name": "note", "arguments": {"text": "día \"uno\"\n", "n": [1, 2.5]}}},
+             {"type": "function", "function": {"name": "now", "arguments": {}}}]
+    for content in ("", "Let me compute."):
+        (m,) = hermes_messages([{"role": "assistant", "content": content, "tool_calls": calls}], None)
+        assert parse_hermes(m["content"]) == (content, calls)
+    assert hermes_messages([{"role": "user", "content": "hi"}], None) == [{"role": "user", "content": "hi"}]
+
+
+def test_hermes_tool_role_and_system_message(tool_tok):
+    from lit_ft.data.templates import tool_role
+    from lit_ft.data.tools import hermes_messages
+
+    # a template that wraps tool turns in <tool_response> itself gets them as user turns (no double wrapping)
+    assert tool_role(tool_tok) == "user"
+    msgs = [{"role": "user", "content": "2+3?"}]
+    (system, _) = hermes_messages(msgs, TOOLS)
+    assert system["role"] == "system" and system["content"].startswith("Tools:\n<tools>\n[")
+    (system, _) = hermes_messages([{"role": "system", "content": ""}] + msgs, TOOLS)
+    assert system["content"].startswith("Tools:")
+
+
+def test_hermes_datamodules_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """data.tool_format hermes in SFT and the prompt DataModule with a template that ignores tools; refused with a
+    text template."""
+    dm = InstructionDataModule(train_file=_jsonl(tmp_path / "t.jsonl", _variants(8)), val_split=0.25,
+                               tokenizer=tiny_model_dir, max_length=512, batch_size=2, tool_format="hermes")
+    dm.setup("fit")
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 8
+    prompt, reference = dm.held_out_prompts(1)[0]
+    assert "<tools>" in prompt and prompt.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    rows = [{"tools": TOOLS, "messages": r["messages"][:4], "answer": r["messages"][3]["content"]} for r in _variants(5)]
+    pm = PromptDataModule(train_file=_jsonl(tmp_path / "p.jsonl", rows), val_split=0.2, tokenizer=tiny_model_dir,
+                          max_length=512, batch_size=2, tool_format="hermes")
+    pm.setup("fit")
+    prompt, _ = pm.held_out_prompts(1)[0]
+    assert "<|im_start|>system\nYou can call tools.\n\nTools:\n<tools>" in prompt and HERMES_CALL in prompt
+    with pytest.raises(ConfigError, match=r"^data.tool_format='qwen': expected one of"):
+        InstructionDataModule(train_file="x.jsonl", tool_format="qwen")
+    dm = InstructionDataModule(train_file=_jsonl(tmp_path / "a.jsonl", _variants(4)), val_split=0.25,
+                               tokenizer=tiny_model_dir, max_length=512, batch_size=2, template="alpaca",
+                               tool_format="hermes")
+    with pytest.raises(ConfigError, match="data.template='alpaca' cannot render tools, tool_calls, the tool role"):
+        dm.setup("fit")

@@ -269,7 +269,8 @@ def test_template_without_tools_is_refused(tiny_model_dir):
     assert str(info.value) == (
         f"model.environment: the chat template of {tiny_model_dir} ignores tools (a prompt rendered with the "
         "environment's tools leaves out 'add'); give the tokenizer a chat template that supports tool calling (as "
-        "Qwen2.5's and Llama 3.1's do)")
+        "Qwen2.5's and Llama 3.1's do), or set model.episodes.render_tools hermes (the tools, calls and results "
+        "written into plain messages in the Hermes form, as data.tool_format hermes renders SFT rows)")
 
 
 def test_reward_adapter_reads_the_whole_conversation(tiny_model_dir, adapters):
@@ -289,3 +290,68 @@ def test_reward_adapter_reads_the_whole_conversation(tiny_model_dir, adapters):
     expected = raw * module.reward_norm[0] + module.reward_norm[1]
     assert torch.allclose(parts["reward_model"], expected.mean()) and texts == ["HELLO."] * 2
     assert torch.allclose(scores, expected + ro.env_rewards)
+
+
+# ---------------------------------------------------------------------------------------------- render_tools: hermes
+
+
+def test_hermes_episode_on_a_template_without_tools_is_what_sft_trains_on(tiny_model_dir):
+    """render_tools hermes on the tiny model (its ChatML template ignores tools): the episode's tokens are, token for
+    token, the SFT rendering of the same conversation under data.tool_format hermes; the environment's tokens (the
+    tool result and the next generation prompt) are masked, the model's calls and answer are not."""
+    from lit_ft.data.templates import render_segments
+    from lit_ft.data.tools import hermes_call
+
+    env = Calculator()
+    module = make_module(tiny_model_dir, env, max_new=200,
+                         episodes_spec=EpisodeSpec(max_turns=3, max_tokens=1000, render_tools="hermes"))
+    module.configure_model()
+    tok = module.tokenizer
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    module.sampler = Scripted(tok, [hermes_call(call), "It is 5."])
+    batch = next(iter(prompt_loader(tok, batch_size=2)))
+    ro = module.rollout(batch, module.sampling)
+    assert ro.env_rewards.tolist() == [1.0, 1.0] and module.episode_stats["rollout/tool_call_frac"] == 1
+    conversation = [{"role": "user", "content": "What is 2 plus 3?"},
+                    {"role": "assistant", "content": "", "tool_calls": [dict(call, id="call_0")]},
+                    {"role": "tool", "name": "add", "tool_call_id": "call_0", "content": "5"},
+                    {"role": "assistant", "content": "It is 5."}]
+    segments = render_segments(conversation, tok, "chat", None, tools=TOOLS, tool_format="hermes")
+    sft, want = [], []  # SFT's tokens and which of them the model wrote: a trained turn up to its end-of-turn token
+    for text, trained in segments:
+        seg = tok(text, add_special_tokens=False)["input_ids"]
+        end = seg.index(tok.eos_token_id) + 1 if trained else 0
+        sft += seg
+        want += [1] * end + [0] * (len(seg) - end)
+    for i in range(2):
+        prompt = ro.input_ids[i][ro.attention_mask[i].bool()].tolist()
+        response = ro.responses[i][ro.attend[i].bool()].tolist()
+        n = len(prompt) + len(response)
+        assert prompt + response == sft[:n] and tok.decode(sft[n:]) == "\n"  # SFT's tokens, token for token
+        assert [0] * len(prompt) + ro.mask[i][ro.attend[i].bool()].tolist() == want[:n]
+    env_text = tok.decode(ro.responses[0][(ro.attend[0] - ro.mask[0]).bool()])
+    assert env_text == "\n<|im_start|>tool\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert "<tools>" in tok.decode(ro.input_ids[0]) and episodes.tool_format(tok, "auto", "hermes") == "hermes"
+
+
+def test_calculator_environment():
+    from lit_ft.online.calculator import CalculatorEnvironment
+
+    env = CalculatorEnvironment()
+    start = env.reset({"prompt": "What is 12 + 30?", "answer": "42"})
+    assert start[1] == {"role": "user", "content": "What is 12 + 30?"} and start[0]["role"] == "system"
+
+    def call(name, **arguments):
+        return {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "id": "call_0", "function": {"name": name, "arguments": arguments}}]}
+
+    for message, result in [(call("add", a=12, b=30), "42"), (call("subtract", a=12, b=30), "-18"),
+                            (call("mul", a=2, b=3), "error: unknown tool 'mul'; the tools are add and subtract"),
+                            (call("add", a=1), 'error: add takes two numbers, a and b; got {"a": 1}'),
+                            (call("add", a="x", b=2), 'error: add takes two numbers, a and b; got {"a": "x", "b": 2}')]:
+        turns, reward, done = env.step(start + [message])
+        assert (turns[0]["content"], reward, done) == (result, None, False)
+    turns, reward, done = env.step(start + [{"role": "assistant", "content": '<tool_call>{"name": "add"</tool_call>'}])
+    assert turns[0]["content"].startswith("error: the call is not") and not done
+    assert env.step(start + [{"role": "assistant", "content": "12 + 30 = 42"}]) == ([], 1.0, True)
+    assert env.step(start + [{"role": "assistant", "content": "12 + 30 = 41"}]) == ([], 0.0, True)

@@ -31,7 +31,7 @@ from lit_ft.data.shared import (  # noqa: F401 (re-exported)
     split_records, tokenize_split,
 )
 from lit_ft.data.hh import messages_for, prompt_for, response_for
-from lit_ft.data.templates import TemplateName, check_template, render_prompt
+from lit_ft.data.templates import TemplateName, ToolFormat, check_template, render_prompt
 from lit_ft.data.tokenize import Overlong
 from lit_ft.validation import check_init
 
@@ -48,6 +48,7 @@ class InstructionDataModule(LightningDataModule):
         format: InstructionFormat = "auto",
         template: TemplateName = "chat",
         system_prompt: str | None = None,
+        tool_format: ToolFormat = "template",
         tokenizer: str | None = None,
         max_length: int = 1024,
         overlong: Overlong = "truncate_prompt",
@@ -80,6 +81,9 @@ class InstructionDataModule(LightningDataModule):
             template: how text is rendered: the tokenizer's chat template, the alpaca format, or plain text.
             system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
                 template that inserts a default one, as SmolLM2's does, leaves it out).
+            tool_format: how tool schemas, calls and results reach a chat template: ``template`` passes them as
+                they are (refused where the template drops them), ``hermes`` writes them into plain messages in the
+                Hermes form first (`lit_ft.data.tools.hermes_messages`; for templates without tool support).
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
             max_length: longest tokenized row.
             overlong: rows longer than ``max_length``: drop them, truncate the prompt from the left, or error.
@@ -111,6 +115,7 @@ class InstructionDataModule(LightningDataModule):
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
         self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
+        self.tool_format = tool_format
         self.max_length, self.overlong, self.completion_only = max_length, overlong, completion_only
         self.dedup, self.score_field, self.min_score, self.packing = dedup, score_field, min_score, packing
         self.skip_bad_rows, self.batch_size, self.eval_batch_size = skip_bad_rows, batch_size, eval_batch_size
@@ -164,7 +169,7 @@ class InstructionDataModule(LightningDataModule):
         for record in self.val_records[:n]:
             messages = messages_for(record, self.template)
             prompt = render_prompt(messages[:-1], self.tokenizer, self.template, self.system_prompt,
-                                   record.get("input"), record.get("tools"))
+                                   record.get("input"), record.get("tools"), self.tool_format)
             out.append((prompt, messages[-1]["content"]))
         return out
 
@@ -178,6 +183,7 @@ class PreferenceDataModule(LightningDataModule):
         format: PreferenceFormat = "auto",
         template: TemplateName = "chat",
         system_prompt: str | None = None,
+        tool_format: ToolFormat = "template",
         tokenizer: str | None = None,
         max_length: int = 1024,
         overlong: Literal["drop", "truncate_prompt", "error"] = "truncate_prompt",
@@ -208,6 +214,9 @@ class PreferenceDataModule(LightningDataModule):
             template: how text is rendered: the tokenizer's chat template, the alpaca format, or plain text.
             system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
                 template that inserts a default one, as SmolLM2's does, leaves it out).
+            tool_format: how tool schemas, calls and results reach a chat template: ``template`` passes them as
+                they are (refused where the template drops them), ``hermes`` writes them into plain messages in the
+                Hermes form first (`lit_ft.data.tools.hermes_messages`; for templates without tool support).
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
             max_length: longest tokenized prompt + response.
             overlong: pairs longer than ``max_length``: drop them, cut the shared prompt from the left, or error.
@@ -234,6 +243,7 @@ class PreferenceDataModule(LightningDataModule):
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
         self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
+        self.tool_format = tool_format
         self.max_length, self.overlong, self.dedup, self.skip_bad_rows = max_length, overlong, dedup, skip_bad_rows
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
@@ -269,7 +279,7 @@ class PreferenceDataModule(LightningDataModule):
     def held_out_prompts(self, n: int) -> list[tuple[str, str]]:
         """(rendered prompt text, chosen response) of the first ``n`` validation pairs (greedy-answer checks)."""
         return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt,
-                               tools=r.get("tools")),
+                               tools=r.get("tools"), tool_format=self.tool_format),
                  response_for(r, r["chosen"], self.template))
                 for r in self.val_records[:n]]
 

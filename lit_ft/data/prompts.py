@@ -12,7 +12,7 @@ from lit_ft.data import shared, splits
 from lit_ft.data.collate import PromptCollator
 from lit_ft.data.readers import SourceSpec
 from lit_ft.data.hh import prompt_for
-from lit_ft.data.templates import TemplateName, render_prompt
+from lit_ft.data.templates import TemplateName, ToolFormat, render_prompt
 from lit_ft.validation import check_init
 
 PromptFormat = Literal["auto", "prompt", "instruction", "messages", "question", "preference"]
@@ -27,6 +27,7 @@ class PromptDataModule(LightningDataModule):
         format: PromptFormat = "auto",
         template: TemplateName = "chat",
         system_prompt: str | None = None,
+        tool_format: ToolFormat = "template",
         tokenizer: str | None = None,
         max_length: int = 512,
         overlong: Literal["drop", "truncate_prompt", "error"] = "truncate_prompt",
@@ -53,6 +54,9 @@ class PromptDataModule(LightningDataModule):
             template: how prompts are rendered: the tokenizer's chat template, the alpaca format, or plain text.
             system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
                 template that inserts a default one, as SmolLM2's does, leaves it out).
+            tool_format: how tool schemas, calls and results reach a chat template: ``template`` passes them as
+                they are (refused where the template drops them), ``hermes`` writes them into plain messages in the
+                Hermes form first (`lit_ft.data.tools.hermes_messages`; for templates without tool support).
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
             max_length: longest tokenized prompt.
             overlong: prompts longer than ``max_length``: drop them, keep their last tokens, or error.
@@ -77,6 +81,7 @@ class PromptDataModule(LightningDataModule):
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
         self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
+        self.tool_format = tool_format
         self.max_length, self.overlong, self.answer_field = max_length, overlong, answer_field
         self.dedup, self.skip_bad_rows, self.batch_size, self.eval_batch_size = dedup, skip_bad_rows, batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
@@ -104,7 +109,7 @@ class PromptDataModule(LightningDataModule):
         """(rendered prompt text, answer) of the first ``n`` validation records that have an answer."""
         rows = [r for r in self.val_records if r.get("answer") is not None][:n]
         return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt,
-                               r.get("input"), r.get("tools")),
+                               r.get("input"), r.get("tools"), self.tool_format),
                  r["answer"]) for r in rows]
 
     train_dataloader = shared.train_dataloader

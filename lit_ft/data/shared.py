@@ -131,7 +131,8 @@ def prepare_hub(spec: SourceSpec, train_file: str, val_file: str | None) -> None
 def token_settings(dm: LightningDataModule) -> dict:
     """The tokenization settings every split of a datamodule uses (`tokenize_split`'s keywords)."""
     return dict(tokenizer=dm.tokenizer, template=dm.template, system_prompt=dm.system_prompt,
-                max_length=dm.max_length, overlong=dm.overlong)
+                max_length=dm.max_length, overlong=dm.overlong,
+                tool_format=getattr(dm, "tool_format", "template"))
 
 
 def inference_settings(dm: LightningDataModule) -> dict:

@@ -89,8 +89,56 @@ correctness_reward.usable_answer = lambda answer: normalize_number(answer) is no
 """What the online stages check before the first step: an answer this reward can ever match (`online.shared`)."""
 
 
-def generate(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 1234) -> None:
-    """Write the demo's instruction, preference and prompt files (JSONL) into `out_dir`."""
+# ---------------------------------------------------------------------------------------------- the calculator tool
+# The tool demo (`lit-ft demo --stages sft_tools,grpo_tools`): SFT on conversations that call `add` or `subtract`
+# and answer from the result, then GRPO with `lit_ft.CalculatorEnvironment` executing the calls.
+
+
+CALCULATOR_TOOLS = [
+    {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+    for name, description in (("add", "a + b"), ("subtract", "a - b"))]
+"""The calculator's tools as JSON schemas (the rows' `tools` column and `CalculatorEnvironment.tools`)."""
+
+TOOL_SYSTEM = "Use the calculator for arithmetic."
+"""The system message of the tool conversations and of the calculator environment's episodes."""
+
+TOOL_OPS = {"+": "add", "-": "subtract"}
+
+
+def calculate(name: str, arguments: dict) -> str:
+    """A calculator call's result as text (`add`: a + b, `subtract`: a - b); a call it cannot run is an error text,
+    never an exception (what the environment answers a bad call with)."""
+    if name not in TOOL_OPS.values():
+        return f"error: unknown tool {name!r}; the tools are add and subtract"
+    try:
+        a, b = (float(arguments[k]) for k in ("a", "b"))
+    except (KeyError, TypeError, ValueError):
+        return f"error: {name} takes two numbers, a and b; got {json.dumps(arguments)[:60]}"
+    value = a + b if name == "add" else a - b
+    return normalize_number(repr(value)) or str(value)
+
+
+def tool_conversation(question: str, response: str, answer: str) -> dict:
+    """One demo problem as a tool-calling row: the user's question, the assistant's call of `add`/`subtract` with the
+    two numbers, the tool's result, and the final answer in the task's format (`a op b = result`)."""
+    a, op, b = response.rsplit("=", 1)[0].split()
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": TOOL_OPS[op], "arguments": {"a": int(a), "b": int(b)}}}
+    return {"tools": CALCULATOR_TOOLS, "answer": answer, "messages": [
+        {"role": "system", "content": TOOL_SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "name": TOOL_OPS[op],
+         "content": calculate(TOOL_OPS[op], call["function"]["arguments"])},
+        {"role": "assistant", "content": response}]}
+
+
+def generate(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 1234,
+             n_tools: tuple[int, int] = (400, 50)) -> None:
+    """Write the demo's instruction, preference and prompt files (JSONL) into `out_dir`, and the tool conversations
+    (`tools_train.jsonl`, `tools_val.jsonl`: the first `n_tools` problems of each split as `tool_conversation`s, so
+    the held-out prompts stay held out)."""
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +158,8 @@ def generate(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, seed: i
             [{"prompt": q, "chosen": r, "rejected": w, "kind": k} for q, r, a in rows for w, k in [wrong_response(r, a, rng)]],
         )
         _write(out / f"prompts_{split}.jsonl", [{"prompt": q, "answer": a} for q, _, a in rows])
+        _write(out / f"tools_{split}.jsonl", [tool_conversation(q, r, a) for q, r, a in
+                                              rows[: n_tools[split == "val"]]])
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -9,6 +9,13 @@ Concatenating the segment texts gives the full training text; ``trainable`` mark
 - ``alpaca``: ``### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n`` (Taori et al. 2023,
   Stanford Alpaca), each response followed by the EOS token. A system prompt, if any, is the preamble.
 - ``plain``: prompt + response + EOS, concatenated as is (the data supplies its own separators).
+
+Tool parts (`lit_ft.data.tools`) under ``chat``: ``tool_format='template'`` passes them to the chat template
+(``tools=``, assistant ``tool_calls``, the ``tool`` role), refused where a probe shows it drops them
+(`check_tool_template`); ``tool_format='hermes'`` first writes them into plain messages in the Hermes form
+(`lit_ft.data.tools.hermes_messages`: tools in the system message, ``<tool_call>`` blocks in the assistant's text,
+``<tool_response>`` turns), which any chat template renders; the episodes of the online stages render with the same
+function, so what SFT trains on is what a rollout shows the model.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import signal
 import threading
 from typing import Literal
 
+from lit_ft.data.tools import hermes_messages
 from lit_ft.errors import ConfigError
 
 TemplateName = Literal["chat", "alpaca", "plain"]
+ToolFormat = Literal["template", "hermes"]
 Segments = list[tuple[str, bool]]
 
 RENDER_SECONDS = 10.0
@@ -105,16 +114,24 @@ def tool_parts(records: list[dict]) -> list[str]:
                                     ("the tool role", any(m["role"] == "tool" for m in msgs))) if used]
 
 
-def check_tool_template(tokenizer, template: str, parts: list[str]) -> None:
+_FALLBACK = ("set data.tool_format hermes (tools, calls and results written into plain messages in the Hermes form "
+             "before the chat template renders them; docs/data.md)")
+
+
+def check_tool_template(tokenizer, template: str, parts: list[str], tool_format: ToolFormat = "template") -> None:
     """Refuse, before any row is tokenized, a template that would drop the tool parts the data uses: a text
-    template (alpaca, plain), or a chat template whose rendering of a probe conversation leaves out the tool
-    schema's name (``tools``), the called function's name (``tool_calls``) or the tool's result (``the tool
-    role``). A template that raises on them is refused the same way, with its error chained."""
+    template (alpaca, plain), or (``tool_format='template'``) a chat template whose rendering of a probe
+    conversation leaves out the tool schema's name (``tools``), the called function's name (``tool_calls``) or the
+    tool's result (``the tool role``). A template that raises on them is refused the same way, with its error
+    chained. Under ``tool_format='hermes'`` any chat template renders them (as plain messages)."""
     if not parts:
         return
     if template != "chat":
         raise ConfigError(f"data.template='{template}' cannot render {', '.join(parts)}; rows with tool calls "
-                          "need data.template 'chat' and a chat template that supports tool calling")
+                          "need data.template 'chat' and a chat template that supports tool calling, or "
+                          "data.template 'chat' with data.tool_format hermes")
+    if tool_format == "hermes":
+        return
     where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
     probes = {"tools": (_PROBE_CALL[:1], "probe_schema_fn"), "tool_calls": (_PROBE_CALL[:2], "probe_call_fn"),
               "the tool role": (_PROBE_CALL, "probe_result_text")}
@@ -132,8 +149,40 @@ def check_tool_template(tokenizer, template: str, parts: list[str]) -> None:
             raise ConfigError(
                 f"data.template='chat': the chat template of {where} ignores {part} (a probe conversation renders "
                 f"without {needle!r}{f': {type(error).__name__}: {error}' if error else ''}), and this data has "
-                "them; use a model whose chat template supports tool calling (as Qwen2.5's and Llama 3.1's do) or "
-                "give the tokenizer such a template") from error
+                "them; use a model whose chat template supports tool calling (as Qwen2.5's and Llama 3.1's do), "
+                f"give the tokenizer such a template, or {_FALLBACK}") from error
+
+
+_TOOL_ROLES: dict[str, str] = {}
+
+
+def tool_role(tokenizer) -> str:
+    """The role a tool result takes under ``tool_format='hermes'``: ``tool`` where the chat template renders a plain
+    turn of that role with its content as given (SmolLM2's writes any role), else ``user`` (as Qwen2.5 does).
+    Probed once a template."""
+    key = str(getattr(tokenizer, "chat_template", "") or "")
+    if key not in _TOOL_ROLES:
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                 {"role": "tool", "content": "probe_result_text"}]
+        try:
+            text = _chat(tokenizer, probe, add_generation_prompt=True)
+        except ConfigError:
+            raise
+        except Exception:  # a template that refuses the role (raise_exception), or any other failure on it
+            text = ""
+        # "tool" only where the template writes the content as given (one that wraps it in <tool_response> itself,
+        # as Qwen2.5's does, would wrap it twice)
+        _TOOL_ROLES[key] = "tool" if "probe_result_text" in text and "<tool_response>" not in text else "user"
+    return _TOOL_ROLES[key]
+
+
+def as_chat(messages: list[dict], tokenizer, tools: list[dict] | None,
+            tool_format: ToolFormat) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) as the chat template is given them: unchanged under ``template``; under ``hermes`` the
+    plain messages of `lit_ft.data.tools.hermes_messages` and no tools (only when there are tool parts)."""
+    if tool_format != "hermes" or not (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)):
+        return messages, tools
+    return hermes_messages(messages, tools, tool_role(tokenizer)), None
 
 
 def _prepare(messages: list[dict], system_prompt: str | None, input: str | None) -> list[dict]:
@@ -208,6 +257,7 @@ def _text_segments(messages: list[dict], tokenizer, template: str, input: str | 
 def render_segments(
     messages: list[dict], tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
     input: str | None = None, generation_prompt: bool = False, tools: list[dict] | None = None,
+    tool_format: ToolFormat = "template",
 ) -> Segments:
     """Segments of a conversation; with ``generation_prompt`` the text ends ready for the next assistant turn.
 
@@ -219,9 +269,11 @@ def render_segments(
         input: the alpaca ``input`` of the first user turn.
         generation_prompt: append the opening of an assistant turn (for prompts).
         tools: the row's tool schemas (`lit_ft.data.tools`), passed to the chat template.
+        tool_format: ``template`` (the chat template renders the tool parts) or ``hermes`` (`as_chat`: they are
+            written into plain messages first; the assistant turns, their calls included, stay the trained ones).
     """
     if template == "chat":
-        msgs = _prepare(messages, system_prompt, input)
+        msgs, tools = as_chat(_prepare(messages, system_prompt, input), tokenizer, tools, tool_format)
         segments = _chat_segments(msgs, tokenizer, tools)
         if generation_prompt:
             done = "".join(s for s, _ in segments)
@@ -229,7 +281,8 @@ def render_segments(
         return [s for s in segments if s[0]]
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         raise ConfigError(f"data.template='{template}' cannot render tools, tool calls or tool results; rows with "
-                          "them need data.template 'chat' and a chat template that supports tool calling")
+                          "them need data.template 'chat' and a chat template that supports tool calling, or "
+                          "data.template 'chat' with data.tool_format hermes")
     msgs = _prepare(messages, system_prompt, None) if template == "plain" else list(messages)
     if template == "alpaca" and system_prompt and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
@@ -238,17 +291,18 @@ def render_segments(
 
 def render_prompt(
     messages: list[dict], tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
-    input: str | None = None, tools: list[dict] | None = None,
+    input: str | None = None, tools: list[dict] | None = None, tool_format: ToolFormat = "template",
 ) -> str:
     """The prompt text a model continues with its response (chat: with the generation prompt)."""
-    return "".join(t for t, _ in render_segments(messages, tokenizer, template, system_prompt, input, True, tools))
+    return "".join(t for t, _ in render_segments(messages, tokenizer, template, system_prompt, input, True, tools,
+                                                 tool_format))
 
 
 def render_pair(
     prompt: list[dict], response: str, tokenizer, template: TemplateName = "chat", system_prompt: str | None = None,
-    tools: list[dict] | None = None,
+    tools: list[dict] | None = None, tool_format: ToolFormat = "template",
 ) -> tuple[str, str]:
     """(prompt_text, response_text) of one prompt and one final response, as the template renders them."""
     segments = render_segments(prompt + [{"role": "assistant", "content": response}], tokenizer, template,
-                               system_prompt, tools=tools)
+                               system_prompt, tools=tools, tool_format=tool_format)
     return "".join(t for t, _ in segments[:-1]), segments[-1][0]

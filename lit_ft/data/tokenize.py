@@ -16,8 +16,8 @@ from typing import Literal
 
 from lit_ft.data.readers import DataReport
 from lit_ft.data.hh import messages_for, prompt_for, response_for
-from lit_ft.data.templates import (TemplateName, check_tool_template, render_pair, render_prompt, render_segments,
-                                   tool_parts)
+from lit_ft.data.templates import (TemplateName, ToolFormat, check_tool_template, render_pair, render_prompt,
+                                   render_segments, tool_parts)
 from lit_ft.errors import DataError
 
 IGNORE_INDEX = -100
@@ -89,11 +89,11 @@ def tokenize_segments(
 @blame_row
 def sft_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
-    overlong: Overlong, completion_only: bool, file: str,
+    overlong: Overlong, completion_only: bool, file: str, tool_format: ToolFormat = "template",
 ) -> dict:
     """Dataset.map function: an instruction record to ``input_ids``, ``labels`` and ``drop``."""
     segments = render_segments(messages_for(record, template), tokenizer, template, system_prompt, record.get("input"),
-                               tools=record.get("tools"))
+                               tools=record.get("tools"), tool_format=tool_format)
     ids, labels, drop = tokenize_segments(segments, tokenizer, max_length, overlong, completion_only, file,
                                           record["line"])
     return {"input_ids": ids, "labels": labels, "drop": drop}
@@ -102,7 +102,7 @@ def sft_example(
 @blame_row
 def preference_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
-    overlong: Overlong, file: str,
+    overlong: Overlong, file: str, tool_format: ToolFormat = "template",
 ) -> dict:
     """Dataset.map function: a preference record to ``chosen_input_ids``, ``rejected_input_ids``,
     ``prompt_length`` (tokens of the shared prompt at the start of both), ``margin``, ``group`` (None without a
@@ -114,9 +114,9 @@ def preference_example(
     prompt = prompt_for(record, template)
     tools = record.get("tools")
     prompt_text, chosen_text = render_pair(prompt, response_for(record, record["chosen"], template), tokenizer,
-                                           template, system_prompt, tools)
+                                           template, system_prompt, tools, tool_format)
     _, rejected_text = render_pair(prompt, response_for(record, record["rejected"], template), tokenizer, template,
-                                   system_prompt, tools)
+                                   system_prompt, tools, tool_format)
     prompt, chosen, rejected = (_ids(tokenizer, t) for t in (prompt_text, chosen_text, rejected_text))
     longest = max(len(chosen), len(rejected))
     drop = ""
@@ -139,7 +139,7 @@ def preference_example(
 @blame_row
 def unpaired_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
-    overlong: Overlong, file: str,
+    overlong: Overlong, file: str, tool_format: ToolFormat = "template",
 ) -> dict:
     """Dataset.map function: an unpaired record (KTO) to ``input_ids`` (prompt + completion), ``labels`` (-100 on
     the prompt), ``prompt_length``, ``label`` (True: desirable) and ``drop``.
@@ -150,7 +150,7 @@ def unpaired_example(
     """
     prompt_text, completion_text = render_pair(prompt_for(record, template),
                                                response_for(record, record["completion"], template), tokenizer,
-                                               template, system_prompt, record.get("tools"))
+                                               template, system_prompt, record.get("tools"), tool_format)
     prompt, completion = _ids(tokenizer, prompt_text), _ids(tokenizer, completion_text)
     drop = ""
     if len(prompt) + len(completion) > max_length:
@@ -171,11 +171,11 @@ def unpaired_example(
 @blame_row
 def prompt_example(
     record: dict, tokenizer, template: TemplateName, system_prompt: str | None, max_length: int,
-    overlong: Overlong, file: str,
+    overlong: Overlong, file: str, tool_format: ToolFormat = "template",
 ) -> dict:
     """Dataset.map function: a prompt record to ``input_ids``, ``prompt`` (rendered text), ``answer``, ``drop``."""
     text = render_prompt(prompt_for(record, template), tokenizer, template, system_prompt, record.get("input"),
-                         record.get("tools"))
+                         record.get("tools"), tool_format)
     ids, drop = _ids(tokenizer, text), ""
     if len(ids) > max_length:
         if overlong == "error":
@@ -210,7 +210,8 @@ def tokenize_records(records: list[dict], kind: str, report: DataReport, num_pro
 
     if not records:
         return datasets.Dataset.from_dict({})
-    check_tool_template(settings["tokenizer"], settings["template"], tool_parts(records))
+    check_tool_template(settings["tokenizer"], settings["template"], tool_parts(records),
+                        settings.get("tool_format", "template"))
     ds = datasets.Dataset.from_list([{"line": r["line"], "record": json.dumps(r)} for r in records])
     ds = ds.map(
         _example, fn_kwargs={**settings, "kind": kind}, num_proc=num_proc if num_proc and num_proc > 1 else None,

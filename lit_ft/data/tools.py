@@ -119,3 +119,53 @@ def match_tool_result(m: dict, field: str, pending: list[dict], answered: int) -
         out["tool_call_id"] = hit["id"]
     return out
 
+
+
+# ---------------------------------------------------------------------------------------------- the Hermes fallback
+
+TOOL_FORMATS = ("template", "hermes")
+"""`data.tool_format` / `model.episodes.render_tools`: `template` passes tools, calls and results to the chat template
+as they are (refused where it drops them); `hermes` writes them into plain messages first (`hermes_messages`)."""
+
+HERMES_TOOLS = ('Tools:\n<tools>\n{tools}\n</tools>\nCall one as <tool_call>\n{{"name": ..., "arguments": {{...}}}}\n'
+                "</tool_call>")
+"""The system message's tools block under `hermes` (Qwen2.5's and Hermes' layout, shortened: the schemas as one JSON
+list inside `<tools>`, then how a call is written)."""
+
+
+def hermes_call(call: dict) -> str:
+    """One canonical call as the Hermes format writes it (what `lit_ft.online.episodes.parse_hermes` reads)."""
+    fn = call["function"]
+    body = json.dumps({"name": fn["name"], "arguments": fn.get("arguments") or {}}, ensure_ascii=False)
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+def hermes_messages(messages: list[dict], tools: list[dict] | None, tool_role: str = "tool") -> list[dict]:
+    """Canonical messages with tool parts -> plain chat messages in the Hermes (Qwen2.5) form, for a chat template
+    that renders plain role/content turns but not `tools=`, `tool_calls` or the tool role:
+
+    - ``tools``: the `HERMES_TOOLS` block (the schemas as one JSON list) appended to the system message, one made
+      when there is none (the first message);
+    - an assistant turn that calls: its content, then each call as ``<tool_call>\\n{"name", "arguments"}\\n
+      </tool_call>`` (`hermes_call`), one a line;
+    - a tool result: a turn of role ``tool_role`` (``tool`` where the template renders that role, else ``user``)
+      whose content is ``<tool_response>\\n...\\n</tool_response>``.
+
+    Other turns pass as they are (role and content only). Messages without tool parts and no tools come back
+    unchanged, so the same conversation renders the same with or without the fallback."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            text = "\n".join([m["content"]] * bool(m.get("content")) + [hermes_call(c) for c in m["tool_calls"]])
+            out.append({"role": "assistant", "content": text})
+        elif m["role"] == "tool":
+            out.append({"role": tool_role, "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    if tools:
+        block = HERMES_TOOLS.format(tools=json.dumps(tools, ensure_ascii=False))
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{block}" if out[0]["content"] else block
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out

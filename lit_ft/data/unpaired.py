@@ -14,7 +14,7 @@ from lit_ft.data import shared
 from lit_ft.data.collate import UnpairedCollator
 from lit_ft.data.hh import prompt_for, response_for
 from lit_ft.data.readers import SourceSpec
-from lit_ft.data.templates import TemplateName, render_prompt
+from lit_ft.data.templates import TemplateName, ToolFormat, render_prompt
 from lit_ft.validation import check_init
 
 UnpairedFormat = Literal["auto", "unpaired", "prompt_chosen_rejected", "chat", "hh"]
@@ -29,6 +29,7 @@ class UnpairedPreferenceDataModule(LightningDataModule):
         format: UnpairedFormat = "auto",
         template: TemplateName = "chat",
         system_prompt: str | None = None,
+        tool_format: ToolFormat = "template",
         tokenizer: str | None = None,
         max_length: int = 1024,
         overlong: Literal["drop", "truncate_prompt", "error"] = "truncate_prompt",
@@ -58,6 +59,9 @@ class UnpairedPreferenceDataModule(LightningDataModule):
             template: how text is rendered: the tokenizer's chat template, the alpaca format, or plain text.
             system_prompt: system prompt for rows that have none ("" renders an empty system turn, so a chat
                 template that inserts a default one, as SmolLM2's does, leaves it out).
+            tool_format: how tool schemas, calls and results reach a chat template: ``template`` passes them as
+                they are (refused where the template drops them), ``hermes`` writes them into plain messages in the
+                Hermes form first (`lit_ft.data.tools.hermes_messages`; for templates without tool support).
             tokenizer: tokenizer name or path (the CLI links the model's name here); None = the default model.
             max_length: longest tokenized prompt + completion (also of a mismatched pair, whose prompt is cut from
                 the left to fit).
@@ -81,6 +85,7 @@ class UnpairedPreferenceDataModule(LightningDataModule):
         self.train_file, self.val_file, self.val_split, self.format = train_file, val_file, val_split, format
         self.source = source if isinstance(source, SourceSpec) else SourceSpec(**(source or {}))
         self.template, self.system_prompt, self.tokenizer_name = template, system_prompt, tokenizer
+        self.tool_format = tool_format
         self.max_length, self.overlong, self.dedup, self.skip_bad_rows = max_length, overlong, dedup, skip_bad_rows
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
@@ -115,7 +120,7 @@ class UnpairedPreferenceDataModule(LightningDataModule):
         """(rendered prompt text, desirable completion) of the first ``n`` desirable validation examples."""
         rows = [r for r in self.val_records if r["label"]][:n]
         return [(render_prompt(prompt_for(r, self.template), self.tokenizer, self.template, self.system_prompt,
-                               tools=r.get("tools")),
+                               tools=r.get("tools"), tool_format=self.tool_format),
                  response_for(r, r["completion"], self.template)) for r in rows]
 
     train_dataloader = shared.train_dataloader

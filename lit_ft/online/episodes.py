@@ -22,6 +22,7 @@ see the model's tokens; `env_rewards` carries the episode's reward (0 where the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from lit_ft.data.templates import as_chat
 from lit_ft.errors import ConfigError
 from lit_ft.models import eval_mode
 from lit_ft.online import engine as decode
@@ -68,10 +70,19 @@ class EpisodeSpec:
     """How the model's tool calls are read from its text: `hermes` (Qwen2.5, Hermes, SmolLM3:
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`), `llama3_json` (Llama 3.1/3.2: the whole turn one
     `{"name": ..., "parameters": {...}}` object, after `<|python_tag|>` or not); `auto`: from the chat template
-    (`hermes` where it writes `<tool_call>`, `llama3_json` where it writes `<|python_tag|>` or `"parameters"`)."""
+    (`hermes` where it writes `<tool_call>`, `llama3_json` where it writes `<|python_tag|>` or `"parameters"`;
+    `hermes` under `render_tools: hermes`)."""
+    render_tools: Literal["template", "hermes"] = "template"
+    """How the environment's tools, the model's calls and the tool results reach the chat template, as
+    `data.tool_format` says for the data: `template` passes them as they are (a template that drops the tools is
+    refused), `hermes` writes them into plain messages in the Hermes form first (`lit_ft.data.tools.hermes_messages`,
+    the same function the DataModules render SFT rows with: what SFT trains on is what the episodes show)."""
 
     def __post_init__(self):
         check_spec(self, "model.episodes")
+        if self.render_tools == "hermes" and self.tool_format == "llama3_json":
+            raise ConfigError("model.episodes.render_tools='hermes' writes the calls as <tool_call> blocks, which "
+                              "tool_format 'llama3_json' does not read; set tool_format auto or hermes")
 
 
 def check_environment(env: Any, sampling) -> Any:
@@ -171,10 +182,13 @@ TOOL_PARSERS: dict[str, Callable[[str], tuple[str, list[dict]] | None]] = {
 """One parser per family of tool-call formats: text -> (content, calls), or None for a malformed call."""
 
 
-def tool_format(tokenizer, setting: str) -> str:
-    """The parser's name for `setting` (`auto`: read from the chat template; hermes when it shows nothing)."""
+def tool_format(tokenizer, setting: str, render_tools: str = "template") -> str:
+    """The parser's name for `setting` (`auto`: hermes under `render_tools` hermes, else read from the chat template;
+    hermes when it shows nothing)."""
     if setting != "auto":
         return setting
+    if render_tools == "hermes":
+        return "hermes"
     template = str(getattr(tokenizer, "chat_template", "") or "")
     if "<|python_tag|>" in template or '"parameters"' in template:
         return "llama3_json"
@@ -209,18 +223,21 @@ class Episode:
     done: bool = False
 
 
-def render(tokenizer, messages: list[dict], tools, generation: bool) -> str:
+def render(tokenizer, messages: list[dict], tools, generation: bool, render_tools: str = "template") -> str:
+    """The conversation as the chat template renders it (`render_tools` hermes: through
+    `lit_ft.data.templates.as_chat`, as the DataModules render rows under `data.tool_format` hermes)."""
+    messages, tools = as_chat(messages, tokenizer, tools, render_tools)
     extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
 
 
-def environment_text(tokenizer, before: list[dict], new: list[dict], tools) -> str:
+def environment_text(tokenizer, before: list[dict], new: list[dict], tools, render_tools: str = "template") -> str:
     """The text the chat template adds after the model's end-of-turn token for the environment's `new` turns (and
     the next generation prompt): the rendering with them, less the rendering up to that token without them."""
     eos = tokenizer.eos_token
-    prev = render(tokenizer, before, tools, False)
+    prev = render(tokenizer, before, tools, False, render_tools)
     cut = prev.rfind(eos)
-    full = render(tokenizer, before + new, tools, True)
+    full = render(tokenizer, before + new, tools, True, render_tools)
     if cut < 0 or not full.startswith(prev[:cut + len(eos)]):
         where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise ConfigError(f"model.environment: the chat template of {where} does not render a conversation as its "
@@ -239,7 +256,9 @@ def check_tools(tokenizer, tools) -> None:
             where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
             raise ConfigError(f"model.environment: the chat template of {where} ignores tools (a prompt rendered with "
                               f"the environment's tools leaves out {name!r}); give the tokenizer a chat template that "
-                              "supports tool calling (as Qwen2.5's and Llama 3.1's do)")
+                              "supports tool calling (as Qwen2.5's and Llama 3.1's do), or set "
+                              "model.episodes.render_tools hermes (the tools, calls and results written into plain "
+                              "messages in the Hermes form, as data.tool_format hermes renders SFT rows)")
 
 
 @torch.no_grad()
@@ -248,25 +267,17 @@ def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
     docstring); sets `module.episode_stats` (the `rollout/*` figures)."""
     env, spec, tok = module.environment, module.episodes, module.tokenizer
     tools = getattr(env, "tools", None)
-    parser = TOOL_PARSERS[tool_format(tok, spec.tool_format)]
-    if tools and getattr(module, "tools_checked", None) is not tok:
+    if tools and spec.render_tools == "template" and getattr(module, "tools_checked", None) is not tok:
         check_tools(tok, tools)
         module.tools_checked = tok
-    eps = _start(env, tok, tools, batch)
     device = batch["input_ids"].device
-    hf = replace(sampling, engine="hf")
     if module.sampler is None:
         module.sampler = decode.Sampler(module.model, tok.eos_token_id, tok.pad_token_id)
-    while live := [e for e in eps if not e.done]:
-        # 1. One model turn of every unfinished episode, sampled as one batch.
-        n = min(sampling.max_new_tokens, max(spec.max_tokens - len(e.tokens) for e in live))
-        ids, mask = _left_padded([e.prompt + e.tokens for e in live], tok.pad_token_id, device)
-        with eval_mode(module.model), strategies.for_generation(module._trainer):
-            out, out_mask, lp = module.sampler(ids, mask, hf, max_new_tokens=n, logprobs=True)
-        for i, e in enumerate(live):
-            # 2. The environment answers each turn that ended (its step, then its turns as tokens).
-            if _model_turn(e, out[i], out_mask[i], lp[i], spec, tok, parser):
-                _environment_turn(e, env, spec, tok, tools)
+    names = {"prompts": "prompt", "answers": "answer"}
+    rows = [{names.get(k, k): v[i] for k, v in batch.items() if isinstance(v, list)}
+            for i in range(len(batch["input_ids"]))]
+    eps = play(module.sampler, tok, env, spec, rows, sampling, device,
+               lambda: generation_mode(module.model, module._trainer))
     module.episode_stats = {
         "rollout/env_tokens_mean": torch.tensor([float(len(e.model) - sum(e.model)) for e in eps]).mean(),
         "rollout/turns_mean": torch.tensor([float(e.turns) for e in eps]).mean(),
@@ -275,16 +286,42 @@ def rollout(module, batch: dict, sampling, logprobs: bool = True) -> Rollout:
     return _as_rollout(eps, tok.pad_token_id, device, logprobs)
 
 
-def _start(env, tok, tools, batch: dict) -> list[Episode]:
-    """One episode a prompt row of `batch`: the environment's starting conversation, rendered with the generation
-    prompt as the episode's prompt tokens."""
-    names = {"prompts": "prompt", "answers": "answer"}
-    rows = [{names.get(k, k): v[i] for k, v in batch.items() if isinstance(v, list)}
-            for i in range(len(batch["input_ids"]))]
+@contextlib.contextmanager
+def generation_mode(model, trainer):
+    with eval_mode(model), strategies.for_generation(trainer):
+        yield
+
+
+def play(sampler, tok, env, spec: EpisodeSpec, rows: list[dict], sampling, device, generating=None) -> list[Episode]:
+    """The episodes of `rows` (prompt rows: `prompt`, `answer`, ...) against `env`, every round one batched call of
+    `sampler` (a `lit_ft.online.engine.Sampler`, or anything called the same way) over the unfinished ones, inside
+    `generating()` (a context manager; none: no context). `rollout` trains on them; the held-out evaluation of
+    `lit_ft.HeldOutEpisodes` scores them."""
+    tools = getattr(env, "tools", None)
+    parser = TOOL_PARSERS[tool_format(tok, spec.tool_format, spec.render_tools)]
+    eps = _start(env, tok, tools, rows, spec.render_tools)
+    hf = replace(sampling, engine="hf")
+    while live := [e for e in eps if not e.done]:
+        # 1. One model turn of every unfinished episode, sampled as one batch.
+        n = min(sampling.max_new_tokens, max(spec.max_tokens - len(e.tokens) for e in live))
+        ids, mask = _left_padded([e.prompt + e.tokens for e in live], tok.pad_token_id, device)
+        with generating() if generating is not None else contextlib.nullcontext():
+            out, out_mask, lp = sampler(ids, mask, hf, max_new_tokens=n, logprobs=True)
+        for i, e in enumerate(live):
+            # 2. The environment answers each turn that ended (its step, then its turns as tokens).
+            if _model_turn(e, out[i], out_mask[i], lp[i], spec, tok, parser):
+                _environment_turn(e, env, spec, tok, tools)
+    return eps
+
+
+def _start(env, tok, tools, rows: list[dict], render_tools: str = "template") -> list[Episode]:
+    """One episode a prompt row: the environment's starting conversation, rendered with the generation prompt as
+    the episode's prompt tokens."""
     eps = []
     for r in rows:
         msgs = list(env.reset(r))
-        eps.append(Episode(msgs, tok(render(tok, msgs, tools, True), add_special_tokens=False)["input_ids"]))
+        eps.append(Episode(msgs, tok(render(tok, msgs, tools, True, render_tools),
+                                     add_special_tokens=False)["input_ids"]))
     return eps
 
 
@@ -318,7 +355,8 @@ def _environment_turn(e: Episode, env, spec: EpisodeSpec, tok, tools) -> None:
     if done or e.turns >= spec.max_turns:
         e.done = True
         return
-    env_ids = tok(environment_text(tok, e.messages, list(turns), tools), add_special_tokens=False)["input_ids"]
+    env_ids = tok(environment_text(tok, e.messages, list(turns), tools, spec.render_tools),
+                  add_special_tokens=False)["input_ids"]
     if len(e.tokens) + len(env_ids) >= spec.max_tokens:  # no room left for a model turn
         e.done = True
         return
