@@ -22,7 +22,7 @@ from tests.test_hostile import BASE, fit_args, one_error_line, sft_file  # noqa:
 
 def settings(**kw) -> Settings:
     return Settings(stage="sft", base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4), optim=OptimSpec(),
-                    max_length=64, target="cpu", **{"batch_size": 8, **kw})
+                    max_length=64, **{"batch_size": 8, "target": "cpu", **kw})
 
 
 def total(s: Settings) -> int:
@@ -34,17 +34,46 @@ def test_a_run_that_fits_is_left_as_configured():
     assert choose(s, total(s)) == (s, [], [])
 
 
-def test_the_first_lever_that_fits_is_chosen_in_the_plans_order():
-    s = settings()
+def test_the_fastest_combination_that_fits_is_chosen(monkeypatch):
+    """Where both halving the micro-batch and checkpointing fit, the step-time model decides: on a launch-bound
+    model (the GPU rates on the tiny model: a micro-batch costs fixed time a layer, its matmuls almost nothing)
+    recomputing is cheaper than a second micro-batch; where compute is all that costs, splitting the micro-batch
+    is free and recomputing is not. Either way no single lever that fits is modelled faster than the choice."""
+    from lit_ft.plan import auto, memory
+
+    s = settings(target="cuda")
     half = dataclasses.replace(s, batch_size=4, accumulate_grad_batches=2)
-    chosen, whats, args = choose(s, total(half))
-    assert (chosen.batch_size, chosen.accumulate_grad_batches) == (4, 2)
+    ckpt = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=True))
+    budget = max(total(half), total(ckpt))
+    assert total(s) > budget
+    chosen, whats, args = choose(s, budget)
+    assert chosen.base.gradient_checkpointing and chosen.batch_size == 8, whats
+    assert auto.step_seconds(ckpt) < auto.step_seconds(half)
+    singles = [c for _, _, c, kind in memory._candidates(s) if kind != "quantization" and total(c) <= budget]
+    assert singles and all(auto.step_seconds(c) >= auto.step_seconds(chosen) for c in singles)
+    monkeypatch.setitem(auto.RATES, "cuda", dict(auto.RATES["cuda"], layer_s=0.0, step_s=0.0, flops=1e3))
+    chosen, whats, args = choose(s, budget)
+    assert (chosen.batch_size, chosen.accumulate_grad_batches) == (4, 2) and not chosen.base.gradient_checkpointing
     assert args == ["--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2"]
-    one = settings(batch_size=1)  # no micro-batch left to split: checkpointing is next
-    ckpt = dataclasses.replace(one, base=dataclasses.replace(one.base, gradient_checkpointing=True))
-    assert total(ckpt) < total(one)
-    chosen, whats, args = choose(one, total(ckpt))
-    assert chosen.base.gradient_checkpointing and "--model.base.gradient_checkpointing" in args
+
+
+def test_spare_memory_buys_speed_only_with_the_margin():
+    """A run configured lean (checkpointing, micro-batches of 2 accumulated 4 times) on a card with room: auto turns
+    checkpointing off and folds the accumulation into one micro-batch of 8 (the effective batch kept), as long as
+    the plan stays within SPEED_MARGIN of the budget; at a budget it only just fits, it is left as configured."""
+    from lit_ft.plan import auto
+
+    s = settings(batch_size=2, accumulate_grad_batches=4, target="cuda")
+    s = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=True))
+    fast = dataclasses.replace(s, batch_size=8, accumulate_grad_batches=1,
+                               base=dataclasses.replace(s.base, gradient_checkpointing=False))
+    chosen, whats, args = choose(s, 80 * 2**30)
+    assert (chosen.batch_size, chosen.accumulate_grad_batches, chosen.base.gradient_checkpointing) == (8, 1, False)
+    assert args == ["--model.base.gradient_checkpointing", "false", "--data.batch_size", "8",
+                    "--trainer.accumulate_grad_batches", "1"]
+    assert auto.step_seconds(fast) < auto.step_seconds(s)
+    assert choose(s, total(s)) == (s, [], [])  # fits, but nothing faster fits within the margin
+    assert total(fast) > auto.SPEED_MARGIN * total(s)
 
 
 def test_a_4bit_base_is_never_chosen_and_an_impossible_budget_names_the_leanest():
@@ -69,7 +98,7 @@ def test_the_chosen_settings_reach_the_run(sft_file, tmp_path, capsys):  # noqa:
     main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "2", "--memory", "600KiB"))
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("[lit_ft] memory 600KiB"))
-    assert re.search(r"micro-batch 4 -> [12], accumulate_grad_batches x[24] -> .* of 600.00 KiB", line), line
+    assert re.search(r"micro-batch 4 -> [12], accumulate_grad_batches x[24]( \+ gradient checkpointing)? -> .* of 600.00 KiB", line), line
     import lightning as L
 
     from lit_ft import InstructionDataModule, SFTModule
@@ -112,7 +141,7 @@ def test_auto_is_the_default_and_acts_only_where_the_run_does_not_fit(sft_file, 
     monkeypatch.setattr(auto, "budget_of", lambda memory: parse_size(free[memory]) if memory in free else real(memory))
     main(fit_args(sft_file, tmp_path / "a", "--trainer.max_steps", "1"))
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("[lit_ft] memory"))
-    assert re.match(r"\[lit_ft\] memory auto: micro-batch 4 -> [12], accumulate_grad_batches x[24] -> ", line), line
+    assert re.match(r"\[lit_ft\] memory auto: micro-batch 4 -> [12], accumulate_grad_batches x[24]( \+ gradient checkpointing)? -> ", line), line
     free["auto"] = "80GiB"
     main(fit_args(sft_file, tmp_path / "b", "--trainer.max_steps", "1"))
     assert "[lit_ft] memory auto: the run fits as configured" in capsys.readouterr().err

@@ -50,9 +50,10 @@ class LitFTCLI(LightningCLI):
         parser.add_argument(
             "--memory", default=None,
             help="auto (the default on a GPU) | a budget such as 24GiB | off: before a fit loads any weights, its "
-                 "memory plan keeps the run as configured when it fits the GPU's free memory (auto) or the budget, "
-                 "else chooses the cheapest settings that fit: micro-batch with accumulation, checkpointing, "
-                 "offloading, ... (lit_ft.plan.auto); nothing fits: an error naming the smallest budget that would")
+                 "memory plan runs the fastest settings that fit the GPU's free memory (auto) or the budget, by a "
+                 "step-time model over micro-batch with accumulation, checkpointing, offloading, ... (the run as "
+                 "configured unless it does not fit or a faster one fits with room to spare; lit_ft.plan.auto); "
+                 "nothing fits: an error naming the smallest budget that would")
 
     def parse_arguments(self, parser, args) -> None:
         # `main` hands over the command line with recipe names resolved: not a second command line to warn about.

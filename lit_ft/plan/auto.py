@@ -1,26 +1,33 @@
 """`--memory auto` (or a budget such as `24GiB`): before a fit loads any weights, the memory plan chooses the settings
-the run uses. The run as configured when its plan fits; else the first change of the plan's advice that fits on its
-own, in the advice's order (the cheapest first: micro-batch with gradient accumulation, keeping the effective batch;
-gradient checkpointing; activation offloading; the rollout engine; the loss chunk; a paged 8-bit optimizer), else
-those changes added one after the other until the total fits (`memory.combine`, the advice's last line); when even
-all of them do not fit, a ConfigError naming the smallest total any of them reaches.
+the run uses: the FASTEST combination of the plan's levers that fits, by a step-time model (`step_seconds`), among
+micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
+layer), activation offloading, the rollout engine, the loss chunk and a paged 8-bit optimizer, each combination
+planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured unless a faster
+combination fits with `SPEED_MARGIN` to spare: checkpointing it does not need turned off, accumulation it does not
+need folded into larger micro-batches (the effective batch kept) — more memory for more speed, said in the log.
+When nothing fits, a ConfigError naming the smallest total any combination reaches.
 A 4-bit base is never chosen: it changes the model, not just how it is computed.
+
+Why a time model and not a fixed order: which lever is cheap depends on the model. A micro-batch costs a fixed
+launch and host time per decoder layer whatever its size, so a 135M model split into micro-batches of one row runs
+many times slower, while recomputing its small layers (checkpointing) costs little; a 1B model at 16k tokens a step
+is compute-bound, so halving its micro-batch costs almost nothing and checkpointing a third more compute.
 
 `auto` plans for the device's free memory (`torch.cuda.mem_get_info`); on a machine without a GPU it does nothing.
 A size plans for that budget on the run's device (on a CPU: the host memory the planner counts). `auto` is the
-default of `lit-ft fit` (`--memory off` turns it off): a run that fits is left as configured, so the default only
-acts where the run would not fit; a run the planner cannot read (a module of the user's own, say) then runs as
-configured, said in one line, where an explicit `--memory` would stop.
+default of `lit-ft fit` (`--memory off` turns it off); a run the planner cannot read (a module of the user's own,
+say) then runs as configured, said in one line, where an explicit `--memory` would stop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
 from lit_ft.errors import ConfigError
-from lit_ft.plan.memory import Settings, combine, estimate_settings, lever_options, settings_from
+from lit_ft.plan.memory import Settings, _apply, _candidates, estimate_settings, settings_from
 from lit_ft.plan.sizes import fmt, parse_size
 
 
@@ -30,6 +37,17 @@ class NothingFits(ConfigError):
 
 NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
 CUDA_ONLY = ("offloading", "engine", "optimizer")
+SPEED_MARGIN = 0.85
+"""A change that spends memory for speed (checkpointing off, larger micro-batches) is taken only when the plan's
+total stays within this share of the budget: the plan is within about 15% of measured peaks."""
+
+# The step-time model's rates (only ratios between settings of one run matter). GPU: an H100/H200 running a LoRA
+# step in eager mode: about 1.5 ms of launches and host work a decoder layer for the forward and backward of one
+# micro-batch (BENCHMARKS.md: a 16-row SmolLM2-135M step takes ~0.3 s for ~3 TFLOP), matmuls at ~400 TFLOP/s, host
+# transfers at ~25 GB/s (W1 offloading without checkpointing: 36 GB a step cost 1.4 s). CPU: the per-layer overhead
+# is small against its matmul rate.
+RATES = {"cuda": dict(layer_s=1.5e-3, step_s=5e-3, flops=4e14, pcie=25e9),
+         "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"))}
 
 
 def budget_of(memory: str) -> int | None:
@@ -42,23 +60,103 @@ def budget_of(memory: str) -> int | None:
     return parse_size(memory)
 
 
+def _rows_per_micro(s: Settings) -> tuple[int, int]:
+    """(rows of one micro-batch's forward, micro-batches of an optimizer step) of the training pass."""
+    p = getattr(s, s.stage, None) if s.stage in ("ppo", "grpo") else None
+    if p is not None:
+        rows = s.batch_size * getattr(p, "samples_per_prompt", 1)
+        mini = min(p.mini_batch_size, rows)
+        return mini, max(1, -(-rows // mini))
+    pairs = 2 if s.stage in ("dpo", "reward", "kto") else 1  # chosen + rejected; KTO's mismatched KL rows
+    return pairs * s.batch_size, s.accumulate_grad_batches
+
+
+def step_seconds(s: Settings) -> float:
+    """Modelled seconds of one optimizer step under `s`: a fixed cost per micro-batch and decoder layer, matmul
+    FLOPs of the padded tokens (forward, and backward through frozen weights: input gradients only) plus what
+    checkpointing recomputes, activation offloading's host transfers, and small costs of a smaller loss chunk, a
+    paged 8-bit optimizer and `generate` instead of the static engine."""
+    from lit_ft.plan.stages import counted_model
+
+    d = counted_model(s)[0]
+    r = RATES["cuda" if s.target == "cuda" else "cpu"]
+    rows, micro = _rows_per_micro(s)
+    seq = s.data.longest if s.data is not None else s.max_length
+    attn = d.hidden * d.heads * d.head_dim * 2 + 2 * d.hidden * d.kv_heads * d.head_dim
+    n = d.layers * (attn + 3 * d.hidden * d.intermediate) + d.hidden * d.vocab
+    ckpt = (1.0 / max(1, s.base.checkpoint_every)) if s.base.gradient_checkpointing else 0.0
+    flops = micro * rows * seq * n * (4 + 2 * ckpt)  # forward 2N, backward 2N, recomputed forward 2N x share
+    t = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + 0.5 * ckpt)) + flops / r["flops"]
+    if s.base.activation_offloading:
+        t += micro * _saved_bytes(dataclasses.replace(s, base=dataclasses.replace(s.base, activation_offloading=False))) / r["pcie"]
+    if s.stage == "sft":
+        t += micro * (rows * seq // max(1, s.loss_chunk_size)) * 2e-4
+    if "paged" in s.optim.optimizer:
+        t *= 1.02
+    if s.sampling is not None and s.sampling.engine == "hf" and s.stage in ("ppo", "grpo", "distill"):
+        t *= 2.0  # rollouts through `generate`: several times slower decoding (BENCHMARKS.md, rollout engine)
+    return t
+
+
+_SAVED: dict[str, int] = {}
+
+
+def _saved_bytes(s: Settings) -> int:
+    """The activations a micro-batch saves for backward under `s` (what offloading moves to the host and back)."""
+    key = repr(s)
+    if key not in _SAVED:
+        if len(_SAVED) > 256:
+            _SAVED.clear()
+        _SAVED[key] = sum(b for c, b, _ in estimate_settings(s, budget=None, advise=False).rows
+                          if c.startswith("activations (saved"))
+    return _SAVED[key]
+
+
+def _faster(s: Settings):
+    """Changes that spend memory for speed: (description, overrides, changed settings, kind)."""
+    if s.base.gradient_checkpointing:
+        yield ("gradient checkpointing off (no recompute)", ["--model.base.gradient_checkpointing", "false"],
+               dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=False)), "checkpointing")
+    if s.stage not in ("ppo", "grpo") and s.accumulate_grad_batches > 1:
+        for k in (2, 4, 8, 16, 32, 64):
+            if s.accumulate_grad_batches % k:
+                break
+            b, ga = s.batch_size * k, s.accumulate_grad_batches // k
+            yield (f"micro-batch {s.batch_size} -> {b}, accumulate_grad_batches /{k}",
+                   ["--data.batch_size", str(b), "--trainer.accumulate_grad_batches", str(ga)],
+                   dataclasses.replace(s, batch_size=b, accumulate_grad_batches=ga), "microbatch")
+
+
 def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
-    """(settings to run with, what changed, the overrides that say it) for `budget`; ConfigError when nothing fits."""
-    if estimate_settings(s, budget=budget, advise=False).fits:
-        return s, [], []
+    """(settings to run with, what changed, the overrides that say it) for `budget`: the fastest combination that
+    fits (`step_seconds`; fewer changes on a tie); ConfigError when nothing fits."""
     skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
-    options = lever_options(s, budget, skip)
-    for what, args, changed, _, fits in options.values():
-        if fits:
-            return changed, [what], args
-    together, whats, argv = combine(s, options, budget)
-    total = estimate_settings(together, budget=budget, advise=False).total
-    if whats and total <= budget:
-        return together, whats, argv
-    leanest = min([total] + [o[3] for o in options.values()])
-    raise NothingFits(f"memory: nothing fits {fmt(budget)}: the leanest settings (micro-batch 1, every lever "
-                      f"`lit-ft plan` knows but a 4-bit base) need {fmt(leanest)}; give a budget of at least that, "
-                      "or a 4-bit base (model.base.quantization nf4) or a smaller model")
+    kinds: dict[str, list] = {}
+    faster = {c[0] for c in _faster(s)}
+    for option in itertools.chain(_faster(s), _candidates(s)):
+        if option[3] not in skip:
+            kinds.setdefault(option[3], []).append(option)
+    combos = []
+    for combo in itertools.product(*[[None, *opts] for opts in kinds.values()]):
+        changes = [c for c in combo if c is not None]
+        cand = s
+        for c in changes:
+            cand = _apply(cand, s, c[2])
+        combos.append(((step_seconds(cand), len(changes)), cand, changes))
+    combos.sort(key=lambda x: x[0])
+    best = None
+    for key, cand, changes in combos:  # the fastest first: the first that fits is the choice
+        room = budget * SPEED_MARGIN if any(c[0] in faster for c in changes) else budget
+        if estimate_settings(cand, budget=budget, advise=False).total <= room:
+            best = (key, cand, changes)
+            break
+    if best is None:
+        leanest = min(estimate_settings(c, budget=budget, advise=False).total for _, c, _ in combos)
+        raise NothingFits(f"memory: nothing fits {fmt(budget)}: the leanest settings (every lever `lit-ft plan` "
+                          f"knows but a 4-bit base) need {fmt(leanest)}; give a budget of at least that, "
+                          "or a 4-bit base (model.base.quantization nf4) or a smaller model")
+    _, chosen, changes = best
+    return chosen, [c[0].split(" (")[0] for c in changes], [a for c in changes for a in c[1]]
 
 
 def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None:
@@ -108,5 +206,9 @@ def fit_memory(model, datamodule, trainer, memory: str, say=print, asked: bool =
         say(f"memory {memory}: the run fits as configured ({fmt(plan.total)} of {fmt(budget)})")
         return
     apply(model, datamodule, trainer, start, chosen)
-    say(f"memory {memory}: {' + '.join(whats)} -> {fmt(plan.total)} of {fmt(budget)} (as overrides: {' '.join(argv)})")
+    configured = estimate_settings(start, budget=budget, advise=False)
+    speed = step_seconds(start) / step_seconds(chosen)
+    say(f"memory {memory}: {' + '.join(whats)} -> {fmt(plan.total)} of {fmt(budget)} (as overrides: {' '.join(argv)}); "
+        f"as configured {fmt(configured.total)}, {'fits' if configured.fits else 'does not fit'}; modelled speed "
+        f"x{speed:.2f} of the configured run")
     say(plan.table())
