@@ -35,6 +35,10 @@ _EXPORTS = {
     "DistillModule": "lit_ft.stages.distill",
     "DistillSpec": "lit_ft.stages.distill_spec",
     "GRPOSpec": "lit_ft.stages.grpo_spec",
+    # multi-turn episodes
+    "Environment": "lit_ft.online.episodes",
+    "EpisodeSpec": "lit_ft.online.episodes",
+    "CalculatorEnvironment": "lit_ft.online.calculator",
     # data
     "InstructionDataModule": "lit_ft.data.modules",
     "PreferenceDataModule": "lit_ft.data.modules",
@@ -55,6 +59,7 @@ _EXPORTS = {
     "ThroughputLogger": "lit_ft.callbacks.logging",
     "ExportAdapter": "lit_ft.callbacks.export",
     "SampleGenerations": "lit_ft.callbacks.heldout",
+    "HeldOutEpisodes": "lit_ft.callbacks.episodes",
     "PrintMetrics": "lit_ft.callbacks.progress",
     "MetricsPlot": "lit_ft.callbacks.plots",
     "WritePredictions": "lit_ft.callbacks.predictions",

@@ -3,13 +3,16 @@
     lit-ft demo                          # SFT -> GRPO (verifiable reward), each printing its before/after task metric
     lit-ft demo --stages sft,reward,ppo  # the RLHF pipeline: SFT -> reward model -> PPO (about 3x longer)
     lit-ft demo --stages sft             # one stage
+    lit-ft demo --stages sft_tools,grpo_tools   # tool use: SFT on calculator calls, then multi-turn GRPO against it
     lit-ft demo -- --trainer.accelerator cpu   # settings after `--` go to every stage
 
 Each stage is `lit-ft fit --config <stage>` in its own process; GRPO and PPO start from `runs/sft/latest/adapter`,
 PPO scores with `runs/reward/latest/adapter`. At the end a summary gives each stage's wall time and its
 before -> after metric with the evaluation-set size and its standard error, so a gain can be told from the noise
 of the evaluation set: the paired one (the same prompts before and after, `heldout.paired_change`) where the
-stage printed it, else the binomial one of each side.
+stage printed it, else the binomial one of each side. The tool stages (`sft_tools`, `grpo_tools`: the calculator of
+`lit_ft.CalculatorEnvironment`, played by `lit_ft.HeldOutEpisodes`) add the share of held-out answers that called
+the tool, before -> after.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from lit_ft.errors import ConfigError
 
-STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
+STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "sft_tools", "grpo_tools")
 DEFAULT_STAGES = ("sft", "grpo")  # BENCHMARKS.md "The 10-minute CPU demo": why GRPO, not RM -> PPO, by default
 
 # What SampleGenerations prints (`[before training] exact_match on 200 held-out prompts: 0.460`) and the reward
@@ -33,6 +36,7 @@ DEFAULT_STAGES = ("sft", "grpo")  # BENCHMARKS.md "The 10-minute CPU demo": why 
 _GENERATED = re.compile(r"\[(before|after) training\] (\S+) on (\d+) held-out prompts: ([0-9.]+)")
 _PAIRED = re.compile(r"\(paired over (\d+) prompts: (\d+) better, (\d+) worse; change ([-+0-9.]+), "
                      r"standard error ([0-9.]+)\)")
+_TOOL_USE = re.compile(r"\[(before|after) training\] tool use on (\d+) held-out prompts: ([0-9.]+)")
 _VALIDATION = re.compile(r"\[validation( \(sanity check, (\d+) batches\))? step \d+\].*?\bval/accuracy ([0-9.]+)")
 
 
@@ -48,6 +52,7 @@ class Result:
     n_before: int | None = None
     seconds: float = 0.0
     paired: tuple[int, int, float, float] | None = None  # (better, worse, change, its standard error): same prompts
+    tool_use: tuple[float | None, float | None] | None = None  # the share of answers that called a tool, before/after
 
     def line(self) -> str:
         head = f"{self.stage:<7} {clock(self.seconds):>6}  "
@@ -65,6 +70,8 @@ class Result:
             text += f" on {where} (standard error {se_b:.3f} / {se_a:.3f}"
             diff = math.hypot(se_a, se_b)
             text += f"; the gain is {(self.after - self.before) / diff:.1f}x its standard error)" if diff > 0 else ")"
+        if self.tool_use is not None:
+            text += f"; tool use {fmt(self.tool_use[0])} -> {fmt(self.tool_use[1])}"
         return head + text
 
 
@@ -90,8 +97,10 @@ def parse(stage: str, text: str, seconds: float = 0.0) -> Result:
         name = (a or b).group(2)
         p = _PAIRED.search(text)
         paired = (int(p.group(2)), int(p.group(3)), float(p.group(4)), float(p.group(5))) if p else None
+        tools = {m.group(1): float(m.group(3)) for m in _TOOL_USE.finditer(text)}
         return Result(stage, name, float(b.group(4)) if b else None, float(a.group(4)) if a else None,
-                      int((a or b).group(3)), int(b.group(3)) if b else None, seconds, paired)
+                      int((a or b).group(3)), int(b.group(3)) if b else None, seconds, paired,
+                      (tools.get("before"), tools.get("after")) if tools else None)
     vals = [(m.group(1) is not None, float(m.group(3))) for m in _VALIDATION.finditer(text)]
     if vals:
         before = vals[0][1] if vals[0][0] and len(vals) > 1 else None
@@ -138,5 +147,8 @@ def main(argv=None) -> None:
     for r in results:
         print("  " + r.line())
     last = stages[-1] if stages[-1] != "reward" else "sft"
+    if last.endswith("_tools"):  # `lit-ft chat` has no tools: the episodes are where the calls are executed
+        print(f"the adapters are in runs/<stage>/latest/adapter (the tool stages' episodes: README \"Tool use\")")
+        return
     print(f"the adapters are in runs/<stage>/latest/adapter; try\n"
           f"  lit-ft chat --adapter runs/{last}/latest/adapter --prompt 'What is 12 + 30?'")

@@ -95,10 +95,11 @@ correctness_reward.usable_answer = lambda answer: normalize_number(answer) is no
 
 
 CALCULATOR_TOOLS = [
-    {"type": "function", "function": {"name": name, "description": description, "parameters": {
+    {"type": "function", "function": {"name": name, "parameters": {
         "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
-    for name, description in (("add", "a + b"), ("subtract", "a - b"))]
-"""The calculator's tools as JSON schemas (the rows' `tools` column and `CalculatorEnvironment.tools`)."""
+    for name in ("add", "subtract")]
+"""The calculator's tools as JSON schemas (the rows' `tools` column and `CalculatorEnvironment.tools`), kept to the
+name and parameters: on the CPU the schemas are most of every prompt's tokens (README "Tool use")."""
 
 TOOL_SYSTEM = "Use the calculator for arithmetic."
 """The system message of the tool conversations and of the calculator environment's episodes."""
