@@ -121,6 +121,9 @@ def start_variant(variant: str) -> tuple[str, str, list[str]]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     impl, *mods = variant.split("+")
+    cap = next((float(m[3:]) for m in mods if m.startswith("cap") and m[3:].replace(".", "", 1).isdigit()), None)
+    if cap is not None and device == "cuda":  # `cap24`: this process may allocate 24 GB of the card, no more
+        torch.cuda.set_per_process_memory_fraction(cap * 1e9 / torch.cuda.get_device_properties(0).total_memory)
     return device, impl, mods
 
 

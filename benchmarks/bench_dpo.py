@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _driver  # noqa: E402
-from bench_sft import Clock, build_random_model  # noqa: E402  (also puts ROOT on sys.path)
+from bench_sft import Clock, build_random_model, plan_memory  # noqa: E402  (also puts ROOT on sys.path)
 from bench_reward import pair_columns  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200
@@ -174,16 +174,8 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[clock.lightning_callback()])
     data, extra = Pairs(), {}
-    budget = next((m[3:] for m in mods if m.startswith("mem")), None)
-    if budget:  # what `lit-ft fit --memory` does before the fit loads any weights
-        from lit_ft import fit_memory
-
-        said = []
-        fit_memory(module, data, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
-        gc = module.base.gradient_checkpointing
-        extra = dict(memory_plan=said, micro_batch=data.batch_size, grad_accum=trainer.accumulate_grad_batches,
-                     activation_offloading=module.base.activation_offloading,
-                     checkpoint_every=getattr(module.base, "checkpoint_every", 1))
+    plan_memory(module, data, trainer, mods, extra)  # `mem<MiB>` / `memauto`
+    gc = module.base.gradient_checkpointing
     t = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return {"precision": precision, "gradient_checkpointing": gc, "fit_s": time.perf_counter() - t,

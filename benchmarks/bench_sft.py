@@ -21,7 +21,9 @@ without packing, `lit` is SFTModule with PackedSFTCollator (InstructionDataModul
 G135 is the same on the SmolLM2-135M shape at TRL's SFT settings (16 padded sequences a step, max length 1024).
 `mem<MiB>` (lit, real data): `lit_ft.fit_memory` plans the fit for that budget before it starts and sets what it
 chooses (micro-batch and accumulation, checkpointing, offloading, the loss chunk) — what `lit-ft fit --memory` does;
-`memauto` plans for the card's free memory, as the default `--memory auto` does.
+`memauto` plans for the card's free memory, as the default `--memory auto` does (random-data workloads too).
+`cap<GB>` (any variant): `torch.cuda.set_per_process_memory_fraction` to that many GB before anything runs, which
+`--memory auto` plans for.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ WORKLOADS = {
     "w1": Workload("w1", 2048, 16, 32, 8, 8192, 128256, True, 2048, 8),
     # Llama-3.1-8B shape, QLoRA (NF4 + double quant), gradient checkpointing
     "w3": Workload("w3", 4096, 32, 32, 8, 14336, 128256, False, 2048, 4, quant="nf4", gc=True),
+    # the same shape in bf16, no checkpointing (the 24 GB proof: it needs `--memory` to fit)
+    "w8": Workload("w8", 4096, 32, 32, 8, 14336, 128256, False, 2048, 4),
     # small Llama, QLoRA through the Trainer with paged AdamW: GPU correctness of the QLoRA path
     "qlora_smoke": Workload("qlora_smoke", 512, 4, 8, 4, 1536, 32000, False, 256, 8, quant="nf4", gc=True,
                             lr=1e-3, repeat_batch=True),
@@ -369,12 +373,36 @@ def lit_after_fit(module, mods: set[str], device: str, batch: dict, extra: dict)
     return extra
 
 
-def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
-    module, precision, extra = lit_module(w, args, device, mods)
+def plan_memory(module, data, trainer, mods: set[str], extra: dict) -> None:
+    """`mem<MiB>` / `memauto`: what `lit-ft fit --memory` does before the fit loads any weights, with the settings
+    it chose and the plan's peak (to compare with the measured one) in `extra`."""
+    budget = next((m[3:] for m in mods if m.startswith("mem")), None)
+    if not budget:
+        return
+    from lit_ft import fit_memory
+    from lit_ft.plan import estimate
 
+    said = []
+    fit_memory(module, data, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
+    plan = estimate(module, data, trainer, budget=None, advise=False)
+    extra.update(memory_plan=said, planned_peak_gb=plan.peak / 1e9, planned_total_gb=plan.total / 1e9,
+                 gradient_checkpointing=module.base.gradient_checkpointing,
+                 activation_offloading=module.base.activation_offloading,
+                 checkpoint_every=module.base.checkpoint_every, loss_chunk_size=getattr(module, "loss_chunk_size", None),
+                 micro_batch=data.batch_size, grad_accum=trainer.accumulate_grad_batches)
+
+
+def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
+    import types
+
+    module, precision, extra = lit_module(w, args, device, mods)
     ids = make_batches(w, args.warmup + args.steps)
-    loader = torch.utils.data.DataLoader(Batches(ids), batch_size=None, shuffle=False, pin_memory=device == "cuda")
     trainer = lit_trainer(device, precision, args.warmup + args.steps, clock.lightning_callback())
+    shape = types.SimpleNamespace(batch_size=w.batch, max_length=w.seq)  # what the plan reads of a DataModule
+    plan_memory(module, shape, trainer, mods, extra)
+    if shape.batch_size != w.batch:  # the same rows, in micro-batches of the chosen size
+        ids = ids.reshape(-1, shape.batch_size, w.seq)
+    loader = torch.utils.data.DataLoader(Batches(ids), batch_size=None, shuffle=False, pin_memory=device == "cuda")
     trainer.fit(module, train_dataloaders=loader)
     x = ids[0]
     return lit_after_fit(module, mods, device, {"input_ids": x, "attention_mask": torch.ones_like(x),
@@ -411,18 +439,9 @@ def run_lit_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -
                 clock.step_end(trainer.global_step - 1)
 
     trainer = lit_trainer(device, precision, args.warmup + args.steps, TimerCb(), ga)
-    budget = next((m[3:] for m in mods if m.startswith("mem")), None)
-    if budget:  # what `lit-ft fit --memory` does before the fit loads any weights
-        from lit_ft import fit_memory
-
-        said = []
-        fit_memory(module, dm, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
-        mb, ga = dm.batch_size, trainer.accumulate_grad_batches
-        acc["ga"] = ga
-        extra.update(memory_plan=said, gradient_checkpointing=module.base.gradient_checkpointing,
-                     activation_offloading=module.base.activation_offloading,
-                     checkpoint_every=getattr(module.base, "checkpoint_every", 1),
-                     loss_chunk_size=module.loss_chunk_size)
+    plan_memory(module, dm, trainer, mods, extra)
+    mb, ga = dm.batch_size, trainer.accumulate_grad_batches
+    acc["ga"] = ga
     dm.setup("fit")
     counter = TokenCount(dm.collator())
     micro_losses = []

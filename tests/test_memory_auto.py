@@ -156,6 +156,20 @@ def test_auto_is_the_default_and_acts_only_where_the_run_does_not_fit(sft_file, 
         assert "memory" not in capsys.readouterr().err  # the default says nothing where there is nothing to plan
 
 
+def test_auto_plans_for_the_share_of_the_card_the_process_may_use(monkeypatch):
+    """`auto` is the GPU's free memory, and no more than what `torch.cuda.set_per_process_memory_fraction` leaves
+    the process (the allocator refuses past it, whatever the card has free)."""
+    from lit_ft.plan import auto
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 10**9)
+    monkeypatch.setattr(torch.cuda.memory, "get_per_process_memory_fraction", lambda *a: 1.0, raising=False)
+    assert auto.budget_of("auto") == 70 * 10**9
+    monkeypatch.setattr(torch.cuda.memory, "get_per_process_memory_fraction", lambda *a: 0.3, raising=False)
+    assert auto.budget_of("auto") == 23 * 10**9  # 0.3 x 80 GB, less the 1 GB already reserved
+
+
 def test_the_default_runs_a_module_it_cannot_plan_as_configured(monkeypatch):
     """A LightningModule of the user's own has no plan: the default runs it as configured, in one line; an explicit
     `--memory` stops at the same point with the planner's error."""

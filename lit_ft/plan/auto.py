@@ -51,11 +51,15 @@ RATES = {"cuda": dict(layer_s=1.5e-3, step_s=5e-3, flops=4e14, pcie=25e9),
 
 
 def budget_of(memory: str) -> int | None:
-    """Bytes to plan for: `auto` = the GPU's free memory (None without a GPU), else the size given."""
+    """Bytes to plan for: `auto` = the GPU's free memory, within the process's share of the card where
+    `torch.cuda.set_per_process_memory_fraction` set one (None without a GPU), else the size given."""
     if memory == "auto":
         if not torch.cuda.is_available():
             return None
-        free, _ = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info()
+        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", lambda: 1.0)()
+        if fraction < 1.0:  # `torch.cuda.set_per_process_memory_fraction`: the process may not use the rest
+            free = min(free, int(fraction * total) - torch.cuda.memory_reserved())
         return int(free)
     return parse_size(memory)
 
