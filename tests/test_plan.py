@@ -874,3 +874,153 @@ def test_cli_plans_distill(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "memory plan: distill on" in out and "teacher weights" in out and "rollout buffers" in out
     assert "DOES NOT FIT" in out and "--model.distill.mini_batch_size" in out
+
+
+# ---------------------------------------------------------------------------------------------- KTO
+
+
+def kto_settings(model_dir, **kw):
+    from lit_ft.plan.rows import RowStats
+    from lit_ft.stages.kto import KTOSpec
+
+    data = RowStats(longest=12, eval_longest=10, mismatched=20, eval_mismatched=14, count=30)
+    return settings("kto", model_dir, batch_size=4, max_length=16, kto=kw.pop("kto", KTOSpec()), data=data, **kw)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+@pytest.mark.parametrize("validation", [True, False])
+def test_kto_plans_its_no_grad_passes(tiny_model_dir, precompute, validation):
+    """KTO's section: the policy over the B examples (their longest row, 12), and beside it the largest of the no-grad
+    passes, each run alone: the reference over the examples (none with `precompute_ref`: its pass over
+    `ref_batch_size` rows of the longest training or validation row runs once before training instead), the
+    mismatched pairs (longest prompt + longest completion, 20, cut to max_length 16), and validation over the eval
+    batch (its rows 10, its mismatched pairs 14); the table's host-side reference is an int64 key and an fp32
+    log-prob an example read (30), off the peak."""
+    import dataclasses
+
+    from lit_ft.plan import stages, weights as pw
+    from lit_ft.plan.activations import Dims
+    from lit_ft.stages.kto import KTOSpec
+
+    spec = KTOSpec(precompute_ref=precompute, logp_chunk_size=8, ref_batch_size=3)
+    s = kto_settings(tiny_model_dir, kto=spec, eval_batch_size=6, validation=validation)
+    got = planned(s)
+    d = Dims.from_config(pw.model_config(s.base))
+    policy = got["activations (saved, examples)"] + got["activations (backward peak)"]
+    want = {"mismatched pairs": stages.logps_nograd(d, 4 * 16, 8, 4)}
+    if precompute:
+        want["precomputing the reference"] = stages.logps_nograd(d, 3 * 12, 8, 4)
+    else:
+        want["reference"] = stages.logps_nograd(d, 4 * 12, 8, 4)
+    if validation:
+        want["validation"] = max(stages.logps_nograd(d, 6 * 10, 8, 4), stages.logps_nograd(d, 6 * 14, 8, 4))
+    assert stages.kto_passes(s, d, 4) == {k: (v, stages.kto_passes(s, d, 4)[k][1]) for k, v in want.items()}
+    top = max(want, key=want.get)
+    assert got[f"no-grad passes (largest: {top})"] == max(0, want[top] - policy)
+    assert ("reference table (host)" in got) == precompute
+    if precompute:
+        assert got["reference table (host)"] == 30 * 12
+    assert planned(dataclasses.replace(s, data=None))  # without data: every row and pair max_length
+    assert stages.kto_passes(dataclasses.replace(s, data=None), d, 4)["mismatched pairs"][1] == "4 x 16"
+
+
+def test_kto_validation_batch_can_set_the_peak(tiny_model_dir):
+    """A validation batch many times the training micro-batch: its no-grad passes exceed the policy's
+    activations, and the difference shows in the row (the training alone would not)."""
+    import dataclasses
+
+    s = kto_settings(tiny_model_dir, eval_batch_size=200)
+    got = planned(s)
+    assert got["no-grad passes (largest: validation)"] > 0
+    off = planned(dataclasses.replace(s, validation=False))
+    assert sum(got.values()) > sum(off.values())
+
+
+def test_kto_reads_its_spec_and_the_trainers_validation(tiny_model_dir):
+    """`settings_from` carries `KTOModule.kto` and whether the Trainer validates (`limit_val_batches` 0: no)."""
+    import lightning as L
+
+    from lit_ft.stages.kto import KTOModule, KTOSpec
+
+    module = KTOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4),
+                       kto=KTOSpec(precompute_ref=True, logp_chunk_size=64))
+    s = plan.settings_from(module, None, L.Trainer(accelerator="cpu", limit_val_batches=0, logger=False), "cpu")
+    assert s.kto.precompute_ref and s.kto.logp_chunk_size == 64 and not s.validation
+    assert plan.settings_from(module, None, L.Trainer(accelerator="cpu", logger=False), "cpu").validation
+
+
+def test_cli_plans_kto(tiny_model_dir, capsys):
+    """`lit-ft plan --config kto` (the recipe by name): the KTO section (the examples, the no-grad passes with the
+    mismatched pairs, the reference and the 50-row validation batch) and, over budget, the micro-batch advice
+    stopping at 2 rows; with `precompute_ref` the reference's pass before training and its host table."""
+    from lit_ft.data.recipes import resolve_config_args  # what `lit-ft plan` does to a recipe's name
+
+    assert plan_cli.main(resolve_config_args(["--config", "kto", "--model.base.name_or_path", tiny_model_dir,
+                                              "--model.sft_adapter", "/nonexistent/adapter", "--budget", "1MiB"])) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: kto on" in out and "activations (saved, examples)" in out
+    line = next(x for x in out.splitlines() if "no-grad passes (largest:" in x)
+    assert "mismatched pairs 16 x" in line and "reference 16 x" in line and "validation 50 x" in line
+    assert "DOES NOT FIT" in out and "--data.batch_size 2" in out and "--data.batch_size 1 " not in out
+    assert plan_cli.main(resolve_config_args([
+        "--config", "kto", "--model.base.name_or_path", tiny_model_dir, "--model.sft_adapter", "/nonexistent/adapter",
+        "--model.kto.precompute_ref", "true", "--trainer.limit_val_batches", "0"])) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "no-grad passes (largest:" in x)
+    assert "precomputing the reference 16 x" in line and "validation" not in line and "reference table (host)" in out
+
+
+# ---------------------------------------------------------------------------------------------- distillation validation
+
+
+def test_distill_validation_phase_is_what_its_rules_say(tiny_model_dir):
+    """`DistillModule.validation_step`: E eval prompts (`eval_batch_size`), greedy, one response each; the
+    validation phase is its record beyond the training one (prompt ids and masks, responses, the teacher's hidden
+    states [E, R, H]; no sampler log-probs) plus the larger of the teacher's pass (minibatch rows at a time) and the
+    student's no-grad divergence over all E rows at once (trunk output [E, P + R, H], both gathered response states,
+    one chunk's `NOGRAD_DIVERGENCE` fp32 work and the head's output). A large eval batch makes it the peak; without
+    validation (limit_val_batches 0) it is not planned."""
+    import dataclasses
+
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.plan import online, weights as pw
+    from lit_ft.plan.activations import Dims, nograd_forward
+    from lit_ft.stages.distill_spec import DistillSpec
+
+    R, P, E, B, mbs, chunk = 8, 16, 64, 4, 4, 32
+    s = settings("distill", tiny_model_dir, sampling=SamplingSpec(max_new_tokens=R), batch_size=B,
+                 eval_batch_size=E, distill=DistillSpec(mini_batch_size=mbs, logits_chunk_size=chunk),
+                 teacher_adapter="missing")
+    got = planned(s)
+    d = Dims.from_config(pw.model_config(s.base))
+    H, V, n, seq = d.hidden, d.vocab, E * R, P + R
+    record = B * (2 * P + 2 * R) * 8 + B * R * 4 + B * R * H * 4
+    assert got["rollout buffers"] == record
+    val_record = E * (2 * P + 2 * R) * 8 + E * R * H * 4
+    teacher = nograd_forward(d, mbs * seq, 4) + mbs * seq * H * 4
+    student = max(nograd_forward(d, E * seq, 4), E * seq * H * 4 + 2 * n * H * 4 + chunk * V * (8 * 4 + 4))
+    assert got["activations (peak phase: validation)"] == val_record - record + max(teacher, student)
+    how = {c: h for c, _, h in estimate_settings(s, budget=None).rows}["activations (peak phase: validation)"]
+    assert f"validation: {E} greedy rollouts" in how
+    off = planned(dataclasses.replace(s, validation=False))
+    assert not any("validation" in k for k in off)
+    small = planned(dataclasses.replace(s, eval_batch_size=B))
+    assert not any("validation" in k for k in small)  # the training update is the larger there
+    assert online.distill_validation(dataclasses.replace(s, eval_batch_size=B), d, 4,
+                                     online.teacher_plan(s, d, 4), record) > 0
+
+
+def test_cli_plans_distill_validation(tiny_model_dir, capsys):
+    """`lit-ft plan --config distill`: configs/distill.yaml runs no validation rollouts (limit_val_batches 0) and
+    the table says so; with `--trainer.limit_val_batches 1` they are planned (the 32-prompt eval batch: its
+    phase's bytes in the activations row, the largest of the phases its peak)."""
+    from lit_ft.data.recipes import resolve_config_args  # what `lit-ft plan` does to a recipe's name
+
+    base = resolve_config_args(["--config", "distill", "--model.base.name_or_path", tiny_model_dir,
+                                "--model.teacher_adapter", "/nonexistent/adapter"])
+    assert plan_cli.main(base) == 0
+    out = capsys.readouterr().out
+    assert "no validation (trainer.limit_val_batches 0)" in out and "peak phase: validation" not in out
+    assert plan_cli.main([*base, "--trainer.limit_val_batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "validation: greedy rollouts of the eval batch" in out and "; validation: 32 greedy rollouts" in out

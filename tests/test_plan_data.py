@@ -209,3 +209,36 @@ def test_plan_vs_results_plans_every_stored_peak_within_15_percent(capsys):
     for r in rows:
         planned, measured = float(r[2]), float(r[3])
         assert abs(measured / planned - 1) <= 0.15, r
+
+
+UNPAIRED = [(2, 9, True), (12, 1, False), (3, 3, True), (1, 2, False)]  # (prompt, completion words, desirable)
+
+
+@pytest.mark.parametrize("max_length, batch_size", [(64, 4), (16, 4), (64, 2)])
+def test_kto_plans_its_longest_mismatched_pair(tmp_path, word_tokenizer, tiny_model_dir, max_length, batch_size):
+    """KTO's mismatched pairs (each prompt followed by another row's completion, `UnpairedCollator`): planned at the
+    longest prompt + the longest completion (12 + 9 + EOS = 22 tokens, hand-derived), cut to `max_length` as the
+    collator cuts the prompt; the widest batch of mismatched pairs the real loader yields is never wider, and with
+    the whole data in one batch exactly as wide. The examples themselves: their longest row (12 + 1 + 1 = 14)."""
+    from lit_ft.data.unpaired import UnpairedPreferenceDataModule
+    from lit_ft.stages.kto import KTOModule
+
+    path = write(tmp_path / "unpaired.jsonl", [{"prompt": words(p), "completion": words(c, "w6", " "), "label": d}
+                                               for p, c, d in UNPAIRED])
+
+    def dm():
+        return UnpairedPreferenceDataModule(train_file=path, val_file=path, tokenizer=word_tokenizer,
+                                            template="plain", max_length=max_length, batch_size=batch_size)
+
+    s = plan.settings_from(KTOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4)), dm(),
+                           target="cpu")
+    assert (s.data.longest, s.data.mismatched, s.data.eval_mismatched, s.data.count) == (14, 22, 22, 8)
+    assert plan_data.mismatched_len(s) == min(22, max_length) == plan_data.mismatched_len(s, validation=True)
+    real = batches(dm())
+    assert max(b["kl_input_ids"].shape[1] for b in real) <= plan_data.mismatched_len(s)
+    if batch_size == len(UNPAIRED):
+        assert max(b["kl_input_ids"].shape[1] for b in real) == plan_data.mismatched_len(s)
+    assert max(b["input_ids"].shape[1] for b in real) == plan_data.seq_len(s) == 14
+    rows = {c: how for c, _, how in plan.estimate_settings(s, budget=None).rows}
+    key = next(k for k in rows if k.startswith("no-grad passes"))
+    assert f"mismatched pairs {batch_size} x {min(22, max_length)}" in rows[key]

@@ -57,6 +57,8 @@ class Settings:
     ppo: object = None
     grpo: object = None
     dpo: object = None
+    kto: object = None
+    """`KTOModule.kto` (`KTOSpec`): the log-prob chunk, the precomputed reference and its batch."""
     distill: object = None
     teacher: ModelSpec | None = None
     """Distillation's separate frozen teacher model (`DistillModule.teacher`); None: none, or `teacher_adapter`."""
@@ -73,6 +75,9 @@ class Settings:
     """Why the rows are planned at `max_length` when `data` is None (a hub dataset, an unreadable file...)."""
     compile: bool = False
     """`compile: true` (each decoder layer through torch.compile): what inductor saves differs from eager."""
+    validation: bool = True
+    """The fit runs validation (False: `trainer.limit_val_batches` 0): KTO's validation passes and distillation's
+    validation rollouts are planned only then."""
     head_dtype: str | None = None
     """"float32": the online stages' value/reward heads are cast back to fp32 after Lightning's `*-true` cast (as
     benchmarks/bench_ppo.py does); None: they are cast with the module."""
@@ -178,6 +183,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         loss_chunk_size=getattr(model, "loss_chunk_size", 4096),
         sampling=getattr(model, "sampling", None), ppo=getattr(model, "ppo", None), grpo=getattr(model, "grpo", None),
         dpo=getattr(model, "dpo", None), distill=getattr(model, "distill", None) if stage == "distill" else None,
+        kto=getattr(model, "kto", None) if stage == "kto" else None,
+        validation=trainer is None or getattr(trainer, "limit_val_batches", 1.0) != 0,
         teacher=getattr(model, "teacher_spec", None), teacher_adapter=getattr(model, "teacher_adapter", None),
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,

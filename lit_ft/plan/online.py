@@ -22,6 +22,7 @@ import torch
 from lit_ft.plan import activations as act
 from lit_ft.plan import rows as plan_data
 from lit_ft.plan import weights as pw
+from lit_ft.plan.sizes import fmt
 from lit_ft.errors import ConfigError
 
 ONLINE = ("ppo", "grpo", "distill")
@@ -275,9 +276,38 @@ def distill_components(s, d, a, lora, mask, trunk, t: TeacherPlan, static, engin
     out = [kv_row(erows, Pe, R, engine, static),
            ("rollout buffers", record, f"ids, masks, sampler log-probs of {rows} episodes and the teacher's final "
             f"hidden states [{rows}, {R}, {t.dims.hidden}]")]
-    phase = max(("rollout", (0 if static else kv_hf) + prefill), ("teacher pass", teacher), ("update", update),
-                key=lambda x: x[1])
+    phases = [("rollout", (0 if static else kv_hf) + prefill), ("teacher pass", teacher), ("update", update)]
+    if s.validation:
+        phases.append(("validation", distill_validation(s, d, a, t, record)))
+    phase = max(phases, key=lambda x: x[1])
+    val = (f"; validation: {s.eval_batch_size or s.batch_size} greedy rollouts, their teacher's pass and the "
+           f"student's no-grad divergence, {fmt(phases[-1][1])}" if s.validation else "")
     out.append((f"activations (peak phase: {phase[0]})", phase[1],
                 f"update: {mbs} rows x {seq} tokens with grad + the divergence, {chunk} x {d.vocab} fp32 a chunk; "
-                f"rollout: prefill of {erows} x {Pe}"))
+                f"rollout: prefill of {erows} x {Pe}" + val))
     return out
+
+
+NOGRAD_DIVERGENCE = 8
+"""fp32 [chunk, V] tensors alive at once in a no-grad chunk of `losses.chunked_generalized_jsd` (validation): both
+models' logits, both log-softmaxes, the mixture and a product's operands (an upper bound over beta; the reverse KL
+beside it reuses the same budget once the divergence's are freed)."""
+
+
+def distill_validation(s, d: act.Dims, a: int, t: TeacherPlan, record: int) -> int:
+    """`DistillModule.validation_step` over one eval batch of E prompts (`eval_batch_size`, else `batch_size`; the
+    validation prompts' longest, else `max_length`), greedy, one response each: its rollout record (no sampler
+    log-probs) with the teacher's final hidden states [E, R, Ht], beyond the training record it replaces; then the
+    larger of the teacher's pass (minibatch rows at a time) and the student's no-grad divergence over all E rows at
+    once: a layer's forward, then the trunk's final hidden states [E, P + R, H] with the response states of both
+    models gathered [n, H] / [n, Ht] and one chunk's fp32 work (`NOGRAD_DIVERGENCE`) with the head's output in the
+    activation dtype."""
+    p, R = spec_of(s), s.sampling.max_new_tokens
+    E, P = s.eval_batch_size or s.batch_size, plan_data.eval_seq_len(s)
+    seq, mbs, n = P + R, min(p.mini_batch_size, E), E * R
+    val_record = E * (2 * P + 2 * R) * 8 + E * R * t.dims.hidden * t.a
+    teacher = act.nograd_forward(t.dims, mbs * seq, t.a) + mbs * seq * t.dims.hidden * t.a
+    chunk = min(p.logits_chunk_size, n)
+    student = max(act.nograd_forward(d, E * seq, a), E * seq * d.hidden * a + n * d.hidden * a
+                  + n * t.dims.hidden * t.a + chunk * d.vocab * (NOGRAD_DIVERGENCE * 4 + a))
+    return max(0, val_record - record) + max(teacher, student)

@@ -58,6 +58,13 @@ class RowStats:
     """The DataModule's `pad_to_multiple_of` (packed rows are rounded up to it too)."""
     kind: str = "row"
     """What a length is of: `row` (SFT), `pair side` (reward, DPO) or `prompt` (PPO, GRPO)."""
+    mismatched: int | None = None
+    """KTO's unpaired rows: the longest prompt plus the longest completion of the training rows, the most a
+    mismatched pair of `UnpairedCollator` can hold before it cuts the prompt to `max_length` (None: other rows)."""
+    eval_mismatched: int | None = None
+    """The same of the validation rows."""
+    count: int = 0
+    """Training plus validation rows read (KTO's precomputed reference table holds one entry each)."""
 
 
 def _round(n: int, multiple: int | None) -> int:
@@ -87,6 +94,14 @@ def _sequences(ds) -> tuple[list[int], list[int]]:
     return [len(x) for x in ds["input_ids"]], []
 
 
+def _mismatched(ds) -> int | None:
+    """The longest prompt + the longest completion of unpaired rows (KTO's; None: other rows or none)."""
+    if ds is None or not len(ds) or not {"prompt_length", "label"} <= set(ds.column_names):
+        return None
+    prompts = ds["prompt_length"]
+    return max(prompts) + max(len(x) - k for x, k in zip(ds["input_ids"], prompts))
+
+
 def stats_of(train, val, pad_to_multiple_of: int | None, note: str) -> RowStats:
     """`RowStats` of tokenized train and validation datasets (as the DataModules hold them)."""
     lens, labels = _sequences(train)
@@ -100,7 +115,9 @@ def stats_of(train, val, pad_to_multiple_of: int | None, note: str) -> RowStats:
     return RowStats(longest, eval_longest, tuple(sorted(labels, reverse=True)[:TOP]),
                     tuple(sorted(lens, reverse=True)[:TOP]), padded=len(set(lens)) > 1,
                     note=note, multiple=pad_to_multiple_of,
-                    kind={"pairs": "pair side", "prompts": "prompt"}.get(_kind(train), "row"))
+                    kind={"pairs": "pair side", "prompts": "prompt"}.get(_kind(train), "row"),
+                    mismatched=_mismatched(train), eval_mismatched=_mismatched(val),
+                    count=len(train) + (len(val) if val is not None else 0))
 
 
 def first_fit_decreasing(lengths, capacity: int) -> list[int]:
@@ -225,6 +242,14 @@ def seq_len(s) -> int:
 def eval_seq_len(s) -> int:
     """The longest validation row (`max_length` when none was read)."""
     return s.data.eval_longest or s.max_length if s.data is not None else s.max_length
+
+
+def mismatched_len(s, validation: bool = False) -> int:
+    """The padded length of KTO's worst micro-batch of mismatched pairs (`UnpairedCollator`: each prompt followed
+    by another row's completion, the prompt cut from the left to fit `max_length`): the longest prompt plus the
+    longest completion, at most `max_length`; without data (or without that split's rows) `max_length`."""
+    n = None if s.data is None else s.data.eval_mismatched if validation else s.data.mismatched
+    return s.max_length if n is None else _round(min(n, s.max_length), s.data.multiple)
 
 
 def loss_tokens(s, seqs: int, length: int) -> int:

@@ -177,10 +177,18 @@ def components(s):
     if s.stage == "distill":
         notes.append("distillation: the student's rollout, then the teacher's no-grad pass (its final hidden states "
                      "of the response tokens kept), then the student's update with the divergence's [tokens, vocab] "
-                     "fp32 work model.distill.logits_chunk_size tokens at a time; validation rollouts not planned")
+                     "fp32 work model.distill.logits_chunk_size tokens at a time"
+                     + ("; validation: greedy rollouts of the eval batch, the teacher's pass and the student's "
+                        "no-grad divergence over all of it at once" if s.validation else
+                        "; no validation (trainer.limit_val_batches 0)"))
     if s.stage == "kto":
         notes.append("KTO: the policy over the B examples; the no-grad passes (the reference's, and the mismatched "
-                     "pairs' under policy and reference, B rows each) run before it")
+                     "pairs' under policy and reference, B rows each) run before it"
+                     + ("" if s.validation else "; no validation (trainer.limit_val_batches 0)"))
+        if getattr(s.kto, "precompute_ref", False):
+            off.append(("reference table (host)", kto_table_bytes(s),
+                        "model.kto.precompute_ref: an int64 key and an fp32 log-prob an example, in host memory "
+                        "(a batch's entries moved to the device at a time)"))
     return rows, off, notes
 
 
@@ -254,19 +262,53 @@ def _dpo(s, d, a, lora, mask):
     return rows
 
 
+def logps_nograd(d, n: int, chunk: int, a: int) -> int:
+    """Peak of a no-grad `dpo_ref.sequence_logps` over `n` tokens: a layer's forward at a time, then one chunk of
+    `chunk` positions' logits in the activation dtype and in fp32, and logsumexp's fp32 work."""
+    return max(act.nograd_forward(d, n, a), min(chunk, n) * d.vocab * (a + 8))
+
+
+def kto_passes(s, d, a) -> dict[str, tuple[int, str]]:
+    """KTO's no-grad passes, each run alone and freed before the next (`KTOModule.example_stats`): name ->
+    (bytes, shape). Training: the reference over the B examples (not with `precompute_ref`: a table lookup), then
+    the B mismatched pairs under the policy and the reference (`kl_estimate`, at `rows.mismatched_len`: the longest
+    prompt + the longest completion, at most `max_length`). Validation (when the fit validates; no grad at all):
+    the same passes and the policy's over the eval batch. `precompute_ref`: the table's pass before training,
+    `ref_batch_size` examples of the longest training or validation row."""
+    k = s.kto
+    chunk = getattr(k, "logp_chunk_size", 1024)
+    B, L, Lkl = s.batch_size, rows_of.seq_len(s), rows_of.mismatched_len(s)
+    out = {"mismatched pairs": (logps_nograd(d, B * Lkl, chunk, a), f"{B} x {Lkl}")}
+    if not getattr(k, "precompute_ref", False):
+        out["reference"] = (logps_nograd(d, B * L, chunk, a), f"{B} x {L}")
+    else:
+        R, Lr = getattr(k, "ref_batch_size", 16), max(L, rows_of.eval_seq_len(s))
+        out["precomputing the reference"] = (logps_nograd(d, R * Lr, chunk, a), f"{R} x {Lr}")
+    if s.validation:
+        E, Le, Lkle = s.eval_batch_size or B, rows_of.eval_seq_len(s), rows_of.mismatched_len(s, validation=True)
+        out["validation"] = (max(logps_nograd(d, E * Le, chunk, a), logps_nograd(d, E * Lkle, chunk, a)),
+                             f"{E} x {max(Le, Lkle)}")
+    return out
+
+
 def _kto(s, d, a, lora, mask):
-    """KTO (`KTOModule.example_stats`): the policy's forward and backward over the B examples, after the no-grad
-    passes of B rows each (the reference over the completions, and the mismatched pairs under the policy and the
-    reference), each freed before the next: they count only by what one exceeds the policy's activations. The
-    mismatched pairs are planned at the examples' longest row (their prompt is cut to fit `max_length`)."""
-    chunk = 1024  # model.kto.logp_chunk_size's default (the plan's settings carry no KTO section)
+    """KTO (`KTOModule.example_stats`): the policy's forward and backward over the B examples (log-prob chunks of
+    `model.kto.logp_chunk_size` positions), after its no-grad passes (`kto_passes`), each freed before the next:
+    they count only by what the largest exceeds the policy's activations."""
+    chunk = getattr(s.kto, "logp_chunk_size", 1024)
     rows, policy = _lm_rows(s, d, s.batch_size, a, lora, mask, "examples", chunk, act.logp_saved)
-    n = s.batch_size * rows_of.seq_len(s)
-    nograd = max(act.nograd_forward(d, n, a), min(chunk, n) * d.vocab * (a + 8))
-    rows.append(("no-grad passes (reference, mismatched pairs)", max(0, nograd - policy),
-                 "run before the policy's forward, one at a time, and are freed: only what one exceeds the policy's "
-                 "peak"))
+    passes = kto_passes(s, d, a)
+    top = max(passes, key=lambda k: passes[k][0])
+    rows.append((f"no-grad passes (largest: {top})", max(0, passes[top][0] - policy),
+                 ", ".join(f"{k} {v[1]}" for k, v in passes.items()) + ": one at a time, freed, outside the policy's "
+                 "forward; only what the largest exceeds the policy's peak"))
     return rows
+
+
+def kto_table_bytes(s) -> int:
+    """`precompute_ref`'s table (`dpo_ref.ReferenceTable`): an int64 key and an fp32 log-prob an example of the
+    training and validation rows read (0 without data), in host memory."""
+    return (s.data.count if s.data is not None else 0) * (8 + 4)
 
 
 def reward_saved(s, d, a, lora, mask, head_bytes: int) -> tuple[int, int]:
