@@ -54,17 +54,19 @@ def compute_rewards(
 
 
 def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), backwards over tokens.
+    """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), backwards over the masked tokens.
 
-    With ``m_T = 0`` and ``V`` outside the mask ignored::
+    With ``V`` outside the mask ignored, over the masked positions t < t' of a row with no masked position between
+    them (t' the next one, ``m_{t'} = 0`` after the last)::
 
-        delta_t = r_t + gamma * m_{t+1} * V_{t+1} - V_t
-        A_t     = m_t * (delta_t + gamma * lam * m_{t+1} * A_{t+1})
+        delta_t = r_t + gamma * m_{t'} * V_{t'} - V_t
+        A_t     = delta_t + gamma * lam * m_{t'} * A_{t'}
 
-    so the value after the final masked token is 0 (the episode ends at EOS) and tokens after it contribute
-    nothing. The mask is expected to be a prefix per row (1s then 0s); a hole would end the episode there.
-    Shapes: ``[B, T]`` each -> ``(advantages, returns)`` ``[B, T]``, ``returns = advantages + values``
-    (Huang et al. 2022: value targets are the lambda-returns).
+    so the value after the final masked token is 0 (the episode ends at EOS), tokens after it contribute nothing,
+    and positions outside the mask INSIDE a row (an environment's turns between the model's: `Rollout.attend`) are
+    skipped: the model's next token follows its last one, as if the environment's tokens were not there. A prefix
+    mask (one response) is the usual recursion. Shapes: ``[B, T]`` each -> ``(advantages, returns)`` ``[B, T]``,
+    0 outside the mask, ``returns = advantages + values`` (Huang et al. 2022: value targets are the lambda-returns).
     """
     v, r, m = as_float(values), as_float(rewards), as_float(mask)
     B, T = r.shape
@@ -74,9 +76,12 @@ def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float)
     next_mask = torch.zeros_like(next_value)
     for t in reversed(range(T)):
         delta = r[:, t] + gamma * next_mask * next_value - v[:, t]
-        next_adv = m[:, t] * (delta + gamma * lam * next_mask * next_adv)
-        adv[:, t] = next_adv
-        next_value, next_mask = v[:, t], m[:, t]
+        a = m[:, t] * (delta + gamma * lam * next_mask * next_adv)
+        adv[:, t] = a
+        kept = m[:, t] > 0  # outside the mask: carried over unchanged to the previous masked token
+        next_value = torch.where(kept, v[:, t], next_value)
+        next_adv = torch.where(kept, a, next_adv)
+        next_mask = torch.where(kept, m[:, t], next_mask)
     return adv, adv + v
 
 

@@ -37,11 +37,23 @@ from lit_ft.train.optim import OptimSpec
 from lit_ft.online.batch import Rollout, repeat_prompts, slices
 
 
+def init_environment(module, environment, episodes_spec, sampling) -> None:
+    """`model.environment` / `model.episodes` of an online stage (GRPO, PPO): the environment checked against the
+    sampling settings and recorded in hparams as its class path and arguments (hparams.yaml stays plain YAML);
+    call after `save_hyperparameters` and before `init_stage` (which then needs no reward: the episode's is one)."""
+    if environment is not None:
+        environment = episodes.check_environment(environment, checkpointing.as_spec(SamplingSpec, sampling))
+        module.hparams["environment"] = episodes.describe(environment)
+    module.environment, module.episodes = environment, checkpointing.as_spec(episodes.EpisodeSpec, episodes_spec)
+    module.episode_stats = {}  # the last episodes' rollout/* figures (set by lit_ft.online.episodes.rollout)
+
+
 def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim_spec,
                sample_table_every, needs_reward: bool = True) -> None:
     """The `__init__` settings every online stage shares, as attributes (specs from dataclasses, or from the plain
     dicts a checkpoint stores: `lit_ft.cli.export`), manual optimization, the validation metrics, no model yet.
     `needs_reward` False: a stage that learns from something else (distillation's teacher)."""
+    needs_reward = needs_reward and getattr(module, "environment", None) is None
     if needs_reward and reward_adapter is None and reward_fn is None:
         raise ValueError(f"{type(module).__name__} needs a reward: set reward_adapter and/or reward_fn")
     module.base, module.lora = checkpointing.as_spec(ModelSpec, base), checkpointing.as_spec(LoraSpec, lora)
@@ -60,7 +72,8 @@ def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, rewar
 def validation_metrics(module, reward_adapter: str | None, reward_fn: str | None) -> None:
     """`val_scores` (held-out greedy responses' score) and `val_parts` (its parts: no_eos, reward_model, reward_fn)."""
     module.val_scores = MeanMetric()
-    parts = ["no_eos"] + ["reward_model"] * (reward_adapter is not None) + ["reward_fn"] * (reward_fn is not None)
+    parts = ["no_eos"] + ["reward_model"] * (reward_adapter is not None) + ["reward_fn"] * (reward_fn is not None) \
+        + ["environment"] * (getattr(module, "environment", None) is not None)
     module.val_parts = torch.nn.ModuleDict({k: MeanMetric() for k in parts})
 
 

@@ -33,7 +33,7 @@ from lit_ft.online.generation import SamplingSpec
 from lit_ft.stages.grpo_spec import GRPOSpec
 from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.online.batch import Rollout
-from lit_ft.online.episodes import Environment, EpisodeSpec, check_environment, describe
+from lit_ft.online.episodes import Environment, EpisodeSpec
 from lit_ft.losses import clipped_policy_loss, group_advantages, masked_mean, overlong_penalty, zero_std_groups
 from lit_ft.validation import check_init
 
@@ -81,12 +81,11 @@ class GRPOModule(L.LightningModule):
         check_init("model (GRPOModule)", GRPOModule, locals())
         super().__init__()
         self.save_hyperparameters()
-        if environment is not None:
-            environment = check_environment(environment, checkpointing.as_spec(SamplingSpec, sampling))
-            self.hparams["environment"] = describe(environment)
-            if grpo is not None and checkpointing.as_spec(GRPOSpec, grpo).overlong_buffer is not None:
-                raise ConfigError("model.grpo.overlong_buffer: not with model.environment (an episode's model tokens "
-                                  "span several turns, each up to model.sampling.max_new_tokens)")
+        online.init_environment(self, environment, episodes, sampling)
+        if environment is not None and grpo is not None and checkpointing.as_spec(GRPOSpec, grpo).overlong_buffer \
+                is not None:
+            raise ConfigError("model.grpo.overlong_buffer: not with model.environment (an episode's model tokens "
+                              "span several turns, each up to model.sampling.max_new_tokens)")
         checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
         grpo = checkpointing.as_spec(GRPOSpec, grpo)
         if grpo.overlong_buffer is not None and grpo.overlong_buffer > checkpointing.as_spec(SamplingSpec, sampling) \
@@ -94,12 +93,8 @@ class GRPOModule(L.LightningModule):
             raise ConfigError(f"model.grpo.overlong_buffer={grpo.overlong_buffer}: expected at most "
                               "model.sampling.max_new_tokens")
         online.init_stage(self, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim,
-                          sample_table_every, needs_reward=environment is None)
+                          sample_table_every)
         self.grpo = grpo
-        self.environment, self.episodes = environment, checkpointing.as_spec(EpisodeSpec, episodes)
-        self.episode_stats: dict[str, Tensor] = {}  # the last episodes' rollout/* figures (lit_ft.online.episodes)
-        if environment is not None:
-            self.val_parts["environment"] = MeanMetric()
         if grpo.overlong_buffer is not None:
             self.val_parts["overlong"] = MeanMetric()
         self.counters = {"rollouts": 0, "skipped_batches": 0, "skipped_minibatches": 0, "groups": 0,

@@ -31,6 +31,7 @@ from lit_ft.errors import ConfigError
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.models import LoraSpec, ModelSpec, eval_mode
 from lit_ft.online.batch import Rollout
+from lit_ft.online.episodes import Environment, EpisodeSpec
 from lit_ft.stages.ppo_spec import PPOSpec
 from lit_ft.validation import check_init
 from lit_ft.losses import compute_rewards, gae, kl_controller, kl_looks_wrong, masked_mean, masked_whiten, ppo_policy_loss, \
@@ -53,6 +54,8 @@ class PPOModule(L.LightningModule):
         ppo: PPOSpec = PPOSpec(),
         optim: optim.OptimSpec = optim.OptimSpec(lr=5e-5, scheduler="constant", warmup_ratio=0.0),
         sample_table_every: int = 10,
+        environment: Environment | None = None,
+        episodes: EpisodeSpec = EpisodeSpec(),
     ):
         """
         Args:
@@ -70,10 +73,16 @@ class PPOModule(L.LightningModule):
             ppo: PPO hyper-parameters.
             optim: optimizer and learning-rate schedule (stepped once per rollout).
             sample_table_every: log a W&B table of prompts, responses and scores every this many rollouts (0: never).
+            environment: multi-turn episodes against this object (`{class_path: ..., init_args: ...}`: as GRPO's,
+                `lit_ft.online.episodes`): the episode's reward is the score (plus the reward model's and reward_fn's
+                of the final turn, when set), the KL, values and GAE run over the model's own tokens only (the
+                environment's turns are attended, never scored or trained). None: one response a prompt.
+            episodes: the episodes' limits (max_turns, max_tokens) and the tool-call format.
         """
         check_init("model (PPOModule)", PPOModule, locals())
         super().__init__()
         self.save_hyperparameters()
+        online.init_environment(self, environment, episodes, sampling)
         checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
         online.init_stage(self, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim,
                           sample_table_every)
@@ -133,6 +142,7 @@ class PPOModule(L.LightningModule):
                       "ppo/returns/mean": masked_mean(ro.returns, ro.mask),
                       "ppo/response_length": ro.mask.sum(1).float().mean(),
                       "time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
+        stats.update(self.episode_stats if self.environment is not None else {})
         self.log_dict({k: float(v) for k, v in stats.items()}, on_step=True, batch_size=len(ro.mask))
         online.log_samples(self, "ppo/samples", batch["prompts"], texts, scores)
         return None
@@ -160,7 +170,7 @@ class PPOModule(L.LightningModule):
             return online.logprobs(self, ro, entropy, None if self.roles.has_value_adapter else self.value_head)
 
     def value_forward(self, ro: Rollout) -> Tensor:
-        ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.mask)
+        ids, mask, pos = roles.sequence(ro.input_ids, ro.attention_mask, ro.responses, ro.visible)
         h = roles.response_hidden(roles.trunk(self.model, ids, mask, pos), ro.input_ids.shape[1])
         return roles.head_values(self.value_head, h)
 
