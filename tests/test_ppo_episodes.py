@@ -85,3 +85,25 @@ def test_ppo_fit_with_an_environment_trains_on_the_model_tokens_only(tool_model_
         first_env = int(env[row].nonzero()[0])
         assert bool((ro.advantages[row, :first_env][ro.mask[row, :first_env] == 1] != 0).all())
         assert bool((ro.advantages[row, first_env:][ro.mask[row, first_env:] == 1] != 0).any())
+
+
+def test_the_plan_of_episodes_holds_max_tokens_decoded_by_generate(tool_model_dir):  # noqa: F811
+    """A stage with an environment is planned at `episodes.max_tokens` response tokens (the model's turns and the
+    environment's) with transformers' KV cache, freed after the rollout (episodes never use the static engine)."""
+    from lit_ft.plan import estimate
+    from lit_ft.plan.memory import settings_from
+
+    def make(environment):
+        return PPOModule(base=ModelSpec(name_or_path=tool_model_dir, dtype="bfloat16"), lora=LoraSpec(r=8),
+                         sampling=SamplingSpec(max_new_tokens=8), ppo=PPOSpec(mini_batch_size=4),
+                         reward_fn="tests.test_ppo.uppercase_share", environment=environment,
+                         episodes=EpisodeSpec(max_turns=3, max_tokens=300))
+
+    plain, episodic = make(None), make(Twice())
+    assert settings_from(episodic).episodes.max_tokens == 300 and settings_from(plain).episodes is None
+    rows = {c: (b, how) for c, b, how in estimate(episodic, target="cuda", budget=None, advise=False).rows}
+    kv_bytes, kv_how = rows["KV cache (rollout)"]
+    assert kv_bytes == 0 and "+ 300) positions" in kv_how and "hf: freed" in kv_how
+    plain_rows = {c: (b, how) for c, b, how in estimate(plain, target="cuda", budget=None, advise=False).rows}
+    assert "+ 8) positions" in plain_rows["KV cache (rollout)"][1]
+    assert estimate(episodic, target="cuda", budget=None).peak > estimate(plain, target="cuda", budget=None).peak

@@ -78,6 +78,9 @@ class Settings:
     validation: bool = True
     """The fit runs validation (False: `trainer.limit_val_batches` 0): KTO's validation passes and distillation's
     validation rollouts are planned only then."""
+    episodes: object = None
+    """The `EpisodeSpec` of an online stage with `model.environment` (None: one response a prompt): its episodes are
+    planned at `max_tokens` response tokens, decoded by `generate` (`lit_ft.online.episodes`)."""
     head_dtype: str | None = None
     """"float32": the online stages' value/reward heads are cast back to fp32 after Lightning's `*-true` cast (as
     benchmarks/bench_ppo.py does); None: they are cast with the module."""
@@ -188,7 +191,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         teacher=getattr(model, "teacher_spec", None), teacher_adapter=getattr(model, "teacher_adapter", None),
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
-        rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)))
+        rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)),
+        episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None)
 
 
 def estimate(model, datamodule=None, trainer=None, *, budget: int | str | None = "auto", target: str | None = None,

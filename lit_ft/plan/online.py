@@ -102,11 +102,13 @@ def shapes(s) -> tuple[int, int, int, int, int]:
     """(rollout rows, engine rows, prompt P, response R, minibatch rows). A rollout holds batch_size x
     samples_per_prompt episodes; validation rolls out eval_batch_size prompts once each through the same engine,
     which keeps the largest batch it has seen (`DecodeEngine._allocate`). Prompts are left-padded to the batch's
-    longest (`PromptCollator`): the longest real prompt, else `max_length` (`plan_data.seq_len`)."""
+    longest (`PromptCollator`): the longest real prompt, else `max_length` (`plan_data.seq_len`). Episodes against an
+    environment hold up to `episodes.max_tokens` response tokens, the model's turns and the environment's."""
     p, sp = spec_of(s), s.sampling
     rows = s.batch_size * getattr(p, "samples_per_prompt", 1)  # distillation: one response a prompt
     engine_rows = max(rows, s.eval_batch_size or s.batch_size)
-    return rows, engine_rows, plan_data.seq_len(s), sp.max_new_tokens, min(p.mini_batch_size, rows)
+    R = s.episodes.max_tokens if getattr(s, "episodes", None) is not None else sp.max_new_tokens
+    return rows, engine_rows, plan_data.seq_len(s), R, min(p.mini_batch_size, rows)
 
 
 def engine_prompt(s, P: int) -> int:
@@ -168,7 +170,8 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     p, sp = spec_of(s), s.sampling
     rows, erows, P, R, mbs = shapes(s)
     seq, Pe = P + R, engine_prompt(s, P)
-    static = s.target == "cuda" and (sp.engine == "static" or (sp.engine == "auto" and engine_ok))
+    static = s.target == "cuda" and (sp.engine == "static" or (sp.engine == "auto" and engine_ok)) \
+        and getattr(s, "episodes", None) is None  # episodes decode with `generate` (`lit_ft.online.episodes`)
     engine = engine_bytes(d, erows, Pe, R, a)
     # Prefill (one no-grad pass over the prompts, `logits_to_keep=1`): a layer's forward, the bool visibility
     # [rows, 1, P, P + R], the last position's logits [rows, V] in the activation dtype and in fp32.
