@@ -198,3 +198,18 @@ def test_the_micro_batch_lever_keeps_two_rows_for_kto():
     assert smallest("kto") == 2 and smallest("sft") == 1
     assert not [c for *_, c, kind in memory._candidates(dataclasses.replace(settings(batch_size=2), stage="kto"))
                 if kind == "microbatch"]
+
+
+def test_a_validation_batch_that_sets_the_peak_is_shrunk_not_the_training(tiny_model_dir):
+    """KTO with a held-out batch of 400 examples: its no-grad passes set the peak. At a budget the training alone
+    fits, `auto` halves the validation batch (kept even: a held-out pair's two examples meet in one batch) and
+    leaves the training's micro-batch, checkpointing and chunk alone."""
+    from tests.test_plan import kto_settings
+
+    s = kto_settings(tiny_model_dir, eval_batch_size=400)
+    small = dataclasses.replace(s, eval_batch_size=100)
+    assert total(small) < total(s)
+    chosen, whats, args = choose(s, total(small))
+    assert chosen.eval_batch_size in (100, 200) and chosen.eval_batch_size % 2 == 0, whats
+    assert (chosen.batch_size, chosen.base, chosen.loss_chunk_size) == (s.batch_size, s.base, s.loss_chunk_size)
+    assert args == ["--data.eval_batch_size", str(chosen.eval_batch_size)]

@@ -1,8 +1,8 @@
 """`--memory auto` (or a budget such as `24GiB`): before a fit loads any weights, the memory plan chooses the settings
 the run uses: the FASTEST combination of the plan's levers that fits, by a step-time model (`step_seconds`), among
 micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
-layer), activation offloading, the rollout engine, the loss chunk and a paged 8-bit optimizer, each combination
-planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured unless a faster
+layer), activation offloading, the rollout engine, the loss chunk, the validation batch and a paged 8-bit optimizer,
+each combination planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured unless a faster
 combination fits with `SPEED_MARGIN` to spare: checkpointing it does not need turned off, accumulation it does not
 need folded into larger micro-batches (the effective batch kept) — more memory for more speed, said in the log.
 When nothing fits, a ConfigError naming the smallest total any combination reaches.
@@ -107,7 +107,7 @@ _SAVED: dict[str, int] = {}
 
 def _saved_bytes(s: Settings) -> int:
     """The activations a micro-batch saves for backward under `s` (what offloading moves to the host and back)."""
-    key = repr(s)
+    key = repr(dataclasses.replace(s, eval_batch_size=None))  # (the training pass does not depend on it)
     if key not in _SAVED:
         if len(_SAVED) > 256:
             _SAVED.clear()
@@ -171,6 +171,8 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             continue
         if f.name == "batch_size":
             datamodule.batch_size = new
+        elif f.name == "eval_batch_size":
+            datamodule.eval_batch_size = new
         elif f.name == "accumulate_grad_batches":
             trainer.accumulate_grad_batches = new
         elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "distill", "loss_chunk_size"):

@@ -265,6 +265,15 @@ def _candidates(s: Settings):
         yield (f"divergence chunk {s.distill.logits_chunk_size} -> 256 tokens",
                ["--model.distill.logits_chunk_size", "256"],
                replace(s, distill=replace(s.distill, logits_chunk_size=256)), "chunk")
+    evaluated = s.eval_batch_size or s.batch_size  # the validation batch (the online engine keeps its rows)
+    floor = 2 if s.stage == "kto" else 1  # KTO's held-out pairs meet in one batch
+    if evaluated > floor:
+        for k in (2, 4, 8):
+            e = max(evaluated // k, floor) // floor * floor
+            yield (f"validation batch {evaluated} -> {e} (no effect on training)", ["--data.eval_batch_size", str(e)],
+                   replace(s, eval_batch_size=e), "evalbatch")
+            if e == floor:
+                break
     if s.base.quantization in ("none", "int8"):
         yield ("4-bit NF4 base with double quantization (QLoRA)", ["--model.base.quantization", "nf4"],
                replace(s, base=replace(s.base, quantization="nf4", double_quant=True)), "quantization")
