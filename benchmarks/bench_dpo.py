@@ -189,7 +189,7 @@ def run_variant(args) -> dict:
     w = workload(args)
     t = time.time()
     device, impl, mods = _driver.start_variant(args.variant)
-    clock = Clock(args.warmup, device)
+    clock = Clock(args.warmup, device, profile="prof" in mods)
     extra = {"trl": run_trl, "lit": run_lit}[impl](w, args, device, clock, set(mods))
     elapsed = clock.t1 - clock.t0
     pairs_per_s = args.steps * w.pairs / elapsed
@@ -202,6 +202,7 @@ def run_variant(args) -> dict:
         **_driver.peak_memory(device),
         mfu=tps * fl["total"] / (PEAK_TFLOPS * 1e12), flops_per_token=fl, first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None, losses=losses, log2=math.log(2), wall_s=time.time() - t, **extra,
+        **clock.profile_stats(args.steps),
     )
 
 

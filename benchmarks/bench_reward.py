@@ -150,7 +150,7 @@ def run_variant(args) -> dict:
     w = workload(args)
     t = time.time()
     device, impl, mods = _driver.start_variant(args.variant)
-    clock = Clock(args.warmup, device)
+    clock = Clock(args.warmup, device, profile="prof" in mods)
     runner = {"trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
     extra = runner(w, args, device, clock)
     elapsed = clock.t1 - clock.t0
@@ -164,6 +164,7 @@ def run_variant(args) -> dict:
         **_driver.peak_memory(device),
         mfu=tps * fl["total"] / (PEAK_TFLOPS * 1e12), flops_per_token=fl, first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None, losses=losses, wall_s=time.time() - t, **extra,
+        **clock.profile_stats(args.steps),
     )
 
 

@@ -12,7 +12,8 @@ Variants: `hf` (plain loop: model(input_ids, labels) + torch AdamW; W3 adds peft
 `trl` (trl.SFTTrainer with its defaults: gradient checkpointing on, bf16 autocast), and `lit` with modifiers joined
 by '+': `mixed` (precision bf16-mixed instead of bf16-true), `compile` (SFTModule(compile=True)), `liger`
 (ModelSpec(liger_kernel=True)), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's), `off`
-(ModelSpec(activation_offloading=True): saved activations in pinned CPU memory).
+(ModelSpec(activation_offloading=True): saved activations in pinned CPU memory); `prof` (any variant, every
+script): torch.profiler over the timed steps, the `profile` entry of the result (`Clock.profile_stats`).
 
 W2 trains on real variable-length data (GSM8K, chat-formatted, loss on the assistant turn only) and counts REAL
 (non-pad) tokens: `trl` pads, `trl+pack` is TRL's padding-free BFD packing, `trl+pf` TRL's padding-free flattening
@@ -168,10 +169,15 @@ def lora_config(w: Workload):
 
 
 class Clock:
-    """Wall time of steps warmup..end, synchronised at both ends only (steps overlap as they would in training)."""
+    """Wall time of steps warmup..end, synchronised at both ends only (steps overlap as they would in training).
+    `profile` (the `prof` modifier of every script): torch.profiler over the timed steps, summarised by
+    `profile_stats` (kernels a step, the GPU's busy share of the wall, CPU time in top-level operators, the
+    costliest kernels); the profiler's own overhead slows the timed steps, so speed figures come from runs
+    without it."""
 
-    def __init__(self, warmup: int, device: str):
+    def __init__(self, warmup: int, device: str, profile: bool = False):
         self.warmup, self.device, self.t0, self.t1, self.losses = warmup, device, None, None, []
+        self.profile, self.prof = profile, None
 
     def sync(self):
         if self.device == "cuda":
@@ -183,12 +189,42 @@ class Clock:
             self.t0 = time.perf_counter()
             if self.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            if self.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+                self.prof = profile(activities=acts)
+                self.prof.__enter__()
 
     def step_end(self, step: int, loss=None):
         if loss is not None:
             self.losses.append(loss)
         self.sync()
         self.t1 = time.perf_counter()
+
+    def profile_stats(self, steps: int) -> dict:
+        """Where the timed steps' wall time went (empty without `profile`): CUDA kernels a step and their summed
+        device time, that time's share of the wall (the rest: launches, host work, synchronisation), the CPU time
+        of top-level operators (aten dispatch; the rest of the host time is Python and framework), and the eight
+        kernels with the most device time."""
+        if self.prof is None:
+            return {}
+        self.prof.__exit__(None, None, None)
+        events = self.prof.events()
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        top_cpu = [e for e in events if e.device_type.name == "CPU" and e.cpu_parent is None]
+        busy_us = sum(e.device_time for e in kernels)
+        wall_ms = (self.t1 - self.t0) * 1e3
+        by_name: dict[str, list] = {}
+        for e in kernels:
+            by_name.setdefault(e.name[:90], []).append(e.device_time)
+        top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
+        return {"profile": {
+            "kernels_per_step": len(kernels) / steps, "kernel_ms_per_step": busy_us / 1e3 / steps,
+            "wall_ms_per_step": wall_ms / steps, "gpu_busy_share": busy_us / 1e3 / wall_ms if wall_ms else 0.0,
+            "top_level_cpu_op_ms_per_step": sum(e.cpu_time_total for e in top_cpu) / 1e3 / steps,
+            "top_kernels": [{"name": n, "calls_per_step": len(t) / steps, "ms_per_step": sum(t) / 1e3 / steps}
+                            for n, t in top]}}
 
     def trainer_callback(self):
         """A transformers `TrainerCallback` timing the optimizer steps of TRL's trainers on this clock."""
@@ -552,7 +588,7 @@ def run_variant(args) -> dict:
     w = workload(args)
     t = time.time()
     device, impl, mods = _driver.start_variant(args.variant)
-    clock = Clock(args.warmup, device)
+    clock = Clock(args.warmup, device, profile="prof" in mods)
     if w.data == "random":
         runner = {"hf": run_hf, "trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
     else:
@@ -577,6 +613,7 @@ def run_variant(args) -> dict:
         **_driver.peak_memory(device),
         mfu=tps * fl["total"] / (PEAK_TFLOPS * 1e12), flops_per_token=fl, first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None, losses=losses, wall_s=time.time() - t, **extra,
+        **clock.profile_stats(args.steps),
     )
     return res
 
