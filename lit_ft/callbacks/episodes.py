@@ -17,7 +17,8 @@ from lit_ft.callbacks.heldout import paired_change
 from lit_ft.data.recipes import resolve_source
 from lit_ft.errors import ConfigError
 from lit_ft.online import engine as decode
-from lit_ft.online.episodes import Environment, EpisodeSpec, check_environment, generation_mode, play
+from lit_ft.online.episodes import (Environment, EpisodeSpec, check_environment, check_tools, generation_mode,
+                                    play)
 from lit_ft.online.generation import SamplingSpec
 
 
@@ -67,6 +68,8 @@ class HeldOutEpisodes(L.Callback):
                               "model.environment)")
         dm = getattr(trainer, "datamodule", None)
         tok = getattr(pl_module, "tokenizer", None) or dm.tokenizer
+        if getattr(env, "tools", None) and self.episodes.render_tools == "template":
+            check_tools(tok, env.tools)  # a template that leaves the tools out, refused as the rollouts refuse it
         model = pl_module.model
         adapter = getattr(model, "active_adapter", None) if hasattr(model, "peft_config") else None
         sampler = decode.Sampler(model, tok.eos_token_id, tok.pad_token_id, adapter=adapter)
