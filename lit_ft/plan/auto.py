@@ -2,9 +2,10 @@
 the run uses: the FASTEST combination of the plan's levers that fits, by a step-time model (`step_seconds`), among
 micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
 layer), activation offloading, the rollout engine, the loss chunk, the validation batch and a paged 8-bit optimizer,
-each combination planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured unless a faster
-combination fits with `SPEED_MARGIN` to spare: checkpointing it does not need turned off, accumulation it does not
-need folded into larger micro-batches (the effective batch kept) — more memory for more speed, said in the log.
+each combination planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured
+unless a faster combination fits with `SPEED_MARGIN` to spare: checkpointing it does not need turned off,
+accumulation it does not need folded into larger micro-batches (the effective batch kept) — more memory for more
+speed, said in the log.
 When nothing fits, a ConfigError naming the smallest total any combination reaches.
 A 4-bit base is never chosen: it changes the model, not just how it is computed.
 
@@ -92,7 +93,8 @@ def step_seconds(s: Settings) -> float:
     flops = micro * rows * seq * n * (4 + 2 * ckpt)  # forward 2N, backward 2N, recomputed forward 2N x share
     t = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + 0.5 * ckpt)) + flops / r["flops"]
     if s.base.activation_offloading:
-        t += micro * _saved_bytes(dataclasses.replace(s, base=dataclasses.replace(s.base, activation_offloading=False))) / r["pcie"]
+        kept = dataclasses.replace(s, base=dataclasses.replace(s.base, activation_offloading=False))
+        t += micro * _saved_bytes(kept) / r["pcie"]
     if s.stage == "sft":
         t += micro * (rows * seq // max(1, s.loss_chunk_size)) * 2e-4
     if "paged" in s.optim.optimizer:
