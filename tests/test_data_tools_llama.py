@@ -9,12 +9,11 @@ import json
 
 import pytest
 
-from lit_ft.data.collate import IGNORE_INDEX
 from lit_ft.data.records import load_records
 from lit_ft.data.tokenize import sft_example
 from lit_ft.online.episodes import parse_llama3_json
 from tests.conftest import make_tokenizer
-from tests.test_data_tools import OPENAI_ROW, SHAREGPT_ROW, TOOLS, _jsonl
+from tests.test_data_tools import OPENAI_ROW, SHAREGPT_ROW, TOOLS, _jsonl, _trained_runs
 
 LLAMA31_TOOL_TEMPLATE = (
     "{%- if tools %}{{ '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n' }}"
@@ -44,19 +43,6 @@ def llama_tok(tmp_path_factory):
     return AutoTokenizer.from_pretrained(d)
 
 
-def trained_runs(tok, out) -> list[str]:
-    runs, run = [], []
-    for t, lab in zip(out["input_ids"] + [None], out["labels"] + [IGNORE_INDEX]):
-        if lab == IGNORE_INDEX:
-            if run:
-                runs.append(tok.decode(run))
-            run = []
-        else:
-            assert lab == t
-            run.append(t)
-    return runs
-
-
 @pytest.mark.parametrize("row", [OPENAI_ROW, SHAREGPT_ROW], ids=["openai", "sharegpt"])
 def test_llama31_rendering_and_labels(llama_tok, tmp_path, row):
     (record,), _ = load_records(_jsonl(tmp_path / "r.jsonl", [row]), "instruction")
@@ -64,7 +50,7 @@ def test_llama31_rendering_and_labels(llama_tok, tmp_path, row):
     expected = llama_tok.apply_chat_template(record["messages"], tools=TOOLS, tokenize=False)
     assert out["input_ids"] == llama_tok(expected, add_special_tokens=False)["input_ids"]
     assert "Environment: ipython" in expected and "ipython<|end_header_id|>\n\n5<|eot_id|>" in expected
-    assert trained_runs(llama_tok, out) == [CALL_TEXT + "<|eot_id|>", "The answer is 5.<|eot_id|>"]
+    assert _trained_runs(llama_tok, out) == [CALL_TEXT + "<|eot_id|>", "The answer is 5.<|eot_id|>"]
     # the trained call is what the llama3_json parser reads back as the row's call
     content, calls = parse_llama3_json(CALL_TEXT)
     assert content == "" and [c["function"] for c in calls] == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
