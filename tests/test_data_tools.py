@@ -313,7 +313,7 @@ def test_hermes_rendering_and_labels_token_by_token(which, request, tmp_path):
 
 def test_hermes_calls_round_trip_through_the_parser():
     from lit_ft.data.tools import hermes_messages
-    from lit_ft.online.episodes import parse_hermes
+    from lit_ft.online.toolcalls import parse_hermes
 
     calls = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}},
              {"type": "function", "function": {"name": "note", "arguments": {"text": "día \"uno\"\n", "n": [1, 2.5]}}},

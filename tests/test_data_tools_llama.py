@@ -11,7 +11,7 @@ import pytest
 
 from lit_ft.data.records import load_records
 from lit_ft.data.tokenize import sft_example
-from lit_ft.online.episodes import parse_llama3_json
+from lit_ft.online.toolcalls import parse_llama3_json
 from tests.conftest import make_tokenizer
 from tests.test_data_tools import OPENAI_ROW, SHAREGPT_ROW, TOOLS, _jsonl, _trained_runs
 

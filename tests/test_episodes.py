@@ -9,7 +9,8 @@ import torch
 
 from lit_ft.errors import ConfigError
 from lit_ft.online import episodes, shared as online
-from lit_ft.online.episodes import Environment, EpisodeSpec, parse_hermes, parse_llama3_json
+from lit_ft.online.episodes import Environment, EpisodeSpec
+from lit_ft.online.toolcalls import parse_hermes, parse_llama3_json
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.stages.grpo import GRPOModule
 from lit_ft.stages.grpo_spec import GRPOSpec

@@ -118,7 +118,8 @@ def test_the_calculator_episodes_start_as_the_sft_rows_do(smollm2_dir):
     from lit_ft.data.recipes import resolve_source
     from lit_ft.data.templates import render_prompt, render_segments
     from lit_ft.online.calculator import CalculatorEnvironment
-    from lit_ft.online.episodes import parse_hermes, render
+    from lit_ft.online.episodes import render
+    from lit_ft.online.toolcalls import parse_hermes
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     row = json.loads(Path(resolve_source("demo:tools_val.jsonl")).read_text().splitlines()[0])

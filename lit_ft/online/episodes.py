@@ -23,9 +23,6 @@ see the model's tokens; `env_rewards` carries the episode's reward (0 where the 
 from __future__ import annotations
 
 import contextlib
-import json
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -36,6 +33,7 @@ from lit_ft.errors import ConfigError
 from lit_ft.models import eval_mode
 from lit_ft.online import engine as decode
 from lit_ft.online.batch import Rollout
+from lit_ft.online.toolcalls import TOOL_PARSERS, assistant_message, tool_format
 from lit_ft.train import strategies
 from lit_ft.validation import check_spec
 
@@ -118,93 +116,6 @@ def _instantiate(spec: dict) -> Any:
 def describe(env: Any) -> dict:
     """The environment as hparams.yaml keeps it (its class; init args are the config's)."""
     return {"class_path": f"{type(env).__module__}.{type(env).__qualname__}"}
-
-
-# ---------------------------------------------------------------------------------------------- tool-call parsers
-
-
-def _call(obj: Any, key: str) -> dict | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get(key, {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return {"type": "function", "function": {"name": obj["name"], "arguments": args}}
-
-
-def parse_hermes(text: str) -> tuple[str, list[dict]] | None:
-    """`<tool_call>{json}</tool_call>` blocks: (the text outside them, the calls); None when a block is malformed
-    (not JSON, no name, arguments not an object, unclosed); ("text", []) when there is no block."""
-    if "<tool_call>" not in text:
-        return text, []
-    blocks = re.findall(r"<tool_call>(.*?)</tool_call>", text, flags=re.S)
-    if len(blocks) != text.count("<tool_call>"):
-        return None
-    calls = []
-    for b in blocks:
-        try:
-            call = _call(json.loads(b), "arguments")
-        except json.JSONDecodeError:
-            return None
-        if call is None:
-            return None
-        calls.append(call)
-    return re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S).strip(), calls
-
-
-def parse_llama3_json(text: str) -> tuple[str, list[dict]] | None:
-    """Llama 3.1's JSON tool calls: the turn (after `<|python_tag|>` if present) is one `{"name", "parameters"}`
-    object, or several separated by `;`. Text that does not start like a call is plain text; one that does but
-    does not parse is malformed (None)."""
-    body = text.split("<|python_tag|>", 1)[1] if "<|python_tag|>" in text else text
-    body = body.strip()
-    if not (body.startswith("{") and '"name"' in body):
-        return text, []
-    calls = []
-    for part in body.split(";"):
-        try:
-            call = _call(json.loads(part), "parameters")
-        except json.JSONDecodeError:
-            return None
-        if call is None:
-            return None
-        calls.append(call)
-    return "", calls
-
-
-TOOL_PARSERS: dict[str, Callable[[str], tuple[str, list[dict]] | None]] = {
-    "hermes": parse_hermes, "llama3_json": parse_llama3_json}
-"""One parser per family of tool-call formats: text -> (content, calls), or None for a malformed call."""
-
-
-def tool_format(tokenizer, setting: str, render_tools: str = "template") -> str:
-    """The parser's name for `setting` (`auto`: hermes under `render_tools` hermes, else read from the chat template;
-    hermes when it shows nothing)."""
-    if setting != "auto":
-        return setting
-    if render_tools == "hermes":
-        return "hermes"
-    template = str(getattr(tokenizer, "chat_template", "") or "")
-    if "<|python_tag|>" in template or '"parameters"' in template:
-        return "llama3_json"
-    return "hermes"
-
-
-def assistant_message(text: str, parser: Callable) -> tuple[dict, bool]:
-    """The model's turn as an assistant message, and whether it called a tool. A malformed call is passed on as the
-    turn's text, unparsed, for the environment to answer."""
-    parsed = parser(text)
-    if parsed is None or not parsed[1]:
-        return {"role": "assistant", "content": text}, False
-    content, calls = parsed
-    for i, c in enumerate(calls):
-        c["id"] = f"call_{i}"
-    return {"role": "assistant", "content": content, "tool_calls": calls}, True
 
 
 # ---------------------------------------------------------------------------------------------- episodes
