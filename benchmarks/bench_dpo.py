@@ -189,7 +189,7 @@ def run_variant(args) -> dict:
     w = workload(args)
     t = time.time()
     device, impl, mods = _driver.start_variant(args.variant)
-    clock = Clock(args.warmup, device, profile="prof" in mods)
+    clock = Clock(args.warmup, device, profile="prof" in mods, syncs="sync" in mods)
     extra = {"trl": run_trl, "lit": run_lit}[impl](w, args, device, clock, set(mods))
     elapsed = clock.t1 - clock.t0
     pairs_per_s = args.steps * w.pairs / elapsed

@@ -150,7 +150,7 @@ def run_variant(args) -> dict:
     w = workload(args)
     t = time.time()
     device, impl, mods = _driver.start_variant(args.variant)
-    clock = Clock(args.warmup, device, profile="prof" in mods)
+    clock = Clock(args.warmup, device, profile="prof" in mods, syncs="sync" in mods)
     runner = {"trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
     extra = runner(w, args, device, clock)
     elapsed = clock.t1 - clock.t0

@@ -13,7 +13,8 @@ Variants: `hf` (plain loop: model(input_ids, labels) + torch AdamW; W3 adds peft
 by '+': `mixed` (precision bf16-mixed instead of bf16-true), `compile` (SFTModule(compile=True)), `liger`
 (ModelSpec(liger_kernel=True)), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's), `off`
 (ModelSpec(activation_offloading=True): saved activations in pinned CPU memory); `prof` (any variant, every
-script): torch.profiler over the timed steps, the `profile` entry of the result (`Clock.profile_stats`).
+script): torch.profiler over the first timed steps, the `profile` entry of the result (`Clock.profile_stats`);
+`sync` (any variant, CUDA): the Python stacks of the first timed step's host-device synchronisations.
 
 W2 trains on real variable-length data (GSM8K, chat-formatted, loss on the assistant turn only) and counts REAL
 (non-pad) tokens: `trl` pads, `trl+pack` is TRL's padding-free BFD packing, `trl+pf` TRL's padding-free flattening
@@ -172,12 +173,16 @@ class Clock:
     """Wall time of steps warmup..end, synchronised at both ends only (steps overlap as they would in training).
     `profile` (the `prof` modifier of every script): torch.profiler over the timed steps, summarised by
     `profile_stats` (kernels a step, the GPU's busy share of the wall, CPU time in top-level operators, the
-    costliest kernels); the profiler's own overhead slows the timed steps, so speed figures come from runs
-    without it."""
+    costliest kernels) over the first PROFILED_STEPS timed steps; the profiler's own overhead slows the timed
+    steps, so speed figures come from runs without it. `syncs` (the `sync` modifier): where the first timed step
+    makes the host wait for the GPU."""
 
-    def __init__(self, warmup: int, device: str, profile: bool = False):
+    PROFILED_STEPS = 3  # the profiler's event list grows by ~10^5 events a step: a few steps tell the split
+
+    def __init__(self, warmup: int, device: str, profile: bool = False, syncs: bool = False):
         self.warmup, self.device, self.t0, self.t1, self.losses = warmup, device, None, None, []
-        self.profile, self.prof = profile, None
+        self.profile, self.prof, self.prof_t1 = profile, None, None
+        self.syncs, self.sync_sites = syncs and device == "cuda", None
 
     def sync(self):
         if self.device == "cuda":
@@ -195,32 +200,63 @@ class Clock:
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
                 self.prof = profile(activities=acts)
                 self.prof.__enter__()
+            if self.syncs:
+                self._watch_syncs()
 
     def step_end(self, step: int, loss=None):
         if loss is not None:
             self.losses.append(loss)
         self.sync()
         self.t1 = time.perf_counter()
+        if self.sync_sites is not None and step == self.warmup:
+            torch.cuda.set_sync_debug_mode(0)
+        if self.prof is not None and self.prof_t1 is None and step >= self.warmup + self.PROFILED_STEPS - 1:
+            self.prof_t1, self.prof_steps = self.t1, step - self.warmup + 1
+            self.prof.__exit__(None, None, None)
+
+    def _watch_syncs(self):
+        """`sync` (any variant): every operation of the first timed step that makes the host wait for the GPU
+        (`torch.cuda.set_sync_debug_mode`), counted by the innermost frames of its Python stack."""
+        import collections
+        import traceback
+        import warnings
+
+        self.sync_sites = collections.Counter()
+        shown = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchronizing" not in str(message):
+                return shown(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename][-4:]
+            self.sync_sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames))] += 1
+
+        warnings.showwarning = record
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
 
     def profile_stats(self, steps: int) -> dict:
         """Where the timed steps' wall time went (empty without `profile`): CUDA kernels a step and their summed
         device time, that time's share of the wall (the rest: launches, host work, synchronisation), the CPU time
         of top-level operators (aten dispatch; the rest of the host time is Python and framework), and the eight
         kernels with the most device time."""
+        out = {"sync_sites": dict(self.sync_sites.most_common(12))} if self.sync_sites is not None else {}
         if self.prof is None:
-            return {}
-        self.prof.__exit__(None, None, None)
+            return out
+        if self.prof_t1 is None:  # fewer timed steps than PROFILED_STEPS
+            self.prof_t1, self.prof_steps = self.t1, steps
+            self.prof.__exit__(None, None, None)
+        steps = self.prof_steps
         events = self.prof.events()
         kernels = [e for e in events if e.device_type.name == "CUDA"]
         top_cpu = [e for e in events if e.device_type.name == "CPU" and e.cpu_parent is None]
         busy_us = sum(e.device_time for e in kernels)
-        wall_ms = (self.t1 - self.t0) * 1e3
+        wall_ms = (self.prof_t1 - self.t0) * 1e3
         by_name: dict[str, list] = {}
         for e in kernels:
             by_name.setdefault(e.name[:90], []).append(e.device_time)
         top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
-        return {"profile": {
-            "kernels_per_step": len(kernels) / steps, "kernel_ms_per_step": busy_us / 1e3 / steps,
+        return {**out, "profile": {
+            "profiled_steps": steps, "kernels_per_step": len(kernels) / steps, "kernel_ms_per_step": busy_us / 1e3 / steps,
             "wall_ms_per_step": wall_ms / steps, "gpu_busy_share": busy_us / 1e3 / wall_ms if wall_ms else 0.0,
             "top_level_cpu_op_ms_per_step": sum(e.cpu_time_total for e in top_cpu) / 1e3 / steps,
             "top_kernels": [{"name": n, "calls_per_step": len(t) / steps, "ms_per_step": sum(t) / 1e3 / steps}
@@ -588,7 +624,7 @@ def run_variant(args) -> dict:
     w = workload(args)
     t = time.time()
     device, impl, mods = _driver.start_variant(args.variant)
-    clock = Clock(args.warmup, device, profile="prof" in mods)
+    clock = Clock(args.warmup, device, profile="prof" in mods, syncs="sync" in mods)
     if w.data == "random":
         runner = {"hf": run_hf, "trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
     else:

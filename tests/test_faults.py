@@ -99,6 +99,30 @@ def test_nan_step_is_skipped_counted_and_training_continues(tiny_model_dir, data
     assert any(not torch.equal(final[k], module.after[0][k]) for k in final)
 
 
+class OneBadGradient(FaultySFT):
+    """The loss stays finite; one element of one LoRA gradient turns NaN (or inf) after backward at step 2."""
+
+    bad = float("nan")
+
+    def on_after_backward(self):
+        if self.global_step in self.nan_steps:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            grads[len(grads) // 2].view(-1)[0] = self.bad
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_bad_gradient_element_skips_the_step(tiny_model_dir, data_file, tmp_path, bad):
+    """The guard checks every gradient in one multi-tensor pass: a single bad element in one of them is found."""
+    module = OneBadGradient(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+                            optim=OptimSpec(lr=1e-2, scheduler="linear", warmup_ratio=0.0))
+    module.nan_steps, module.bad = {2}, bad
+    with pytest.warns(UserWarning, match="step 2: non-finite loss or gradient.*skipped"):
+        _fit(tmp_path, module, data_file, tiny_model_dir, max_steps=4)
+    _assert_same(module.before[0], module.after[0])
+    _assert_same(module.before[1], module.after[1])
+    assert module.guard.skipped == 1 and module.guard.stepped == 3
+
+
 def test_consecutive_nans_stop_the_run_and_the_last_checkpoint_is_good(tiny_model_dir, data_file, tmp_path):
     module = _module(tiny_model_dir, nan_steps=set(range(2, 100)), max_consecutive_skips=3)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=1)

@@ -142,3 +142,45 @@ def test_reward_compile_matches_eager(tiny_model_dir, tiny_tokenizer, monkeypatc
     out = loss_and_grads(compiled)
     assert any("score" in n for n in out[1])  # the head's gradient is compared too
     _assert_same(ref, out)
+
+
+# -- fewer launches a step: the finiteness checks and the optimizer ----------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+def test_all_finite_matches_the_per_tensor_check(bad):
+    """The multi-tensor check (one norm launch per device and dtype) decides as `isfinite(t).all()` per tensor,
+    over mixed dtypes and shapes, a bad value in any one tensor, and an empty tensor."""
+    from lit_ft.train.integrity import all_finite
+
+    torch.manual_seed(0)
+    base = [torch.randn(7, 5), torch.randn(3).to(torch.bfloat16), torch.randn(2, 2, 2, dtype=torch.float64),
+            torch.empty(0), torch.randn(1000) * 1e3]
+    for i in range(len(base)):
+        ts = [t.clone() for t in base]
+        if bad is not None and ts[i].numel():
+            ts[i].view(-1)[ts[i].numel() // 2] = bad
+        want = all(bool(torch.isfinite(t).all()) for t in ts)
+        got = all_finite(ts)
+        assert got.dtype == torch.bool and got.dim() == 0 and bool(got) == want
+    assert all_finite([]) is None
+
+
+@pytest.mark.skipif(not CUDA, reason="the fused AdamW kernel is chosen on CUDA only")
+def test_fused_adamw_on_cuda_matches_the_multi_tensor_step():
+    from lit_ft.train.optim import OptimSpec, make_optimizer
+
+    torch.manual_seed(0)
+    named = [(f"w{i}", torch.nn.Parameter(torch.randn(16, 8, device="cuda"))) for i in range(4)]
+    fused = make_optimizer(named, OptimSpec(lr=1e-2, weight_decay=0.1))
+    assert fused.defaults["fused"] is True
+    copies = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
+    plain = torch.optim.AdamW([{"params": copies, "weight_decay": 0.1}], lr=1e-2, foreach=True)
+    for _ in range(3):
+        for (_, p), q in zip(named, copies):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for (_, p), q in zip(named, copies):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -35,12 +35,10 @@ class NonFiniteError(LitFTError, FloatingPointError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
 
 
-def grads_finite(optimizer) -> bool:
-    """True when every gradient of the optimizer's parameters is finite (one device sync)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+def grads_finite(optimizer) -> torch.Tensor | None:
+    """A 0-d bool tensor: every gradient of the optimizer's parameters is finite (None without gradients; no sync)."""
+    return integrity.all_finite(p.grad for group in optimizer.param_groups for p in group["params"]
+                                if p.grad is not None)
 
 
 GUARD_KEY = "lit_ft_guard"  # checkpoint key of the skip counters
@@ -153,9 +151,11 @@ class NonFiniteGuard:
             self.last_skipped = False
             return True
         self.weighting.rescale(module, optimizer)
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if finite and getattr(module.trainer.precision_plugin, "scaler", None) is None:
-            finite = grads_finite(optimizer)
+        finite = torch.isfinite(loss.detach()).all()
+        if getattr(module.trainer.precision_plugin, "scaler", None) is None:
+            grads = grads_finite(optimizer)
+            finite = finite if grads is None else finite & grads.to(finite.device)
+        finite = bool(finite)  # the step's one device sync for the decision (loss and gradients together)
         # Every rank must take the same decision (DDP grads are already all-reduced; a loss is per rank).
         finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
         self.last_skipped = not finite

@@ -140,7 +140,23 @@ def _newest_hint(path) -> str:
 # ------------------------------------------------------------------------------------------- trainable state
 
 
+def all_finite(tensors) -> torch.Tensor | None:
+    """A 0-d bool tensor, True when every element of every tensor is finite; None for no tensors. No device sync.
+
+    One multi-tensor L2 norm per device and dtype (`torch._foreach_norm`, as `clip_grad_norm_` uses: a few kernel
+    launches instead of two per tensor), then one check of the norms: NaN and inf propagate into a norm. A finite
+    tensor whose norm overflows float32 (above about 1.8e19) counts as not finite too.
+    """
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    if not groups:
+        return None
+    checks = [torch.stack(torch._foreach_norm(ts)).isfinite().all() for ts in groups.values()]
+    return checks[0] if len(checks) == 1 else torch.stack([c.to(checks[0].device) for c in checks]).all()
+
+
 def trainable_finite(params) -> bool:
     """True when every given parameter is finite (one device sync for all of them)."""
-    checks = [torch.isfinite(p.detach()).all() for p in params]
-    return bool(torch.stack(checks).all()) if checks else True
+    ok = all_finite(params)
+    return True if ok is None else bool(ok)

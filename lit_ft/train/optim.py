@@ -72,7 +72,7 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
     groups = _param_groups(params, spec)
     kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
     if spec.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs, **_implementation([p for _, p in params]))
     try:
         import bitsandbytes as bnb
     except ImportError as e:
@@ -85,6 +85,16 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
         "adamw_8bit": bnb.optim.AdamW8bit,
     }[spec.optimizer]
     return cls(groups, **kwargs)
+
+
+def _implementation(params: list[torch.Tensor]) -> dict:
+    """torch AdamW's fused kernel (a few launches a step for all parameters, instead of a dozen multi-tensor ops)
+    where it applies: every parameter a plain floating-point tensor on one CUDA device. Elsewhere (CPU, sharded
+    DTensor parameters) torch's own default (multi-tensor on CUDA, per tensor on the CPU)."""
+    devices = {p.device for p in params}
+    plain = all(type(p) is torch.nn.Parameter and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for p in params)
+    return {"fused": True} if plain and len(devices) == 1 and next(iter(devices)).type == "cuda" else {}
 
 
 def _decay(spec: OptimSpec, progress: float) -> float:
