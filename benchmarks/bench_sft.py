@@ -20,6 +20,7 @@ W2 trains on real variable-length data (GSM8K, chat-formatted, loss on the assis
 (non-pad) tokens: `trl` pads, `trl+pack` is TRL's padding-free BFD packing, `trl+pf` TRL's padding-free flattening
 without packing, `lit` is SFTModule with PackedSFTCollator (InstructionDataModule(packing=True)), `lit+nopack` pads;
 `mb<N>` sets the micro-batch (sequences, or packed rows for `trl+pack`), `nogc` also applies to TRL.
+`hf` (real data): the floor, a plain loop over the same padded micro-batches (`run_hf_data`).
 G135 is the same on the SmolLM2-135M shape at TRL's SFT settings (16 padded sequences a step, max length 1024).
 `mem<MiB>` (lit, real data): `lit_ft.fit_memory` plans the fit for that budget before it starts and sets what it
 chooses (micro-batch and accumulation, checkpointing, offloading, the loss chunk) — what `lit-ft fit --memory` does;
@@ -531,6 +532,53 @@ def run_lit_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -
     return lit_after_fit(module, mods, device, dm.collator()([dm.train_dataset[i] for i in range(mb)]), extra)
 
 
+def run_hf_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
+    """The floor without a framework: the same padded micro-batches as `lit+nopack` (lit_ft's collator over the
+    same rows), a plain loop of transformers' forward with `labels` (its own loss over full logits) + backward +
+    torch AdamW (fused on CUDA, as lit_ft now steps) over a PEFT LoRA; `gc`: transformers' non-reentrant gradient
+    checkpointing; bf16 weights on CUDA. No guards, no logging, no Lightning: what the step costs by itself."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft.data.modules import InstructionDataModule
+
+    mb = modifier(mods, "mb") or w.batch
+    ga = w.seqs_per_step // mb
+    dm = InstructionDataModule(train_file=str(data_subset(w, args)), val_split=0.0, format="question_answer",
+                               template="chat", tokenizer=args.model_dir, max_length=w.seq, completion_only=True,
+                               dedup=False, packing=False, batch_size=mb)
+    dm.setup("fit")
+    counter = TokenCount(dm.collator())
+    loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=mb, shuffle=False, collate_fn=counter,
+                                         pin_memory=device == "cuda")
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, attn_implementation="sdpa",
+                                                 dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model.to(device)
+    gc = "gc" in mods
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(w))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=w.lr, **({"fused": True} if device == "cuda" else {}))
+    it = iter(loader)
+    for step in range(args.warmup + args.steps):
+        clock.step_start(step)
+        total = torch.zeros((), device=device)
+        for _ in range(ga):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+            loss = model(**batch).loss / ga
+            loss.backward()
+            total += loss.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.step_end(step, total)
+    return {"precision": "bf16-true" if device == "cuda" else "32-true", "gradient_checkpointing": gc,
+            "micro_batch": mb, "grad_accum": ga,
+            "timed": counter.window(args.warmup * ga, (args.warmup + args.steps) * ga)}
+
+
 def run_trl_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dict:
     """trl.SFTTrainer on GSM8K as conversational prompt/completion rows (user question, assistant answer), so that
     its completion-only loss covers exactly the assistant turn, like lit_ft's chat template segments.
@@ -629,7 +677,8 @@ def run_variant(args) -> dict:
         runner = {"hf": run_hf, "trl": run_trl, "lit": lambda *a: run_lit(*a, set(mods))}[impl]
     else:
         save_data_tokenizer(args)  # (the driver did it already; for a --variant run on its own)
-        runner = {"trl": lambda *a: run_trl_data(*a, set(mods)), "lit": lambda *a: run_lit_data(*a, set(mods))}[impl]
+        runner = {"trl": lambda *a: run_trl_data(*a, set(mods)), "lit": lambda *a: run_lit_data(*a, set(mods)),
+                  "hf": lambda *a: run_hf_data(*a, set(mods))}[impl]
     extra = runner(w, args, device, clock)
     elapsed = clock.t1 - clock.t0
     timed = extra.pop("timed", None)
