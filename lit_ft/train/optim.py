@@ -88,13 +88,14 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
 
 
 def _implementation(params: list[torch.Tensor]) -> dict:
-    """torch AdamW's fused kernel (a few launches a step for all parameters, instead of a dozen multi-tensor ops)
-    where it applies: every parameter a plain floating-point tensor on one CUDA device. Elsewhere (CPU, sharded
-    DTensor parameters) torch's own default (multi-tensor on CUDA, per tensor on the CPU)."""
+    """torch AdamW's fused kernel where it applies: every parameter a plain floating-point tensor on one CUDA or CPU
+    device (one pass over all parameters instead of a dozen multi-tensor ops, or one loop per tensor on the CPU:
+    3-5x faster on the CPU for the 420 LoRA matrices of a 135M model). Elsewhere (sharded DTensor parameters,
+    mixed devices) torch's own default."""
     devices = {p.device for p in params}
     plain = all(type(p) is torch.nn.Parameter and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 for p in params)
-    return {"fused": True} if plain and len(devices) == 1 and next(iter(devices)).type == "cuda" else {}
+    return {"fused": True} if plain and len(devices) == 1 and next(iter(devices)).type in ("cuda", "cpu") else {}
 
 
 def _decay(spec: OptimSpec, progress: float) -> float:
