@@ -1,0 +1,114 @@
+"""Host work of one training step, without the arithmetic: what a launch-bound small model pays on any device.
+
+A Llama with the layer count of the model in question (default SmolLM2-135M's 30 layers, 9 heads, 3 KV heads) but a
+width of 64, on the CPU with one thread and a micro-batch of 2 x 8 tokens, so the kernels are nothing and the
+time a step is Python, dispatch and framework work: PEFT's LoRA forward, checkpointing's hooks, autograd, the
+optimizer, the guard, Lightning. `plain` is a loop of transformers' forward with `labels` + backward + torch AdamW
+over the same PEFT model (the floor); `lit` is SFTModule under a Lightning Trainer. The runs alternate, each in its
+own process, and the median of the runs of each is printed (the 2-core machine is noisy).
+
+    python benchmarks/bench_host.py --variants plain+gc,lit+gc --repeats 3
+    python benchmarks/bench_host.py --variants lit+gc --root .old     # another checkout of lit_ft, same model
+
+Modifiers: `gc` (non-reentrant gradient checkpointing), `nodrop` (LoRA dropout 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+def one(variant: str, layers: int, steps: int, warmup: int, model_dir: str) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    impl, *mods = variant.split("+")
+    gc, drop = "gc" in mods, 0.0 if "nodrop" in mods else 0.05
+    ids = torch.randint(0, 512, (steps + warmup, 2, 8))
+    batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
+    times: list[float] = []
+    if impl == "plain":
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=drop, target_modules="all-linear"))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for b in batches:
+            t = time.perf_counter()
+            model(**b).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+    else:
+        import lightning as L
+
+        from lit_ft.models import LoraSpec, ModelSpec
+        from lit_ft.stages.sft import SFTModule
+        from lit_ft.train.optim import OptimSpec
+
+        module = SFTModule(base=ModelSpec(name_or_path=model_dir, dtype="float32", attn_implementation="sdpa",
+                                          gradient_checkpointing=gc),
+                           lora=LoraSpec(r=16, alpha=32, dropout=drop),
+                           optim=OptimSpec(lr=1e-4, warmup_steps=0, scheduler="constant"))
+
+        class Clock(L.Callback):
+            def on_train_batch_start(self, *a):
+                self.t = time.perf_counter()
+
+            def on_train_batch_end(self, *a):
+                times.append(time.perf_counter() - self.t)
+
+        trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return 1e3 * statistics.median(times[warmup:])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default="plain+gc,lit+gc")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--root", default=str(HERE.parents[1]), help="the lit_ft checkout the `lit` variants import")
+    p.add_argument("--model-dir", default="/tmp/lit_ft_bench_host")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        sys.path.insert(0, args.root)
+        print(json.dumps(one(args.one, args.layers, args.steps, args.warmup, args.model_dir)))
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=512, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(args.model_dir)
+    runs: dict[str, list[float]] = {v: [] for v in args.variants.split(",")}
+    for _ in range(args.repeats):
+        for v in runs:
+            out = subprocess.run([sys.executable, str(HERE), "--one", v, "--root", args.root, "--layers",
+                                  str(args.layers), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                  "--model-dir", args.model_dir], capture_output=True, text=True, check=True)
+            runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for v, ms in runs.items():
+        print(f"{v:20s} {statistics.median(ms):7.1f} ms a step (runs: {', '.join(f'{x:.1f}' for x in ms)})")
+
+
+if __name__ == "__main__":
+    main()
