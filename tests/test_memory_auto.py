@@ -76,9 +76,25 @@ def test_spare_memory_buys_speed_only_with_the_margin():
     assert total(fast) > auto.SPEED_MARGIN * total(s)
 
 
+def test_the_loss_chunk_goes_down_to_what_the_budget_needs(tmp_path):
+    """The float32 logits of one loss chunk are a large vocabulary's biggest transient (a config of SmolLM2's
+    vocabulary, 49,152): with checkpointing already on, a budget between the plans at chunk 512 and 1024 gets 512
+    (not 256: the larger chunk that fits costs fewer launches), and the plan falls with the chunk."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=49152).save_pretrained(tmp_path)
+    s = dataclasses.replace(settings(batch_size=8, loss_chunk_size=4096), max_length=256,
+                            base=ModelSpec(name_or_path=str(tmp_path), gradient_checkpointing=True))
+    by_chunk = {c: total(dataclasses.replace(s, loss_chunk_size=c)) for c in (4096, 1024, 512, 256)}
+    assert by_chunk[4096] > by_chunk[1024] > by_chunk[512] > by_chunk[256]
+    chosen, whats, args = choose(s, (by_chunk[512] + by_chunk[1024]) // 2)
+    assert chosen.loss_chunk_size == 512 and args[-2:] == ["--model.loss_chunk_size", "512"], whats
+
+
 def test_a_4bit_base_is_never_chosen_and_an_impossible_budget_names_the_leanest():
     s = settings(batch_size=1)
-    leanest = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=True), loss_chunk_size=1024)
+    leanest = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=True), loss_chunk_size=256)
     with pytest.raises(ConfigError, match=r"memory: nothing fits 1.00 KiB: .* need ") as info:
         choose(s, 1024)
     needed = re.search(r"need ([\d.]+ \w+)", str(info.value)).group(1)

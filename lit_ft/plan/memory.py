@@ -258,9 +258,11 @@ def _candidates(s: Settings):
     if online and s.target == "cuda" and s.sampling is not None and s.sampling.engine != "hf":
         yield ("hf generate for rollouts (its KV cache is freed after each rollout; slower decoding)",
                ["--model.sampling.engine", "hf"], replace(s, sampling=replace(s.sampling, engine="hf")), "engine")
-    if s.stage == "sft" and s.loss_chunk_size > 1024:  # (DPO's log-prob chunk, model.dpo.logp_chunk_size, is 1024)
-        yield (f"loss chunk {s.loss_chunk_size} -> 1024 tokens", ["--model.loss_chunk_size", "1024"],
-               replace(s, loss_chunk_size=1024), "chunk")
+    if s.stage == "sft":  # (DPO's log-prob chunk, model.dpo.logp_chunk_size, is 1024)
+        for chunk in (1024, 512, 256):  # the float32 logits of a chunk: chunk x vocab x 4 bytes, and their gradient
+            if chunk < s.loss_chunk_size:
+                yield (f"loss chunk {s.loss_chunk_size} -> {chunk} tokens", ["--model.loss_chunk_size", str(chunk)],
+                       replace(s, loss_chunk_size=chunk), "chunk")
     if s.stage == "distill" and s.distill.logits_chunk_size > 256:
         yield (f"divergence chunk {s.distill.logits_chunk_size} -> 256 tokens",
                ["--model.distill.logits_chunk_size", "256"],
