@@ -352,3 +352,44 @@ def test_rollout_mismatch_is_logged_and_corrected(tiny_model_dir, tokenizer, ada
     assert float(m["rollout/correction_weight_mean"]) == pytest.approx(1.0, abs=1e-5)
     assert float(m["rollout/correction_masked_frac"]) == 0.0 and torch.isfinite(m["ppo/loss/value"])
     assert any(not torch.equal(before[n], p) for n, p in params(module, ".policy.").items())
+
+
+def test_the_roles_switch_leaves_what_peft_set_adapter_leaves(tiny_model_dir):
+    """`AdapterRoles._switch` sets the active adapter on PEFT's layers directly (PEFT's `set_adapter` walks every
+    module and flips requires_grad, which the roles undo): after every switch of a sequence, the same active
+    adapter on every LoRA layer and modules_to_save wrapper, the same requires_grad flags and the same outputs as
+    PEFT's own `set_adapter` followed by the roles' flags."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft.online import roles
+
+    torch.manual_seed(0)
+    ours = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), adapter_name="policy")
+    ours.add_adapter("value", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                         modules_to_save=["lm_head"]))
+    ours.add_adapter("ref", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_way = copy.deepcopy(ours)
+    switch = roles.AdapterRoles(ours, ["policy", "value"])
+    reference = roles.AdapterRoles(peft_way, ["policy", "value"])
+    ids = torch.randint(3, 50, (2, 7))
+
+    def state(model):
+        layers = [(n, tuple(m.active_adapters)) for n, m in model.named_modules()
+                  if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        return model.active_adapter, layers, [(n, p.requires_grad) for n, p in model.named_parameters()]
+
+    for role in ["value", "ref", "policy", "value", "value", "policy", "ref"]:
+        switch._switch(role)
+        peft_way.set_adapter(role)
+        reference.restore_flags()
+        assert state(ours) == state(peft_way), role
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=ids).logits, peft_way(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Adapter nope not found"):
+        switch._switch("nope")
