@@ -13,8 +13,10 @@ teacher    frozen adapter ``teacher``: on-policy distillation's teacher when it 
 =========  ======================================================================================================
 
 PEFT's ``set_adapter`` flips ``requires_grad``: it enables the adapter it activates (even a frozen one) and
-disables the others (even trainable ones). :class:`AdapterRoles` restores the intended flags after every switch,
-so the optimizer, the checkpoint (which keeps ``requires_grad`` tensors only) and the gradients stay right.
+disables the others (even trainable ones), and walks every module to do it. :class:`AdapterRoles` switches by
+setting the active adapter on PEFT's layers directly (the state ``set_adapter`` leaves, without the walks) and keeps
+the intended flags, so the optimizer, the checkpoint (which keeps ``requires_grad`` tensors only) and the gradients
+stay right.
 Only one adapter is active per forward; callers finish each role's backward before switching, which also keeps
 gradient checkpointing (that re-runs the forward in backward) on the adapter that ran the forward.
 """
