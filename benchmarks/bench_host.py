@@ -11,6 +11,10 @@ own process, and the median of the runs of each is printed (the 2-core machine i
     python benchmarks/bench_host.py --variants lit+gc --root .old     # another checkout of lit_ft, same model
 
 Modifiers: `gc` (non-reentrant gradient checkpointing), `nodrop` (LoRA dropout 0).
+
+`--switch`: instead, the host time of switching adapters as PPO's minibatch does (to the value adapter and back),
+by `AdapterRoles` and by PEFT's `set_adapter` followed by the roles' flags (a model of --layers layers with two
+adapters on every projection).
 """
 
 from __future__ import annotations
@@ -79,6 +83,36 @@ def one(variant: str, layers: int, steps: int, warmup: int, model_dir: str) -> f
     return 1e3 * statistics.median(times[warmup:])
 
 
+def switch_times(layers: int, repeats: int = 50) -> dict[str, float]:
+    """ms a switch pair (value and back) by AdapterRoles and by PEFT's set_adapter + the roles' flags."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_ft.online.roles import AdapterRoles
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=512)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, target_modules="all-linear"), adapter_name="policy")
+    model.add_adapter("value", LoraConfig(r=8, target_modules="all-linear"))
+    roles = AdapterRoles(model, ["policy", "value"])
+
+    def peft_switch(name):
+        model.set_adapter(name)
+        roles.restore_flags()
+
+    out = {}
+    for label, fn in (("roles", roles._switch), ("peft", peft_switch)):
+        for _ in range(3):
+            fn("value"), fn("policy")
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn("value"), fn("policy")
+        out[label] = 1e3 * (time.perf_counter() - t) / repeats
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default="plain+gc,lit+gc")
@@ -88,8 +122,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--root", default=str(HERE.parents[1]), help="the lit_ft checkout the `lit` variants import")
     p.add_argument("--model-dir", default="/tmp/lit_ft_bench_host")
+    p.add_argument("--switch", action="store_true", help="time adapter switches instead of training steps")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.switch:
+        sys.path.insert(0, args.root)
+        for label, ms in switch_times(args.layers).items():
+            print(f"{label:6s} {ms:7.2f} ms a switch pair ({args.layers} layers)")
+        return
     if args.one:
         sys.path.insert(0, args.root)
         print(json.dumps(one(args.one, args.layers, args.steps, args.warmup, args.model_dir)))
