@@ -320,6 +320,15 @@ def data_subset(w: Workload, args) -> Path:
     return out
 
 
+def gsm8k_data(w: Workload, args, batch_size: int, packing: bool):
+    """lit_ft's InstructionDataModule over the shared subset: chat template, loss on the answer only."""
+    from lit_ft.data.modules import InstructionDataModule
+
+    return InstructionDataModule(train_file=str(data_subset(w, args)), val_split=0.0, format="question_answer",
+                                 template="chat", tokenizer=args.model_dir, max_length=w.seq, completion_only=True,
+                                 dedup=False, packing=packing, batch_size=batch_size)
+
+
 def modifier(mods: set[str], prefix: str) -> int | None:
     """The N of a modifier like mb8 (None when absent)."""
     return next((int(m[len(prefix):]) for m in mods if m.startswith(prefix) and m[len(prefix):].isdigit()), None)
@@ -488,17 +497,13 @@ def run_lit_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -
     sequences in the order of the shared subset; Lightning accumulates gradients over the rest of the step."""
     import lightning as L
 
-    from lit_ft.data.modules import InstructionDataModule
-
     module, precision, extra = lit_module(w, args, device, mods)
     pack = "nopack" not in mods
     mb = modifier(mods, "mb") or (w.seqs_per_step if pack else w.batch)
     if w.seqs_per_step % mb:
         raise ValueError(f"micro-batch {mb} does not divide {w.seqs_per_step} sequences a step")
     ga = w.seqs_per_step // mb
-    dm = InstructionDataModule(train_file=str(data_subset(w, args)), val_split=0.0, format="question_answer",
-                               template="chat", tokenizer=args.model_dir, max_length=w.seq, completion_only=True,
-                               dedup=False, packing=pack, batch_size=mb)
+    dm = gsm8k_data(w, args, mb, pack)
     acc = {"ga": ga}
 
     class TimerCb(L.Callback):
@@ -540,13 +545,9 @@ def run_hf_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) ->
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lit_ft.data.modules import InstructionDataModule
-
     mb = modifier(mods, "mb") or w.batch
     ga = w.seqs_per_step // mb
-    dm = InstructionDataModule(train_file=str(data_subset(w, args)), val_split=0.0, format="question_answer",
-                               template="chat", tokenizer=args.model_dir, max_length=w.seq, completion_only=True,
-                               dedup=False, packing=False, batch_size=mb)
+    dm = gsm8k_data(w, args, mb, packing=False)
     dm.setup("fit")
     counter = TokenCount(dm.collator())
     loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=mb, shuffle=False, collate_fn=counter,

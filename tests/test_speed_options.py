@@ -166,7 +166,7 @@ def test_all_finite_matches_the_per_tensor_check(bad):
     assert all_finite([]) is None
 
 
-def test_fused_adamw_matches_the_per_tensor_step():
+def test_fused_adamw_matches_the_multi_tensor_step():
     """make_optimizer takes torch's fused AdamW (CPU and CUDA); three steps equal the multi-tensor AdamW's."""
     from lit_ft.train.optim import OptimSpec, make_optimizer
 

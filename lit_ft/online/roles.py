@@ -140,6 +140,7 @@ class AdapterRoles:
         for n, p in model.named_parameters():
             owner = next((a for a in names if f".{a}." in n or n.endswith(f".{a}")), None)
             (self._train if owner in trainable else self._frozen).append(p)
+        self._modules_key, self._modules = None, ([], [])  # `_adapter_modules`: found at the first switch
         self.restore_flags()
 
     def restore_flags(self) -> None:
@@ -188,7 +189,7 @@ class AdapterRoles:
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         key = tuple(self.model.peft_config)
-        if getattr(self, "_modules_key", None) != key:
+        if self._modules_key != key:
             mods = list(self.model.modules())
             self._modules = ([m for m in mods if isinstance(m, BaseTunerLayer)],
                              [m for m in mods if isinstance(m, AuxiliaryTrainingWrapper)])
