@@ -28,6 +28,9 @@ into a rollout copy), `nograph` (static without CUDA-graph capture). `grpo` runs
 samples a prompt (default 8: `prompts x N` rollout rows), `p<N>` prompts a rollout (default the workload's), `mb<N>`, `it<N>` (num_iterations, default 1) and the
 engine and `gc` modifiers above; its phases map onto the same columns (`evaluate_rollout` = the no-grad old and
 reference log-probs, `ppo_update` = `grpo_update`).
+`memauto` (both): `lit_ft.fit_memory(..., "auto")` plans the fit before it loads any weights, as the default
+`lit-ft fit --memory auto` does (with `cap<GB>`: for that share of the card), and sets what it chooses; the plan's
+lines and its planned peak go into the result.
 
 Bandwidth bound of decoding: every decode step streams the base weights once (the input embedding excluded: it is
 a lookup; a tied LM head counted once), so tokens/s <= batch x HBM bandwidth / weight bytes. KV-cache reads, LoRA
@@ -224,7 +227,7 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
     timer = PhaseTimer(device)
     for name in ("rollout", "score", "evaluate_rollout", "ppo_update"):
         timer.wrap(module, name)
-    out = fit_timed(w, args, device, module, timer, precision, w.prompts)
+    out = fit_timed(w, args, device, module, timer, precision, 1, mods)
     return dict(ppo_epochs=epochs, mini_batch_size=mbs, gradient_checkpointing=base.gradient_checkpointing,
                 engine=sampling.engine, merged=sampling.merged, **out)
 
@@ -247,15 +250,19 @@ def run_grpo(w: Workload, args, device: str, mods: set[str]) -> dict:
     for name in ("rollout", "score", "grpo_update"):
         timer.wrap(module, name, phase="ppo_update" if name == "grpo_update" else None)
     timer.wrap(online, "old_and_ref_logprobs", phase="evaluate_rollout")  # grpo.py calls it through the module
-    out = fit_timed(w, args, device, module, timer, precision, w.prompts * k)
+    out = fit_timed(w, args, device, module, timer, precision, k, mods)
     return dict(samples_per_prompt=k, num_iterations=iters, mini_batch_size=mbs,
                 gradient_checkpointing=base.gradient_checkpointing, engine=sampling.engine, merged=sampling.merged,
                 **out)
 
 
-def fit_timed(w: Workload, args, device: str, module, timer: PhaseTimer, precision: str, rows: int) -> dict:
+def fit_timed(w: Workload, args, device: str, module, timer: PhaseTimer, precision: str, per_prompt: int,
+              mods: set[str]) -> dict:
     """`args.iters` training steps of `module` through a Trainer, phase times per iteration (the first
-    `args.warmup` untimed), generation throughput of `rows` sequences a rollout against the bandwidth bound."""
+    `args.warmup` untimed), generation throughput of the rollout's rows (`per_prompt` a prompt) against the
+    bandwidth bound. `memauto`: the memory plan first, as `lit-ft fit` makes it (it may change the rollout batch)."""
+    import types
+
     import lightning as L
 
     info: dict = {}
@@ -294,11 +301,24 @@ def fit_timed(w: Workload, args, device: str, module, timer: PhaseTimer, precisi
 
     module.rollout = rollout
 
-    loader = torch.utils.data.DataLoader(Listed(make_prompts(w, args.iters)), batch_size=None, shuffle=False)
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
                         max_epochs=1, limit_train_batches=args.iters, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[IterCb()], deterministic=False)
+    if "memauto" in mods:
+        from lit_ft import fit_memory
+        from lit_ft.plan import estimate
+
+        shape = types.SimpleNamespace(batch_size=w.prompts, max_length=w.prompt_len)  # what the plan reads
+        said: list[str] = []
+        fit_memory(module, shape, trainer, "auto", say=said.append)
+        w = Workload(**{**asdict(w), "prompts": shape.batch_size})
+        plan = estimate(module, shape, trainer, budget=None, advise=False)
+        info.update(memory_plan=said, planned_peak_gb=plan.peak / 1e9, planned_total_gb=plan.total / 1e9,
+                    gradient_checkpointing_chosen=module.base.gradient_checkpointing, prompts_chosen=w.prompts)
+        print("\n".join(said), flush=True)
+    rows = w.prompts * per_prompt
+    loader = torch.utils.data.DataLoader(Listed(make_prompts(w, args.iters)), batch_size=None, shuffle=False)
     t = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     fit_s = time.perf_counter() - t
