@@ -47,7 +47,11 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
         owner = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
         n_seq = ids.shape[0]
     keep = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1 of the same sequence
-    h, targets, seq = hidden[:, :-1][keep], labels[:, 1:][keep], owner[:, 1:][keep]
+    # The response positions found once (one host sync for their number) and gathered by index: a boolean mask per
+    # tensor would synchronise once each.
+    at = keep.reshape(-1).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, at)
+    targets, seq = labels[:, 1:].reshape(-1)[at], owner[:, 1:].reshape(-1)[at]
 
     def chunk(h_chunk: Tensor, t_chunk: Tensor) -> Tensor:
         # The model's own logits (head bias, scaling, soft-capping) and log p(target) = x_t - logsumexp(x), fp32.
@@ -62,7 +66,8 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
              for hc, tc in zip(h.split(chunk_size), targets.split(chunk_size))]
     logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(n_seq, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
-    return sums, torch.bincount(seq, minlength=n_seq)
+    counts = torch.zeros(n_seq, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
+    return sums, counts  # (index_add, not bincount: bincount reads its length on the host)
 
 
 def dataset_digest(dataset, columns: tuple[str, ...] = DIGEST_COLUMNS,
