@@ -25,6 +25,8 @@ G135 is the same on the SmolLM2-135M shape at TRL's SFT settings (16 padded sequ
 `mem<MiB>` (lit, real data): `lit_ft.fit_memory` plans the fit for that budget before it starts and sets what it
 chooses (micro-batch and accumulation, checkpointing, offloading, the loss chunk) — what `lit-ft fit --memory` does;
 `memauto` plans for the card's free memory, as the default `--memory auto` does (random-data workloads too).
+`ro` (lit): each decoder layer compiled with `mode="reduce-overhead"` (CUDA graphs; an experiment, not a module
+setting); `b<N>` (lit, real data): padded lengths rounded up to a multiple of N (`pad_to_multiple_of`: fewer shapes).
 `cap<GB>` (any variant): `torch.cuda.set_per_process_memory_fraction` to that many GB before anything runs, which
 `--memory auto` plans for.
 """
@@ -320,13 +322,14 @@ def data_subset(w: Workload, args) -> Path:
     return out
 
 
-def gsm8k_data(w: Workload, args, batch_size: int, packing: bool):
+def gsm8k_data(w: Workload, args, batch_size: int, packing: bool, pad_to_multiple_of: int | None = None):
     """lit_ft's InstructionDataModule over the shared subset: chat template, loss on the answer only."""
     from lit_ft.data.modules import InstructionDataModule
 
     return InstructionDataModule(train_file=str(data_subset(w, args)), val_split=0.0, format="question_answer",
                                  template="chat", tokenizer=args.model_dir, max_length=w.seq, completion_only=True,
-                                 dedup=False, packing=packing, batch_size=batch_size)
+                                 dedup=False, packing=packing, batch_size=batch_size,
+                                 pad_to_multiple_of=pad_to_multiple_of)
 
 
 def modifier(mods: set[str], prefix: str) -> int | None:
@@ -429,6 +432,16 @@ def lit_module(w: Workload, args, device: str, mods: set[str]):
     module = SFTModule(base=base, lora=LoraSpec(**w.lora),
                        optim=OptimSpec(optimizer=optimizer, lr=w.lr, warmup_steps=0, scheduler="constant"),
                        compile="compile" in mods, loss_chunk_size=chunk)
+    if "ro" in mods:  # each decoder layer compiled with CUDA graphs (an experiment: not a module setting)
+        from lit_ft.models import compile_decoder_layers
+
+        configure = module.configure_model
+
+        def configure_model():
+            configure()
+            compile_decoder_layers(module.model, mode="reduce-overhead")
+
+        module.configure_model = configure_model
     precision = "bf16-mixed" if "mixed" in mods or w.quant != "none" and "true" not in mods else "bf16-true"
     if device != "cuda":
         precision = "32-true"
@@ -503,7 +516,7 @@ def run_lit_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -
     if w.seqs_per_step % mb:
         raise ValueError(f"micro-batch {mb} does not divide {w.seqs_per_step} sequences a step")
     ga = w.seqs_per_step // mb
-    dm = gsm8k_data(w, args, mb, pack)
+    dm = gsm8k_data(w, args, mb, pack, modifier(mods, "b"))
     acc = {"ga": ga}
 
     class TimerCb(L.Callback):

@@ -250,19 +250,19 @@ def apply_liger_kernel(model) -> None:
     )
 
 
-def compile_decoder_layers(model, backend: str = "inductor") -> int:
+def compile_decoder_layers(model, backend: str = "inductor", mode: str | None = None) -> int:
     """`torch.compile` each decoder layer in place (the blocks repeat, so one compiled graph serves them all).
 
     Layers, not the whole model: the embedding, mask construction and lit_ft's chunked loss stay eager, graphs stay
     small (fast compiles) and gradient checkpointing still wraps each compiled layer. Inductor fuses the
     element-wise work (RMSNorm's float32 round trip, RoPE, SwiGLU, LoRA dropout and adds) and its min-cut
     partitioner recomputes cheap element-wise results in backward instead of saving them. Returns the number of
-    layers compiled.
+    layers compiled. `mode`: torch.compile's (None: its default).
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(inner.get_decoder(), "layers", None)
     if layers is None:
         raise ConfigError(f"compile: {type(inner).__name__} has no decoder `layers` to compile")
     for layer in layers:
-        layer.compile(backend=backend)
+        layer.compile(backend=backend, mode=mode)
     return len(layers)
