@@ -259,10 +259,10 @@ def compile_decoder_layers(model, backend: str = "inductor", mode: str | None = 
     partitioner recomputes cheap element-wise results in backward instead of saving them. Returns the number of
     layers compiled. `mode`: torch.compile's (None: its default).
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(inner.get_decoder(), "layers", None)
-    if layers is None:
-        raise ConfigError(f"compile: {type(inner).__name__} has no decoder `layers` to compile")
+    try:
+        _, layers = families.decoder_layers(model)  # `layers`, GPT-2's and Bloom's `h`, ...
+    except ConfigError as e:
+        raise ConfigError(f"compile: {e}") from e
     for layer in layers:
         layer.compile(backend=backend, mode=mode)
     return len(layers)
