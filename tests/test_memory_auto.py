@@ -49,7 +49,7 @@ def test_the_fastest_combination_that_fits_is_chosen(monkeypatch):
     chosen, whats, args = choose(s, budget)
     assert chosen.base.gradient_checkpointing and chosen.batch_size == 8, whats
     assert auto.step_seconds(ckpt) < auto.step_seconds(half)
-    singles = [c for _, _, c, kind in memory._candidates(s) if kind != "quantization" and total(c) <= budget]
+    singles = [c for _, _, c, kind in memory.levers(s) if kind != "quantization" and total(c) <= budget]
     assert singles and all(auto.step_seconds(c) >= auto.step_seconds(chosen) for c in singles)
     monkeypatch.setitem(auto.RATES, "cuda", dict(auto.RATES["cuda"], layer_s=0.0, step_s=0.0, flops=1e3))
     chosen, whats, args = choose(s, budget)
@@ -209,10 +209,10 @@ def test_the_micro_batch_lever_keeps_two_rows_for_kto():
 
     def smallest(stage):
         s = dataclasses.replace(settings(batch_size=8), stage=stage)
-        return min(c.batch_size for _, _, c, kind in memory._candidates(s) if kind == "microbatch")
+        return min(c.batch_size for _, _, c, kind in memory.levers(s) if kind == "microbatch")
 
     assert smallest("kto") == 2 and smallest("sft") == 1
-    assert not [c for *_, c, kind in memory._candidates(dataclasses.replace(settings(batch_size=2), stage="kto"))
+    assert not [c for *_, c, kind in memory.levers(dataclasses.replace(settings(batch_size=2), stage="kto"))
                 if kind == "microbatch"]
 
 

@@ -66,7 +66,7 @@ def test_the_setting_installs_the_hooks_and_the_plan_counts_two_layers(tmp_path)
 
     from lit_ft import SFTModule
     from lit_ft.plan import Settings, estimate_settings
-    from lit_ft.plan.memory import _candidates
+    from lit_ft.plan.memory import levers
     from lit_ft.train.optim import OptimSpec
 
     module = SFTModule(base=ModelSpec(name_or_path=BASE, activation_offloading=True), lora=LoraSpec(r=4))
@@ -87,9 +87,9 @@ def test_the_setting_installs_the_hooks_and_the_plan_counts_two_layers(tmp_path)
     assert plain * 2 / 8 <= offloaded < plain / 2  # two layers' worth of the trunk stays, and the loss gather
     s = Settings(stage="sft", base=ModelSpec(name_or_path=BASE), lora=LoraSpec(), optim=OptimSpec(), batch_size=4,
                  max_length=64, target="cuda")
-    assert any("--model.base.activation_offloading" in args for _, args, _, _ in _candidates(s))
+    assert any("--model.base.activation_offloading" in args for _, args, _, _ in levers(s))
     assert not any("--model.base.activation_offloading" in args
-                   for _, args, _, _ in _candidates(dataclasses.replace(s, target="cpu")))
+                   for _, args, _, _ in levers(dataclasses.replace(s, target="cpu")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned host buffers and a side stream")

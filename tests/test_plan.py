@@ -525,7 +525,7 @@ def test_checkpointing_every_kth_layer_saves_between_none_and_all_with_the_same_
     for n in plain:
         torch.testing.assert_close(kth[n], plain[n])
     s = settings("sft", tiny_model_dir)
-    levers = [args for _, args, _, kind in plan._candidates(s) if kind == "checkpointing"]
+    levers = [args for _, args, _, kind in plan.levers(s) if kind == "checkpointing"]
     assert levers == [["--model.base.gradient_checkpointing", "true", "--model.base.checkpoint_every", "4"],
                       ["--model.base.gradient_checkpointing", "true", "--model.base.checkpoint_every", "2"],
                       ["--model.base.gradient_checkpointing", "true"]]

@@ -28,7 +28,7 @@ import itertools
 import torch
 
 from lit_ft.errors import ConfigError
-from lit_ft.plan.memory import Settings, _apply, _candidates, estimate_settings, settings_from
+from lit_ft.plan.memory import Settings, carry_over, estimate_settings, levers, settings_from
 from lit_ft.plan.sizes import fmt, parse_size
 
 
@@ -139,7 +139,7 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
     kinds: dict[str, list] = {}
     faster = {c[0] for c in _faster(s)}
-    for option in itertools.chain(_faster(s), _candidates(s)):
+    for option in itertools.chain(_faster(s), levers(s)):
         if option[3] not in skip:
             kinds.setdefault(option[3], []).append(option)
     combos = []
@@ -147,7 +147,7 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
         changes = [c for c in combo if c is not None]
         cand = s
         for c in changes:
-            cand = _apply(cand, s, c[2])
+            cand = carry_over(cand, s, c[2])
         combos.append(((step_seconds(cand), len(changes)), cand, changes))
     combos.sort(key=lambda x: x[0])
     best = None

@@ -217,7 +217,7 @@ def estimate_settings(s: Settings, budget: int | str | None = "auto", advise: bo
 # ---------------------------------------------------------------------------------------------- advice
 
 
-def _candidates(s: Settings):
+def levers(s: Settings):
     """(description, overrides, changed settings), cheapest first: changes that keep the result (micro-batch with
     accumulation, checkpointing, the loss chunk) before those that change the numerics (4-bit base, 8-bit
     optimizer state)."""
@@ -285,10 +285,10 @@ def _candidates(s: Settings):
 
 
 def lever_options(s: Settings, budget: int, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
-    """kind -> (description, overrides, changed settings, total, fits): each kind of change of `_candidates` on its
+    """kind -> (description, overrides, changed settings, total, fits): each kind of change of `levers` on its
     own (for the micro-batch: the largest that fits, else the smallest), in their order; `skip`: kinds left out."""
     best: dict[str, tuple] = {}
-    for what, args, changed, kind in _candidates(s):
+    for what, args, changed, kind in levers(s):
         if kind in skip or (kind in best and best[kind][4]):
             continue
         total = estimate_settings(changed, budget=budget, advise=False).total
@@ -302,14 +302,14 @@ def combine(s: Settings, options: dict[str, tuple], budget: int) -> tuple[Settin
     for what, args, changed, _, _ in options.values():
         if cum is not s and estimate_settings(cum, budget=budget, advise=False).fits:
             break
-        cum = _apply(cum, s, changed)
+        cum = carry_over(cum, s, changed)
         whats.append(what.split(" (")[0])
         argv += args
     return cum, whats, argv
 
 
 def advice(s: Settings, budget: int) -> list[tuple[str, list[str], int, bool]]:
-    """Each kind of change on its own, then all of them in that order until the total fits (`combine`)."""
+    """Each kind of change on its own, then all of them in that order until the total fits (`carry_over`)."""
     options = lever_options(s, budget)
     out = [(what, args, total, fits) for what, args, _, total, fits in options.values()]
     together, whats, argv = combine(s, options, budget)
@@ -319,7 +319,7 @@ def advice(s: Settings, budget: int) -> list[tuple[str, list[str], int, bool]]:
     return out
 
 
-def _apply(cum: Settings, start: Settings, changed: Settings) -> Settings:
+def carry_over(cum: Settings, start: Settings, changed: Settings) -> Settings:
     """Carry the fields `changed` differs in from `start` over to `cum` (dataclasses one level deep)."""
     updates = {}
     for f in dataclasses.fields(Settings):
