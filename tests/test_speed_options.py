@@ -184,3 +184,25 @@ def test_fused_adamw_matches_the_multi_tensor_step():
         plain.step()
     for (_, p), q in zip(named, copies):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_clips_under_mixed_precision(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Lightning's mixed-precision plugin refuses gradient clipping for an optimizer that says it unscales
+    gradients itself (fused AdamW does): a bf16-mixed fit with `gradient_clip_val` (and PPO, which always clips)
+    must still train, its step the clipped one."""
+    import lightning as L
+
+    from lit_ft.train.optim import OptimSpec, make_optimizer
+
+    opt = make_optimizer([("w", torch.nn.Parameter(torch.randn(4, 4)))], OptimSpec())
+    assert opt.defaults["fused"] is True and not getattr(opt, "_step_supports_amp_scaling", False)
+    module = _module(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    batch = _batch(module.model.config.vocab_size)
+    loader = torch.utils.data.DataLoader([{k: v[i].cpu() for k, v in batch.items()} for i in range(2)], batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=1, gradient_clip_val=1e-3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module.cpu(), train_dataloaders=loader)
+    moved = {n: (p.detach() - before[n]).norm() for n, p in module.model.named_parameters() if p.requires_grad}
+    assert all(torch.isfinite(v) for v in moved.values()) and any(v > 0 for v in moved.values())

@@ -72,7 +72,12 @@ def make_optimizer(named_params, spec: OptimSpec) -> torch.optim.Optimizer:
     groups = _param_groups(params, spec)
     kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
     if spec.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs, **_implementation([p for _, p in params]))
+        opt = torch.optim.AdamW(groups, **kwargs, **_implementation([p for _, p in params]))
+        # Fused AdamW offers to unscale fp16 gradients inside its kernel; Lightning's mixed-precision plugin then
+        # refuses gradient clipping (it cannot clip gradients still scaled). Declined: a GradScaler unscales them
+        # first as for any optimizer, and bf16 has no scale at all.
+        opt._step_supports_amp_scaling = False
+        return opt
     try:
         import bitsandbytes as bnb
     except ImportError as e:
