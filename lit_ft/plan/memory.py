@@ -309,7 +309,7 @@ def combine(s: Settings, options: dict[str, tuple], budget: int) -> tuple[Settin
 
 
 def advice(s: Settings, budget: int) -> list[tuple[str, list[str], int, bool]]:
-    """Each kind of change on its own, then all of them in that order until the total fits (`carry_over`)."""
+    """Each kind of change on its own, then all of them in that order until the total fits (`combine`)."""
     options = lever_options(s, budget)
     out = [(what, args, total, fits) for what, args, _, total, fits in options.values()]
     together, whats, argv = combine(s, options, budget)
