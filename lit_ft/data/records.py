@@ -1,7 +1,8 @@
 """Validate rows and normalise them into canonical records (reading is `lit_ft.data.readers`).
 
-One file of about 430 lines on purpose: every format's row builder and the one drop rule they share read best beside
-each other (each row's checks, in the order a row meets them); the HH-RLHF text format is parsed in `lit_ft.data.hh`.
+Every format's row builder and the one drop rule they share are here, beside each other (each row's checks, in the
+order a row meets them); the shapes a file may have, their detection and required columns are `lit_ft.data.formats`,
+the rule every message list meets is `lit_ft.data.messages`, and the HH-RLHF text format is parsed in `lit_ft.data.hh`.
 
 Canonical records (every prompt is a list of chat messages; a raw-text prompt is one user message):
 
@@ -25,18 +26,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Literal
+from typing import Any
 
 from lit_ft.data.checks import check_unicode, is_blank, warn_unknown_columns
+from lit_ft.data.formats import Kind, check_columns, detect_format, preference_format
 from lit_ft.data.hh import hh_turns, split_hh
+from lit_ft.data.messages import check_messages
 from lit_ft.data.readers import DataReport, RowError, read_rows
-from lit_ft.data.tools import match_tool_result, parse_tool_calls, parse_tools
-from lit_ft.errors import ConfigError, DataError
+from lit_ft.data.tools import parse_tools
+from lit_ft.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["instruction", "preference", "prompt", "unpaired"]
-ROLES = ("system", "user", "assistant", "tool")
 
 
 # ---------------------------------------------------------------------------------------------- normalising
@@ -53,50 +54,6 @@ def _text(row: dict, key: str, required: bool = True) -> str | None:
     return value
 
 
-def check_messages(value: Any, key: str, end: Literal["assistant", "user", "any"] = "assistant",
-                   tools: list[dict] | None = None) -> list[dict]:
-    """Validate a chat message list: system turns only first, then user/assistant alternating from user; an
-    assistant turn that calls tools (`lit_ft.data.tools`) is followed by their results (``tool`` turns), then by the
-    assistant again. ``end="user"``: a prompt, which ends with a user turn or a tool result."""
-    if not isinstance(value, list) or not value:
-        raise RowError(key, f"expected a non-empty list of {{role, content}} messages, got {type(value).__name__}")
-    out, expected, pending, answered = [], ("user",), [], 0
-    for i, m in enumerate(value):
-        calls = isinstance(m, dict) and m.get("role") == "assistant" and (
-            m.get("tool_calls") is not None or m.get("function_call") is not None)
-        if isinstance(m, dict) and calls and m.get("content") is None:
-            m = dict(m, content="")  # an assistant turn that only calls: OpenAI's content null
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise RowError(f"{key}[{i}]", f"expected {{'role': one of {list(ROLES)}, 'content': str}}, got {str(m)[:60]}")
-        role = m["role"]
-        if role == "system" and out and out[-1]["role"] != "system":
-            raise RowError(f"{key}[{i}].role", "a system message may only come before the conversation")
-        if role == "tool":
-            out.append(match_tool_result(m, f"{key}[{i}]", pending, answered))
-            answered += 1
-            expected = ("tool", "assistant")
-            continue
-        if role != "system":
-            if role not in expected:
-                why = {("tool",): "the results of the calls of the assistant turn before it",
-                       ("tool", "assistant"): "the assistant answers after the tool results"}.get(
-                    expected, "turns alternate, starting with user")
-                raise RowError(f"{key}[{i}].role", f"expected '{expected[-1]}' ({why})")
-            pending, answered = [], 0
-            if role == "assistant":
-                pending = parse_tool_calls(m, f"{key}[{i}]", tools)
-            expected = ("assistant",) if role == "user" else ("tool",) if pending else ("user",)
-        msg = {"role": role, "content": m["content"]}
-        if role == "assistant" and pending:
-            msg["tool_calls"] = pending
-        out.append(msg)
-    last = out[-1]["role"]
-    if end == "assistant" and last != "assistant" or end == "user" and last not in ("user", "tool"):
-        raise RowError(f"{key}[{len(out) - 1}].role", f"expected the last message to be '{end}'"
-                       + (" (or a tool result)" if end == "user" else ""))
-    return out
-
-
 def _tools(tools: list[dict] | None) -> dict:
     """The record's ``tools`` entry: only where the row has tools (records without stay as they were)."""
     return {"tools": tools} if tools else {}
@@ -106,43 +63,9 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages", "question_answer", "preference")
-PREFERENCE_FORMATS = ("prompt_chosen_rejected", "chat", "hh")
-PROMPT_FORMATS = ("prompt", "instruction", "messages", "question", "preference")
-UNPAIRED_FORMATS = ("unpaired",) + PREFERENCE_FORMATS
-
-
-def detect_format(row: dict, kind: Kind) -> str:
-    """The record shape of a file, from the keys of its first row."""
-    keys = set(row)
-    if kind == "unpaired" and "label" in keys:
-        return "unpaired"
-    if kind in ("preference", "unpaired") and {"chosen", "rejected"} <= keys:
-        if isinstance(row["chosen"], list):
-            return "chat"
-        return "prompt_chosen_rejected" if "prompt" in keys else "hh"
-    if kind == "prompt":
-        for key, fmt in (("prompt", "prompt"), ("instruction", "instruction"), ("messages", "messages"),
-                         ("question", "question"), ("chosen", "preference")):
-            if key in keys:
-                return fmt
-    if kind == "instruction":
-        if "messages" in keys:
-            return "messages"
-        if "instruction" in keys:
-            return "alpaca"
-        if {"prompt", "completion"} <= keys:
-            return "prompt_completion"
-        if {"question", "answer"} <= keys:
-            return "question_answer"
-        if {"chosen", "rejected"} <= keys:
-            return "preference"
-    raise RowError(None, f"cannot detect the {kind} format from the keys {sorted(keys)}; set data.format")
-
-
 def _instruction(row: dict, fmt: str) -> dict:
     if fmt == "preference":  # SFT on the chosen side of preference pairs (the first stage of RLHF)
-        pair = _preference(row, _preference_format(row))
+        pair = _preference(row, preference_format(row))
         record = {"messages": pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}], "input": None}
         return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {}) | _tools(pair.get("tools"))
     if fmt == "messages":
@@ -281,7 +204,7 @@ def _prompt(row: dict, fmt: str, answer_field: str | None) -> dict:
         if prompt[-1]["role"] not in ("user", "tool"):
             raise RowError("messages", "expected a user turn (or a tool result) to prompt with")
     elif fmt == "preference":
-        pair = _preference(row, _preference_format(row))
+        pair = _preference(row, preference_format(row))
         record = {"prompt": pair["prompt"], "input": None, "answer": _answer(row, answer_field)}
         return record | ({"transcript": pair["transcript"]} if "transcript" in pair else {}) | _tools(pair.get("tools"))
     elif fmt == "instruction":
@@ -299,12 +222,6 @@ def _answer(row: dict, answer_field: str | None) -> str | None:
     if isinstance(answer, float) and not math.isfinite(answer):
         raise RowError(answer_field, f"expected a string or number, got {answer} (not finite: no answer to check)")
     return None if answer is None else str(answer)
-
-
-def _preference_format(row: dict) -> str:
-    if isinstance(row.get("chosen"), list):
-        return "chat"
-    return "prompt_chosen_rejected" if "prompt" in row else "hh"
 
 
 def responses(record: dict) -> list[str]:
@@ -398,7 +315,7 @@ def load_records(
     Args:
         source: file path or hub dataset name.
         kind: which canonical record to build.
-        format: a named input shape (see ``*_FORMATS``) or ``"auto"`` to detect it from the first row.
+        format: a named input shape (`lit_ft.data.formats`) or ``"auto"`` to detect it from the first row.
         split: hub split to read.
         skip_bad_rows: drop and count malformed rows instead of raising a DataError.
         dedup: drop exact duplicates (same prompt and responses).
@@ -416,7 +333,7 @@ def load_records(
             format = detect_format(rows[0], kind)
         except RowError as e:
             raise DataError(e.message, file=source, line=lines[0]) from None
-    _check_columns(rows, source, kind, format)
+    check_columns(rows, source, kind, format)
     warn_unknown_columns(rows, source, kind, format, {score_field, group_field, answer_field})
     build = {"instruction": _instruction, "preference": _preference, "unpaired": _unpaired,
              "prompt": lambda row, fmt: _prompt(row, fmt, answer_field)}[kind]
@@ -444,37 +361,3 @@ def load_records(
         records.append(record)
     report.check()
     return records, report
-
-
-_REQUIRED = {
-    ("instruction", "alpaca"): ("instruction", "output"),
-    ("instruction", "prompt_completion"): ("prompt", "completion"),
-    ("instruction", "question_answer"): ("question", "answer"),
-    ("instruction", "messages"): ("messages",),
-    ("instruction", "preference"): ("chosen", "rejected"),
-    ("preference", "prompt_chosen_rejected"): ("prompt", "chosen", "rejected"),
-    ("preference", "chat"): ("chosen", "rejected"),
-    ("preference", "hh"): ("chosen", "rejected"),
-    ("prompt", "preference"): ("chosen", "rejected"),
-    ("unpaired", "unpaired"): ("prompt", "completion", "label"),
-    ("unpaired", "prompt_chosen_rejected"): ("prompt", "chosen", "rejected"),
-    ("unpaired", "chat"): ("chosen", "rejected"),
-    ("unpaired", "hh"): ("chosen", "rejected"),
-}
-
-
-def _check_columns(rows: list[dict], source: str, kind: Kind, format: str) -> None:
-    """A format the file cannot have: unknown name, or (for tables, whose rows share keys) a missing column."""
-    known = {"instruction": INSTRUCTION_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS,
-             "unpaired": UNPAIRED_FORMATS}[kind]
-    if format == "auto" and not rows:
-        return  # every row was dropped while reading (skip_bad_rows): "no rows left" is reported later
-    if format not in known:
-        raise ConfigError(f"data.format: unknown {kind} format '{format}'; expected 'auto' or one of {list(known)}")
-    if not rows or source.lower().endswith((".json", ".jsonl")):
-        return  # JSON rows may differ in keys: each row reports its own missing field with its line
-    required = _REQUIRED.get((kind, format), (format,) if kind == "prompt" else ())
-    for column in required:
-        if column not in rows[0]:
-            raise DataError(f"column '{column}' is missing (columns: {sorted(rows[0])})", file=source,
-                            line=1 if source.lower().endswith(".csv") else None, field=column)
