@@ -186,10 +186,10 @@ def test_fused_adamw_matches_the_multi_tensor_step():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_adamw_clips_under_mixed_precision(tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_fused_adamw_clips_under_mixed_precision(tiny_model_dir, tmp_path):
     """Lightning's mixed-precision plugin refuses gradient clipping for an optimizer that says it unscales
-    gradients itself (fused AdamW does): a bf16-mixed fit with `gradient_clip_val` (and PPO, which always clips)
-    must still train, its step the clipped one."""
+    gradients itself (fused AdamW does): the optimizer declines, and a bf16-mixed fit with `gradient_clip_val`
+    (PPO always clips) runs its step through the plugin's clipping and moves the weights."""
     import lightning as L
 
     from lit_ft.train.optim import OptimSpec, make_optimizer
