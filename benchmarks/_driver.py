@@ -78,6 +78,9 @@ def add_steps(p: argparse.ArgumentParser) -> None:
     """Timed optimizer steps after untimed warm-up steps."""
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warm-up)")
+    p.add_argument("--run-steps", type=int, default=None,
+                   help="`mem*` variants: the optimizer steps of the run the memory plan plans for (whether compiling "
+                        "pays depends on it; default: the steps run here, warm-up included)")
 
 
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _driver  # noqa: E402
-from bench_sft import Clock, build_random_model, plan_memory  # noqa: E402  (also puts ROOT on sys.path)
+from bench_sft import Clock, build_random_model, compile_setting, plan_memory  # noqa: E402  (also puts ROOT on sys.path)
 from bench_reward import pair_columns  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200
@@ -152,7 +152,7 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
                      attn_implementation="sdpa", gradient_checkpointing=gc)
     L.seed_everything(0)  # the same LoRA initialisation in every variant (TRL seeds with its `seed`)
     module = DPOModule(base=base, lora=LoraSpec(**w.lora), dpo=DPOSpec(precompute_ref="precompute" in mods),
-                       optim=OptimSpec(lr=w.lr, warmup_steps=0, scheduler="constant"), compile="compile" in mods)
+                       optim=OptimSpec(lr=w.lr, warmup_steps=0, scheduler="constant"), compile=compile_setting(mods))
 
     class Pairs(L.LightningDataModule):  # what the module reads of PreferenceDataModule, over the random pairs
         def __init__(self):
@@ -174,7 +174,7 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[clock.lightning_callback()])
     data, extra = Pairs(), {}
-    plan_memory(module, data, trainer, mods, extra)  # `mem<MiB>` / `memauto`
+    plan_memory(module, data, trainer, mods, extra, args.run_steps)  # `mem<MiB>` / `memauto`
     gc = module.base.gradient_checkpointing
     t = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -216,7 +216,7 @@ def workload(args) -> Workload:
 def drive(args) -> None:
     w = workload(args)
     build_random_model(w, _driver.default_model_dir(args, w), "cuda" if torch.cuda.is_available() else "cpu")
-    flags = _driver.forward(args, "steps", "warmup", "cpu_precision", "tiny")
+    flags = _driver.forward(args, "steps", "warmup", "run_steps", "cpu_precision", "tiny")
     print_table(w, _driver.run_variants(__file__, args, w, flags, skip=trl_missing))
 
 

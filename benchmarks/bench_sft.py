@@ -431,7 +431,7 @@ def lit_module(w: Workload, args, device: str, mods: set[str]):
     optimizer = "paged_adamw_32bit" if w.name == "qlora_smoke" and device == "cuda" else "adamw"
     module = SFTModule(base=base, lora=LoraSpec(**w.lora),
                        optim=OptimSpec(optimizer=optimizer, lr=w.lr, warmup_steps=0, scheduler="constant"),
-                       compile="compile" in mods, loss_chunk_size=chunk)
+                       compile=compile_setting(mods), loss_chunk_size=chunk)
     if "ro" in mods:  # each decoder layer compiled with CUDA graphs (an experiment: not a module setting)
         from lit_ft.models import compile_decoder_layers
 
@@ -468,19 +468,31 @@ def lit_after_fit(module, mods: set[str], device: str, batch: dict, extra: dict)
     return extra
 
 
-def plan_memory(module, data, trainer, mods: set[str], extra: dict) -> None:
+def compile_setting(mods: set[str]) -> bool | None:
+    """The module's `compile`: on with `compile`; left to the plan (None, the stages' default) in a `mem*` variant;
+    else off."""
+    return True if "compile" in mods else None if any(m.startswith("mem") for m in mods) else False
+
+
+def plan_memory(module, data, trainer, mods: set[str], extra: dict, run_steps: int | None = None) -> None:
     """`mem<MiB>` / `memauto`: what `lit-ft fit --memory` does before the fit loads any weights, with the settings
-    it chose and the plan's peak (to compare with the measured one) in `extra`."""
+    it chose and the plan's peak (to compare with the measured one) in `extra`. `run_steps`: plan for a run of that
+    many optimizer steps (what decides whether compiling pays), though only the benchmark's steps run."""
     budget = next((m[3:] for m in mods if m.startswith("mem")), None)
     if not budget:
         return
     from lit_ft import fit_memory
     from lit_ft.plan import estimate
 
-    said = []
-    fit_memory(module, data, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
+    said, steps = [], trainer.fit_loop.max_steps
+    trainer.fit_loop.max_steps = run_steps or steps
+    try:
+        fit_memory(module, data, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
+    finally:
+        trainer.fit_loop.max_steps = steps
     plan = estimate(module, data, trainer, budget=None, advise=False)
     extra.update(memory_plan=said, planned_peak_gb=plan.peak / 1e9, planned_total_gb=plan.total / 1e9,
+                 compiled=bool(getattr(module, "compile_layers", False)), run_steps_planned=run_steps or steps,
                  gradient_checkpointing=module.base.gradient_checkpointing,
                  activation_offloading=module.base.activation_offloading,
                  checkpoint_every=module.base.checkpoint_every, loss_chunk_size=getattr(module, "loss_chunk_size", None),
@@ -494,7 +506,7 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     ids = make_batches(w, args.warmup + args.steps)
     trainer = lit_trainer(device, precision, args.warmup + args.steps, clock.lightning_callback())
     shape = types.SimpleNamespace(batch_size=w.batch, max_length=w.seq)  # what the plan reads of a DataModule
-    plan_memory(module, shape, trainer, mods, extra)
+    plan_memory(module, shape, trainer, mods, extra, args.run_steps)
     if shape.batch_size != w.batch:  # the same rows, in micro-batches of the chosen size
         ids = ids.reshape(-1, shape.batch_size, w.seq)
     loader = torch.utils.data.DataLoader(Batches(ids), batch_size=None, shuffle=False, pin_memory=device == "cuda")
@@ -530,7 +542,7 @@ def run_lit_data(w: Workload, args, device: str, clock: Clock, mods: set[str]) -
                 clock.step_end(trainer.global_step - 1)
 
     trainer = lit_trainer(device, precision, args.warmup + args.steps, TimerCb(), ga)
-    plan_memory(module, dm, trainer, mods, extra)
+    plan_memory(module, dm, trainer, mods, extra, args.run_steps)
     mb, ga = dm.batch_size, trainer.accumulate_grad_batches
     acc["ga"] = ga
     dm.setup("fit")
@@ -729,7 +741,7 @@ def drive(args) -> None:
     build_random_model(w, _driver.default_model_dir(args, w), "cuda" if torch.cuda.is_available() else "cpu")
     if w.data != "random":
         save_data_tokenizer(args)
-    flags = _driver.forward(args, "steps", "warmup", "data_dir", "tiny", "lora_dropout")
+    flags = _driver.forward(args, "steps", "warmup", "run_steps", "data_dir", "tiny", "lora_dropout")
     print_table(w, _driver.run_variants(__file__, args, w, flags))
 
 

@@ -22,7 +22,7 @@ bf16 autocast, dropout disabled) or `lit` (the `lit-ft fit --config reward` comm
 float32, as TRL holds it), `chat` (template chat: HH turns through SmolLM2's chat template), `bf16head` (the score
 head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does),
 `mem<MiB>` / `memauto` (checkpointing not forced on: `--memory <MiB>MiB` / the default `--memory auto` plans the fit
-and chooses the settings). Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall
+and chooses the settings), `compile` (`--model.compile true`: each decoder layer through torch.compile). Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall
 times of concurrent jobs are not speed figures); `--sequential` runs them one after the other, for speed figures
 (`fit_s`: the training loop alone, model loading and tokenization excluded on both sides).
 
@@ -111,6 +111,7 @@ def lit_args(data: Path, out: Path, seed: int, mods: list[str]) -> list[str]:
             "--model.optim.scheduler", "cosine", "--model.center_coef", "0",
             *([] if any(m.startswith("mem") for m in mods) else ["--model.base.gradient_checkpointing", "true"]),
             *[a for m in mods if m.startswith("mem") and m != "memauto" for a in ("--memory", f"{m[3:]}MiB")],
+            *(["--model.compile", "true"] if "compile" in mods else []),
             "--trainer.callbacks+=__main__.FitClock",
             "--model.base.dtype", "float32" if "fp32" in mods else "auto",
             "--trainer.precision", os.environ.get("HH_PRECISION", "bf16-mixed"), "--trainer.max_steps", "-1", "--trainer.max_epochs", "1",

@@ -229,3 +229,54 @@ def test_a_validation_batch_that_sets_the_peak_is_shrunk_not_the_training(tiny_m
     assert chosen.eval_batch_size in (100, 200) and chosen.eval_batch_size % 2 == 0, whats
     assert (chosen.batch_size, chosen.base, chosen.loss_chunk_size) == (s.batch_size, s.base, s.loss_chunk_size)
     assert args == ["--data.eval_batch_size", str(chosen.eval_batch_size)]
+
+
+def test_compiling_is_chosen_where_the_run_pays_for_it():
+    """Compiled decoder layers are a step-time lever, not a memory one: on a GPU, where the module left `compile` to
+    the plan, `auto` turns it on when the run is long enough that the faster steps (COMPILED_STEP of the eager step)
+    pay back the compiling (COMPILE_SECONDS), and not otherwise: a run a few steps short of the break-even, a run of
+    unknown length, a module that set `compile: false`, a CPU run, a stage without compiled layers."""
+    from lit_ft.plan import auto
+
+    s = settings(target="cuda", compile_auto=True)
+    eager = auto.step_seconds(s)
+    even = auto.COMPILE_SECONDS / ((1 - auto.COMPILED_STEP) * eager)  # steps where compiling has paid for itself
+    budget = 80 * 2**30
+    chosen, whats, args = choose(dataclasses.replace(s, steps=int(even * 1.1)), budget)
+    assert chosen.compile and whats == ["compiled decoder layers"] and args == ["--model.compile", "true"]
+    for no in (dataclasses.replace(s, steps=int(even * 0.9)), dataclasses.replace(s, steps=None),
+               dataclasses.replace(s, steps=10**6, compile_auto=False),
+               dataclasses.replace(s, steps=10**6, target="cpu")):
+        assert not choose(no, budget)[0].compile, no
+    assert "compile" not in {k for *_, k in auto._compiled(dataclasses.replace(s, stage="ppo", steps=10**6))}
+    # it does not count as spending memory: a budget the run only just fits still gets it
+    tight = dataclasses.replace(s, steps=10**6)
+    assert choose(tight, total(tight))[0].compile
+
+
+def test_the_plan_reads_the_run_length_and_sets_compile_on_the_module(sft_file):  # noqa: F811
+    """`Settings.steps`: `max_steps`, else the epochs of the training rows read (micro-batches over accumulation,
+    `limit_train_batches` applied); `compile: null` (the default) leaves it to the plan, `false` does not; what the
+    plan chose reaches the module and its saved hyperparameters."""
+    import lightning as L
+
+    from lit_ft import InstructionDataModule, SFTModule
+    from lit_ft.plan import auto
+    from lit_ft.plan.memory import settings_from
+
+    data = InstructionDataModule(train_file=sft_file, val_split=0, max_length=48, batch_size=4, tokenizer=BASE)
+    rows = sum(1 for line in open(sft_file) if line.strip())
+
+    def trainer(**kw):
+        return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, **kw)
+
+    model = SFTModule(base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4, alpha=8))
+    assert settings_from(model, data, trainer(max_steps=7)).steps == 7
+    s = settings_from(model, data, trainer(max_epochs=3, accumulate_grad_batches=2))
+    assert s.data.train_count == rows and s.steps == 3 * (-(-rows // 4) // 2)
+    assert settings_from(model, data, trainer(max_epochs=2, limit_train_batches=1)).steps == 2
+    assert s.compile_auto and not s.compile
+    assert not settings_from(SFTModule(base=ModelSpec(name_or_path=BASE), compile=False), data, trainer()).compile_auto
+    chosen = dataclasses.replace(s, compile=True)
+    auto.apply(model, data, trainer(), s, chosen)
+    assert model.compile_layers is True and model.hparams["compile"] is True

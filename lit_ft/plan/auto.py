@@ -1,8 +1,9 @@
 """`--memory auto` (or a budget such as `24GiB`): before a fit loads any weights, the memory plan chooses the settings
 the run uses: the FASTEST combination of the plan's levers that fits, by a step-time model (`step_seconds`), among
 micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
-layer), activation offloading, the rollout engine, the loss chunk, the validation batch and a paged 8-bit optimizer,
-each combination planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured
+layer), activation offloading, the rollout engine, the loss chunk, the validation batch, a paged 8-bit optimizer and,
+on a GPU, compiled decoder layers where the module left `compile` to it (`compile: null`, the default) and the run is
+long enough for the faster steps to pay for compiling, each combination planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured
 unless a faster combination fits with `SPEED_MARGIN` to spare: checkpointing it does not need turned off,
 accumulation it does not need folded into larger micro-batches (the effective batch kept) — more memory for more
 speed, said in the log.
@@ -37,18 +38,28 @@ class NothingFits(ConfigError):
 
 
 NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
-CUDA_ONLY = ("offloading", "engine", "optimizer")
+CUDA_ONLY = ("offloading", "engine", "optimizer", "compile")
+COMPILABLE = ("sft", "reward", "dpo", "kto")
+"""The stages whose module has `compile` (each decoder layer through torch.compile)."""
 SPEED_MARGIN = 0.85
 """A change that spends memory for speed (checkpointing off, larger micro-batches) is taken only when the plan's
 total stays within this share of the budget: the plan is within about 15% of measured peaks."""
 
-# The step-time model's rates (only ratios between settings of one run matter). GPU: an H100/H200 running a LoRA
-# step in eager mode: about 1.5 ms of launches and host work a decoder layer for the forward and backward of one
-# micro-batch (BENCHMARKS.md: a 16-row SmolLM2-135M step takes ~0.3 s for ~3 TFLOP), matmuls at ~400 TFLOP/s, host
-# transfers at ~25 GB/s (W1 offloading without checkpointing: 36 GB a step cost 1.4 s). CPU: the per-layer overhead
-# is small against its matmul rate.
-RATES = {"cuda": dict(layer_s=1.5e-3, step_s=5e-3, flops=4e14, pcie=25e9),
+# The step-time model's rates, fitted so that its seconds are about the measured ones of an H100 (BENCHMARKS.md,
+# "The step-time model against measured steps"): a LoRA step in eager mode costs about 6 ms of launches and host
+# work a decoder layer for the forward and backward of one micro-batch (a 16-row SmolLM2-135M step, checkpointed:
+# 0.40 s measured, 0.34 s modelled), matmuls run at an effective ~100 TFLOP/s with the element-wise work between
+# them (DPO on the 1B shape, 8 pairs x 2 x 1024 tokens: 0.94 s measured, 0.93 s modelled), host transfers at ~25 GB/s
+# (W1 offloading without checkpointing: 36 GB a step cost 1.4 s). Choices need only the ratios; whether compiling
+# pays needs seconds. CPU: the per-layer overhead is small against its matmul rate.
+RATES = {"cuda": dict(layer_s=6e-3, step_s=2e-2, flops=1e14, pcie=25e9),
          "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"))}
+COMPILED_STEP = 0.75
+"""A step with compiled decoder layers against the eager one (H100: g135 checkpointed 0.75, the 1B DPO step 0.71)."""
+COMPILE_SECONDS = 30.0
+"""What compiling costs a run once (inductor: one graph shared by the layers, and the recompile for a second
+shape): g135 on an H100 took 27 s longer to its first 23 steps compiled than eagerly; spread over the run's steps
+by the step-time model (that run's compiled steps save 0.10 s each: it pays after about 270 steps)."""
 
 
 def budget_of(memory: str) -> int | None:
@@ -101,6 +112,8 @@ def step_seconds(s: Settings) -> float:
         t *= 1.02
     if s.sampling is not None and s.sampling.engine == "hf" and s.stage in ("ppo", "grpo", "distill"):
         t *= 2.0  # rollouts through `generate`: several times slower decoding (BENCHMARKS.md, rollout engine)
+    if s.compile:  # faster steps, and the compiling spread over the run (a run of unknown length: never paid back)
+        t = t * COMPILED_STEP + (COMPILE_SECONDS / s.steps if s.steps else float("inf"))
     return t
 
 
@@ -133,13 +146,20 @@ def _faster(s: Settings):
                    dataclasses.replace(s, batch_size=b, accumulate_grad_batches=ga), "microbatch")
 
 
+def _compiled(s: Settings):
+    """Compiled decoder layers, where the module left `compile` to the plan: (description, overrides, changed
+    settings, kind). Not a change that spends memory: inductor saves no more than eager."""
+    if s.compile_auto and not s.compile and s.stage in COMPILABLE:
+        yield ("compiled decoder layers", ["--model.compile", "true"], dataclasses.replace(s, compile=True), "compile")
+
+
 def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     """(settings to run with, what changed, the overrides that say it) for `budget`: the fastest combination that
     fits (`step_seconds`; fewer changes on a tie); ConfigError when nothing fits."""
     skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
     kinds: dict[str, list] = {}
     faster = {c[0] for c in _faster(s)}
-    for option in itertools.chain(_faster(s), levers(s)):
+    for option in itertools.chain(_faster(s), _compiled(s), levers(s)):
         if option[3] not in skip:
             kinds.setdefault(option[3], []).append(option)
     combos = []
@@ -177,6 +197,10 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             datamodule.eval_batch_size = new
         elif f.name == "accumulate_grad_batches":
             trainer.accumulate_grad_batches = new
+        elif f.name == "compile":
+            model.compile_layers = new
+            if "compile" in getattr(model, "hparams", {}):
+                model.hparams["compile"] = new  # what the checkpoint records
         elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "distill", "loss_chunk_size"):
             setattr(model, f.name, new)
             if f.name in getattr(model, "hparams", {}) and dataclasses.is_dataclass(new):

@@ -75,6 +75,11 @@ class Settings:
     """Why the rows are planned at `max_length` when `data` is None (a hub dataset, an unreadable file...)."""
     compile: bool = False
     """`compile: true` (each decoder layer through torch.compile): what inductor saves differs from eager."""
+    compile_auto: bool = False
+    """The module left `compile` to the plan (`compile: null`, the default of the stages that have it): `auto` may
+    turn it on (`lit_ft.plan.auto`)."""
+    steps: int | None = None
+    """Optimizer steps the fit will take (`trainer.max_steps`, or its epochs of the rows read); None: unknown."""
     validation: bool = True
     """The fit runs validation (False: `trainer.limit_val_batches` 0): KTO's validation passes and distillation's
     validation rollouts are planned only then."""
@@ -171,6 +176,26 @@ def run_device(trainer=None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def planned_steps(trainer, data: RowStats | None, batch_size: int, accumulate: int) -> int | None:
+    """Optimizer steps of the fit: `max_steps` when set, else `max_epochs` of the training rows read (None when
+    neither says: no trainer, or rows the plan did not read)."""
+    if trainer is None:
+        return None
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps is not None and max_steps > 0:
+        return int(max_steps)
+    epochs = getattr(trainer, "max_epochs", None)
+    if not epochs or epochs < 0 or data is None or not data.train_count:
+        return None
+    batches = -(-data.train_count // max(1, batch_size))
+    limit = getattr(trainer, "limit_train_batches", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    return epochs * max(1, batches // max(1, accumulate))
+
+
 def settings_from(model, datamodule=None, trainer=None, target: str | None = None) -> Settings:
     """Read a stage's settings from the objects of a fit (any of datamodule/trainer may be None: defaults)."""
     stage = plan_stages.stage_of(model)
@@ -192,6 +217,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         value_model=getattr(model, "value_model", "adapter"), sft_adapter=getattr(model, "sft_adapter", None),
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
         rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)),
+        compile_auto=hasattr(model, "compile_layers") and model.compile_layers is None,
+        steps=planned_steps(trainer, data, getattr(dm, "batch_size", 8), accumulate),
         episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None)
 
 

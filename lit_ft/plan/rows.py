@@ -65,6 +65,8 @@ class RowStats:
     """The same of the validation rows."""
     count: int = 0
     """Training plus validation rows read (KTO's precomputed reference table holds one entry each)."""
+    train_count: int = 0
+    """Training rows read (a lower bound where the scan was capped): what an epoch's steps are planned from."""
 
 
 def _round(n: int, multiple: int | None) -> int:
@@ -117,7 +119,7 @@ def stats_of(train, val, pad_to_multiple_of: int | None, note: str) -> RowStats:
                     note=note, multiple=pad_to_multiple_of,
                     kind={"pairs": "pair side", "prompts": "prompt"}.get(_kind(train), "row"),
                     mismatched=_mismatched(train), eval_mismatched=_mismatched(val),
-                    count=len(train) + (len(val) if val is not None else 0))
+                    count=len(train) + (len(val) if val is not None else 0), train_count=len(train))
 
 
 def first_fit_decreasing(lengths, capacity: int) -> list[int]:

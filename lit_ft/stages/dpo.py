@@ -97,7 +97,7 @@ class DPOModule(L.LightningModule):
         sft_adapter: str | None = None,
         dpo: DPOSpec = DPOSpec(),
         optim: optim.OptimSpec = optim.OptimSpec(lr=5e-5, scheduler="cosine", warmup_ratio=0.1),
-        compile: bool = False,
+        compile: bool | None = None,
         max_consecutive_skips: int = 10,
     ):
         """
@@ -109,7 +109,8 @@ class DPOModule(L.LightningModule):
             dpo: the loss and how the reference is computed.
             optim: optimizer and learning-rate schedule (5e-5: LoRA takes a higher rate than the DPO paper's
                 full fine-tuning 5e-7..1e-6; 10% warmup as in its experiments).
-            compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=True)`.
+            compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=...)`; None (the
+                default): `--memory auto` decides.
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
                 (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.train.guards).
         """

@@ -83,7 +83,7 @@ class KTOModule(L.LightningModule):
         sft_adapter: str | None = None,
         kto: KTOSpec = KTOSpec(),
         optim: optim.OptimSpec = optim.OptimSpec(lr=5e-5, scheduler="cosine", warmup_ratio=0.1),
-        compile: bool = False,
+        compile: bool | None = None,
         max_consecutive_skips: int = 10,
     ):
         """
@@ -95,7 +95,8 @@ class KTOModule(L.LightningModule):
             kto: beta, the desirable and undesirable weights, and how the reference is computed.
             optim: optimizer and learning-rate schedule (as DPO's: LoRA takes a higher rate than the paper's full
                 fine-tuning).
-            compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=True)`.
+            compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=...)`; None (the
+                default): `--memory auto` decides.
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
                 (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.train.guards).
         """

@@ -41,7 +41,7 @@ class RewardModule(L.LightningModule):
         use_margin: bool = True,
         normalize_on_fit_end: bool = True,
         max_consecutive_skips: int = 10,
-        compile: bool = False,
+        compile: bool | None = None,
     ):
         """
         Args:
@@ -56,8 +56,9 @@ class RewardModule(L.LightningModule):
                 of the last validation epoch's chosen and rejected responses mean 0 and std 1.
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
                 (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.train.guards).
-            compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=True)`: the same
-                function with fused element-wise kernels (1.44x pairs/s on the W4 benchmark, BENCHMARKS.md).
+            compile: `torch.compile` each decoder layer (inductor), as `SFTModule(compile=...)`: the same function
+                with fused element-wise kernels (1.44x pairs/s on the W4 benchmark, BENCHMARKS.md); None (the
+                default): `--memory auto` decides.
         """
         check_init("model (RewardModule)", RewardModule, locals())
         super().__init__()
