@@ -484,12 +484,12 @@ def plan_memory(module, data, trainer, mods: set[str], extra: dict, run_steps: i
     from lit_ft import fit_memory
     from lit_ft.plan import estimate
 
-    said, steps = [], trainer.fit_loop.max_steps
-    trainer.fit_loop.max_steps = run_steps or steps
+    said, steps = [], trainer.fit_loop.epoch_loop.max_steps
+    trainer.fit_loop.epoch_loop.max_steps = run_steps or steps
     try:
         fit_memory(module, data, trainer, budget if budget == "auto" else f"{budget}MiB", say=said.append)
     finally:
-        trainer.fit_loop.max_steps = steps
+        trainer.fit_loop.epoch_loop.max_steps = steps
     plan = estimate(module, data, trainer, budget=None, advise=False)
     extra.update(memory_plan=said, planned_peak_gb=plan.peak / 1e9, planned_total_gb=plan.total / 1e9,
                  compiled=bool(getattr(module, "compile_layers", False)), run_steps_planned=run_steps or steps,
