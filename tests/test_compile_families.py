@@ -49,3 +49,26 @@ def test_compiled_layers_match_eager(family, checkpointing, family_dirs):
     for name in grads:
         err = (grads[name] - ref_grads[name]).norm() / ref_grads[name].norm().clamp(min=1e-12)
         assert err < 1e-3, f"{family}: {name}: relative gradient error {err:.2e}"
+
+
+def test_a_layer_that_fails_to_compile_runs_eagerly_when_the_plan_chose_compiling(family_dirs, monkeypatch):
+    """`eager_on_error` (what `--memory auto` asks when it turned compiling on): a backend that fails leaves the layers
+    eager, with the eager loss; asked by the user (the default), the same failure stops the run."""
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # restored after the test
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("this backend cannot compile")
+
+    torch.manual_seed(0)
+    spec = ModelSpec(name_or_path=family_dirs("llama"), dtype="float32")
+    model = build_model(spec, LoraSpec(r=4, alpha=8, dropout=0.0))
+    batch = _batch(model.config.vocab_size)
+    ref_loss, _ = _loss_and_grads(model, batch)
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend=failing_backend)
+    with pytest.raises(Exception, match="this backend cannot compile"):
+        _loss_and_grads(model, batch)
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend=failing_backend, eager_on_error=True)
+    loss, _ = _loss_and_grads(model, batch)
+    torch.testing.assert_close(loss, ref_loss)

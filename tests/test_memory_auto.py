@@ -279,4 +279,4 @@ def test_the_plan_reads_the_run_length_and_sets_compile_on_the_module(sft_file):
     assert not settings_from(SFTModule(base=ModelSpec(name_or_path=BASE), compile=False), data, trainer()).compile_auto
     chosen = dataclasses.replace(s, compile=True)
     auto.apply(model, data, trainer(), s, chosen)
-    assert model.compile_layers is True and model.hparams["compile"] is True
+    assert model.compile_layers is True and model.hparams["compile"] is True and model.compile_planned is True

@@ -250,15 +250,20 @@ def apply_liger_kernel(model) -> None:
     )
 
 
-def compile_decoder_layers(model, backend: str = "inductor", mode: str | None = None) -> int:
+def compile_decoder_layers(model, backend: str = "inductor", mode: str | None = None,
+                           eager_on_error: bool = False) -> int:
     """`torch.compile` each decoder layer in place (the blocks repeat, so one compiled graph serves them all).
 
     Layers, not the whole model: the embedding, mask construction and lit_ft's chunked loss stay eager, graphs stay
     small (fast compiles) and gradient checkpointing still wraps each compiled layer. Inductor fuses the
     element-wise work (RMSNorm's float32 round trip, RoPE, SwiGLU, LoRA dropout and adds) and its min-cut
     partitioner recomputes cheap element-wise results in backward instead of saving them. Returns the number of
-    layers compiled. `mode`: torch.compile's (None: its default).
+    layers compiled. `mode`: torch.compile's (None: its default). `eager_on_error`: a layer that fails to compile
+    runs eagerly, with torch's warning (`torch._dynamo.config.suppress_errors`, for the process): what the memory
+    plan asks when it turned compiling on itself, so that its choice never stops a run that would run eagerly.
     """
+    if eager_on_error:
+        torch._dynamo.config.suppress_errors = True
     try:
         _, layers = families.decoder_layers(model)  # `layers`, GPT-2's and Bloom's `h`, ...
     except ConfigError as e:

@@ -199,6 +199,7 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             trainer.accumulate_grad_batches = new
         elif f.name == "compile":
             model.compile_layers = new
+            model.compile_planned = new  # a layer that fails to compile then runs eagerly (`compile_decoder_layers`)
             if "compile" in getattr(model, "hparams", {}):
                 model.hparams["compile"] = new  # what the checkpoint records
         elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "distill", "loss_chunk_size"):

@@ -44,7 +44,7 @@ def configure_model(self) -> None:
     if spec(self).disable_dropout:
         roles.disable_dropout(model)
     if self.compile_layers:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, eager_on_error=getattr(self, "compile_planned", False))
     self.model, self.roles = model, roles.AdapterRoles(model, trainable)
     rank_zero_info(describe(model))
 

@@ -88,7 +88,7 @@ class RewardModule(L.LightningModule):
         device = strategies.model_device(self, self.base)
         self.model = build_model(self.base, self.lora, "score", device=device)
         if self.compile_layers:
-            compile_decoder_layers(self.model)
+            compile_decoder_layers(self.model, eager_on_error=getattr(self, "compile_planned", False))
         rank_zero_info(describe(self.model))
 
     BATCH_FORMAT = ("a dict with input_ids Long[2B, T] (the B chosen rows, then the B rejected rows, right-padded), "

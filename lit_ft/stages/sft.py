@@ -87,7 +87,7 @@ class SFTModule(L.LightningModule):
         if self.neftune_alpha:
             add_neftune(self.model, self.neftune_alpha)
         if self.compile_layers:
-            compile_decoder_layers(self.model)
+            compile_decoder_layers(self.model, eager_on_error=getattr(self, "compile_planned", False))
         rank_zero_info(describe(self.model))
 
     @property
