@@ -280,3 +280,33 @@ def test_the_plan_reads_the_run_length_and_sets_compile_on_the_module(sft_file):
     chosen = dataclasses.replace(s, compile=True)
     auto.apply(model, data, trainer(), s, chosen)
     assert model.compile_layers is True and model.hparams["compile"] is True and model.compile_planned is True
+
+
+def test_a_resumed_fit_plans_for_the_budget_of_its_first_fit(sft_file, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Preempted and resumed (`--ckpt_path last`) on a card with more memory free: `auto` plans for the budget the
+    first fit planned for (kept in the run directory), so the micro-batch stays what the checkpoint counted and the
+    run ends on the steps it would have run; a fresh fit on the roomy card folds the micro-batches back."""
+    import json
+
+    from lit_ft.plan import auto
+    from lit_ft.plan.sizes import parse_size
+    from tests.test_hostile import CKPT_EVERY_2
+
+    free = {"auto": "600KiB"}
+    real = auto.budget_of
+    monkeypatch.setattr(auto, "budget_of", lambda memory: parse_size(free[memory]) if memory in free else real(memory))
+    root = tmp_path / "runs"
+    main(fit_args(sft_file, root, "--trainer.max_steps", "2", *CKPT_EVERY_2))
+    first = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("[lit_ft] memory auto:"))
+    micro = re.search(r"micro-batch 4 -> (\d+)", first)
+    assert micro, first
+    assert json.loads((root / "version_0" / auto.RECORD).read_text())["budget"] == parse_size("600KiB")
+    free["auto"] = "80GiB"
+    main(fit_args(sft_file, root, "--trainer.max_steps", "4", *CKPT_EVERY_2, "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert "a resumed fit, planned for the budget of its first fit (600.00 KiB" in err
+    assert f"micro-batch 4 -> {micro.group(1)}," in err
+    last = torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    main(fit_args(sft_file, tmp_path / "fresh", "--trainer.max_steps", "1"))
+    assert "[lit_ft] memory auto: the run fits as configured" in capsys.readouterr().err

@@ -91,15 +91,17 @@ class LitFTCLI(LightningCLI):
     def before_fit(self) -> None:
         memory = self.config[self.subcommand].get("memory")
         if memory != "off":
-            from lit_ft.plan.auto import fit_memory
+            from lit_ft.plan.auto import RECORD, fit_memory
 
             def say(line: str) -> None:
                 if self.trainer.is_global_zero:
                     print(f"[lit_ft] {line}", file=sys.stderr, flush=True)
 
             try:
+                run_dir = Path(self.run_dir)
                 fit_memory(self.model, self.datamodule, self.trainer, str(memory or "auto"), say=say,
-                           asked=memory is not None)
+                           asked=memory is not None, record=run_dir / RECORD if run_dir.is_dir() else None,
+                           resuming=self.config[self.subcommand].get("ckpt_path") is not None)
             except ConfigError:
                 run_dir = Path(self.run_dir)
                 if run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before anything was written

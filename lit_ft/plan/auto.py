@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+from pathlib import Path
 
 import torch
 
@@ -212,10 +214,25 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             raise ConfigError(f"memory: the plan changed {f.name}, which it cannot set on the run")
 
 
-def fit_memory(model, datamodule, trainer, memory: str, say=print, asked: bool = True) -> None:
+RECORD = "memory_plan.json"
+"""In the run directory: the budget the run's first fit planned for (`fit_memory`'s `record`)."""
+
+
+def fit_memory(model, datamodule, trainer, memory: str, say=print, asked: bool = True, record: Path | None = None,
+               resuming: bool = False) -> None:
     """`--memory`: plan the fit and set what it chose on the objects; `say` gets the lines for the log. `asked`
-    False is the default `auto`: silent without a GPU, and a run the planner cannot read runs as configured."""
+    False is the default `auto`: silent without a GPU, and a run the planner cannot read runs as configured.
+    `record`: a file (the run directory's `RECORD`) that keeps the budget `auto` planned for; `resuming` (a fit from
+    a checkpoint of that run) plans for that budget again, not for what is free now, so that it makes the first
+    fit's choice (a different micro-batch would replay the data in other batches than the checkpoint counted)."""
     budget = budget_of(memory)
+    if memory == "auto" and resuming and record is not None and record.is_file():
+        try:
+            budget = int(json.loads(record.read_text())["budget"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{record}: not the memory plan's record ({type(e).__name__}: {e}); delete it to plan "
+                              "for the memory free now") from e
+        say(f"memory auto: a resumed fit, planned for the budget of its first fit ({fmt(budget)}, {record})")
     if budget is None:
         if asked:
             say("memory auto: no GPU on this machine, nothing to plan (give a size to plan for host memory)")
@@ -234,6 +251,8 @@ def fit_memory(model, datamodule, trainer, memory: str, say=print, asked: bool =
         say(f"memory auto: no plan for this run ({type(e).__name__}: {e}); it runs as configured "
             "(--memory off skips the plan)")
         return
+    if record is not None and not record.is_file() and getattr(trainer, "is_global_zero", True):
+        record.write_text(json.dumps({"memory": memory, "budget": budget}) + "\n")
     plan = estimate_settings(chosen, budget=budget, advise=False)
     if not whats:
         say(f"memory {memory}: the run fits as configured ({fmt(plan.total)} of {fmt(budget)})")
