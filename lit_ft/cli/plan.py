@@ -11,13 +11,14 @@ import lightning as L
 
 from lit_ft.cli.app import lit_ft_cause
 from lit_ft.cli.trainer import LitFTCLI
-from lit_ft.plan.memory import Plan, estimate
-from lit_ft.plan.sizes import parse_size
+from lit_ft.plan.memory import Plan, estimate, estimate_settings
+from lit_ft.plan.sizes import fmt, parse_size
 
 
 USAGE = """usage: lit-ft plan --config CONFIG.yaml [--budget 24GiB] [--device cuda|cpu] [--json] [overrides]
 
-The memory plan of `fit` with the same config and overrides (e.g. --model.lora.r 32 --data.batch_size 4)."""
+The memory plan of `fit` with the same config and overrides (e.g. --model.lora.r 32 --data.batch_size 4), and, for
+a budget (given, or the GPU's memory), what `fit --memory auto` would run instead, as overrides."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +41,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {cause}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.as_dict(), indent=1) if ours.json else plan.table())
+    auto = auto_choice(plan)
+    if ours.json:
+        print(json.dumps({**plan.as_dict(), "auto": auto}, indent=1))
+        return 0
+    print(plan.table())
+    if auto is not None:
+        print(f"\nfit --memory auto ({fmt(plan.budget)}): " + (
+            f"{' + '.join(auto['changes'])} -> {fmt(auto['total'])} (as overrides: {' '.join(auto['overrides'])})"
+            if auto["changes"] else "runs it as configured" if "error" not in auto else auto["error"]))
     return 0
+
+
+def auto_choice(plan: Plan) -> dict | None:
+    """What `fit --memory auto` chooses for the plan's budget (`lit_ft.plan.auto.choose`): its changes, overrides
+    and planned total, or the error it would stop with; None without a budget."""
+    from lit_ft.plan.auto import NothingFits, choose
+
+    if plan.budget is None:
+        return None
+    try:
+        chosen, changes, overrides = choose(plan.settings, plan.budget)
+    except NothingFits as e:
+        return {"changes": [], "overrides": [], "total": None, "error": str(e)}
+    return {"changes": changes, "overrides": overrides, "total": estimate_settings(chosen, budget=None, advise=False).total}
 
 
 def plan_from_cli(args: list[str], budget="auto", target: str | None = None) -> Plan:
