@@ -51,10 +51,10 @@ def test_compiled_layers_match_eager(family, checkpointing, family_dirs):
         assert err < 1e-3, f"{family}: {name}: relative gradient error {err:.2e}"
 
 
-def test_a_layer_that_fails_to_compile_runs_eagerly_when_the_plan_chose_compiling(family_dirs, monkeypatch):
+@torch._dynamo.config.patch(suppress_errors=False)  # what `eager_on_error` sets for the process, restored after
+def test_a_layer_that_fails_to_compile_runs_eagerly_when_the_plan_chose_compiling(family_dirs):
     """`eager_on_error` (what `--memory auto` asks when it turned compiling on): a backend that fails leaves the layers
     eager, with the eager loss; asked by the user (the default), the same failure stops the run."""
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # restored after the test
 
     def failing_backend(gm, example_inputs):
         raise RuntimeError("this backend cannot compile")
