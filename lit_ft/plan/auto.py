@@ -3,10 +3,10 @@ the run uses: the FASTEST combination of the plan's levers that fits, by a step-
 micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
 layer), activation offloading, the rollout engine, the loss chunk, the validation batch, a paged 8-bit optimizer and,
 on a GPU, compiled decoder layers where the module left `compile` to it (`compile: null`, the default) and the run is
-long enough for the faster steps to pay for compiling, each combination planned in full (`memory.estimate_settings`). A run that fits as configured is left as configured
-unless a faster combination fits with `SPEED_MARGIN` to spare: checkpointing it does not need turned off,
-accumulation it does not need folded into larger micro-batches (the effective batch kept) — more memory for more
-speed, said in the log.
+long enough for the faster steps to pay for compiling, each combination planned in full (`memory.estimate_settings`).
+A run that fits as configured is left as configured unless a faster combination fits with `SPEED_MARGIN` to spare:
+checkpointing it does not need turned off, accumulation it does not need folded into larger micro-batches (the
+effective batch kept) — more memory for more speed, said in the log.
 When nothing fits, a ConfigError naming the smallest total any combination reaches.
 A 4-bit base is never chosen: it changes the model, not just how it is computed.
 
@@ -226,7 +226,7 @@ def fit_memory(model, datamodule, trainer, memory: str, say=print, asked: bool =
     a checkpoint of that run) plans for that budget again, not for what is free now, so that it makes the first
     fit's choice (a different micro-batch would replay the data in other batches than the checkpoint counted)."""
     budget = budget_of(memory)
-    if memory == "auto" and resuming and record is not None and record.is_file():
+    if memory == "auto" and budget is not None and resuming and record is not None and record.is_file():
         try:
             budget = int(json.loads(record.read_text())["budget"])
         except (ValueError, KeyError, TypeError) as e:
