@@ -310,3 +310,18 @@ def test_a_resumed_fit_plans_for_the_budget_of_its_first_fit(sft_file, tmp_path,
     assert last["global_step"] == 4
     main(fit_args(sft_file, tmp_path / "fresh", "--trainer.max_steps", "1"))
     assert "[lit_ft] memory auto: the run fits as configured" in capsys.readouterr().err
+
+
+def test_a_damaged_plan_record_is_one_error_line_naming_it(sft_file, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """`memory_plan.json` overwritten with something else: the resumed fit stops with one line naming the file and
+    the way out, not a JSON traceback."""
+    from lit_ft.plan import auto
+    from lit_ft.plan.sizes import parse_size
+    from tests.test_hostile import CKPT_EVERY_2
+
+    monkeypatch.setattr(auto, "budget_of", lambda memory: parse_size("80GiB") if memory == "auto" else None)
+    root = tmp_path / "runs"
+    main(fit_args(sft_file, root, "--trainer.max_steps", "2", *CKPT_EVERY_2))
+    (root / "version_0" / auto.RECORD).write_text("{not json")
+    one_error_line(capsys, fit_args(sft_file, root, "--trainer.max_steps", "4", *CKPT_EVERY_2, "--ckpt_path", "last"),
+                   auto.RECORD, "delete it to plan for the memory free now")
