@@ -22,7 +22,9 @@ bf16 autocast, dropout disabled) or `lit` (the `lit-ft fit --config reward` comm
 float32, as TRL holds it), `chat` (template chat: HH turns through SmolLM2's chat template), `bf16head` (the score
 head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does),
 `mem<MiB>` / `memauto` (checkpointing not forced on: `--memory <MiB>MiB` / the default `--memory auto` plans the fit
-and chooses the settings), `compile` (`--model.compile true`: each decoder layer through torch.compile). Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall
+and chooses the settings), `compile` (`--model.compile true`: each decoder layer through torch.compile), `pad`
+(padded batches; lit_ft packs each batch's sequences padding-free, the recipe's default since 2026-12-07: the same
+pairs a step and the same loss, 43% of the padded tokens on this file). Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall
 times of concurrent jobs are not speed figures); `--sequential` runs them one after the other, for speed figures
 (`fit_s`: the training loop alone, model loading and tokenization excluded on both sides).
 
@@ -106,6 +108,7 @@ def lit_args(data: Path, out: Path, seed: int, mods: list[str]) -> list[str]:
             "--data.max_length", str(s["max_length"]), "--data.batch_size", str(s["batch"]),
             "--data.eval_batch_size", str(s["eval_batch"]),
             "--data.overlong", "drop" if "drop" in mods else "truncate_prompt",
+            "--data.packing", "false" if "pad" in mods else "true",
             "--model.lora.r", str(s["r"]), "--model.lora.alpha", str(s["alpha"]), "--model.lora.dropout", "0",
             "--model.optim.lr", str(s["lr"]), "--model.optim.warmup_steps", str(s["warmup"]),
             "--model.optim.scheduler", "cosine", "--model.center_coef", "0",

@@ -320,14 +320,53 @@ def test_validation_logs_trl_metrics_and_subsets(tmp_path, tiny_model_dir):
     assert (acc_a + acc_b) / 2 == pytest.approx(float(m["val/rewards/accuracies"]))
 
 
-def test_reward_model_refuses_packed_batches(tmp_path, tiny_model_dir):
+def test_packed_reward_batches_score_and_train_as_each_sequence_alone(tmp_path, tiny_model_dir):
+    """`data.packing` for the reward model: each of the 2B packed sequences' rewards equals the reward of that
+    sequence scored alone (no padding, no batchmates), and the Bradley-Terry loss's gradients equal the padded
+    batch's, from fewer token slots."""
+    from lit_ft.online.scoring import sequence_scores
+    from lit_ft.stages.reward import RewardModule
+
+    rows = [dict(r, chosen=r["chosen"] + " Because it is." * (i % 4)) for i, r in enumerate(PAIRS)]  # uneven
+    padded_dm, packed_dm = (_datamodule(tmp_path, tiny_model_dir, rows, packing=p) for p in (False, True))
+    torch.manual_seed(0)
+    module = RewardModule(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4, dropout=0.0))
+    module.configure_model()
+    with torch.no_grad():  # a non-zero LoRA and head, so the adapter's gradients are not trivially equal
+        for name, p in module.model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    rows = [padded_dm.train_dataset[i] for i in range(6)]
+    padded, packed = padded_dm.collator()(rows), packed_dm.collator()(rows)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    module.model.eval()
+    grads = {}
+    for name, batch in (("padded", padded), ("packed", packed)):
+        module.model.zero_grad()
+        loss, r_chosen, r_rejected = module.pair_loss(batch)
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
+        if name == "packed":
+            with torch.no_grad():
+                alone = torch.cat([sequence_scores(module.model, torch.tensor([ids]), torch.ones(1, len(ids)))
+                                   for key in ("chosen_input_ids", "rejected_input_ids") for ids in
+                                   (r[key] for r in rows)])
+            torch.testing.assert_close(torch.cat([r_chosen, r_rejected]).detach(), alone, rtol=1e-4, atol=1e-5)
+    assert grads["packed"].keys() == grads["padded"].keys() and grads["packed"]
+    for n in grads["padded"]:
+        torch.testing.assert_close(grads["packed"][n], grads["padded"][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_reward_model_names_a_packed_batch_without_its_sequence_ids(tmp_path, tiny_model_dir):
     from lit_ft.stages.reward import RewardModule
 
     dm = _datamodule(tmp_path, tiny_model_dir, packing=True)
     module = RewardModule(ModelSpec(name_or_path=tiny_model_dir), LoraSpec(r=4))
     module.configure_model()
-    with pytest.raises(ConfigError, match="data.packing: the reward model reads padded batches"):
-        module.rewards(next(iter(dm.train_dataloader())))
+    batch = next(iter(dm.train_dataloader()))
+    del batch["sequence_ids"]
+    with pytest.raises(ConfigError, match="a packed batch needs sequence_ids and margin"):
+        module.rewards(batch)
 
 
 # ---------------------------------------------------------------------------------------------- learning, benchmark

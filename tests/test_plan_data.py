@@ -121,6 +121,32 @@ def test_pairs_plan_their_longest_side(tmp_path, word_tokenizer, tiny_model_dir)
     assert "rows: longest real pair side 11 tokens of 3 rows" in plan.estimate_settings(s, budget=None).table()
 
 
+def test_packed_reward_plans_its_longest_sequences_packed(tmp_path, word_tokenizer, tiny_model_dir):
+    """The reward model with `data.packing`: the 2B = 4 longest pair sides (11, 10, 7 and 7 tokens) packed into one
+    row of 35, not 4 padded rows of 11; every real packed batch is within it, and the planned saved activations
+    shrink with the tokens."""
+    from lit_ft.data.modules import PreferenceDataModule
+    from lit_ft.plan.stages import reward_shape
+    from lit_ft.stages.reward import RewardModule
+
+    path = write(tmp_path / "pairs.jsonl", [{"prompt": words(p), "chosen": words(c, "w6", " "),
+                                             "rejected": words(r, "w7", " ")} for p, c, r in PAIRS])
+
+    def settings(packing):
+        dm = PreferenceDataModule(train_file=path, val_split=0.0, tokenizer=word_tokenizer, template="plain",
+                                  max_length=64, batch_size=2, packing=packing)
+        module = RewardModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4))
+        return plan.settings_from(module, dm, target="cpu"), dm
+
+    def saved(s):
+        return sum(b for c, b, _ in plan.estimate_settings(s, budget=None).rows if c.startswith("activations (saved"))
+
+    (packed, dm), (padded, _) = settings(True), settings(False)
+    assert reward_shape(packed) == (1, 35) and reward_shape(padded) == (4, 11)
+    assert all(b["input_ids"].numel() <= 35 for b in batches(dm))
+    assert saved(packed) < saved(padded)
+
+
 def test_prompts_plan_the_longest_prompt_and_the_engine_the_longest_seen(tmp_path, word_tokenizer, tiny_model_dir):
     """Left-padded prompts: the rollout is planned at the longest training prompt (9), the static engine at the
     longest prompt it will see, validation included (12)."""

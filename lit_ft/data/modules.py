@@ -224,8 +224,10 @@ class PreferenceDataModule(LightningDataModule):
             skip_bad_rows: drop and count malformed rows instead of failing on the first.
             group_field: a column naming each pair's subset (its source, its kind of error...): validation then
                 reports `val/accuracy/<subset>` beside the overall accuracy, as reward benchmarks do.
-            packing: DPO only: pack each batch's chosen and rejected sequences padding-free into rows of
-                ``max_length`` (`PackedPreferenceCollator`); the reward model needs padded rows and refuses it.
+            packing: pack each batch's chosen and rejected sequences padding-free into rows of ``max_length``
+                (`PackedPreferenceCollator`): the same pairs a batch and the same loss (DPO and the reward model),
+                computed over the real tokens only; pays when lengths vary (HH pairs: 43% of a padded batch's tokens
+                are real). Needs an attention that derives the mask from restarting position ids (probed once).
             batch_size: pairs per training batch (the model sees twice as many rows).
             eval_batch_size: pairs per validation batch; None = ``batch_size``.
             pad_to_multiple_of: round padded lengths up to a multiple of this.

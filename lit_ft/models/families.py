@@ -266,12 +266,16 @@ def _is_quantized(module: nn.Module) -> bool:
 @torch.no_grad()
 def check_packing(model) -> None:
     """Packed rows carry no attention mask: the attention implementation must derive the block-diagonal causal
-    mask from the restarting `position_ids`. Probed once on the loaded model (two sequences packed in one row
-    must give the hidden states they give alone); a ConfigError when it does not."""
+    mask from the restarting `position_ids`. Probed on the loaded model (two sequences packed in one row must give
+    the hidden states they give alone) once per attention implementation (remembered on the model), for causal LMs
+    and sequence classifiers alike; a ConfigError when it does not."""
     inner = _unwrap(model)
+    impl = inner.config._attn_implementation
+    if getattr(inner, "_lit_ft_packing_checked", None) == impl:
+        return
     decoder = inner.get_decoder()
-    device = inner.get_output_embeddings().weight.device
-    vocab = inner.get_output_embeddings().weight.shape[0]
+    embeddings = inner.get_input_embeddings().weight
+    device, vocab = embeddings.device, embeddings.shape[0]
     a, b = torch.tensor([[1, 2, 3]], device=device) % vocab, torch.tensor([[4, 5]], device=device) % vocab
     was_training = inner.training
     inner.eval()
@@ -287,6 +291,7 @@ def check_packing(model) -> None:
             "packed sequence attend to the one before it (its mask ignores position_ids); set the datamodule's "
             "packing: false, or use an attention implementation that supports packed rows"
         )
+    inner._lit_ft_packing_checked = impl
 
 
 # ---------------------------------------------------------------------------------------------- reward head

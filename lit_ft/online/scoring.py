@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lit_ft.errors import loading
 from lit_ft.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_NAME, head_keys, read_normalization
+from lit_ft.models import families
 from lit_ft.models.card import local_base
 from lit_ft.models.load import load_base
 from lit_ft.models.spec import ModelSpec
@@ -57,11 +58,33 @@ def scores_from_hidden(hidden: Tensor, attention_mask: Tensor, head: nn.Module) 
         ``[B]`` fp32 scores. Only ``B`` rows go through the head, never ``B * T``.
     """
     idx = last_token_index(attention_mask)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # [B, H]
+    return head_scores(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx], head)
+
+
+def packed_last_index(sequence_ids: Tensor, n: int) -> Tensor:
+    """Flat index into the ``R * L`` tokens of packed rows of the last token of each of the ``n`` sequences.
+
+    Args:
+        sequence_ids: ``[R, L]`` which sequence (0..n-1) each token belongs to, -1 on the padding tail
+            (`lit_ft.data.collate.PackedPreferenceCollator`).
+        n: the number of sequences (every one holds at least one token).
+
+    Returns:
+        ``[n]`` long, in sequence order. Found on the device (no host synchronisation).
+    """
+    flat = sequence_ids.reshape(-1)
+    owner = torch.where(flat >= 0, flat, n)  # the padding tail goes to one extra slot, dropped below
+    at = torch.arange(flat.numel(), device=flat.device)
+    return torch.zeros(n + 1, dtype=torch.long, device=flat.device).scatter_reduce(0, owner, at, "amax")[:n]
+
+
+def head_scores(pooled: Tensor, head: nn.Module) -> Tensor:
+    """``[N]`` fp32 scores of pooled hidden states ``[N, H]`` under a 1-output head (PEFT's wrapper: the active
+    adapter's trained copy), in the head's dtype (a trained head is float32, `lit_ft.models.build.fp32_head`)."""
     copies = getattr(head, "modules_to_save", None)  # PEFT's wrapper: the active adapter's copy computes
     use_copy = copies is not None and not head.disable_adapters and head.active_adapters[0] in copies
     active = copies[head.active_adapters[0]] if use_copy else head
-    dtype = next(active.parameters()).dtype  # a trained head is float32 (`lit_ft.models.build.fp32_head`)
+    dtype = next(active.parameters()).dtype
     return head(pooled.to(dtype)).squeeze(-1).float()
 
 
@@ -84,6 +107,18 @@ def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     return scores_from_hidden(hidden, attention_mask, head)
+
+
+def packed_sequence_scores(model, input_ids: Tensor, position_ids: Tensor, sequence_ids: Tensor, n: int) -> Tensor:
+    """Raw ``[n]`` fp32 rewards of ``n`` sequences packed padding-free into rows (``[R, L]`` ids with restarting
+    ``position_ids`` and the ``sequence_ids`` of `lit_ft.data.collate.PackedPreferenceCollator`), in sequence order:
+    the score read at each sequence's last token, as `sequence_scores` reads it on padded rows. No attention mask:
+    transformers builds the block-diagonal causal mask from the restarting positions (`families.check_packing`
+    probes that the model's attention does)."""
+    families.check_packing(model)
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    return head_scores(hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed_last_index(sequence_ids, n)), head)
 
 
 # ---------------------------------------------------------------------------------------------- scorer

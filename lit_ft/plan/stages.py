@@ -311,20 +311,29 @@ def kto_table_bytes(s) -> int:
     return (s.data.count if s.data is not None else 0) * (8 + 4)
 
 
+def reward_shape(s) -> tuple[int, int]:
+    """(rows, length) of the worst reward micro-batch: its 2B chosen + rejected rows of the longest pair side, or,
+    packed (`data.packing`), the 2B longest sequences packed into rows of `max_length` (`rows.packed_shape`)."""
+    seqs = 2 * s.batch_size
+    return rows_of.packed_shape(s, seqs) if s.packing else (seqs, rows_of.seq_len(s))
+
+
 def reward_saved(s, d, a, lora, mask, head_bytes: int) -> tuple[int, int]:
     """(saved bytes, recompute extra) of one reward forward (`scoring.sequence_scores` over the 2B chosen+rejected
-    rows, with position ids): the trunk, the row and column indices [2B] of the last-token gather (int64) and the
-    pooled states [2B, H] the trainable head keeps, in the head's dtype."""
-    rows = 2 * s.batch_size
-    t = _trunk(s, d, rows, rows_of.seq_len(s), a, lora, mask, positions=True)
-    return t["layers"] + 2 * rows * 8 + rows * d.hidden * head_bytes, t["recompute"]
+    rows with position ids, or `packed_sequence_scores`): the trunk, the indices [2B] of the last-token gather
+    (int64) and the pooled states [2B, H] the trainable head keeps, in the head's dtype."""
+    seqs = 2 * s.batch_size
+    t = _trunk(s, d, *reward_shape(s), a, lora, mask, positions=True)
+    return t["layers"] + 2 * seqs * 8 + seqs * d.hidden * head_bytes, t["recompute"]
 
 
 def _reward(s, d, a, lora, mask, head_bytes):
-    rows, L = 2 * s.batch_size, rows_of.seq_len(s)
+    rows, L = reward_shape(s)
     saved, recompute = reward_saved(s, d, a, lora, mask, head_bytes)
     peak = act.backward_working(d, rows * L, a) + recompute
     ev = 2 * (s.eval_batch_size or s.batch_size) * rows_of.eval_seq_len(s)
-    return [("activations (saved)", saved, f"2B = {rows} rows (chosen + rejected) x {L} tokens"),
+    what = (f"{rows} packed rows of the {2 * s.batch_size} sequences" if s.packing else
+            f"2B = {rows} rows (chosen + rejected)")
+    return [("activations (saved)", saved, f"{what} x {L} tokens"),
             ("activations (backward peak)", max(peak, act.nograd_forward(d, ev, a)),
              "max(layer backward, validation forward of 2 x eval_batch_size rows)")]

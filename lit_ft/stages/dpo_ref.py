@@ -36,10 +36,12 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     made only at response positions (labels != -100) and in chunks of `chunk_size` positions, each recomputed in
     backward (non-reentrant checkpointing), so at most `chunk_size x V` logits exist at once. Packed batches
     (`position_ids`, `sequence_ids`) run without an attention mask: transformers builds the block-diagonal causal
-    mask from the restarting position ids, as for packed SFT.
+    mask from the restarting position ids, as for packed SFT (probed once, `families.check_packing`).
     """
     ids, labels = batch["input_ids"], batch["labels"]
     packed = "position_ids" in batch
+    if packed:
+        families.check_packing(model)  # once: does this attention derive masks from position_ids?
     hidden = roles.trunk(model, ids, None if packed else batch["attention_mask"], batch.get("position_ids"))
     if packed:
         owner, n_seq = batch["sequence_ids"], 2 * batch["margin"].shape[0]

@@ -29,7 +29,9 @@ class RewardModule(L.LightningModule):
     Batches carry `input_ids` and `attention_mask` of shape [2B, T], right-padded, rows 0..B-1 the chosen
     responses and rows B..2B-1 the rejected ones, and `margin` [B] (0 where the data has none). Chosen and
     rejected go through ONE forward pass; the reward of a row is the score head applied to the hidden state of
-    its last real token (found from the attention mask, since pad == EOS for many tokenizers).
+    its last real token (found from the attention mask, since pad == EOS for many tokenizers). With
+    `data.packing` the 2B sequences arrive packed padding-free (`PackedPreferenceCollator`): the same scores from
+    the real tokens only, read at each sequence's last token (`scoring.packed_sequence_scores`).
     """
 
     def __init__(
@@ -93,18 +95,23 @@ class RewardModule(L.LightningModule):
 
     BATCH_FORMAT = ("a dict with input_ids Long[2B, T] (the B chosen rows, then the B rejected rows, right-padded), "
                     "attention_mask [2B, T] and optionally margin Float[B], as lit_ft.PreferenceDataModule collates "
-                    "it (TRL's input_ids_chosen / input_ids_rejected pairs: concatenate them, chosen first)")
+                    "it (TRL's input_ids_chosen / input_ids_rejected pairs: concatenate them, chosen first); or "
+                    "packed (data.packing): input_ids, position_ids and sequence_ids Long[R, L] and margin Float[B]")
 
     def rewards(self, batch: dict) -> torch.Tensor:
         """Raw fp32 rewards [2B] of every row of the batch (chosen rows first), one forward pass."""
         if not isinstance(batch, dict) or not {"input_ids", "attention_mask"} <= set(batch):
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ConfigError(f"RewardModule: a batch is {self.BATCH_FORMAT}; got {keys}")
+        if "position_ids" in batch:  # packed padding-free: the 2B sequences' scores, read at each one's last token
+            if not {"sequence_ids", "margin"} <= set(batch):
+                raise ConfigError(f"RewardModule: a packed batch needs sequence_ids and margin; a batch is "
+                                  f"{self.BATCH_FORMAT}")
+            return scoring.packed_sequence_scores(self.model, batch["input_ids"], batch["position_ids"],
+                                                  batch["sequence_ids"], 2 * batch["margin"].shape[0])
         if batch["input_ids"].shape[0] % 2:
             raise ConfigError(f"RewardModule: {batch['input_ids'].shape[0]} rows, not 2B; a batch is "
                               f"{self.BATCH_FORMAT}")
-        if "position_ids" in batch:  # a score is read at each row's last real token: rows must be padded
-            raise ConfigError("data.packing: the reward model reads padded batches; set data.packing false")
         return scoring.sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
 
     def pair_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -109,9 +109,8 @@ class SFTModule(L.LightningModule):
         """(sum of token losses, number of loss tokens) for one batch."""
         decoder, head = self._decoder_and_head()
         packed = "position_ids" in batch
-        if packed and not getattr(self, "_packing_checked", False):
+        if packed:
             families.check_packing(self.model)  # once: does this attention derive masks from position_ids?
-            self._packing_checked = True
         hidden = decoder(
             input_ids=batch["input_ids"],
             # Packed rows: no padding mask; transformers derives the block-diagonal causal mask from the
