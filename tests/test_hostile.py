@@ -283,12 +283,31 @@ def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(sft_file, tmp_p
 def test_last_resumes_the_newest_run_with_a_checkpoint_not_a_newer_failed_start(sft_file, tmp_path, capsys):
     main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "2", *CKPT_EVERY_2))
     one_error_line(capsys, fit_args(sft_file, tmp_path / "runs", "--trainer.accumulate_grad_batches", "0"),
-                   "trainer.accumulate_grad_batches")  # a newer run that failed before its first checkpoint
-    assert (tmp_path / "runs" / "version_1").is_dir()
+                   "trainer.accumulate_grad_batches")  # refused before it trained: it leaves no run directory
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest", "version_0"]
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false"))
+    assert not any((tmp_path / "runs" / "version_1").rglob("*.ckpt"))  # a newer run without a checkpoint
     main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "4", *CKPT_EVERY_2, "--ckpt_path", "last"))
     last = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
     assert os.readlink(tmp_path / "runs" / "latest") == "version_0"
+
+
+def test_a_refused_new_run_leaves_no_run_directory(sft_file, tmp_path, capsys):
+    """Refused at its data after the logger had opened its files: no `version_N/` is left behind. Unit: a run
+    directory that holds a checkpoint, or whose run trained a step, is never removed."""
+    from lit_ft.train import rundirs
+
+    csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "."]
+    one_error_line(capsys, fit_args(str(tmp_path / "missing.jsonl"), tmp_path / "runs", *csv), "file not found")
+    assert list((tmp_path / "runs").iterdir()) == []
+    kept = tmp_path / "kept"
+    (kept / "checkpoints").mkdir(parents=True)
+    (kept / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert not rundirs.discard_unused(kept, trained=False) and kept.is_dir()
+    (kept / "checkpoints" / "last.ckpt").unlink()
+    assert not rundirs.discard_unused(kept, trained=True) and kept.is_dir()
+    assert rundirs.discard_unused(kept, trained=False) and not kept.exists()
 
 
 def test_a_deleted_last_checkpoint_resumes_from_the_newest_good_one(sft_file, tmp_path, capsys):

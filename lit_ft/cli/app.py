@@ -53,6 +53,8 @@ def main(args=None) -> None:
         ours = lit_ft_cause(e) or pickle_refusal(e, args)
         if ours is None or os.environ.get("LIT_FT_TRACEBACK") == "1":
             raise
+        if "lit_ft.cli.trainer" in sys.modules:  # a refused new run leaves no empty run directory
+            sys.modules["lit_ft.cli.trainer"].discard_refused_run()
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
 

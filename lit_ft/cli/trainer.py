@@ -82,7 +82,8 @@ class LitFTCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, step_progress_bar()]
-        return super()._instantiate_trainer(config, callbacks)
+        CLAIMED["trainer"] = trainer = super()._instantiate_trainer(config, callbacks)
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
@@ -97,16 +98,10 @@ class LitFTCLI(LightningCLI):
                 if self.trainer.is_global_zero:
                     print(f"[lit_ft] {line}", file=sys.stderr, flush=True)
 
-            try:
-                run_dir = Path(self.run_dir)
-                fit_memory(self.model, self.datamodule, self.trainer, str(memory or "auto"), say=say,
-                           asked=memory is not None, record=run_dir / RECORD if run_dir.is_dir() else None,
-                           resuming=self.config[self.subcommand].get("ckpt_path") is not None)
-            except ConfigError:
-                run_dir = Path(self.run_dir)
-                if run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before anything was written
-                    run_dir.rmdir()
-                raise
+            run_dir = Path(self.run_dir)
+            fit_memory(self.model, self.datamodule, self.trainer, str(memory or "auto"), say=say,
+                       asked=memory is not None, record=run_dir / RECORD if run_dir.is_dir() else None,
+                       resuming=self.config[self.subcommand].get("ckpt_path") is not None)
 
     def after_fit(self) -> None:
         """`latest` names the newest fit that finished: moved only now, never for a run that failed (an exception
@@ -143,6 +138,22 @@ def show_attribute_docstrings() -> None:
         jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     else:  # jsonargparse < 4.35
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
+
+CLAIMED: dict = {}
+"""The run directory this command claimed (`run_dir`), whether it is a new run (`new`) and its Trainer (`trainer`),
+for `discard_refused_run`."""
+
+
+def discard_refused_run() -> bool:
+    """After a lit_ft error: remove the directory of a new run that was refused before it trained or wrote anything
+    (`rundirs.discard_unused`), so a bad setting leaves no empty `version_N/` behind. True when removed."""
+    from lit_ft.train import rundirs
+
+    run_dir, new, trainer = CLAIMED.pop("run_dir", None), CLAIMED.pop("new", False), CLAIMED.pop("trainer", None)
+    if run_dir is None or not new:
+        return False
+    return rundirs.discard_unused(Path(run_dir), trained=trainer is not None and trainer.global_step > 0)
 
 
 def place_run(config, subcommand: str):
@@ -182,6 +193,8 @@ def place_run(config, subcommand: str):
         if not isinstance(logger, (bool, type(None))) and "save_dir" in _args(logger):
             _args(logger)["save_dir"] = rundirs.place(_args(logger)["save_dir"], run_dir, ".")
     os.environ[rundirs.RUN_DIR_ENV] = str(run_dir)  # for the ranks Lightning starts after this one
+    CLAIMED.clear()
+    CLAIMED.update(run_dir=run_dir, new=not continued)
     what = "continuing" if continued else "writing"
     print(f"[lit_ft] {subcommand}: {what} {run_dir}", file=sys.stderr, flush=True)
     return run_dir

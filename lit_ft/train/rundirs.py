@@ -10,7 +10,8 @@ the newest run that holds a checkpoint, in its own directory (its own `last.ckpt
 checkpoint inside `version_N/` continues run N. `validate`, `test` and `predict` get `validate_N/`, `test_N/`,
 `predict_N/` beside the fits, so they never overwrite a fit's config, and their `--ckpt_path last` is the newest
 checkpointed fit's `last.ckpt`. The lock of `runs.RunLock` is then taken per run
-directory: a second fit into the same run (a double resume) is refused, fits of new runs are not.
+directory: a second fit into the same run (a double resume) is refused, fits of new runs are not. A new run refused
+before it trained or wrote anything (a bad setting, a missing file) leaves no directory behind (`discard_unused`).
 
 Under DDP, Lightning starts the other ranks as copies of the command after rank 0 chose the directory; rank 0
 passes it on in `LIT_FT_RUN_DIR`, which only ranks other than 0 read.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from lit_ft.errors import ConfigError
 FIT_PREFIX = "version_"
 LATEST = "latest"
 RUN_DIR_ENV = "LIT_FT_RUN_DIR"
+KEPT = (".ckpt", ".safetensors", ".jsonl")
+"""What makes a refused run's directory worth keeping: a checkpoint, an adapter, predictions."""
 PATH_ARGS = ("dirpath", "save_dir", "path")
 """Callback and logger arguments that name an output path: relative values are placed in the run directory."""
 
@@ -88,6 +92,18 @@ def run_of(root: Path, ckpt_path: str) -> Path | None:
         if run.resolve() in ckpt.parents:
             return run
     return None
+
+
+def discard_unused(run_dir: Path, trained: bool) -> bool:
+    """Remove the directory a NEW run claimed when its command was refused before the run produced anything: no
+    step trained and no checkpoint, adapter or predictions inside (only what a start writes: the config, the memory
+    plan's record, the loggers' opening files). True when removed; ranks other than 0 never remove."""
+    if trained or _other_rank() or not run_dir.is_dir():
+        return False
+    if any(p.suffix in KEPT for p in run_dir.rglob("*") if p.is_file()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def _other_rank() -> bool:
