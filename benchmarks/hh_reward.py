@@ -23,9 +23,10 @@ float32, as TRL holds it), `chat` (template chat: HH turns through SmolLM2's cha
 head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does),
 `mem<MiB>` / `memauto` (checkpointing not forced on: `--memory <MiB>MiB` / the default `--memory auto` plans the fit
 and chooses the settings), `compile` (`--model.compile true`: each decoder layer through torch.compile), `pad`
-(padded batches; lit_ft packs each batch's sequences padding-free, the recipe's default since 2026-12-07: the same
-pairs a step and the same loss, 43% of the padded tokens on this file). Jobs run at once, each in its own process (a 135M model leaves the GPU mostly idle: wall
-times of concurrent jobs are not speed figures); `--sequential` runs them one after the other, for speed figures
+(padded batches: lit_ft runs here pack each batch's sequences padding-free, as configs/recipes/hh_rlhf/reward.yaml
+does since 2026-12-07: the same pairs a step and the same loss, 43% of the padded tokens on this file). Jobs run at
+once, each in its own process (a 135M model leaves the GPU mostly idle: wall times of concurrent jobs are not speed
+figures); `--sequential` runs them one after the other, for speed figures
 (`fit_s`: the training loop alone, model loading and tokenization excluded on both sides).
 
 `rlhf`: SFT -> reward model -> PPO / GRPO / DPO with configs/recipes/hh_rlhf/, judged by reward models the policies
