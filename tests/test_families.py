@@ -154,6 +154,18 @@ def test_family_reward_head(family, family_dirs, tmp_path):
             ref.append(head(h).squeeze())
     torch.testing.assert_close(rewards, torch.stack(ref).float(), rtol=1e-4, atol=1e-4)
     assert torch.isfinite(rewards).all() and rewards.std() > 0
+    # Packed padding-free (data.packing): the same rewards, or packing refused for the family.
+    from lit_ft.data.collate import PackedPreferenceCollator
+
+    seqs = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    packed = PackedPreferenceCollator(0, 64)([{"chosen_input_ids": seqs[i], "rejected_input_ids": seqs[i + 2],
+                                               "prompt_length": 1, "margin": None} for i in range(2)])
+    with eval_mode(module.model), torch.no_grad():
+        if family in NO_PACKING:
+            with pytest.raises(ConfigError, match="packing"):
+                module.rewards(packed)
+        else:
+            torch.testing.assert_close(module.rewards(packed), rewards, rtol=1e-4, atol=1e-4)
     loss, _, _ = module.pair_loss({**batch, "margin": torch.zeros(2)})
     loss.backward()
     assert head.modules_to_save["default"].weight.grad.abs().sum() > 0
