@@ -179,6 +179,19 @@ class LearningRateMonitor(_LightningLRMonitor):
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
+def real_tokens(batch) -> int:
+    """Tokens of a batch that are not padding: packed rows' sequences (`seq_lens`, or `sequence_ids` >= 0: their
+    attention mask is all ones, the padding tail included), else the attention mask's ones, else every id."""
+    if not isinstance(batch, dict):
+        return int(batch["input_ids"].numel())
+    if batch.get("seq_lens") is not None:
+        return int(batch["seq_lens"].sum())
+    if batch.get("sequence_ids") is not None:
+        return int((batch["sequence_ids"] >= 0).sum())
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 class ThroughputLogger(L.Callback):
     """Logs `perf/tokens_per_sec`: non-pad tokens of the training batches over wall time."""
 
@@ -193,8 +206,7 @@ class ThroughputLogger(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        tokens = real_tokens(batch)
         self._times = (self._times + [(time.perf_counter() - self._start, tokens)])[-self.window :]
         seconds = sum(t for t, _ in self._times)
         pl_module.log("perf/tokens_per_sec", sum(n for _, n in self._times) / max(seconds, 1e-9), prog_bar=True)
