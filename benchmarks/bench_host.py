@@ -12,6 +12,9 @@ own process, and the median of the runs of each is printed (the 2-core machine i
 
 Modifiers: `gc` (non-reentrant gradient checkpointing), `nodrop` (LoRA dropout 0).
 
+`--lora-call`: instead, the host time of one LoRA Linear's forward + backward by PEFT and by two rewrites of it (plain
+ops; the branch as one custom autograd Function), on equal outputs.
+
 `--switch`: instead, the host time of switching adapters as PPO's minibatch does (to the value adapter and back),
 by `AdapterRoles` and by PEFT's `set_adapter` followed by the roles' flags (a model of --layers layers with two
 adapters on every projection).
@@ -113,6 +116,92 @@ def switch_times(layers: int, repeats: int = 50) -> dict[str, float]:
     return out
 
 
+class _LoraBranch:
+    """`--lora-call`'s two rewrites of a PEFT LoRA Linear forward (one active adapter, no dropout): `lean`, the same
+    arithmetic as plain torch ops (base linear, A, then B added by one addmm); `fused`, the LoRA branch as one
+    custom autograd Function with a hand-written backward (one graph node instead of four)."""
+
+    @staticmethod
+    def lean(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        a = self.active_adapters[0]
+        out = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        xa = F.linear(x, self.lora_A[a].weight)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.lora_B[a].weight.t(),
+                           alpha=self.scaling[a]).view(out.shape)
+
+    @staticmethod
+    def fused(self, x):
+        a = self.active_adapters[0]
+        return _branch().apply(self.base_layer(x), x, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a])
+
+
+_BRANCH = []
+
+
+def _branch():
+    """`_LoraBranch.fused`'s autograd Function (made once: torch is imported lazily in this script)."""
+    if not _BRANCH:
+        import torch
+
+        class Branch(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, base, x, A, B, s):
+                x2 = x.reshape(-1, x.shape[-1])
+                xa = x2 @ A.t()
+                ctx.save_for_backward(x2, A, B, xa)
+                ctx.s, ctx.shape = s, x.shape
+                return torch.addmm(base.reshape(-1, base.shape[-1]), xa, B.t(), alpha=s).view(base.shape)
+
+            @staticmethod
+            def backward(ctx, g):
+                x2, A, B, xa = ctx.saved_tensors
+                g2 = g.reshape(-1, g.shape[-1])
+                gb = (g2 @ B).mul_(ctx.s)
+                return g, (gb @ A).view(ctx.shape), gb.t() @ x2, (g2.t() @ xa).mul_(ctx.s), None
+
+        _BRANCH.append(Branch)
+    return _BRANCH[0]
+
+
+def lora_call_times(layers: int = 50, rounds: int = 3) -> dict[str, float]:
+    """us a LoRA Linear's forward + backward (width 64, 16 rows, one thread): PEFT's forward against the rewrites
+    of `_LoraBranch` (equal outputs, checked), best of `rounds` interleaved rounds."""
+    import types
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    torch.set_num_threads(1)
+
+    def model(forward):
+        torch.manual_seed(0)
+        m = get_peft_model(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(layers)]),
+                           LoraConfig(r=16, target_modules=[str(i) for i in range(layers)], init_lora_weights=False))
+        for mod in m.modules():
+            if forward is not None and type(mod) is LoraLinear:
+                mod.forward = types.MethodType(forward, mod)
+        return m
+
+    x = torch.randn(16, 64, requires_grad=True)
+    variants = {"peft": None, "lean": _LoraBranch.lean, "fused": _LoraBranch.fused}
+    want = model(None)(x)
+    best = {}
+    for _ in range(rounds):
+        for name, forward in variants.items():
+            m = model(forward)
+            torch.testing.assert_close(m(x), want)
+            for _ in range(7):
+                t = time.perf_counter()
+                for _ in range(10):
+                    m(x).sum().backward()
+                best[name] = min(best.get(name, 1e9), (time.perf_counter() - t) / 10 / layers * 1e6)
+    return best
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default="plain+gc,lit+gc")
@@ -123,8 +212,14 @@ def main(argv=None) -> None:
     p.add_argument("--root", default=str(HERE.parents[1]), help="the lit_ft checkout the `lit` variants import")
     p.add_argument("--model-dir", default="/tmp/lit_ft_bench_host")
     p.add_argument("--switch", action="store_true", help="time adapter switches instead of training steps")
+    p.add_argument("--lora-call", action="store_true",
+                   help="time one LoRA Linear's forward + backward: PEFT's against two rewrites")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.lora_call:
+        for label, us in lora_call_times().items():
+            print(f"{label:6s} {us:7.1f} us a LoRA Linear, forward + backward")
+        return
     if args.switch:
         sys.path.insert(0, args.root)
         for label, ms in switch_times(args.layers).items():
