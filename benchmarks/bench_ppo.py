@@ -21,7 +21,8 @@ reference log-probs, values), `ppo_update` (`ppo_epochs` x minibatch forward/bac
 The gap between their sum and the whole `training_step` is the KL-shaped rewards, GAE, whitening and logging.
 
 Variants: `lit` with modifiers joined by '+': `e<N>` (ppo_epochs=N, default 4), `gc` (gradient checkpointing),
-`mb<N>` (mini_batch_size=N, default 8); the rollout decoder (`SamplingSpec.engine`, default `auto`: the static
+`mb<N>` (mini_batch_size=N, default 8), `compile` (the decoder layers compiled in the update's gradient passes:
+`compile: true`); the rollout decoder (`SamplingSpec.engine`, default `auto`: the static
 engine of `lit_ft.online.engine` on CUDA): `hf` (transformers' `generate`), `static`, `merged` (static, policy LoRA merged
 into a rollout copy), `nograph` (static without CUDA-graph capture). `grpo` runs `GRPOModule` on the same shapes
 (a new LoRA policy, the base as the reference, no value model, scored by the same reward adapter) with `k<N>`
@@ -223,13 +224,13 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
     module = fp32_heads(PPOModule, precision)(
         base=base, lora=LoraSpec(**w.lora), value_model="adapter",
         reward_adapter=str(Path(args.model_dir) / "reward_adapter"), sampling=sampling,
-        ppo=PPOSpec(ppo_epochs=epochs, mini_batch_size=mbs), sample_table_every=0)
+        ppo=PPOSpec(ppo_epochs=epochs, mini_batch_size=mbs), sample_table_every=0, compile="compile" in mods)
     timer = PhaseTimer(device)
     for name in ("rollout", "score", "evaluate_rollout", "ppo_update"):
         timer.wrap(module, name)
     out = fit_timed(w, args, device, module, timer, precision, 1, mods)
     return dict(ppo_epochs=epochs, mini_batch_size=mbs, gradient_checkpointing=base.gradient_checkpointing,
-                engine=sampling.engine, merged=sampling.merged, **out)
+                engine=sampling.engine, merged=sampling.merged, compile="compile" in mods, **out)
 
 
 def run_grpo(w: Workload, args, device: str, mods: set[str]) -> dict:
@@ -245,7 +246,7 @@ def run_grpo(w: Workload, args, device: str, mods: set[str]) -> dict:
     module = fp32_heads(GRPOModule, precision)(
         base=base, lora=LoraSpec(**w.lora), reward_adapter=str(Path(args.model_dir) / "reward_adapter"),
         sampling=sampling, grpo=GRPOSpec(samples_per_prompt=k, mini_batch_size=mbs, num_iterations=iters),
-        sample_table_every=0)
+        sample_table_every=0, compile="compile" in mods)
     timer = PhaseTimer(device)
     for name in ("rollout", "score", "grpo_update"):
         timer.wrap(module, name, phase="ppo_update" if name == "grpo_update" else None)

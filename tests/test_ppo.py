@@ -393,3 +393,51 @@ def test_the_roles_switch_leaves_what_peft_set_adapter_leaves(tiny_model_dir):
             torch.testing.assert_close(ours(input_ids=ids).logits, peft_way(input_ids=ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="Adapter nope not found"):
         switch._switch("nope")
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_compile_runs_the_update_compiled_and_every_no_grad_pass_eagerly(tiny_model_dir, tokenizer, monkeypatch,
+                                                                          stage):
+    """`compile: true`: the same adapters after a rollout as the eager run (AOTAutograd's graphs with eager kernels
+    on the CPU, `aot_eager`), graphs made by the update's gradient passes only: a no-grad pass (rollouts, scoring,
+    the log-prob passes) compiles nothing."""
+    import functools
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from lit_ft.models import compile_gradient_passes
+    from lit_ft.online import shared
+    from lit_ft.stages.grpo import GRPOModule, GRPOSpec
+
+    counter, grad_modes = CompileCounterWithBackend("aot_eager"), []
+
+    def backend(gm, inputs):  # dynamo compiles a frame for the call that first runs it: note that call's grad mode
+        grad_modes.append(torch.is_grad_enabled())
+        return counter(gm, inputs)
+
+    monkeypatch.setattr(shared, "compile_gradient_passes", functools.partial(compile_gradient_passes, backend=backend))
+
+    def run(compile: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        lora = LoraSpec(r=8, alpha=16, dropout=0.0)
+        if stage == "ppo":
+            module = make_module(tiny_model_dir, lora=lora, compile=compile)
+        else:
+            module = GRPOModule(base=ModelSpec(name_or_path=tiny_model_dir, dtype="float32"), lora=lora,
+                                reward_fn="tests.test_ppo.uppercase_share", grpo=GRPOSpec(samples_per_prompt=2),
+                                sampling=SamplingSpec(max_new_tokens=MAX_NEW), sample_table_every=0, compile=compile,
+                                optim=OptimSpec(lr=1e-3, scheduler="constant", warmup_ratio=0.0))
+        trainer(1).fit(module, train_dataloaders=prompt_loader(tokenizer, batch_size=4))
+        return module, params(module, "lora_", "value_head")
+
+    _, eager = run(False)
+    assert counter.frame_count == 0
+    module, compiled = run(True)
+    assert counter.frame_count >= 1 and all(grad_modes)  # the update's passes went through torch.compile, only they
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # a no-grad pass over the model compiles nothing (it runs the eager layers)
+        module.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert all(grad_modes)

@@ -271,3 +271,26 @@ def compile_decoder_layers(model, backend: str = "inductor", mode: str | None = 
     for layer in layers:
         layer.compile(backend=backend, mode=mode)
     return len(layers)
+
+
+def compile_gradient_passes(model, backend="inductor") -> int:
+    """Each decoder layer through `torch.compile` in the passes that build a graph for backward only (the online
+    stages' update: `torch.is_grad_enabled()`); every no-grad pass (rollouts, the decode engine's captured step,
+    scoring, the reference's and the old policy's log-probs, validation) runs the layers eagerly, so the decode
+    engine captures its own eager step and the compiled graphs are only the update's, one a role (PEFT's active
+    adapter is guarded on). Returns the number of layers. Non-reentrant checkpointing recomputes under grad: the
+    recompute is compiled too."""
+    import functools
+
+    try:
+        _, layers = families.decoder_layers(model)
+    except ConfigError as e:
+        raise ConfigError(f"compile: {e}") from e
+    for layer in layers:
+        eager = layer.forward
+        layer.forward = functools.partial(_grad_compiled, eager, torch.compile(eager, backend=backend))
+    return len(layers)
+
+
+def _grad_compiled(eager, compiled, *args, **kwargs):
+    return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)

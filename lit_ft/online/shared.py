@@ -32,7 +32,7 @@ from lit_ft.online.scoring import resolve_callable
 from lit_ft.train.metrics import log_table
 from lit_ft.train.guards import check_weights_finite
 from lit_ft.models import adapters
-from lit_ft.models import LoraSpec, ModelSpec, describe, eval_mode, load_tokenizer
+from lit_ft.models import LoraSpec, ModelSpec, compile_gradient_passes, describe, eval_mode, load_tokenizer
 from lit_ft.train.optim import OptimSpec
 from lit_ft.online.batch import Rollout, repeat_prompts, slices
 
@@ -49,10 +49,11 @@ def init_environment(module, environment, episodes_spec, sampling) -> None:
 
 
 def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim_spec,
-               sample_table_every, needs_reward: bool = True) -> None:
+               sample_table_every, needs_reward: bool = True, compile: bool = False) -> None:
     """The `__init__` settings every online stage shares, as attributes (specs from dataclasses, or from the plain
     dicts a checkpoint stores: `lit_ft.cli.export`), manual optimization, the validation metrics, no model yet.
-    `needs_reward` False: a stage that learns from something else (distillation's teacher)."""
+    `needs_reward` False: a stage that learns from something else (distillation's teacher). `compile`: the decoder
+    layers compiled in the update's gradient passes (`build_roles`)."""
     needs_reward = needs_reward and getattr(module, "environment", None) is None
     if needs_reward and reward_adapter is None and reward_fn is None:
         raise ValueError(f"{type(module).__name__} needs a reward: set reward_adapter and/or reward_fn")
@@ -64,6 +65,7 @@ def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, rewar
     module.reward_fn_name = reward_fn
     module.reward_fn_weight, module.sample_table_every = reward_fn_weight, sample_table_every
     module.automatic_optimization = False
+    module.compile_layers = compile  # not `module.compile`: that would hide nn.Module.compile
     module.strict_loading = False  # checkpoints hold the trainable adapters (and PPO's value head) only
     module.model = module.roles = module.tokenizer = module.sampler = None
     validation_metrics(module, reward_adapter, reward_fn)  # held-out greedy responses: val/scores and its parts
@@ -97,6 +99,8 @@ def build_roles(module, value_model: str, disable_dropout: bool, frozen: dict[st
         module.reward_head = roles.linear_head(hidden, export.head_weight, export.head_bias, trainable=False)
         module.reward_norm = (export.gain, export.bias)
     module.model, module.roles = model, roles.AdapterRoles(model, trainable)
+    if getattr(module, "compile_layers", False):
+        compile_gradient_passes(model)
     module.sampler = None  # built at the first rollout, when the tokenizer is known (keeps its cache and graphs)
     trainer = module._trainer
     tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer else None

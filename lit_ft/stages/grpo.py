@@ -55,6 +55,7 @@ class GRPOModule(L.LightningModule):
         sample_table_every: int = 10,
         environment: Environment | None = None,
         episodes: EpisodeSpec = EpisodeSpec(),
+        compile: bool = False,
     ):
         """
         Args:
@@ -77,6 +78,9 @@ class GRPOModule(L.LightningModule):
                 model and environment turns, only the model's tokens trained, the episode's reward added to the
                 score (reward_fn, if set, reads the model's final turn). None: one response a prompt.
             episodes: the episodes' limits (max_turns, max_tokens) and the tool-call format.
+            compile: `torch.compile` each decoder layer in the update's gradient passes only (the rollouts, the
+                decode engine, scoring and the no-grad log-prob passes run eagerly: `compile_gradient_passes`);
+                inductor fuses the element-wise work of the policy and value passes.
         """
         check_init("model (GRPOModule)", GRPOModule, locals())
         super().__init__()
@@ -93,7 +97,7 @@ class GRPOModule(L.LightningModule):
             raise ConfigError(f"model.grpo.overlong_buffer={grpo.overlong_buffer}: expected at most "
                               "model.sampling.max_new_tokens")
         online.init_stage(self, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim,
-                          sample_table_every)
+                          sample_table_every, compile=compile)
         self.grpo = grpo
         if grpo.overlong_buffer is not None:
             self.val_parts["overlong"] = MeanMetric()

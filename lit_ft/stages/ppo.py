@@ -56,6 +56,7 @@ class PPOModule(L.LightningModule):
         sample_table_every: int = 10,
         environment: Environment | None = None,
         episodes: EpisodeSpec = EpisodeSpec(),
+        compile: bool = False,
     ):
         """
         Args:
@@ -78,6 +79,9 @@ class PPOModule(L.LightningModule):
                 of the final turn, when set), the KL, values and GAE run over the model's own tokens only (the
                 environment's turns are attended, never scored or trained). None: one response a prompt.
             episodes: the episodes' limits (max_turns, max_tokens) and the tool-call format.
+            compile: `torch.compile` each decoder layer in the update's gradient passes only (the rollouts, the
+                decode engine, scoring and the no-grad log-prob passes run eagerly: `compile_gradient_passes`);
+                inductor fuses the element-wise work of the policy and value passes.
         """
         check_init("model (PPOModule)", PPOModule, locals())
         super().__init__()
@@ -85,7 +89,7 @@ class PPOModule(L.LightningModule):
         online.init_environment(self, environment, episodes, sampling)
         checkpointing.yaml_safe_hparams(self)  # hparams.yaml loads with yaml.safe_load
         online.init_stage(self, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim,
-                          sample_table_every)
+                          sample_table_every, compile=compile)
         self.ppo = ppo = checkpointing.as_spec(PPOSpec, ppo)
         if ppo.samples_per_prompt < 1:
             raise ConfigError(f"model.ppo.samples_per_prompt: must be >= 1, got {ppo.samples_per_prompt}")
