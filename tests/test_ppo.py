@@ -395,7 +395,7 @@ def test_the_roles_switch_leaves_what_peft_set_adapter_leaves(tiny_model_dir):
         switch._switch("nope")
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])
 def test_compile_runs_the_update_compiled_and_every_no_grad_pass_eagerly(tiny_model_dir, tokenizer, monkeypatch,
                                                                           stage):
     """`compile: true`: the same adapters after a rollout as the eager run (AOTAutograd's graphs with eager kernels
@@ -407,6 +407,7 @@ def test_compile_runs_the_update_compiled_and_every_no_grad_pass_eagerly(tiny_mo
 
     from lit_ft.models import compile_gradient_passes
     from lit_ft.online import shared
+    from lit_ft.stages.distill import DistillModule, DistillSpec
     from lit_ft.stages.grpo import GRPOModule, GRPOSpec
 
     counter, grad_modes = CompileCounterWithBackend("aot_eager"), []
@@ -423,6 +424,12 @@ def test_compile_runs_the_update_compiled_and_every_no_grad_pass_eagerly(tiny_mo
         lora = LoraSpec(r=8, alpha=16, dropout=0.0)
         if stage == "ppo":
             module = make_module(tiny_model_dir, lora=lora, compile=compile)
+        elif stage == "distill":
+            module = DistillModule(base=ModelSpec(name_or_path=tiny_model_dir, dtype="float32"), lora=lora,
+                                   teacher=ModelSpec(name_or_path=tiny_model_dir, dtype="float32"),
+                                   sampling=SamplingSpec(max_new_tokens=MAX_NEW), sample_table_every=0,
+                                   distill=DistillSpec(mini_batch_size=4), compile=compile,
+                                   optim=OptimSpec(lr=1e-3, scheduler="constant", warmup_ratio=0.0))
         else:
             module = GRPOModule(base=ModelSpec(name_or_path=tiny_model_dir, dtype="float32"), lora=lora,
                                 reward_fn="tests.test_ppo.uppercase_share", grpo=GRPOSpec(samples_per_prompt=2),

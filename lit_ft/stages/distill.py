@@ -66,6 +66,7 @@ class DistillModule(L.LightningModule):
         sampling: SamplingSpec = SamplingSpec(),
         optim: optim.OptimSpec = optim.OptimSpec(lr=1e-4, scheduler="constant", warmup_ratio=0.0),
         sample_table_every: int = 10,
+        compile: bool = False,
     ):
         """
         Args:
@@ -80,6 +81,8 @@ class DistillModule(L.LightningModule):
             sampling: the student's sampling of responses (and of the validation responses, greedy).
             optim: optimizer and learning-rate schedule (stepped once per training step).
             sample_table_every: log a W&B table of prompts, responses and divergences every this many steps (0: never).
+            compile: `torch.compile` each decoder layer in the student's gradient passes only (sampling and the
+                teacher's passes run eagerly: `compile_gradient_passes`).
         """
         check_init("model (DistillModule)", DistillModule, locals())
         super().__init__()
@@ -89,7 +92,7 @@ class DistillModule(L.LightningModule):
             raise ConfigError(f"model.teacher={teacher!r}, model.teacher_adapter={teacher_adapter!r}: set exactly one "
                               "(a separate teacher model, or an adapter of the student's base as the teacher)")
         online.init_stage(self, base, lora, sft_adapter, None, None, 1.0, sampling, optim, sample_table_every,
-                          needs_reward=False)
+                          needs_reward=False, compile=compile)
         self.distill = checkpointing.as_spec(DistillSpec, distill)
         self.teacher_spec = checkpointing.as_spec(ModelSpec, teacher) if teacher is not None else None
         self.teacher_adapter = teacher_adapter
