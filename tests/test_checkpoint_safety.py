@@ -468,3 +468,16 @@ def test_an_adapter_with_the_digest_of_before_the_config_change_still_matches_it
     (adapter / "lit_ft_base.json").write_text(json.dumps({"weights": "0123456789abcdef"}))
     with pytest.raises(ConfigError, match="model.sft_adapter: .* was trained on other base weights"):
         check_adapter_base(adapter, current, "model.sft_adapter")
+
+
+def test_a_setting_added_since_the_checkpoint_is_not_read_as_a_change(base_dir):
+    """A checkpoint written before a module argument or a spec field existed: the missing ones are the defaults
+    that run used, so resuming says nothing changed (was, for PPO's new `compile`: `model.compile changed (None ->
+    False)`)."""
+    from lit_ft.train.checkpointing import settings_diff, with_defaults
+
+    module = _module(base_dir)
+    saved = {k: v for k, v in dict(module.hparams).items() if k not in ("compile", "max_consecutive_skips")}
+    saved["lora"] = {k: v for k, v in dict(saved["lora"]).items() if k != "use_rslora"}  # at its default here
+    assert settings_diff(saved, module.hparams, "model")  # the raw comparison sees both as changes
+    assert settings_diff(with_defaults(saved, module), module.hparams, "model") == {}

@@ -10,6 +10,7 @@ run length continues the schedule from where it was; a new batch size continues 
 from __future__ import annotations
 
 import copy
+import inspect
 import dataclasses
 from pathlib import Path
 
@@ -160,9 +161,14 @@ def settings_diff(saved: dict, current: dict, prefix: str) -> dict[str, tuple]:
 
 
 def with_defaults(saved: dict, module) -> dict:
-    """A checkpoint's settings with each spec's fields that did not exist when it was written set to their defaults
-    (what that run used), so a setting added since is not read as a change."""
+    """A checkpoint's settings with each setting that did not exist when it was written (an `__init__` argument of
+    the module, a field of one of its specs) set to its default (what that run used), so a setting added since is
+    not read as a change."""
     out = dict(saved)
+    for name, p in inspect.signature(type(module).__init__).parameters.items():
+        if name != "self" and name not in out and p.default is not inspect.Parameter.empty \
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            out[name] = p.default
     for key, value in saved.items():
         spec = getattr(module, key, None)
         if dataclasses.is_dataclass(spec) and isinstance(value, dict):
