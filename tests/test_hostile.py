@@ -4,6 +4,7 @@ line with exit 2 for every user error."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -286,6 +287,7 @@ def test_last_resumes_the_newest_run_with_a_checkpoint_not_a_newer_failed_start(
                    "trainer.accumulate_grad_batches")  # refused before it trained: it leaves no run directory
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest", "version_0"]
     main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false"))
+    gc.collect()  # its Trainer gone: only the command's end protects the run now
     assert not any((tmp_path / "runs" / "version_1").rglob("*.ckpt"))  # a newer run without a checkpoint
     main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "4", *CKPT_EVERY_2, "--ckpt_path", "last"))
     last = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -294,13 +296,22 @@ def test_last_resumes_the_newest_run_with_a_checkpoint_not_a_newer_failed_start(
 
 
 def test_a_refused_new_run_leaves_no_run_directory(sft_file, tmp_path, capsys):
-    """Refused at its data after the logger had opened its files: no `version_N/` is left behind. Unit: a run
-    directory that holds a checkpoint, or whose run trained a step, is never removed."""
+    """Refused at its data after the logger had opened its files, or at `--ckpt_path last` right after claiming its
+    directory: no `version_N/` or `validate_N/` is left behind; a finished run is never a later command's to remove.
+    Unit: a run directory that holds a checkpoint, or whose run trained a step, is never removed."""
     from lit_ft.train import rundirs
 
     csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "."]
     one_error_line(capsys, fit_args(str(tmp_path / "missing.jsonl"), tmp_path / "runs", *csv), "file not found")
     assert list((tmp_path / "runs").iterdir()) == []
+    validate = ["validate", *fit_args(sft_file, tmp_path / "runs")[1:], "--ckpt_path", "last"]
+    one_error_line(capsys, validate, "--ckpt_path last: no fit run")  # refused right after claiming validate_0/
+    assert list((tmp_path / "runs").iterdir()) == []
+    main(fit_args(sft_file, tmp_path / "runs", "--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false"))
+    gc.collect()  # its Trainer gone: only the command's end protects the run now
+    one_error_line(capsys, ["export", "adapter", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")],
+                   "nope.ckpt")  # a finished run is not the next command's to remove (refused before it claims one)
+    assert (tmp_path / "runs" / "version_0").is_dir()
     kept = tmp_path / "kept"
     (kept / "checkpoints").mkdir(parents=True)
     (kept / "checkpoints" / "last.ckpt").write_bytes(b"")

@@ -41,6 +41,7 @@ def main(args=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_third_party()
     args = list(sys.argv[1:] if args is None else args)
+    _forget_claimed_run()
     try:
         if not args or args[0] in ("-h", "--help"):
             print(usage())
@@ -57,6 +58,14 @@ def main(args=None) -> None:
             sys.modules["lit_ft.cli.trainer"].discard_refused_run()
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        _forget_claimed_run()
+
+
+def _forget_claimed_run() -> None:
+    """A command's claimed run directory is its own: never discarded by a later command of the same process."""
+    if "lit_ft.cli.trainer" in sys.modules:
+        sys.modules["lit_ft.cli.trainer"].CLAIMED.clear()
 
 
 NOISE = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import weakref
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -82,7 +83,8 @@ class LitFTCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, step_progress_bar()]
-        CLAIMED["trainer"] = trainer = super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        CLAIMED["trainer"] = weakref.ref(trainer)
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -141,19 +143,28 @@ def show_attribute_docstrings() -> None:
 
 
 CLAIMED: dict = {}
-"""The run directory this command claimed (`run_dir`), whether it is a new run (`new`) and its Trainer (`trainer`),
-for `discard_refused_run`."""
+"""The run directory this command claimed (`run_dir`), whether it is a new run (`new`) and its Trainer (`trainer`,
+a weak reference), for `discard_refused_run`; `lit_ft.cli.app.main` empties it when a command ends."""
 
 
 def discard_refused_run() -> bool:
-    """After a lit_ft error: remove the directory of a new run that was refused before it trained or wrote anything
-    (`rundirs.discard_unused`), so a bad setting leaves no empty `version_N/` behind. True when removed."""
+    """After a lit_ft error: remove the directory of a new run that was refused before it did anything (no training
+    step, no evaluation or prediction batch, no checkpoint, adapter or predictions: `rundirs.discard_unused`), so a
+    bad setting leaves no empty `version_N/` behind. True when removed."""
     from lit_ft.train import rundirs
 
-    run_dir, new, trainer = CLAIMED.pop("run_dir", None), CLAIMED.pop("new", False), CLAIMED.pop("trainer", None)
+    run_dir, new, ref = CLAIMED.pop("run_dir", None), CLAIMED.pop("new", False), CLAIMED.pop("trainer", None)
     if run_dir is None or not new:
         return False
-    return rundirs.discard_unused(Path(run_dir), trained=trainer is not None and trainer.global_step > 0)
+    trainer = ref() if ref is not None else None
+    return rundirs.discard_unused(Path(run_dir), trained=trainer is not None and _progressed(trainer))
+
+
+def _progressed(trainer) -> bool:
+    """A training step taken, or a batch of `validate`, `test` or `predict` done."""
+    loops = [getattr(trainer, name, None) for name in ("validate_loop", "test_loop", "predict_loop")]
+    return trainer.global_step > 0 or any(
+        loop is not None and loop.batch_progress.total.completed > 0 for loop in loops)
 
 
 def place_run(config, subcommand: str):
@@ -170,6 +181,8 @@ def place_run(config, subcommand: str):
     callbacks = trainer.get("callbacks") or []
     checkpoint_dirs = [_args(c).get("dirpath") for c in callbacks if _name(c).endswith("ModelCheckpoint")]
     run_dir, continued = rundirs.choose(root, subcommand, ckpt_path, checkpoint_dirs)
+    CLAIMED.clear()
+    CLAIMED.update(run_dir=run_dir, new=not continued)  # from here a refusal removes a new run's directory
     if subcommand != "fit" and ckpt_path == "last":
         newest = rundirs.newest_fit(Path(root), checkpoint_dirs)
         if newest is None:
@@ -193,8 +206,6 @@ def place_run(config, subcommand: str):
         if not isinstance(logger, (bool, type(None))) and "save_dir" in _args(logger):
             _args(logger)["save_dir"] = rundirs.place(_args(logger)["save_dir"], run_dir, ".")
     os.environ[rundirs.RUN_DIR_ENV] = str(run_dir)  # for the ranks Lightning starts after this one
-    CLAIMED.clear()
-    CLAIMED.update(run_dir=run_dir, new=not continued)
     what = "continuing" if continued else "writing"
     print(f"[lit_ft] {subcommand}: {what} {run_dir}", file=sys.stderr, flush=True)
     return run_dir
