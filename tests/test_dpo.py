@@ -365,7 +365,7 @@ def test_reward_model_names_a_packed_batch_without_its_sequence_ids(tmp_path, ti
     module.configure_model()
     batch = next(iter(dm.train_dataloader()))
     del batch["sequence_ids"]
-    with pytest.raises(ConfigError, match="a packed batch needs sequence_ids and margin"):
+    with pytest.raises(ConfigError, match="a packed batch needs input_ids, position_ids, sequence_ids and margin"):
         module.rewards(batch)
 
 

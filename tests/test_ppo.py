@@ -448,3 +448,38 @@ def test_compile_runs_the_update_compiled_and_every_no_grad_pass_eagerly(tiny_mo
     with torch.no_grad():  # a no-grad pass over the model compiles nothing (it runs the eager layers)
         module.model(input_ids=torch.tensor([[1, 2, 3]]))
     assert all(grad_modes)
+
+
+def test_gradient_pass_compiling_serves_every_layer_and_length_and_copies_with_the_model(tiny_model_dir):
+    """`compile_gradient_passes`: one set of graphs for all the layers and every length (dynamic shapes: rollouts of
+    other lengths do not recompile), none for a no-grad pass; a deep copy's layers run the copy's weights, and the
+    model pickles."""
+    import copy
+    import pickle
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from transformers import AutoModelForCausalLM
+
+    from lit_ft.models import compile_gradient_passes
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert compile_gradient_passes(model, backend=counter) == model.config.num_hidden_layers >= 2
+    counts = []
+    for length in (5, 9, 14):
+        ids = torch.randint(0, 100, (2, length))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        counts.append(counter.frame_count)
+    assert counts[0] >= 1 and counts == [counts[0]] * 3
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    assert counter.frame_count == counts[0]
+    twin = copy.deepcopy(model)
+    assert all(layer.forward.layer is layer for layer in twin.model.layers)
+    with torch.no_grad():
+        twin.model.layers[0].mlp.down_proj.weight.zero_()
+        assert not torch.allclose(twin(input_ids=ids, use_cache=False).logits, want)
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, want)
+    again = pickle.loads(pickle.dumps(model))
+    assert all(layer.forward.layer is layer for layer in again.model.layers)

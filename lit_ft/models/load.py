@@ -7,6 +7,8 @@ Nothing here knows about Lightning or PEFT; every name is re-exported by `lit_ft
 
 from __future__ import annotations
 
+import copy
+import types
 from pathlib import Path
 from typing import Literal
 
@@ -277,20 +279,37 @@ def compile_gradient_passes(model, backend="inductor") -> int:
     """Each decoder layer through `torch.compile` in the passes that build a graph for backward only (the online
     stages' update: `torch.is_grad_enabled()`); every no-grad pass (rollouts, the decode engine's captured step,
     scoring, the reference's and the old policy's log-probs, validation) runs the layers eagerly, so the decode
-    engine captures its own eager step and the compiled graphs are only the update's, one a role (PEFT's active
-    adapter is guarded on). Returns the number of layers. Non-reentrant checkpointing recomputes under grad: the
-    recompute is compiled too."""
-    import functools
-
+    engine captures its own eager step and the compiled graphs are only the update's. One graph serves every layer
+    (the first layer's input, from the frozen embedding, needs no grad: a second), for each role's adapter (PEFT's
+    active adapter is guarded on); shapes are dynamic from the start, so rollouts of other lengths do not
+    recompile. Non-reentrant checkpointing recomputes under grad: the recompute is compiled too. Returns the number
+    of layers."""
     try:
         _, layers = families.decoder_layers(model)
     except ConfigError as e:
         raise ConfigError(f"compile: {e}") from e
     for layer in layers:
-        eager = layer.forward
-        layer.forward = functools.partial(_grad_compiled, eager, torch.compile(eager, backend=backend))
+        layer.forward = GradCompiled(layer, backend)
     return len(layers)
 
 
-def _grad_compiled(eager, compiled, *args, **kwargs):
-    return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)
+class GradCompiled:
+    """A decoder layer's `forward` (`compile_gradient_passes`): its class's forward compiled while grad is enabled,
+    eager otherwise. Copies and pickles with its layer (a copy compiles afresh, for the copy's weights)."""
+
+    def __init__(self, layer, backend="inductor"):
+        self.layer, self.backend, self._compiled = layer, backend, None
+
+    def __call__(self, *args, **kwargs):
+        forward = type(self.layer).forward
+        if not torch.is_grad_enabled():
+            return forward(self.layer, *args, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(types.MethodType(forward, self.layer), backend=self.backend, dynamic=True)
+        return self._compiled(*args, **kwargs)
+
+    def __reduce__(self):
+        return type(self), (self.layer, self.backend)
+
+    def __deepcopy__(self, memo):
+        return type(self)(copy.deepcopy(self.layer, memo), self.backend)

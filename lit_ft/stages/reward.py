@@ -100,13 +100,14 @@ class RewardModule(L.LightningModule):
 
     def rewards(self, batch: dict) -> torch.Tensor:
         """Raw fp32 rewards [2B] of every row of the batch (chosen rows first), one forward pass."""
-        if not isinstance(batch, dict) or not {"input_ids", "attention_mask"} <= set(batch):
-            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        packed = isinstance(batch, dict) and "position_ids" in batch  # padding-free: scores read at sequence ends
+        if packed and not {"input_ids", "sequence_ids", "margin"} <= set(batch):
+            raise ConfigError(f"RewardModule: a packed batch needs input_ids, position_ids, sequence_ids and margin "
+                              f"(as lit_ft.PreferenceDataModule packs it); got {keys}")
+        if not packed and not (isinstance(batch, dict) and {"input_ids", "attention_mask"} <= set(batch)):
             raise ConfigError(f"RewardModule: a batch is {self.BATCH_FORMAT}; got {keys}")
-        if "position_ids" in batch:  # packed padding-free: the 2B sequences' scores, read at each one's last token
-            if not {"sequence_ids", "margin"} <= set(batch):
-                raise ConfigError(f"RewardModule: a packed batch needs sequence_ids and margin; a batch is "
-                                  f"{self.BATCH_FORMAT}")
+        if packed:
             return scoring.packed_sequence_scores(self.model, batch["input_ids"], batch["position_ids"],
                                                   batch["sequence_ids"], 2 * batch["margin"].shape[0])
         if batch["input_ids"].shape[0] % 2:
