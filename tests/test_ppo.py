@@ -466,6 +466,8 @@ def test_gradient_pass_compiling_serves_every_layer_and_length_and_copies_with_t
     counter = CompileCounterWithBackend("aot_eager")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert compile_gradient_passes(model, backend=counter) == model.config.num_hidden_layers >= 2
+    compile_gradient_passes(model, backend=counter)  # asked twice: still one dispatcher a layer, not nested
+    assert all(layer.forward.forward is None for layer in model.model.layers)
     counts = []
     for length in (5, 9, 14):
         ids = torch.randint(0, 100, (2, length))

@@ -289,27 +289,29 @@ def compile_gradient_passes(model, backend="inductor") -> int:
     except ConfigError as e:
         raise ConfigError(f"compile: {e}") from e
     for layer in layers:
-        layer.forward = GradCompiled(layer, backend)
+        if not isinstance(layer.__dict__.get("forward"), GradCompiled):  # once, however often it is asked
+            layer.forward = GradCompiled(layer, backend, layer.__dict__.get("forward"))
     return len(layers)
 
 
 class GradCompiled:
-    """A decoder layer's `forward` (`compile_gradient_passes`): its class's forward compiled while grad is enabled,
-    eager otherwise. Copies and pickles with its layer (a copy compiles afresh, for the copy's weights)."""
+    """A decoder layer's `forward` (`compile_gradient_passes`): compiled while grad is enabled, eager otherwise.
+    `forward`: a forward the instance already had (a hook's, e.g. accelerate's), else the class's. Copies and
+    pickles with its layer (a copy compiles afresh, for the copy's weights)."""
 
-    def __init__(self, layer, backend="inductor"):
-        self.layer, self.backend, self._compiled = layer, backend, None
+    def __init__(self, layer, backend="inductor", forward=None):
+        self.layer, self.backend, self.forward, self._compiled = layer, backend, forward, None
 
     def __call__(self, *args, **kwargs):
-        forward = type(self.layer).forward
+        forward = self.forward if self.forward is not None else types.MethodType(type(self.layer).forward, self.layer)
         if not torch.is_grad_enabled():
-            return forward(self.layer, *args, **kwargs)
+            return forward(*args, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(types.MethodType(forward, self.layer), backend=self.backend, dynamic=True)
+            self._compiled = torch.compile(forward, backend=self.backend, dynamic=True)
         return self._compiled(*args, **kwargs)
 
     def __reduce__(self):
-        return type(self), (self.layer, self.backend)
+        return type(self), (self.layer, self.backend, self.forward)
 
     def __deepcopy__(self, memo):
-        return type(self)(copy.deepcopy(self.layer, memo), self.backend)
+        return type(self)(copy.deepcopy(self.layer, memo), self.backend, copy.deepcopy(self.forward, memo))
