@@ -181,9 +181,10 @@ class LearningRateMonitor(_LightningLRMonitor):
 
 def real_tokens(batch) -> int:
     """Tokens of a batch that are not padding: packed rows' sequences (`seq_lens`, or `sequence_ids` >= 0: their
-    attention mask is all ones, the padding tail included), else the attention mask's ones, else every id."""
-    if not isinstance(batch, dict):
-        return int(batch["input_ids"].numel())
+    attention mask is all ones, the padding tail included), else the attention mask's ones, else every id (0 for a
+    batch that is not a dict of tensors)."""
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        return 0
     if batch.get("seq_lens") is not None:
         return int(batch["seq_lens"].sum())
     if batch.get("sequence_ids") is not None:

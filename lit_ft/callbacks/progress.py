@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar  # RichProgressBar needs rich when built
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_ft.callbacks.logging import real_tokens
+
 
 def clock(seconds: float) -> str:
     """`H:MM:SS`."""
@@ -92,8 +94,7 @@ class PrintMetrics(L.Callback):
         return "  ".join(parts)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        self._tokens += int(mask.sum()) if mask is not None else 0
+        self._tokens += real_tokens(batch)  # packed batches: their sequences, not the padding tail
         self._batches += 1
         if self.every_n_steps and (batch_idx + 1) % self.every_n_steps == 0:
             text = self._metrics(trainer, lambda k: k.startswith(self.train_prefixes))
