@@ -248,10 +248,68 @@ def test_compiling_is_chosen_where_the_run_pays_for_it():
                dataclasses.replace(s, steps=10**6, compile_auto=False),
                dataclasses.replace(s, steps=10**6, target="cpu")):
         assert not choose(no, budget)[0].compile, no
-    assert "compile" not in {k for *_, k in auto._compiled(dataclasses.replace(s, stage="ppo", steps=10**6))}
+    assert "compile" not in {k for *_, k in auto._compiled(dataclasses.replace(s, stage="plan_only", steps=10**6))}
     # it does not count as spending memory: a budget the run only just fits still gets it
     tight = dataclasses.replace(s, steps=10**6)
     assert choose(tight, total(tight))[0].compile
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_online_stages_compile_their_update_where_the_rollouts_pay_for_it(stage, tmp_path, tiny_model_dir):
+    """PPO and GRPO (and distillation, the same code) leave `compile` to `auto` by default: a training step is a
+    rollout and its update, the update's passes run COMPILED_UPDATE of the eager time once compiled and the
+    compiling costs COMPILE_SECONDS_ONLINE once, so a run of enough rollouts compiles and one a little short of the
+    break-even does not. The rollouts come from `max_epochs` of the prompt batches read, or from `max_steps`
+    (optimizer steps, under manual optimization) over the optimizer steps of one rollout's update."""
+    import json
+
+    import lightning as L
+
+    from lit_ft.data.modules import PromptDataModule
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.plan import auto
+    from lit_ft.plan.memory import settings_from
+    from lit_ft.stages.grpo import GRPOModule
+    from lit_ft.stages.grpo_spec import GRPOSpec
+    from lit_ft.stages.ppo import PPOModule
+    from lit_ft.stages.ppo_spec import PPOSpec
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?"}) + "\n" for i in range(40)))
+    dm = PromptDataModule(train_file=str(prompts), tokenizer=tiny_model_dir, max_length=32, batch_size=4,
+                          answer_field=None, val_split=0)
+    common = dict(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4), sampling=SamplingSpec(max_new_tokens=8),
+                  reward_fn="lit_ft.data.tasks.correctness_reward")
+    if stage == "ppo":  # 4 prompts x 2 samples = 8 rows: 2 minibatches of 4, 3 epochs, 2 accumulated: 3 steps a rollout
+        module = PPOModule(ppo=PPOSpec(samples_per_prompt=2, mini_batch_size=4, ppo_epochs=3,
+                                       gradient_accumulation_steps=2), **common)
+        per_rollout, passes = 3, 3
+    else:  # 4 prompts x 4 samples = 16 rows: 4 minibatches of 4, one iteration, one optimizer step each
+        module = GRPOModule(grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=4), **common)
+        per_rollout, passes = 4, 1
+
+    def trainer(**kw):
+        return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, **kw)
+
+    assert settings_from(module, dm, trainer(max_epochs=2)).steps == 2 * 10  # 40 prompts, 4 a rollout
+    assert settings_from(module, dm, trainer(max_epochs=1, limit_train_batches=3)).steps == 3
+    assert settings_from(module, dm, trainer(max_steps=12 * per_rollout)).steps == 12
+    s = dataclasses.replace(settings_from(module, dm, trainer(max_epochs=1)), target="cuda")
+    assert s.compile_auto and not s.compile
+    once = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=False))
+    eager = auto.step_seconds(once)
+    assert eager == pytest.approx(passes * auto.step_seconds(
+        dataclasses.replace(once, **{stage: dataclasses.replace(getattr(s, stage), **(
+            {"ppo_epochs": 1} if stage == "ppo" else {"num_iterations": 1}))})))
+    even = auto.COMPILE_SECONDS_ONLINE / ((1 - auto.COMPILED_UPDATE) * eager)  # rollouts that pay back compiling
+    budget = 80 * 2**30
+    long = dataclasses.replace(s, steps=int(even * 1.1))
+    chosen, whats, args = choose(long, budget)
+    assert chosen.compile and whats == ["compiled decoder layers"] and args == ["--model.compile", "true"]
+    assert not choose(dataclasses.replace(s, steps=int(even * 0.9)), budget)[0].compile
+    assert not choose(dataclasses.replace(s, steps=10**6, target="cpu"), budget)[0].compile
+    auto.apply(module, dm, trainer(), long, chosen)
+    assert module.compile_layers is True and module.hparams["compile"] is True and module.compile_planned is True
 
 
 def test_the_plan_reads_the_run_length_and_sets_compile_on_the_module(sft_file):  # noqa: F811

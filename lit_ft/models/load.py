@@ -275,7 +275,7 @@ def compile_decoder_layers(model, backend: str = "inductor", mode: str | None = 
     return len(layers)
 
 
-def compile_gradient_passes(model, backend="inductor") -> int:
+def compile_gradient_passes(model, backend="inductor", eager_on_error: bool = False) -> int:
     """Each decoder layer through `torch.compile` in the passes that build a graph for backward only (the online
     stages' update: `torch.is_grad_enabled()`); every no-grad pass (rollouts, the decode engine's captured step,
     scoring, the reference's and the old policy's log-probs, validation) runs the layers eagerly, so the decode
@@ -283,7 +283,9 @@ def compile_gradient_passes(model, backend="inductor") -> int:
     (the first layer's input, from the frozen embedding, needs no grad: a second), for each role's adapter (PEFT's
     active adapter is guarded on); shapes are dynamic from the start, so rollouts of other lengths do not
     recompile. Non-reentrant checkpointing recomputes under grad: the recompute is compiled too. Returns the number
-    of layers."""
+    of layers. `eager_on_error`: as `compile_decoder_layers`' (the memory plan's own choice never stops a run)."""
+    if eager_on_error:
+        torch._dynamo.config.suppress_errors = True
     try:
         _, layers = families.decoder_layers(model)
     except ConfigError as e:

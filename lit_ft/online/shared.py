@@ -49,11 +49,11 @@ def init_environment(module, environment, episodes_spec, sampling) -> None:
 
 
 def init_stage(module, base, lora, sft_adapter, reward_adapter, reward_fn, reward_fn_weight, sampling, optim_spec,
-               sample_table_every, needs_reward: bool = True, compile: bool = False) -> None:
+               sample_table_every, needs_reward: bool = True, compile: bool | None = None) -> None:
     """The `__init__` settings every online stage shares, as attributes (specs from dataclasses, or from the plain
     dicts a checkpoint stores: `lit_ft.cli.export`), manual optimization, the validation metrics, no model yet.
     `needs_reward` False: a stage that learns from something else (distillation's teacher). `compile`: the decoder
-    layers compiled in the update's gradient passes (`build_roles`)."""
+    layers compiled in the update's gradient passes (`build_roles`); None leaves it to `--memory auto`."""
     needs_reward = needs_reward and getattr(module, "environment", None) is None
     if needs_reward and reward_adapter is None and reward_fn is None:
         raise ValueError(f"{type(module).__name__} needs a reward: set reward_adapter and/or reward_fn")
@@ -100,7 +100,7 @@ def build_roles(module, value_model: str, disable_dropout: bool, frozen: dict[st
         module.reward_norm = (export.gain, export.bias)
     module.model, module.roles = model, roles.AdapterRoles(model, trainable)
     if getattr(module, "compile_layers", False):
-        compile_gradient_passes(model)
+        compile_gradient_passes(model, eager_on_error=getattr(module, "compile_planned", False))
     module.sampler = None  # built at the first rollout, when the tokenizer is known (keeps its cache and graphs)
     trainer = module._trainer
     tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer else None

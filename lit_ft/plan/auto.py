@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from lit_ft.errors import ConfigError
-from lit_ft.plan.memory import Settings, carry_over, estimate_settings, levers, settings_from
+from lit_ft.plan.memory import ONLINE, Settings, carry_over, estimate_settings, levers, settings_from, update_shape
 from lit_ft.plan.sizes import fmt, parse_size
 
 
@@ -41,8 +41,9 @@ class NothingFits(ConfigError):
 
 NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
 CUDA_ONLY = ("offloading", "engine", "optimizer", "compile")
-COMPILABLE = ("sft", "reward", "dpo", "kto")
-"""The stages whose module has `compile` (each decoder layer through torch.compile)."""
+COMPILABLE = ("sft", "reward", "dpo", "kto") + ONLINE
+"""The stages whose module has `compile` (each decoder layer through torch.compile; the online stages' in the
+update's gradient passes only, `lit_ft.models.compile_gradient_passes`)."""
 SPEED_MARGIN = 0.85
 """A change that spends memory for speed (checkpointing off, larger micro-batches) is taken only when the plan's
 total stays within this share of the budget: the plan is within about 15% of measured peaks."""
@@ -62,6 +63,13 @@ COMPILE_SECONDS = 30.0
 """What compiling costs a run once (inductor: one graph shared by the layers, and the recompile for a second
 shape): g135 on an H100 took 27 s longer to its first 23 steps compiled than eagerly; spread over the run's steps
 by the step-time model (that run's compiled steps save 0.10 s each: it pays after about 270 steps)."""
+COMPILED_UPDATE = 0.80
+"""An online stage's update with compiled decoder layers against the eager one (H100, W5: PPO on the 1B shape, 64
+rollouts of 384 tokens, 4 epochs of minibatch 8: 5.51 against 6.85 s, 2026-12-07). The rollout, scoring and
+no-grad passes stay eager, and the step-time model of an online step counts its update alone."""
+COMPILE_SECONDS_ONLINE = 100.0
+"""What compiling costs an online run once: each role that trains (PPO's policy and value adapters) compiles its
+own graphs, with dynamic shapes from the start; W5's first update took 112 s compiled against 9.2 s eager."""
 
 
 def budget_of(memory: str) -> int | None:
@@ -79,21 +87,21 @@ def budget_of(memory: str) -> int | None:
 
 
 def _rows_per_micro(s: Settings) -> tuple[int, int]:
-    """(rows of one micro-batch's forward, micro-batches of an optimizer step) of the training pass."""
-    p = getattr(s, s.stage, None) if s.stage in ("ppo", "grpo") else None
+    """(rows of one micro-batch's forward, micro-batches of an optimizer step; an online stage's: of one pass of
+    its update over the rollout) of the training pass."""
+    p = getattr(s, s.stage, None) if s.stage in ONLINE else None
     if p is not None:
-        rows = s.batch_size * getattr(p, "samples_per_prompt", 1)
-        mini = min(p.mini_batch_size, rows)
-        return mini, max(1, -(-rows // mini))
+        return update_shape(s.stage, p, s.batch_size)[:2]
     pairs = 2 if s.stage in ("dpo", "reward", "kto") else 1  # chosen + rejected; KTO's mismatched KL rows
     return pairs * s.batch_size, s.accumulate_grad_batches
 
 
 def step_seconds(s: Settings) -> float:
-    """Modelled seconds of one optimizer step under `s`: a fixed cost per micro-batch and decoder layer, matmul
-    FLOPs of the padded tokens (forward, and backward through frozen weights: input gradients only) plus what
-    checkpointing recomputes, activation offloading's host transfers, and small costs of a smaller loss chunk, a
-    paged 8-bit optimizer and `generate` instead of the static engine."""
+    """Modelled seconds of one training step under `s` (an online stage's: its update of one rollout, every pass
+    over it): a fixed cost per micro-batch and decoder layer, matmul FLOPs of the padded tokens (forward, and
+    backward through frozen weights: input gradients only) plus what checkpointing recomputes, activation
+    offloading's host transfers, small costs of a smaller loss chunk, a paged 8-bit optimizer and `generate` instead
+    of the static engine, and compiled layers (faster passes, the compiling spread over the run's steps)."""
     from lit_ft.plan.stages import counted_model
 
     d = counted_model(s)[0]
@@ -112,10 +120,14 @@ def step_seconds(s: Settings) -> float:
         t += micro * (rows * seq // max(1, s.loss_chunk_size)) * 2e-4
     if "paged" in s.optim.optimizer:
         t *= 1.02
-    if s.sampling is not None and s.sampling.engine == "hf" and s.stage in ("ppo", "grpo", "distill"):
+    if s.sampling is not None and s.sampling.engine == "hf" and s.stage in ONLINE:
         t *= 2.0  # rollouts through `generate`: several times slower decoding (BENCHMARKS.md, rollout engine)
+    online = s.stage in ONLINE and getattr(s, s.stage, None) is not None
+    if online:
+        t *= update_shape(s.stage, getattr(s, s.stage), s.batch_size)[2]  # PPO's epochs, GRPO's iterations
     if s.compile:  # faster steps, and the compiling spread over the run (a run of unknown length: never paid back)
-        t = t * COMPILED_STEP + (COMPILE_SECONDS / s.steps if s.steps else float("inf"))
+        faster, once = (COMPILED_UPDATE, COMPILE_SECONDS_ONLINE) if online else (COMPILED_STEP, COMPILE_SECONDS)
+        t = t * faster + (once / s.steps if s.steps else float("inf"))
     return t
 
 
@@ -138,7 +150,7 @@ def _faster(s: Settings):
     if s.base.gradient_checkpointing:
         yield ("gradient checkpointing off (no recompute)", ["--model.base.gradient_checkpointing", "false"],
                dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=False)), "checkpointing")
-    if s.stage not in ("ppo", "grpo") and s.accumulate_grad_batches > 1:
+    if s.stage not in ONLINE and s.accumulate_grad_batches > 1:
         for k in (2, 4, 8, 16, 32, 64):
             if s.accumulate_grad_batches % k:
                 break

@@ -79,7 +79,8 @@ class Settings:
     """The module left `compile` to the plan (`compile: null`, the default of the stages that have it): `auto` may
     turn it on (`lit_ft.plan.auto`)."""
     steps: int | None = None
-    """Optimizer steps the fit will take (`trainer.max_steps`, or its epochs of the rows read); None: unknown."""
+    """Training steps the fit will take (`trainer.max_steps`, or its epochs of the rows read; an online stage's:
+    rollouts, `planned_rollouts`); None: unknown."""
     validation: bool = True
     """The fit runs validation (False: `trainer.limit_val_batches` 0): KTO's validation passes and distillation's
     validation rollouts are planned only then."""
@@ -196,6 +197,31 @@ def planned_steps(trainer, data: RowStats | None, batch_size: int, accumulate: i
     return epochs * max(1, batches // max(1, accumulate))
 
 
+ONLINE = ("ppo", "grpo", "distill")
+"""The stages whose training step is one rollout and its update (manual optimization)."""
+
+
+def update_shape(stage: str, spec, batch_size: int) -> tuple[int, int, int]:
+    """(rows of one forward/backward, forward/backward passes of a pass over the rollout, passes over the rollout)
+    of an online stage's update: PPO's `ppo_epochs`, GRPO's `num_iterations`, distillation's one."""
+    rows = batch_size * getattr(spec, "samples_per_prompt", 1)
+    mini = min(spec.mini_batch_size, rows)
+    passes = getattr(spec, "ppo_epochs", None) or getattr(spec, "num_iterations", None) or 1
+    return mini, max(1, -(-rows // mini)), int(passes)
+
+
+def planned_rollouts(trainer, data: RowStats | None, stage: str, spec, batch_size: int) -> int | None:
+    """Rollouts of an online fit (its training steps): `max_steps` counts optimizer steps under manual
+    optimization, so it is divided by the optimizer steps of one rollout's update; else `max_epochs` of the prompt
+    batches read (`planned_steps`)."""
+    max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+    if spec is not None and max_steps is not None and max_steps > 0:
+        _, micro, passes = update_shape(stage, spec, batch_size)
+        per_rollout = passes * max(1, micro // max(1, spec.gradient_accumulation_steps))
+        return max(1, int(max_steps) // per_rollout)
+    return planned_steps(trainer, data, batch_size, 1)
+
+
 def settings_from(model, datamodule=None, trainer=None, target: str | None = None) -> Settings:
     """Read a stage's settings from the objects of a fit (any of datamodule/trainer may be None: defaults)."""
     stage = plan_stages.stage_of(model)
@@ -218,7 +244,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
         rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)),
         compile_auto=hasattr(model, "compile_layers") and model.compile_layers is None,
-        steps=planned_steps(trainer, data, getattr(dm, "batch_size", 8), accumulate),
+        steps=(planned_rollouts(trainer, data, stage, getattr(model, stage, None), getattr(dm, "batch_size", 8))
+               if stage in ONLINE else planned_steps(trainer, data, getattr(dm, "batch_size", 8), accumulate)),
         episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None)
 
 

@@ -66,7 +66,7 @@ class DistillModule(L.LightningModule):
         sampling: SamplingSpec = SamplingSpec(),
         optim: optim.OptimSpec = optim.OptimSpec(lr=1e-4, scheduler="constant", warmup_ratio=0.0),
         sample_table_every: int = 10,
-        compile: bool = False,
+        compile: bool | None = None,
     ):
         """
         Args:
@@ -82,7 +82,9 @@ class DistillModule(L.LightningModule):
             optim: optimizer and learning-rate schedule (stepped once per training step).
             sample_table_every: log a W&B table of prompts, responses and divergences every this many steps (0: never).
             compile: `torch.compile` each decoder layer in the student's gradient passes only (sampling and the
-                teacher's passes run eagerly: `compile_gradient_passes`).
+                teacher's passes run eagerly: `compile_gradient_passes`). None (the default): `--memory auto` (the
+                default of `lit-ft fit`) decides: on a GPU, on when the run has rollouts enough for the faster updates
+                to pay for compiling (about 100 s; `lit_ft.plan.auto`), else off; true/false fix it.
         """
         check_init("model (DistillModule)", DistillModule, locals())
         super().__init__()

@@ -56,7 +56,7 @@ class PPOModule(L.LightningModule):
         sample_table_every: int = 10,
         environment: Environment | None = None,
         episodes: EpisodeSpec = EpisodeSpec(),
-        compile: bool = False,
+        compile: bool | None = None,
     ):
         """
         Args:
@@ -79,9 +79,11 @@ class PPOModule(L.LightningModule):
                 of the final turn, when set), the KL, values and GAE run over the model's own tokens only (the
                 environment's turns are attended, never scored or trained). None: one response a prompt.
             episodes: the episodes' limits (max_turns, max_tokens) and the tool-call format.
-            compile: `torch.compile` each decoder layer in the update's gradient passes only (the rollouts, the
-                decode engine, scoring and the no-grad log-prob passes run eagerly: `compile_gradient_passes`);
-                inductor fuses the element-wise work of the policy and value passes.
+            compile: `torch.compile` each decoder layer in the update's gradient passes only (the rollouts, the decode
+                engine, scoring and the no-grad log-prob passes run eagerly: `compile_gradient_passes`); inductor
+                fuses the element-wise work of the policy and value passes. None (the default): `--memory auto` (the
+                default of `lit-ft fit`) decides: on a GPU, on when the run has rollouts enough for the faster updates
+                to pay for compiling (about 100 s; `lit_ft.plan.auto`), else off; true/false fix it.
         """
         check_init("model (PPOModule)", PPOModule, locals())
         super().__init__()
