@@ -254,6 +254,35 @@ def test_compiling_is_chosen_where_the_run_pays_for_it():
     assert choose(tight, total(tight))[0].compile
 
 
+def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monkeypatch):
+    """`step_seconds` on a GPU: the slower of the host's queueing (a fixed time a layer and micro-batch) and the GPU's
+    matmuls, not their sum (the card computes while the host queues); on a CPU their sum. DPO's step carries the
+    reference model's no-grad forward (2N a token against the policy's 4N), which precomputing it or a
+    reference-free loss removes; checkpointing recomputes the decoder, not the LM head."""
+    from lit_ft.plan import auto
+    from lit_ft.plan.stages import counted_model
+    from lit_ft.stages.dpo import DPOSpec
+
+    s = dataclasses.replace(settings(target="cuda", batch_size=4), stage="dpo", dpo=DPOSpec())
+    rates = dict(auto.RATES["cuda"])
+    monkeypatch.setitem(auto.RATES, "cuda", dict(rates, layer_s=0.0, step_s=0.0))  # the GPU's time alone
+    gpu = auto.step_seconds(s)
+    assert auto.step_seconds(dataclasses.replace(s, dpo=DPOSpec(precompute_ref=True))) == pytest.approx(gpu * 4 / 6)
+    assert auto.step_seconds(dataclasses.replace(s, dpo=DPOSpec(loss_type="simpo"))) == pytest.approx(gpu * 4 / 6)
+    d = counted_model(s)[0]
+    trunk_share = 1 - d.hidden * d.vocab / (gpu * rates["flops"] / (6 * 2 * s.batch_size * s.max_length))
+    ckpt = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=True))
+    assert auto.step_seconds(ckpt) == pytest.approx(gpu * (6 + 2 * trunk_share) / 6)
+    monkeypatch.setitem(auto.RATES, "cuda", dict(rates, flops=float("inf")))  # the host's time alone
+    host = auto.step_seconds(s)
+    assert host > 0 and gpu > 0
+    monkeypatch.setitem(auto.RATES, "cuda", dict(rates, layer_s=rates["layer_s"] * gpu / host,
+                                                 step_s=rates["step_s"] * gpu / host))  # both take as long
+    assert auto.step_seconds(s) == pytest.approx(gpu)
+    monkeypatch.setitem(auto.RATES, "cpu", auto.RATES["cuda"])
+    assert auto.step_seconds(dataclasses.replace(s, target="cpu")) == pytest.approx(2 * gpu)
+
+
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_online_stages_compile_their_update_where_the_rollouts_pay_for_it(stage, tmp_path, tiny_model_dir):
     """PPO and GRPO (and distillation, the same code) leave `compile` to `auto` by default: a training step is a

@@ -49,13 +49,15 @@ SPEED_MARGIN = 0.85
 total stays within this share of the budget: the plan is within about 15% of measured peaks."""
 
 # The step-time model's rates, fitted so that its seconds are about the measured ones of an H100 (BENCHMARKS.md,
-# "The step-time model against measured steps"): a LoRA step in eager mode costs about 6 ms of launches and host
-# work a decoder layer for the forward and backward of one micro-batch (a 16-row SmolLM2-135M step, checkpointed:
-# 0.40 s measured, 0.34 s modelled), matmuls run at an effective ~100 TFLOP/s with the element-wise work between
-# them (DPO on the 1B shape, 8 pairs x 2 x 1024 tokens: 0.94 s measured, 0.93 s modelled), host transfers at ~25 GB/s
-# (W1 offloading without checkpointing: 36 GB a step cost 1.4 s). Choices need only the ratios; whether compiling
-# pays needs seconds. CPU: the per-layer overhead is small against its matmul rate.
-RATES = {"cuda": dict(layer_s=6e-3, step_s=2e-2, flops=1e14, pcie=25e9),
+# "The step-time model refitted"): the host queues a LoRA step's kernels at about 8 ms a decoder layer for the
+# forward and backward of one micro-batch (a 16-row SmolLM2-135M step: 0.26 s measured and modelled unchecked, 0.41
+# and 0.38 s checkpointed), the GPU runs its matmuls at an effective ~260 TFLOP/s with the element-wise work between
+# them (DPO on the 1B shape, 8 pairs of 2048-token sequences, reference pass included: 0.94 s measured, 0.93 s
+# modelled; checkpointed 1.15 and 1.18 s), and a step takes the slower of the two, since the GPU works while the
+# host queues; host transfers at ~25 GB/s (W1 offloading without checkpointing: 36 GB a step cost 1.4 s), on top.
+# Choices need only the ratios; whether compiling pays needs seconds. CPU: no overlap, and the per-layer overhead is
+# small against its matmul rate.
+RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9),
          "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"))}
 COMPILED_STEP = 0.75
 """A step with compiled decoder layers against the eager one (H100: g135 checkpointed 0.75, the 1B DPO step 0.71)."""
@@ -109,10 +111,15 @@ def step_seconds(s: Settings) -> float:
     rows, micro = _rows_per_micro(s)
     seq = s.data.longest if s.data is not None else s.max_length
     attn = d.hidden * d.heads * d.head_dim * 2 + 2 * d.hidden * d.kv_heads * d.head_dim
-    n = d.layers * (attn + 3 * d.hidden * d.intermediate) + d.hidden * d.vocab
+    trunk = d.layers * (attn + 3 * d.hidden * d.intermediate)
+    n = trunk + d.hidden * d.vocab
     ckpt = (1.0 / max(1, s.base.checkpoint_every)) if s.base.gradient_checkpointing else 0.0
-    flops = micro * rows * seq * n * (4 + 2 * ckpt)  # forward 2N, backward 2N, recomputed forward 2N x share
-    t = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + 0.5 * ckpt)) + flops / r["flops"]
+    ref = 1.0 if _reference_pass(s) else 0.0
+    # forward 2N, backward 2N, the decoder's recomputed forward (not the head) x share, the reference's forward 2N
+    flops = micro * rows * seq * (4 * n + 2 * trunk * ckpt + 2 * n * ref)
+    host = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + 0.5 * ckpt + ref / 3))
+    # a GPU runs the kernels while the host queues the next ones: the slower of the two sets the step; a CPU does both
+    t = max(host, flops / r["flops"]) if s.target == "cuda" else host + flops / r["flops"]
     if s.base.activation_offloading:
         kept = dataclasses.replace(s, base=dataclasses.replace(s.base, activation_offloading=False))
         t += micro * _saved_bytes(kept) / r["pcie"]
@@ -129,6 +136,16 @@ def step_seconds(s: Settings) -> float:
         faster, once = (COMPILED_UPDATE, COMPILE_SECONDS_ONLINE) if online else (COMPILED_STEP, COMPILE_SECONDS)
         t = t * faster + (once / s.steps if s.steps else float("inf"))
     return t
+
+
+def _reference_pass(s: Settings) -> bool:
+    """A no-grad forward of the reference model in every step: DPO's and KTO's, unless precomputed before training
+    or the loss needs none."""
+    if s.stage == "dpo" and s.dpo is not None:
+        from lit_ft.losses.preference import REFERENCE_FREE_LOSSES
+
+        return not (s.dpo.precompute_ref or s.dpo.loss_type in REFERENCE_FREE_LOSSES)
+    return s.stage == "kto" and s.kto is not None and not s.kto.precompute_ref
 
 
 _SAVED: dict[str, int] = {}

@@ -27,7 +27,7 @@ from lit_ft.models import LoraSpec, ModelSpec
 from lit_ft.train.optim import OptimSpec
 from lit_ft.plan import stages as plan_stages
 from lit_ft.plan.rows import RowStats, row_stats
-from lit_ft.plan.sizes import fmt, parse_size
+from lit_ft.plan.sizes import fmt, ordinal, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def levers(s: Settings):
         if start is None or k < start:
             cost = "about a third more compute" if k == 1 else f"about 1/{3 * k} more compute"
             args = ["--model.base.gradient_checkpointing", "true", "--model.base.checkpoint_every", str(k)]
-            yield (f"gradient checkpointing{'' if k == 1 else f' of every {k}th layer'} ({cost})",
+            yield (f"gradient checkpointing{'' if k == 1 else f' of every {ordinal(k)} layer'} ({cost})",
                    args if k > 1 or start is not None else args[:2],
                    replace(s, base=replace(s.base, gradient_checkpointing=True, checkpoint_every=k)), "checkpointing")
     if s.target == "cuda" and not s.base.activation_offloading:

@@ -26,3 +26,9 @@ def parse_size(text: str | int | None) -> int | None:
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"--budget={text!r}: expected a size such as 24GiB, 24GB or 80000MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def ordinal(k: int) -> str:
+    """2 -> '2nd', 4 -> '4th' (the k of checkpointing every k-th layer)."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"

@@ -18,7 +18,7 @@ from lit_ft.plan import activations as act
 from lit_ft.plan import rows as rows_of
 from lit_ft.plan import online
 from lit_ft.plan import weights as pw
-from lit_ft.plan.sizes import fmt
+from lit_ft.plan.sizes import fmt, ordinal
 
 _STAGES = {"SFTModule": "sft", "RewardModule": "reward", "PPOModule": "ppo", "GRPOModule": "grpo",
            "DPOModule": "dpo", "KTOModule": "kto", "DistillModule": "distill"}
@@ -230,7 +230,7 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
     every = s.base.checkpoint_every
     ckpt = ("every layer's saved tensors" if not s.base.gradient_checkpointing else
             "checkpointed: one [n, H] input a layer" if every == 1 else
-            f"every {every}th layer checkpointed (its [n, H] input), the others' saved tensors")
+            f"every {ordinal(every)} layer checkpointed (its [n, H] input), the others' saved tensors")
     ckpt += ", compiled layers" if s.compile else ""
     ckpt += ", offloaded to host (2 layers on the GPU)" if s.base.activation_offloading and s.target == "cuda" else ""
     return [(f"activations (saved, {label})", saved, f"{rows} x {L} tokens, {ckpt}, + loss gather"),
