@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 
 def test_offline_by_default_and_tables_reach_the_run(tmp_path, monkeypatch):
@@ -116,6 +117,31 @@ def test_paired_change_by_hand():
     assert paired_change([1, 0], [1, 0])[2:] == (0.0, 0.0)  # nothing changed: no noise either
     with pytest.raises(ValueError):
         paired_change([1, 0], [1])  # not the same examples
+
+
+def test_throughput_is_the_windows_tokens_over_the_time_between_batch_ends(monkeypatch):
+    """`ThroughputLogger`: the tokens of the last `window` batches over the wall time from the end of the batch
+    before them, so the time between batches (data loading, the loop) counts and validation does not; the tokens
+    stay tensors (summed where the batch is: no wait for the GPU) until the logged rate is read."""
+    from lit_ft.callbacks import logging as cb
+
+    clock = iter([0.0, 1.0, 3.0, 6.0, 100.0, 101.0])  # start, ends at 1, 3 and 6; validation; start, end
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(clock))
+    logged = []
+    module = type("M", (), {"log": lambda self, k, v, **kw: logged.append(v)})()
+    logger = cb.ThroughputLogger(window=2)
+
+    def batch(n):
+        return {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": (torch.arange(8) < n)[None].long()}
+
+    logger.on_train_batch_start(None, module, batch(4), 0)
+    for i, n in enumerate((4, 6, 3)):
+        logger.on_train_batch_end(None, module, None, batch(n), i)
+    logger.on_validation_end(None, module)
+    logger.on_train_batch_start(None, module, batch(8), 3)
+    logger.on_train_batch_end(None, module, None, batch(8), 3)
+    assert all(torch.is_tensor(v) for v in logged)
+    assert [float(v) for v in logged] == pytest.approx([4 / 1, 10 / 3, 9 / 5, 11 / 4])
 
 
 def test_throughput_counts_the_real_tokens_of_padded_and_packed_batches():

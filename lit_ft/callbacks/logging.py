@@ -179,35 +179,50 @@ class LearningRateMonitor(_LightningLRMonitor):
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
-def real_tokens(batch) -> int:
-    """Tokens of a batch that are not padding: packed rows' sequences (`seq_lens`, or `sequence_ids` >= 0: their
+def token_count(batch):
+    """Tokens of a batch that are not padding, as a 0-d tensor on the batch's device (read without waiting for the
+    GPU: summed where the batch is), or an int: packed rows' sequences (`seq_lens`, or `sequence_ids` >= 0: their
     attention mask is all ones, the padding tail included), else the attention mask's ones, else every id (0 for a
     batch that is not a dict of tensors)."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         return 0
     if batch.get("seq_lens") is not None:
-        return int(batch["seq_lens"].sum())
+        return batch["seq_lens"].sum()
     if batch.get("sequence_ids") is not None:
-        return int((batch["sequence_ids"] >= 0).sum())
+        return (batch["sequence_ids"] >= 0).sum()
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    return mask.sum() if mask is not None else batch["input_ids"].numel()
+
+
+def real_tokens(batch) -> int:
+    """`token_count` as an int (which waits for the GPU when the batch is on it)."""
+    return int(token_count(batch))
 
 
 class ThroughputLogger(L.Callback):
-    """Logs `perf/tokens_per_sec`: non-pad tokens of the training batches over wall time."""
+    """Logs `perf/tokens_per_sec`: non-pad tokens of the last `window` training batches over the wall time between
+    their ends (data loading and the loop's own work included, validation excluded). It never waits for the GPU
+    itself: the tokens are summed where the batch is and the rate logged as a tensor, so the host keeps queueing
+    the next step while the card works; the steps' own synchronisations keep the wall time honest over a window."""
 
     def __init__(self, window: int = 10):
         self.window = window
-        self._times: list[tuple[float, int]] = []
-        self._start = 0.0
+        self._times: list[tuple[float, object]] = []
+        self._last: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        self._last = None  # the next training batch starts the clock again
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        tokens = real_tokens(batch)
-        self._times = (self._times + [(time.perf_counter() - self._start, tokens)])[-self.window :]
+        now = time.perf_counter()
+        start = now if self._last is None else self._last
+        self._times = (self._times + [(now - start, token_count(batch))])[-self.window:]
+        self._last = now
         seconds = sum(t for t, _ in self._times)
-        pl_module.log("perf/tokens_per_sec", sum(n for _, n in self._times) / max(seconds, 1e-9), prog_bar=True)
+        tokens = sum(n for _, n in self._times)
+        rate = tokens / max(seconds, 1e-9)
+        pl_module.log("perf/tokens_per_sec", rate.float() if torch.is_tensor(rate) else float(rate), prog_bar=True)

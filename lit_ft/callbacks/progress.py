@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar  # RichProgressBar needs rich when built
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ft.callbacks.logging import real_tokens
+from lit_ft.callbacks.logging import token_count
 
 
 def clock(seconds: float) -> str:
@@ -85,8 +85,9 @@ class PrintMetrics(L.Callback):
         parts = [f"{done}/{total:g}" if total != float("inf") else f"{done}"]
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
-        if self._tokens:
-            parts.append(f"tokens/s {self._tokens / max(elapsed, 1e-9):.0f}")
+        tokens = int(self._tokens)  # (a device tensor: read here, where the line is printed)
+        if tokens:
+            parts.append(f"tokens/s {tokens / max(elapsed, 1e-9):.0f}")
         parts.append(f"elapsed {clock(elapsed)}")
         rate = (done - self._done0) / max(elapsed, 1e-9)
         if rate > 0 and total != float("inf"):
@@ -94,7 +95,7 @@ class PrintMetrics(L.Callback):
         return "  ".join(parts)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._tokens += real_tokens(batch)  # packed batches: their sequences, not the padding tail
+        self._tokens += token_count(batch)  # packed batches: their sequences, not the padding tail; no GPU wait
         self._batches += 1
         if self.every_n_steps and (batch_idx + 1) % self.every_n_steps == 0:
             text = self._metrics(trainer, lambda k: k.startswith(self.train_prefixes))
