@@ -179,8 +179,10 @@ def _faster(s: Settings):
 
 def _compiled(s: Settings):
     """Compiled decoder layers, where the module left `compile` to the plan: (description, overrides, changed
-    settings, kind). Not a change that spends memory: inductor saves no more than eager."""
-    if s.compile_auto and not s.compile and s.stage in COMPILABLE:
+    settings, kind). Not a change that spends memory: inductor saves no more than eager. Not for a 4-bit or 8-bit
+    base: its projections are bitsandbytes' own kernels, which compiling has not been measured to speed up
+    (`compile: true` still compiles one)."""
+    if s.compile_auto and not s.compile and s.stage in COMPILABLE and s.base.quantization == "none":
         yield ("compiled decoder layers", ["--model.compile", "true"], dataclasses.replace(s, compile=True), "compile")
 
 
