@@ -121,12 +121,12 @@ def test_paired_change_by_hand():
 
 def test_throughput_is_the_windows_tokens_over_the_time_between_batch_ends(monkeypatch):
     """`ThroughputLogger`: the tokens of the last `window` batches over the wall time from the end of the batch
-    before them, so the time between batches (data loading, the loop) counts and validation does not; the tokens
+    before each, so the time between batches (data loading, the loop) counts and validation does not; the tokens
     stay tensors (summed where the batch is: no wait for the GPU) until the logged rate is read."""
     from lit_ft.callbacks import logging as cb
 
-    clock = iter([0.0, 1.0, 3.0, 6.0, 100.0, 101.0])  # start, ends at 1, 3 and 6; validation; start, end
-    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(clock))
+    now = [0.0]
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: now[0])
     logged = []
     module = type("M", (), {"log": lambda self, k, v, **kw: logged.append(v)})()
     logger = cb.ThroughputLogger(window=2)
@@ -134,13 +134,20 @@ def test_throughput_is_the_windows_tokens_over_the_time_between_batch_ends(monke
     def batch(n):
         return {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": (torch.arange(8) < n)[None].long()}
 
-    logger.on_train_batch_start(None, module, batch(4), 0)
-    for i, n in enumerate((4, 6, 3)):
+    logger.on_train_start(None, module)
+    # (tokens, batch start, batch end): 1 s of loading before the second and third batches, validation after
+    for i, (n, start, end) in enumerate([(4, 0.0, 1.0), (6, 2.0, 3.0), (3, 4.0, 6.0)]):
+        now[0] = start
+        logger.on_train_batch_start(None, module, batch(n), i)
+        now[0] = end
         logger.on_train_batch_end(None, module, None, batch(n), i)
     logger.on_validation_end(None, module)
+    now[0] = 100.0
     logger.on_train_batch_start(None, module, batch(8), 3)
+    now[0] = 101.0
     logger.on_train_batch_end(None, module, None, batch(8), 3)
     assert all(torch.is_tensor(v) for v in logged)
+    # intervals between batch ends: 1, 2 (the loading counted), 3, then 1 from the start after validation
     assert [float(v) for v in logged] == pytest.approx([4 / 1, 10 / 3, 9 / 5, 11 / 4])
 
 

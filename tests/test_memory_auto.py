@@ -285,13 +285,14 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
     assert auto.step_seconds(dataclasses.replace(s, target="cpu")) == pytest.approx(2 * gpu)
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])
 def test_online_stages_compile_their_update_where_the_rollouts_pay_for_it(stage, tmp_path, tiny_model_dir):
-    """PPO and GRPO (and distillation, the same code) leave `compile` to `auto` by default: a training step is a
-    rollout and its update, the update's passes run COMPILED_UPDATE of the eager time once compiled and the
-    compiling costs COMPILE_SECONDS_ONLINE once, so a run of enough rollouts compiles and one a little short of the
-    break-even does not. The rollouts come from `max_epochs` of the prompt batches read, or from `max_steps`
-    (optimizer steps, under manual optimization) over the optimizer steps of one rollout's update."""
+    """PPO, GRPO and distillation leave `compile` to `auto` by default: a training step is a rollout and its update,
+    the update's passes run COMPILED_UPDATE of the eager time once compiled and the compiling costs
+    COMPILE_SECONDS_ONLINE once, so a run of enough rollouts compiles and one a little short of the break-even does
+    not. The rollouts come from `max_epochs` of the prompt batches read, or from `max_steps` (optimizer steps, under
+    manual optimization) over the optimizer steps of one rollout's update: an optimizer step a
+    `gradient_accumulation_steps` minibatches, and one for what is left at the end of a pass."""
     import json
 
     import lightning as L
@@ -300,6 +301,8 @@ def test_online_stages_compile_their_update_where_the_rollouts_pay_for_it(stage,
     from lit_ft.online.generation import SamplingSpec
     from lit_ft.plan import auto
     from lit_ft.plan.memory import settings_from
+    from lit_ft.stages.distill import DistillModule
+    from lit_ft.stages.distill_spec import DistillSpec
     from lit_ft.stages.grpo import GRPOModule
     from lit_ft.stages.grpo_spec import GRPOSpec
     from lit_ft.stages.ppo import PPOModule
@@ -309,15 +312,20 @@ def test_online_stages_compile_their_update_where_the_rollouts_pay_for_it(stage,
     prompts.write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?"}) + "\n" for i in range(40)))
     dm = PromptDataModule(train_file=str(prompts), tokenizer=tiny_model_dir, max_length=32, batch_size=4,
                           answer_field=None, val_split=0)
-    common = dict(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4), sampling=SamplingSpec(max_new_tokens=8),
-                  reward_fn="lit_ft.data.tasks.correctness_reward")
-    if stage == "ppo":  # 4 prompts x 2 samples = 8 rows: 2 minibatches of 4, 3 epochs, 2 accumulated: 3 steps a rollout
-        module = PPOModule(ppo=PPOSpec(samples_per_prompt=2, mini_batch_size=4, ppo_epochs=3,
-                                       gradient_accumulation_steps=2), **common)
-        per_rollout, passes = 3, 3
-    else:  # 4 prompts x 4 samples = 16 rows: 4 minibatches of 4, one iteration, one optimizer step each
-        module = GRPOModule(grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=4), **common)
-        per_rollout, passes = 4, 1
+    common = dict(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4), sampling=SamplingSpec(max_new_tokens=8))
+    reward = dict(reward_fn="lit_ft.data.tasks.correctness_reward")
+    if stage == "ppo":  # 4 prompts x 2 samples = 8 rows: minibatches of 3, 3 and 2; 2 accumulated: 2 optimizer
+        # steps a pass, 3 epochs; the value adapter's pass beside the policy's
+        module = PPOModule(ppo=PPOSpec(samples_per_prompt=2, mini_batch_size=3, ppo_epochs=3,
+                                       gradient_accumulation_steps=2), **common, **reward)
+        per_rollout, passes, one = 6, 3 * 2, {"ppo_epochs": 1}
+    elif stage == "grpo":  # 4 prompts x 4 samples = 16 rows: 4 minibatches of 4, one iteration, a step each
+        module = GRPOModule(grpo=GRPOSpec(samples_per_prompt=4, mini_batch_size=4), **common, **reward)
+        per_rollout, passes, one = 4, 1, {"num_iterations": 1}
+    else:  # 4 prompts, one response each: 2 minibatches of 2, both in one optimizer step
+        module = DistillModule(teacher=ModelSpec(name_or_path=tiny_model_dir), **common,
+                               distill=DistillSpec(mini_batch_size=2, gradient_accumulation_steps=4))
+        per_rollout, passes, one = 1, 1, {}
 
     def trainer(**kw):
         return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, **kw)
@@ -329,9 +337,9 @@ def test_online_stages_compile_their_update_where_the_rollouts_pay_for_it(stage,
     assert s.compile_auto and not s.compile
     once = dataclasses.replace(s, base=dataclasses.replace(s.base, gradient_checkpointing=False))
     eager = auto.step_seconds(once)
-    assert eager == pytest.approx(passes * auto.step_seconds(
-        dataclasses.replace(once, **{stage: dataclasses.replace(getattr(s, stage), **(
-            {"ppo_epochs": 1} if stage == "ppo" else {"num_iterations": 1}))})))
+    single = dataclasses.replace(once, **{stage: dataclasses.replace(getattr(s, stage), **one)},
+                                 value_model="shared_trunk")
+    assert eager == pytest.approx(passes * auto.step_seconds(single))
     even = auto.COMPILE_SECONDS_ONLINE / ((1 - auto.COMPILED_UPDATE) * eager)  # rollouts that pay back compiling
     budget = 80 * 2**30
     long = dataclasses.replace(s, steps=int(even * 1.1))

@@ -201,14 +201,17 @@ def real_tokens(batch) -> int:
 
 class ThroughputLogger(L.Callback):
     """Logs `perf/tokens_per_sec`: non-pad tokens of the last `window` training batches over the wall time between
-    their ends (data loading and the loop's own work included, validation excluded). It never waits for the GPU
-    itself: the tokens are summed where the batch is and the rate logged as a tensor, so the host keeps queueing
-    the next step while the card works; the steps' own synchronisations keep the wall time honest over a window."""
+    their ends (data loading and the loop's own work between batches counted; validation not, nor the time before
+    a fit's first batch). It adds no wait for the GPU of its own: the tokens are summed on the batch's device and
+    the rate is logged as a tensor (Lightning reads it with the step's other progress-bar metrics)."""
 
     def __init__(self, window: int = 10):
         self.window = window
         self._times: list[tuple[float, object]] = []
         self._last: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._times, self._last = [], None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._last is None:

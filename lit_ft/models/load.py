@@ -264,15 +264,21 @@ def compile_decoder_layers(model, backend: str = "inductor", mode: str | None = 
     runs eagerly, with torch's warning (`torch._dynamo.config.suppress_errors`, for the process): what the memory
     plan asks when it turned compiling on itself, so that its choice never stops a run that would run eagerly.
     """
-    if eager_on_error:
-        torch._dynamo.config.suppress_errors = True
-    try:
-        _, layers = families.decoder_layers(model)  # `layers`, GPT-2's and Bloom's `h`, ...
-    except ConfigError as e:
-        raise ConfigError(f"compile: {e}") from e
+    layers = _layers_to_compile(model, eager_on_error)
     for layer in layers:
         layer.compile(backend=backend, mode=mode)
     return len(layers)
+
+
+def _layers_to_compile(model, eager_on_error: bool):
+    """The decoder's repeated blocks (`layers`, GPT-2's and Bloom's `h`, ...); `eager_on_error`: from now on a layer
+    that fails to compile runs eagerly, for the whole process (`torch._dynamo.config.suppress_errors`)."""
+    if eager_on_error:
+        torch._dynamo.config.suppress_errors = True
+    try:
+        return families.decoder_layers(model)[1]
+    except ConfigError as e:
+        raise ConfigError(f"compile: {e}") from e
 
 
 def compile_gradient_passes(model, backend="inductor", eager_on_error: bool = False) -> int:
@@ -283,13 +289,9 @@ def compile_gradient_passes(model, backend="inductor", eager_on_error: bool = Fa
     (the first layer's input, from the frozen embedding, needs no grad: a second), for each role's adapter (PEFT's
     active adapter is guarded on); shapes are dynamic from the start, so rollouts of other lengths do not
     recompile. Non-reentrant checkpointing recomputes under grad: the recompute is compiled too. Returns the number
-    of layers. `eager_on_error`: as `compile_decoder_layers`' (the memory plan's own choice never stops a run)."""
-    if eager_on_error:
-        torch._dynamo.config.suppress_errors = True
-    try:
-        _, layers = families.decoder_layers(model)
-    except ConfigError as e:
-        raise ConfigError(f"compile: {e}") from e
+    of layers. `eager_on_error`: as `compile_decoder_layers`' (the memory plan's own choice never stops a run; set
+    for the whole process)."""
+    layers = _layers_to_compile(model, eager_on_error)
     for layer in layers:
         if not isinstance(layer.__dict__.get("forward"), GradCompiled):  # once, however often it is asked
             layer.forward = GradCompiled(layer, backend, layer.__dict__.get("forward"))

@@ -2,8 +2,8 @@
 the run uses: the FASTEST combination of the plan's levers that fits, by a step-time model (`step_seconds`), among
 micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
 layer), activation offloading, the rollout engine, the loss chunk, the validation batch, a paged 8-bit optimizer and,
-on a GPU, compiled decoder layers where the module left `compile` to it (`compile: null`, the default) and the run is
-long enough for the faster steps to pay for compiling, each combination planned in full (`memory.estimate_settings`).
+on a GPU, compiled decoder layers where the module left `compile` to it (`compile: null`, the default), the base is
+not quantized and the run is long enough for the faster steps to pay for compiling, each combination planned in full (`memory.estimate_settings`).
 A run that fits as configured is left as configured unless a faster combination fits with `SPEED_MARGIN` to spare:
 checkpointing it does not need turned off, accumulation it does not need folded into larger micro-batches (the
 effective batch kept) — more memory for more speed, said in the log.
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from lit_ft.errors import ConfigError
-from lit_ft.plan.memory import ONLINE, Settings, carry_over, estimate_settings, levers, settings_from, update_shape
+from lit_ft.plan.memory import Settings, carry_over, estimate_settings, levers, settings_from
+from lit_ft.plan.online import ONLINE, shapes, spec_of, update_shape
 from lit_ft.plan.sizes import fmt, parse_size
 
 
@@ -67,7 +68,7 @@ shape): g135 on an H100 took 27 s longer to its first 23 steps compiled than eag
 by the step-time model (that run's compiled steps save 0.10 s each: it pays after about 270 steps)."""
 COMPILED_UPDATE = 0.80
 """An online stage's update with compiled decoder layers against the eager one (H100, W5: PPO on the 1B shape, 64
-rollouts of 384 tokens, 4 epochs of minibatch 8: 5.51 against 6.85 s, 2026-12-07). The rollout, scoring and
+episodes of 128 + 256 tokens, 4 epochs of minibatch 8: 5.51 against 6.85 s, 2026-12-07). The rollout, scoring and
 no-grad passes stay eager, and the step-time model of an online step counts its update alone."""
 COMPILE_SECONDS_ONLINE = 100.0
 """What compiling costs an online run once: each role that trains (PPO's policy and value adapters) compiles its
@@ -88,28 +89,31 @@ def budget_of(memory: str) -> int | None:
     return parse_size(memory)
 
 
-def _rows_per_micro(s: Settings) -> tuple[int, int]:
-    """(rows of one micro-batch's forward, micro-batches of an optimizer step; an online stage's: of one pass of
-    its update over the rollout) of the training pass."""
-    p = getattr(s, s.stage, None) if s.stage in ONLINE else None
-    if p is not None:
-        return update_shape(s.stage, p, s.batch_size)[:2]
+def _shape(s: Settings) -> tuple[int, int, int, float]:
+    """(rows of one micro-batch's forward, its length, micro-batches of a step, trained passes over them) of the
+    training pass. An online stage's step is its update of one rollout: minibatches of prompt + response rows,
+    every pass over the rollout (PPO's epochs, GRPO's iterations), PPO's value adapter a second role pass."""
+    if s.stage in ONLINE and spec_of(s) is not None:
+        mini, minibatches, _, passes = update_shape(s)
+        _, _, prompt, response, _ = shapes(s)
+        roles = 2 if s.stage == "ppo" and s.value_model == "adapter" else 1
+        return mini, prompt + response, minibatches, passes * roles
     pairs = 2 if s.stage in ("dpo", "reward", "kto") else 1  # chosen + rejected; KTO's mismatched KL rows
-    return pairs * s.batch_size, s.accumulate_grad_batches
+    return pairs * s.batch_size, s.data.longest if s.data is not None else s.max_length, s.accumulate_grad_batches, 1
 
 
 def step_seconds(s: Settings) -> float:
-    """Modelled seconds of one training step under `s` (an online stage's: its update of one rollout, every pass
-    over it): a fixed cost per micro-batch and decoder layer, matmul FLOPs of the padded tokens (forward, and
-    backward through frozen weights: input gradients only) plus what checkpointing recomputes, activation
-    offloading's host transfers, small costs of a smaller loss chunk, a paged 8-bit optimizer and `generate` instead
-    of the static engine, and compiled layers (faster passes, the compiling spread over the run's steps)."""
+    """Modelled seconds of one training step under `s` (an online stage's: its update of one rollout, not the
+    rollout): a fixed host cost per micro-batch and decoder layer against the GPU's matmul FLOPs of the padded
+    tokens (forward, and backward through frozen weights: input gradients only; what checkpointing recomputes; a
+    reference pass), activation offloading's host transfers, small costs of a smaller loss chunk and a paged 8-bit
+    optimizer, compiled layers (faster passes, the compiling spread over the run's steps), and `generate` instead of
+    the static engine (rollouts several times slower: as long again as the eager update, compiled or not)."""
     from lit_ft.plan.stages import counted_model
 
     d = counted_model(s)[0]
     r = RATES["cuda" if s.target == "cuda" else "cpu"]
-    rows, micro = _rows_per_micro(s)
-    seq = s.data.longest if s.data is not None else s.max_length
+    rows, seq, micro, passes = _shape(s)
     attn = d.hidden * d.heads * d.head_dim * 2 + 2 * d.hidden * d.kv_heads * d.head_dim
     trunk = d.layers * (attn + 3 * d.hidden * d.intermediate)
     n = trunk + d.hidden * d.vocab
@@ -127,14 +131,13 @@ def step_seconds(s: Settings) -> float:
         t += micro * (rows * seq // max(1, s.loss_chunk_size)) * 2e-4
     if "paged" in s.optim.optimizer:
         t *= 1.02
-    if s.sampling is not None and s.sampling.engine == "hf" and s.stage in ONLINE:
-        t *= 2.0  # rollouts through `generate`: several times slower decoding (BENCHMARKS.md, rollout engine)
-    online = s.stage in ONLINE and getattr(s, s.stage, None) is not None
-    if online:
-        t *= update_shape(s.stage, getattr(s, s.stage), s.batch_size)[2]  # PPO's epochs, GRPO's iterations
+    eager = t = t * passes
+    online = s.stage in ONLINE
     if s.compile:  # faster steps, and the compiling spread over the run (a run of unknown length: never paid back)
         faster, once = (COMPILED_UPDATE, COMPILE_SECONDS_ONLINE) if online else (COMPILED_STEP, COMPILE_SECONDS)
         t = t * faster + (once / s.steps if s.steps else float("inf"))
+    if online and s.sampling is not None and s.sampling.engine == "hf":
+        t += eager  # rollouts through `generate`: several times slower decoding (BENCHMARKS.md, rollout engine)
     return t
 
 
@@ -293,5 +296,5 @@ def fit_memory(model, datamodule, trainer, memory: str, say=print, asked: bool =
     speed = step_seconds(start) / step_seconds(chosen)
     say(f"memory {memory}: {' + '.join(whats)} -> {fmt(plan.total)} of {fmt(budget)} (as overrides: {' '.join(argv)}); "
         f"as configured {fmt(configured.total)}, {'fits' if configured.fits else 'does not fit'}; modelled speed "
-        f"x{speed:.2f} of the configured run")
+        f"x{speed:.2f} of the configured {'update' if start.stage in ONLINE else 'run'}")
     say(plan.table())

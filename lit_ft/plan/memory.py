@@ -197,29 +197,15 @@ def planned_steps(trainer, data: RowStats | None, batch_size: int, accumulate: i
     return epochs * max(1, batches // max(1, accumulate))
 
 
-ONLINE = ("ppo", "grpo", "distill")
-"""The stages whose training step is one rollout and its update (manual optimization)."""
-
-
-def update_shape(stage: str, spec, batch_size: int) -> tuple[int, int, int]:
-    """(rows of one forward/backward, forward/backward passes of a pass over the rollout, passes over the rollout)
-    of an online stage's update: PPO's `ppo_epochs`, GRPO's `num_iterations`, distillation's one."""
-    rows = batch_size * getattr(spec, "samples_per_prompt", 1)
-    mini = min(spec.mini_batch_size, rows)
-    passes = getattr(spec, "ppo_epochs", None) or getattr(spec, "num_iterations", None) or 1
-    return mini, max(1, -(-rows // mini)), int(passes)
-
-
-def planned_rollouts(trainer, data: RowStats | None, stage: str, spec, batch_size: int) -> int | None:
+def planned_rollouts(trainer, s: Settings) -> int | None:
     """Rollouts of an online fit (its training steps): `max_steps` counts optimizer steps under manual
     optimization, so it is divided by the optimizer steps of one rollout's update; else `max_epochs` of the prompt
     batches read (`planned_steps`)."""
     max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
-    if spec is not None and max_steps is not None and max_steps > 0:
-        _, micro, passes = update_shape(stage, spec, batch_size)
-        per_rollout = passes * max(1, micro // max(1, spec.gradient_accumulation_steps))
-        return max(1, int(max_steps) // per_rollout)
-    return planned_steps(trainer, data, batch_size, 1)
+    if max_steps is not None and max_steps > 0:
+        _, _, steps, passes = plan_stages.online.update_shape(s)
+        return max(1, int(max_steps) // (passes * steps))
+    return planned_steps(trainer, s.data, s.batch_size, 1)
 
 
 def settings_from(model, datamodule=None, trainer=None, target: str | None = None) -> Settings:
@@ -229,7 +215,7 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
     precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
     accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
     data, rows_note = row_stats(dm)
-    return Settings(
+    s = Settings(
         stage=stage, base=model.base, lora=model.lora, optim=model.optim,
         batch_size=getattr(dm, "batch_size", 8), max_length=getattr(dm, "max_length", 1024),
         packing=bool(getattr(dm, "packing", False)), eval_batch_size=getattr(dm, "eval_batch_size", None),
@@ -244,9 +230,9 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
         rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)),
         compile_auto=hasattr(model, "compile_layers") and model.compile_layers is None,
-        steps=(planned_rollouts(trainer, data, stage, getattr(model, stage, None), getattr(dm, "batch_size", 8))
-               if stage in ONLINE else planned_steps(trainer, data, getattr(dm, "batch_size", 8), accumulate)),
         episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None)
+    return replace(s, steps=planned_rollouts(trainer, s) if stage in plan_stages.online.ONLINE
+                   else planned_steps(trainer, data, s.batch_size, accumulate))
 
 
 def estimate(model, datamodule=None, trainer=None, *, budget: int | str | None = "auto", target: str | None = None,
@@ -280,7 +266,7 @@ def levers(s: Settings):
     if online and p.mini_batch_size > 1:
         # Manual optimization: the spec's own minibatch and accumulation (Lightning refuses its accumulate flag);
         # a minibatch larger than the rollout acts as the rollout, so the halving starts from there.
-        start = min(p.mini_batch_size, s.batch_size * getattr(p, "samples_per_prompt", 1))
+        start = plan_stages.online.update_shape(s)[0]
         for k in (2, 4, 8, 16, 32, 64):
             mb, ga = max(start // k, 1), p.gradient_accumulation_steps * k
             yield (f"{s.stage.upper()} minibatch {p.mini_batch_size} -> {mb}, gradient_accumulation_steps x{k}",

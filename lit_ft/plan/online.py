@@ -111,6 +111,19 @@ def shapes(s) -> tuple[int, int, int, int, int]:
     return rows, engine_rows, plan_data.seq_len(s), R, min(p.mini_batch_size, rows)
 
 
+def update_shape(s) -> tuple[int, int, int, int]:
+    """(minibatch rows, minibatches of one pass over the rollout, optimizer steps of one pass, passes over the
+    rollout: PPO's `ppo_epochs`, GRPO's `num_iterations`, distillation's one) of an online stage's update. An
+    optimizer step takes `gradient_accumulation_steps` minibatches, the last one of a pass what is left
+    (`online.shared.update`)."""
+    p = spec_of(s)
+    rows = s.batch_size * getattr(p, "samples_per_prompt", 1)
+    mini = min(p.mini_batch_size, rows)
+    minibatches = -(-rows // mini)
+    passes = getattr(p, "ppo_epochs", None) or getattr(p, "num_iterations", None) or 1
+    return mini, minibatches, -(-minibatches // max(1, p.gradient_accumulation_steps)), int(passes)
+
+
 def engine_prompt(s, P: int) -> int:
     """The prompt width the engine allocates: the largest it has seen (`DecodeEngine._allocate` keeps the maximum
     of every shape), so the longest of the training and the validation prompts."""

@@ -83,8 +83,9 @@ class DistillModule(L.LightningModule):
             sample_table_every: log a W&B table of prompts, responses and divergences every this many steps (0: never).
             compile: `torch.compile` each decoder layer in the student's gradient passes only (sampling and the
                 teacher's passes run eagerly: `compile_gradient_passes`). None (the default): `--memory auto` (the
-                default of `lit-ft fit`) decides: on a GPU, on when the run has rollouts enough for the faster updates
-                to pay for compiling (about 100 s; `lit_ft.plan.auto`), else off; true/false fix it.
+                default of `lit-ft fit`) decides: on a GPU and an unquantized base, on when the run has rollouts
+                enough for the faster updates to pay for compiling (about 100 s; `lit_ft.plan.auto`), else off;
+                true/false fix it.
         """
         check_init("model (DistillModule)", DistillModule, locals())
         super().__init__()

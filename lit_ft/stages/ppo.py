@@ -82,8 +82,9 @@ class PPOModule(L.LightningModule):
             compile: `torch.compile` each decoder layer in the update's gradient passes only (the rollouts, the decode
                 engine, scoring and the no-grad log-prob passes run eagerly: `compile_gradient_passes`); inductor
                 fuses the element-wise work of the policy and value passes. None (the default): `--memory auto` (the
-                default of `lit-ft fit`) decides: on a GPU, on when the run has rollouts enough for the faster updates
-                to pay for compiling (about 100 s; `lit_ft.plan.auto`), else off; true/false fix it.
+                default of `lit-ft fit`) decides: on a GPU and an unquantized base, on when the run has rollouts
+                enough for the faster updates to pay for compiling (about 100 s; `lit_ft.plan.auto`), else off;
+                true/false fix it.
         """
         check_init("model (PPOModule)", PPOModule, locals())
         super().__init__()

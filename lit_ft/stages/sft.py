@@ -47,10 +47,10 @@ class SFTModule(L.LightningModule):
             optim: optimizer and learning-rate schedule.
             loss_chunk_size: tokens per chunk of the cross-entropy (bounds the float32 logits in memory).
             compile: `torch.compile` each decoder layer (inductor). Same function, fused element-wise kernels and
-                fewer saved activations; the first steps pay the compilation (about half a minute on a GPU). None
-                (the default): `--memory auto` (the default of `lit-ft fit`) decides: on a GPU, on when the run is
-                long enough for the faster steps to pay for compiling (`lit_ft.plan.auto`), else off; true/false
-                fix it.
+                fewer saved activations; the first steps pay the compilation (about half a minute on a GPU). None (the
+                default): `--memory auto` (the default of `lit-ft fit`) decides: on a GPU and an unquantized base, on
+                when the run is long enough for the faster steps to pay for compiling (`lit_ft.plan.auto`), else off;
+                true/false fix it.
             max_consecutive_skips: optimizer steps with a NaN/inf loss or gradient are skipped and counted
                 (`train/skipped_steps`); this many in a row stop the run with `NonFiniteError` (lit_ft.train.guards).
             neftune_alpha: NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(L * d) on the input
