@@ -153,14 +153,14 @@ def test_throughput_is_the_windows_tokens_over_the_time_between_batch_ends(monke
 
 def test_throughput_counts_the_real_tokens_of_padded_and_packed_batches():
     """`perf/tokens_per_sec` counts real tokens: a packed batch's all-ones mask covers its padding tail too."""
-    from lit_ft.callbacks.logging import real_tokens
+    from lit_ft.callbacks.logging import token_count
     from lit_ft.data.collate import PackedPreferenceCollator, PackedSFTCollator, SFTCollator
 
     rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (5, 3, 7)]
-    assert real_tokens(SFTCollator(0)(rows)) == 15
+    assert token_count(SFTCollator(0)(rows)) == 15
     packed = PackedSFTCollator(0, max_length=8)(rows)  # rows of 7, 5 + 3: the 7-token row has a 1-token tail
-    assert packed["attention_mask"].sum() == 16 and real_tokens(packed) == 15
+    assert packed["attention_mask"].sum() == 16 and token_count(packed) == 15
     pairs = [{"chosen_input_ids": [1, 2, 3], "rejected_input_ids": [1, 2, 3, 4, 5], "prompt_length": 1,
               "margin": None}]
     packed = PackedPreferenceCollator(0, max_length=6)(pairs)  # rows of 5 and 3 (+ a 2-token tail)
-    assert packed["attention_mask"].sum() == 10 and real_tokens(packed) == 8
+    assert packed["attention_mask"].sum() == 10 and token_count(packed) == 8

@@ -194,11 +194,6 @@ def token_count(batch):
     return mask.sum() if mask is not None else batch["input_ids"].numel()
 
 
-def real_tokens(batch) -> int:
-    """`token_count` as an int (which waits for the GPU when the batch is on it)."""
-    return int(token_count(batch))
-
-
 class ThroughputLogger(L.Callback):
     """Logs `perf/tokens_per_sec`: non-pad tokens of the last `window` training batches over the wall time between
     their ends (data loading and the loop's own work between batches counted; validation not, nor the time before
