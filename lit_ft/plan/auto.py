@@ -3,7 +3,8 @@ the run uses: the FASTEST combination of the plan's levers that fits, by a step-
 micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
 layer), activation offloading, the rollout engine, the loss chunk, the validation batch, a paged 8-bit optimizer and,
 on a GPU, compiled decoder layers where the module left `compile` to it (`compile: null`, the default), the base is
-not quantized and the run is long enough for the faster steps to pay for compiling, each combination planned in full (`memory.estimate_settings`).
+not quantized and the run is long enough for the faster steps to pay for compiling, each combination planned in full
+(`memory.estimate_settings`).
 A run that fits as configured is left as configured unless a faster combination fits with `SPEED_MARGIN` to spare:
 checkpointing it does not need turned off, accumulation it does not need folded into larger micro-batches (the
 effective batch kept) — more memory for more speed, said in the log.
@@ -89,7 +90,7 @@ def budget_of(memory: str) -> int | None:
     return parse_size(memory)
 
 
-def _shape(s: Settings) -> tuple[int, int, int, float]:
+def _shape(s: Settings) -> tuple[int, int, int, int]:
     """(rows of one micro-batch's forward, its length, micro-batches of a step, trained passes over them) of the
     training pass. An online stage's step is its update of one rollout: minibatches of prompt + response rows,
     every pass over the rollout (PPO's epochs, GRPO's iterations), PPO's value adapter a second role pass."""
