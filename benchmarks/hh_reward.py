@@ -152,16 +152,24 @@ try:
     import lightning as _L
 
     class FitClock(_L.Callback):
-        """The training loop's wall time (first batch to the end of fit, validation included), as `fit_s`."""
+        """The training loop's wall time (first batch to the end of fit), validation excluded as TRL's `fit_s`
+        excludes its `evaluate()`, as `fit_s`."""
 
         seconds = float("nan")
 
         def on_train_start(self, trainer, pl_module):
             reset_peak()
-            FitClock.t0 = time.perf_counter()
+            FitClock.t0, FitClock.validating = time.perf_counter(), 0.0
+
+        def on_validation_start(self, trainer, pl_module):
+            FitClock.v0 = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking and hasattr(FitClock, "t0"):
+                FitClock.validating += time.perf_counter() - FitClock.v0
 
         def on_train_end(self, trainer, pl_module):
-            FitClock.seconds = time.perf_counter() - FitClock.t0
+            FitClock.seconds = time.perf_counter() - FitClock.t0 - FitClock.validating
 except ImportError:  # `split` needs no lightning
     pass
 
