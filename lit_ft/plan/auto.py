@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lit_ft.errors import ConfigError
+from lit_ft.losses.preference import REFERENCE_FREE_LOSSES
 from lit_ft.plan.memory import Settings, carry_over, estimate_settings, levers, settings_from
 from lit_ft.plan.online import ONLINE, shapes, spec_of, update_shape
 from lit_ft.plan.sizes import fmt, parse_size
@@ -43,9 +44,6 @@ class NothingFits(ConfigError):
 
 NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
 CUDA_ONLY = ("offloading", "engine", "optimizer", "compile")
-COMPILABLE = ("sft", "reward", "dpo", "kto") + ONLINE
-"""The stages whose module has `compile` (each decoder layer through torch.compile; the online stages' in the
-update's gradient passes only, `lit_ft.models.compile_gradient_passes`)."""
 SPEED_MARGIN = 0.85
 """A change that spends memory for speed (checkpointing off, larger micro-batches) is taken only when the plan's
 total stays within this share of the budget: the plan is within about 15% of measured peaks."""
@@ -146,8 +144,6 @@ def _reference_pass(s: Settings) -> bool:
     """A no-grad forward of the reference model in every step: DPO's and KTO's, unless precomputed before training
     or the loss needs none."""
     if s.stage == "dpo" and s.dpo is not None:
-        from lit_ft.losses.preference import REFERENCE_FREE_LOSSES
-
         return not (s.dpo.precompute_ref or s.dpo.loss_type in REFERENCE_FREE_LOSSES)
     return s.stage == "kto" and s.kto is not None and not s.kto.precompute_ref
 
@@ -182,11 +178,12 @@ def _faster(s: Settings):
 
 
 def _compiled(s: Settings):
-    """Compiled decoder layers, where the module left `compile` to the plan: (description, overrides, changed
-    settings, kind). Not a change that spends memory: inductor saves no more than eager. Not for a 4-bit or 8-bit
+    """Compiled decoder layers (the online stages': in the update's gradient passes only,
+    `lit_ft.models.compile_gradient_passes`), where the module left `compile` to the plan: (description, overrides,
+    changed settings, kind). Not a change that spends memory: inductor saves no more than eager. Not for a 4-bit or 8-bit
     base: its projections are bitsandbytes' own kernels, which compiling has not been measured to speed up
     (`compile: true` still compiles one)."""
-    if s.compile_auto and not s.compile and s.stage in COMPILABLE and s.base.quantization == "none":
+    if s.compile_auto and not s.compile and s.base.quantization == "none":
         yield ("compiled decoder layers", ["--model.compile", "true"], dataclasses.replace(s, compile=True), "compile")
 
 
