@@ -49,7 +49,7 @@ def one(variant: str, layers: int, steps: int, warmup: int, model_dir: str) -> f
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": "reent" in mods})
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=drop, target_modules="all-linear"))
         model.train()

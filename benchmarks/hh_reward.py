@@ -22,7 +22,8 @@ bf16 autocast, dropout disabled) or `lit` (the `lit-ft fit --config reward` comm
 float32, as TRL holds it), `chat` (template chat: HH turns through SmolLM2's chat template), `bf16head` (the score
 head kept in the base's bfloat16, as lit_ft did before 2026-12-06), `drop` (overlong pairs dropped, as TRL does),
 `mem<MiB>` / `memauto` (checkpointing not forced on: `--memory <MiB>MiB` / the default `--memory auto` plans the fit
-and chooses the settings), `compile` (`--model.compile true`: each decoder layer through torch.compile), `pad`
+and chooses the settings), `compile` (`--model.compile true`: each decoder layer through torch.compile), `liger`
+(`--model.base.liger_kernel true`: Liger's fused RMSNorm, SwiGLU and RoPE kernels), `pad`
 (padded batches: lit_ft runs here pack each batch's sequences padding-free, as configs/recipes/hh_rlhf/reward.yaml
 does since 2026-12-07: the same pairs a step and the same loss, 43% of the padded tokens on this file). Jobs run at
 once, each in its own process (a 135M model leaves the GPU mostly idle: wall times of concurrent jobs are not speed
@@ -116,6 +117,7 @@ def lit_args(data: Path, out: Path, seed: int, mods: list[str]) -> list[str]:
             *([] if any(m.startswith("mem") for m in mods) else ["--model.base.gradient_checkpointing", "true"]),
             *[a for m in mods if m.startswith("mem") and m != "memauto" for a in ("--memory", f"{m[3:]}MiB")],
             *(["--model.compile", "true"] if "compile" in mods else []),
+            *(["--model.base.liger_kernel", "true"] if "liger" in mods else []),
             "--trainer.callbacks+=__main__.FitClock",
             "--model.base.dtype", "float32" if "fp32" in mods else "auto",
             "--trainer.precision", os.environ.get("HH_PRECISION", "bf16-mixed"), "--trainer.max_steps", "-1", "--trainer.max_epochs", "1",

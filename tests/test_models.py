@@ -46,6 +46,59 @@ def test_kbit_build_trains_lora_with_checkpointing(tiny_model_dir, quantization,
     assert any(p.grad.abs().sum() > 0 for p in lora)
 
 
+def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, monkeypatch):
+    """Decoder layers run reentrant, and the loss and every LoRA gradient equal the run without checkpointing, LoRA
+    dropout on (the recompute draws the same masks); a block whose keyword input requires grad, or none of whose
+    positional inputs does (its weights would get no gradient), runs non-reentrant, with exact gradients."""
+    import functools
+
+    from lit_ft.models import load
+
+    calls = []
+
+    def spy(function, *args, use_reentrant):
+        calls.append(use_reentrant)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=use_reentrant)
+
+    monkeypatch.setattr(load, "checkpoint", spy)
+    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(checkpointing):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32",
+                                      gradient_checkpointing=checkpointing), LoraSpec(r=4, dropout=0.3))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        model.train()
+        torch.manual_seed(2)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = run(False)
+    assert calls == []
+    loss, grads = run(True)
+    assert calls == [True, True]  # the tiny Llama's two layers (PEFT makes the embedding's output require grad)
+    torch.testing.assert_close(loss, plain_loss)
+    assert grads.keys() == plain.keys() and all(g is not None for g in grads.values())
+    for n in plain:
+        torch.testing.assert_close(grads[n], plain[n])
+
+    w = torch.randn(4, requires_grad=True)
+    for x_grad, keyword, reentrant in ((True, True, False), (False, False, False), (True, False, True)):
+        x = torch.randn(4, requires_grad=x_grad)
+        v = w if keyword else torch.randn(4)
+        block = functools.partial(lambda x, v: (x * v * w).sin() * x, v=v)
+        x.grad = w.grad = None
+        load.checkpoint_layer(block, x).sum().backward()
+        assert calls[-1] is reentrant
+        inputs = tuple(t for t in (x, w) if t.requires_grad)
+        expected = torch.autograd.grad(((x * v * w).sin() * x).sum(), inputs)
+        torch.testing.assert_close(tuple(t.grad for t in inputs), expected)
+
+
 def test_nf4_double_quant_and_compute_dtype(tiny_model_dir):
     spec = ModelSpec(name_or_path=tiny_model_dir, quantization="nf4", double_quant=True, compute_dtype="bfloat16")
     model = build_model(spec, LoraSpec(r=4))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from lit_ft.models import families
 from lit_ft.models.default import default_model_dir
@@ -212,13 +213,43 @@ def prepare_for_training(model, spec: ModelSpec):
 
         install(model)
     if spec.gradient_checkpointing:
-        # Non-reentrant checkpointing (torch.utils.checkpoint, use_reentrant=False) tracks gradients to LoRA
-        # weights even when the checkpointed block's inputs do not require grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in model.modules():  # every block transformers checkpoints goes through `checkpoint_layer`
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = checkpoint_layer
         model.config.use_cache = False
         if spec.checkpoint_every > 1:
             checkpoint_every_kth(model, spec.checkpoint_every)
     return model
+
+
+def checkpoint_layer(function, *args):
+    """Run one checkpointed block (`function(*args)`, transformers' `partial(forward, layer, **kwargs)`) keeping only
+    its inputs, and recompute it in backward.
+
+    Reentrant checkpointing (`use_reentrant=True`) where it is exact: its first forward builds no autograd graph and
+    runs no saved-tensor hooks, which takes about a third off the host work of a checkpointed step (BENCHMARKS.md,
+    "Reentrant checkpointing"), and a small model's step is host work. It passes gradients only through positional
+    tensors, so the block runs non-reentrant (exact for any input, torch's saved-tensor hooks) when no positional
+    input requires grad (the first layer's input, from the frozen embedding: the LoRA weights inside would get no
+    gradient), when a keyword input does (it would get none), under `torch.compile` (dynamo traces non-reentrant
+    checkpointing) and across several ranks (DDP's and FSDP's gradient hooks are tested with non-reentrant only).
+    """
+    reentrant = (not torch.compiler.is_compiling() and any(map(_needs_grad, args))
+                 and not any(map(_needs_grad, getattr(function, "keywords", {}).values())) and not _ranks())
+    return checkpoint(function, *args, use_reentrant=reentrant)
+
+
+def _needs_grad(x) -> bool:
+    if isinstance(x, (tuple, list)):
+        return any(map(_needs_grad, x))
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _ranks() -> bool:
+    """Several processes train together."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def checkpoint_every_kth(model, k: int) -> None:
