@@ -233,15 +233,18 @@ def test_a_validation_batch_that_sets_the_peak_is_shrunk_not_the_training(tiny_m
 
 def test_compiling_is_chosen_where_the_run_pays_for_it():
     """Compiled decoder layers are a step-time lever, not a memory one: on a GPU, where the module left `compile` to
-    the plan, `auto` turns it on when the run is long enough that the faster steps (COMPILED_STEP of the eager step)
-    pay back the compiling (COMPILE_SECONDS), and not otherwise: a run a few steps short of the break-even, a run of
-    unknown length, a module that set `compile: false` (or has no such setting), a CPU run, a 4-bit base
-    (bitsandbytes' kernels: not measured compiled)."""
+    the plan, `auto` turns it on when the run is long enough that the faster steps (COMPILED_HOST of the host's work,
+    COMPILED_GPU of the GPU's) pay back the compiling (COMPILE_SECONDS), and not otherwise: a run a few steps short
+    of the break-even, a run of unknown length, a module that set `compile: false` (or has no such setting), a CPU
+    run, a 4-bit base (bitsandbytes' kernels: not measured compiled)."""
     from lit_ft.plan import auto
 
     s = settings(target="cuda", compile_auto=True)
     eager = auto.step_seconds(s)
-    even = auto.COMPILE_SECONDS / ((1 - auto.COMPILED_STEP) * eager)  # steps where compiling has paid for itself
+    long = 10**9  # steps: the compiled step alone, its compiling spread to nothing
+    compiled = auto.step_seconds(dataclasses.replace(s, compile=True, steps=long)) - auto.COMPILE_SECONDS / long
+    assert compiled == pytest.approx(eager * max(auto.COMPILED_HOST, auto.COMPILED_GPU), rel=0.3)
+    even = auto.COMPILE_SECONDS / (eager - compiled)  # steps where compiling has paid for itself
     budget = 80 * 2**30
     chosen, whats, args = choose(dataclasses.replace(s, steps=int(even * 1.1)), budget)
     assert chosen.compile and whats == ["compiled decoder layers"] and args == ["--model.compile", "true"]

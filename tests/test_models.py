@@ -48,8 +48,9 @@ def test_kbit_build_trains_lora_with_checkpointing(tiny_model_dir, quantization,
 
 def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, monkeypatch):
     """Decoder layers run reentrant, and the loss and every LoRA gradient equal the run without checkpointing, LoRA
-    dropout on (the recompute draws the same masks); a block whose keyword input requires grad, or none of whose
-    positional inputs does (its weights would get no gradient), runs non-reentrant, with exact gradients."""
+    dropout on (the recompute draws the same masks); compiled layers, a block whose keyword input requires grad, or
+    one none of whose positional inputs does (its weights would get no gradient) run non-reentrant, with exact
+    gradients."""
     import functools
 
     from lit_ft.models import load
@@ -85,6 +86,18 @@ def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, mon
     assert grads.keys() == plain.keys() and all(g is not None for g in grads.values())
     for n in plain:
         torch.testing.assert_close(grads[n], plain[n])
+
+    from lit_ft.models import compile_decoder_layers
+
+    calls.clear()
+    torch._dynamo.reset()
+    model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32", gradient_checkpointing=True),
+                        LoraSpec(r=4))
+    compile_decoder_layers(model, backend="aot_eager")  # compiled layers: non-reentrant (no no-grad graphs)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    assert calls and not any(calls)
 
     w = torch.randn(4, requires_grad=True)
     for x_grad, keyword, reentrant in ((True, True, False), (False, False, False), (True, False, True)):

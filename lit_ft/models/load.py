@@ -8,6 +8,7 @@ Nothing here knows about Lightning or PEFT; every name is re-exported by `lit_ft
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from pathlib import Path
 from typing import Literal
@@ -232,11 +233,12 @@ def checkpoint_layer(function, *args):
     "Reentrant checkpointing"), and a small model's step is host work. It passes gradients only through positional
     tensors, so the block runs non-reentrant (exact for any input, torch's saved-tensor hooks) when no positional
     input requires grad (the first layer's input, from the frozen embedding: the LoRA weights inside would get no
-    gradient), when a keyword input does (it would get none), under `torch.compile` (dynamo traces non-reentrant
-    checkpointing) and across several ranks (DDP's and FSDP's gradient hooks are tested with non-reentrant only).
+    gradient), when a keyword input does (it would get none) and across several ranks (DDP's and FSDP's gradient
+    hooks are tested with non-reentrant only). Compiled layers do not come here (`compile_decoder_layers`): under
+    reentrant checkpointing the first forward runs without grad, a second set of graphs to compile.
     """
-    reentrant = (not torch.compiler.is_compiling() and any(map(_needs_grad, args))
-                 and not any(map(_needs_grad, getattr(function, "keywords", {}).values())) and not _ranks())
+    reentrant = (any(map(_needs_grad, args)) and not any(map(_needs_grad, getattr(function, "keywords", {}).values()))
+                 and not _ranks())
     return checkpoint(function, *args, use_reentrant=reentrant)
 
 
@@ -307,9 +309,13 @@ def _layers_to_compile(model, eager_on_error: bool):
     if eager_on_error:
         torch._dynamo.config.suppress_errors = True
     try:
-        return families.decoder_layers(model)[1]
+        layers = families.decoder_layers(model)[1]
     except ConfigError as e:
         raise ConfigError(f"compile: {e}") from e
+    for layer in layers:  # compiled layers checkpoint non-reentrant (`checkpoint_layer`)
+        if hasattr(layer, "_gradient_checkpointing_func"):
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    return layers
 
 
 def compile_gradient_passes(model, backend="inductor", eager_on_error: bool = False) -> int:

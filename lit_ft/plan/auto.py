@@ -59,12 +59,21 @@ total stays within this share of the budget: the plan is within about 15% of mea
 # small against its matmul rate.
 RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9),
          "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"))}
-COMPILED_STEP = 0.75
-"""A step with compiled decoder layers against the eager one (H100: g135 checkpointed 0.75, the 1B DPO step 0.71)."""
+RECOMPUTE_HOST = 0.06
+"""The host work of recomputing checkpointed layers, a share of the eager step's layer work: eager layers checkpoint
+reentrant (`lit_ft.models.checkpoint_layer`: the first forward builds no graph), which measured 0.68x the step of
+non-reentrant checkpointing (H100, same calls, 2026-12-07: g135 0.677, HH reward 0.709), itself 1.56x an unchecked
+step (fourth session)."""
+RECOMPUTE_HOST_COMPILED = 0.5
+"""The same share for compiled layers, which checkpoint non-reentrant (what dynamo traces)."""
+COMPILED_HOST, COMPILED_GPU = 0.61, 0.71
+"""A compiled step's host work and GPU time against the eager step's: fewer, fused kernels to queue and to run
+(H100, 2026-12-07: the g135 step, host-bound and checkpointed, 0.864x the reentrant eager step and 0.585x the
+non-reentrant one; the 1B DPO step, GPU-bound, 0.71x)."""
 COMPILE_SECONDS = 30.0
 """What compiling costs a run once (inductor: one graph shared by the layers, and the recompile for a second
 shape): g135 on an H100 took 27 s longer to its first 23 steps compiled than eagerly; spread over the run's steps
-by the step-time model (that run's compiled steps save 0.10 s each: it pays after about 270 steps)."""
+by the step-time model."""
 COMPILED_UPDATE = 0.80
 """An online stage's update with compiled decoder layers against the eager one (H100, W5: PPO on the 1B shape, 64
 episodes of 128 + 256 tokens, 4 epochs of minibatch 8: 5.51 against 6.85 s, 2026-12-07). The rollout, scoring and
@@ -118,11 +127,17 @@ def step_seconds(s: Settings) -> float:
     n = trunk + d.hidden * d.vocab
     ckpt = (1.0 / max(1, s.base.checkpoint_every)) if s.base.gradient_checkpointing else 0.0
     ref = 1.0 if _reference_pass(s) else 0.0
+    online = s.stage in ONLINE
+    compiled = s.compile and not online  # (an online update's compiling is its own factor, below)
     # forward 2N, backward 2N, the decoder's recomputed forward (not the head) x share, the reference's forward 2N
     flops = micro * rows * seq * (4 * n + 2 * trunk * ckpt + 2 * n * ref)
-    host = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + 0.5 * ckpt + ref / 3))
+    recompute = RECOMPUTE_HOST_COMPILED if s.compile else RECOMPUTE_HOST
+    host = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + recompute * ckpt + ref / 3))
+    gpu = flops / r["flops"]
+    if compiled:
+        host, gpu = host * COMPILED_HOST, gpu * COMPILED_GPU
     # a GPU runs the kernels while the host queues the next ones: the slower of the two sets the step; a CPU does both
-    t = max(host, flops / r["flops"]) if s.target == "cuda" else host + flops / r["flops"]
+    t = max(host, gpu) if s.target == "cuda" else host + gpu
     if s.base.activation_offloading:
         kept = dataclasses.replace(s, base=dataclasses.replace(s.base, activation_offloading=False))
         t += micro * _saved_bytes(kept) / r["pcie"]
@@ -131,10 +146,9 @@ def step_seconds(s: Settings) -> float:
     if "paged" in s.optim.optimizer:
         t *= 1.02
     eager = t = t * passes
-    online = s.stage in ONLINE
     if s.compile:  # faster steps, and the compiling spread over the run (a run of unknown length: never paid back)
-        faster, once = (COMPILED_UPDATE, COMPILE_SECONDS_ONLINE) if online else (COMPILED_STEP, COMPILE_SECONDS)
-        t = t * faster + (once / s.steps if s.steps else float("inf"))
+        t = (t * COMPILED_UPDATE if online else t) + (
+            (COMPILE_SECONDS_ONLINE if online else COMPILE_SECONDS) / s.steps if s.steps else float("inf"))
     if online and s.sampling is not None and s.sampling.engine == "hf":
         t += eager  # rollouts through `generate`: several times slower decoding (BENCHMARKS.md, rollout engine)
     return t
