@@ -233,12 +233,13 @@ def checkpoint_layer(function, *args):
     "Reentrant checkpointing"), and a small model's step is host work. It passes gradients only through positional
     tensors, so the block runs non-reentrant (exact for any input, torch's saved-tensor hooks) when no positional
     input requires grad (the first layer's input, from the frozen embedding: the LoRA weights inside would get no
-    gradient), when a keyword input does (it would get none) and across several ranks (DDP's and FSDP's gradient
-    hooks are tested with non-reentrant only). Compiled layers do not come here (`compile_decoder_layers`): under
-    reentrant checkpointing the first forward runs without grad, a second set of graphs to compile.
+    gradient), when an input bound in the partial (a keyword) does (it would get none) and across several ranks
+    (DDP's and FSDP's gradient hooks are tested with non-reentrant only). Compiled layers do not come here
+    (`compile_decoder_layers`): under reentrant checkpointing the first forward runs without grad, a second set of
+    graphs to compile.
     """
-    reentrant = (any(map(_needs_grad, args)) and not any(map(_needs_grad, getattr(function, "keywords", {}).values()))
-                 and not _ranks())
+    bound = (*getattr(function, "args", ()), *getattr(function, "keywords", {}).values())  # a partial's own inputs
+    reentrant = any(map(_needs_grad, args)) and not any(map(_needs_grad, bound)) and not _ranks()
     return checkpoint(function, *args, use_reentrant=reentrant)
 
 

@@ -62,18 +62,19 @@ RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9),
 RECOMPUTE_HOST = 0.06
 """The host work of recomputing checkpointed layers, a share of the eager step's layer work: eager layers checkpoint
 reentrant (`lit_ft.models.checkpoint_layer`: the first forward builds no graph), which measured 0.68x the step of
-non-reentrant checkpointing (H100, same calls, 2026-12-07: g135 0.677, HH reward 0.709), itself 1.56x an unchecked
-step (fourth session)."""
+non-reentrant checkpointing (H100, same calls, 2026-12-07: g135 0.677, HH reward 0.709), itself about 1.56x an
+unchecked step (BENCHMARKS.md, "The step-time model refitted")."""
 RECOMPUTE_HOST_COMPILED = 0.5
 """The same share for compiled layers, which checkpoint non-reentrant (what dynamo traces)."""
-COMPILED_HOST, COMPILED_GPU = 0.61, 0.71
+COMPILED_HOST, COMPILED_GPU = 0.65, 0.71
 """A compiled step's host work and GPU time against the eager step's: fewer, fused kernels to queue and to run
-(H100, 2026-12-07: the g135 step, host-bound and checkpointed, 0.864x the reentrant eager step and 0.585x the
-non-reentrant one; the 1B DPO step, GPU-bound, 0.71x)."""
+(H100, 2026-12-07: the g135 step, host-bound and checkpointed, 0.86x-0.95x the reentrant eager step in two calls,
+0.585x the non-reentrant one; the 1B DPO step, GPU-bound, 0.71x)."""
 COMPILE_SECONDS = 30.0
 """What compiling costs a run once (inductor: one graph shared by the layers, and the recompile for a second
 shape): g135 on an H100 took 27 s longer to its first 23 steps compiled than eagerly; spread over the run's steps
-by the step-time model."""
+by the step-time model. (Two variants measured on 2026-12-07 and not kept cost more: compiled layers checkpointed
+reentrant, about 65 s; dynamic shapes from the start, about 84 s.)"""
 COMPILED_UPDATE = 0.80
 """An online stage's update with compiled decoder layers against the eager one (H100, W5: PPO on the 1B shape, 64
 episodes of 128 + 256 tokens, 4 epochs of minibatch 8: 5.51 against 6.85 s, 2026-12-07). The rollout, scoring and
