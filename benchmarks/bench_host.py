@@ -10,7 +10,8 @@ own process, and the median of the runs of each is printed (the 2-core machine i
     python benchmarks/bench_host.py --variants plain+gc,lit+gc --repeats 3
     python benchmarks/bench_host.py --variants lit+gc --root .old     # another checkout of lit_ft, same model
 
-Modifiers: `gc` (non-reentrant gradient checkpointing), `nodrop` (LoRA dropout 0).
+Modifiers: `gc` (gradient checkpointing: the plain loop's non-reentrant, lit_ft's its own `checkpoint_layer`), `reent`
+(the plain loop's checkpointing reentrant), `nodrop` (LoRA dropout 0).
 
 `--lora-call`: instead, the host time of one LoRA Linear's forward + backward by PEFT and by two rewrites of it (plain
 ops; the branch as one custom autograd Function), on equal outputs.

@@ -262,7 +262,8 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
     """`step_seconds` on a GPU: the slower of the host's queueing (a fixed time a layer and micro-batch) and the GPU's
     matmuls, not their sum (the card computes while the host queues); on a CPU their sum. DPO's step carries the
     reference model's no-grad forward (2N a token against the policy's 4N), which precomputing it or a
-    reference-free loss removes; checkpointing recomputes the decoder, not the LM head."""
+    reference-free loss removes; checkpointing recomputes the decoder, not the LM head, at little host work for eager
+    layers (reentrant) and more for compiled ones (non-reentrant)."""
     from lit_ft.plan import auto
     from lit_ft.plan.stages import counted_model
     from lit_ft.stages.dpo import DPOSpec
@@ -285,6 +286,17 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
     assert auto.step_seconds(s) == pytest.approx(gpu)
     monkeypatch.setitem(auto.RATES, "cpu", auto.RATES["cuda"])
     assert auto.step_seconds(dataclasses.replace(s, target="cpu")) == pytest.approx(2 * gpu)
+    # the host's work of recomputing: small for eager layers (reentrant), larger for compiled ones (non-reentrant)
+    monkeypatch.setitem(auto.RATES, "cuda", dict(rates, flops=float("inf"), step_s=0.0))
+    plain = dataclasses.replace(s, dpo=DPOSpec(precompute_ref=True))
+    checked = dataclasses.replace(plain, base=dataclasses.replace(plain.base, gradient_checkpointing=True))
+    assert auto.step_seconds(checked) == pytest.approx(auto.step_seconds(plain) * (1 + auto.RECOMPUTE_HOST))
+
+    def compiled(x, long=10**9):  # the compiled step alone, its compiling spread to nothing
+        return auto.step_seconds(dataclasses.replace(x, compile=True, steps=long)) - auto.COMPILE_SECONDS / long
+
+    assert compiled(plain) == pytest.approx(auto.step_seconds(plain) * auto.COMPILED_HOST)
+    assert compiled(checked) == pytest.approx(compiled(plain) * (1 + auto.RECOMPUTE_HOST_COMPILED))
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])

@@ -46,11 +46,11 @@ def test_kbit_build_trains_lora_with_checkpointing(tiny_model_dir, quantization,
     assert any(p.grad.abs().sum() > 0 for p in lora)
 
 
-def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, monkeypatch):
+def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, monkeypatch, tmp_path):
     """Decoder layers run reentrant, and the loss and every LoRA gradient equal the run without checkpointing, LoRA
-    dropout on (the recompute draws the same masks); compiled layers, a block whose keyword input requires grad, or
-    one none of whose positional inputs does (its weights would get no gradient) run non-reentrant, with exact
-    gradients."""
+    dropout on (the recompute draws the same masks); compiled layers, a block whose keyword input requires grad, one
+    none of whose positional inputs does (its weights would get no gradient), and any block under a process group
+    run non-reentrant, with exact gradients."""
     import functools
 
     from lit_ft.models import load
@@ -101,15 +101,31 @@ def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, mon
 
     w = torch.randn(4, requires_grad=True)
     for x_grad, keyword, reentrant in ((True, True, False), (False, False, False), (True, False, True)):
-        x = torch.randn(4, requires_grad=x_grad)
-        v = w if keyword else torch.randn(4)
-        block = functools.partial(lambda x, v: (x * v * w).sin() * x, v=v)
+        x, other = torch.randn(4, requires_grad=x_grad), torch.randn(4)
+
+        def v():  # a keyword input computed from w and also used outside the block (reentrant: a failed backward)
+            return w * 2 if keyword else other
+
+        def loss(out, v):
+            return out.sum() + v.sum()
+
         x.grad = w.grad = None
-        load.checkpoint_layer(block, x).sum().backward()
+        v_in = v()
+        loss(load.checkpoint_layer(functools.partial(lambda x, v: (x * v * w).sin() * x, v=v_in), x), v_in).backward()
         assert calls[-1] is reentrant
         inputs = tuple(t for t in (x, w) if t.requires_grad)
-        expected = torch.autograd.grad(((x * v * w).sin() * x).sum(), inputs)
+        v_in = v()
+        expected = torch.autograd.grad(loss((x * v_in * w).sin() * x, v_in), inputs)
         torch.testing.assert_close(tuple(t.grad for t in inputs), expected)
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:  # DDP's and FSDP's hooks: non-reentrant under any process group, one process included
+        load.checkpoint_layer(functools.partial(lambda x: x.sin()), torch.randn(4, requires_grad=True)).sum().backward()
+        assert calls[-1] is False
+    finally:
+        dist.destroy_process_group()
 
 
 def test_nf4_double_quant_and_compute_dtype(tiny_model_dir):

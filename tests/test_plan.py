@@ -467,7 +467,7 @@ def test_reward_forward_terms_equal_what_autograd_saves(tiny_model_dir, dtype):
 
 
 def test_checkpointing_keeps_only_layer_inputs_outside(tiny_model_dir):
-    """Under non-reentrant checkpointing the hooks see each checkpointed layer's input [n, H] (kept for the
+    """Under checkpointing (reentrant here) the hooks see each checkpointed layer's input [n, H] (kept for the
     recompute) and what is saved outside the layers (the final norm, the loss gather), nothing from inside; RoPE's
     cos/sin travel in the layers' `position_embeddings` argument, held by the checkpoints rather than saved."""
     rows, seq = 3, 20

@@ -214,7 +214,7 @@ def prepare_for_training(model, spec: ModelSpec):
 
         install(model)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # (replaced:)
         for module in model.modules():  # every block transformers checkpoints goes through `checkpoint_layer`
             if hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = checkpoint_layer
@@ -233,26 +233,29 @@ def checkpoint_layer(function, *args):
     "Reentrant checkpointing"), and a small model's step is host work. It passes gradients only through positional
     tensors, so the block runs non-reentrant (exact for any input, torch's saved-tensor hooks) when no positional
     input requires grad (the first layer's input, from the frozen embedding: the LoRA weights inside would get no
-    gradient), when an input bound in the partial (a keyword) does (it would get none) and across several ranks
-    (DDP's and FSDP's gradient hooks are tested with non-reentrant only). Compiled layers do not come here
+    gradient), when an input bound in the partial (a keyword) does (reentrant checkpointing does not track it: a
+    leaf gets its gradient, a tensor also used outside the block fails the backward) and under any process group
+    (DDP's and FSDP's gradient hooks: reentrant checkpointing breaks DDP's `find_unused_parameters`, even on one
+    process). Compiled layers do not come here
     (`compile_decoder_layers`): under reentrant checkpointing the first forward runs without grad, a second set of
     graphs to compile.
     """
-    bound = (*getattr(function, "args", ()), *getattr(function, "keywords", {}).values())  # a partial's own inputs
-    reentrant = any(map(_needs_grad, args)) and not any(map(_needs_grad, bound)) and not _ranks()
+    bound = (*function.args, *function.keywords.values()) if isinstance(function, functools.partial) else ()
+    reentrant = any(map(_needs_grad, args)) and not any(map(_needs_grad, bound)) and not _distributed()
     return checkpoint(function, *args, use_reentrant=reentrant)
 
 
 def _needs_grad(x) -> bool:
     if isinstance(x, (tuple, list)):
         return any(map(_needs_grad, x))
+    if isinstance(x, dict):
+        return any(map(_needs_grad, x.values()))
     return isinstance(x, torch.Tensor) and x.requires_grad
 
 
-def _ranks() -> bool:
-    """Several processes train together."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _distributed() -> bool:
+    """A process group is up (DDP, FSDP, DeepSpeed: their gradient hooks), whatever its size."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def checkpoint_every_kth(model, k: int) -> None:

@@ -89,7 +89,8 @@ class ModelSpec:
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     """Storage dtype of the packed 4-bit weights; FSDP needs it equal to the other weights' dtype (bfloat16)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (non-reentrant, so frozen inputs keep LoRA trainable)."""
+    """Recompute activations in the backward pass (each layer's inputs kept; reentrant where that is exact, else
+    non-reentrant, so frozen inputs keep LoRA trainable: `lit_ft.models.checkpoint_layer`)."""
     checkpoint_every: int = 1
     """With `gradient_checkpointing`: checkpoint every k-th decoder layer (layers 0, k, 2k, ...), the others keep
     their activations. 1 = every layer; 2 halves the recompute for about half the saving (`lit-ft plan` shows

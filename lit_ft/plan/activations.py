@@ -178,7 +178,7 @@ def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, ch
     shared = rope_saved(d, pos_rows, seq, a) + attention_mask_bytes(rows, seq, a, attn, masked)
     final_norm = n * d.hidden * 4 + n * 4  # the final RMSNorm's fp32 input and rsqrt
     if checkpointing:
-        # Non-reentrant checkpointing keeps each layer's inputs (the hidden states [n, H]) and nothing inside;
+        # Checkpointing (reentrant or not) keeps each layer's inputs (the hidden states [n, H]) and nothing inside;
         # the backward re-runs one layer at a time, so one layer's saved set exists again at the peak.
         checkpointed = -(-d.layers // every)  # layer 0 is one of them: the others save as any later layer
         kept = checkpointed * n * d.hidden * a + (d.layers - checkpointed) * other

@@ -50,8 +50,8 @@ total stays within this share of the budget: the plan is within about 15% of mea
 
 # The step-time model's rates, fitted so that its seconds are about the measured ones of an H100 (BENCHMARKS.md,
 # "The step-time model refitted"): the host queues a LoRA step's kernels at about 8 ms a decoder layer for the
-# forward and backward of one micro-batch (a 16-row SmolLM2-135M step: 0.26 s measured and modelled unchecked, 0.41
-# and 0.38 s checkpointed), the GPU runs its matmuls at an effective ~260 TFLOP/s with the element-wise work between
+# forward and backward of one micro-batch (a 16-row SmolLM2-135M step: 0.26 s measured and modelled unchecked; the
+# recompute of checkpointing's reentrant eager layers adds RECOMPUTE_HOST of that), the GPU runs its matmuls at an effective ~260 TFLOP/s with the element-wise work between
 # them (DPO on the 1B shape, 8 pairs of 2048-token sequences, reference pass included: 0.94 s measured, 0.93 s
 # modelled; checkpointed 1.15 and 1.18 s), and a step takes the slower of the two, since the GPU works while the
 # host queues; host transfers at ~25 GB/s (W1 offloading without checkpointing: 36 GB a step cost 1.4 s), on top.
@@ -63,13 +63,16 @@ RECOMPUTE_HOST = 0.06
 """The host work of recomputing checkpointed layers, a share of the eager step's layer work: eager layers checkpoint
 reentrant (`lit_ft.models.checkpoint_layer`: the first forward builds no graph), which measured 0.68x the step of
 non-reentrant checkpointing (H100, same calls, 2026-12-07: g135 0.677, HH reward 0.709), itself about 1.56x an
-unchecked step (BENCHMARKS.md, "The step-time model refitted")."""
+unchecked step in earlier calls (BENCHMARKS.md, "The step-time model refitted"): 1.06x, chained across calls (HH's
+ratio alone gives 1.13x; the CPU's host work alone, bench_host.py, 1.39x). Not measured in one call."""
 RECOMPUTE_HOST_COMPILED = 0.5
 """The same share for compiled layers, which checkpoint non-reentrant (what dynamo traces)."""
 COMPILED_HOST, COMPILED_GPU = 0.65, 0.71
 """A compiled step's host work and GPU time against the eager step's: fewer, fused kernels to queue and to run
-(H100, 2026-12-07: the g135 step, host-bound and checkpointed, 0.86x-0.95x the reentrant eager step in two calls,
-0.585x the non-reentrant one; the 1B DPO step, GPU-bound, 0.71x)."""
+(H100: the g135 step, host-bound and checkpointed, 0.86x and 0.95x the reentrant eager step in two calls of
+2026-12-07, with two compiled variants that were not kept, and 0.585x the non-reentrant eager step; the compiled
+layers as they are now, non-reentrant with static shapes first, not measured against the reentrant eager step; the
+1B DPO step, GPU-bound, 0.71x)."""
 COMPILE_SECONDS = 30.0
 """What compiling costs a run once (inductor: one graph shared by the layers, and the recompile for a second
 shape): g135 on an H100 took 27 s longer to its first 23 steps compiled than eagerly; spread over the run's steps
