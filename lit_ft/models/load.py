@@ -236,9 +236,8 @@ def checkpoint_layer(function, *args):
     gradient), when an input bound in the partial (a keyword) does (reentrant checkpointing does not track it: a
     leaf gets its gradient, a tensor also used outside the block fails the backward) and under any process group
     (DDP's and FSDP's gradient hooks: reentrant checkpointing breaks DDP's `find_unused_parameters`, even on one
-    process). Compiled layers do not come here
-    (`compile_decoder_layers`): under reentrant checkpointing the first forward runs without grad, a second set of
-    graphs to compile.
+    process). Compiled layers do not come here (`compile_decoder_layers`): under reentrant checkpointing the first
+    forward runs without grad, a second set of graphs to compile.
     """
     bound = (*function.args, *function.keywords.values()) if isinstance(function, functools.partial) else ()
     reentrant = any(map(_needs_grad, args)) and not any(map(_needs_grad, bound)) and not _distributed()

@@ -51,10 +51,10 @@ total stays within this share of the budget: the plan is within about 15% of mea
 # The step-time model's rates, fitted so that its seconds are about the measured ones of an H100 (BENCHMARKS.md,
 # "The step-time model refitted"): the host queues a LoRA step's kernels at about 8 ms a decoder layer for the
 # forward and backward of one micro-batch (a 16-row SmolLM2-135M step: 0.26 s measured and modelled unchecked; the
-# recompute of checkpointing's reentrant eager layers adds RECOMPUTE_HOST of that), the GPU runs its matmuls at an effective ~260 TFLOP/s with the element-wise work between
-# them (DPO on the 1B shape, 8 pairs of 2048-token sequences, reference pass included: 0.94 s measured, 0.93 s
-# modelled; checkpointed 1.15 and 1.18 s), and a step takes the slower of the two, since the GPU works while the
-# host queues; host transfers at ~25 GB/s (W1 offloading without checkpointing: 36 GB a step cost 1.4 s), on top.
+# recompute of checkpointing's reentrant eager layers adds RECOMPUTE_HOST of that), the GPU runs its matmuls at an
+# effective ~260 TFLOP/s with the element-wise work between them (DPO on the 1B shape, 8 pairs of 2048-token
+# sequences, reference pass included: 0.94 s measured, 0.93 s modelled; checkpointed 1.15 and 1.18 s), and a step
+# takes the slower of the two, since the GPU works while the host queues; host transfers at ~25 GB/s (W1 offloading without checkpointing: 36 GB a step cost 1.4 s), on top.
 # Choices need only the ratios; whether compiling pays needs seconds. CPU: no overlap, and the per-layer overhead is
 # small against its matmul rate.
 RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9),
