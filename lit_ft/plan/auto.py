@@ -55,8 +55,8 @@ total stays within this share of the budget: the plan is within about 15% of mea
 # effective ~260 TFLOP/s with the element-wise work between them (DPO on the 1B shape, 8 pairs of 2048-token
 # sequences, reference pass included: 0.94 s measured, 0.93 s modelled; checkpointed 1.15 and 1.18 s), and a step
 # takes the slower of the two, since the GPU works while the host queues; host transfers at ~25 GB/s (W1 offloading
-# without checkpointing: 36 GB a step cost 1.4 s), on top. Choices need only the ratios; whether compiling pays needs seconds. CPU: no overlap, and the per-layer overhead is
-# small against its matmul rate.
+# without checkpointing: 36 GB a step cost 1.4 s), on top. Choices need only the ratios; whether compiling pays
+# needs seconds. CPU: no overlap, and the per-layer overhead is small against its matmul rate.
 RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9),
          "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"))}
 RECOMPUTE_HOST = 0.06
