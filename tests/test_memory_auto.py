@@ -297,6 +297,8 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
 
     assert compiled(plain) == pytest.approx(auto.step_seconds(plain) * auto.COMPILED_HOST)
     assert compiled(checked) == pytest.approx(compiled(plain) * (1 + auto.RECOMPUTE_HOST_COMPILED))
+    grouped = dataclasses.replace(checked, process_group=True)  # DDP, FSDP: non-reentrant eager layers too
+    assert auto.step_seconds(grouped) == pytest.approx(auto.step_seconds(plain) * (1 + auto.RECOMPUTE_HOST_COMPILED))
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])
@@ -386,6 +388,9 @@ def test_the_plan_reads_the_run_length_and_sets_compile_on_the_module(sft_file):
     s = settings_from(model, data, trainer(max_epochs=3, accumulate_grad_batches=2))
     assert s.data.train_count == rows and s.steps == 3 * (-(-rows // 4) // 2)
     assert settings_from(model, data, trainer(max_epochs=2, limit_train_batches=1)).steps == 2
+    ddp = settings_from(model, data, trainer(max_epochs=3, accumulate_grad_batches=2, devices=2, strategy="ddp"))
+    assert (ddp.ranks, ddp.process_group, s.ranks, s.process_group) == (2, True, 1, False)
+    assert ddp.steps == 3 * (-(-rows // 8) // 2)  # each of the two ranks reads half the rows
     assert s.compile_auto and not s.compile
     assert not settings_from(SFTModule(base=ModelSpec(name_or_path=BASE), compile=False), data, trainer()).compile_auto
     chosen = dataclasses.replace(s, compile=True)

@@ -66,7 +66,8 @@ non-reentrant checkpointing (H100, same calls, 2026-12-07: g135 0.677, HH reward
 unchecked step in earlier calls (BENCHMARKS.md, "The step-time model refitted"): 1.06x, chained across calls (HH's
 ratio alone gives 1.13x; the CPU's host work alone, bench_host.py, 1.39x). Not measured in one call."""
 RECOMPUTE_HOST_COMPILED = 0.5
-"""The same share for compiled layers, which checkpoint non-reentrant (what dynamo traces)."""
+"""The same share for compiled layers, which checkpoint non-reentrant (what dynamo traces), and for every layer under
+a process group (DDP, FSDP: non-reentrant too)."""
 COMPILED_HOST, COMPILED_GPU = 0.65, 0.71
 """A compiled step's host work and GPU time against the eager step's: fewer, fused kernels to queue and to run
 (H100: the g135 step, host-bound and checkpointed, 0.86x and 0.95x the reentrant eager step in two calls of
@@ -135,7 +136,7 @@ def step_seconds(s: Settings) -> float:
     compiled = s.compile and not online  # (an online update's compiling is its own factor, below)
     # forward 2N, backward 2N, the decoder's recomputed forward (not the head) x share, the reference's forward 2N
     flops = micro * rows * seq * (4 * n + 2 * trunk * ckpt + 2 * n * ref)
-    recompute = RECOMPUTE_HOST_COMPILED if s.compile else RECOMPUTE_HOST
+    recompute = RECOMPUTE_HOST_COMPILED if s.compile or s.process_group else RECOMPUTE_HOST
     host = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + recompute * ckpt + ref / 3))
     gpu = flops / r["flops"]
     if compiled:

@@ -78,6 +78,11 @@ class Settings:
     compile_auto: bool = False
     """The module left `compile` to the plan (`compile: null`, the default of the stages that have it): `auto` may
     turn it on (`lit_ft.plan.auto`)."""
+    ranks: int = 1
+    """Processes training together (the trainer's world size): each reads its share of the rows a step."""
+    process_group: bool = False
+    """The strategy runs a process group (DDP, FSDP, DeepSpeed: even on one device), where checkpointed layers run
+    non-reentrant (`lit_ft.models.checkpoint_layer`): more host work a recompute."""
     steps: int | None = None
     """Training steps the fit will take (`trainer.max_steps`, or its epochs of the rows read; an online stage's:
     rollouts, `planned_rollouts`); None: unknown."""
@@ -177,9 +182,9 @@ def run_device(trainer=None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def planned_steps(trainer, data: RowStats | None, batch_size: int, accumulate: int) -> int | None:
-    """Optimizer steps of the fit: `max_steps` when set, else `max_epochs` of the training rows read (None when
-    neither says: no trainer, or rows the plan did not read)."""
+def planned_steps(trainer, data: RowStats | None, batch_size: int, accumulate: int, ranks: int = 1) -> int | None:
+    """Optimizer steps of the fit: `max_steps` when set, else `max_epochs` of the training rows read, each of `ranks`
+    processes reading its share (None when neither says: no trainer, or rows the plan did not read)."""
     if trainer is None:
         return None
     max_steps = getattr(trainer, "max_steps", -1)
@@ -188,7 +193,7 @@ def planned_steps(trainer, data: RowStats | None, batch_size: int, accumulate: i
     epochs = getattr(trainer, "max_epochs", None)
     if not epochs or epochs < 0 or data is None or not data.train_count:
         return None
-    batches = -(-data.train_count // max(1, batch_size))
+    batches = -(-data.train_count // max(1, batch_size * ranks))
     limit = getattr(trainer, "limit_train_batches", None)
     if isinstance(limit, int) and not isinstance(limit, bool):
         batches = min(batches, limit)
@@ -205,7 +210,7 @@ def planned_rollouts(trainer, s: Settings) -> int | None:
     if max_steps is not None and max_steps > 0:
         _, _, steps, passes = plan_stages.online.update_shape(s)
         return max(1, int(max_steps) // (passes * steps))
-    return planned_steps(trainer, s.data, s.batch_size, 1)
+    return planned_steps(trainer, s.data, s.batch_size, 1, s.ranks)
 
 
 def settings_from(model, datamodule=None, trainer=None, target: str | None = None) -> Settings:
@@ -230,9 +235,17 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
         rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)),
         compile_auto=hasattr(model, "compile_layers") and model.compile_layers is None,
-        episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None)
+        episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None,
+        ranks=max(1, int(getattr(trainer, "world_size", 1) or 1)), process_group=_parallel(trainer))
     return replace(s, steps=planned_rollouts(trainer, s) if stage in plan_stages.online.ONLINE
-                   else planned_steps(trainer, data, s.batch_size, accumulate))
+                   else planned_steps(trainer, data, s.batch_size, accumulate, s.ranks))
+
+
+def _parallel(trainer) -> bool:
+    """The trainer's strategy runs a process group (Lightning's parallel strategies: DDP, FSDP, DeepSpeed)."""
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), ParallelStrategy)
 
 
 def estimate(model, datamodule=None, trainer=None, *, budget: int | str | None = "auto", target: str | None = None,
