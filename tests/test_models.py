@@ -128,6 +128,44 @@ def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, mon
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("task", ["score", "causal_lm"])
+def test_checkpointed_reward_and_preference_passes_keep_their_gradients(tiny_model_dir, task):
+    """The reward model's score pass and DPO's response log-prob pass over padded rows give the same outputs and
+    LoRA gradients checkpointed (reentrant layers) as not, LoRA dropout on."""
+    from lit_ft.online import scoring
+    from lit_ft.stages import dpo_ref
+
+    ids = torch.randint(3, 200, (4, 14), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 9:], mask[3, 5:] = 0, 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # the prompt
+
+    def run(checkpointing):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32",
+                                      gradient_checkpointing=checkpointing), LoraSpec(r=4, dropout=0.2), task)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        model.train()
+        torch.manual_seed(1)
+        if task == "score":
+            out = scoring.sequence_scores(model, ids, mask)
+        else:
+            out = dpo_ref.sequence_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})[0]
+        (out * torch.arange(1.0, 5.0)).sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    out, grads = run(False)
+    out_c, grads_c = run(True)
+    torch.testing.assert_close(out_c, out)
+    assert grads.keys() == grads_c.keys() and all(g is not None for g in grads_c.values())
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n])
+
+
 def test_nf4_double_quant_and_compute_dtype(tiny_model_dir):
     spec = ModelSpec(name_or_path=tiny_model_dir, quantization="nf4", double_quant=True, compute_dtype="bfloat16")
     model = build_model(spec, LoraSpec(r=4))
