@@ -214,7 +214,10 @@ def prepare_for_training(model, spec: ModelSpec):
 
         install(model)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # (replaced:)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: the deprecated name's successor
+            model.activation_checkpointing_enable({"use_reentrant": False})  # (the function is replaced below)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for module in model.modules():  # every block transformers checkpoints goes through `checkpoint_layer`
             if hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = checkpoint_layer
