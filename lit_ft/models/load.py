@@ -214,10 +214,14 @@ def prepare_for_training(model, spec: ModelSpec):
 
         install(model)
     if spec.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: the deprecated name's successor
-            model.activation_checkpointing_enable({"use_reentrant": False})  # (the function is replaced below)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from transformers import PreTrainedModel
+
+        kwargs = {"use_reentrant": False}  # (the checkpointing function is replaced below)
+        successor = getattr(PreTrainedModel, "activation_checkpointing_enable", None)  # transformers' newer name
+        if successor is not None and getattr(type(model), "activation_checkpointing_enable", None) is successor:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # older transformers, or a model class of its own making
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         for module in model.modules():  # every block transformers checkpoints goes through `checkpoint_layer`
             if hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = checkpoint_layer
