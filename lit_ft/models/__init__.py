@@ -13,7 +13,8 @@ from lit_ft.models.build import build_model, describe, eval_mode, trainable_stat
 from lit_ft.models.default import DEFAULT_MODEL_NAME, default_model_dir  # noqa: F401
 from lit_ft.models.identity import local_weights_path, weights_fingerprint  # noqa: F401
 from lit_ft.models.load import (  # noqa: F401
-    apply_liger_kernel, check_gguf_magic, check_model_files, compile_decoder_layers, compile_gradient_passes,
+    apply_liger_kernel, check_gguf_magic, check_model_files, checkpoint_layer, compile_decoder_layers,
+    compile_gradient_passes,
     disable_cpu_4bit_repacking, load_base, load_tokenizer, prepare_for_training, quantization_config, resolve_dtype,
     resolve_name,
 )

@@ -6,8 +6,8 @@ On CUDA the copies run on a side stream into pinned host buffers, so the device-
 the next layer's compute; the backward brings a tensor back when autograd asks for it (the wait is where it costs
 time, measured in BENCHMARKS.md). With gradient checkpointing, nothing inside a checkpointed layer reaches these
 hooks (reentrant: its first forward saves nothing; non-reentrant: checkpointing's own hooks own it), so only what
-crosses the layer boundaries (each layer's input, kept for the recompute) does: the two compose, checkpointing cutting the number of saved tensors, offloading
-moving the rest.
+crosses the layer boundaries (each layer's input, kept for the recompute) does: the two compose, checkpointing
+cutting the number of saved tensors, offloading moving the rest.
 
 Not offloaded: the model's parameters and buffers (autograd saves the frozen weights of every matmul; they stay on
 the device anyway), tensors below `min_bytes` (copies of small tensors cost more than they save), and anything in a
