@@ -46,6 +46,23 @@ def test_kbit_build_trains_lora_with_checkpointing(tiny_model_dir, quantization,
     assert any(p.grad.abs().sum() > 0 for p in lora)
 
 
+def _lora_model(model_dir, checkpointing: bool, dropout: float, task: str = "causal_lm"):
+    """A float32 LoRA model of the tiny base in training mode, its B matrices random (LoRA's start is B = 0, which
+    would give the A matrices no gradient to compare)."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name_or_path=model_dir, dtype="float32", gradient_checkpointing=checkpointing),
+                        LoraSpec(r=4, dropout=dropout), task)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model.train()
+
+
+def _grads(model) -> dict:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, monkeypatch, tmp_path):
     """Decoder layers run reentrant, and the loss and every LoRA gradient equal the run without checkpointing, LoRA
     dropout on (the recompute draws the same masks); compiled layers, a block whose keyword input requires grad, one
@@ -65,18 +82,11 @@ def test_checkpointed_layers_run_reentrant_where_it_is_exact(tiny_model_dir, mon
     ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(1))
 
     def run(checkpointing):
-        torch.manual_seed(0)
-        model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32",
-                                      gradient_checkpointing=checkpointing), LoraSpec(r=4, dropout=0.3))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-        model.train()
+        model = _lora_model(tiny_model_dir, checkpointing, dropout=0.3)
         torch.manual_seed(2)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), _grads(model)
 
     plain_loss, plain = run(False)
     assert calls == []
@@ -142,21 +152,14 @@ def test_checkpointed_reward_and_preference_passes_keep_their_gradients(tiny_mod
     labels[:, :3] = -100  # the prompt
 
     def run(checkpointing):
-        torch.manual_seed(0)
-        model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32",
-                                      gradient_checkpointing=checkpointing), LoraSpec(r=4, dropout=0.2), task)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-        model.train()
+        model = _lora_model(tiny_model_dir, checkpointing, dropout=0.2, task=task)
         torch.manual_seed(1)
         if task == "score":
             out = scoring.sequence_scores(model, ids, mask)
         else:
             out = dpo_ref.sequence_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})[0]
         (out * torch.arange(1.0, 5.0)).sum().backward()
-        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return out.detach(), _grads(model)
 
     out, grads = run(False)
     out_c, grads_c = run(True)
