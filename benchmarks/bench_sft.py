@@ -11,7 +11,8 @@ memory, no patched modules or compile caches shared between variants), prints a 
 Variants: `hf` (plain loop: model(input_ids, labels) + torch AdamW; W3 adds peft.prepare_model_for_kbit_training),
 `trl` (trl.SFTTrainer with its defaults: gradient checkpointing on, bf16 autocast), and `lit` with modifiers joined
 by '+': `mixed` (precision bf16-mixed instead of bf16-true), `compile` (SFTModule(compile=True)), `liger`
-(ModelSpec(liger_kernel=True)), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's), `off`
+(ModelSpec(liger_kernel=True)), `graphs` (SFTModule(cuda_graphs=True): each step's forward and backward replayed
+from a CUDA graph), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's), `off`
 (ModelSpec(activation_offloading=True): saved activations in pinned CPU memory); `prof` (any variant, every
 script): torch.profiler over the first timed steps, the `profile` entry of the result (`Clock.profile_stats`);
 `sync` (any variant, CUDA): the Python stacks of the first timed step's host-device synchronisations.
@@ -431,7 +432,7 @@ def lit_module(w: Workload, args, device: str, mods: set[str]):
     optimizer = "paged_adamw_32bit" if w.name == "qlora_smoke" and device == "cuda" else "adamw"
     module = SFTModule(base=base, lora=LoraSpec(**w.lora),
                        optim=OptimSpec(optimizer=optimizer, lr=w.lr, warmup_steps=0, scheduler="constant"),
-                       compile=compile_setting(mods), loss_chunk_size=chunk)
+                       compile=compile_setting(mods), loss_chunk_size=chunk, cuda_graphs=graphs_setting(mods))
     if "ro" in mods:  # each decoder layer compiled with CUDA graphs (an experiment: not a module setting)
         from lit_ft.models import compile_decoder_layers
 
@@ -459,6 +460,9 @@ def lit_trainer(device: str, precision: str, max_steps: int, callback, accumulat
 
 
 def lit_after_fit(module, mods: set[str], device: str, batch: dict, extra: dict) -> dict:
+    graphs = getattr(module, "_graphs", None)
+    if graphs is not None:
+        extra.update(cuda_graphs=len(graphs.graphs), graph_replays=graphs.replays, graph_failed=graphs.failed)
     if "compile" in mods:
         from torch._dynamo.utils import counters
 
@@ -472,6 +476,11 @@ def compile_setting(mods: set[str]) -> bool | None:
     """The module's `compile`: on with `compile`; left to the plan (None, the stages' default) in a `mem*` variant;
     else off."""
     return True if "compile" in mods else None if any(m.startswith("mem") for m in mods) else False
+
+
+def graphs_setting(mods: set[str]) -> bool | None:
+    """The module's `cuda_graphs`: on with `graphs`; left to the plan in a `mem*` variant; else off."""
+    return True if "graphs" in mods else None if any(m.startswith("mem") for m in mods) else False
 
 
 def plan_memory(module, data, trainer, mods: set[str], extra: dict, run_steps: int | None = None) -> None:

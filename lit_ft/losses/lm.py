@@ -93,6 +93,7 @@ def causal_lm_loss(
     chunk_size: int = 4096,
     head_bias: Tensor | None = None,
     transform: LogitTransform | None = None,
+    gather: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed next-token cross-entropy computed from final hidden states, chunked over tokens.
 
@@ -106,6 +107,9 @@ def causal_lm_loss(
             about ``chunk_size * V`` fp32 values, in forward and in backward.
         head_bias: ``[V]`` bias of the output projection (Phi-1/2, GPT-J), or None.
         transform: what the model applies after its head (scaling, soft-capping); None applies nothing.
+        gather: True: only the trained positions reach the head. False: every position does (an ignored one adds
+            zero loss and zero gradient), so no shape depends on the labels' values and nothing waits for the GPU:
+            what a step replayed from a CUDA graph needs (`lit_ft.train.graphs`).
 
     Returns:
         ``(loss_sum, n_tokens)``: fp32 (fp64 for fp64 input) scalar sum of token losses, and a long scalar
@@ -121,8 +125,12 @@ def causal_lm_loss(
     shift_labels = labels[:, 1:]
     keep = shift_labels != ignore_index  # [B, T-1]
     n_tokens = keep.sum()
-    h = hidden[:, :-1][keep]  # [N, H]: logits are only ever computed for trained positions
-    targets = shift_labels[keep]  # [N]
+    if gather:
+        h = hidden[:, :-1][keep]  # [N, H]: logits are only ever computed for trained positions
+        targets = shift_labels[keep]  # [N]
+    else:
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B * (T-1), H]
+        targets = shift_labels.reshape(-1)
     # Matmul in the activations' dtype (bf16 tensor cores); a differing weight dtype is cast once ([V, H]).
     weight = lm_head_weight if lm_head_weight.dtype == hidden.dtype else lm_head_weight.to(hidden.dtype)
     acc = _softmax_dtype(hidden.dtype)
@@ -137,7 +145,7 @@ def causal_lm_loss(
     def chunk_loss(h_chunk: Tensor, t_chunk: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         logits = h_chunk @ w.t() if b is None else torch.addmm(b, h_chunk, w.t())  # [n, V], one chunk at a time
         logits = logits.to(acc) if transform is None else transform.apply(logits)
-        return F.cross_entropy(logits, t_chunk, reduction="sum")
+        return F.cross_entropy(logits, t_chunk, reduction="sum", ignore_index=ignore_index)
 
     if torch.is_grad_enabled() and h.requires_grad and not _needs_grad(*shared):
         # Frozen head (LoRA, QLoRA): the input gradient is computed with the loss, chunk by chunk, so backward

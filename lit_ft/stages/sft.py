@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_ft.train import checkpointing, guards, metrics, runs, strategies
+from lit_ft.train import checkpointing, graphs, guards, metrics, runs, strategies
 
 from lit_ft.stages import predict
 from lit_ft.train import optim as optim_mod
@@ -39,6 +39,7 @@ class SFTModule(L.LightningModule):
         compile: bool | None = None,
         max_consecutive_skips: int = 10,
         neftune_alpha: float | None = None,
+        cuda_graphs: bool | None = None,
     ):
         """
         Args:
@@ -56,6 +57,12 @@ class SFTModule(L.LightningModule):
             neftune_alpha: NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(L * d) on the input
                 embeddings while training (the paper uses 5, 10 or 15); None = off. Validation and generation
                 see no noise.
+            cuda_graphs: replay each training step's forward and backward from a CUDA graph (`lit_ft.train.graphs`):
+                the host no longer queues the step's kernels one by one, which is most of a small model's step.
+                Batches are padded to a multiple of 64 tokens (one graph a length, captured after two eager steps),
+                every position goes through the head (an ignored one adds zero), and the padding mask is left out,
+                which is exact for right-padded rows (checked on the first batches). One CUDA device, one process,
+                unpacked batches, not with `compile`. None (the default): `--memory auto` decides; off without a plan.
         """
         check_init("model (SFTModule)", SFTModule, locals())
         super().__init__()
@@ -67,6 +74,13 @@ class SFTModule(L.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.compile_layers = compile  # not `self.compile`: that would hide nn.Module.compile
         self.neftune_alpha = neftune_alpha
+        if compile and cuda_graphs:
+            raise ConfigError("model.cuda_graphs and model.compile: choose one (compiled layers inside a captured "
+                              "step are not supported)")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: graphs.CapturedGradients | None = None
+        self._graph_checks = 0
+        self._grads_done = False
         self.model = None
         self.strict_loading = False  # checkpoints hold the adapter only
         self.val_loss = MeanMetric()
@@ -105,8 +119,10 @@ class SFTModule(L.LightningModule):
         inner = self.model.get_base_model()
         return inner.get_decoder(), inner.get_output_embeddings()
 
-    def token_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token losses, number of loss tokens) for one batch."""
+    def token_loss(self, batch: dict, captured: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of loss tokens) for one batch. `captured`: the step a CUDA graph records
+        (right-padded rows: no padding mask, which a causal model's real tokens never need; every position through
+        the head: no shape that depends on the labels)."""
         decoder, head = self._decoder_and_head()
         packed = "position_ids" in batch
         if packed:
@@ -115,21 +131,65 @@ class SFTModule(L.LightningModule):
             input_ids=batch["input_ids"],
             # Packed rows: no padding mask; transformers derives the block-diagonal causal mask from the
             # restarting position_ids, so no token attends across a sequence boundary.
-            attention_mask=None if packed else batch["attention_mask"],
+            attention_mask=None if packed or captured else batch["attention_mask"],
             position_ids=batch.get("position_ids"),
             use_cache=False,
         ).last_hidden_state
         # The model's own logits: its head bias and whatever it applies after the head (families.logit_transform).
         return causal_lm_loss(hidden, head.weight, batch["labels"], chunk_size=self.loss_chunk_size,
-                              head_bias=head.bias, transform=families.logit_transform(self.model))
+                              head_bias=head.bias, transform=families.logit_transform(self.model), gather=not captured)
+
+    # -- the captured step (cuda_graphs) --------------------------------------------------------------------
+
+    def _captured_token_loss(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_loss` of a training batch with its forward and backward replayed from a CUDA graph: the gradients
+        are accumulated here, onto zeros at the first micro-batch of an optimizer step (Lightning's `zero_grad` and
+        `backward`, which come after `training_step`, then have nothing to do), and the outputs carry no graph."""
+        if self._graphs is None:
+            self._graphs = graphs.CapturedGradients(self.model.parameters())
+            graphs.check_capturable(self, "model.cuda_graphs")
+        if "position_ids" in batch:
+            raise ConfigError("model.cuda_graphs: packed batches (data.packing) cannot be captured (their attention "
+                              "depends on where each sequence starts); turn one of them off")
+        batch = graphs.pad_to_bucket({k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
+                                     {"input_ids": 0, "attention_mask": 0, "labels": -100})
+        if self._graph_checks < 4:  # the captured step leaves the padding mask out: exact for right padding only
+            self._graph_checks += 1
+            graphs.check_right_padded(batch["attention_mask"], "model.cuda_graphs")
+        count = (batch["labels"][:, 1:] != -100).sum()
+        unit = self.guard.weighting.add(self, count)  # the count-weighted loss of the step (guards.CountWeighting)
+        batch["scale"] = graphs.constant(1.0 / (unit * self.trainer.accumulate_grad_batches), self.device)
+        fresh = batch_idx % self.trainer.accumulate_grad_batches == 0  # Lightning's rule for zeroing
+        loss_sum, n_tokens = self._graphs.run(self._captured_objective, batch, fresh=fresh)
+        self._grads_done = True
+        return loss_sum, n_tokens
+
+    def _captured_objective(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        loss_sum, n_tokens = self.token_loss(batch, captured=True)
+        # What Lightning would call backward on: the count-weighted sum over its accumulation steps.
+        return loss_sum * batch["scale"], loss_sum, n_tokens
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if not self._grads_done:  # (the captured step started from zeros already)
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self._grads_done:  # the captured step accumulated the gradients already
+            self._grads_done = False
+            return
+        super().backward(loss, *args, **kwargs)
 
     # -- steps ----------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss_sum, n_tokens = self.token_loss(batch)
-        # 1. Token-weighted over the whole optimizer step (every micro-batch of the accumulation, every rank): the
-        #    sum over this micro-batch's tokens, rescaled before the step (guards.CountWeighting).
-        loss = self.guard.weighting.loss(self, loss_sum, n_tokens)
+        if self.cuda_graphs:
+            loss_sum, n_tokens = self._captured_token_loss(batch, batch_idx)
+            loss = loss_sum / self.guard.weighting.unit  # (counted in already; carries no graph)
+        else:
+            loss_sum, n_tokens = self.token_loss(batch)
+            # 1. Token-weighted over the whole optimizer step (every micro-batch of the accumulation, every rank):
+            #    the sum over this micro-batch's tokens, rescaled before the step (guards.CountWeighting).
+            loss = self.guard.weighting.loss(self, loss_sum, n_tokens)
         # 2. Log this micro-batch's mean per token, with the batch size Lightning cannot infer from a dict.
         bsz = batch["input_ids"].shape[0]
         self.log("train/loss", loss_sum.detach() / n_tokens.clamp(min=1), prog_bar=True, batch_size=bsz)

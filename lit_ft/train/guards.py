@@ -94,6 +94,11 @@ class CountWeighting:
     def loss(self, module: L.LightningModule, loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         if _is_deepspeed(module):
             return loss_sum / count.clamp(min=1)
+        return loss_sum / self.add(module, count)
+
+    def add(self, module: L.LightningModule, count: torch.Tensor) -> float:
+        """Count one micro-batch's items into the step; the `unit` its loss sum is divided by (fixed by the first
+        micro-batch of the run)."""
         count = count.detach().float()
         self.window = count if self.window is None else self.window + count
         if self.unit is None:  # the same on every rank (the gradients are averaged over them): one collective, once
@@ -101,7 +106,7 @@ class CountWeighting:
             total, world = (trainer.strategy.reduce(count.clone(), reduce_op="sum"), trainer.world_size) if trainer \
                 else (count, 1)
             self.unit = max(float(total) / world, 1.0)
-        return loss_sum / self.unit
+        return self.unit
 
     def rescale(self, module: L.LightningModule, optimizer) -> None:
         """Turn the accumulated gradients into those of the count-weighted mean (before clipping and the step)."""

@@ -1,0 +1,287 @@
+"""`cuda_graphs`: a training step's forward and backward replayed from CUDA graphs (`lit_ft.train.graphs`).
+
+On the CPU: what the captured step computes (no padding mask, every position through the head) equals the usual
+step on right-padded rows; the gradient binding accumulates as `backward()` does; the settings that cannot be
+captured are refused by name; a capture that fails leaves the run eager with one warning and the same result. On a
+CUDA device: replays against the eager step (the weights' casts under autocast follow the weights; dropout masks
+under reentrant checkpointing recomputed alike), and a fit with graphs against one without."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from lit_ft.errors import ConfigError
+from lit_ft.losses import causal_lm_loss
+from lit_ft.models import LoraSpec, ModelSpec, build_model
+from lit_ft.stages.sft import SFTModule
+from lit_ft.train import graphs
+from lit_ft.train.optim import OptimSpec
+from tests.test_sft import _datamodule
+
+CUDA = torch.cuda.is_available()
+
+
+def test_pad_to_bucket_pads_each_named_tensor_on_the_right_with_its_value():
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long),
+             "other": "kept"}
+    out = graphs.pad_to_bucket(batch, {"input_ids": 0, "labels": -100, "attention_mask": 0}, multiple=4)
+    assert out["input_ids"].shape == (2, 8) and out["other"] == "kept" and "attention_mask" not in out
+    assert out["input_ids"][:, 5:].eq(0).all() and out["labels"][:, 5:].eq(-100).all()
+    assert out["labels"][:, :5].eq(1).all()
+    same = graphs.pad_to_bucket({"labels": torch.ones(2, 8)}, {"labels": -100}, multiple=4)
+    assert same["labels"].shape == (2, 8)
+
+
+def test_left_padding_is_refused_by_the_setting():
+    graphs.check_right_padded(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "model.cuda_graphs")
+    with pytest.raises(ConfigError, match=r"model.cuda_graphs: a batch's padding is not at the end of its rows"):
+        graphs.check_right_padded(torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]), "model.cuda_graphs")
+
+
+def test_the_loss_over_every_position_equals_the_gathered_loss():
+    """`gather=False` (what a captured step computes) against the trained positions only, and both against the
+    full logits' cross-entropy."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 7))
+    labels[0, :3] = -100
+    labels[2, 5:] = -100
+    ref = torch.nn.functional.cross_entropy((hidden[:, :-1] @ weight.t()).flatten(0, 1), labels[:, 1:].flatten(),
+                                            reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for gather in (True, False):
+        for frozen in (False, True):  # a trained head (checkpointed chunks) and a frozen one (the gradient in forward)
+            w = weight.detach() if frozen else weight
+            loss, n = causal_lm_loss(hidden, w, labels, chunk_size=5, gather=gather)
+            assert int(n) == int((labels[:, 1:] != -100).sum())
+            torch.testing.assert_close(loss, ref)
+            grads = torch.autograd.grad(loss, (hidden,) if frozen else (hidden, weight))
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g, r)
+    nothing = torch.full_like(labels, -100)
+    loss, n = causal_lm_loss(hidden, weight, nothing, gather=False)
+    assert float(loss.detach()) == 0.0 and int(n) == 0
+    assert all(float(g.abs().sum()) == 0.0 for g in torch.autograd.grad(loss, (hidden, weight)))
+
+
+def _lora_model(model_dir: str, **base):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name_or_path=model_dir, dtype="float32", **base), LoraSpec(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # PEFT starts B at zero: make the adapter matter, so its A gradients are compared too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_the_captured_step_computes_the_usual_loss_and_gradients_on_right_padded_rows(tiny_model_dir, tmp_path):
+    """No padding mask and every position through the head: exact for right padding (real tokens attend only to
+    earlier, real tokens; padded positions carry label -100), with checkpointing on and off."""
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["attention_mask"].eq(0).any(), "the batch must hold padding for the comparison to mean something"
+    padded = graphs.pad_to_bucket(batch, {"input_ids": 0, "attention_mask": 0, "labels": -100}, multiple=64)
+    for checkpointing in (False, True):
+        module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir, gradient_checkpointing=checkpointing),
+                           lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+        module.configure_model()
+        module.model.train()
+        results = []
+        for b, captured in ((batch, False), (padded, True)):
+            module.model.zero_grad(set_to_none=True)
+            loss, n = module.token_loss(b, captured=captured)
+            loss.backward()
+            results.append((loss.detach(), int(n), {k: p.grad.clone() for k, p in module.model.named_parameters()
+                                                    if p.grad is not None}))
+        (l0, n0, g0), (l1, n1, g1) = results
+        assert n0 == n1 and g0.keys() == g1.keys() and g0
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bound_gradients_accumulate_as_backward_does(tiny_model_dir):
+    """The runner's eager path (every shape before its capture): gradients bound once, zeroed after
+    `zero_grad(set_to_none=True)`, accumulated over micro-batches, a gradient made elsewhere copied in; parameters the
+    objective does not reach keep no gradient."""
+    model = _lora_model(tiny_model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    unused = torch.nn.Parameter(torch.ones(3))
+    runner = graphs.CapturedGradients([*params, unused], warmup=10**9)
+    torch.manual_seed(1)
+    batches = [torch.randint(3, 100, (2, 9)) for _ in range(5)]
+
+    def fn(b):
+        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
+        return loss * 0.5, loss
+
+    def reference(micro):
+        model.zero_grad(set_to_none=True)
+        for x in micro:
+            (model(input_ids=x, labels=x, use_cache=False).loss * 0.5).backward()
+        return [p.grad.clone() for p in params]
+
+    for micro in (batches[:2], batches[2:3], batches[3:]):
+        expected = reference(micro)
+        model.zero_grad(set_to_none=True)
+        for x in micro:
+            runner.run(fn, {"input_ids": x})
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e)
+        assert unused.grad is None
+    bound = [p.grad for p in params]
+    model.zero_grad(set_to_none=True)
+    params[0].grad = torch.ones_like(params[0])  # a gradient from elsewhere: copied into the bound tensor
+    runner.run(fn, {"input_ids": batches[0]})
+    assert all(p.grad is b for p, b in zip(params, bound))
+    assert params[0].grad.ne(0).any()
+
+
+def _sft(model_dir: str, **kw) -> SFTModule:
+    return SFTModule(base=ModelSpec(name_or_path=model_dir, gradient_checkpointing=True),
+                     lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+                     optim=OptimSpec(lr=1e-2, warmup_ratio=0.0, scheduler="constant"), **kw)
+
+
+def _fit(module, tmp_path, model_dir, steps: int, accelerator: str = "cpu", **trainer):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    dm = _datamodule(tmp_path, model_dir)
+    L.seed_everything(0, verbose=False)  # the same LoRA start and batch order for the runs compared
+    L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+              default_root_dir=str(tmp_path), **trainer).fit(module, datamodule=dm)
+    return {k: v.detach().cpu().clone() for k, v in module.model.named_parameters() if v.requires_grad}
+
+
+def test_settings_a_graph_cannot_capture_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="model.cuda_graphs and model.compile: choose one"):
+        _sft(tiny_model_dir, cuda_graphs=True, compile=True)
+    if not CUDA:
+        with pytest.raises(ConfigError, match=r"model.cuda_graphs: needs a CUDA device \(the module is on cpu\)"):
+            _fit(_sft(tiny_model_dir, cuda_graphs=True), tmp_path, tiny_model_dir, 1)
+    with pytest.raises(ConfigError, match="model.cuda_graphs: packed batches"):
+        module = _sft(tiny_model_dir, cuda_graphs=True)
+        module._graphs = graphs.CapturedGradients([])  # (past the device check)
+        module._captured_token_loss({"input_ids": torch.ones(1, 4, dtype=torch.long),
+                                     "position_ids": torch.arange(4)[None]}, 0)
+
+
+@pytest.mark.filterwarnings("ignore:.*(does not have many workers|num_workers).*")
+def test_a_capture_that_fails_leaves_the_run_eager_with_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    """The whole `cuda_graphs` path of a fit where the capture cannot happen (here: no CUDA device, the device check
+    passed by): one warning naming the setting, and the adapters of the plain fit, under gradient accumulation."""
+    plain = _fit(_sft(tiny_model_dir, cuda_graphs=False), tmp_path / "a", tiny_model_dir, 4, accumulate_grad_batches=2)
+    monkeypatch.setattr(graphs, "check_capturable", lambda module, setting: None)
+    module = _sft(tiny_model_dir, cuda_graphs=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        captured = _fit(module, tmp_path / "b", tiny_model_dir, 4, accumulate_grad_batches=2)
+    said = [str(w.message) for w in caught if "could not be captured" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("model.cuda_graphs: the step could not be captured"), said
+    assert module._graphs.failed and not module._graphs.graphs
+    assert plain.keys() == captured.keys()
+    for k in plain:
+        torch.testing.assert_close(captured[k], plain[k], rtol=1e-4, atol=1e-6)
+
+
+# -- on a CUDA device ---------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+
+
+def _grads(params) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in params]
+
+
+@gpu
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_replays_follow_the_weights_under_autocast(tiny_model_dir, checkpointing):
+    """A replay after the weights changed gives the eager gradients of the new weights, under bf16 autocast (whose
+    cached casts of the LoRA weights must be recorded in the graph, not frozen into it)."""
+    model = _lora_model(tiny_model_dir, gradient_checkpointing=checkpointing).cuda().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    runner = graphs.CapturedGradients(params, warmup=2)
+    x = torch.randint(3, 100, (4, 64), device="cuda")
+
+    def fn(b):
+        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
+        return loss, loss
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return runner.run(fn, {"input_ids": x})[0]
+
+    for _ in range(4):
+        step()
+    assert runner.graphs and runner.replays >= 1 and runner.failed is None, runner.failed
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+    loss = step()
+    replayed = _grads(params)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = model(input_ids=x, labels=x, use_cache=False).loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-3, atol=1e-3)
+    for g, r in zip(replayed, _grads(params)):
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=1e-4)
+
+
+@gpu
+def test_dropout_masks_are_recomputed_alike_under_checkpointing(tiny_model_dir):
+    """LoRA dropout with reentrant checkpointing: from the same RNG state, a replay's gradients equal the eager
+    step's (the recompute draws the forward's masks inside the graph too)."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name_or_path=tiny_model_dir, dtype="float32", gradient_checkpointing=True),
+                        LoraSpec(r=4, alpha=8, dropout=0.3)).cuda().train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+    runner = graphs.CapturedGradients(params, warmup=1)
+    x = torch.randint(3, 100, (4, 64), device="cuda")
+
+    def fn(b):
+        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
+        return loss, loss
+
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        runner.run(fn, {"input_ids": x})
+    assert runner.replays >= 1 and runner.failed is None, runner.failed
+    results = []
+    for replay in (True, False):
+        torch.cuda.manual_seed(1234)
+        model.zero_grad(set_to_none=True)
+        if replay:
+            runner.run(fn, {"input_ids": x})
+        else:
+            fn({"input_ids": x})[0].backward()
+        results.append(_grads(params))
+    for g, r in zip(*results):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@gpu
+@pytest.mark.filterwarnings("ignore:.*(does not have many workers|num_workers).*")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_fit_with_graphs_trains_as_one_without(tiny_model_dir, tmp_path, precision):
+    """The fit's adapters with `cuda_graphs` (graphs captured and replayed, gradient accumulation 2) against the same
+    fit without: equal in fp32, close under bf16 autocast."""
+    plain = _fit(_sft(tiny_model_dir, cuda_graphs=False), tmp_path / "a", tiny_model_dir, 8, "gpu",
+                 accumulate_grad_batches=2, precision=precision)
+    module = _sft(tiny_model_dir, cuda_graphs=True)
+    captured = _fit(module, tmp_path / "b", tiny_model_dir, 8, "gpu", accumulate_grad_batches=2, precision=precision)
+    assert module._graphs.failed is None and module._graphs.replays >= 4, module._graphs.failed
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "32-true" else dict(rtol=5e-2, atol=2e-3)
+    for k in plain:
+        torch.testing.assert_close(captured[k], plain[k], **tol)
