@@ -11,8 +11,8 @@ memory, no patched modules or compile caches shared between variants), prints a 
 Variants: `hf` (plain loop: model(input_ids, labels) + torch AdamW; W3 adds peft.prepare_model_for_kbit_training),
 `trl` (trl.SFTTrainer with its defaults: gradient checkpointing on, bf16 autocast), and `lit` with modifiers joined
 by '+': `mixed` (precision bf16-mixed instead of bf16-true), `compile` (SFTModule(compile=True)), `liger`
-(ModelSpec(liger_kernel=True)), `graphs` (SFTModule(cuda_graphs=True): each step's forward and backward replayed
-from a CUDA graph), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's), `off`
+(ModelSpec(liger_kernel=True)), `graphs` / `nographs` (SFTModule(cuda_graphs=True / False): each step's forward and
+backward replayed from a CUDA graph; a `mem*` variant leaves it to the plan), `gc` / `nogc` (gradient checkpointing on / off, default: the workload's), `off`
 (ModelSpec(activation_offloading=True): saved activations in pinned CPU memory); `prof` (any variant, every
 script): torch.profiler over the first timed steps, the `profile` entry of the result (`Clock.profile_stats`);
 `sync` (any variant, CUDA): the Python stacks of the first timed step's host-device synchronisations.
@@ -479,8 +479,11 @@ def compile_setting(mods: set[str]) -> bool | None:
 
 
 def graphs_setting(mods: set[str]) -> bool | None:
-    """The module's `cuda_graphs`: on with `graphs`; left to the plan in a `mem*` variant; else off."""
-    return True if "graphs" in mods else None if any(m.startswith("mem") for m in mods) else False
+    """The module's `cuda_graphs`: on with `graphs`, off with `nographs`; left to the plan in a `mem*` variant; else
+    off."""
+    if "graphs" in mods or "nographs" in mods:
+        return "graphs" in mods
+    return None if any(m.startswith("mem") for m in mods) else False
 
 
 def plan_memory(module, data, trainer, mods: set[str], extra: dict, run_steps: int | None = None) -> None:

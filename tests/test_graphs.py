@@ -69,6 +69,10 @@ def test_the_loss_over_every_position_equals_the_gathered_loss():
     assert all(float(g.abs().sum()) == 0.0 for g in torch.autograd.grad(loss, (hidden, weight)))
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+
+
 def _lora_model(model_dir: str, **base):
     torch.manual_seed(0)
     model = build_model(ModelSpec(name_or_path=model_dir, dtype="float32", **base), LoraSpec(r=4, alpha=8, dropout=0.0))
@@ -102,8 +106,8 @@ def test_the_captured_step_computes_the_usual_loss_and_gradients_on_right_padded
         (l0, n0, g0), (l1, n1, g1) = results
         assert n0 == n1 and g0.keys() == g1.keys() and g0
         torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-        for k in g0:
-            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+        for k in g0:  # (sums over other row counts: rounding, relative to the gradient's size)
+            assert _rel(g1[k], g0[k]) < 1e-5, k
 
 
 def test_bound_gradients_accumulate_as_backward_does(tiny_model_dir):
@@ -178,12 +182,18 @@ def test_a_capture_that_fails_leaves_the_run_eager_with_the_same_result(tiny_mod
     passed by): one warning naming the setting, and the adapters of the plain fit, under gradient accumulation."""
     plain = _fit(_sft(tiny_model_dir, cuda_graphs=False), tmp_path / "a", tiny_model_dir, 4, accumulate_grad_batches=2)
     monkeypatch.setattr(graphs, "check_capturable", lambda module, setting: None)
+
+    def refused():
+        raise RuntimeError("no capture here")
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", refused)
     module = _sft(tiny_model_dir, cuda_graphs=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         captured = _fit(module, tmp_path / "b", tiny_model_dir, 4, accumulate_grad_batches=2)
     said = [str(w.message) for w in caught if "could not be captured" in str(w.message)]
-    assert len(said) == 1 and said[0].startswith("model.cuda_graphs: the step could not be captured"), said
+    assert len(said) == 1 and said[0] == ("model.cuda_graphs: the step could not be captured in a CUDA graph "
+                                          "(RuntimeError: no capture here); it runs eagerly"), said
     assert module._graphs.failed and not module._graphs.graphs
     assert plain.keys() == captured.keys()
     for k in plain:
@@ -206,7 +216,7 @@ def test_replays_follow_the_weights_under_autocast(tiny_model_dir, checkpointing
     cached casts of the LoRA weights must be recorded in the graph, not frozen into it)."""
     model = _lora_model(tiny_model_dir, gradient_checkpointing=checkpointing).cuda().train()
     params = [p for p in model.parameters() if p.requires_grad]
-    runner = graphs.CapturedGradients(params, warmup=2)
+    runner = graphs.CapturedGradients(params)
     x = torch.randint(3, 100, (4, 64), device="cuda")
 
     def fn(b):
@@ -232,7 +242,31 @@ def test_replays_follow_the_weights_under_autocast(tiny_model_dir, checkpointing
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-3, atol=1e-3)
     for g, r in zip(replayed, _grads(params)):
-        torch.testing.assert_close(g, r, rtol=2e-2, atol=1e-4)
+        assert _rel(g, r) < 1e-2
+
+
+@gpu
+def test_a_larger_shape_restarts_the_pool_and_every_shape_replays_exactly(tiny_model_dir):
+    """Shapes in any order: a shape larger than every captured one drops the graphs and starts the pool with it (the
+    smaller ones then recaptured into its memory); every run's gradients equal the eager step's."""
+    model = _lora_model(tiny_model_dir).cuda().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    runner = graphs.CapturedGradients(params)
+    torch.manual_seed(2)
+    xs = [torch.randint(3, 100, (4, n), device="cuda") for n in (64, 128, 64, 192, 128)]
+
+    def fn(b):
+        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
+        return loss, loss
+
+    for x in xs * 2:
+        runner.run(fn, {"input_ids": x}, fresh=True)
+        got = _grads(params)
+        model.zero_grad(set_to_none=True)
+        fn({"input_ids": x})[0].backward()
+        for g, r in zip(got, _grads(params)):
+            assert _rel(g, r) < 1e-5
+    assert runner.failed is None and runner.resets == 1 and len(runner.graphs) == 3 and runner.replays >= 5
 
 
 @gpu
@@ -247,7 +281,7 @@ def test_dropout_masks_are_recomputed_alike_under_checkpointing(tiny_model_dir):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     params = [p for p in model.parameters() if p.requires_grad]
-    runner = graphs.CapturedGradients(params, warmup=1)
+    runner = graphs.CapturedGradients(params)
     x = torch.randint(3, 100, (4, 64), device="cuda")
 
     def fn(b):
@@ -268,7 +302,7 @@ def test_dropout_masks_are_recomputed_alike_under_checkpointing(tiny_model_dir):
             fn({"input_ids": x})[0].backward()
         results.append(_grads(params))
     for g, r in zip(*results):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        assert _rel(g, r) < 1e-5
 
 
 @gpu
@@ -282,6 +316,5 @@ def test_a_fit_with_graphs_trains_as_one_without(tiny_model_dir, tmp_path, preci
     module = _sft(tiny_model_dir, cuda_graphs=True)
     captured = _fit(module, tmp_path / "b", tiny_model_dir, 8, "gpu", accumulate_grad_batches=2, precision=precision)
     assert module._graphs.failed is None and module._graphs.replays >= 4, module._graphs.failed
-    tol = dict(rtol=1e-4, atol=1e-5) if precision == "32-true" else dict(rtol=5e-2, atol=2e-3)
-    for k in plain:
-        torch.testing.assert_close(captured[k], plain[k], **tol)
+    for k in plain:  # (Adam's steps amplify rounding where a gradient is near zero: the whole tensor's error)
+        assert _rel(captured[k], plain[k]) < (1e-3 if precision == "32-true" else 3e-2), k

@@ -269,7 +269,7 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
     from lit_ft.stages.dpo import DPOSpec
 
     s = dataclasses.replace(settings(target="cuda", batch_size=4), stage="dpo", dpo=DPOSpec())
-    rates = dict(auto.RATES["cuda"])
+    rates = dict(auto.RATES["cuda"], layer_gpu_s=0.0)  # (the GPU's floor of small kernels: its own test)
     monkeypatch.setitem(auto.RATES, "cuda", dict(rates, layer_s=0.0, step_s=0.0))  # the GPU's time alone
     gpu = auto.step_seconds(s)
     assert auto.step_seconds(dataclasses.replace(s, dpo=DPOSpec(precompute_ref=True))) == pytest.approx(gpu * 4 / 6)
@@ -299,6 +299,44 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
     assert compiled(checked) == pytest.approx(compiled(plain) * (1 + auto.RECOMPUTE_HOST_COMPILED))
     grouped = dataclasses.replace(checked, process_group=True)  # DDP, FSDP: non-reentrant eager layers too
     assert auto.step_seconds(grouped) == pytest.approx(auto.step_seconds(plain) * (1 + auto.RECOMPUTE_HOST_COMPILED))
+
+
+def test_captured_steps_are_chosen_where_they_can_be_captured_and_leave_the_gpu_s_time(monkeypatch):
+    """SFT's `cuda_graphs`, where the module left it to the plan: the host's work a step becomes its framework's and
+    one replay's a micro-batch (`GRAPH_HOST_S`), the step the slower of that and the GPU's time, which on a small
+    model is its floor of small kernels (`layer_gpu_s` a layer and micro-batch, a third more for what checkpointing
+    recomputes); chosen on a GPU for one process and unpacked rows, never with compiled layers, a 4-bit base, a CPU,
+    packed rows, several ranks or a module that set it; planned at its 64-token buckets with every position through
+    the head (more loss memory than the gathered trained tokens)."""
+    from lit_ft.plan import auto
+
+    s = settings(target="cuda", cuda_graphs_auto=True, compile_auto=True, steps=10**6)
+    graphs = dataclasses.replace(s, cuda_graphs=True)
+    rates = auto.RATES["cuda"]
+    d_layers = 2  # the tiny Llama's
+    floor = d_layers * rates["layer_gpu_s"]
+    assert auto.step_seconds(graphs) == pytest.approx(max(rates["step_s"] + auto.GRAPH_HOST_S, floor), rel=0.05)
+    assert auto.step_seconds(graphs) < auto.step_seconds(s)
+    monkeypatch.setitem(auto.RATES, "cuda", dict(rates, step_s=0.0, layer_s=0.0, flops=float("inf")))
+    ckpt = dataclasses.replace(graphs, base=dataclasses.replace(s.base, gradient_checkpointing=True))
+    assert auto.step_seconds(graphs) == pytest.approx(floor, rel=0.05)
+    assert auto.step_seconds(ckpt) == pytest.approx(floor * 4 / 3, rel=0.05)
+    monkeypatch.undo()
+    budget = 80 * 2**30
+    chosen, whats, args = choose(s, budget)
+    assert chosen.cuda_graphs and not chosen.compile and whats == ["CUDA graphs"]
+    assert args == ["--model.cuda_graphs", "true"]
+    for no in (dataclasses.replace(s, cuda_graphs_auto=False), dataclasses.replace(s, target="cpu"),
+               dataclasses.replace(s, packing=True), dataclasses.replace(s, ranks=2),
+               dataclasses.replace(s, process_group=True),
+               dataclasses.replace(s, base=dataclasses.replace(s.base, quantization="nf4")),
+               dataclasses.replace(s, compile=True, compile_auto=False)):
+        assert not choose(no, budget)[0].cuda_graphs, no
+    # memory: the rows at their bucket's length, the loss over every position
+    plain = estimate_settings(s, budget=None, advise=False)
+    captured = estimate_settings(graphs, budget=None, advise=False)
+    assert captured.peak > plain.peak
+    assert "CUDA graphs (64-token buckets)" in captured.table() and "x 64 tokens" in captured.table()
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])

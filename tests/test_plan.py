@@ -1029,12 +1029,17 @@ def test_cli_plans_distill_validation(tiny_model_dir, capsys):
 def test_cli_says_what_fit_memory_auto_would_run(smollm2_dir, capsys):
     """`lit-ft plan` also prints `fit --memory auto`'s choice for the budget, as overrides: the shipped SFT config
     at 1 GiB on the CPU gets changes whose planned total fits; on a GPU with a budget to spare, a run of many steps
-    gets compiled layers; a budget nothing fits names the smallest that would."""
+    gets its steps replayed from CUDA graphs, or compiled layers where graphs are off; a budget nothing fits names the
+    smallest that would."""
     assert plan_cli.main(["--config", "configs/sft.yaml", "--budget", "1GiB"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("fit --memory auto (1.00 GiB): ") and "(as overrides: --" in line, line
     assert plan_cli.main(["--config", "configs/sft.yaml", "--budget", "80GiB", "--device", "cuda",
                           "--trainer.max_steps", "100000", "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)["auto"]
+    assert "CUDA graphs" in auto["changes"] and auto["overrides"][-2:] == ["--model.cuda_graphs", "true"]
+    assert plan_cli.main(["--config", "configs/sft.yaml", "--budget", "80GiB", "--device", "cuda",
+                          "--trainer.max_steps", "100000", "--model.cuda_graphs", "false", "--json"]) == 0
     auto = json.loads(capsys.readouterr().out)["auto"]
     assert "compiled decoder layers" in auto["changes"] and auto["overrides"][-2:] == ["--model.compile", "true"]
     assert plan_cli.main(["--config", "configs/sft.yaml", "--budget", "1KiB"]) == 0

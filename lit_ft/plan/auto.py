@@ -3,8 +3,9 @@ the run uses: the FASTEST combination of the plan's levers that fits, by a step-
 micro-batch with gradient accumulation (keeping the effective batch), gradient checkpointing (every 4th, 2nd or every
 layer), activation offloading, the rollout engine, the loss chunk, the validation batch, a paged 8-bit optimizer and,
 on a GPU, compiled decoder layers where the module left `compile` to it (`compile: null`, the default), the base is
-not quantized and the run is long enough for the faster steps to pay for compiling, each combination planned in full
-(`memory.estimate_settings`).
+not quantized and the run is long enough for the faster steps to pay for compiling, and SFT's steps replayed from CUDA
+graphs where the module left `cuda_graphs` to it (one process, unpacked rows, an unquantized base), each combination
+planned in full (`memory.estimate_settings`).
 A run that fits as configured is left as configured unless a faster combination fits with `SPEED_MARGIN` to spare:
 checkpointing it does not need turned off, accumulation it does not need folded into larger micro-batches (the
 effective batch kept) — more memory for more speed, said in the log.
@@ -43,7 +44,7 @@ class NothingFits(ConfigError):
 
 
 NEVER = ("quantization",)  # levers `auto` does not pull: they change the model
-CUDA_ONLY = ("offloading", "engine", "optimizer", "compile")
+CUDA_ONLY = ("offloading", "engine", "optimizer", "compile", "graphs")
 SPEED_MARGIN = 0.85
 """A change that spends memory for speed (checkpointing off, larger micro-batches) is taken only when the plan's
 total stays within this share of the budget: the plan is within about 15% of measured peaks."""
@@ -57,8 +58,12 @@ total stays within this share of the budget: the plan is within about 15% of mea
 # takes the slower of the two, since the GPU works while the host queues; host transfers at ~25 GB/s (W1 offloading
 # without checkpointing: 36 GB a step cost 1.4 s), on top. Choices need only the ratios; whether compiling pays
 # needs seconds. CPU: no overlap, and the per-layer overhead is small against its matmul rate.
-RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9),
-         "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"))}
+RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9, layer_gpu_s=4.9e-3),
+         "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"), layer_gpu_s=0.0)}
+"""`layer_gpu_s`: the GPU's floor for one decoder layer's forward and backward of one micro-batch, however small: a
+LoRA layer runs a few hundred kernels, each a few microseconds at least (H100: SmolLM2-135M's 30 layers, 16 rows
+padded to 576 tokens, no checkpointing, replayed from CUDA graphs: 146 ms a step; checkpointed 184 ms, modelled 195).
+A step's GPU time is the larger of this floor and its FLOPs; the host's work hides it unless the step is captured."""
 RECOMPUTE_HOST = 0.06
 """The host work of recomputing checkpointed layers, a share of the eager step's layer work: eager layers checkpoint
 reentrant (`lit_ft.models.checkpoint_layer`: the first forward builds no graph), which measured 0.68x the step of
@@ -79,6 +84,9 @@ COMPILE_SECONDS = 30.0
 shape): g135 on an H100 took 27 s longer to its first 23 steps compiled than eagerly; spread over the run's steps
 by the step-time model. (Two variants measured on 2026-12-07 and not kept cost more: compiled layers checkpointed
 reentrant, about 65 s; dynamic shapes from the start, about 84 s.)"""
+GRAPH_HOST_S = 3e-3
+"""The host work of one captured micro-batch: its inputs copied in, the replay launched, the outputs copied out, the
+gradients bound (the step's framework and optimizer work is `step_s`)."""
 COMPILED_UPDATE = 0.80
 """An online stage's update with compiled decoder layers against the eager one (H100, W5: PPO on the 1B shape, 64
 episodes of 128 + 256 tokens, 4 epochs of minibatch 8: 5.51 against 6.85 s, 2026-12-07). The rollout, scoring and
@@ -138,9 +146,11 @@ def step_seconds(s: Settings) -> float:
     flops = micro * rows * seq * (4 * n + 2 * trunk * ckpt + 2 * n * ref)
     recompute = RECOMPUTE_HOST_COMPILED if s.compile or s.process_group else RECOMPUTE_HOST
     host = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + recompute * ckpt + ref / 3))
-    gpu = flops / r["flops"]
+    gpu = max(flops / r["flops"], micro * d.layers * r["layer_gpu_s"] * (1 + ckpt / 3 + ref / 3))
     if compiled:
         host, gpu = host * COMPILED_HOST, gpu * COMPILED_GPU
+    if s.cuda_graphs:  # the step's kernels queued in one launch a micro-batch
+        host = r["step_s"] + micro * GRAPH_HOST_S
     # a GPU runs the kernels while the host queues the next ones: the slower of the two sets the step; a CPU does both
     t = max(host, gpu) if s.target == "cuda" else host + gpu
     if s.base.activation_offloading:
@@ -206,13 +216,23 @@ def _compiled(s: Settings):
         yield ("compiled decoder layers", ["--model.compile", "true"], dataclasses.replace(s, compile=True), "compile")
 
 
+def _graphed(s: Settings):
+    """SFT's steps replayed from CUDA graphs (`lit_ft.train.graphs`), where the module left `cuda_graphs` to the plan
+    and the step can be captured: one process, unpacked rows, no compiled layers asked for, an unquantized base
+    (bitsandbytes' kernels inside a graph are not measured). Memory: rows padded to 64-token buckets, every position
+    through the head (`lit_ft.plan.stages`)."""
+    if (s.cuda_graphs_auto and not s.cuda_graphs and s.stage == "sft" and not s.packing and s.ranks == 1
+            and not s.process_group and s.base.quantization == "none"):
+        yield ("CUDA graphs", ["--model.cuda_graphs", "true"], dataclasses.replace(s, cuda_graphs=True), "graphs")
+
+
 def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     """(settings to run with, what changed, the overrides that say it) for `budget`: the fastest combination that
     fits (`step_seconds`; fewer changes on a tie); ConfigError when nothing fits."""
     skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
     kinds: dict[str, list] = {}
     faster = {c[0] for c in _faster(s)}
-    for option in itertools.chain(_faster(s), _compiled(s), levers(s)):
+    for option in itertools.chain(_faster(s), _compiled(s), _graphed(s), levers(s)):
         if option[3] not in skip:
             kinds.setdefault(option[3], []).append(option)
     combos = []
@@ -221,6 +241,8 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
         cand = s
         for c in changes:
             cand = carry_over(cand, s, c[2])
+        if cand.compile and cand.cuda_graphs:  # (one or the other: `SFTModule` refuses both)
+            continue
         combos.append(((step_seconds(cand), len(changes)), cand, changes))
     combos.sort(key=lambda x: x[0])
     best = None
@@ -255,6 +277,10 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             model.compile_planned = new  # a layer that fails to compile then runs eagerly (`compile_decoder_layers`)
             if "compile" in getattr(model, "hparams", {}):
                 model.hparams["compile"] = new  # what the checkpoint records
+        elif f.name == "cuda_graphs":
+            model.cuda_graphs = new
+            if "cuda_graphs" in getattr(model, "hparams", {}):
+                model.hparams["cuda_graphs"] = new
         elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "distill", "loss_chunk_size"):
             setattr(model, f.name, new)
             if f.name in getattr(model, "hparams", {}) and dataclasses.is_dataclass(new):

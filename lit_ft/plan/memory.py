@@ -78,6 +78,11 @@ class Settings:
     compile_auto: bool = False
     """The module left `compile` to the plan (`compile: null`, the default of the stages that have it): `auto` may
     turn it on (`lit_ft.plan.auto`)."""
+    cuda_graphs: bool = False
+    """SFT's `cuda_graphs: true` (`lit_ft.train.graphs`): rows padded to a multiple of 64 tokens, no padding mask,
+    every position through the head; the host queues a step in one launch."""
+    cuda_graphs_auto: bool = False
+    """The module left `cuda_graphs` to the plan (`cuda_graphs: null`, SFT's default)."""
     ranks: int = 1
     """Processes training together (the trainer's world size): each reads its share of the rows a step."""
     process_group: bool = False
@@ -235,6 +240,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         reward_adapter=getattr(model, "reward_adapter", None), target=target or run_device(trainer), data=data,
         rows_note=rows_note, compile=bool(getattr(model, "compile_layers", False)),
         compile_auto=hasattr(model, "compile_layers") and model.compile_layers is None,
+        cuda_graphs=bool(getattr(model, "cuda_graphs", False)),
+        cuda_graphs_auto=hasattr(model, "cuda_graphs") and model.cuda_graphs is None,
         episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None,
         ranks=max(1, int(getattr(trainer, "world_size", 1) or 1)), process_group=_parallel(trainer))
     return replace(s, steps=planned_rollouts(trainer, s) if stage in plan_stages.online.ONLINE

@@ -19,6 +19,7 @@ from lit_ft.plan import rows as rows_of
 from lit_ft.plan import online
 from lit_ft.plan import weights as pw
 from lit_ft.plan.sizes import fmt, ordinal
+from lit_ft.train.graphs import BUCKET as GRAPH_BUCKET
 
 _STAGES = {"SFTModule": "sft", "RewardModule": "reward", "PPOModule": "ppo", "GRPOModule": "grpo",
            "DPOModule": "dpo", "KTOModule": "kto", "DistillModule": "distill"}
@@ -200,12 +201,13 @@ def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
     """The decoder's saved bytes; `positions`: position ids are passed (the online stages' left-padded rows, the
     reward model's). A mask reaches the attention for packed rows, and for padded ones: rows of different lengths
     (`plan_data.padded`; without data any batch of several rows, and every online or reward batch); transformers
-    drops an all-ones mask (equal rows: the causal kernel, no repeated KV heads). `s.compile`: the layers through
-    torch.compile (`plan_activations.layer_saved`)."""
+    drops an all-ones mask (equal rows: the causal kernel, no repeated KV heads), and a captured SFT step leaves it out
+    (`s.cuda_graphs`). `s.compile`: the layers through torch.compile (`plan_activations.layer_saved`)."""
     uneven = s.data is None or s.data.padded
     t = act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
                         pos_rows=rows if s.packing or positions else 1,
-                        masked=s.packing or ((positions or rows > 1) and uneven), compiled=s.compile,
+                        masked=s.packing or ((positions or rows > 1) and uneven and not s.cuda_graphs),
+                        compiled=s.compile,
                         every=s.base.checkpoint_every)
     if s.base.activation_offloading and s.target == "cuda":  # `models.offload`: about two layers' worth in flight
         t = dict(t, layers=t["layers"] * min(1.0, 2 / d.layers))
@@ -219,6 +221,9 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
     if s.packing:
         rows, L = rows_of.packed_shape(s, seqs)
         n_loss = min(rows * (L - 1), rows_of.loss_tokens(s, seqs, s.max_length))
+    elif s.cuda_graphs:  # `lit_ft.train.graphs`: a bucket's length, every position through the head, no mask
+        rows, L = seqs, -(-rows_of.seq_len(s) // GRAPH_BUCKET) * GRAPH_BUCKET
+        n_loss, mask = rows * (L - 1), 0
     else:
         rows, L = seqs, rows_of.seq_len(s)
         n_loss = rows_of.loss_tokens(s, seqs, L)
@@ -232,6 +237,7 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
             "checkpointed: one [n, H] input a layer" if every == 1 else
             f"every {ordinal(every)} layer checkpointed (its [n, H] input), the others' saved tensors")
     ckpt += ", compiled layers" if s.compile else ""
+    ckpt += ", CUDA graphs (64-token buckets)" if s.cuda_graphs else ""
     ckpt += ", offloaded to host (2 layers on the GPU)" if s.base.activation_offloading and s.target == "cuda" else ""
     return [(f"activations (saved, {label})", saved, f"{rows} x {L} tokens, {ckpt}, + loss gather"),
             ("activations (backward peak)", peak,

@@ -8,9 +8,13 @@ the framework's and the optimizer's alone.
 `CapturedGradients.run(fn, batch, fresh)` runs `fn(batch) -> (objective, *outputs)` and the backward of `objective`,
 accumulating the parameters' gradients in place as `loss.backward()` does (onto zeros where `fresh`: the first
 micro-batch of an optimizer step), and returns `outputs` (detached copies).
-A shape's first `warmup` runs are eager (real steps, every lazy initialisation done); its next is captured, after
-one discarded warm-up pass on the capture stream, and replayed from then on. Every graph shares one memory pool, so
-memory is about one eager step's. What a captured step needs, which the caller guarantees:
+The first run is eager (it finds the trained parameters); a shape is captured when first seen (after `warmup` eager
+runs of it), the first capture after one discarded warm-up pass on the capture stream (lazy initialisations happen
+outside the graph), and replayed from then on. Every graph shares one memory pool, which the largest shape sizes: a
+shape larger than every captured one drops the graphs and starts the pool again with it, so that the smaller shapes
+reuse its memory (captured in growing order, each would add its own), and the eager passes' cached memory is given
+back after the first capture. Memory is then about one step's at the largest shape. What a captured step needs,
+which the caller guarantees:
 
 - the same shapes (pad each batch to a bucket: `pad_to_bucket`) and nothing that depends on the values: no
   boolean-mask indexing, no `.item()`, no host-side branch on a tensor (a capture that hits one fails, and the run goes
@@ -109,7 +113,7 @@ class CapturedGradients:
         setting: the setting that turned this on, named in the warning when a capture fails.
     """
 
-    def __init__(self, params: Sequence[Tensor], warmup: int = 2, max_graphs: int = 16,
+    def __init__(self, params: Sequence[Tensor], warmup: int = 0, max_graphs: int = 32,
                  setting: str = "model.cuda_graphs"):
         self.params = [p for p in params if p.requires_grad]
         self.warmup, self.max_graphs, self.setting = warmup, max_graphs, setting
@@ -119,6 +123,8 @@ class CapturedGradients:
         self.grads: list[Tensor] | None = None  # their gradient tensors, bound to `.grad` for the whole run
         self.failed: str | None = None
         self.replays = 0
+        self.resets = 0
+        self._largest = 0
         self._pool = None
         self._stream = None
 
@@ -180,8 +186,7 @@ class CapturedGradients:
         self._bind(fresh)
         key = _key(batch)
         graph = self.graphs.get(key)
-        if (graph is None and self.failed is None and self.seen[key] >= self.warmup
-                and len(self.graphs) < self.max_graphs):
+        if graph is None and self.failed is None and self.seen[key] >= self.warmup:
             graph = self._capture(fn, batch, key)
         self.seen[key] += 1
         if graph is None:
@@ -194,25 +199,39 @@ class CapturedGradients:
         self.replays += 1
         return tuple(o.clone() for o in graph.outputs)
 
+    def _reset(self) -> None:
+        """Drop every graph and their pool (a new one for the next capture)."""
+        self.graphs.clear()
+        torch.cuda.synchronize()
+        self._pool = torch.cuda.graph_pool_handle()
+        torch.cuda.empty_cache()
+        self.resets += 1
+
     def _capture(self, fn: Callable, batch: dict, key: tuple) -> _Graph | None:
+        size = sum(v.numel() for v in batch.values() if isinstance(v, Tensor))
+        if self.graphs and size > self._largest:
+            self._reset()  # the largest shape first: the smaller ones fit in its memory
+        if len(self.graphs) >= self.max_graphs:
+            return None
         inputs = {k: v.clone() for k, v in batch.items() if isinstance(v, Tensor)}
         static_batch = {**batch, **inputs}
         kept = [p.grad for p in self.trained]
+        first = self._stream is None
         try:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
+            if first:
                 self._pool = torch.cuda.graph_pool_handle()
-            self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream):
-                # One discarded pass on the capture stream (lazy initialisations happen outside the graph).
-                for p in self.trained:
-                    p.grad = None
-                objective, *_ = fn(static_batch)
-                objective.backward()
-                for p, g in zip(self.trained, kept):
-                    p.grad = g
-                del objective, _
-            torch.cuda.current_stream().wait_stream(self._stream)
+                self._stream = torch.cuda.Stream()
+                self._stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._stream):
+                    # One discarded pass on the capture stream (lazy initialisations happen outside the graph).
+                    for p in self.trained:
+                        p.grad = None
+                    objective, *_ = fn(static_batch)
+                    objective.backward()
+                    for p, g in zip(self.trained, kept):
+                        p.grad = g
+                    del objective, _
+                torch.cuda.current_stream().wait_stream(self._stream)
             torch.cuda.synchronize()
             # Casts autocast cached in the pass above would enter the graph as constants: the weights' casts must
             # be recorded in it, to follow the weights.
@@ -233,4 +252,7 @@ class CapturedGradients:
             return None
         g = _Graph(graph, inputs, tuple(o.detach() for o in outputs))
         self.graphs[key] = g
+        self._largest = max(self._largest, size)
+        if first:  # the eager passes' cached memory back: from now on a step allocates in the graphs' pool
+            torch.cuda.empty_cache()
         return g
