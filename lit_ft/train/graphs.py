@@ -13,7 +13,7 @@ runs of it), the first capture after one discarded warm-up pass on the capture s
 outside the graph), and replayed from then on. Every graph shares one memory pool, which the largest shape sizes: a
 shape larger than every captured one drops the graphs and starts the pool again with it, so that the smaller shapes
 reuse its memory (captured in growing order, each would add its own), and the eager passes' cached memory is given
-back after the first capture. Memory is then about one step's at the largest shape. What a captured step needs,
+back before the first capture. Memory is then about one step's at the largest shape. What a captured step needs,
 which the caller guarantees:
 
 - the same shapes (pad each batch to a bucket: `pad_to_bucket`) and nothing that depends on the values: no
@@ -232,6 +232,8 @@ class CapturedGradients:
                         p.grad = g
                     del objective, _
                 torch.cuda.current_stream().wait_stream(self._stream)
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()  # the eager passes' cached memory back before the pool takes its own
             torch.cuda.synchronize()
             # Casts autocast cached in the pass above would enter the graph as constants: the weights' casts must
             # be recorded in it, to follow the weights.
@@ -253,6 +255,4 @@ class CapturedGradients:
         g = _Graph(graph, inputs, tuple(o.detach() for o in outputs))
         self.graphs[key] = g
         self._largest = max(self._largest, size)
-        if first:  # the eager passes' cached memory back: from now on a step allocates in the graphs' pool
-            torch.cuda.empty_cache()
         return g
