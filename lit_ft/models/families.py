@@ -90,7 +90,7 @@ def resolve_targets(model, requested: list[str]) -> list[str]:
 
     Shortcuts become leaf names (`q_proj`, ...) when PEFT's suffix matching of those names picks exactly the
     layers meant, else full module names (GPT-2's `c_proj` is both the attention output and the MLP output, so
-    `attention` there needs `transformer.h.0.attn.c_proj`, ...). An explicit name must match a module of the model
+    `attention` there needs `transformer.h.0.attn.c_proj`, ...; a model with fused MoE expert weights always). An explicit name must match a module of the model
     (PEFT matches a name or a `.name` suffix); one that matches nothing (a typo such as `v_prj`, or another
     family's name) is a ConfigError listing the model's linear layers.
     """
@@ -117,7 +117,11 @@ def resolve_targets(model, requested: list[str]) -> list[str]:
         raise ConfigError(f"model.lora.target_modules={requested}: no linear layer of that kind in this model")
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in chosen))
     by_leaf = {n for n, _ in _named_linears(inner) if n.rsplit(".", 1)[-1] in leaves}
-    picked = leaves if by_leaf == set(chosen) else list(dict.fromkeys(chosen))
+    # A model with fused MoE expert weights gets full names: PEFT (0.22+) reads a leaf name such as `down_proj` as
+    # its transformers-4 name, which also targets the experts' fused parameter of that name (`model.lora.experts`
+    # decides that, through `target_parameters`).
+    exact = by_leaf == set(chosen) and not expert_parameters(model)
+    picked = leaves if exact else list(dict.fromkeys(chosen))
     return list(dict.fromkeys(picked + explicit))
 
 
