@@ -83,17 +83,20 @@ def _lora_model(model_dir: str, **base):
     return model
 
 
-def test_the_captured_step_computes_the_usual_loss_and_gradients_on_right_padded_rows(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_the_captured_step_computes_the_usual_loss_and_gradients_on_right_padded_rows(tiny_model_dir, tmp_path, attn):
     """No padding mask and every position through the head: exact for right padding (real tokens attend only to
-    earlier, real tokens; padded positions carry label -100), with checkpointing on and off."""
+    earlier, real tokens; padded positions carry label -100), with checkpointing on and off. Eager attention runs one
+    algorithm with and without the mask (rounding alone); SDPA runs its causal kernel without it, which some torch
+    builds' CPU kernels compute less exactly (2e-3 of the gradient measured with torch 2.11 on a 16-core host)."""
     dm = _datamodule(tmp_path, tiny_model_dir)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["attention_mask"].eq(0).any(), "the batch must hold padding for the comparison to mean something"
     padded = graphs.pad_to_bucket(batch, {"input_ids": 0, "attention_mask": 0, "labels": -100}, multiple=64)
     for checkpointing in (False, True):
-        module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir, gradient_checkpointing=checkpointing),
-                           lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+        module = SFTModule(base=ModelSpec(name_or_path=tiny_model_dir, gradient_checkpointing=checkpointing,
+                                          attn_implementation=attn), lora=LoraSpec(r=4, alpha=8, dropout=0.0))
         module.configure_model()
         module.model.train()
         results = []
@@ -107,7 +110,7 @@ def test_the_captured_step_computes_the_usual_loss_and_gradients_on_right_padded
         assert n0 == n1 and g0.keys() == g1.keys() and g0
         torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
         for k in g0:  # (sums over other row counts: rounding, relative to the gradient's size)
-            assert _rel(g1[k], g0[k]) < 1e-5, k
+            assert _rel(g1[k], g0[k]) < (1e-5 if attn == "eager" else 1e-2), k
 
 
 def test_bound_gradients_accumulate_as_backward_does(tiny_model_dir):

@@ -58,11 +58,12 @@ total stays within this share of the budget: the plan is within about 15% of mea
 # takes the slower of the two, since the GPU works while the host queues; host transfers at ~25 GB/s (W1 offloading
 # without checkpointing: 36 GB a step cost 1.4 s), on top. Choices need only the ratios; whether compiling pays
 # needs seconds. CPU: no overlap, and the per-layer overhead is small against its matmul rate.
-RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9, layer_gpu_s=4.9e-3),
+RATES = {"cuda": dict(layer_s=8e-3, step_s=2e-2, flops=2.6e14, pcie=25e9, layer_gpu_s=3e-3),
          "cpu": dict(layer_s=2e-4, step_s=1e-3, flops=2e11, pcie=float("inf"), layer_gpu_s=0.0)}
 """`layer_gpu_s`: the GPU's floor for one decoder layer's forward and backward of one micro-batch, however small: a
-LoRA layer runs a few hundred kernels, each a few microseconds at least (H100: SmolLM2-135M's 30 layers, 16 rows
-padded to 576 tokens, no checkpointing, replayed from CUDA graphs: 146 ms a step; checkpointed 184 ms, modelled 195).
+LoRA layer runs a few hundred kernels, each a few microseconds at least (H100, 2026-12-07: SmolLM2-135M's 30 layers,
+16 GSM8K rows in 64-token buckets, replayed from CUDA graphs: 91 ms a step unchecked, 128 ms checkpointed, modelled
+90 and 120).
 A step's GPU time is the larger of this floor and its FLOPs; the host's work hides it unless the step is captured."""
 RECOMPUTE_HOST = 0.06
 """The host work of recomputing checkpointed layers, a share of the eager step's layer work: eager layers checkpoint
