@@ -334,3 +334,17 @@ def test_family_merged_decode(family, family_dirs):
                for (w, v), (_, m) in zip(before, layers))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+@pytest.mark.skipif("qwen2_moe" not in PRESENT, reason="Qwen2-MoE is not in this transformers")
+def test_explicit_leaf_targets_leave_moe_experts_alone(family_dirs):
+    """`target_modules: [q_proj, down_proj]` on a model with fused expert weights adapts the attention and the shared
+    expert's `down_proj` only, with LoRA dropout on: PEFT 0.22 reads a bare `down_proj` as the experts' fused parameter
+    too (and refuses dropout there), so the names go to PEFT in full; the experts take `model.lora.experts`."""
+    lora = LoraSpec(r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "down_proj"])
+    model = build_model(ModelSpec(name_or_path=family_dirs("qwen2_moe"), dtype="float32"), lora)
+    targets = model.peft_config["default"].target_modules
+    assert not any(type(m).__name__ == "ParamWrapper" for m in model.modules())
+    assert not model.peft_config["default"].target_parameters
+    assert {t.rsplit(".", 1)[-1] for t in targets} == {"q_proj", "down_proj"}
+    assert all(".experts." not in t for t in targets) and any(t.endswith("shared_expert.down_proj") for t in targets)

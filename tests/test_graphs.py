@@ -150,6 +150,50 @@ def test_bound_gradients_accumulate_as_backward_does(tiny_model_dir):
     assert params[0].grad.ne(0).any()
 
 
+def test_a_parameter_no_step_reached_before_is_zeroed_with_the_others():
+    """The first run finds the parameters the objective reaches; one reached only later still starts each optimizer
+    step from nothing (`fresh`), as `zero_grad(set_to_none=True)` leaves it, instead of adding up across steps."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    runner = graphs.CapturedGradients([a, b], warmup=10**9)
+    use_b = [False]
+
+    def fn(batch):
+        loss = (a * batch["x"]).sum() + ((b * batch["x"]).sum() if use_b[0] else 0)
+        return loss, loss
+
+    x = torch.ones(2)
+    runner.run(fn, {"x": x}, fresh=True)
+    assert runner.others == [b]
+    use_b[0] = True
+    for _ in range(3):
+        runner.run(fn, {"x": x}, fresh=True)
+        assert b.grad.tolist() == [1.0, 1.0] and a.grad.tolist() == [1.0, 1.0]
+
+
+def test_a_loss_scaler_is_refused():
+    """`16-mixed` scales the loss Lightning hands to a backward the captured step does not run."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(world_size=1, precision="16-mixed", precision_plugin=SimpleNamespace(scaler=object()))
+    module = SimpleNamespace(device=torch.device("cuda"), _trainer=trainer)
+    with pytest.raises(ConfigError, match=r"model.cuda_graphs: not with a loss scaler \(trainer.precision 16-mixed\)"):
+        graphs.check_capturable(module, "model.cuda_graphs")
+
+
+def test_what_the_captured_step_cannot_serve_is_refused_or_left_eager_by_the_plan(tiny_model_dir):
+    """NEFTune (its noise reads the padded length) and activation offloading (it waits inside the backward): asked
+    for, `cuda_graphs` stops with the reason; chosen by the plan, the run goes eager and says why."""
+    for kw, why in ((dict(neftune_alpha=5.0), "NEFTune"), (dict(), "activation offloading")):
+        base = ModelSpec(name_or_path=tiny_model_dir, activation_offloading=not kw)
+        module = SFTModule(base=base, lora=LoraSpec(r=4, alpha=8), cuda_graphs=True, **kw)
+        with pytest.raises(ConfigError, match=f"model.cuda_graphs: {why}"):
+            module.configure_model()
+        module = SFTModule(base=base, lora=LoraSpec(r=4, alpha=8), cuda_graphs=None, **kw)
+        module.cuda_graphs = module.graphs_planned = True  # (what `--memory auto` sets)
+        module.configure_model()
+        assert module.cuda_graphs is False
+
+
 def _sft(model_dir: str, **kw) -> SFTModule:
     return SFTModule(base=ModelSpec(name_or_path=model_dir, gradient_checkpointing=True),
                      lora=LoraSpec(r=4, alpha=8, dropout=0.0),
@@ -177,6 +221,19 @@ def test_settings_a_graph_cannot_capture_are_refused(tiny_model_dir, tmp_path):
         module._graphs = graphs.CapturedGradients([])  # (past the device check)
         module._captured_token_loss({"input_ids": torch.ones(1, 4, dtype=torch.long),
                                      "position_ids": torch.arange(4)[None]}, 0)
+
+
+def test_a_copy_of_the_module_leaves_its_graphs_behind(tiny_model_dir):
+    """CUDA graphs belong to the process and device that captured them: a pickled or deep-copied module (a callback's
+    averaged copy, a spawned worker) starts without them and captures its own."""
+    import copy
+    import pickle
+
+    module = _sft(tiny_model_dir, cuda_graphs=True)
+    module._graphs = graphs.CapturedGradients([])
+    module._graphs.unpicklable = lambda: None  # (what a CUDA graph is to pickle)
+    assert pickle.loads(pickle.dumps(module))._graphs is None
+    assert copy.deepcopy(module)._graphs is None and module._graphs is not None
 
 
 @pytest.mark.filterwarnings("ignore:.*(does not have many workers|num_workers).*")

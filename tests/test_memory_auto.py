@@ -301,7 +301,7 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
     assert auto.step_seconds(grouped) == pytest.approx(auto.step_seconds(plain) * (1 + auto.RECOMPUTE_HOST_COMPILED))
 
 
-def test_captured_steps_are_chosen_where_they_can_be_captured_and_leave_the_gpu_s_time(monkeypatch):
+def test_captured_steps_are_chosen_where_they_can_be_captured_and_leave_the_gpu_s_time(monkeypatch, tmp_path):
     """SFT's `cuda_graphs`, where the module left it to the plan: the host's work a step becomes its framework's and
     one replay's a micro-batch (`GRAPH_HOST_S`), the step the slower of that and the GPU's time, which on a small
     model is its floor of small kernels (`layer_gpu_s` a layer and micro-batch, a third more for what checkpointing
@@ -330,13 +330,31 @@ def test_captured_steps_are_chosen_where_they_can_be_captured_and_leave_the_gpu_
                dataclasses.replace(s, packing=True), dataclasses.replace(s, ranks=2),
                dataclasses.replace(s, process_group=True),
                dataclasses.replace(s, base=dataclasses.replace(s.base, quantization="nf4")),
-               dataclasses.replace(s, compile=True, compile_auto=False)):
+               dataclasses.replace(s, compile=True, compile_auto=False), dataclasses.replace(s, precision="16-mixed"),
+               dataclasses.replace(s, base=dataclasses.replace(s.base, activation_offloading=True))):
         assert not choose(no, budget)[0].cuda_graphs, no
+    # a mixture-of-experts base routes by the tokens' values: never captured
+    from transformers import Qwen2MoeConfig
+
+    moe = tmp_path / "config.json"
+    Qwen2MoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=400, num_experts=4, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=32).to_json_file(moe)
+    moe_s = dataclasses.replace(s, base=dataclasses.replace(s.base, name_or_path=str(moe)))
+    assert not choose(moe_s, budget)[0].cuda_graphs
+    # spending memory for speed: taken only with SPEED_MARGIN to spare
+    for b in (total(graphs) + 2**20, int(total(graphs) / auto.SPEED_MARGIN) + 2**20):
+        chosen = choose(s, b)[0]
+        assert not chosen.cuda_graphs or total(chosen) <= b * auto.SPEED_MARGIN, b
+    assert choose(s, int(total(graphs) / auto.SPEED_MARGIN) + 2**20)[0].cuda_graphs
     # memory: the rows at their bucket's length, the loss over every position
     plain = estimate_settings(s, budget=None, advise=False)
     captured = estimate_settings(graphs, budget=None, advise=False)
     assert captured.peak > plain.peak
     assert "CUDA graphs (64-token buckets)" in captured.table() and "x 64 tokens" in captured.table()
+    assert "validation beside the graphs' pool" in captured.table()
+    quiet = estimate_settings(dataclasses.replace(graphs, validation=False), budget=None, advise=False)
+    assert "validation beside" not in quiet.table() and quiet.peak < captured.peak
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])

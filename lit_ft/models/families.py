@@ -117,11 +117,13 @@ def resolve_targets(model, requested: list[str]) -> list[str]:
         raise ConfigError(f"model.lora.target_modules={requested}: no linear layer of that kind in this model")
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in chosen))
     by_leaf = {n for n, _ in _named_linears(inner) if n.rsplit(".", 1)[-1] in leaves}
-    # A model with fused MoE expert weights gets full names: PEFT (0.22+) reads a leaf name such as `down_proj` as
-    # its transformers-4 name, which also targets the experts' fused parameter of that name (`model.lora.experts`
-    # decides that, through `target_parameters`).
-    exact = by_leaf == set(chosen) and not expert_parameters(model)
-    picked = leaves if exact else list(dict.fromkeys(chosen))
+    # A model with fused MoE expert weights gets full names, explicit leaves included: PEFT (0.22+) reads a leaf name
+    # such as `down_proj` as its transformers-4 name, which also targets the experts' fused parameter of that name
+    # (`model.lora.experts` decides that, through `target_parameters`).
+    moe = bool(expert_parameters(model))
+    picked = leaves if by_leaf == set(chosen) and not moe else list(dict.fromkeys(chosen))
+    if moe:  # an explicit leaf too: the modules it names, in full
+        explicit = [n for e in explicit for n in names if n == e or n.endswith("." + e)]
     return list(dict.fromkeys(picked + explicit))
 
 

@@ -223,8 +223,18 @@ def _graphed(s: Settings):
     (bitsandbytes' kernels inside a graph are not measured). Memory: rows padded to 64-token buckets, every position
     through the head (`lit_ft.plan.stages`)."""
     if (s.cuda_graphs_auto and not s.cuda_graphs and s.stage == "sft" and not s.packing and s.ranks == 1
-            and not s.process_group and s.base.quantization == "none"):
+            and not s.process_group and s.base.quantization == "none" and s.precision not in ("16-mixed", "16")
+            and not _mixture_of_experts(s)):
         yield ("CUDA graphs", ["--model.cuda_graphs", "true"], dataclasses.replace(s, cuda_graphs=True), "graphs")
+
+
+def _mixture_of_experts(s: Settings) -> bool:
+    """The base routes tokens to experts (by their values: no captured step)."""
+    from lit_ft.plan.weights import model_config
+
+    config = model_config(s.base)
+    config = getattr(config, "text_config", None) or config
+    return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
@@ -232,7 +242,7 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     fits (`step_seconds`; fewer changes on a tie); ConfigError when nothing fits."""
     skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
     kinds: dict[str, list] = {}
-    faster = {c[0] for c in _faster(s)}
+    faster = {c[0] for c in itertools.chain(_faster(s), _graphed(s))}  # (a captured step pads and keeps its pool)
     for option in itertools.chain(_faster(s), _compiled(s), _graphed(s), levers(s)):
         if option[3] not in skip:
             kinds.setdefault(option[3], []).append(option)
@@ -242,7 +252,7 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
         cand = s
         for c in changes:
             cand = carry_over(cand, s, c[2])
-        if cand.compile and cand.cuda_graphs:  # (one or the other: `SFTModule` refuses both)
+        if cand.cuda_graphs and (cand.compile or cand.base.activation_offloading):  # (`SFTModule` refuses both)
             continue
         combos.append(((step_seconds(cand), len(changes)), cand, changes))
     combos.sort(key=lambda x: x[0])
@@ -280,6 +290,7 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
                 model.hparams["compile"] = new  # what the checkpoint records
         elif f.name == "cuda_graphs":
             model.cuda_graphs = new
+            model.graphs_planned = new  # a model it cannot capture (NEFTune, say) then runs eagerly
             if "cuda_graphs" in getattr(model, "hparams", {}):
                 model.hparams["cuda_graphs"] = new
         elif f.name in ("base", "optim", "sampling", "ppo", "grpo", "distill", "loss_chunk_size"):

@@ -59,10 +59,11 @@ class SFTModule(L.LightningModule):
                 see no noise.
             cuda_graphs: replay each training step's forward and backward from a CUDA graph (`lit_ft.train.graphs`):
                 the host no longer queues the step's kernels one by one, which is most of a small model's step.
-                Batches are padded to a multiple of 64 tokens (one graph a length, captured after two eager steps),
+                Batches are padded to a multiple of 64 tokens (one graph a length, captured when first seen),
                 every position goes through the head (an ignored one adds zero), and the padding mask is left out,
                 which is exact for right-padded rows (checked on the first batches). One CUDA device, one process,
-                unpacked batches, not with `compile`. None (the default): `--memory auto` decides; off without a plan.
+                unpacked batches, no loss scaler (`16-mixed`); not with `compile`, NEFTune, activation offloading or a
+                mixture-of-experts model. None (the default): `--memory auto` decides; off without a plan.
         """
         check_init("model (SFTModule)", SFTModule, locals())
         super().__init__()
@@ -102,7 +103,22 @@ class SFTModule(L.LightningModule):
             add_neftune(self.model, self.neftune_alpha)
         if self.compile_layers:
             compile_decoder_layers(self.model, eager_on_error=getattr(self, "compile_planned", False))
+        if self.cuda_graphs and (why := self._uncapturable()):
+            if not getattr(self, "graphs_planned", False):
+                raise ConfigError(f"model.cuda_graphs: {why}; turn it off")
+            rank_zero_info(f"model.cuda_graphs: off ({why})")  # (the plan cannot see this; eager it is)
+            self.cuda_graphs = False
         rank_zero_info(describe(self.model))
+
+    def _uncapturable(self) -> str | None:
+        """Why this model's training step cannot be captured as `cuda_graphs` needs, or None."""
+        if self.neftune_alpha:
+            return "NEFTune's noise scale reads the padded length, which the 64-token buckets would change"
+        if self.base.activation_offloading:
+            return "activation offloading waits for its copies inside the backward"
+        if families.expert_parameters(self.model):
+            return "a mixture-of-experts model routes each token by its values (shapes that depend on the data)"
+        return None
 
     @property
     def lr(self) -> float:
@@ -178,6 +194,11 @@ class SFTModule(L.LightningModule):
             self._grads_done = False
             return
         super().backward(loss, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_graphs"] = None  # CUDA graphs belong to this process's device (a copy captures its own)
+        return state
 
     # -- steps ----------------------------------------------------------------------------------------------
 

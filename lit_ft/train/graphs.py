@@ -58,11 +58,15 @@ def pad_to_bucket(batch: dict, values: dict[str, int], multiple: int = BUCKET) -
 
 
 def check_capturable(module, setting: str) -> None:
-    """Refuse, naming `setting`, a run whose step a CUDA graph cannot record: no CUDA device, or more than one
-    process (a collective inside the backward)."""
+    """Refuse, naming `setting`, a run whose step a CUDA graph cannot record or would get wrong: no CUDA device,
+    more than one process (a collective inside the backward), a loss scaler (`16-mixed`: it scales the loss
+    Lightning hands to a backward the captured step does not run, then unscales the gradients)."""
     if module.device.type != "cuda":
         raise ConfigError(f"{setting}: needs a CUDA device (the module is on {module.device.type}); turn it off")
     trainer = getattr(module, "_trainer", None)
+    if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise ConfigError(f"{setting}: not with a loss scaler (trainer.precision {trainer.precision}); use "
+                          f"bf16-mixed, bf16-true or 32-true, or turn it off")
     world = trainer.world_size if trainer is not None else 1
     if world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ConfigError(f"{setting}: one process only (the gradients' all-reduce runs inside the backward a graph "
@@ -121,6 +125,8 @@ class CapturedGradients:
         self.seen: Counter = Counter()
         self.trained: list[Tensor] | None = None  # the parameters the objective reaches (found by the first run)
         self.grads: list[Tensor] | None = None  # their gradient tensors, bound to `.grad` for the whole run
+        self.others: list[Tensor] = []  # the rest: reached by no captured step (a step's zeroing still clears them)
+        self._where: tuple | None = None  # where the trained tensors were when the graphs were captured
         self.failed: str | None = None
         self.replays = 0
         self.resets = 0
@@ -136,6 +142,8 @@ class CapturedGradients:
         if fresh:
             for p, g in zip(self.trained, self.grads):
                 p.grad = g
+            for p in self.others:  # (what `zero_grad(set_to_none=True)` would do to them)
+                p.grad = None
             if self.grads:
                 torch._foreach_zero_(self.grads)
             return
@@ -168,6 +176,7 @@ class CapturedGradients:
         for p, old in zip(self.params, before):
             if p.grad is None:
                 p.grad = old
+                self.others.append(p)
                 continue
             if old is not None:
                 p.grad += old
@@ -184,6 +193,8 @@ class CapturedGradients:
             self.seen[_key(batch)] += 1
             return self._first(fn, batch, fresh)
         self._bind(fresh)
+        if self.graphs and self._where != self._location():
+            self._reset()  # the module moved (a second fit after Lightning's teardown to the CPU): new addresses
         key = _key(batch)
         graph = self.graphs.get(key)
         if graph is None and self.failed is None and self.seen[key] >= self.warmup:
@@ -199,9 +210,13 @@ class CapturedGradients:
         self.replays += 1
         return tuple(o.clone() for o in graph.outputs)
 
+    def _location(self) -> tuple:
+        return (self.trained[0].data_ptr(), self.grads[0].data_ptr()) if self.trained else ()
+
     def _reset(self) -> None:
         """Drop every graph and their pool (a new one for the next capture)."""
         self.graphs.clear()
+        self._largest = 0
         torch.cuda.synchronize()
         self._pool = torch.cuda.graph_pool_handle()
         torch.cuda.empty_cache()
@@ -246,6 +261,7 @@ class CapturedGradients:
         except Exception as e:  # a sync, a data-dependent shape or an uncapturable kernel in the step
             for p, g in zip(self.trained, kept):
                 p.grad = g
+            torch.clear_autocast_cache()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.failed = f"{type(e).__name__}: {e}"
@@ -255,4 +271,5 @@ class CapturedGradients:
         g = _Graph(graph, inputs, tuple(o.detach() for o in outputs))
         self.graphs[key] = g
         self._largest = max(self._largest, size)
+        self._where = self._location()
         return g
