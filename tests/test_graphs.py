@@ -204,8 +204,9 @@ def _fit(module, tmp_path, model_dir, steps: int, accelerator: str = "cpu", **tr
     tmp_path.mkdir(parents=True, exist_ok=True)
     dm = _datamodule(tmp_path, model_dir)
     L.seed_everything(0, verbose=False)  # the same LoRA start and batch order for the runs compared
+    trainer = {"limit_val_batches": 0, **trainer}
     L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
               default_root_dir=str(tmp_path), **trainer).fit(module, datamodule=dm)
     return {k: v.detach().cpu().clone() for k, v in module.model.named_parameters() if v.requires_grad}
 
@@ -369,12 +370,24 @@ def test_dropout_masks_are_recomputed_alike_under_checkpointing(tiny_model_dir):
 @pytest.mark.filterwarnings("ignore:.*(does not have many workers|num_workers).*")
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_a_fit_with_graphs_trains_as_one_without(tiny_model_dir, tmp_path, precision):
-    """The fit's adapters with `cuda_graphs` (graphs captured and replayed, gradient accumulation 2) against the same
-    fit without: equal in fp32, close under bf16 autocast."""
-    plain = _fit(_sft(tiny_model_dir, cuda_graphs=False), tmp_path / "a", tiny_model_dir, 8, "gpu",
-                 accumulate_grad_batches=2, precision=precision)
+    """The fit's adapters with `cuda_graphs` (graphs captured and replayed, gradient accumulation 2, validation after
+    every epoch: the graphs released before it and captured again after) against the same fit without: equal in
+    fp32, close under bf16 autocast; a second fit of the same module (moved to the CPU and back in between) too."""
+    kw = dict(accumulate_grad_batches=2, precision=precision, limit_val_batches=2)
+    plain = _fit(_sft(tiny_model_dir, cuda_graphs=False), tmp_path / "a", tiny_model_dir, 8, "gpu", **kw)
     module = _sft(tiny_model_dir, cuda_graphs=True)
-    captured = _fit(module, tmp_path / "b", tiny_model_dir, 8, "gpu", accumulate_grad_batches=2, precision=precision)
+    captured = _fit(module, tmp_path / "b", tiny_model_dir, 8, "gpu", **kw)
     assert module._graphs.failed is None and module._graphs.replays >= 4, module._graphs.failed
+    assert module._graphs.resets >= 3  # (released before each of the 4 validations but the first)
     for k in plain:  # (Adam's steps amplify rounding where a gradient is near zero: the whole tensor's error)
         assert _rel(captured[k], plain[k]) < (1e-3 if precision == "32-true" else 3e-2), k
+    # a second fit of each: Lightning's teardown moved the modules to the CPU, so the graphs are captured again
+    replays = module._graphs.replays
+    plain_module = _sft(tiny_model_dir, cuda_graphs=False)
+    plain_module.configure_model()
+    plain_module.model.load_state_dict(module.model.state_dict())
+    again_plain = _fit(plain_module, tmp_path / "c", tiny_model_dir, 4, "gpu", **kw)
+    again = _fit(module, tmp_path / "d", tiny_model_dir, 4, "gpu", **kw)
+    assert module._graphs.replays > replays and module._graphs.failed is None
+    for k in again_plain:
+        assert _rel(again[k], again_plain[k]) < (1e-3 if precision == "32-true" else 3e-2), k

@@ -342,19 +342,13 @@ def test_captured_steps_are_chosen_where_they_can_be_captured_and_leave_the_gpu_
                    shared_expert_intermediate_size=32).to_json_file(moe)
     moe_s = dataclasses.replace(s, base=dataclasses.replace(s.base, name_or_path=str(moe)))
     assert not choose(moe_s, budget)[0].cuda_graphs
-    # spending memory for speed: taken only with SPEED_MARGIN to spare
-    for b in (total(graphs) + 2**20, int(total(graphs) / auto.SPEED_MARGIN) + 2**20):
-        chosen = choose(s, b)[0]
-        assert not chosen.cuda_graphs or total(chosen) <= b * auto.SPEED_MARGIN, b
-    assert choose(s, int(total(graphs) / auto.SPEED_MARGIN) + 2**20)[0].cuda_graphs
+    # a speed lever whose memory the plan counts (as compiling): a budget the captured run just fits gets it
+    assert choose(s, total(graphs))[0].cuda_graphs
     # memory: the rows at their bucket's length, the loss over every position
     plain = estimate_settings(s, budget=None, advise=False)
     captured = estimate_settings(graphs, budget=None, advise=False)
     assert captured.peak > plain.peak
     assert "CUDA graphs (64-token buckets)" in captured.table() and "x 64 tokens" in captured.table()
-    assert "validation beside the graphs' pool" in captured.table()
-    quiet = estimate_settings(dataclasses.replace(graphs, validation=False), budget=None, advise=False)
-    assert "validation beside" not in quiet.table() and quiet.peak < captured.peak
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])

@@ -242,7 +242,7 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     fits (`step_seconds`; fewer changes on a tie); ConfigError when nothing fits."""
     skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
     kinds: dict[str, list] = {}
-    faster = {c[0] for c in itertools.chain(_faster(s), _graphed(s))}  # (a captured step pads and keeps its pool)
+    faster = {c[0] for c in _faster(s)}
     for option in itertools.chain(_faster(s), _compiled(s), _graphed(s), levers(s)):
         if option[3] not in skip:
             kinds.setdefault(option[3], []).append(option)

@@ -247,13 +247,8 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
 
 def _sft(s, d, a, lora, mask):
     # the frozen head's fused loss (LoRA SFT): `fused_loss_transient` (a trained head would recompute its chunks)
-    rows = _lm_rows(s, d, s.batch_size, a, lora, mask, "packed" if s.packing else "padded", s.loss_chunk_size,
+    return _lm_rows(s, d, s.batch_size, a, lora, mask, "packed" if s.packing else "padded", s.loss_chunk_size,
                     transient=lambda n, c: act.fused_loss_transient(n, c, d.vocab))[0]
-    if s.cuda_graphs and s.validation:  # the graphs' pool keeps the training step's memory: validation comes on top
-        E, Le = s.eval_batch_size or s.batch_size, rows_of.eval_seq_len(s)
-        rows.append(("validation beside the graphs' pool", logps_nograd(d, E * Le, s.loss_chunk_size, a) + E * Le
-                     * d.hidden * a, f"{E} x {Le} tokens, no grad: a layer's forward, one loss chunk's logits"))
-    return rows
 
 
 def _dpo(s, d, a, lora, mask):

@@ -225,6 +225,8 @@ class SFTModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         metrics.fresh(self.val_loss)
+        if self._graphs is not None:  # validation cannot use the graphs' pool: its memory back, recaptured after
+            self._graphs.release()
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:

@@ -13,7 +13,8 @@ runs of it), the first capture after one discarded warm-up pass on the capture s
 outside the graph), and replayed from then on. Every graph shares one memory pool, which the largest shape sizes: a
 shape larger than every captured one drops the graphs and starts the pool again with it, so that the smaller shapes
 reuse its memory (captured in growing order, each would add its own), and the eager passes' cached memory is given
-back before the first capture. Memory is then about one step's at the largest shape. What a captured step needs,
+back before the first capture. Memory is then about one step's at the largest shape. `release()` gives it back
+(validation, which cannot use the pool, runs in between; the next steps capture again). What a captured step needs,
 which the caller guarantees:
 
 - the same shapes (pad each batch to a bucket: `pad_to_bucket`) and nothing that depends on the values: no
@@ -127,6 +128,7 @@ class CapturedGradients:
         self.grads: list[Tensor] | None = None  # their gradient tensors, bound to `.grad` for the whole run
         self.others: list[Tensor] = []  # the rest: reached by no captured step (a step's zeroing still clears them)
         self._where: tuple | None = None  # where the trained tensors were when the graphs were captured
+        self._settle = False  # give the eager passes' cached memory back before the next capture
         self.failed: str | None = None
         self.replays = 0
         self.resets = 0
@@ -222,6 +224,13 @@ class CapturedGradients:
         torch.cuda.empty_cache()
         self.resets += 1
 
+    def release(self) -> None:
+        """Give the graphs' memory back (before validation, which cannot use the pool): the next training steps
+        capture again, after the memory cached meanwhile is given back too."""
+        if self.graphs:
+            self._reset()
+            self._settle = True
+
     def _capture(self, fn: Callable, batch: dict, key: tuple) -> _Graph | None:
         size = sum(v.numel() for v in batch.values() if isinstance(v, Tensor))
         if self.graphs and size > self._largest:
@@ -250,6 +259,9 @@ class CapturedGradients:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()  # the eager passes' cached memory back before the pool takes its own
             torch.cuda.synchronize()
+            if self._settle:  # (validation's cached memory, after `release`)
+                torch.cuda.empty_cache()
+                self._settle = False
             # Casts autocast cached in the pass above would enter the graph as constants: the weights' casts must
             # be recorded in it, to follow the weights.
             torch.clear_autocast_cache()
