@@ -266,6 +266,16 @@ def test_a_capture_that_fails_leaves_the_run_eager_with_the_same_result(tiny_mod
 gpu = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 
 
+def _lm_objective(model):
+    """`fn(batch) -> (objective, loss)`: the model's own LM loss over `input_ids`, what the runner replays."""
+
+    def fn(b):
+        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
+        return loss, loss
+
+    return fn
+
+
 def _grads(params) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in params]
 
@@ -280,9 +290,7 @@ def test_replays_follow_the_weights_under_autocast(tiny_model_dir, checkpointing
     runner = graphs.CapturedGradients(params)
     x = torch.randint(3, 100, (4, 64), device="cuda")
 
-    def fn(b):
-        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
-        return loss, loss
+    fn = _lm_objective(model)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -316,9 +324,7 @@ def test_a_larger_shape_restarts_the_pool_and_every_shape_replays_exactly(tiny_m
     torch.manual_seed(2)
     xs = [torch.randint(3, 100, (4, n), device="cuda") for n in (64, 128, 64, 192, 128)]
 
-    def fn(b):
-        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
-        return loss, loss
+    fn = _lm_objective(model)
 
     for x in xs * 2:
         runner.run(fn, {"input_ids": x}, fresh=True)
@@ -345,9 +351,7 @@ def test_dropout_masks_are_recomputed_alike_under_checkpointing(tiny_model_dir):
     runner = graphs.CapturedGradients(params)
     x = torch.randint(3, 100, (4, 64), device="cuda")
 
-    def fn(b):
-        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
-        return loss, loss
+    fn = _lm_objective(model)
 
     for _ in range(3):
         model.zero_grad(set_to_none=True)
