@@ -36,10 +36,22 @@ def test_pad_to_bucket_pads_each_named_tensor_on_the_right_with_its_value():
     assert same["labels"].shape == (2, 8)
 
 
-def test_left_padding_is_refused_by_the_setting():
-    graphs.check_right_padded(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "model.cuda_graphs")
-    with pytest.raises(ConfigError, match=r"model.cuda_graphs: a batch's padding is not at the end of its rows"):
-        graphs.check_right_padded(torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]), "model.cuda_graphs")
+def test_batches_a_captured_step_cannot_take_are_refused_or_run_eagerly(tiny_model_dir):
+    """Left padding (the captured step leaves the padding mask out) and packed rows: asked for, `cuda_graphs` stops
+    with the reason; chosen by the plan, the run goes on eagerly and says why."""
+    right = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    left = dict(right, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    packed = dict(right, position_ids=torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]]))
+    assert graphs.right_padded(right["attention_mask"]) and not graphs.right_padded(left["attention_mask"])
+    for batch, why in ((left, r"a batch's padding is not at the end of its rows \(left padding\?\)"),
+                       (packed, r"packed batches \(data.packing\) cannot be captured")):
+        module = _sft(tiny_model_dir, cuda_graphs=True)
+        assert module._capturable(right)
+        with pytest.raises(ConfigError, match=f"model.cuda_graphs: {why}"):
+            module._capturable(batch)
+        module = _sft(tiny_model_dir, cuda_graphs=True)
+        module.graphs_planned = True  # (what `--memory auto` sets)
+        assert not module._capturable(batch) and module.cuda_graphs is False
 
 
 def test_the_loss_over_every_position_equals_the_gathered_loss():
@@ -217,11 +229,6 @@ def test_settings_a_graph_cannot_capture_are_refused(tiny_model_dir, tmp_path):
     if not CUDA:
         with pytest.raises(ConfigError, match=r"model.cuda_graphs: needs a CUDA device \(the module is on cpu\)"):
             _fit(_sft(tiny_model_dir, cuda_graphs=True), tmp_path, tiny_model_dir, 1)
-    with pytest.raises(ConfigError, match="model.cuda_graphs: packed batches"):
-        module = _sft(tiny_model_dir, cuda_graphs=True)
-        module._graphs = graphs.CapturedGradients([])  # (past the device check)
-        module._captured_token_loss({"input_ids": torch.ones(1, 4, dtype=torch.long),
-                                     "position_ids": torch.arange(4)[None]}, 0)
 
 
 def test_a_copy_of_the_module_leaves_its_graphs_behind(tiny_model_dir):

@@ -164,14 +164,8 @@ class SFTModule(L.LightningModule):
         if self._graphs is None:
             self._graphs = graphs.CapturedGradients(self.model.parameters())
             graphs.check_capturable(self, "model.cuda_graphs")
-        if "position_ids" in batch:
-            raise ConfigError("model.cuda_graphs: packed batches (data.packing) cannot be captured (their attention "
-                              "depends on where each sequence starts); turn one of them off")
         batch = graphs.pad_to_bucket({k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
                                      {"input_ids": 0, "attention_mask": 0, "labels": -100})
-        if self._graph_checks < 4:  # the captured step leaves the padding mask out: exact for right padding only
-            self._graph_checks += 1
-            graphs.check_right_padded(batch["attention_mask"], "model.cuda_graphs")
         count = (batch["labels"][:, 1:] != -100).sum()
         unit = self.guard.weighting.add(self, count)  # the count-weighted loss of the step (guards.CountWeighting)
         batch["scale"] = graphs.constant(1.0 / (unit * self.trainer.accumulate_grad_batches), self.device)
@@ -179,6 +173,25 @@ class SFTModule(L.LightningModule):
         loss_sum, n_tokens = self._graphs.run(self._captured_objective, batch, fresh=fresh)
         self._grads_done = True
         return loss_sum, n_tokens
+
+    def _capturable(self, batch: dict) -> bool:
+        """Whether this batch can take the captured step: not packed, right-padded (checked on the first batches).
+        One that cannot stops a run that asked for `cuda_graphs`; one the plan chose it for goes on eagerly."""
+        why = None
+        if "position_ids" in batch:
+            why = "packed batches (data.packing) cannot be captured: their attention depends on where each sequence starts"
+        elif self._graph_checks < 4:  # the captured step leaves the padding mask out: exact for right padding only
+            self._graph_checks += 1
+            if not graphs.right_padded(batch["attention_mask"]):
+                why = ("a batch's padding is not at the end of its rows (left padding?): the captured step leaves the "
+                       "padding mask out, which is exact for right padding only")
+        if why is None:
+            return True
+        if not getattr(self, "graphs_planned", False):
+            raise ConfigError(f"model.cuda_graphs: {why}; turn it off")
+        rank_zero_info(f"model.cuda_graphs: off ({why})")
+        self.cuda_graphs = False
+        return False
 
     def _captured_objective(self, batch: dict) -> tuple[torch.Tensor, ...]:
         loss_sum, n_tokens = self.token_loss(batch, captured=True)
@@ -203,7 +216,7 @@ class SFTModule(L.LightningModule):
     # -- steps ----------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.cuda_graphs:
+        if self.cuda_graphs and self._capturable(batch):
             loss_sum, n_tokens = self._captured_token_loss(batch, batch_idx)
             loss = loss_sum / self.guard.weighting.unit  # (counted in already; carries no graph)
         else:

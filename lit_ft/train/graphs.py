@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lit_ft.errors import ConfigError
 
-__all__ = ["CapturedGradients", "pad_to_bucket", "check_capturable", "check_right_padded", "constant", "BUCKET"]
+__all__ = ["CapturedGradients", "pad_to_bucket", "check_capturable", "right_padded", "constant", "BUCKET"]
 
 BUCKET = 64
 """Batches are padded to a multiple of this many tokens: a few graphs serve every length."""
@@ -74,12 +74,9 @@ def check_capturable(module, setting: str) -> None:
                           f"would record; this run has {world}); turn it off")
 
 
-def check_right_padded(mask: Tensor, setting: str) -> None:
-    """Refuse an attention mask whose padding is not at the end of each row (one wait for the GPU)."""
-    if mask.shape[-1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
-        raise ConfigError(f"{setting}: a batch's padding is not at the end of its rows (left padding?): the captured "
-                          "step leaves the padding mask out, which is exact for right padding only; pad on the right "
-                          f"or turn {setting} off")
+def right_padded(mask: Tensor) -> bool:
+    """Every row's padding (mask 0) is at its end (one wait for the GPU)."""
+    return mask.shape[-1] < 2 or not bool((mask[:, 1:] > mask[:, :-1]).any())
 
 
 _CONSTANTS: dict[tuple, Tensor] = {}
