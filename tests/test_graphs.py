@@ -192,11 +192,19 @@ def test_a_loss_scaler_is_refused():
         graphs.check_capturable(module, "model.cuda_graphs")
 
 
-def test_what_the_captured_step_cannot_serve_is_refused_or_left_eager_by_the_plan(tiny_model_dir):
-    """NEFTune (its noise reads the padded length) and activation offloading (it waits inside the backward): asked
-    for, `cuda_graphs` stops with the reason; chosen by the plan, the run goes eager and says why."""
-    for kw, why in ((dict(neftune_alpha=5.0), "NEFTune"), (dict(), "activation offloading")):
-        base = ModelSpec(name_or_path=tiny_model_dir, activation_offloading=not kw)
+def test_what_the_captured_step_cannot_serve_is_refused_or_left_eager_by_the_plan(tiny_model_dir, tmp_path):
+    """NEFTune (its noise reads the padded length), activation offloading (it waits inside the backward) and a
+    mixture-of-experts model (it routes tokens by their values): asked for, `cuda_graphs` stops with the reason;
+    chosen by the plan, the run goes eager and says why."""
+    from tests.conftest import make_tokenizer
+    from tests.family_models import make_family_model
+
+    moe = str(tmp_path / "moe")
+    make_family_model("qwen2_moe", moe, len(make_tokenizer(moe)))
+    for kw, why, model_dir in ((dict(neftune_alpha=5.0), "NEFTune", tiny_model_dir),
+                               (dict(), "activation offloading", tiny_model_dir),
+                               (dict(), "a mixture-of-experts model", moe)):
+        base = ModelSpec(name_or_path=model_dir, activation_offloading=why == "activation offloading")
         module = SFTModule(base=base, lora=LoraSpec(r=4, alpha=8), cuda_graphs=True, **kw)
         with pytest.raises(ConfigError, match=f"model.cuda_graphs: {why}"):
             module.configure_model()

@@ -127,6 +127,13 @@ def resolve_targets(model, requested: list[str]) -> list[str]:
     return list(dict.fromkeys(picked + explicit))
 
 
+def routes_experts(config) -> bool:
+    """The model sends each token to some of its experts by the token's values (a mixture of experts), read from its
+    config (a multimodal one's text config)."""
+    config = getattr(config, "text_config", None) or config
+    return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
 def expert_parameters(model) -> list[str]:
     """In-layer names of MoE experts' fused weights (`mlp.experts.gate_up_proj`, ...): 3-D parameters
     [experts, out, in] that no linear layer holds, so only PEFT's `target_parameters` can adapt them."""

@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 
 from lit_ft.errors import ConfigError
+from lit_ft.models import families
 from lit_ft.losses.preference import REFERENCE_FREE_LOSSES
 from lit_ft.plan.memory import Settings, carry_over, estimate_settings, levers, settings_from
 from lit_ft.plan.online import ONLINE, shapes, spec_of, update_shape
 from lit_ft.plan.sizes import fmt, parse_size
+from lit_ft.plan.weights import model_config
 
 
 class NothingFits(ConfigError):
@@ -224,17 +226,8 @@ def _graphed(s: Settings):
     through the head (`lit_ft.plan.stages`)."""
     if (s.cuda_graphs_auto and not s.cuda_graphs and s.stage == "sft" and not s.packing and s.ranks == 1
             and not s.process_group and s.base.quantization == "none" and s.precision not in ("16-mixed", "16")
-            and not _mixture_of_experts(s)):
+            and not families.routes_experts(model_config(s.base))):
         yield ("CUDA graphs", ["--model.cuda_graphs", "true"], dataclasses.replace(s, cuda_graphs=True), "graphs")
-
-
-def _mixture_of_experts(s: Settings) -> bool:
-    """The base routes tokens to experts (by their values: no captured step)."""
-    from lit_ft.plan.weights import model_config
-
-    config = model_config(s.base)
-    config = getattr(config, "text_config", None) or config
-    return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:

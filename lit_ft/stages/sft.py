@@ -116,7 +116,7 @@ class SFTModule(L.LightningModule):
             return "NEFTune's noise scale reads the padded length, which the 64-token buckets would change"
         if self.base.activation_offloading:
             return "activation offloading waits for its copies inside the backward"
-        if families.expert_parameters(self.model):
+        if families.routes_experts(self.model.get_base_model().config):
             return "a mixture-of-experts model routes each token by its values (shapes that depend on the data)"
         return None
 
@@ -168,7 +168,7 @@ class SFTModule(L.LightningModule):
                                      {"input_ids": 0, "attention_mask": 0, "labels": -100})
         count = (batch["labels"][:, 1:] != -100).sum()
         unit = self.guard.weighting.add(self, count)  # the count-weighted loss of the step (guards.CountWeighting)
-        batch["scale"] = graphs.constant(1.0 / (unit * self.trainer.accumulate_grad_batches), self.device)
+        batch["scale"] = 1.0 / (unit * self.trainer.accumulate_grad_batches)  # (a graph input: set each replay)
         fresh = batch_idx % self.trainer.accumulate_grad_batches == 0  # Lightning's rule for zeroing
         loss_sum, n_tokens = self._graphs.run(self._captured_objective, batch, fresh=fresh)
         self._grads_done = True

@@ -17,7 +17,8 @@ back before the first capture. Memory is then about one step's at the largest sh
 (validation, which cannot use the pool, runs in between; the next steps capture again). What a captured step needs,
 which the caller guarantees:
 
-- the same shapes (pad each batch to a bucket: `pad_to_bucket`) and nothing that depends on the values: no
+- tensors of the same shapes (pad each batch to a bucket: `pad_to_bucket`) and float numbers (a graph's input
+  each: a loss scale may change between replays), and nothing that depends on the values: no
   boolean-mask indexing, no `.item()`, no host-side branch on a tensor (a capture that hits one fails, and the run goes
   on eagerly with one warning);
 - one process (no collective inside the backward) and parameters that stay where they are;
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from lit_ft.errors import ConfigError
 
-__all__ = ["CapturedGradients", "pad_to_bucket", "check_capturable", "right_padded", "constant", "BUCKET"]
+__all__ = ["CapturedGradients", "pad_to_bucket", "check_capturable", "right_padded", "BUCKET"]
 
 BUCKET = 64
 """Batches are padded to a multiple of this many tokens: a few graphs serve every length."""
@@ -77,20 +78,6 @@ def check_capturable(module, setting: str) -> None:
 def right_padded(mask: Tensor) -> bool:
     """Every row's padding (mask 0) is at its end (one wait for the GPU)."""
     return mask.shape[-1] < 2 or not bool((mask[:, 1:] > mask[:, :-1]).any())
-
-
-_CONSTANTS: dict[tuple, Tensor] = {}
-
-
-def constant(value: float, device: torch.device) -> Tensor:
-    """A 0-d float32 tensor of `value` on `device`, made once (copying it into a graph's input waits for nothing)."""
-    key = (float(value), str(device))
-    t = _CONSTANTS.get(key)
-    if t is None:
-        if len(_CONSTANTS) > 64:
-            _CONSTANTS.clear()
-        t = _CONSTANTS[key] = torch.tensor(float(value), dtype=torch.float32, device=device)
-    return t
 
 
 def _key(batch: dict) -> tuple:
@@ -204,7 +191,8 @@ class CapturedGradients:
             objective.backward()
             return tuple(o.detach() for o in outputs)
         for name, static in graph.inputs.items():
-            static.copy_(batch[name], non_blocking=True)
+            value = batch[name]
+            static.copy_(value) if isinstance(value, Tensor) else static.fill_(value)  # (a number: no host copy)
         graph.graph.replay()
         self.replays += 1
         return tuple(o.clone() for o in graph.outputs)
@@ -234,7 +222,9 @@ class CapturedGradients:
             self._reset()  # the largest shape first: the smaller ones fit in its memory
         if len(self.graphs) >= self.max_graphs:
             return None
-        inputs = {k: v.clone() for k, v in batch.items() if isinstance(v, Tensor)}
+        device = next(v.device for v in batch.values() if isinstance(v, Tensor))
+        inputs = {k: v.clone() if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float32, device=device)
+                  for k, v in batch.items() if isinstance(v, (Tensor, float))}
         static_batch = {**batch, **inputs}
         kept = [p.grad for p in self.trained]
         first = self._stream is None
