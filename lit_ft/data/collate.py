@@ -15,6 +15,14 @@ Batch keys (the modules rely on exactly these):
   padding-free (position ids restart at 0 for each), ``sequence_ids`` Long[R, L] (which of the 2B sequences each
   token belongs to, chosen 0..B-1 then rejected B..2B-1; -1 on the padding tail), ``attention_mask`` all ones,
   ``margin`` and ``line`` as above.
+- Preference, shared prompt: each pair ONE sequence, its prompt once and both responses after it
+  (:class:`SharedPromptCollator`): ``input_ids`` and ``position_ids`` Long[R, L] (both responses' positions go on
+  from the prompt's end), ``segment_ids`` Long[R, L] (the pair of each token, -1 on padding) and ``branch_ids``
+  Long[R, L] (0 prompt, 1 chosen, 2 rejected), from which `lit_ft.models.shared_prompt` builds the attention
+  mask (the rejected response does not see the chosen one); ``logp_index`` Long[N] (the flat index into the R x L
+  tokens of the position predicting each response token), ``logp_target`` Long[N] (that token) and
+  ``logp_sequence`` Long[N] (its sequence: chosen 0..B-1, rejected B..2B-1); ``last_index`` Long[2B] (each
+  sequence's last token, where a reward model reads its score); ``margin`` and ``line`` as above.
 - Prompt: ``input_ids`` Long[B, T] LEFT-padded, ``attention_mask``, ``prompts`` list[str], ``answers`` list[str | None].
 - Unpaired (KTO): ``input_ids``, ``attention_mask``, ``labels`` Long[B, T] (each example's prompt + completion,
   right-padded, -100 on the prompt), ``label`` Bool[B] (True: desirable), ``line`` Long[B] and ``example`` Long[B]
@@ -230,6 +238,80 @@ class PackedPreferenceCollator:
             "labels": pad_rows(lab, IGNORE_INDEX, length),
             "position_ids": torch.tensor(pos, dtype=torch.long),
             "sequence_ids": pad_rows(owner, -1, length),
+            "margin": torch.tensor([float(r["margin"]) if r.get("margin") is not None else 0.0 for r in rows]),
+        }
+        if rows[0].get("group") is not None:
+            batch["group"] = [r["group"] for r in rows]
+        if rows[0].get("line") is not None:
+            batch["line"] = torch.tensor([int(r["line"]) for r in rows], dtype=torch.long)
+        return batch
+
+
+@dataclass
+class SharedPromptCollator:
+    """Preference batches with each pair's prompt computed once: the pair is one sequence ``prompt | chosen response
+    | rejected response`` whose rejected tokens attend to the prompt and to themselves, not to the chosen response,
+    and whose positions go on from the prompt's end in both responses; the first response token of each side is
+    predicted from the prompt's last position (keys: the module docstring). The same log-probs as
+    :class:`PreferenceCollator` (tests/test_shared_prompt.py) from ``2P + C + R`` fewer ``P`` tokens: DPO's policy
+    and reference passes and a reward model's forward skip the prompt's second copy.
+
+    ``max_length`` None: one pair a row, right-padded to the longest; else pairs packed first-fit decreasing into
+    rows of at most ``max_length`` tokens (a pair longer than that takes a row of its own).
+    """
+
+    pad_token_id: int
+    """Id written into padding positions."""
+    max_length: int | None = None
+    """Longest packed row (None: no packing, one pair a row)."""
+    pad_to_multiple_of: int | None = None
+    """Round the row length up to a multiple of this."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        B = len(rows)
+        units, sides = [], []  # each pair's token ids, and (prompt, chosen, rejected) lengths
+        for r in rows:
+            p = int(r["prompt_length"])
+            c, j = list(r["chosen_input_ids"]), list(r["rejected_input_ids"])
+            if c[:p] != j[:p]:
+                raise ValueError(f"SharedPromptCollator: pair of line {r.get('line')} has chosen and rejected rows "
+                                 f"that differ within their {p} prompt tokens")
+            units.append(c + j[p:])
+            sides.append((p, len(c) - p, len(j) - p))
+        if self.max_length is None:
+            bins = [[i] for i in range(B)]
+        else:
+            bins = first_fit_decreasing([len(u) for u in units], self.max_length)
+        length = _padded_length(max(sum(len(units[i]) for i in b) for b in bins), self.pad_to_multiple_of)
+        ids, pos, seg, branch = [], [], [], []
+        index, target, owner = [], [], []
+        last = [0] * (2 * B)
+        for row, b in enumerate(bins):
+            start = row * length  # flat index of the row's first token
+            ids.append([t for i in b for t in units[i]])
+            pos.append([]), seg.append([]), branch.append([])
+            for i in b:
+                p, nc, nr = sides[i]
+                off = start + len(pos[-1])  # flat index of this pair's first token
+                pos[-1] += list(range(p + nc)) + list(range(p, p + nr))
+                seg[-1] += [i] * (p + nc + nr)
+                branch[-1] += [0] * p + [1] * nc + [2] * nr
+                for seq, first, n in ((i, off + p, nc), (B + i, off + p + nc, nr)):
+                    for k in range(0 if p else 1, n):  # token k of the response, from the position that predicts it:
+                        index.append(first + k - 1 if k else off + p - 1)  # the prompt's last for the first token
+                        target.append(units[i][first - off + k])
+                        owner.append(seq)
+                    last[seq] = first + n - 1 if n else off + p - 1
+            pos[-1] += list(range(length - len(pos[-1])))
+        batch = {
+            "input_ids": pad_rows(ids, self.pad_token_id, length),
+            "position_ids": torch.tensor(pos, dtype=torch.long),
+            "segment_ids": pad_rows(seg, -1, length),
+            "branch_ids": pad_rows(branch, 0, length),
+            "logp_index": torch.tensor(index, dtype=torch.long),
+            "logp_target": torch.tensor(target, dtype=torch.long),
+            "logp_sequence": torch.tensor(owner, dtype=torch.long),
+            "last_index": torch.tensor(last, dtype=torch.long),
             "margin": torch.tensor([float(r["margin"]) if r.get("margin") is not None else 0.0 for r in rows]),
         }
         if rows[0].get("group") is not None:

@@ -22,7 +22,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lit_ft.data import shared, splits
-from lit_ft.data.collate import PackedPreferenceCollator, PackedSFTCollator, PreferenceCollator, SFTCollator
+from lit_ft.data.collate import (
+    PackedPreferenceCollator, PackedSFTCollator, PreferenceCollator, SFTCollator, SharedPromptCollator,
+)
 from lit_ft.data.prompts import PromptDataModule, PromptFormat  # noqa: F401 (re-exported)
 from lit_ft.data.unpaired import UnpairedFormat, UnpairedPreferenceDataModule  # noqa: F401 (re-exported)
 from lit_ft.data.readers import SourceSpec
@@ -191,6 +193,7 @@ class PreferenceDataModule(LightningDataModule):
         skip_bad_rows: bool = False,
         group_field: str | None = None,
         packing: bool = False,
+        share_prompt: bool | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         pad_to_multiple_of: int | None = None,
@@ -228,6 +231,12 @@ class PreferenceDataModule(LightningDataModule):
                 (`PackedPreferenceCollator`): the same pairs a batch and the same loss (DPO and the reward model),
                 computed over the real tokens only; pays when lengths vary (HH pairs: 43% of a padded batch's tokens
                 are real). Needs an attention that derives the mask from restarting position ids (probed once).
+            share_prompt: each pair as ONE sequence, its prompt once and both responses after it, the rejected
+                one masked from the chosen one (`SharedPromptCollator`, `lit_ft.models.shared_prompt`): the same
+                log-probs and rewards from P fewer tokens a pair in every pass; with ``packing`` pairs are packed
+                into rows of 2 x ``max_length``. Needs SDPA or eager attention over a model without recurrent
+                layers (probed once, refused by name). None (the default): `--memory auto` decides (on where the
+                model's family takes it), else off.
             batch_size: pairs per training batch (the model sees twice as many rows).
             eval_batch_size: pairs per validation batch; None = ``batch_size``.
             pad_to_multiple_of: round padded lengths up to a multiple of this.
@@ -251,7 +260,7 @@ class PreferenceDataModule(LightningDataModule):
         self.pad_to_multiple_of, self.num_workers, self.num_proc, self.seed = pad_to_multiple_of, num_workers, num_proc, seed
         self.group_field, self.test_file = group_field, test_file
         self.test_dataset = None
-        self.group_field, self.packing = group_field, packing
+        self.group_field, self.packing, self.share_prompt = group_field, packing, share_prompt
         self.val_records: list[dict] = []
         self.val_groups: list[str] = []
         """The subsets of the validation pairs, sorted (empty without `group_field`)."""
@@ -273,7 +282,10 @@ class PreferenceDataModule(LightningDataModule):
         shared.setup_fit(self, "preference", group_field=self.group_field)
         self.val_groups = sorted({r["group"] for r in self.val_records}) if self.group_field else []
 
-    def collator(self) -> PreferenceCollator | PackedPreferenceCollator:
+    def collator(self) -> PreferenceCollator | PackedPreferenceCollator | SharedPromptCollator:
+        if self.share_prompt:
+            return SharedPromptCollator(self.tokenizer.pad_token_id, 2 * self.max_length if self.packing else None,
+                                        self.pad_to_multiple_of)
         if self.packing:
             return PackedPreferenceCollator(self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
         return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)

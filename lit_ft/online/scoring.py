@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lit_ft.errors import loading
 from lit_ft.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_NAME, head_keys, read_normalization
-from lit_ft.models import families
+from lit_ft.models import families, shared_prompt
 from lit_ft.models.card import local_base
 from lit_ft.models.load import load_base
 from lit_ft.models.spec import ModelSpec
@@ -119,6 +119,16 @@ def packed_sequence_scores(model, input_ids: Tensor, position_ids: Tensor, seque
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     return head_scores(hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed_last_index(sequence_ids, n)), head)
+
+
+def shared_prompt_scores(model, batch: dict) -> Tensor:
+    """Raw ``[2B]`` fp32 rewards of a shared-prompt batch (`lit_ft.data.collate.SharedPromptCollator`: each pair one
+    row, its prompt once), chosen then rejected: the score read at each response's last token (``last_index``), which
+    attends to its prompt and itself only (`lit_ft.models.shared_prompt`)."""
+    decoder, head = decoder_and_head(model)
+    ids, mask, positions = shared_prompt.decoder_inputs(model, batch)
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    return head_scores(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["last_index"]), head)
 
 
 # ---------------------------------------------------------------------------------------------- scorer

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lit_ft.models import families
+from lit_ft.models import families, shared_prompt
 
 from lit_ft.online import roles
 from lit_ft.errors import ConfigError
@@ -36,24 +36,16 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     made only at response positions (labels != -100) and in chunks of `chunk_size` positions, each recomputed in
     backward (non-reentrant checkpointing), so at most `chunk_size x V` logits exist at once. Packed batches
     (`position_ids`, `sequence_ids`) run without an attention mask: transformers builds the block-diagonal causal
-    mask from the restarting position ids, as for packed SFT (probed once, `families.check_packing`).
+    mask from the restarting position ids, as for packed SFT (probed once, `families.check_packing`). Shared-prompt
+    batches (`data.share_prompt`: each pair one row, `lit_ft.models.shared_prompt`) carry the positions and targets
+    of their response tokens (no host sync).
     """
-    ids, labels = batch["input_ids"], batch["labels"]
-    packed = "position_ids" in batch
-    if packed:
-        families.check_packing(model)  # once: does this attention derive masks from position_ids?
-    hidden = roles.trunk(model, ids, None if packed else batch["attention_mask"], batch.get("position_ids"))
-    if packed:
-        owner, n_seq = batch["sequence_ids"], 2 * batch["margin"].shape[0]
+    if shared_prompt.is_shared(batch):  # each pair one row: the collator says which position predicts which token
+        hidden = roles.trunk(model, *shared_prompt.decoder_inputs(model, batch))
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["logp_index"])
+        targets, seq, n_seq = batch["logp_target"], batch["logp_sequence"], 2 * batch["margin"].shape[0]
     else:
-        owner = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-        n_seq = ids.shape[0]
-    keep = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1 of the same sequence
-    # The response positions found once (one host sync for their number) and gathered by index: a boolean mask per
-    # tensor would synchronise once each.
-    at = keep.reshape(-1).nonzero().squeeze(1)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, at)
-    targets, seq = labels[:, 1:].reshape(-1)[at], owner[:, 1:].reshape(-1)[at]
+        h, targets, seq, n_seq = _response_states(model, batch)
 
     def chunk(h_chunk: Tensor, t_chunk: Tensor) -> Tensor:
         # The model's own logits (head bias, scaling, soft-capping) and log p(target) = x_t - logsumexp(x), fp32.
@@ -70,6 +62,27 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[Tensor, 
     sums = torch.zeros(n_seq, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
     counts = torch.zeros(n_seq, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
     return sums, counts  # (index_add, not bincount: bincount reads its length on the host)
+
+
+def _response_states(model, batch: dict) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(hidden states [N, H] predicting the N response tokens, those tokens [N], their sequences [N], sequences) of
+    a padded or packed preference batch: position t predicts token t + 1 of the same row where its label is kept."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    packed = "position_ids" in batch
+    if packed:
+        families.check_packing(model)  # once: does this attention derive masks from position_ids?
+    hidden = roles.trunk(model, ids, None if packed else batch["attention_mask"], batch.get("position_ids"))
+    if packed:
+        owner, n_seq = batch["sequence_ids"], 2 * batch["margin"].shape[0]
+    else:
+        owner = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        n_seq = ids.shape[0]
+    keep = labels[:, 1:] != IGNORE_INDEX
+    # The response positions found once (one host sync for their number) and gathered by index: a boolean mask per
+    # tensor would synchronise once each.
+    at = keep.reshape(-1).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, at)
+    return h, labels[:, 1:].reshape(-1)[at], owner[:, 1:].reshape(-1)[at], n_seq
 
 
 def dataset_digest(dataset, columns: tuple[str, ...] = DIGEST_COLUMNS,

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 
 from lit_ft.train import checkpointing, guards, metrics, optim, runs, strategies
 
-from lit_ft.models import adapters
+from lit_ft.models import adapters, shared_prompt
 from lit_ft.online import scoring
 from lit_ft.errors import ConfigError
 from lit_ft.train.guards import GUARD_KEY, NonFiniteGuard
@@ -96,11 +96,14 @@ class RewardModule(L.LightningModule):
     BATCH_FORMAT = ("a dict with input_ids Long[2B, T] (the B chosen rows, then the B rejected rows, right-padded), "
                     "attention_mask [2B, T] and optionally margin Float[B], as lit_ft.PreferenceDataModule collates "
                     "it (TRL's input_ids_chosen / input_ids_rejected pairs: concatenate them, chosen first); or "
-                    "packed (data.packing): input_ids, position_ids and sequence_ids Long[R, L] and margin Float[B]")
+                    "packed (data.packing): input_ids, position_ids and sequence_ids Long[R, L] and margin Float[B]; or each pair one "
+                    "row (data.share_prompt, lit_ft.data.collate.SharedPromptCollator)")
 
     def rewards(self, batch: dict) -> torch.Tensor:
         """Raw fp32 rewards [2B] of every row of the batch (chosen rows first), one forward pass."""
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        if shared_prompt.is_shared(batch):  # each pair one row, its prompt once (data.share_prompt)
+            return scoring.shared_prompt_scores(self.model, batch)
         packed = isinstance(batch, dict) and "position_ids" in batch  # padding-free: scores read at sequence ends
         if packed and not {"input_ids", "sequence_ids", "margin"} <= set(batch):
             raise ConfigError(f"RewardModule: a packed batch needs input_ids, position_ids, sequence_ids and margin "

@@ -1,0 +1,124 @@
+"""A preference pair as one sequence: its prompt once, both responses after it (`data.share_prompt`).
+
+`lit_ft.data.collate.SharedPromptCollator` writes each pair as ``prompt | chosen | rejected`` with position ids that
+go on from the prompt's end in both responses; here the attention mask that makes that sequence compute what the
+two separate sequences ``prompt | chosen`` and ``prompt | rejected`` compute: every token sees the earlier tokens of
+its own pair that are its prompt or its own response, so the rejected response never sees the chosen one. A pair
+then costs ``P + C + R`` tokens instead of ``2P + C + R`` in every pass (DPO's policy and reference, a reward
+model's forward), with the same log-probs and scores.
+
+The mask is a 4-D tensor that transformers hands to the attention as it is: boolean for SDPA, additive (0 / the
+dtype's lowest value) for eager attention; flash attention takes no such mask and is refused. Sliding-window layers
+get the window applied by position (a dict of masks for models that mix full and sliding layers). Whether the loaded
+model really computes the separate sequences' states from it (recurrent layers, ALiBi from a 2-D mask, an
+attention that ignores the mask would not) is probed once on the model (`check`), and refused by name otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_ft.errors import ConfigError
+
+SETTING = "data.share_prompt"
+KEYS = ("input_ids", "position_ids", "segment_ids", "branch_ids")
+
+
+def is_shared(batch) -> bool:
+    """Whether a batch comes from `SharedPromptCollator`."""
+    return isinstance(batch, dict) and "branch_ids" in batch
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _window(config) -> tuple[int | None, set[str]]:
+    """(the sliding window, the kinds of attention layers) the model's config declares."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if not kinds:
+        kinds = {"sliding_attention" if window and getattr(config, "use_sliding_window", True) else "full_attention"}
+    return (window if "sliding_attention" in kinds else None), kinds
+
+
+def _as_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
+    """[R, 1, L, L] in the form the attention implementation adds or applies."""
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                      torch.finfo(dtype).min)
+
+
+def attention_mask(model, segment_ids: Tensor, branch_ids: Tensor, position_ids: Tensor):
+    """The 4-D mask(s) of shared-prompt rows for this model's attention (see the module docstring)."""
+    inner = _inner(model)
+    config = inner.config
+    impl = config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ConfigError(f"{SETTING}: needs attn_implementation sdpa or eager (a 4-D attention mask), the model "
+                          f"runs {impl}; set {SETTING} false or model.base.attn_implementation sdpa")
+    L = segment_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()
+    same_pair = segment_ids[:, :, None] == segment_ids[:, None, :]
+    sees = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    allowed = (same_pair & sees & causal) | torch.eye(L, dtype=torch.bool, device=segment_ids.device)
+    dtype = inner.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    window, kinds = _window(config)
+    if window is None or L <= window:  # every distance within the window: one mask is exact for every layer
+        return _as_mask(allowed[:, None], impl, dtype)
+    near = (position_ids[:, :, None] - position_ids[:, None, :]) < window
+    slid = _as_mask((allowed & near)[:, None], impl, dtype)
+    if kinds == {"sliding_attention"}:
+        return slid
+    return {"full_attention": _as_mask(allowed[:, None], impl, dtype), "sliding_attention": slid}
+
+
+@torch.no_grad()
+def check(model) -> None:
+    """Probe once per attention implementation (remembered on the model) that a shared-prompt row gives each
+    response the hidden states it gets after the prompt alone; a ConfigError naming the setting otherwise."""
+    inner = _inner(model)
+    impl = inner.config._attn_implementation
+    if getattr(inner, "_lit_ft_shared_prompt_checked", None) == impl:
+        return
+    decoder = inner.get_decoder()
+    emb = inner.get_input_embeddings().weight
+    device, vocab = emb.device, emb.shape[0]
+    prompt, chosen, rejected = [1, 2, 3], [4, 5], [6, 7, 8]
+    row = torch.tensor([prompt + chosen + rejected], device=device) % vocab
+    positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5]], device=device)
+    segments = torch.zeros_like(row)
+    branches = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]], device=device)
+    was_training = inner.training
+    inner.eval()
+    try:
+        try:
+            shared = decoder(input_ids=row, position_ids=positions, use_cache=False,
+                             attention_mask=attention_mask(model, segments, branches, positions)).last_hidden_state
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a model whose forward cannot take the mask: named, not a traceback)
+            raise ConfigError(f"{SETTING}: {inner.config.model_type} cannot run shared-prompt rows "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); set {SETTING} "
+                              "false") from None
+        alone = [decoder(input_ids=torch.tensor([prompt + side], device=device) % vocab,
+                         use_cache=False).last_hidden_state[:, 3:] for side in (chosen, rejected)]
+    finally:
+        inner.train(was_training)
+    want, got = torch.cat(alone, 1).float(), shared[:, 3:].float()
+    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()) + 1e-5):
+        raise ConfigError(f"{SETTING}: {inner.config.model_type} with attn_implementation={impl} does not give a "
+                          "response after a shared prompt the states it gets after the prompt alone (its layers "
+                          f"do not follow the 4-D mask, or carry state along the row); set {SETTING} false")
+    inner._lit_ft_shared_prompt_checked = impl
+
+
+def decoder_inputs(model, batch: dict) -> tuple[Tensor, Tensor | dict, Tensor]:
+    """(input ids, attention mask(s), position ids) of a shared-prompt batch for the decoder (the model probed
+    first)."""
+    check(model)
+    positions = batch["position_ids"]
+    return batch["input_ids"], attention_mask(model, batch["segment_ids"], batch["branch_ids"], positions), positions
