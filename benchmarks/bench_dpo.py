@@ -17,7 +17,8 @@ Variants: `trl` (trl.DPOTrainer with its defaults, bf16 autocast over bf16 weigh
 `compile` (DPOModule(compile=True)), `gc` (gradient checkpointing), `precompute` (DPOSpec(precompute_ref=True): the
 reference pass runs once before the timed steps instead of every step, as TRL's precompute), `mixed` (bf16-mixed
 instead of bf16-true), `mem<MiB>` / `memauto` (`lit_ft.fit_memory` plans the fit for that budget, or the card's free
-memory, and sets what it chooses: `lit-ft fit --memory`). TRL is fed text in a word-level tokenizer (one word per random id), so it tokenizes the same
+memory, and sets what it chooses: `lit-ft fit --memory`), `share` / `noshare` (each pair one row, its prompt
+once: `data.share_prompt`; neither: the plan's choice, off without `mem`). TRL is fed text in a word-level tokenizer (one word per random id), so it tokenizes the same
 ids itself (and appends its EOS to each response); lit_ft reads the ids through its own PreferenceCollator.
 Without trl installed the TRL variants are skipped with a message.
 """
@@ -142,7 +143,7 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     import datasets
     import lightning as L
 
-    from lit_ft.data.collate import PreferenceCollator
+    from lit_ft.data.collate import PreferenceCollator, SharedPromptCollator
     from lit_ft.stages.dpo import DPOModule, DPOSpec
     from lit_ft.models import LoraSpec, ModelSpec
     from lit_ft.train.optim import OptimSpec
@@ -160,9 +161,11 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
             self.train_dataset = datasets.Dataset.from_list(make_pairs(w, (args.warmup + args.steps) * w.pairs))
             self.val_dataset, self.tokenizer = None, None
             self.batch_size, self.max_length = w.pairs, w.seq  # what `fit_memory` reads (and may change)
+            # `share` / `noshare`: each pair one row, its prompt once (`data.share_prompt`), or not; else the plan's
+            self.share_prompt = True if "share" in mods else False if "noshare" in mods else None
 
         def collator(self):
-            return PreferenceCollator(0)
+            return SharedPromptCollator(0) if self.share_prompt else PreferenceCollator(0)
 
         def train_dataloader(self):
             return torch.utils.data.DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False,
@@ -179,7 +182,7 @@ def run_lit(w: Workload, args, device: str, clock: Clock, mods: set[str]) -> dic
     t = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return {"precision": precision, "gradient_checkpointing": gc, "fit_s": time.perf_counter() - t,
-            "precomputed": module.precomputed, **extra}
+            "precomputed": module.precomputed, "share_prompt": bool(data.share_prompt), **extra}
 
 
 # ---------------------------------------------------------------------------------------------- one variant

@@ -7,6 +7,7 @@ with sliding windows shorter than the rows; whole DPO fits equal; and the plan's
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -240,3 +241,45 @@ def test_a_dpo_fit_with_shared_prompts_follows_the_padded_fit(tmp_path, tiny_mod
         trainer.fit(module, datamodule=dm)
         losses[share] = seen + [float(trainer.callback_metrics["val/loss"])]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def test_auto_shares_the_prompt_where_the_datamodule_leaves_it_and_plans_the_pairs_rows(tmp_path, tiny_model_dir):
+    import dataclasses
+
+    from lit_ft.plan import estimate_settings
+    from lit_ft.plan.auto import _shape, _shared, apply, choose, step_seconds
+    from lit_ft.plan.memory import settings_from
+
+    dm = _datamodule(tmp_path, tiny_model_dir, None)
+    module = DPOModule(base=ModelSpec(name_or_path=tiny_model_dir), lora=LoraSpec(r=4))
+    s = settings_from(module, dm, target="cuda")
+    assert s.share_prompt_auto and not s.share_prompt
+    chosen, whats, args = choose(s, 80 * 2**30)
+    assert chosen.share_prompt and "shared prompts" in whats
+    assert args[args.index("--data.share_prompt"):][:2] == ["--data.share_prompt", "true"]
+    # the rows planned are the collator's: one a pair, as long as the longest prompt + both responses
+    rows = sorted((dm.train_dataset[i] for i in range(len(dm.train_dataset))),
+                  key=lambda r: r["prompt_length"] - len(r["chosen_input_ids"]) - len(r["rejected_input_ids"]))
+    assert _shape(chosen)[:2] == tuple(SharedPromptCollator(0)(rows[:4])["input_ids"].shape)
+    assert math.prod(_shape(chosen)[:2]) < math.prod(_shape(s)[:2])
+    assert step_seconds(chosen) <= step_seconds(s)  # (the tiny model's step is the GPU's floor a layer either way)
+    assert estimate_settings(chosen, budget=None, advise=False).total < estimate_settings(s, budget=None,
+                                                                                         advise=False).total
+    apply(module, dm, None, s, dataclasses.replace(s, share_prompt=True))
+    assert isinstance(dm.collator(), SharedPromptCollator)
+    # a user's own choice is left alone, and an attention that cannot take the mask is never offered it
+    assert "shared prompts" not in choose(dataclasses.replace(s, share_prompt_auto=False), 80 * 2**30)[1]
+    flash = dataclasses.replace(s, base=ModelSpec(name_or_path=tiny_model_dir, attn_implementation="flash_attention_2"))
+    assert list(_shared(flash)) == []
+
+
+def test_families_that_cannot_take_the_mask_are_not_offered_it():
+    from transformers import CONFIG_MAPPING
+
+    assert shared_prompt.takes(family_config("llama", V)) and shared_prompt.takes(family_config("gemma2", V))
+    assert not shared_prompt.takes(family_config("bloom", V))
+    assert not shared_prompt.takes(family_config("llama", V), "flash_attention_2")
+    assert not shared_prompt.takes(CONFIG_MAPPING["jamba"]())  # recurrent layers

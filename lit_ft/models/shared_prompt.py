@@ -7,8 +7,9 @@ its own pair that are its prompt or its own response, so the rejected response n
 then costs ``P + C + R`` tokens instead of ``2P + C + R`` in every pass (DPO's policy and reference, a reward
 model's forward), with the same log-probs and scores.
 
-The mask is a 4-D tensor that transformers hands to the attention as it is: boolean for SDPA, additive (0 / the
-dtype's lowest value) for eager attention; flash attention takes no such mask and is refused. Sliding-window layers
+The mask is a 4-D additive tensor (0 / the dtype's lowest value, in the attention's dtype, rows 16-element aligned)
+that transformers hands to SDPA or eager attention as it is, one for every layer; flash attention takes no such mask
+and is refused. Sliding-window layers
 get the window applied by position (a dict of masks for models that mix full and sliding layers). Whether the loaded
 model really computes the separate sequences' states from it (recurrent layers, ALiBi from a 2-D mask, an
 attention that ignores the mask would not) is probed once on the model (`check`), and refused by name otherwise.
@@ -23,6 +24,16 @@ from lit_ft.errors import ConfigError
 
 SETTING = "data.share_prompt"
 KEYS = ("input_ids", "position_ids", "segment_ids", "branch_ids")
+
+
+def takes(config, attn_implementation: str = "auto") -> bool:
+    """Whether a model of this config can be expected to run shared-prompt rows (what `--memory auto` turns
+    `data.share_prompt` on for; `check` still probes the loaded model): SDPA or eager attention, attention layers
+    only (no recurrent or convolutional ones), positions from position ids (not ALiBi from a 2-D mask)."""
+    kinds = set(getattr(config, "layer_types", None) or ())
+    alibi = config.model_type in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
+    return (attn_implementation in ("auto", "sdpa", "eager") and kinds <= {"full_attention", "sliding_attention"}
+            and not alibi)
 
 
 def is_shared(batch) -> bool:
@@ -43,12 +54,27 @@ def _window(config) -> tuple[int | None, set[str]]:
     return (window if "sliding_attention" in kinds else None), kinds
 
 
-def _as_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
-    """[R, 1, L, L] in the form the attention implementation adds or applies."""
-    if impl == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
-                                                                                      torch.finfo(dtype).min)
+ALIGN = 16
+"""The memory-efficient SDPA kernel reads an additive mask whose rows start at multiples of 16 elements; others it
+copies, padded, in every layer (torch's `preprocess_mask`)."""
+
+
+def _as_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """[R, 1, L, L] additive (0 where a token may attend, the dtype's lowest value elsewhere) in the dtype the
+    attention computes in, its rows 16-element aligned: built once a forward and read as it is by every layer
+    (SDPA would turn a boolean mask into this in each layer, and keep each copy for the backward)."""
+    R, _, L, _ = allowed.shape
+    mask = torch.full((R, 1, L, -(-L // ALIGN) * ALIGN), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return mask[..., :L].masked_fill_(allowed, 0.0)
+
+
+def _compute_dtype(inner) -> torch.dtype:
+    """The dtype the attention scores come in: autocast's where it is on, else the weights'."""
+    device = inner.get_input_embeddings().weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtype = inner.get_input_embeddings().weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def attention_mask(model, segment_ids: Tensor, branch_ids: Tensor, position_ids: Tensor):
@@ -64,16 +90,15 @@ def attention_mask(model, segment_ids: Tensor, branch_ids: Tensor, position_ids:
     same_pair = segment_ids[:, :, None] == segment_ids[:, None, :]
     sees = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
     allowed = (same_pair & sees & causal) | torch.eye(L, dtype=torch.bool, device=segment_ids.device)
-    dtype = inner.get_input_embeddings().weight.dtype
-    dtype = dtype if dtype.is_floating_point else torch.float32
+    dtype = _compute_dtype(inner)
     window, kinds = _window(config)
     if window is None or L <= window:  # every distance within the window: one mask is exact for every layer
-        return _as_mask(allowed[:, None], impl, dtype)
+        return _as_mask(allowed[:, None], dtype)
     near = (position_ids[:, :, None] - position_ids[:, None, :]) < window
-    slid = _as_mask((allowed & near)[:, None], impl, dtype)
+    slid = _as_mask((allowed & near)[:, None], dtype)
     if kinds == {"sliding_attention"}:
         return slid
-    return {"full_attention": _as_mask(allowed[:, None], impl, dtype), "sliding_attention": slid}
+    return {"full_attention": _as_mask(allowed[:, None], dtype), "sliding_attention": slid}
 
 
 @torch.no_grad()

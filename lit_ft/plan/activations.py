@@ -74,13 +74,14 @@ class LoraShape:
 
 def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, attn: str = "sdpa",
                 rows: int = 1, seq: int = 1, mask_bytes: int | None = None, masked: bool = False,
-                compiled: bool = False) -> dict[str, int]:
+                compiled: bool = False, mask_copy: bool = True) -> dict[str, int]:
     """Bytes autograd keeps for the backward of ONE decoder layer over n = rows x seq tokens, by term.
 
     `grad_in`: the layer's input requires grad (false only for the first layer, whose input is the frozen
     embedding). `mask_bytes`: bytes per element of a LoRA dropout mask (CUDA's fused dropout keeps a bool mask:
     1; None: the CPU keeps a mask in the dtype the dropout runs in). `masked`: rows carry padding or are packed,
-    so transformers passes sdpa a 4-D mask.
+    so transformers passes sdpa a 4-D mask; `mask_copy`: sdpa turns it into an additive mask of its own in every
+    layer (transformers' boolean mask; lit_ft's shared-prompt mask is additive and aligned already: no copy).
 
     `compiled`: the layer runs through `torch.compile` (`compile: true`; inductor). AOTAutograd's min-cut
     partitioner (`min_cut_rematerialization_partition`) saves the cheapest set of tensors from which the backward
@@ -117,7 +118,7 @@ def layer_saved(d: Dims, n: int, a: int, lora: LoraShape | None, grad_in: bool, 
             # With a mask, transformers repeats the KV heads to h for sdpa (no GQA kernel takes a mask), and
             # torch turns the bool mask into an additive one in the activation dtype, per call, which the
             # memory-efficient kernel keeps for its backward: [rows, 1, seq, seq] a layer.
-            out["attention"] = 4 * n * h * dh * a + n * h * 4 + rows * seq * seq * a
+            out["attention"] = 4 * n * h * dh * a + n * h * 4 + (rows * seq * seq * a if mask_copy else 0)
         else:
             # A fused projection's v is a slice of its [n, (h + 2k) d] output (q and k are new tensors after
             # RoPE), so sdpa keeping v keeps that whole output.
@@ -167,15 +168,17 @@ def attention_mask_bytes(rows: int, seq: int, a: int, attn: str, masked: bool) -
 
 def trunk_saved(d: Dims, rows: int, seq: int, a: int, lora: LoraShape | None, checkpointing: bool,
                 attn: str = "sdpa", mask_bytes: int | None = None, pos_rows: int = 1, masked: bool = False,
-                compiled: bool = False, every: int = 1) -> dict:
+                compiled: bool = False, every: int = 1, mask_copy: bool = True) -> dict:
     """Saved bytes of the whole decoder over [rows, seq] (the layers, RoPE, the final norm, the mask), and the
     extra of recomputing one layer in the backward under gradient checkpointing (of every `every`-th layer:
     layers 0, k, 2k, ..., `models.load.checkpoint_every_kth`). `compiled`: the layers run through torch.compile
-    (`layer_saved`; the final norm, outside them, stays eager)."""
+    (`layer_saved`; the final norm, outside them, stays eager). `mask_copy` False: one additive mask that every
+    layer reads (`lit_ft.models.shared_prompt`), counted once as eager attention's is."""
     n = rows * seq
-    first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes, masked, compiled).values())
-    other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes, masked, compiled).values())
-    shared = rope_saved(d, pos_rows, seq, a) + attention_mask_bytes(rows, seq, a, attn, masked)
+    first = sum(layer_saved(d, n, a, lora, False, attn, rows, seq, mask_bytes, masked, compiled, mask_copy).values())
+    other = sum(layer_saved(d, n, a, lora, True, attn, rows, seq, mask_bytes, masked, compiled, mask_copy).values())
+    shared = rope_saved(d, pos_rows, seq, a) + attention_mask_bytes(rows, seq, a, attn if mask_copy else "eager",
+                                                                    masked)
     final_norm = n * d.hidden * 4 + n * 4  # the final RMSNorm's fp32 input and rsqrt
     if checkpointing:
         # Checkpointing (reentrant or not) keeps each layer's inputs (the hidden states [n, H]) and nothing inside;

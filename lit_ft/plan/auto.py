@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from lit_ft.errors import ConfigError
-from lit_ft.models import families
+from lit_ft.models import families, shared_prompt
+from lit_ft.plan import rows as rows_of
 from lit_ft.losses.preference import REFERENCE_FREE_LOSSES
 from lit_ft.plan.memory import Settings, carry_over, estimate_settings, levers, settings_from
 from lit_ft.plan.online import ONLINE, shapes, spec_of, update_shape
@@ -122,6 +123,8 @@ def _shape(s: Settings) -> tuple[int, int, int, int]:
         _, _, prompt, response, _ = shapes(s)
         roles = 2 if s.stage == "ppo" and s.value_model == "adapter" else 1
         return mini, prompt + response, minibatches, passes * roles
+    if s.share_prompt and s.stage in ("dpo", "reward"):  # each pair one row, its prompt once
+        return (*rows_of.shared_shape(s, s.batch_size), s.accumulate_grad_batches, 1)
     pairs = 2 if s.stage in ("dpo", "reward", "kto") else 1  # chosen + rejected; KTO's mismatched KL rows
     return pairs * s.batch_size, s.data.longest if s.data is not None else s.max_length, s.accumulate_grad_batches, 1
 
@@ -230,13 +233,21 @@ def _graphed(s: Settings):
         yield ("CUDA graphs", ["--model.cuda_graphs", "true"], dataclasses.replace(s, cuda_graphs=True), "graphs")
 
 
+def _shared(s: Settings):
+    """Preference pairs as one row each, the prompt once (`data.share_prompt`), where the DataModule left it to the
+    plan and the model's family takes it (`shared_prompt.takes`): fewer tokens in every pass, the same log-probs."""
+    if (s.share_prompt_auto and not s.share_prompt and s.stage in ("dpo", "reward")
+            and shared_prompt.takes(model_config(s.base), s.base.attn_implementation)):
+        yield ("shared prompts", ["--data.share_prompt", "true"], dataclasses.replace(s, share_prompt=True), "shared")
+
+
 def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
     """(settings to run with, what changed, the overrides that say it) for `budget`: the fastest combination that
-    fits (`step_seconds`; fewer changes on a tie); ConfigError when nothing fits."""
+    fits (`step_seconds`; on a tie fewer tokens a step, then fewer changes); ConfigError when nothing fits."""
     skip = NEVER + (CUDA_ONLY if s.target != "cuda" else ())
     kinds: dict[str, list] = {}
     faster = {c[0] for c in _faster(s)}
-    for option in itertools.chain(_faster(s), _compiled(s), _graphed(s), levers(s)):
+    for option in itertools.chain(_faster(s), _compiled(s), _graphed(s), _shared(s), levers(s)):
         if option[3] not in skip:
             kinds.setdefault(option[3], []).append(option)
     combos = []
@@ -247,7 +258,8 @@ def choose(s: Settings, budget: int) -> tuple[Settings, list[str], list[str]]:
             cand = carry_over(cand, s, c[2])
         if cand.cuda_graphs and (cand.compile or cand.base.activation_offloading):  # (`SFTModule` refuses both)
             continue
-        combos.append(((step_seconds(cand), len(changes)), cand, changes))
+        rows, seq, micro, _ = _shape(cand)  # on a tie, fewer tokens (shared prompts), then fewer changes
+        combos.append(((step_seconds(cand), rows * seq * micro, len(changes)), cand, changes))
     combos.sort(key=lambda x: x[0])
     best = None
     for key, cand, changes in combos:  # the fastest first: the first that fits is the choice
@@ -274,6 +286,8 @@ def apply(model, datamodule, trainer, start: Settings, chosen: Settings) -> None
             datamodule.batch_size = new
         elif f.name == "eval_batch_size":
             datamodule.eval_batch_size = new
+        elif f.name == "share_prompt":
+            datamodule.share_prompt = new
         elif f.name == "accumulate_grad_batches":
             trainer.accumulate_grad_batches = new
         elif f.name == "compile":

@@ -83,6 +83,10 @@ class Settings:
     every position through the head; the host queues a step in one launch."""
     cuda_graphs_auto: bool = False
     """The module left `cuda_graphs` to the plan (`cuda_graphs: null`, SFT's default)."""
+    share_prompt: bool = False
+    """Preference pairs as one row each, the prompt once (`data.share_prompt`, `SharedPromptCollator`)."""
+    share_prompt_auto: bool = False
+    """The DataModule left `share_prompt` to the plan (`share_prompt: null`, `PreferenceDataModule`'s default)."""
     ranks: int = 1
     """Processes training together (the trainer's world size): each reads its share of the rows a step."""
     process_group: bool = False
@@ -242,6 +246,8 @@ def settings_from(model, datamodule=None, trainer=None, target: str | None = Non
         compile_auto=hasattr(model, "compile_layers") and model.compile_layers is None,
         cuda_graphs=bool(getattr(model, "cuda_graphs", False)),
         cuda_graphs_auto=hasattr(model, "cuda_graphs") and model.cuda_graphs is None,
+        share_prompt=bool(getattr(dm, "share_prompt", False)),
+        share_prompt_auto=hasattr(dm, "share_prompt") and dm.share_prompt is None,
         episodes=getattr(model, "episodes", None) if getattr(model, "environment", None) is not None else None,
         ranks=max(1, int(getattr(trainer, "world_size", 1) or 1)), process_group=_parallel(trainer))
     return replace(s, steps=planned_rollouts(trainer, s) if stage in plan_stages.online.ONLINE

@@ -63,6 +63,9 @@ class RowStats:
     mismatched pair of `UnpairedCollator` can hold before it cuts the prompt to `max_length` (None: other rows)."""
     eval_mismatched: int | None = None
     """The same of the validation rows."""
+    units: tuple[int, ...] = ()
+    """Pairs: each pair's prompt + chosen + rejected response (the length of a shared-prompt row,
+    `data.share_prompt`), longest first (the first `TOP`)."""
     count: int = 0
     """Training plus validation rows read (KTO's precomputed reference table holds one entry each)."""
     train_count: int = 0
@@ -96,6 +99,14 @@ def _sequences(ds) -> tuple[list[int], list[int]]:
     return [len(x) for x in ds["input_ids"]], []
 
 
+def _units(ds) -> list[int]:
+    """Pairs' shared-prompt row lengths (prompt once, both responses); [] for other rows."""
+    if _kind(ds) != "pairs":
+        return []
+    return [len(c) + len(r) - p for c, r, p in zip(ds["chosen_input_ids"], ds["rejected_input_ids"],
+                                                     ds["prompt_length"])]
+
+
 def _mismatched(ds) -> int | None:
     """The longest prompt + the longest completion of unpaired rows (KTO's; None: other rows or none)."""
     if ds is None or not len(ds) or not {"prompt_length", "label"} <= set(ds.column_names):
@@ -119,6 +130,7 @@ def stats_of(train, val, pad_to_multiple_of: int | None, note: str) -> RowStats:
                     note=note, multiple=pad_to_multiple_of,
                     kind={"pairs": "pair side", "prompts": "prompt"}.get(_kind(train), "row"),
                     mismatched=_mismatched(train), eval_mismatched=_mismatched(val),
+                    units=tuple(sorted(_units(train), reverse=True)[:TOP]),
                     count=len(train) + (len(val) if val is not None else 0), train_count=len(train))
 
 
@@ -276,4 +288,17 @@ def packed_shape(s, seqs: int) -> tuple[int, int]:
     if s.data is None or not s.data.lengths:
         return seqs, s.max_length
     rows = first_fit_decreasing(s.data.lengths[:seqs], s.max_length)
+    return len(rows), _round(max(rows), s.data.multiple)
+
+
+def shared_shape(s, pairs: int) -> tuple[int, int]:
+    """(rows, length) of a shared-prompt micro-batch of `pairs` pairs (`SharedPromptCollator`: each pair one row of
+    its prompt and both responses): one row a pair padded to the longest, or packed first-fit decreasing into rows
+    of 2 x `max_length`; without data every pair 2 x `max_length` tokens."""
+    cap = 2 * s.max_length
+    if s.data is None or not s.data.units:
+        return pairs, cap
+    if not s.packing:
+        return pairs, _round(s.data.units[0], s.data.multiple)
+    rows = first_fit_decreasing(s.data.units[:pairs], cap)
     return len(rows), _round(max(rows), s.data.multiple)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 
@@ -197,18 +198,19 @@ def _fmt(n: int) -> str:
     return fmt(n)
 
 
-def _trunk(s, d, rows, seq, a, lora, mask, positions=False):
+def _trunk(s, d, rows, seq, a, lora, mask, positions=False, shared=False):
     """The decoder's saved bytes; `positions`: position ids are passed (the online stages' left-padded rows, the
     reward model's). A mask reaches the attention for packed rows, and for padded ones: rows of different lengths
     (`plan_data.padded`; without data any batch of several rows, and every online or reward batch); transformers
     drops an all-ones mask (equal rows: the causal kernel, no repeated KV heads), and a captured SFT step leaves it out
-    (`s.cuda_graphs`). `s.compile`: the layers through torch.compile (`plan_activations.layer_saved`)."""
+    (`s.cuda_graphs`). `s.compile`: the layers through torch.compile (`plan_activations.layer_saved`). `shared`:
+    shared-prompt rows (`data.share_prompt`): position ids and one additive mask every layer reads."""
     uneven = s.data is None or s.data.padded
     t = act.trunk_saved(d, rows, seq, a, lora, s.base.gradient_checkpointing, d.attn, mask,
-                        pos_rows=rows if s.packing or positions else 1,
-                        masked=s.packing or ((positions or rows > 1) and uneven and not s.cuda_graphs),
+                        pos_rows=rows if s.packing or positions or shared else 1,
+                        masked=shared or s.packing or ((positions or rows > 1) and uneven and not s.cuda_graphs),
                         compiled=s.compile,
-                        every=s.base.checkpoint_every)
+                        every=s.base.checkpoint_every, mask_copy=not shared)
     if s.base.activation_offloading and s.target == "cuda":  # `models.offload`: about two layers' worth in flight
         t = dict(t, layers=t["layers"] * min(1.0, 2 / d.layers))
     return t
@@ -218,7 +220,11 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
     """The trunk and the chunked loss over the worst micro-batch of `seqs` sequences: `seqs` rows of the longest
     row (`plan_data.seq_len`), or packed (`plan_data.packed_shape`); the loss over its trained tokens, `chunk`
     positions of logits at a time. Returns the rows and the activations' peak."""
-    if s.packing:
+    shared = s.share_prompt and s.stage in ("dpo", "reward")
+    if shared:  # `seqs` = 2B sides of B pairs, each pair one row
+        rows, L = rows_of.shared_shape(s, seqs // 2)
+        n_loss = min(rows * L, rows_of.loss_tokens(s, seqs, 2 * s.max_length))
+    elif s.packing:
         rows, L = rows_of.packed_shape(s, seqs)
         n_loss = min(rows * (L - 1), rows_of.loss_tokens(s, seqs, s.max_length))
     elif s.cuda_graphs:  # `lit_ft.train.graphs`: a bucket's length, every position through the head, no mask
@@ -227,7 +233,7 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
     else:
         rows, L = seqs, rows_of.seq_len(s)
         n_loss = rows_of.loss_tokens(s, seqs, L)
-    t = _trunk(s, d, rows, L, a, lora, mask)
+    t = _trunk(s, d, rows, L, a, lora, mask, shared=shared)
     saved = t["layers"] + loss_saved(n_loss, rows, L, d.hidden, a)
     transient = transient or (lambda n, c: act.loss_transient(n, c, d.vocab, a))
     peak = max(transient(n_loss, chunk),
@@ -257,10 +263,12 @@ def _dpo(s, d, a, lora, mask):
     (`DPOModule.pair_stats`) and is freed before the policy's forward: it counts only by what it exceeds the
     policy's activations (precomputed reference: no pass)."""
     chunk = getattr(s.dpo, "logp_chunk_size", 1024)
-    rows, policy = _lm_rows(s, d, 2 * s.batch_size, a, lora, mask, "chosen + rejected", chunk, act.logp_saved)
+    label = "pairs, the prompt once" if s.share_prompt else "chosen + rejected"
+    rows, policy = _lm_rows(s, d, 2 * s.batch_size, a, lora, mask, label, chunk, act.logp_saved)
     ref = 0
     if s.dpo is None or not s.dpo.precompute_ref:
-        n = 2 * s.batch_size * rows_of.seq_len(s)
+        n = (math.prod(rows_of.shared_shape(s, s.batch_size)) if s.share_prompt
+             else 2 * s.batch_size * rows_of.seq_len(s))
         # a layer's forward at a time, then one chunk's logits in the activation dtype and fp32 and logsumexp's
         ref = max(act.nograd_forward(d, n, a), min(chunk, n) * d.vocab * (a + 8))
     rows.append(("reference pass (no grad)", max(0, ref - policy),
@@ -321,6 +329,8 @@ def reward_shape(s) -> tuple[int, int]:
     """(rows, length) of the worst reward micro-batch: its 2B chosen + rejected rows of the longest pair side, or,
     packed (`data.packing`), the 2B longest sequences packed into rows of `max_length` (`rows.packed_shape`)."""
     seqs = 2 * s.batch_size
+    if s.share_prompt:  # `data.share_prompt`: each pair one row, its prompt once
+        return rows_of.shared_shape(s, s.batch_size)
     return rows_of.packed_shape(s, seqs) if s.packing else (seqs, rows_of.seq_len(s))
 
 
@@ -329,7 +339,7 @@ def reward_saved(s, d, a, lora, mask, head_bytes: int) -> tuple[int, int]:
     rows with position ids, or `packed_sequence_scores`): the trunk, the indices [2B] of the last-token gather
     (int64) and the pooled states [2B, H] the trainable head keeps, in the head's dtype."""
     seqs = 2 * s.batch_size
-    t = _trunk(s, d, *reward_shape(s), a, lora, mask, positions=True)
+    t = _trunk(s, d, *reward_shape(s), a, lora, mask, positions=True, shared=s.share_prompt)
     return t["layers"] + 2 * seqs * 8 + seqs * d.hidden * head_bytes, t["recompute"]
 
 
@@ -338,7 +348,8 @@ def _reward(s, d, a, lora, mask, head_bytes):
     saved, recompute = reward_saved(s, d, a, lora, mask, head_bytes)
     peak = act.backward_working(d, rows * L, a) + recompute
     ev = 2 * (s.eval_batch_size or s.batch_size) * rows_of.eval_seq_len(s)
-    what = (f"{rows} packed rows of the {2 * s.batch_size} sequences" if s.packing else
+    what = (f"{rows} rows of the {s.batch_size} pairs, the prompt once" if s.share_prompt else
+            f"{rows} packed rows of the {2 * s.batch_size} sequences" if s.packing else
             f"2B = {rows} rows (chosen + rejected)")
     return [("activations (saved)", saved, f"{what} x {L} tokens"),
             ("activations (backward peak)", max(peak, act.nograd_forward(d, ev, a)),
