@@ -117,7 +117,7 @@ def test_every_family_gives_each_side_its_log_probs_alone_or_is_refused(family, 
     rows = _rows()
     batches = [SharedPromptCollator(0)(rows), SharedPromptCollator(0, max_length=24)(rows)]
     if family == "bloom":  # ALiBi from a 2-D mask: refused before any forward
-        with pytest.raises(ConfigError, match="data.share_prompt: bloom cannot run shared-prompt rows"):
+        with pytest.raises(ConfigError, match="data.share_prompt: bloom has layers other than full or sliding attention, or ALiBi"):
             sequence_logps(model, batches[0])
         return
     with torch.no_grad():
@@ -283,3 +283,16 @@ def test_families_that_cannot_take_the_mask_are_not_offered_it():
     assert not shared_prompt.takes(family_config("bloom", V))
     assert not shared_prompt.takes(family_config("llama", V), "flash_attention_2")
     assert not shared_prompt.takes(CONFIG_MAPPING["jamba"]())  # recurrent layers
+
+
+def test_a_pair_with_nothing_to_score_is_named():
+    rows = _rows([(0, 3, 0)])
+    with pytest.raises(ValueError, match="pair of line 1 has an empty side and no prompt"):
+        SharedPromptCollator(0)(rows)
+
+
+def test_a_config_with_chunked_layers_is_refused_before_any_forward():
+    model = _model("llama", "sdpa")
+    model.config.layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(ConfigError, match="data.share_prompt: llama has layers other than full or sliding attention"):
+        shared_prompt.check(model)

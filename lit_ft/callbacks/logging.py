@@ -182,7 +182,8 @@ class LearningRateMonitor(_LightningLRMonitor):
 def token_count(batch):
     """Tokens of a batch that are not padding, as a 0-d tensor on the batch's device (read without waiting for the
     GPU: summed where the batch is), or an int: packed rows' sequences (`seq_lens`, or `sequence_ids` >= 0: their
-    attention mask is all ones, the padding tail included), else the attention mask's ones, else every id (0 for a
+    attention mask is all ones, the padding tail included; shared-prompt rows' `segment_ids` >= 0), else the
+    attention mask's ones, else every id (0 for a
     batch that is not a dict of tensors)."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         return 0
@@ -190,6 +191,8 @@ def token_count(batch):
         return batch["seq_lens"].sum()
     if batch.get("sequence_ids") is not None:
         return (batch["sequence_ids"] >= 0).sum()
+    if batch.get("segment_ids") is not None:  # shared-prompt rows: the pairs' tokens, the padding tail not
+        return (batch["segment_ids"] >= 0).sum()
     mask = batch.get("attention_mask")
     return mask.sum() if mask is not None else batch["input_ids"].numel()
 

@@ -253,8 +253,8 @@ class SharedPromptCollator:
     | rejected response`` whose rejected tokens attend to the prompt and to themselves, not to the chosen response,
     and whose positions go on from the prompt's end in both responses; the first response token of each side is
     predicted from the prompt's last position (keys: the module docstring). The same log-probs as
-    :class:`PreferenceCollator` (tests/test_shared_prompt.py) from ``2P + C + R`` fewer ``P`` tokens: DPO's policy
-    and reference passes and a reward model's forward skip the prompt's second copy.
+    :class:`PreferenceCollator` (tests/test_shared_prompt.py) from ``P + C + R`` tokens a pair instead of
+    ``2P + C + R``: DPO's policy and reference passes and a reward model's forward skip the prompt's second copy.
 
     ``max_length`` None: one pair a row, right-padded to the longest; else pairs packed first-fit decreasing into
     rows of at most ``max_length`` tokens (a pair longer than that takes a row of its own).
@@ -276,6 +276,9 @@ class SharedPromptCollator:
             if c[:p] != j[:p]:
                 raise ValueError(f"SharedPromptCollator: pair of line {r.get('line')} has chosen and rejected rows "
                                  f"that differ within their {p} prompt tokens")
+            if not p and (len(c) == 0 or len(j) == 0):
+                raise ValueError(f"SharedPromptCollator: pair of line {r.get('line')} has an empty side and no "
+                                 "prompt: there is no token to score")
             units.append(c + j[p:])
             sides.append((p, len(c) - p, len(j) - p))
         if self.max_length is None:

@@ -26,14 +26,20 @@ SETTING = "data.share_prompt"
 KEYS = ("input_ids", "position_ids", "segment_ids", "branch_ids")
 
 
+def _layer_kinds(config) -> set[str]:
+    try:
+        return set(getattr(config, "layer_types", None) or ())
+    except Exception:  # noqa: BLE001  (a per-layer config that refuses a global read: not a shape this knows)
+        return {"unknown"}
+
+
 def takes(config, attn_implementation: str = "auto") -> bool:
-    """Whether a model of this config can be expected to run shared-prompt rows (what `--memory auto` turns
-    `data.share_prompt` on for; `check` still probes the loaded model): SDPA or eager attention, attention layers
-    only (no recurrent or convolutional ones), positions from position ids (not ALiBi from a 2-D mask)."""
-    kinds = set(getattr(config, "layer_types", None) or ())
+    """Whether a model of this config can run shared-prompt rows (what `--memory auto` turns `data.share_prompt` on
+    for, and what `check` requires before its probe): SDPA or eager attention, full or sliding attention layers only
+    (no recurrent, convolutional or chunked ones), positions from position ids (not ALiBi from a 2-D mask)."""
     alibi = config.model_type in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
-    return (attn_implementation in ("auto", "sdpa", "eager") and kinds <= {"full_attention", "sliding_attention"}
-            and not alibi)
+    return (attn_implementation in ("auto", "sdpa", "eager")
+            and _layer_kinds(config) <= {"full_attention", "sliding_attention"} and not alibi)
 
 
 def is_shared(batch) -> bool:
@@ -48,24 +54,23 @@ def _inner(model):
 def _window(config) -> tuple[int | None, set[str]]:
     """(the sliding window, the kinds of attention layers) the model's config declares."""
     window = getattr(config, "sliding_window", None)
-    kinds = set(getattr(config, "layer_types", None) or ())
+    kinds = _layer_kinds(config)
     if not kinds:
         kinds = {"sliding_attention" if window and getattr(config, "use_sliding_window", True) else "full_attention"}
     return (window if "sliding_attention" in kinds else None), kinds
 
 
 ALIGN = 16
-"""The memory-efficient SDPA kernel reads an additive mask whose rows start at multiples of 16 elements; others it
-copies, padded, in every layer (torch's `preprocess_mask`)."""
+"""Rows of the additive mask start at multiples of this many elements: torch's memory-efficient SDPA kernel pads
+(copies) a mask whose rows are not aligned so, in every layer (`preprocess_mask` in its sources)."""
 
 
-def _as_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """[R, 1, L, L] additive (0 where a token may attend, the dtype's lowest value elsewhere) in the dtype the
-    attention computes in, its rows 16-element aligned: built once a forward and read as it is by every layer
-    (SDPA would turn a boolean mask into this in each layer, and keep each copy for the backward)."""
-    R, _, L, _ = allowed.shape
-    mask = torch.full((R, 1, L, -(-L // ALIGN) * ALIGN), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
-    return mask[..., :L].masked_fill_(allowed, 0.0)
+def _empty_mask(R: int, L: int, dtype: torch.dtype, device) -> Tensor:
+    """[R, 1, L, L] additive mask, every position masked (the dtype's lowest value), in the dtype the attention
+    computes in, its rows 16-element aligned: built once a forward and read as it is by every layer (SDPA would
+    turn a boolean mask into this in each layer, and keep each copy for the backward)."""
+    mask = torch.full((R, 1, L, -(-L // ALIGN) * ALIGN), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask[..., :L]
 
 
 def _compute_dtype(inner) -> torch.dtype:
@@ -85,20 +90,26 @@ def attention_mask(model, segment_ids: Tensor, branch_ids: Tensor, position_ids:
     if impl not in ("sdpa", "eager"):
         raise ConfigError(f"{SETTING}: needs attn_implementation sdpa or eager (a 4-D attention mask), the model "
                           f"runs {impl}; set {SETTING} false or model.base.attn_implementation sdpa")
-    L = segment_ids.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()
-    same_pair = segment_ids[:, :, None] == segment_ids[:, None, :]
-    sees = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
-    allowed = (same_pair & sees & causal) | torch.eye(L, dtype=torch.bool, device=segment_ids.device)
+    R, L = segment_ids.shape
     dtype = _compute_dtype(inner)
     window, kinds = _window(config)
-    if window is None or L <= window:  # every distance within the window: one mask is exact for every layer
-        return _as_mask(allowed[:, None], dtype)
-    near = (position_ids[:, :, None] - position_ids[:, None, :]) < window
-    slid = _as_mask((allowed & near)[:, None], dtype)
-    if kinds == {"sliding_attention"}:
-        return slid
-    return {"full_attention": _as_mask(allowed[:, None], dtype), "sliding_attention": slid}
+    windowed = window is not None and L > window  # else every distance is within the window: one mask is exact
+    full = _empty_mask(R, L, dtype, segment_ids.device) if not windowed or kinds != {"sliding_attention"} else None
+    slid = _empty_mask(R, L, dtype, segment_ids.device) if windowed else None
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()
+    for r in range(R):  # a row at a time: the [L, L] temporaries of one row, not of the batch
+        seg, branch = segment_ids[r], branch_ids[r]
+        allowed = (seg[:, None] == seg[None, :]).logical_and_(causal)
+        allowed.logical_and_((branch[:, None] == branch[None, :]).logical_or_(branch[None, :] == 0))
+        allowed.fill_diagonal_(True)
+        if full is not None:
+            full[r, 0].masked_fill_(allowed, 0.0)
+        if slid is not None:
+            pos = position_ids[r].to(torch.int32)
+            slid[r, 0].masked_fill_(allowed.logical_and_((pos[:, None] - pos[None, :]) < window), 0.0)
+    if slid is None:
+        return full
+    return slid if full is None else {"full_attention": full, "sliding_attention": slid}
 
 
 @torch.no_grad()
@@ -109,6 +120,10 @@ def check(model) -> None:
     impl = inner.config._attn_implementation
     if getattr(inner, "_lit_ft_shared_prompt_checked", None) == impl:
         return
+    if impl in ("sdpa", "eager") and not takes(inner.config, impl):
+        raise ConfigError(f"{SETTING}: {inner.config.model_type} has layers other than full or sliding attention, or "
+                          f"ALiBi positions, which a shared-prompt row would mix across its responses; set {SETTING} "
+                          "false")
     decoder = inner.get_decoder()
     emb = inner.get_input_embeddings().weight
     device, vocab = emb.device, emb.shape[0]

@@ -160,8 +160,9 @@ def rope_saved(d: Dims, pos_rows: int, seq: int, a: int) -> int:
 
 
 def attention_mask_bytes(rows: int, seq: int, a: int, attn: str, masked: bool) -> int:
-    """Eager attention's additive 4-D mask [rows, 1, seq, seq] in the activation dtype, built once per forward for
-    padded or packed rows and shared by every layer (sdpa's per-layer copy is a layer term; flash attention takes
+    """Eager attention's additive 4-D mask [rows, 1, seq, seq] in the activation dtype (and lit_ft's shared-prompt
+    mask under either attention, `lit_ft.models.shared_prompt`), built once per forward for padded, packed or
+    shared-prompt rows and shared by every layer (sdpa's per-layer copy is a layer term; flash attention takes
     the padding as sequence lengths and needs none)."""
     return rows * seq * seq * a if masked and attn == "eager" else 0
 

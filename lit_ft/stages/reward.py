@@ -31,7 +31,9 @@ class RewardModule(L.LightningModule):
     rejected go through ONE forward pass; the reward of a row is the score head applied to the hidden state of
     its last real token (found from the attention mask, since pad == EOS for many tokenizers). With
     `data.packing` the 2B sequences arrive packed padding-free (`PackedPreferenceCollator`): the same scores from
-    the real tokens only, read at each sequence's last token (`scoring.packed_sequence_scores`).
+    the real tokens only, read at each sequence's last token (`scoring.packed_sequence_scores`); with
+    `data.share_prompt` each pair is one row, its prompt once (`SharedPromptCollator`), the scores read at each
+    response's last token (`scoring.shared_prompt_scores`).
     """
 
     def __init__(
