@@ -269,6 +269,7 @@ def test_the_step_model_counts_the_reference_pass_and_overlaps_host_and_gpu(monk
     from lit_ft.stages.dpo import DPOSpec
 
     s = dataclasses.replace(settings(target="cuda", batch_size=4), stage="dpo", dpo=DPOSpec())
+    monkeypatch.setattr(auto, "attention_flops", lambda *a: 0.0)  # (the matmuls alone: attention has its own test)
     rates = dict(auto.RATES["cuda"], layer_gpu_s=0.0)  # (the GPU's floor of small kernels: its own test)
     monkeypatch.setitem(auto.RATES, "cuda", dict(rates, layer_s=0.0, step_s=0.0))  # the GPU's time alone
     gpu = auto.step_seconds(s)

@@ -296,3 +296,29 @@ def test_a_config_with_chunked_layers_is_refused_before_any_forward():
     model.config.layer_types = ["chunked_attention", "full_attention"]
     with pytest.raises(ConfigError, match="data.share_prompt: llama has layers other than full or sliding attention"):
         shared_prompt.check(model)
+
+
+def test_the_step_model_weighs_the_longer_rows_attention_against_the_prompts_saved(monkeypatch):
+    """One shared row of P + C + R tokens computes its whole attention square (an additive mask), two rows of P + C
+    and P + R half of theirs (causal): with long prompts the tokens saved win, with short prompts and long responses
+    the attention lost does, and `auto` shares only in the first case."""
+    import dataclasses
+
+    from lit_ft.plan import Settings, auto
+    from lit_ft.plan.rows import RowStats
+    from tests.test_hostile import BASE
+
+    monkeypatch.setitem(auto.RATES, "cuda", dict(auto.RATES["cuda"], layer_s=0.0, step_s=0.0, layer_gpu_s=0.0))
+
+    def settings(prompt, response):
+        data = RowStats(prompt + response, None, (response,) * 16, (prompt + response,) * 16, padded=False,
+                        units=(prompt + 2 * response,) * 8, kind="pair side")
+        return Settings(stage="dpo", base=ModelSpec(name_or_path=BASE), lora=LoraSpec(r=4), optim=OptimSpec(),
+                        dpo=DPOSpec(), max_length=8192, batch_size=8, target="cuda", data=data,
+                        share_prompt_auto=True)
+
+    for prompt, response, shares in ((2048, 64, True), (16, 4096, False)):
+        s = settings(prompt, response)
+        shared = dataclasses.replace(s, share_prompt=True)
+        assert (auto.step_seconds(shared) < auto.step_seconds(s)) == shares, (prompt, response)
+        assert auto.choose(s, 2**50)[0].share_prompt == shares

@@ -141,15 +141,17 @@ def step_seconds(s: Settings) -> float:
     d = counted_model(s)[0]
     r = RATES["cuda" if s.target == "cuda" else "cpu"]
     rows, seq, micro, passes = _shape(s)
-    attn = d.hidden * d.heads * d.head_dim * 2 + 2 * d.hidden * d.kv_heads * d.head_dim
-    trunk = d.layers * (attn + 3 * d.hidden * d.intermediate)
+    proj = d.hidden * d.heads * d.head_dim * 2 + 2 * d.hidden * d.kv_heads * d.head_dim
+    trunk = d.layers * (proj + 3 * d.hidden * d.intermediate)
     n = trunk + d.hidden * d.vocab
     ckpt = (1.0 / max(1, s.base.checkpoint_every)) if s.base.gradient_checkpointing else 0.0
     ref = 1.0 if _reference_pass(s) else 0.0
     online = s.stage in ONLINE
     compiled = s.compile and not online  # (an online update's compiling is its own factor, below)
-    # forward 2N, backward 2N, the decoder's recomputed forward (not the head) x share, the reference's forward 2N
-    flops = micro * rows * seq * (4 * n + 2 * trunk * ckpt + 2 * n * ref)
+    # forward 2N, backward 2N, the decoder's recomputed forward (not the head) x share, the reference's forward 2N;
+    # attention's forward, backward (twice its forward), recomputed and reference forwards
+    flops = micro * rows * (seq * (4 * n + 2 * trunk * ckpt + 2 * n * ref)
+                            + attention_flops(s, d, rows, seq) * (3 + ckpt + ref))
     recompute = RECOMPUTE_HOST_COMPILED if s.compile or s.process_group else RECOMPUTE_HOST
     host = micro * (r["step_s"] / max(1, micro) + d.layers * r["layer_s"] * (1 + recompute * ckpt + ref / 3))
     gpu = max(flops / r["flops"], micro * d.layers * r["layer_gpu_s"] * (1 + ckpt / 3 + ref / 3))
@@ -173,6 +175,15 @@ def step_seconds(s: Settings) -> float:
     if online and s.sampling is not None and s.sampling.engine == "hf":
         t += eager  # rollouts through `generate`: several times slower decoding (BENCHMARKS.md, rollout engine)
     return t
+
+
+def attention_flops(s: Settings, d, rows: int, seq: int) -> float:
+    """One row's attention forward over `seq` tokens, every layer: q.k and p.v, 4 x seq^2 x heads x head_dim, half of
+    it for causal rows (a causal kernel skips the upper half; modelled so for every batch, as no other lever changes a
+    row's length) and all of it for shared-prompt rows (`data.share_prompt`: an additive mask, every block computed)
+    — what decides whether one row of P + C + R tokens beats two of P + C and P + R."""
+    shared = s.share_prompt and s.stage in ("dpo", "reward")
+    return 4 * seq * seq * d.heads * d.head_dim * d.layers * (1.0 if shared else 0.5)
 
 
 def _reference_pass(s: Settings) -> bool:
