@@ -158,7 +158,12 @@ def check(model) -> None:
 
 def decoder_inputs(model, batch: dict) -> tuple[Tensor, Tensor | dict, Tensor]:
     """(input ids, attention mask(s), position ids) of a shared-prompt batch for the decoder (the model probed
-    first)."""
+    first). The mask is kept in the batch for the next pass over it (DPO's reference, then its policy) while the
+    attention's dtype is the same."""
     check(model)
-    positions = batch["position_ids"]
-    return batch["input_ids"], attention_mask(model, batch["segment_ids"], batch["branch_ids"], positions), positions
+    inner = _inner(model)
+    key = (_compute_dtype(inner), inner.config._attn_implementation)
+    if batch.get("_mask_key") != key:
+        batch["_mask"] = attention_mask(model, batch["segment_ids"], batch["branch_ids"], batch["position_ids"])
+        batch["_mask_key"] = key
+    return batch["input_ids"], batch["_mask"], batch["position_ids"]
