@@ -183,8 +183,7 @@ def token_count(batch):
     """Tokens of a batch that are not padding, as a 0-d tensor on the batch's device (read without waiting for the
     GPU: summed where the batch is), or an int: packed rows' sequences (`seq_lens`, or `sequence_ids` >= 0: their
     attention mask is all ones, the padding tail included; shared-prompt rows' `segment_ids` >= 0), else the
-    attention mask's ones, else every id (0 for a
-    batch that is not a dict of tensors)."""
+    attention mask's ones, else every id (0 for a batch that is not a dict of tensors)."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         return 0
     if batch.get("seq_lens") is not None:

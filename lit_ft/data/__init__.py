@@ -11,7 +11,8 @@ import importlib
 
 _EXPORTS = {
     "PackedSFTCollator": "collate", "PreferenceCollator": "collate", "PromptCollator": "collate",
-    "SFTCollator": "collate", "SharedPromptCollator": "collate", "InstructionDataModule": "modules", "PreferenceDataModule": "modules",
+    "SFTCollator": "collate", "SharedPromptCollator": "collate", "InstructionDataModule": "modules",
+    "PreferenceDataModule": "modules",
     "PromptDataModule": "modules", "UnpairedPreferenceDataModule": "modules", "UnpairedCollator": "collate",
     "DataReport": "readers", "read_rows": "readers", "load_records": "records",
     "render_pair": "templates", "render_prompt": "templates", "render_segments": "templates",

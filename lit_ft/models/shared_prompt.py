@@ -9,10 +9,10 @@ model's forward), with the same log-probs and scores.
 
 The mask is a 4-D additive tensor (0 / the dtype's lowest value, in the attention's dtype, rows 16-element aligned)
 that transformers hands to SDPA or eager attention as it is, one for every layer; flash attention takes no such mask
-and is refused. Sliding-window layers
-get the window applied by position (a dict of masks for models that mix full and sliding layers). Whether the loaded
-model really computes the separate sequences' states from it (recurrent layers, ALiBi from a 2-D mask, an
-attention that ignores the mask would not) is probed once on the model (`check`), and refused by name otherwise.
+and is refused. Sliding-window layers get the window applied by position (a dict of masks for models that mix full
+and sliding layers). Models with other layers (recurrent, convolutional, chunked) or ALiBi positions are refused by
+name (`takes`), and whether the loaded model really computes the separate sequences' states from the mask is probed
+once on it (`check`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from lit_ft.errors import ConfigError
+from lit_ft.models.families import _unwrap
 
 SETTING = "data.share_prompt"
-KEYS = ("input_ids", "position_ids", "segment_ids", "branch_ids")
 
 
 def _layer_kinds(config) -> set[str]:
@@ -45,10 +45,6 @@ def takes(config, attn_implementation: str = "auto") -> bool:
 def is_shared(batch) -> bool:
     """Whether a batch comes from `SharedPromptCollator`."""
     return isinstance(batch, dict) and "branch_ids" in batch
-
-
-def _inner(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _window(config) -> tuple[int | None, set[str]]:
@@ -84,7 +80,7 @@ def _compute_dtype(inner) -> torch.dtype:
 
 def attention_mask(model, segment_ids: Tensor, branch_ids: Tensor, position_ids: Tensor):
     """The 4-D mask(s) of shared-prompt rows for this model's attention (see the module docstring)."""
-    inner = _inner(model)
+    inner = _unwrap(model)
     config = inner.config
     impl = config._attn_implementation
     if impl not in ("sdpa", "eager"):
@@ -116,7 +112,7 @@ def attention_mask(model, segment_ids: Tensor, branch_ids: Tensor, position_ids:
 def check(model) -> None:
     """Probe once per attention implementation (remembered on the model) that a shared-prompt row gives each
     response the hidden states it gets after the prompt alone; a ConfigError naming the setting otherwise."""
-    inner = _inner(model)
+    inner = _unwrap(model)
     impl = inner.config._attn_implementation
     if getattr(inner, "_lit_ft_shared_prompt_checked", None) == impl:
         return
@@ -161,7 +157,7 @@ def decoder_inputs(model, batch: dict) -> tuple[Tensor, Tensor | dict, Tensor]:
     first). The mask is kept in the batch for the next pass over it (DPO's reference, then its policy) while the
     attention's dtype is the same."""
     check(model)
-    inner = _inner(model)
+    inner = _unwrap(model)
     key = (_compute_dtype(inner), inner.config._attn_implementation)
     if batch.get("_mask_key") != key:
         batch["_mask"] = attention_mask(model, batch["segment_ids"], batch["branch_ids"], batch["position_ids"])
