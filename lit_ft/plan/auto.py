@@ -123,7 +123,7 @@ def _shape(s: Settings) -> tuple[int, int, int, int]:
         _, _, prompt, response, _ = shapes(s)
         roles = 2 if s.stage == "ppo" and s.value_model == "adapter" else 1
         return mini, prompt + response, minibatches, passes * roles
-    if s.share_prompt and s.stage in ("dpo", "reward"):  # each pair one row, its prompt once
+    if rows_of.shares_prompt(s):  # each pair one row, its prompt once
         return (*rows_of.shared_shape(s, s.batch_size), s.accumulate_grad_batches, 1)
     pairs = 2 if s.stage in ("dpo", "reward", "kto") else 1  # chosen + rejected; KTO's mismatched KL rows
     return pairs * s.batch_size, s.data.longest if s.data is not None else s.max_length, s.accumulate_grad_batches, 1
@@ -182,8 +182,7 @@ def attention_flops(s: Settings, d, rows: int, seq: int) -> float:
     it for causal rows (a causal kernel skips the upper half; modelled so for every batch, as no other lever changes a
     row's length) and all of it for shared-prompt rows (`data.share_prompt`: an additive mask, every block computed)
     — what decides whether one row of P + C + R tokens beats two of P + C and P + R."""
-    shared = s.share_prompt and s.stage in ("dpo", "reward")
-    return 4 * seq * seq * d.heads * d.head_dim * d.layers * (1.0 if shared else 0.5)
+    return 4 * seq * seq * d.heads * d.head_dim * d.layers * (1.0 if rows_of.shares_prompt(s) else 0.5)
 
 
 def _reference_pass(s: Settings) -> bool:
@@ -247,7 +246,7 @@ def _graphed(s: Settings):
 def _shared(s: Settings):
     """Preference pairs as one row each, the prompt once (`data.share_prompt`), where the DataModule left it to the
     plan and the model's family takes it (`shared_prompt.takes`): fewer tokens in every pass, the same log-probs."""
-    if (s.share_prompt_auto and not s.share_prompt and s.stage in ("dpo", "reward")
+    if (s.share_prompt_auto and not s.share_prompt and s.stage in rows_of.SHARING_STAGES
             and shared_prompt.takes(model_config(s.base), s.base.attn_implementation)):
         yield ("shared prompts", ["--data.share_prompt", "true"], dataclasses.replace(s, share_prompt=True), "shared")
 

@@ -291,6 +291,16 @@ def packed_shape(s, seqs: int) -> tuple[int, int]:
     return len(rows), _round(max(rows), s.data.multiple)
 
 
+SHARING_STAGES = ("dpo", "reward")
+"""The stages that read shared-prompt rows (`data.share_prompt`)."""
+
+
+def shares_prompt(s) -> bool:
+    """The run's preference pairs come as one row each, the prompt once (`data.share_prompt` on a stage that reads
+    them)."""
+    return s.share_prompt and s.stage in SHARING_STAGES
+
+
 def shared_shape(s, pairs: int) -> tuple[int, int]:
     """(rows, length) of a shared-prompt micro-batch of `pairs` pairs (`SharedPromptCollator`: each pair one row of
     its prompt and both responses): one row a pair padded to the longest, or packed first-fit decreasing into rows

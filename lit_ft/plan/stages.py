@@ -220,7 +220,7 @@ def _lm_rows(s, d, seqs, a, lora, mask, label, chunk, loss_saved=act.loss_saved,
     """The trunk and the chunked loss over the worst micro-batch of `seqs` sequences: `seqs` rows of the longest
     row (`plan_data.seq_len`), or packed (`plan_data.packed_shape`); the loss over its trained tokens, `chunk`
     positions of logits at a time. Returns the rows and the activations' peak."""
-    shared = s.share_prompt and s.stage in ("dpo", "reward")
+    shared = rows_of.shares_prompt(s)
     if shared:  # `seqs` = 2B sides of B pairs, each pair one row
         rows, L = rows_of.shared_shape(s, seqs // 2)
         n_loss = min(rows * L, rows_of.loss_tokens(s, seqs, 2 * s.max_length))
