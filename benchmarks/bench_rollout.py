@@ -14,7 +14,8 @@ row decodes the full length, so every engine does the same work).
 
 Engines: `hf` (`lit_ft.online.generation.generate`: transformers' `generate` through PEFT), `static`
 (`lit_ft.online.engine.DecodeEngine`: static cache, CUDA-graph replay on CUDA), `merged` (the same with the policy LoRA
-merged into a rollout copy; non-quantized bases only).
+merged into a rollout copy; non-quantized bases only); `+compile` after `static` or `merged`: the step's forward through
+torch.compile before its capture (`SamplingSpec.compile`).
 
 Bandwidth bound (H200 HBM3e, 4.8 TB/s nominal): one decode step must read the base weights once (`W`, bytes as
 `bench_ppo.weight_bytes` counts them: the input embedding is a lookup and excluded, a tied LM head counted once,
@@ -81,16 +82,26 @@ def kv_bytes_per_token(w) -> int:
     return w.layers * 2 * w.kv_heads * (w.hidden // w.heads) * 2
 
 
+def engine_spec(engine: str, w):
+    """The sampling settings an engine name stands for: `hf`, `static` or `merged`, `+compile` for the static
+    engine's compiled step (`SamplingSpec.compile`)."""
+    from lit_ft.online.generation import SamplingSpec
+
+    name, *mods = engine.split("+")
+    if name not in ("hf", "static", "merged") or set(mods) - {"compile"} or (mods and name == "hf"):
+        raise SystemExit(f"unknown engine {engine!r}: hf, static, merged, static+compile, merged+compile")
+    return SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="hf" if name == "hf" else "static",
+                        merged=name == "merged", compile="compile" in mods)
+
+
 def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
     """One engine at one batch size: warm-up, then one timed rollout of w.new_tokens tokens."""
-    from lit_ft.online.generation import SamplingSpec
     from lit_ft.online.engine import Sampler
 
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
-    spec = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="hf" if engine == "hf" else "static",
-                        merged=engine == "merged")
+    spec = engine_spec(engine, w)
     sampler = Sampler(model, eos_token_id=10**9, pad_token_id=0)  # no EOS: every row decodes the full length
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and w.quant != "none")
     if device == "cuda":
@@ -129,13 +140,11 @@ def mismatch_point(model, w, engine: str, batch: int, device: str) -> dict:
     from lit_ft.losses import rollout_mismatch
     from lit_ft.online import roles
     from lit_ft.online.engine import Sampler
-    from lit_ft.online.generation import SamplingSpec
 
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
-    spec = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="hf" if engine == "hf" else "static",
-                        merged=engine == "merged")
+    spec = engine_spec(engine, w)
     sampler = Sampler(model, eos_token_id=10**9, pad_token_id=0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and w.quant != "none")
     with autocast:
@@ -160,14 +169,13 @@ def profile_point(model, w, engine: str, batch: int, device: str, steps: int = 1
     against the bound's time a step is how far the kernels themselves are from streaming the bytes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lit_ft.online.generation import SamplingSpec
     from lit_ft.online.engine import Sampler
 
     steps = max(1, min(steps, w.new_tokens - 6))  # the 4 warm-up steps and the prefill's token fit the buffers
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
-    spec = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="static", merged=engine == "merged")
+    spec = engine_spec(engine, w)
     sampler = Sampler(model, eos_token_id=10**9, pad_token_id=0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and w.quant != "none")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -230,7 +238,7 @@ def decode_sweep(w, args, device: str) -> list[dict]:
     model = build_policy(w, Path(args.model_dir), device)
     results = []
     for engine in filter(None, args.engines.split(",")):
-        if engine == "merged" and w.quant != "none":
+        if engine.startswith("merged") and w.quant != "none":
             continue  # merged needs a non-quantized base
         for batch in (int(b) for b in args.batches.split(",")):
             try:
@@ -270,7 +278,8 @@ def ppo_iterations(args) -> dict | None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    p.add_argument("--engines", default="hf,static,merged", help="decode sweep: comma-separated hf,static,merged")
+    p.add_argument("--engines", default="hf,static,merged", help="decode sweep: comma-separated hf,static,merged "
+                                                             "(static and merged also +compile)")
     p.add_argument("--batches", default="16,64,256")
     p.add_argument("--profile", default="", help="ENGINE:BATCH,... : profile the decode step (kernels, graph)")
     p.add_argument("--mismatch", default="", help="ENGINE:BATCH,... : the sampler's log-probs against the training "

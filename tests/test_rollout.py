@@ -148,6 +148,59 @@ def test_merged_equals_unmerged(tiny_model_dir, tiny_tokenizer):
     assert engine.merged.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_compiled_step_decodes_as_the_eager_step(tiny_model_dir, tiny_tokenizer, merged):
+    """`compile=True`: the step's forward through inductor (C++ on the CPU) gives the eager engine's tokens and
+    log-probs, with EOS mid-batch and ragged prompts; a second rollout reuses the compiled graph (no recompile)."""
+    import torch._dynamo
+
+    model = peft_model(tiny_model_dir, adapters=("policy", "value"))
+    ids, mask = prompts(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    eos = mid_batch_eos(model, ids, mask, pad, 10)
+    plain = DecodeEngine(model, eos, pad, merged=merged).generate(ids, mask, 10, do_sample=False)
+    engine = DecodeEngine(model, eos, pad, merged=merged, compile=True, check_every=3)
+    torch._dynamo.reset()
+    out = engine.generate(ids, mask, 10, do_sample=False)
+    assert engine.compiled is not None
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1])
+    assert out[1].sum(1).min() < out[1].sum(1).max()
+    torch.testing.assert_close(out[2], plain[2], atol=1e-5, rtol=1e-5)
+    model.set_adapter("value")  # another role active between rollouts: the engine switches back, no recompile
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    again = engine.generate(ids, mask, 10, do_sample=False)
+    assert torch.equal(again[0], out[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert model.active_adapter == "value"
+
+
+def test_a_step_that_fails_to_compile_decodes_eagerly(tiny_model_dir, tiny_tokenizer, caplog):
+    """A backend that cannot compile the step (torch raises BackendCompilerFailed): a warning, the eager tokens."""
+    def unable(gm, example_inputs):
+        raise NotImplementedError("no kernel for this op")
+
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 8, do_sample=False)
+    engine = DecodeEngine(model, eos, pad, compile=True)
+    engine.compiled = torch.compile(engine._forward, backend=unable, dynamic=False)
+    with caplog.at_level("WARNING", logger="lit_ft.online.engine"):
+        out = engine.generate(ids, mask, 8, do_sample=False)
+    assert engine.compiled is None
+    assert "torch.compile failed on this model (BackendCompilerFailed" in caplog.text
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1])
+
+
+def test_compile_with_the_hf_engine_is_refused(tiny_model_dir, tiny_tokenizer):
+    from lit_ft.errors import ConfigError
+
+    sampler = Sampler(peft_model(tiny_model_dir), tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    with pytest.raises(ConfigError, match=r"sampling.compile: compiles the static engine's decode step; engine: hf"):
+        sampler.resolve(SamplingSpec(engine="hf", compile=True), torch.device("cpu"))
+    assert sampler.resolve(SamplingSpec(engine="static", compile=True), torch.device("cpu")) == "static"
+
+
 def test_hf_engine_merged_equals_unmerged_and_puts_the_base_back(tiny_model_dir, tiny_tokenizer):
     """`sampling.merged` with transformers' generate: the same greedy tokens and sampled tokens (same seed) as the
     LoRA branches give; afterwards each base weight is the very tensor it was, its values unchanged, and the adapters

@@ -29,24 +29,27 @@ def on_device(model_dir, tokenizer, **kw):
     return model, ids.to(DEVICE), mask.to(DEVICE)
 
 
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("merged", [False, True])
-def test_captured_greedy_equals_hf_generate_with_eos_mid_batch(tiny_model_dir, tiny_tokenizer, merged):
+def test_captured_greedy_equals_hf_generate_with_eos_mid_batch(tiny_model_dir, tiny_tokenizer, merged, compile):
     model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer)
     pad = tiny_tokenizer.pad_token_id
     eos = mid_batch_eos(model, ids, mask, pad, 16)
-    engine = DecodeEngine(model, eos, pad, merged=merged, check_every=4)
+    engine = DecodeEngine(model, eos, pad, merged=merged, check_every=4, compile=compile)
     out, out_mask, _ = engine.generate(ids, mask, 16, do_sample=False)
     ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=16)
     assert engine.graphs, "the decode step was not captured"
+    assert (engine.compiled is not None) == compile, "the step did not compile"
     assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
     assert ref_mask.sum(1).min() < ref_mask.sum(1).max()
 
 
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("merged", [False, True])
-def test_replayed_graph_follows_an_optimizer_update(tiny_model_dir, tiny_tokenizer, merged):
+def test_replayed_graph_follows_an_optimizer_update(tiny_model_dir, tiny_tokenizer, merged, compile):
     model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer)
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
-    engine = DecodeEngine(model, eos, pad, merged=merged)
+    engine = DecodeEngine(model, eos, pad, merged=merged, compile=compile)
     before = engine.generate(ids, mask, 12, do_sample=False)
     graph = engine.graphs[(False, 1.0, 0, 1.0)]
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad], lr=0.05)
@@ -59,13 +62,14 @@ def test_replayed_graph_follows_an_optimizer_update(tiny_model_dir, tiny_tokeniz
     assert torch.equal(after[0], ref) and torch.equal(after[1], ref_mask)
 
 
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_captured_sampling_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, dtype):
+def test_captured_sampling_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, dtype, compile):
     """Sampled at temperature 0.7 with top-p; bf16: bf16 weights under bf16 autocast (bf16-true with autocast)."""
     model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer, adapters=("policy", "value"))
     model.to(dtype)
     model.set_adapter("value")  # the engine decodes with the policy whatever adapter is active
-    engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    engine = DecodeEngine(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id, compile=compile)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         responses, rmask, logp = engine.generate(ids, mask, 16, do_sample=True, temperature=0.7, top_p=0.95)
         model.set_adapter("policy")
@@ -90,12 +94,15 @@ def test_auto_decodes_with_hf_under_autocast_over_fp32_weights(tiny_model_dir, t
     assert sampler.resolve(SamplingSpec(engine="auto"), ids.device) == "static"
 
 
-def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_tokenizer):
+@pytest.mark.parametrize("compile", [False, True])
+def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_tokenizer, compile):
+    """Compiled: bitsandbytes' ops traced (or the engine falls back to eager with a warning); the tokens the same."""
     model = nf4_policy(tiny_model_dir, torch.device(DEVICE))
     ids, mask = (t.to(DEVICE) for t in prompts(tiny_tokenizer))
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
-    engine = DecodeEngine(model, eos, pad)
+    engine = DecodeEngine(model, eos, pad, compile=compile)
     out = engine.generate(ids, mask, 12, do_sample=False)
     ref = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=12)
     assert engine.graphs
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    print("4-bit base compiled:", engine.compiled is not None)

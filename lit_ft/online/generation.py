@@ -39,6 +39,11 @@ class SamplingSpec:
     engines; the tokens are the unmerged policy's up to float rounding."""
     cuda_graph: bool = True
     """Capture the static engine's decode step as a CUDA graph (CUDA only)."""
+    compile: bool = False
+    """The static engine's decode step through `torch.compile` (inductor) before its capture: the step's small
+    element-wise kernels fused (norms, rotary, residuals, activations), at the cost of compiling it once a run (and
+    again when a larger batch or prompt reallocates the cache). A model inductor cannot compile decodes eagerly, with
+    a warning. Not for `engine: hf`."""
     check_every: int = 8
     """The static engine reads 'every row finished?' on the host every this many tokens."""
 
