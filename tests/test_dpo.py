@@ -263,6 +263,27 @@ def test_killed_run_resumes_exactly_without_recomputing_the_reference(kill, dpo_
     assert resumed.keys() == weights.keys() and [k for k in weights if not torch.equal(resumed[k], weights[k])] == []
 
 
+def test_a_killed_shared_prompt_run_resumes_exactly(tiny_model_dir, tmp_path_factory, tmp_path):
+    """`data.share_prompt`: each pair one row (its prompt once), the reference precomputed from those rows; killed
+    after step 7, the resumed run repeats the uninterrupted one bit for bit."""
+    from dataclasses import replace
+
+    from tests.test_resume import _final
+
+    stage = replace(DPO_STAGE, kills={"mid_epoch": 7}, data_kwargs={"share_prompt": True})
+    runs = Runs(stage, tiny_model_dir, tmp_path_factory)
+    assert "branch_ids" in next(iter(runs.dm.train_dataloader()))  # the shared layout, not the padded one
+    values, weights = runs.uninterrupted
+    ckpt_dir, first = runs.killed(7)
+    assert all(torch.equal(v, values[b]) for b, v in first.items())
+    second, module, _ = runs.resume(ckpt_dir / "last.ckpt", tmp_path)
+    assert module.precomputed == [] and sorted(second) == list(range(8, stage.total + 1))
+    for batch, value in second.items():
+        assert torch.equal(value, values[batch]), (batch, value.tolist(), values[batch].tolist())
+    resumed = _final(module)
+    assert [k for k in weights if not torch.equal(resumed[k], weights[k])] == []
+
+
 def test_a_table_for_other_data_is_recomputed(dpo_runs, tmp_path):
     from lit_ft.stages.dpo import REF_KEY
 
