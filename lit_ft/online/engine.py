@@ -363,7 +363,11 @@ class Sampler:
         n = max_new_tokens or spec.max_new_tokens
         choice = self.resolve(spec, input_ids.device)
         if choice != self.choice:
-            log.info("rollouts decode with the %s engine%s", choice, " (merged policy)" if spec.merged else "")
+            notes = [n for n, on in (("merged policy", spec.merged),
+                                     ("compiled step", spec.compile and choice == "static"),
+                                     ("sampling.compile unused: hf has no step to compile",
+                                      spec.compile and choice == "hf")) if on]
+            log.info("rollouts decode with the %s engine%s", choice, f" ({'; '.join(notes)})" if notes else "")
             self.choice = choice
         if choice == "hf":
             args = (self.model, input_ids, attention_mask, spec, self.eos, self.pad, n, logprobs)
