@@ -14,7 +14,7 @@ row decodes the full length, so every engine does the same work).
 
 Engines: `hf` (`lit_ft.online.generation.generate`: transformers' `generate` through PEFT), `static`
 (`lit_ft.online.engine.DecodeEngine`: static cache, CUDA-graph replay on CUDA), `merged` (the same with the policy LoRA
-merged into a rollout copy; non-quantized bases only); `+compile` after `static` or `merged`: the step's forward through
+merged into a rollout copy; a 4-bit base de-quantized into it); `+compile` after `static` or `merged`: the step's forward through
 torch.compile before its capture (`SamplingSpec.compile`).
 
 Bandwidth bound (H200 HBM3e, 4.8 TB/s nominal): one decode step must read the base weights once (`W`, bytes as
@@ -238,8 +238,6 @@ def decode_sweep(w, args, device: str) -> list[dict]:
     model = build_policy(w, Path(args.model_dir), device)
     results = []
     for engine in filter(None, args.engines.split(",")):
-        if engine.startswith("merged") and w.quant != "none":
-            continue  # merged needs a non-quantized base
         for batch in (int(b) for b in args.batches.split(",")):
             try:
                 results.append(decode_point(model, w, engine, batch, device))

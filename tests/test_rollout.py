@@ -307,17 +307,59 @@ def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
     torch.testing.assert_close(plain[2][:, :width][agree], merged[2][:, :width][agree], atol=0.05, rtol=0.02)
 
 
-def test_merged_refuses_a_4bit_base(tiny_model_dir):
-    with pytest.raises(ValueError, match="quantized base"):
-        DecodeEngine(nf4_policy(tiny_model_dir), 2, 2, merged=True)
+def test_merged_decodes_a_4bit_base_as_the_unmerged_policy_and_puts_it_back(tiny_model_dir, tiny_tokenizer):
+    """A QLoRA policy (NF4 + double quant): the merged copy is the de-quantized weights plus the LoRA delta, so both
+    engines decode the unmerged policy's tokens; afterwards every layer holds its own 4-bit weight again, unchanged,
+    with the adapter on."""
+    from lit_ft.online.engine_ops import MergedWeights
+
+    model = nf4_policy(tiny_model_dir, lora_b=0.2)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    layers = lora_layers(model, "policy")
+    before = [(m, m.base_layer, m.base_layer.weight.data_ptr(), m.base_layer.weight.clone()) for _, m in layers]
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
+    no_lora = model.disable_adapter()
+    with no_lora:
+        base_only = DecodeEngine(model, eos, pad, adapter=None).generate(ids, mask, 10, do_sample=False)
+    assert not torch.equal(plain[0], base_only[0])  # the delta decides tokens: a merge that dropped it would show
+    engine = DecodeEngine(model, eos, pad, merged=True)
+    merged = engine.generate(ids, mask, 10, do_sample=False)
+    assert torch.equal(merged[0], plain[0]) and torch.equal(merged[1], plain[1])
+    torch.testing.assert_close(merged[2], plain[2], atol=1e-4, rtol=1e-4)
+    sampler = Sampler(model, eos, pad)
+    hf = sampler(ids, mask, SamplingSpec(max_new_tokens=10, do_sample=False, engine="hf", merged=True))
+    assert torch.equal(hf[0], plain[0]) and torch.equal(hf[1], plain[1])
+    shapes = [m.base_layer.weight.quant_state.shape for _, m in layers]
+    assert engine.merged.nbytes == MergedWeights.bytes_needed(model, "policy") == sum(a * b * 4 for a, b in shapes)
+    for m, base, ptr, weight in before:
+        assert m.base_layer is base and base.weight.data_ptr() == ptr and torch.equal(base.weight, weight)
+        assert not m.disable_adapters
+    assert torch.equal(DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)[0], plain[0])
 
 
-def nf4_policy(model_dir, device=None):
-    """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy."""
+def test_merged_refuses_an_8bit_base(tiny_model_dir):
+    from lit_ft.models import LoraSpec, ModelSpec
+
+    spec = ModelSpec(name_or_path=tiny_model_dir, quantization="int8")
+    model, _ = roles.build_roles(spec, LoraSpec(r=4), None, None, "shared_trunk", None)
+    with pytest.raises(ValueError, match=r"floating-point or 4-bit \(bitsandbytes\) weights; .* \(an 8-bit base\?\)"):
+        DecodeEngine(model.eval(), 2, 2, merged=True)
+
+
+def nf4_policy(model_dir, device=None, lora_b: float = 0.0):
+    """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy
+    (`lora_b`: the std of LoRA B's random values; 0 keeps PEFT's zeros)."""
     from lit_ft.models import LoraSpec, ModelSpec
 
     spec = ModelSpec(name_or_path=model_dir, quantization="nf4", double_quant=True, compute_dtype="float32")
     model, _ = roles.build_roles(spec, LoraSpec(r=4), None, None, "shared_trunk", device)
+    if lora_b:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, lora_b)
     return model.eval()
 
 

@@ -106,3 +106,22 @@ def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_toke
     assert engine.graphs
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     print("4-bit base compiled:", engine.compiled is not None)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_4bit_base_merged_is_captured_and_decodes_the_unmerged_policy(tiny_model_dir, tiny_tokenizer, compile):
+    """A QLoRA policy decoded from its de-quantized, merged copy through the captured (and compiled) step: the
+    unmerged engine's tokens, and after an optimizer update the updated policy's (the copy is refreshed in place)."""
+    model = nf4_policy(tiny_model_dir, torch.device(DEVICE), lora_b=0.2)
+    ids, mask = (t.to(DEVICE) for t in prompts(tiny_tokenizer))
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    engine = DecodeEngine(model, eos, pad, merged=True, compile=compile)
+    out = engine.generate(ids, mask, 12, do_sample=False)
+    assert engine.graphs and (engine.compiled is not None) == compile
+    assert torch.equal(out[0], DecodeEngine(model, eos, pad).generate(ids, mask, 12, do_sample=False)[0])
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad], lr=5.0)
+    (training_logprobs(model, ids, mask, out[0], out[1], 1.0) * out[1]).sum().backward()
+    opt.step()
+    after = engine.generate(ids, mask, 12, do_sample=False)
+    assert not torch.equal(after[0], out[0])
+    assert torch.equal(after[0], DecodeEngine(model, eos, pad).generate(ids, mask, 12, do_sample=False)[0])

@@ -70,7 +70,7 @@ class SampleGenerations(L.Callback):
             metric_name: the logged name, `val/<metric_name>`.
             merged: decode with the active LoRA adapter merged into a temporary copy of the wrapped weights (as
                 `sampling.merged` does for rollouts: faster decode steps for one copy of those weights); where
-                the base cannot be merged into (quantized, DoRA) or the copy would not fit, unmerged, said once.
+                the base cannot be merged into (8-bit, DoRA) or the copy would not fit, unmerged, said once.
         """
         self.merged, self._told, self._told_off, self._told_empty = merged, False, False, False
         self.num_prompts, self.batch_size, self.print_examples = num_prompts, batch_size, print_examples
@@ -97,7 +97,7 @@ class SampleGenerations(L.Callback):
         return score, results
 
     def _merged(self, model):
-        """The merged decode where it can run and fits: a base it cannot merge into (quantized, DoRA) or a copy
+        """The merged decode where it can run and fits: a base it cannot merge into (8-bit, DoRA) or a copy
         that would take more than half the free memory of the device decodes unmerged, said once (so a recipe that
         merges for a small model still evaluates a quantized or a large one)."""
         if not self.merged or not hasattr(model, "peft_config"):

@@ -10,9 +10,9 @@
   eagerly (that is what the tests exercise);
 - sampling (temperature, top-k, top-p) on the device, no host synchronisation per token: "all rows finished?" is
   read every `check_every` steps;
-- an optional `merged` mode for non-quantized bases: the policy LoRA is merged into a rollout copy of the
-  LoRA-wrapped weights (refreshed at the start of every rollout, so it follows each optimizer update), and the
-  step runs plain matmuls with every adapter disabled.
+- an optional `merged` mode: the policy LoRA is merged into a rollout copy of the LoRA-wrapped weights (4-bit bases:
+  de-quantized into it; refreshed at the start of every rollout, so it follows each optimizer update), and the step
+  runs plain matmuls with the policy's LoRA branches off.
 
 What is hand-written here, and why transformers/torch could not do it:
 
@@ -38,8 +38,8 @@ What is hand-written here, and why transformers/torch could not do it:
   attention), so the guards see one state; the sampling stays eager (graph-safe RNG). A model inductor cannot
   compile decodes eagerly, with a warning.
 - PEFT's `merge_adapter` writes the merge into the shared base weights, which the reference, reward and value
-  roles read too; the merged mode keeps its own copy (`rollout_ops.MergedWeights`) and swaps it in with
-  `torch.func.functional_call`.
+  roles read too; the merged mode keeps its own copy (`engine_ops.MergedWeights`) and swaps it in for the rollout
+  only (`MergedWeights.swapped_in`).
 
 Validity: the captured graph reads the parameters' storage; before every replay series the engine compares the
 parameters' data pointers with those at capture and recaptures when any moved (optimizer steps update in place,
@@ -143,11 +143,7 @@ class DecodeEngine:
         """Last-position logits [B, V] fp32 from the model's own forward (its LM head and logit processing)."""
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         kwargs[self.cache_kw] = self.cache
-        if self.merged is not None:
-            out = torch.func.functional_call(self.base, self.merged.weights, (), kwargs, strict=False)
-        else:
-            out = self.base(**kwargs)
-        return out.logits[:, -1].float()
+        return self.base(**kwargs).logits[:, -1].float()
 
     def _emit(self, logits: Tensor) -> None:
         """Sample from logits [B, V], write the token and its log-prob at column t, advance t (all on the device)."""
@@ -253,9 +249,7 @@ class DecodeEngine:
         ids, mask = self._pad_to_shape(input_ids, attention_mask)
         self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
         key = tuple(self.sampling.values())
-        with self._policy_context():
-            if self.merged is not None:
-                self.merged.refresh()  # after an optimizer update the copy must follow the policy
+        with self._policy_context():  # merged: the copy recomputed, so it follows the last optimizer update
             self._prefill(ids, mask)
             graph = self._graph(key) if max_new_tokens - 1 > WARMUP_STEPS else None
             done = int(self.t)  # 1, or more when the capture's warm-up steps decoded
@@ -288,8 +282,8 @@ class DecodeEngine:
 
     @contextlib.contextmanager
     def _policy_context(self):
-        """Grouped decode attention on, the policy adapter active (merged mode: every adapter disabled, the merged
-        copy swapped in), under a fresh autocast without its weight-cast cache (a captured graph must recompute the
+        """Grouped decode attention on, the policy adapter active (merged mode: its merged copy swapped in, its LoRA
+        branches off), under a fresh autocast without its weight-cast cache (a captured graph must recompute the
         casts on replay); the `requires_grad` flags PEFT's switches flip are restored afterwards."""
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         dev = self.tok.device.type
@@ -302,12 +296,12 @@ class DecodeEngine:
                 if self.impl == "sdpa":
                     self.base.set_attn_implementation(GROUPED_SDPA)
                     stack.callback(self.base.set_attn_implementation, "sdpa")
-                if self.peft and self.merged is not None:
-                    stack.enter_context(self.model.disable_adapter())
-                elif self.peft and self.adapter is not None and self.model.active_adapter != self.adapter:
+                if self.peft and self.adapter is not None and self.model.active_adapter != self.adapter:
                     previous = self.model.active_adapter
                     self.model.set_adapter(self.adapter)
                     stack.callback(self.model.set_adapter, previous)
+                if self.merged is not None:
+                    stack.enter_context(self.merged.swapped_in())
                 yield
         finally:
             for p, flag in flags:
@@ -390,7 +384,7 @@ class Sampler:
 
 
 def _merged_or_config_error(build):
-    """`build()`, its refusal of a base it cannot merge into (quantized, DoRA) raised as the setting's error."""
+    """`build()`, its refusal of a base it cannot merge into (8-bit, DoRA) raised as the setting's error."""
     try:
         return build()
     except ValueError as e:

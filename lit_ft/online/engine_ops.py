@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 
 import torch
 from torch import Tensor
@@ -67,18 +68,55 @@ def lora_layers(model, adapter: str):
     return [(n, m) for n, m in base.named_modules() if adapter in getattr(m, "lora_A", {})]
 
 
-class MergedWeights:
-    """The policy LoRA merged into a rollout copy of the LoRA-wrapped base weights (W + scale * B @ A).
+def _four_bit(layer) -> bool:
+    """A bitsandbytes 4-bit linear layer (NF4/FP4): its weight packed, with the state that de-quantizes it."""
+    w = getattr(layer, "weight", None)
+    return type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None
 
-    Memory: one extra copy of every LoRA-wrapped weight, in the base's dtype (`nbytes`, logged). Quantized bases are
-    refused: their weights are not plain tensors to add a delta to.
+
+def _copy_layout(base) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of a base layer's merged copy: a plain weight's own; a 4-bit weight's logical shape in the
+    layer's compute dtype (what bitsandbytes de-quantizes it to for its matmul)."""
+    w = base.weight
+    if _four_bit(base):
+        return tuple(w.quant_state.shape), getattr(base, "compute_dtype", None) or w.quant_state.dtype
+    return tuple(w.shape), w.dtype
+
+
+class _Dequantized(torch.nn.Module):
+    """A 4-bit base layer's stand-in during a merged rollout: a plain linear over the de-quantized, merged copy,
+    taking and giving the dtypes the 4-bit layer does (input cast to the compute dtype, output back)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)  # never in a state dict
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+class MergedWeights:
+    """The policy LoRA merged into a rollout copy of the LoRA-wrapped base weights (W + scale * B @ A), swapped in
+    for a rollout by `swapped_in()` (both decode engines; `SampleGenerations(merged=True)`).
+
+    Plain floating-point bases: the copy in the weights' dtype, put in place of each base weight's data. 4-bit
+    bitsandbytes bases (NF4/FP4, QLoRA): the weights de-quantized once a rollout into a copy in the layers' compute
+    dtype, each 4-bit layer replaced by a plain linear over it for the rollout, so the decode reads that copy instead
+    of de-quantizing every weight at every step (which bitsandbytes does for batches of more than one row). Memory:
+    one copy of every LoRA-wrapped weight (`nbytes`, logged): for a 4-bit base nearly 4x its 4-bit weights in bf16.
+    8-bit bases and DoRA are refused.
     """
 
     @staticmethod
     def bytes_needed(model, adapter: str) -> int:
         """What the copy would take (without allocating it)."""
-        return sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size()
-                   for _, m in lora_layers(model, adapter))
+        total = 0
+        for _, m in lora_layers(model, adapter):
+            shape, dtype = _copy_layout(m.base_layer)
+            total += math.prod(shape) * dtype.itemsize
+        return total
 
     @staticmethod
     def refusal(model, adapter: str) -> str | None:
@@ -86,10 +124,12 @@ class MergedWeights:
         from peft.tuners.lora import Linear as LoraLinear
 
         for name, m in lora_layers(model, adapter):
-            w = m.base_layer.weight
-            if not isinstance(m, LoraLinear) or not w.is_floating_point() or type(w) is not torch.nn.Parameter:
-                return (f"merged rollouts need plain floating-point Linear layers; {name} is "
-                        f"{type(m).__name__} over {type(w).__name__}[{w.dtype}] (quantized base?)")
+            w = getattr(m.base_layer, "weight", None)
+            plain = isinstance(m, LoraLinear) and type(w) is torch.nn.Parameter and w.is_floating_point()
+            if not (plain or (_four_bit(m.base_layer) and hasattr(m, "get_delta_weight"))):
+                return (f"merged rollouts need Linear layers over floating-point or 4-bit (bitsandbytes) weights; "
+                        f"{name} is {type(m).__name__} over {type(w).__name__}[{getattr(w, 'dtype', None)}] "
+                        f"(an 8-bit base?)")
             if m.use_dora.get(adapter, False):
                 return f"merged rollouts do not support DoRA ({name})"
         return None
@@ -98,37 +138,56 @@ class MergedWeights:
         reason = self.refusal(model, adapter)
         if reason is not None:
             raise ValueError(reason)
-        self.layers, self.weights = [], {}
-        for name, m in lora_layers(model, adapter):
-            self.layers.append((m, adapter))
-            self.weights[f"{name}.base_layer.weight"] = torch.empty_like(m.base_layer.weight)
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.weights.values())
-        log.info("merged rollout weights: %d layers, %.3f GB extra memory", len(self.layers), self.nbytes / 1e9)
+        self.adapter = adapter
+        self.layers = [m for _, m in lora_layers(model, adapter)]
+        self.bases = [m.base_layer for m in self.layers]  # the layers' own, whatever is swapped in meanwhile
+        self.copies: list[Tensor] = []
+        self.stand_ins: list[_Dequantized | None] = []  # 4-bit layers: the plain linear swapped in for them
+        for base in self.bases:
+            shape, dtype = _copy_layout(base)
+            copy = torch.empty(shape, dtype=dtype, device=base.weight.device)
+            self.copies.append(copy)
+            self.stand_ins.append(_Dequantized(copy, base.bias) if _four_bit(base) else None)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.copies)
+        log.info("merged rollout weights: %d layers (%d de-quantized from 4 bits), %.3f GB extra memory",
+                 len(self.layers), sum(s is not None for s in self.stand_ins), self.nbytes / 1e9)
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute W + delta in place (same storage: a captured graph keeps reading it)."""
-        for (m, adapter), buf in zip(self.layers, self.weights.values()):
-            buf.copy_(m.base_layer.weight)
-            buf.add_(m.get_delta_weight(adapter).to(buf.dtype))
+        from_four_bit = None
+        for m, base, copy, stand_in in zip(self.layers, self.bases, self.copies, self.stand_ins):
+            if stand_in is not None:
+                if from_four_bit is None:
+                    from bitsandbytes.functional import dequantize_4bit as from_four_bit
+                copy.copy_(from_four_bit(base.weight.data, base.weight.quant_state))
+            else:
+                copy.copy_(base.weight)
+            copy.add_(m.get_delta_weight(self.adapter).to(copy.dtype))
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """The policy as a plain forward, for transformers' `generate`: each LoRA-wrapped weight replaced by its
-        merged copy (refreshed now) and those layers' adapters off. Afterwards the base weights are the same tensors
+        """The policy as a plain forward: the copy refreshed now, each LoRA-wrapped weight replaced by it (a 4-bit
+        layer by its plain stand-in) and those layers' adapters off. Afterwards the base weights are the same tensors
         as before (put back, not subtracted: no rounding drift) and each layer's adapters as they were; other
         modules (a `modules_to_save` copy) are not touched."""
         self.refresh()
         kept = []
         try:
-            for (m, _), buf in zip(self.layers, self.weights.values()):
-                kept.append((m, m.base_layer.weight.data, m._disable_adapters))
-                m.base_layer.weight.data = buf
+            for m, base, copy, stand_in in zip(self.layers, self.bases, self.copies, self.stand_ins):
+                kept.append((m, base, base.weight.data, m._disable_adapters))
+                if stand_in is not None:
+                    m.base_layer = stand_in
+                else:
+                    base.weight.data = copy
                 m._disable_adapters = True
             yield
         finally:
-            for m, weight, disabled in kept:
-                m.base_layer.weight.data = weight
+            for m, base, weight, disabled in kept:
+                if m.base_layer is not base:
+                    m.base_layer = base
+                else:
+                    base.weight.data = weight
                 m._disable_adapters = disabled
 
 

@@ -33,10 +33,11 @@ class SamplingSpec:
     on CUDA, eager elsewhere); `hf` = transformers' `generate`; `auto` = `static` on CUDA for models it serves,
     else `hf`."""
     merged: bool = False
-    """With a non-quantized base: decode with the policy LoRA merged into a rollout copy of the LoRA-wrapped
-    weights (costs one copy of them, logged; refreshed every rollout), so the decode runs no LoRA branches (on 2 CPU
-    cores, 16 demo prompts x 4 samples with SmolLM2-135M and r16 on every projection: 6.5 s -> 5.9 s). Both
-    engines; the tokens are the unmerged policy's up to float rounding."""
+    """Decode with the policy LoRA merged into a rollout copy of the LoRA-wrapped weights, so the decode runs no LoRA
+    branches: one copy of them in memory (logged), refreshed every rollout (on 2 CPU cores, 16 demo prompts x 4
+    samples with SmolLM2-135M and r16 on every projection: 6.5 s -> 5.9 s). A 4-bit base is de-quantized into the
+    copy, in its compute dtype, so the decode reads plain weights instead of de-quantizing each one at every step;
+    8-bit bases are refused. Both engines; the tokens are the unmerged policy's up to float rounding."""
     cuda_graph: bool = True
     """Capture the static engine's decode step as a CUDA graph (CUDA only)."""
     compile: bool = False

@@ -171,9 +171,12 @@ def components(s):
     else:
         stage_rows = {"sft": _sft, "dpo": _dpo, "kto": _kto}[s.stage](s, dims, a, shape, mask)
     rows += stage_rows
-    if s.stage in online.ONLINE and s.sampling is not None and s.sampling.merged and s.base.quantization == "none":
-        rows.append(("merged rollout copy", merged * (cast or dtype).itemsize,
-                     "sampling.merged: one copy of the LoRA-wrapped weights"))
+    if s.stage in online.ONLINE and s.sampling is not None and s.sampling.merged and s.base.quantization != "int8":
+        four_bit = s.base.quantization != "none"  # de-quantized into the copy, in the compute dtype
+        copy_dtype = getattr(torch, s.base.compute_dtype) if four_bit else cast or dtype
+        rows.append(("merged rollout copy", merged * copy_dtype.itemsize,
+                     "sampling.merged: one copy of the LoRA-wrapped weights"
+                     + (f", de-quantized to {s.base.compute_dtype}" if four_bit else "")))
     if s.stage == "dpo":
         notes.append("DPO: the policy over the 2B chosen + rejected rows; the no-grad reference pass runs before it")
     if s.stage == "distill":
