@@ -336,6 +336,45 @@ def test_family_merged_decode(family, family_dirs):
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
 
 
+@pytest.mark.parametrize("family", PRESENT)
+def test_family_static_engine_decodes_as_generate(family, family_dirs):
+    """The static decode engine (the default on CUDA) on every family it serves: its greedy tokens from ragged
+    left-padded prompts equal transformers' `generate`; merged (the policy LoRA in a copy, GPT-2's Conv1D
+    included) and with its step traced by torch.compile (the `aot_eager` backend here: dynamo's graph of the step,
+    cache writes and all, without inductor's C++ build) the same tokens; the families it does not serve are named."""
+    import torch._dynamo
+
+    from lit_ft.online.engine import DecodeEngine
+    from lit_ft.online.engine_ops import engine_unsupported
+    from lit_ft.online.generation import SamplingSpec, generate
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name_or_path=family_dirs(family), dtype="float32"), LoraSpec(r=4, dropout=0.0))
+    model = model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    reason = engine_unsupported(model)
+    if reason is not None:
+        with pytest.raises(ValueError, match="the decode engine cannot serve this model"):
+            DecodeEngine(model, 1, 0, adapter="default")
+        pytest.skip(f"{family}: {reason}")
+    ids = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :1] = 0
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), 1, 0, max_new_tokens=6)
+    for merged, compiled in ((False, False), (True, False), (False, True)):
+        engine = DecodeEngine(model, 1, 0, adapter="default", merged=merged, compile=compiled)
+        if compiled:
+            torch._dynamo.reset()
+            engine.compiled = torch.compile(engine._forward, backend="aot_eager", dynamic=False)
+        out, out_mask, _ = engine.generate(ids, mask, 6, do_sample=False)
+        assert (engine.compiled is not None) == compiled, "the step fell back to eager"
+        assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask), (merged, compiled)
+
+
 @pytest.mark.skipif("qwen2_moe" not in PRESENT, reason="Qwen2-MoE is not in this transformers")
 def test_explicit_leaf_targets_leave_moe_experts_alone(family_dirs):
     """`target_modules: [q_proj, down_proj]` on a model with fused expert weights adapts the attention and the shared

@@ -135,6 +135,12 @@ def routes_experts(config) -> bool:
     return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
+def alibi_positions(config) -> bool:
+    """Whether the model adds ALiBi biases that it builds from a 2-D padding mask (Bloom, MPT, Falcon with
+    `alibi`): such a model cannot take a 4-D mask of lit_ft's own (the decode engine's, shared-prompt rows')."""
+    return config.model_type in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
+
+
 def expert_parameters(model) -> list[str]:
     """In-layer names of MoE experts' fused weights (`mlp.experts.gate_up_proj`, ...): 3-D parameters
     [experts, out, in] that no linear layer holds, so only PEFT's `target_parameters` can adapt them."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lit_ft.errors import ConfigError
-from lit_ft.models.families import _unwrap, probing, states_agree
+from lit_ft.models.families import _unwrap, alibi_positions, probing, states_agree
 
 SETTING = "data.share_prompt"
 
@@ -37,9 +37,8 @@ def takes(config, attn_implementation: str = "auto") -> bool:
     """Whether a model of this config can run shared-prompt rows (what `--memory auto` turns `data.share_prompt` on
     for, and what `check` requires before its probe): SDPA or eager attention, full or sliding attention layers only
     (no recurrent, convolutional or chunked ones), positions from position ids (not ALiBi from a 2-D mask)."""
-    alibi = config.model_type in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
     return (attn_implementation in ("auto", "sdpa", "eager")
-            and _layer_kinds(config) <= {"full_attention", "sliding_attention"} and not alibi)
+            and _layer_kinds(config) <= {"full_attention", "sliding_attention"} and not alibi_positions(config))
 
 
 def is_shared(batch) -> bool:

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from lit_ft.models import families
+
 log = logging.getLogger("lit_ft.online.engine")
 
 GROUPED_SDPA = "lit_ft_grouped_sdpa"  # the attention implementation the engine switches sdpa models to
@@ -54,6 +56,8 @@ def engine_unsupported(model) -> str | None:
     layer_types = getattr(cfg, "layer_types", None) or []
     if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
         return "sliding-window or non-full attention layers"
+    if families.alibi_positions(cfg):
+        return "ALiBi positions, built from a 2-D padding mask (the engine passes a 4-D one)"
     if getattr(cfg, "is_encoder_decoder", False):
         return "encoder-decoder model"
     params = inspect.signature(type(base).forward).parameters
