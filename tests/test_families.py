@@ -341,7 +341,9 @@ def test_family_static_engine_decodes_as_generate(family, family_dirs):
     """The static decode engine (the default on CUDA) on every family it serves: its greedy tokens from ragged
     left-padded prompts equal transformers' `generate`; merged (the policy LoRA in a copy, GPT-2's Conv1D
     included) and with its step traced by torch.compile (the `aot_eager` backend here: dynamo's graph of the step,
-    cache writes and all, without inductor's C++ build) the same tokens; the families it does not serve are named."""
+    cache writes and all, without inductor's C++ build) the same tokens; sliding-window layers (Mistral, Gemma 2/3:
+    4096-token windows here) attend as full ones within a cache shorter than the window; the families it does not
+    serve are named."""
     import torch._dynamo
 
     from lit_ft.online.engine import DecodeEngine
@@ -373,6 +375,36 @@ def test_family_static_engine_decodes_as_generate(family, family_dirs):
         out, out_mask, _ = engine.generate(ids, mask, 6, do_sample=False)
         assert (engine.compiled is not None) == compiled, "the step fell back to eager"
         assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask), (merged, compiled)
+
+
+@pytest.mark.parametrize("family", [f for f in ("mistral", "gemma3_text") if f in PRESENT])
+def test_a_sliding_window_shorter_than_the_rollout_goes_to_generate(family, family_dirs):
+    """A window shorter than prompt + new tokens (the static cache would roll over): `auto` decodes with
+    transformers' `generate` (the same tokens as asking for hf), `engine: static` is refused naming the window, and a
+    rollout that fits the window still takes the static engine."""
+    from lit_ft.online.engine import DecodeEngine, Sampler
+    from lit_ft.online.generation import SamplingSpec
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name_or_path=family_dirs(family), dtype="float32"), LoraSpec(r=4, dropout=0.0))
+    model.get_base_model().config.sliding_window = 12
+    model = model.eval()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    sampler = Sampler(model, eos_token_id=1, pad_token_id=0, adapter="default")
+    spec = SamplingSpec(max_new_tokens=8, do_sample=False)
+    auto = sampler(ids, mask, spec)
+    assert sampler.choice == "hf"
+    assert torch.equal(auto[0], sampler(ids, mask, SamplingSpec(max_new_tokens=8, do_sample=False, engine="hf"))[0])
+    with pytest.raises(ConfigError, match=r"sampling.engine: static cannot serve this model \(a sliding window of 12 "
+                                          r"tokens, shorter than the rollout's prompt \+ new tokens \(15\)"):
+        sampler(ids, mask, SamplingSpec(max_new_tokens=8, do_sample=False, engine="static"))
+    with pytest.raises(ValueError, match="a sliding window of 12 tokens"):
+        DecodeEngine(model, 1, 0, adapter="default").generate(ids, mask, 8, do_sample=False)
+    short = Sampler(model, eos_token_id=1, pad_token_id=0, adapter="default")
+    fits = short(ids, mask, SamplingSpec(max_new_tokens=5, do_sample=False, engine="static"))
+    assert short.choice == "static"
+    assert torch.equal(fits[0], short(ids, mask, SamplingSpec(max_new_tokens=5, do_sample=False, engine="hf"))[0])
 
 
 @pytest.mark.skipif("qwen2_moe" not in PRESENT, reason="Qwen2-MoE is not in this transformers")

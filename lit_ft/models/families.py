@@ -135,6 +135,25 @@ def routes_experts(config) -> bool:
     return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
+def attention_kinds(config) -> set[str]:
+    """The kinds of layers the config declares (`layer_types`: full_attention, sliding_attention, ...); empty when it
+    declares none, {"unknown"} when a per-layer config refuses a global read."""
+    try:
+        return set(getattr(config, "layer_types", None) or ())
+    except Exception:  # noqa: BLE001  (a per-layer config that refuses a global read: not a shape this knows)
+        return {"unknown"}
+
+
+def sliding_window(config) -> tuple[int | None, set[str]]:
+    """(the sliding window, the kinds of attention layers) the model's config declares; the window None where no
+    layer slides (Qwen2 with `use_sliding_window: false`, or a window set with only full layers)."""
+    window = getattr(config, "sliding_window", None)
+    kinds = attention_kinds(config)
+    if not kinds:
+        kinds = {"sliding_attention" if window and getattr(config, "use_sliding_window", True) else "full_attention"}
+    return (window if "sliding_attention" in kinds else None), kinds
+
+
 def alibi_positions(config) -> bool:
     """Whether the model adds ALiBi biases that it builds from a 2-D padding mask (Bloom, MPT, Falcon with
     `alibi`): such a model cannot take a 4-D mask of lit_ft's own (the decode engine's, shared-prompt rows')."""

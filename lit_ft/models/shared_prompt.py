@@ -21,16 +21,9 @@ import torch
 from torch import Tensor
 
 from lit_ft.errors import ConfigError
-from lit_ft.models.families import _unwrap, alibi_positions, probing, states_agree
+from lit_ft.models.families import _unwrap, alibi_positions, attention_kinds, probing, sliding_window, states_agree
 
 SETTING = "data.share_prompt"
-
-
-def _layer_kinds(config) -> set[str]:
-    try:
-        return set(getattr(config, "layer_types", None) or ())
-    except Exception:  # noqa: BLE001  (a per-layer config that refuses a global read: not a shape this knows)
-        return {"unknown"}
 
 
 def takes(config, attn_implementation: str = "auto") -> bool:
@@ -38,21 +31,12 @@ def takes(config, attn_implementation: str = "auto") -> bool:
     for, and what `check` requires before its probe): SDPA or eager attention, full or sliding attention layers only
     (no recurrent, convolutional or chunked ones), positions from position ids (not ALiBi from a 2-D mask)."""
     return (attn_implementation in ("auto", "sdpa", "eager")
-            and _layer_kinds(config) <= {"full_attention", "sliding_attention"} and not alibi_positions(config))
+            and attention_kinds(config) <= {"full_attention", "sliding_attention"} and not alibi_positions(config))
 
 
 def is_shared(batch) -> bool:
     """Whether a batch comes from `SharedPromptCollator`."""
     return isinstance(batch, dict) and "branch_ids" in batch
-
-
-def _window(config) -> tuple[int | None, set[str]]:
-    """(the sliding window, the kinds of attention layers) the model's config declares."""
-    window = getattr(config, "sliding_window", None)
-    kinds = _layer_kinds(config)
-    if not kinds:
-        kinds = {"sliding_attention" if window and getattr(config, "use_sliding_window", True) else "full_attention"}
-    return (window if "sliding_attention" in kinds else None), kinds
 
 
 ALIGN = 16
@@ -87,7 +71,7 @@ def attention_mask(model, segment_ids: Tensor, branch_ids: Tensor, position_ids:
                           f"runs {impl}; set {SETTING} false or model.base.attn_implementation sdpa")
     R, L = segment_ids.shape
     dtype = _compute_dtype(inner)
-    window, kinds = _window(config)
+    window, kinds = sliding_window(config)
     windowed = window is not None and L > window  # else every distance is within the window: one mask is exact
     full = _empty_mask(R, L, dtype, segment_ids.device) if not windowed or kinds != {"sliding_attention"} else None
     slid = _empty_mask(R, L, dtype, segment_ids.device) if windowed else None

@@ -118,6 +118,9 @@ class DecodeEngine:
         old = self.shape or (0, 0, 0)
         batch, prompt_len, max_new = max(batch, old[0]), max(prompt_len, old[1]), max(max_new, old[2])
         L = prompt_len + max_new
+        reason = engine_unsupported(self.model, L)
+        if reason is not None:  # a sliding window shorter than the cache
+            raise ValueError(f"the decode engine cannot serve this model: {reason}")
         log.info("decode engine: static KV cache for %d rows x %d positions", batch, L)
         self.shape, self.graphs = (batch, prompt_len, max_new), {}
         self.cache = StaticCache(config=self.base.config, max_cache_len=L)
@@ -332,15 +335,16 @@ class Sampler:
         self.merged: MergedWeights | None = None  # the hf engine's merged copy (the static engine keeps its own)
         self.choice: str | None = None
 
-    def resolve(self, spec, device) -> str:
-        """`static` or `hf` for this spec on this device (auto: static on CUDA where the engine can serve)."""
+    def resolve(self, spec, device, length: int | None = None) -> str:
+        """`static` or `hf` for this spec on this device (auto: static on CUDA where the engine can serve), for
+        rollouts of `length` prompt + new tokens where known."""
         from lit_ft.errors import ConfigError
 
         if spec.engine not in ("auto", "static", "hf"):
             raise ConfigError(f"sampling.engine: expected auto, static or hf, got {spec.engine!r}")
         if spec.check_every < 1:
             raise ConfigError(f"sampling.check_every: must be >= 1, got {spec.check_every}")
-        reason = engine_unsupported(self.model) or autocast_mismatch(self.model, device)
+        reason = engine_unsupported(self.model, length) or autocast_mismatch(self.model, device)
         if spec.engine == "static" and reason is not None:
             raise ConfigError(f"sampling.engine: static cannot serve this model ({reason}); use hf or auto")
         if spec.compile and spec.engine == "hf":
@@ -355,12 +359,14 @@ class Sampler:
         from lit_ft.online.generation import generate
 
         n = max_new_tokens or spec.max_new_tokens
-        choice = self.resolve(spec, input_ids.device)
+        held = self.engine.shape if self.engine is not None and self.engine.shape else (0, 0, 0)
+        length = max(input_ids.shape[1], held[1]) + max(n, spec.max_new_tokens, held[2])  # what the cache would hold
+        choice = self.resolve(spec, input_ids.device, length)
         if choice != self.choice:
-            notes = [n for n, on in (("merged policy", spec.merged),
-                                     ("compiled step", spec.compile and choice == "static"),
-                                     ("sampling.compile unused: hf has no step to compile",
-                                      spec.compile and choice == "hf")) if on]
+            notes = [note for note, on in (("merged policy", spec.merged),
+                                           ("compiled step", spec.compile and choice == "static"),
+                                           ("sampling.compile unused: hf has no step to compile",
+                                            spec.compile and choice == "hf")) if on]
             log.info("rollouts decode with the %s engine%s", choice, f" ({'; '.join(notes)})" if notes else "")
             self.choice = choice
         if choice == "hf":

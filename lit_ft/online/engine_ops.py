@@ -46,16 +46,22 @@ def register_grouped_attention() -> None:
     AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def engine_unsupported(model) -> str | None:
-    """Why the engine cannot serve `model` (None when it can): attention kinds its 4D mask does not fit."""
+def engine_unsupported(model, length: int | None = None) -> str | None:
+    """Why the engine cannot serve `model` (None when it can): attention kinds its 4D mask does not fit. A sliding
+    window is served where it covers the whole static cache (`length` = prompt + new tokens): those layers then
+    attend as full ones. Without a length only the window's presence is known; the engine checks it again
+    when it allocates its cache."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config.get_text_config(decoder=True) if hasattr(base.config, "get_text_config") else base.config
     impl = getattr(base.config, "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return f"attention implementation {impl!r} (the engine builds sdpa/eager masks)"
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
-        return "sliding-window or non-full attention layers"
+    window, kinds = families.sliding_window(cfg)
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return f"layers other than full or sliding attention ({', '.join(sorted(kinds))})"
+    if length is not None and window is not None and window < length:
+        return (f"a sliding window of {window} tokens, shorter than the rollout's prompt + new tokens ({length}): its "
+                f"static cache would roll over")
     if families.alibi_positions(cfg):
         return "ALiBi positions, built from a 2-D padding mask (the engine passes a 4-D one)"
     if getattr(cfg, "is_encoder_decoder", False):
