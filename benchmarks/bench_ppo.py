@@ -231,7 +231,8 @@ def run_lit(w: Workload, args, device: str, mods: set[str]) -> dict:
         timer.wrap(module, name)
     out = fit_timed(w, args, device, module, timer, precision, 1, mods)
     return dict(ppo_epochs=epochs, mini_batch_size=mbs, gradient_checkpointing=base.gradient_checkpointing,
-                engine=sampling.engine, merged=sampling.merged, compile="compile" in mods, **out)
+                engine=sampling.engine, merged=sampling.merged, compile="compile" in mods,
+                decode_compile=sampling.compile, **out)
 
 
 def run_grpo(w: Workload, args, device: str, mods: set[str]) -> dict:
@@ -255,7 +256,7 @@ def run_grpo(w: Workload, args, device: str, mods: set[str]) -> dict:
     out = fit_timed(w, args, device, module, timer, precision, k, mods)
     return dict(samples_per_prompt=k, num_iterations=iters, mini_batch_size=mbs,
                 gradient_checkpointing=base.gradient_checkpointing, engine=sampling.engine, merged=sampling.merged,
-                **out)
+                decode_compile=sampling.compile, **out)
 
 
 def fit_timed(w: Workload, args, device: str, module, timer: PhaseTimer, precision: str, per_prompt: int,

@@ -171,6 +171,8 @@ def profile_point(model, w, engine: str, batch: int, device: str, steps: int = 1
 
     from lit_ft.online.engine import Sampler
 
+    if engine.startswith("hf"):
+        raise ValueError("profile: the static engine's step only (static, merged, +compile)")
     steps = max(1, min(steps, w.new_tokens - 6))  # the 4 warm-up steps and the prefill's token fit the buffers
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
@@ -264,7 +266,9 @@ def ppo_iterations(args) -> dict | None:
         return None
     out = Path(args.out).with_suffix(".ppo.json")
     argv = ["--workload", SHAPES[args.shape], "--model-dir", args.model_dir,
-            "--variants", ",".join(f"lit+{e}" + args.ppo_mods for e in args.ppo_engines.split(",")),
+            # an engine's `+compile` is the decode step's (bench_ppo's `dcompile`; its `compile` is the update's)
+            "--variants", ",".join(f"lit+{e.replace('+compile', '+dcompile')}" + args.ppo_mods
+                                   for e in args.ppo_engines.split(",")),
             "--iters", str(args.ppo_iters), "--warmup", str(min(1, args.ppo_iters - 1)), "--json", str(out),
             "--variant-timeout", str(args.variant_timeout)]
     if args.tiny:

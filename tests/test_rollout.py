@@ -192,13 +192,39 @@ def test_a_step_that_fails_to_compile_decodes_eagerly(tiny_model_dir, tiny_token
     assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1])
 
 
-def test_compile_with_the_hf_engine_is_refused(tiny_model_dir, tiny_tokenizer):
-    from lit_ft.errors import ConfigError
+def test_compile_is_unused_where_rollouts_decode_with_generate(tiny_model_dir, tiny_tokenizer, caplog):
+    """`sampling.compile` with `engine: hf` (asked, or chosen by `auto`, the memory plan or multi-turn episodes):
+    transformers' `generate` decodes, the same tokens, and the log says the setting is unused."""
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    with caplog.at_level("INFO", logger="lit_ft.online.engine"):
+        out = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="hf", compile=True))
+    assert sampler.choice == "hf" and sampler.engine is None
+    assert "rollouts decode with the hf engine (sampling.compile unused: hf has no step to compile)" in caplog.text
+    plain = generate(model, ids, mask, SamplingSpec(do_sample=False), tiny_tokenizer.eos_token_id,
+                     tiny_tokenizer.pad_token_id, max_new_tokens=6)
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1])
 
-    sampler = Sampler(peft_model(tiny_model_dir), tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
-    with pytest.raises(ConfigError, match=r"sampling.compile: compiles the static engine's decode step; engine: hf"):
-        sampler.resolve(SamplingSpec(engine="hf", compile=True), torch.device("cpu"))
-    assert sampler.resolve(SamplingSpec(engine="static", compile=True), torch.device("cpu")) == "static"
+
+def test_growing_prompts_compile_the_step_twice_at_most(tiny_model_dir, tiny_tokenizer):
+    """Each longer prompt reallocates the cache; the step compiles for the first size and once more with symbolic
+    sizes (not once a size, which would reach dynamo's recompile limit and silently decode eagerly)."""
+    import torch._dynamo
+
+    model = peft_model(tiny_model_dir)
+    eager = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id)
+    engine = DecodeEngine(model, -1, tiny_tokenizer.pad_token_id, compile=True)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(0)
+    for width in (4, 7, 10, 13):
+        ids = torch.randint(3, len(tiny_tokenizer), (3, width), generator=g)
+        mask = torch.ones_like(ids)
+        out = engine.generate(ids, mask, 5, do_sample=False)
+        assert torch.equal(out[0], eager.generate(ids, mask, 5, do_sample=False)[0]), width
+    assert engine.shape[1] == 13 and engine.compiled is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
 
 
 def test_hf_engine_merged_equals_unmerged_and_puts_the_base_back(tiny_model_dir, tiny_tokenizer):
@@ -307,16 +333,30 @@ def test_merged_equals_unmerged_in_bf16(tiny_model_dir, tiny_tokenizer):
     torch.testing.assert_close(plain[2][:, :width][agree], merged[2][:, :width][agree], atol=0.05, rtol=0.02)
 
 
-def test_merged_decodes_a_4bit_base_as_the_unmerged_policy_and_puts_it_back(tiny_model_dir, tiny_tokenizer):
-    """A QLoRA policy (NF4 + double quant): the merged copy is the de-quantized weights plus the LoRA delta, so both
-    engines decode the unmerged policy's tokens; afterwards every layer holds its own 4-bit weight again, unchanged,
-    with the adapter on."""
+@pytest.fixture(scope="module")
+def biased_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny Llama with biases on every attention and MLP projection (a 4-bit layer's bias goes with it)."""
+    from tests.conftest import make_tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny_llama_bias")
+    make_tiny_llama(str(d), vocab_size=len(tiny_tokenizer), attention_bias=True, mlp_bias=True)
+    tiny_tokenizer.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_decodes_a_4bit_base_as_the_unmerged_policy_and_puts_it_back(tiny_model_dir, biased_model_dir,
+                                                                           tiny_tokenizer, bias):
+    """A QLoRA policy (NF4 + double quant, fp32 compute; with and without biases): the merged copy is the
+    de-quantized weights plus the LoRA delta, so both engines decode the unmerged policy's tokens; afterwards every
+    layer holds its own 4-bit weight again, unchanged, with the adapter on."""
     from lit_ft.online.engine_ops import MergedWeights
 
-    model = nf4_policy(tiny_model_dir, lora_b=0.2)
+    model = nf4_policy(biased_model_dir if bias else tiny_model_dir, lora_b=0.2)
     ids, mask = prompts(tiny_tokenizer)
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     layers = lora_layers(model, "policy")
+    assert all((m.base_layer.bias is not None) == bias for _, m in layers)
     before = [(m, m.base_layer, m.base_layer.weight.data_ptr(), m.base_layer.weight.clone()) for _, m in layers]
     plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
     no_lora = model.disable_adapter()
@@ -338,6 +378,22 @@ def test_merged_decodes_a_4bit_base_as_the_unmerged_policy_and_puts_it_back(tiny
     assert torch.equal(DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)[0], plain[0])
 
 
+def test_merged_4bit_base_in_bf16_compute_follows_the_unmerged_policy(tiny_model_dir, tiny_tokenizer):
+    """bf16 compute (QLoRA's default): the copy holds bf16 W + delta where the unmerged layer adds a LoRA branch to a
+    bf16 matmul, so the two differ by bf16 rounding: the same first tokens, log-probs close where they agree."""
+    model = nf4_policy(tiny_model_dir, lora_b=0.02, compute_dtype="bfloat16")
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
+    engine = DecodeEngine(model, eos, pad, merged=True)
+    merged = engine.generate(ids, mask, 10, do_sample=False)
+    assert all(c.dtype == torch.bfloat16 for c in engine.merged.copies)
+    width = min(plain[0].shape[1], merged[0].shape[1])
+    agree = (plain[0][:, :width] == merged[0][:, :width]).long().cumprod(1).bool()
+    assert agree[:, 0].all() and agree.float().mean() > 0.5
+    torch.testing.assert_close(plain[2][:, :width][agree], merged[2][:, :width][agree], atol=0.02, rtol=0.02)
+
+
 def test_merged_refuses_an_8bit_base(tiny_model_dir):
     from lit_ft.models import LoraSpec, ModelSpec
 
@@ -347,12 +403,12 @@ def test_merged_refuses_an_8bit_base(tiny_model_dir):
         DecodeEngine(model.eval(), 2, 2, merged=True)
 
 
-def nf4_policy(model_dir, device=None, lora_b: float = 0.0):
+def nf4_policy(model_dir, device=None, lora_b: float = 0.0, compute_dtype: str = "float32"):
     """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy
     (`lora_b`: the std of LoRA B's random values; 0 keeps PEFT's zeros)."""
     from lit_ft.models import LoraSpec, ModelSpec
 
-    spec = ModelSpec(name_or_path=model_dir, quantization="nf4", double_quant=True, compute_dtype="float32")
+    spec = ModelSpec(name_or_path=model_dir, quantization="nf4", double_quant=True, compute_dtype=compute_dtype)
     model, _ = roles.build_roles(spec, LoraSpec(r=4), None, None, "shared_trunk", device)
     if lora_b:
         torch.manual_seed(0)

@@ -95,8 +95,8 @@ def test_auto_decodes_with_hf_under_autocast_over_fp32_weights(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_tokenizer, compile):
-    """Compiled: bitsandbytes' ops traced (or the engine falls back to eager with a warning); the tokens the same."""
+def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_tokenizer, compile, caplog):
+    """Compiled: bitsandbytes' ops traced, or the engine falls back to eager saying so; the tokens the same."""
     model = nf4_policy(tiny_model_dir, torch.device(DEVICE))
     ids, mask = (t.to(DEVICE) for t in prompts(tiny_tokenizer))
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
@@ -105,7 +105,8 @@ def test_4bit_base_is_captured_and_matches_hf_generate(tiny_model_dir, tiny_toke
     ref = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=12)
     assert engine.graphs
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
-    print("4-bit base compiled:", engine.compiled is not None)
+    if compile and engine.compiled is None:
+        assert "torch.compile failed on this model" in caplog.text
 
 
 @pytest.mark.parametrize("compile", [False, True])

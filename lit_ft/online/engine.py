@@ -30,12 +30,14 @@ What is hand-written here, and why transformers/torch could not do it:
   and guard on them; switching to the reference/reward/value adapters between rollouts would recompile or break
   the graph. Capturing the step directly with `torch.cuda.CUDAGraph` records the policy's kernels once, whatever
   adapter is active later.
-- `compile=True` (`SamplingSpec.compile`): the step's model forward goes through `torch.compile` (inductor, static
-  shapes, no CUDA graphs of its own) before the capture. A graph replays launches for free, but each of the ~40
+- `compile=True` (`SamplingSpec.compile`): the step's model forward goes through `torch.compile` (inductor, no CUDA
+  graphs of its own) before the capture: one graph for the first cache size, and after the first reallocation one
+  with symbolic sizes (dynamo's automatic dynamic shapes) that serves every later size, so growing prompts never
+  reach dynamo's recompile limit. A graph replays launches for free, but each of the ~40
   small kernels a decoder layer runs eagerly (the norms' reductions, rotary, the residual adds, SiLU x up) still
   takes a few microseconds at decode sizes, which is most of the step at batch 64 on a 1B model; inductor fuses
-  them. It compiles only while the engine's context holds (policy adapter active or every adapter off, grouped
-  attention), so the guards see one state; the sampling stays eager (graph-safe RNG). A model inductor cannot
+  them. It compiles only while the engine's context holds (the policy adapter active, merged mode's copy swapped in,
+  grouped attention), so the guards see one state; the sampling stays eager (graph-safe RNG). A model inductor cannot
   compile decodes eagerly, with a warning.
 - PEFT's `merge_adapter` writes the merge into the shared base weights, which the reference, reward and value
   roles read too; the merged mode keeps its own copy (`engine_ops.MergedWeights`) and swaps it in for the rollout
@@ -103,9 +105,9 @@ class DecodeEngine:
             register_grouped_attention()
         self.cache_kw = cache_argument(self.base)
         self.merged = MergedWeights(model, self.adapter) if merged and self.peft and self.adapter else None
-        # the decode step's forward through inductor (one graph for the fixed step shape; recompiled when the
-        # buffers are reallocated); None: eager
-        self.compiled = torch.compile(self._forward, dynamic=False) if compile else None
+        # the decode step's forward through inductor (static sizes first, symbolic ones after a reallocation); None:
+        # eager
+        self.compiled = torch.compile(self._forward) if compile else None
         self.shape = None  # (batch, prompt_len, max_new) the buffers are allocated for
         self.graphs: dict = {}
         self._ptrs = None
@@ -347,9 +349,6 @@ class Sampler:
         reason = engine_unsupported(self.model, length) or autocast_mismatch(self.model, device)
         if spec.engine == "static" and reason is not None:
             raise ConfigError(f"sampling.engine: static cannot serve this model ({reason}); use hf or auto")
-        if spec.compile and spec.engine == "hf":
-            raise ConfigError("sampling.compile: compiles the static engine's decode step; engine: hf has none "
-                              "(set sampling.engine to static or auto, or sampling.compile false)")
         if spec.engine == "auto":
             return "static" if device.type == "cuda" and reason is None else "hf"
         return spec.engine

@@ -97,13 +97,15 @@ class _Dequantized(torch.nn.Module):
     """A 4-bit base layer's stand-in during a merged rollout: a plain linear over the de-quantized, merged copy,
     taking and giving the dtypes the 4-bit layer does (input cast to the compute dtype, output back)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None):
+    def __init__(self, weight: Tensor, base: torch.nn.Module):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)  # never in a state dict
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+        # the 4-bit layer itself, not a submodule: its bias is read at each call (bitsandbytes may recast it)
+        object.__setattr__(self, "base", base)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        bias = self.base.bias
+        bias = None if bias is None else bias.to(self.weight.dtype)
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
 
 
@@ -157,7 +159,7 @@ class MergedWeights:
             shape, dtype = _copy_layout(base)
             copy = torch.empty(shape, dtype=dtype, device=base.weight.device)
             self.copies.append(copy)
-            self.stand_ins.append(_Dequantized(copy, base.bias) if _four_bit(base) else None)
+            self.stand_ins.append(_Dequantized(copy, base) if _four_bit(base) else None)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.copies)
         log.info("merged rollout weights: %d layers (%d de-quantized from 4 bits), %.3f GB extra memory",
                  len(self.layers), sum(s is not None for s in self.stand_ins), self.nbytes / 1e9)

@@ -43,8 +43,9 @@ class SamplingSpec:
     compile: bool = False
     """The static engine's decode step through `torch.compile` (inductor) before its capture: the step's small
     element-wise kernels fused (norms, rotary, residuals, activations), at the cost of compiling it once a run (and
-    again when a larger batch or prompt reallocates the cache). A model inductor cannot compile decodes eagerly, with
-    a warning. Not for `engine: hf`."""
+    once more, with symbolic sizes, at the first time a larger batch or prompt reallocates the cache). A model
+    inductor cannot compile decodes eagerly, with a warning. Unused (and said in the log) where rollouts decode with
+    transformers' `generate`: `engine: hf`, or where `auto`, the memory plan or multi-turn episodes choose it."""
     check_every: int = 8
     """The static engine reads 'every row finished?' on the host every this many tokens."""
 
