@@ -403,6 +403,19 @@ def test_merged_refuses_an_8bit_base(tiny_model_dir):
         DecodeEngine(model.eval(), 2, 2, merged=True)
 
 
+def test_an_online_stage_refuses_merged_rollouts_over_an_8bit_base_when_it_builds_its_roles(tiny_model_dir):
+    """Before the fit's validation and first rollout, naming the setting."""
+    from lit_ft.errors import ConfigError
+    from lit_ft.models import ModelSpec
+    from lit_ft.stages.grpo import GRPOModule
+
+    module = GRPOModule(base=ModelSpec(name_or_path=tiny_model_dir, quantization="int8"),
+                        reward_fn="tests.test_ppo.uppercase_share", sampling=SamplingSpec(merged=True))
+    with pytest.raises(ConfigError, match=r"model.sampling.merged: merged rollouts need Linear layers over "
+                                          r"floating-point or 4-bit .*Linear8bitLt.*; set it false"):
+        module.configure_model()
+
+
 def nf4_policy(model_dir, device=None, lora_b: float = 0.0, compute_dtype: str = "float32"):
     """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy
     (`lora_b`: the std of LoRA B's random values; 0 keeps PEFT's zeros)."""
