@@ -25,7 +25,8 @@ Variants: `lit` with modifiers joined by '+': `e<N>` (ppo_epochs=N, default 4), 
 `compile: true`); the rollout decoder (`SamplingSpec.engine`, default `auto`: the static
 engine of `lit_ft.online.engine` on CUDA): `hf` (transformers' `generate`), `static`, `merged` (static, policy LoRA merged
 into a rollout copy), `nograph` (static without CUDA-graph capture), `dcompile` (the static engine's step compiled:
-`SamplingSpec.compile`). `grpo` runs `GRPOModule` on the same shapes
+`SamplingSpec.compile`), `dequant` (a 4-bit base de-quantized once a rollout: `SamplingSpec.dequantize`).
+`grpo` runs `GRPOModule` on the same shapes
 (a new LoRA policy, the base as the reference, no value model, scored by the same reward adapter) with `k<N>`
 samples a prompt (default 8: `prompts x N` rollout rows), `p<N>` prompts a rollout (default the workload's), `mb<N>`, `it<N>` (num_iterations, default 1) and the
 engine and `gc` modifiers above; its phases map onto the same columns (`evaluate_rollout` = the no-grad old and
@@ -187,7 +188,8 @@ def sampling_and_base(w: Workload, args, device: str, mods: set[str]):
 
     engine = "hf" if "hf" in mods else "static" if mods & {"static", "merged", "nograph"} else "auto"
     sampling = SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine=engine, merged="merged" in mods,
-                            cuda_graph="nograph" not in mods, compile="dcompile" in mods)
+                            cuda_graph="nograph" not in mods, compile="dcompile" in mods,
+                            dequantize="dequant" in mods)
     base = ModelSpec(name_or_path=args.model_dir, dtype="bfloat16" if device == "cuda" else "float32",
                      attn_implementation="sdpa", quantization=w.quant, double_quant=True, compute_dtype="bfloat16",
                      gradient_checkpointing="gc" in mods)

@@ -15,7 +15,8 @@ row decodes the full length, so every engine does the same work).
 Engines: `hf` (`lit_ft.online.generation.generate`: transformers' `generate` through PEFT), `static`
 (`lit_ft.online.engine.DecodeEngine`: static cache, CUDA-graph replay on CUDA), `merged` (the same with the policy LoRA
 merged into a rollout copy; a 4-bit base de-quantized into it); `+compile` after `static` or `merged`: the step's forward through
-torch.compile before its capture (`SamplingSpec.compile`).
+torch.compile before its capture (`SamplingSpec.compile`); `+dequant` (4-bit bases): the weights de-quantized once a
+rollout, the LoRA kept (`SamplingSpec.dequantize`).
 
 Bandwidth bound (H200 HBM3e, 4.8 TB/s nominal): one decode step must read the base weights once (`W`, bytes as
 `bench_ppo.weight_bytes` counts them: the input embedding is a lookup and excluded, a tied LM head counted once,
@@ -88,10 +89,11 @@ def engine_spec(engine: str, w):
     from lit_ft.online.generation import SamplingSpec
 
     name, *mods = engine.split("+")
-    if name not in ("hf", "static", "merged") or set(mods) - {"compile"} or (mods and name == "hf"):
-        raise SystemExit(f"unknown engine {engine!r}: hf, static, merged, static+compile, merged+compile")
+    unknown = set(mods) - {"compile", "dequant"}
+    if name not in ("hf", "static", "merged") or unknown or ("compile" in mods and name == "hf"):
+        raise SystemExit(f"unknown engine {engine!r}: hf, static or merged, then +compile, +dequant")
     return SamplingSpec(max_new_tokens=w.new_tokens, do_sample=True, engine="hf" if name == "hf" else "static",
-                        merged=name == "merged", compile="compile" in mods)
+                        merged=name == "merged", compile="compile" in mods, dequantize="dequant" in mods)
 
 
 def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
@@ -119,7 +121,7 @@ def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
     step_bytes = wb + batch * kv_bytes_per_token(w) * (w.prompt_len + (steps - 1) / 2)
     bound = batch * HBM_BYTES_PER_S / step_bytes
     tps = batch * steps / seconds
-    merged = sampler.engine.merged if sampler.engine is not None else None
+    merged = sampler.engine.weights if sampler.engine is not None else None
     out = dict(engine=engine, batch=batch, new_tokens=steps, seconds=seconds, tokens_per_s=tps,
                step_ms=1e3 * seconds / steps, weight_bytes=wb, bytes_per_step=step_bytes,
                bound_tokens_per_s=bound, bandwidth_share=tps / bound,

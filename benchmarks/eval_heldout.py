@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from lit_ft.callbacks.heldout import paired_change, score_prompts  # noqa: E402
 from lit_ft.data.templates import render_prompt  # noqa: E402
 from lit_ft.online.generation import SamplingSpec  # noqa: E402
-from lit_ft.online.engine_ops import MergedWeights  # noqa: E402
+from lit_ft.online.engine_ops import RolloutWeights  # noqa: E402
 from lit_ft.data.tasks import answer_match, make_problem  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def evaluate(base: str, adapter: str, problems, batch: int, device: str = "cpu",
     model = PeftModel.from_pretrained(base_model, adapter).eval().to(device)
     spec = SamplingSpec(max_new_tokens=16, do_sample=False)
     rows = [(render_prompt([{"role": "user", "content": q}], tok, "chat", system_prompt), a) for q, a in problems]
-    with MergedWeights(model, model.active_adapter).swapped_in():  # as SampleGenerations(merged=True)
+    with RolloutWeights(model, model.active_adapter).swapped_in():  # as SampleGenerations(merged=True)
         return [r[3] for r in score_prompts(model, tok, rows, spec, answer_match, batch, device)]
 
 

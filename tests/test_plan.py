@@ -204,24 +204,30 @@ def test_ppo_roles_equal_the_real_roles(tiny_model_dir, role_adapters, quantizat
 
 @pytest.mark.parametrize("quantization,compute", [("none", "bfloat16"), ("nf4", "bfloat16"), ("nf4", "float32")])
 def test_the_merged_rollout_copy_is_what_the_engine_allocates(tiny_model_dir, quantization, compute):
-    """`sampling.merged`: the plan's copy is `MergedWeights.bytes_needed` of the roles the stage builds (a 4-bit base:
+    """`sampling.merged`: the plan's copy is `RolloutWeights.bytes_needed` of the roles the stage builds (a 4-bit base:
     de-quantized to the compute dtype); an 8-bit base, which the engine refuses, plans no copy."""
     from lit_ft.online import roles
-    from lit_ft.online.engine_ops import MergedWeights, lora_layers
+    from lit_ft.online.engine_ops import RolloutWeights, lora_layers
     from lit_ft.online.generation import SamplingSpec
     from lit_ft.stages.ppo_spec import PPOSpec
 
     base = dict(quantization=quantization, compute_dtype=compute, dtype="float32")
     model, _ = roles.build_roles(ModelSpec(name_or_path=tiny_model_dir, **base), LoraSpec(r=6), None, None, "adapter")
-    real = MergedWeights.bytes_needed(model, roles.POLICY)
+    real = RolloutWeights.bytes_needed(model, roles.POLICY)
     s = settings("ppo", tiny_model_dir, quantization, base={"compute_dtype": compute, "dtype": "float32"},
                  lora=LoraSpec(r=6), sampling=SamplingSpec(merged=True), ppo=PPOSpec())
     assert planned(s)["merged rollout copy"] == real
     itemsize = getattr(torch, compute if quantization == "nf4" else "float32").itemsize
     layers = [m.base_layer for _, m in lora_layers(model, roles.POLICY)]
     assert layers and real == sum(b.in_features * b.out_features for b in layers) * itemsize
-    assert "merged rollout copy" not in planned(settings("ppo", tiny_model_dir, "int8", sampling=SamplingSpec(merged=True),
-                                                         ppo=PPOSpec()))
+    if quantization == "nf4":  # sampling.dequantize: the same copy, the LoRA left out of it
+        d = settings("ppo", tiny_model_dir, quantization, base={"compute_dtype": compute, "dtype": "float32"},
+                     lora=LoraSpec(r=6), sampling=SamplingSpec(dequantize=True), ppo=PPOSpec())
+        assert planned(d)["de-quantized rollout copy"] == RolloutWeights.bytes_needed(model, roles.POLICY, merge=False)
+    refused = estimate_settings(settings("ppo", tiny_model_dir, "int8", sampling=SamplingSpec(merged=True),
+                                         ppo=PPOSpec()), budget=None)
+    assert "merged rollout copy" not in {c for c, _, _ in refused.rows}
+    assert any(n.startswith("sampling.merged: refused with an 8-bit base") for n in refused.notes)
 
 
 @pytest.mark.parametrize("quantization", QUANT)

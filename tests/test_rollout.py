@@ -145,7 +145,7 @@ def test_merged_equals_unmerged(tiny_model_dir, tiny_tokenizer):
     assert torch.equal(plain[0], merged[0])
     torch.testing.assert_close(plain[2], merged[2], atol=1e-5, rtol=1e-5)
     lora_weights = sum(m.base_layer.weight.numel() for _, m in lora_layers(model, "policy"))
-    assert engine.merged.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
+    assert engine.weights.nbytes == lora_weights * 4  # one fp32 copy of every LoRA-wrapped weight
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -245,7 +245,7 @@ def test_hf_engine_merged_equals_unmerged_and_puts_the_base_back(tiny_model_dir,
         torch.manual_seed(5)
         merged = sampler(ids, mask, SamplingSpec(**{**spec.__dict__, "merged": True}), max_new_tokens=10)
         assert torch.equal(plain[0], merged[0]) and torch.equal(plain[1], merged[1])
-    assert sampler.merged is not None and sampler.merged.nbytes == sum(w.numel() * 4 for w, _, _ in before)
+    assert sampler.weights is not None and sampler.weights.nbytes == sum(w.numel() * 4 for w, _, _ in before)
     for (w, ptr, values), (_, m) in zip(before, layers):
         assert m.base_layer.weight is w and w.data_ptr() == ptr and torch.equal(w, values)
         assert not m.disable_adapters
@@ -274,8 +274,8 @@ def test_sample_generations_merged_scores_as_unmerged_and_skips_what_does_not_fi
     trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tiny_tokenizer, held_out_prompts=lambda n: rows[:n]),
                               strategy=SimpleNamespace(precision_plugin=plugin))
     module = SimpleNamespace(model=model, device=torch.device("cpu"))
-    swaps, said, swapped_in = [], [], rollout_ops.MergedWeights.swapped_in
-    monkeypatch.setattr(rollout_ops.MergedWeights, "swapped_in", lambda self: swaps.append(1) or swapped_in(self))
+    swaps, said, swapped_in = [], [], rollout_ops.RolloutWeights.swapped_in
+    monkeypatch.setattr(rollout_ops.RolloutWeights, "swapped_in", lambda self: swaps.append(1) or swapped_in(self))
     monkeypatch.setattr(heldout, "rank_zero_info", said.append)
     plain = heldout.SampleGenerations(num_prompts=5, batch_size=2, max_new_tokens=8).evaluate(trainer, module)
     assert swaps == [] and len({g for _, g, _, _ in plain[1]}) > 1
@@ -350,7 +350,7 @@ def test_merged_decodes_a_4bit_base_as_the_unmerged_policy_and_puts_it_back(tiny
     """A QLoRA policy (NF4 + double quant, fp32 compute; with and without biases): the merged copy is the
     de-quantized weights plus the LoRA delta, so both engines decode the unmerged policy's tokens; afterwards every
     layer holds its own 4-bit weight again, unchanged, with the adapter on."""
-    from lit_ft.online.engine_ops import MergedWeights
+    from lit_ft.online.engine_ops import RolloutWeights
 
     model = nf4_policy(biased_model_dir if bias else tiny_model_dir, lora_b=0.2)
     ids, mask = prompts(tiny_tokenizer)
@@ -371,7 +371,7 @@ def test_merged_decodes_a_4bit_base_as_the_unmerged_policy_and_puts_it_back(tiny
     hf = sampler(ids, mask, SamplingSpec(max_new_tokens=10, do_sample=False, engine="hf", merged=True))
     assert torch.equal(hf[0], plain[0]) and torch.equal(hf[1], plain[1])
     shapes = [m.base_layer.weight.quant_state.shape for _, m in layers]
-    assert engine.merged.nbytes == MergedWeights.bytes_needed(model, "policy") == sum(a * b * 4 for a, b in shapes)
+    assert engine.weights.nbytes == RolloutWeights.bytes_needed(model, "policy") == sum(a * b * 4 for a, b in shapes)
     for m, base, ptr, weight in before:
         assert m.base_layer is base and base.weight.data_ptr() == ptr and torch.equal(base.weight, weight)
         assert not m.disable_adapters
@@ -380,18 +380,45 @@ def test_merged_decodes_a_4bit_base_as_the_unmerged_policy_and_puts_it_back(tiny
 
 def test_merged_4bit_base_in_bf16_compute_follows_the_unmerged_policy(tiny_model_dir, tiny_tokenizer):
     """bf16 compute (QLoRA's default): the copy holds bf16 W + delta where the unmerged layer adds a LoRA branch to a
-    bf16 matmul, so the two differ by bf16 rounding: the same first tokens, log-probs close where they agree."""
+    bf16 matmul, so the two differ by bf16 rounding: the same first tokens, log-probs close where they agree
+    (`sampling.dequantize` keeps them equal, above)."""
     model = nf4_policy(tiny_model_dir, lora_b=0.02, compute_dtype="bfloat16")
     ids, mask = prompts(tiny_tokenizer)
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     plain = DecodeEngine(model, eos, pad).generate(ids, mask, 10, do_sample=False)
     engine = DecodeEngine(model, eos, pad, merged=True)
     merged = engine.generate(ids, mask, 10, do_sample=False)
-    assert all(c.dtype == torch.bfloat16 for c in engine.merged.copies)
+    assert all(c.dtype == torch.bfloat16 for c in engine.weights.copies)
     width = min(plain[0].shape[1], merged[0].shape[1])
     agree = (plain[0][:, :width] == merged[0][:, :width]).long().cumprod(1).bool()
     assert agree[:, 0].all() and agree.float().mean() > 0.5
     torch.testing.assert_close(plain[2][:, :width][agree], merged[2][:, :width][agree], atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_dequantized_4bit_base_decodes_exactly_as_the_4bit_layers(tiny_model_dir, tiny_tokenizer, compute):
+    """`sampling.dequantize`: the base weights de-quantized once a rollout, the LoRA branches on: the very numbers the
+    4-bit layers compute (bf16 compute too, where merging rounds W + delta), with both engines; the copy follows an
+    optimizer update; a non-quantized base is refused."""
+    model = nf4_policy(tiny_model_dir, lora_b=0.05, compute_dtype=compute)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = -1, tiny_tokenizer.pad_token_id
+    plain = DecodeEngine(model, eos, pad).generate(ids, mask, 12, do_sample=False)
+    engine = DecodeEngine(model, eos, pad, dequantize=True)
+    out = engine.generate(ids, mask, 12, do_sample=False)
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[2], plain[2])
+    assert engine.weights.merge is False and all(c.dtype == getattr(torch, compute) for c in engine.weights.copies)
+    sampler = Sampler(model, eos, pad)
+    hf = sampler(ids, mask, SamplingSpec(max_new_tokens=12, do_sample=False, engine="hf", dequantize=True))
+    assert torch.equal(hf[0], plain[0])
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=5.0)
+    (training_logprobs(model, ids, mask, out[0], out[1], 1.0) * out[1]).sum().backward()
+    opt.step()
+    after = engine.generate(ids, mask, 12, do_sample=False)
+    assert not torch.equal(after[2], out[2])
+    assert torch.equal(after[2], DecodeEngine(model, eos, pad).generate(ids, mask, 12, do_sample=False)[2])
+    with pytest.raises(ValueError, match=r"de-quantized rollouts need a 4-bit base \(model.base.quantization nf4"):
+        DecodeEngine(peft_model(tiny_model_dir), eos, pad, dequantize=True)
 
 
 def test_merged_refuses_an_8bit_base(tiny_model_dir):
@@ -544,7 +571,7 @@ def test_ppo_iteration_with_the_static_engine(tiny_model_dir, tiny_tokenizer):
     module = make_module(tiny_model_dir)
     module.sampling = SamplingSpec(max_new_tokens=8, engine="static", merged=True)
     trainer(2).fit(module, train_dataloaders=prompt_loader(tiny_tokenizer, batch_size=4, n=8))
-    assert module.sampler.choice == "static" and module.sampler.engine.merged is not None
+    assert module.sampler.choice == "static" and module.sampler.engine.weights is not None
     assert module.counters["rollouts"] == 2
     # validation rolls out greedily through the same engine (its allocation reused), equal to HF generate
     batch = next(iter(prompt_loader(tiny_tokenizer, batch_size=3, n=3)))

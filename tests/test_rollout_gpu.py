@@ -126,3 +126,21 @@ def test_4bit_base_merged_is_captured_and_decodes_the_unmerged_policy(tiny_model
     after = engine.generate(ids, mask, 12, do_sample=False)
     assert not torch.equal(after[0], out[0])
     assert torch.equal(after[0], DecodeEngine(model, eos, pad).generate(ids, mask, 12, do_sample=False)[0])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_4bit_base_dequantized_decodes_as_the_4bit_layers(tiny_model_dir, tiny_tokenizer, compile):
+    """`sampling.dequantize` through the captured (and compiled) step, bf16 compute: the 4-bit engine's tokens, and
+    after an optimizer update the updated policy's."""
+    model = nf4_policy(tiny_model_dir, torch.device(DEVICE), lora_b=0.05, compute_dtype="bfloat16")
+    ids, mask = (t.to(DEVICE) for t in prompts(tiny_tokenizer))
+    eos, pad = -1, tiny_tokenizer.pad_token_id
+    engine = DecodeEngine(model, eos, pad, dequantize=True, compile=compile)
+    out = engine.generate(ids, mask, 12, do_sample=False)
+    assert engine.graphs and engine.weights is not None
+    assert torch.equal(out[0], DecodeEngine(model, eos, pad).generate(ids, mask, 12, do_sample=False)[0])
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad], lr=5.0)
+    (training_logprobs(model, ids, mask, out[0], out[1], 1.0) * out[1]).sum().backward()
+    opt.step()
+    after = engine.generate(ids, mask, 12, do_sample=False)
+    assert torch.equal(after[0], DecodeEngine(model, eos, pad).generate(ids, mask, 12, do_sample=False)[0])

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.models import eval_mode
-from lit_ft.online.engine_ops import MergedWeights
+from lit_ft.online.engine_ops import RolloutWeights
 from lit_ft.online.generation import SamplingSpec, generate
 from lit_ft.online.scoring import resolve_callable
 from lit_ft.train import strategies
@@ -103,13 +103,13 @@ class SampleGenerations(L.Callback):
         if not self.merged or not hasattr(model, "peft_config"):
             return contextlib.nullcontext()
         adapter = model.active_adapter
-        need, free = MergedWeights.bytes_needed(model, adapter), _free_memory(model)
-        reason = MergedWeights.refusal(model, adapter)
+        need, free = RolloutWeights.bytes_needed(model, adapter), _free_memory(model)
+        reason = RolloutWeights.refusal(model, adapter)
         if reason is None and free is not None and need > free / 2:
             reason = (f"its copy of the weights ({need / 2**30:.2f} GiB) is more than half the free memory "
                       f"({free / 2**30:.2f} GiB)")
         if reason is None:
-            return MergedWeights(model, adapter).swapped_in()
+            return RolloutWeights(model, adapter).swapped_in()
         if not self._told:
             rank_zero_info(f"SampleGenerations: merged decode skipped: {reason}")
             self._told = True

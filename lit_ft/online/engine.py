@@ -40,8 +40,8 @@ What is hand-written here, and why transformers/torch could not do it:
   grouped attention), so the guards see one state; the sampling stays eager (graph-safe RNG). A model inductor cannot
   compile decodes eagerly, with a warning.
 - PEFT's `merge_adapter` writes the merge into the shared base weights, which the reference, reward and value
-  roles read too; the merged mode keeps its own copy (`engine_ops.MergedWeights`) and swaps it in for the rollout
-  only (`MergedWeights.swapped_in`).
+  roles read too; the merged mode keeps its own copy (`engine_ops.RolloutWeights`) and swaps it in for the rollout
+  only (`RolloutWeights.swapped_in`).
 
 Validity: the captured graph reads the parameters' storage; before every replay series the engine compares the
 parameters' data pointers with those at capture and recaptures when any moved (optimizer steps update in place,
@@ -54,11 +54,12 @@ import contextlib
 import logging
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_ft.online.generation import cache_argument
 from lit_ft.losses import first_true_index, response_mask_after_eos
-from lit_ft.online.engine_ops import (GROUPED_SDPA, MergedWeights, engine_unsupported, filter_logits,
+from lit_ft.online.engine_ops import (GROUPED_SDPA, RolloutWeights, engine_unsupported, filter_logits,
                                register_grouped_attention)
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class DecodeEngine:
     """
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, adapter: str | None = "policy",
-                 merged: bool = False, cuda_graph: bool = True, check_every: int = 8, compile: bool = False):
+                 merged: bool = False, cuda_graph: bool = True, check_every: int = 8, compile: bool = False,
+                 dequantize: bool = False):
         reason = engine_unsupported(model)
         if reason is not None:
             raise ValueError(f"the decode engine cannot serve this model: {reason}")
@@ -104,7 +106,9 @@ class DecodeEngine:
         if self.impl == "sdpa":
             register_grouped_attention()
         self.cache_kw = cache_argument(self.base)
-        self.merged = MergedWeights(model, self.adapter) if merged and self.peft and self.adapter else None
+        # the rollout copy of the policy's weights (merged, or a 4-bit base de-quantized): `sampling.merged/dequantize`
+        self.weights = (RolloutWeights(model, self.adapter, merge=merged)
+                        if (merged or dequantize) and self.peft and self.adapter else None)
         # the decode step's forward through inductor (static sizes first, symbolic ones after a reallocation); None:
         # eager
         self.compiled = torch.compile(self._forward) if compile else None
@@ -123,7 +127,7 @@ class DecodeEngine:
         reason = engine_unsupported(self.model, L)
         if reason is not None:  # a sliding window shorter than the cache
             raise ValueError(f"the decode engine cannot serve this model: {reason}")
-        log.info("decode engine: static KV cache for %d rows x %d positions", batch, L)
+        rank_zero_info(f"decode engine: static KV cache for {batch} rows x {L} positions")
         self.shape, self.graphs = (batch, prompt_len, max_new), {}
         self.cache = StaticCache(config=self.base.config, max_cache_len=L)
         z = dict(device=device, dtype=torch.long)
@@ -238,7 +242,7 @@ class DecodeEngine:
                 self.cuda_graph = False
                 return None
             self.graphs[key] = graph
-            log.info("decode engine: captured the decode step (%s)", key)
+            rank_zero_info(f"decode engine: captured the decode step {key}")
         return self.graphs[key]
 
     # -- the rollout -------------------------------------------------------------------------------------------
@@ -305,8 +309,8 @@ class DecodeEngine:
                     previous = self.model.active_adapter
                     self.model.set_adapter(self.adapter)
                     stack.callback(self.model.set_adapter, previous)
-                if self.merged is not None:
-                    stack.enter_context(self.merged.swapped_in())
+                if self.weights is not None:
+                    stack.enter_context(self.weights.swapped_in())
                 yield
         finally:
             for p, flag in flags:
@@ -334,7 +338,7 @@ class Sampler:
     def __init__(self, model, eos_token_id: int, pad_token_id: int, adapter: str | None = "policy"):
         self.model, self.eos, self.pad, self.adapter = model, eos_token_id, pad_token_id, adapter
         self.engine: DecodeEngine | None = None
-        self.merged: MergedWeights | None = None  # the hf engine's merged copy (the static engine keeps its own)
+        self.weights: RolloutWeights | None = None  # the hf engine's rollout copy (the static engine keeps its own)
         self.choice: str | None = None
 
     def resolve(self, spec, device, length: int | None = None) -> str:
@@ -363,23 +367,25 @@ class Sampler:
         choice = self.resolve(spec, input_ids.device, length)
         if choice != self.choice:
             notes = [note for note, on in (("merged policy", spec.merged),
+                                           ("de-quantized base", spec.dequantize and not spec.merged),
                                            ("compiled step", spec.compile and choice == "static"),
                                            ("sampling.compile unused: hf has no step to compile",
                                             spec.compile and choice == "hf")) if on]
-            log.info("rollouts decode with the %s engine%s", choice, f" ({'; '.join(notes)})" if notes else "")
+            rank_zero_info(f"rollouts decode with the {choice} engine" + (f" ({'; '.join(notes)})" if notes else ""))
             self.choice = choice
         if choice == "hf":
             args = (self.model, input_ids, attention_mask, spec, self.eos, self.pad, n, logprobs)
-            if not (spec.merged and self.adapter and hasattr(self.model, "peft_config")):
+            if not ((spec.merged or spec.dequantize) and self.adapter and hasattr(self.model, "peft_config")):
                 return generate(*args)
-            if self.merged is None:
-                self.merged = _merged_or_config_error(lambda: MergedWeights(self.model, self.adapter))
-            with self.merged.swapped_in():
+            if self.weights is None or self.weights.merge != spec.merged:
+                self.weights = _copy_or_config_error(spec, lambda: RolloutWeights(self.model, self.adapter,
+                                                                                   merge=spec.merged))
+            with self.weights.swapped_in():
                 return generate(*args)
         if self.engine is None:
-            self.engine = _merged_or_config_error(lambda: DecodeEngine(
+            self.engine = _copy_or_config_error(spec, lambda: DecodeEngine(
                 self.model, self.eos, self.pad, self.adapter, spec.merged, spec.cuda_graph, spec.check_every,
-                spec.compile))
+                spec.compile, spec.dequantize))
         # the allocation covers max_new_tokens, so a shorter drawn length (min_new_tokens) reuses the graphs
         if self.engine.shape is None:
             self.engine._allocate(*input_ids.shape, spec.max_new_tokens, input_ids.device)
@@ -388,11 +394,12 @@ class Sampler:
         return out if logprobs else out[:2]
 
 
-def _merged_or_config_error(build):
-    """`build()`, its refusal of a base it cannot merge into (8-bit, DoRA) raised as the setting's error."""
+def _copy_or_config_error(spec, build):
+    """`build()`, its refusal of a base it cannot copy for the rollout (8-bit, DoRA; de-quantizing a base that is not
+    4-bit) raised as the setting's error."""
     try:
         return build()
     except ValueError as e:
         from lit_ft.errors import ConfigError
 
-        raise ConfigError(f"sampling.merged: {e}") from e
+        raise ConfigError(f"sampling.{'merged' if spec.merged else 'dequantize'}: {e}") from e

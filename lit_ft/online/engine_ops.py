@@ -1,5 +1,6 @@
 """The parts of the rollout decode engine (`lit_ft.online.engine`) around its loop: the grouped decode attention, the
-merged policy weights, the top-k/top-p filter, and which models the engine can serve."""
+rollout copies of the policy's weights (merged, de-quantized), the top-k/top-p filter, and which models the engine
+can serve."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import math
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_ft.models import families
@@ -109,49 +111,60 @@ class _Dequantized(torch.nn.Module):
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
 
 
-class MergedWeights:
-    """The policy LoRA merged into a rollout copy of the LoRA-wrapped base weights (W + scale * B @ A), swapped in
-    for a rollout by `swapped_in()` (both decode engines; `SampleGenerations(merged=True)`).
+class RolloutWeights:
+    """A rollout copy of the policy's LoRA-wrapped base weights, swapped in for a rollout by `swapped_in()` (both
+    decode engines; `SampleGenerations(merged=True)`).
 
-    Plain floating-point bases: the copy in the weights' dtype, put in place of each base weight's data. 4-bit
-    bitsandbytes bases (NF4/FP4, QLoRA): the weights de-quantized once a rollout into a copy in the layers' compute
-    dtype, each 4-bit layer replaced by a plain linear over it for the rollout, so the decode reads that copy instead
-    of de-quantizing every weight at every step (which bitsandbytes does for batches of more than one row). Memory:
-    one copy of every LoRA-wrapped weight (`nbytes`, logged): for a 4-bit base nearly 4x its 4-bit weights in bf16.
-    8-bit bases and DoRA are refused.
+    `merge=True` (`sampling.merged`): the copy is W + scale * B @ A and those layers' LoRA branches are off, so the
+    decode runs plain matmuls. Plain floating-point bases: the copy in the weights' dtype, put in place of each base
+    weight's data. 4-bit bitsandbytes bases (NF4/FP4, QLoRA): the weights de-quantized into the copy in the layers'
+    compute dtype, each 4-bit layer replaced by a plain linear over it for the rollout.
+
+    `merge=False` (`sampling.dequantize`, 4-bit bases): the copy is the de-quantized W alone and the LoRA branches
+    stay on, so the decode computes what the 4-bit layers do (bitsandbytes de-quantizes to the same compute-dtype
+    weight for batches of more than one row, at every step) from weights de-quantized once a rollout.
+
+    The copy is recomputed at each `swapped_in()` (it follows the optimizer) in place (a captured graph keeps reading
+    it). Memory: one copy of each weight it covers (`nbytes`, logged): for a 4-bit base nearly 4x its 4-bit weights
+    in bf16. 8-bit bases and DoRA are refused.
     """
 
     @staticmethod
-    def bytes_needed(model, adapter: str) -> int:
+    def covered(model, adapter: str, merge: bool) -> list:
+        """The LoRA layers of `adapter` the copy covers: all of them when merging, the 4-bit ones otherwise."""
+        return [m for _, m in lora_layers(model, adapter) if merge or _four_bit(m.base_layer)]
+
+    @classmethod
+    def bytes_needed(cls, model, adapter: str, merge: bool = True) -> int:
         """What the copy would take (without allocating it)."""
-        total = 0
-        for _, m in lora_layers(model, adapter):
-            shape, dtype = _copy_layout(m.base_layer)
-            total += math.prod(shape) * dtype.itemsize
-        return total
+        return sum(math.prod(shape) * dtype.itemsize
+                   for shape, dtype in (_copy_layout(m.base_layer) for m in cls.covered(model, adapter, merge)))
 
     @staticmethod
-    def refusal(model, adapter: str) -> str | None:
-        """Why `adapter` cannot be merged into a copy of the weights (None when it can)."""
+    def refusal(model, adapter: str, merge: bool = True) -> str | None:
+        """Why the copy cannot be made (None when it can)."""
         from peft.tuners.lora import Linear as LoraLinear
 
-        for name, m in lora_layers(model, adapter):
+        layers = lora_layers(model, adapter)
+        if not merge and not any(_four_bit(m.base_layer) for _, m in layers):
+            return "de-quantized rollouts need a 4-bit base (model.base.quantization nf4 or fp4)"
+        for name, m in layers:
             w = getattr(m.base_layer, "weight", None)
             plain = isinstance(m, LoraLinear) and type(w) is torch.nn.Parameter and w.is_floating_point()
             if not (plain or (_four_bit(m.base_layer) and hasattr(m, "get_delta_weight"))):
-                return (f"merged rollouts need Linear layers over floating-point or 4-bit (bitsandbytes) weights; "
-                        f"{name} is {type(m).__name__} over {type(w).__name__}[{getattr(w, 'dtype', None)}] "
-                        f"(an 8-bit base?)")
+                return (f"{'merged' if merge else 'de-quantized'} rollouts need Linear layers over floating-point or "
+                        f"4-bit (bitsandbytes) weights; {name} is {type(m).__name__} over "
+                        f"{type(w).__name__}[{getattr(w, 'dtype', None)}] (an 8-bit base?)")
             if m.use_dora.get(adapter, False):
-                return f"merged rollouts do not support DoRA ({name})"
+                return f"{'merged' if merge else 'de-quantized'} rollouts do not support DoRA ({name})"
         return None
 
-    def __init__(self, model, adapter: str):
-        reason = self.refusal(model, adapter)
+    def __init__(self, model, adapter: str, merge: bool = True):
+        reason = self.refusal(model, adapter, merge)
         if reason is not None:
             raise ValueError(reason)
-        self.adapter = adapter
-        self.layers = [m for _, m in lora_layers(model, adapter)]
+        self.adapter, self.merge = adapter, merge
+        self.layers = self.covered(model, adapter, merge)
         self.bases = [m.base_layer for m in self.layers]  # the layers' own, whatever is swapped in meanwhile
         self.copies: list[Tensor] = []
         self.stand_ins: list[_Dequantized | None] = []  # 4-bit layers: the plain linear swapped in for them
@@ -161,12 +174,13 @@ class MergedWeights:
             self.copies.append(copy)
             self.stand_ins.append(_Dequantized(copy, base) if _four_bit(base) else None)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.copies)
-        log.info("merged rollout weights: %d layers (%d de-quantized from 4 bits), %.3f GB extra memory",
-                 len(self.layers), sum(s is not None for s in self.stand_ins), self.nbytes / 1e9)
+        four = sum(s is not None for s in self.stand_ins)
+        rank_zero_info(f"{'merged' if merge else 'de-quantized'} rollout weights: {len(self.layers)} layers ({four} "
+                       f"de-quantized from 4 bits), {self.nbytes / 1e9:.3f} GB extra memory")
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute W + delta in place (same storage: a captured graph keeps reading it)."""
+        """Recompute the copy in place (same storage: a captured graph keeps reading it)."""
         from_four_bit = None
         for m, base, copy, stand_in in zip(self.layers, self.bases, self.copies, self.stand_ins):
             if stand_in is not None:
@@ -175,14 +189,15 @@ class MergedWeights:
                 copy.copy_(from_four_bit(base.weight.data, base.weight.quant_state))
             else:
                 copy.copy_(base.weight)
-            copy.add_(m.get_delta_weight(self.adapter).to(copy.dtype))
+            if self.merge:
+                copy.add_(m.get_delta_weight(self.adapter).to(copy.dtype))
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """The policy as a plain forward: the copy refreshed now, each LoRA-wrapped weight replaced by it (a 4-bit
-        layer by its plain stand-in) and those layers' adapters off. Afterwards the base weights are the same tensors
-        as before (put back, not subtracted: no rounding drift) and each layer's adapters as they were; other
-        modules (a `modules_to_save` copy) are not touched."""
+        """The copy refreshed now and in place of each covered weight (a 4-bit layer: its plain stand-in), those
+        layers' LoRA branches off when merged. Afterwards the base weights are the same tensors as before (put back,
+        not subtracted: no rounding drift) and each layer's adapters as they were; other modules (a
+        `modules_to_save` copy) are not touched."""
         self.refresh()
         kept = []
         try:
@@ -192,7 +207,8 @@ class MergedWeights:
                     m.base_layer = stand_in
                 else:
                     base.weight.data = copy
-                m._disable_adapters = True
+                if self.merge:
+                    m._disable_adapters = True
             yield
         finally:
             for m, base, weight, disabled in kept:

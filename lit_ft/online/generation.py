@@ -38,6 +38,12 @@ class SamplingSpec:
     samples with SmolLM2-135M and r16 on every projection: 6.5 s -> 5.9 s). A 4-bit base is de-quantized into the
     copy, in its compute dtype, so the decode reads plain weights instead of de-quantizing each one at every step;
     8-bit bases are refused. Both engines; the tokens are the unmerged policy's up to float rounding."""
+    dequantize: bool = False
+    """With a 4-bit base (QLoRA): decode from a copy of the policy's LoRA-wrapped base weights de-quantized once a
+    rollout (in the compute dtype; one copy, logged and planned), the LoRA branches on as trained: the same numbers
+    the 4-bit layers compute (bitsandbytes de-quantizes to that weight at every step for batches of more than one
+    row), without the per-step de-quantization. `merged` does this too and also folds the LoRA in, which in bf16 rounds
+    W + delta once more (a larger sampler/trainer mismatch). Both engines."""
     cuda_graph: bool = True
     """Capture the static engine's decode step as a CUDA graph (CUDA only)."""
     compile: bool = False

@@ -27,7 +27,7 @@ from lit_ft.errors import ConfigError
 from lit_ft.losses import rollout_correction, rollout_mismatch
 
 from lit_ft.online import episodes, roles, engine as decode
-from lit_ft.online.engine_ops import MergedWeights
+from lit_ft.online.engine_ops import RolloutWeights
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.online.scoring import resolve_callable
 from lit_ft.train.metrics import log_table
@@ -101,10 +101,10 @@ def build_roles(module, value_model: str, disable_dropout: bool, frozen: dict[st
         module.reward_norm = (export.gain, export.bias)
     module.model, module.roles = model, roles.AdapterRoles(model, trainable)
     sampling = getattr(module, "sampling", None)
-    if sampling is not None and sampling.merged:  # refused now, not at the first rollout after validation
-        reason = MergedWeights.refusal(model, roles.POLICY)
+    if sampling is not None and (sampling.merged or sampling.dequantize):  # now, not at the first rollout
+        reason = RolloutWeights.refusal(model, roles.POLICY, merge=sampling.merged)
         if reason is not None:
-            raise ConfigError(f"model.sampling.merged: {reason}; set it false")
+            raise ConfigError(f"model.sampling.{'merged' if sampling.merged else 'dequantize'}: {reason}; set it false")
     if getattr(module, "compile_layers", False):
         compile_gradient_passes(model, eager_on_error=getattr(module, "compile_planned", False))
     module.sampler = None  # built at the first rollout, when the tokenizer is known (keeps its cache and graphs)

@@ -125,6 +125,26 @@ def counted_model(s):
     return dims, dtype, copy.deepcopy(counts), shape, list(notes), heads, merged, engine
 
 
+def _rollout_copy(s, numel: int, dtype: torch.dtype, notes: list[str]) -> list[tuple[str, int, str]]:
+    """The rollout copy of the policy's LoRA-wrapped weights (`engine_ops.RolloutWeights`): `sampling.merged` (any
+    base but 8-bit) or `sampling.dequantize` (4-bit bases), in the weights' dtype or a 4-bit base's compute dtype;
+    what `fit` will refuse is said in the notes."""
+    merged, dequantize, quant = s.sampling.merged, s.sampling.dequantize, s.base.quantization
+    if not (merged or dequantize):
+        return []
+    setting = "sampling.merged" if merged else "sampling.dequantize"
+    if quant == "int8" or (not merged and quant == "none"):
+        notes.append(f"{setting}: refused with {'an 8-bit' if quant == 'int8' else 'a non-quantized'} base (the fit "
+                     f"stops when it builds the roles); no copy planned")
+        return []
+    four_bit = quant != "none"
+    copy_dtype = getattr(torch, s.base.compute_dtype) if four_bit else dtype
+    what = "merged" if merged else "de-quantized"
+    return [(f"{what} rollout copy", numel * copy_dtype.itemsize,
+             f"{setting}: one copy of the LoRA-wrapped weights"
+             + (f", de-quantized to {s.base.compute_dtype}" if four_bit else ""))]
+
+
 def components(s):
     """(rows, off-peak rows, notes) of a stage's plan: [(component, bytes, how it is counted)]."""
     dims, dtype, counts, shape, notes, heads, merged, engine = counted_model(s)
@@ -171,12 +191,8 @@ def components(s):
     else:
         stage_rows = {"sft": _sft, "dpo": _dpo, "kto": _kto}[s.stage](s, dims, a, shape, mask)
     rows += stage_rows
-    if s.stage in online.ONLINE and s.sampling is not None and s.sampling.merged and s.base.quantization != "int8":
-        four_bit = s.base.quantization != "none"  # de-quantized into the copy, in the compute dtype
-        copy_dtype = getattr(torch, s.base.compute_dtype) if four_bit else cast or dtype
-        rows.append(("merged rollout copy", merged * copy_dtype.itemsize,
-                     "sampling.merged: one copy of the LoRA-wrapped weights"
-                     + (f", de-quantized to {s.base.compute_dtype}" if four_bit else "")))
+    if s.stage in online.ONLINE and s.sampling is not None:
+        rows += _rollout_copy(s, merged, cast or dtype, notes)
     if s.stage == "dpo":
         notes.append("DPO: the policy over the 2B chosen + rejected rows; the no-grad reference pass runs before it")
     if s.stage == "distill":
