@@ -377,6 +377,18 @@ def test_family_static_engine_decodes_as_generate(family, family_dirs):
         assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask), (merged, compiled)
 
 
+@pytest.mark.skipif("bloom" not in PRESENT, reason="Bloom is not in this transformers")
+def test_an_online_stage_refuses_the_static_engine_for_bloom_when_it_builds_its_roles(family_dirs):
+    """`sampling.engine: static` on a model the engine does not serve: refused before the fit's validation."""
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo import GRPOModule
+
+    module = GRPOModule(base=ModelSpec(name_or_path=family_dirs("bloom"), dtype="float32"),
+                        reward_fn="tests.test_ppo.uppercase_share", sampling=SamplingSpec(engine="static"))
+    with pytest.raises(ConfigError, match=r"model.sampling.engine: static cannot serve this model \(ALiBi positions"):
+        module.configure_model()
+
+
 @pytest.mark.parametrize("family", [f for f in ("mistral", "gemma3_text") if f in PRESENT])
 def test_a_sliding_window_shorter_than_the_rollout_goes_to_generate(family, family_dirs):
     """A window shorter than prompt + new tokens (the static cache would roll over): `auto` decodes with

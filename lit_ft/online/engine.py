@@ -326,7 +326,10 @@ def autocast_mismatch(model, device) -> str | None:
         return None
     weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     low = torch.get_autocast_dtype(dev)
-    return f"{low} autocast over {weights} weights" if weights is not None and weights != low else None
+    if weights is None or weights == low:
+        return None
+    return (f"{low} autocast over {weights} weights: trainer.precision *-mixed over model.base.dtype {weights}; "
+            f"*-true precision or weights in {low} serve it")
 
 
 class Sampler:

@@ -101,7 +101,11 @@ def build_roles(module, value_model: str, disable_dropout: bool, frozen: dict[st
         module.reward_norm = (export.gain, export.bias)
     module.model, module.roles = model, roles.AdapterRoles(model, trainable)
     sampling = getattr(module, "sampling", None)
-    if sampling is not None and (sampling.merged or sampling.dequantize):  # now, not at the first rollout
+    if sampling is not None and sampling.engine == "static":  # now, not at the first rollout after validation
+        reason = decode.engine_unsupported(model)
+        if reason is not None:
+            raise ConfigError(f"model.sampling.engine: static cannot serve this model ({reason}); use hf or auto")
+    if sampling is not None and (sampling.merged or sampling.dequantize):
         reason = RolloutWeights.refusal(model, roles.POLICY, merge=sampling.merged)
         if reason is not None:
             raise ConfigError(f"model.sampling.{'merged' if sampling.merged else 'dequantize'}: {reason}; set it false")
