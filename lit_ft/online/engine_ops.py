@@ -87,7 +87,7 @@ def _four_bit(layer) -> bool:
 
 
 def _copy_layout(base) -> tuple[tuple[int, ...], torch.dtype]:
-    """(shape, dtype) of a base layer's merged copy: a plain weight's own; a 4-bit weight's logical shape in the
+    """(shape, dtype) of a base layer's rollout copy: a plain weight's own; a 4-bit weight's logical shape in the
     layer's compute dtype (what bitsandbytes de-quantizes it to for its matmul)."""
     w = base.weight
     if _four_bit(base):
@@ -96,8 +96,8 @@ def _copy_layout(base) -> tuple[tuple[int, ...], torch.dtype]:
 
 
 class _Dequantized(torch.nn.Module):
-    """A 4-bit base layer's stand-in during a merged rollout: a plain linear over the de-quantized, merged copy,
-    taking and giving the dtypes the 4-bit layer does (input cast to the compute dtype, output back)."""
+    """A 4-bit base layer's stand-in during a rollout: a plain linear over its de-quantized (and, merged, LoRA-folded)
+    copy, taking and giving the dtypes the 4-bit layer does (input cast to the compute dtype, output back)."""
 
     def __init__(self, weight: Tensor, base: torch.nn.Module):
         super().__init__()
