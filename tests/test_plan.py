@@ -663,6 +663,22 @@ def test_cli_plans_grpo(tiny_model_dir, capsys):
     assert "--model.sampling.engine hf" in out and "accumulate_grad_batches" not in out
 
 
+def test_engine_static_is_planned_on_the_cpu_too(tiny_model_dir):
+    """`sampling.engine: static` decodes with the engine on any device (eagerly off CUDA): its cache is planned as
+    resident; `auto` on the CPU uses `generate`, whose cache is freed after the rollout."""
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo_spec import GRPOSpec
+
+    def kv(engine):
+        p = estimate_settings(settings("grpo", tiny_model_dir, sampling=SamplingSpec(engine=engine), grpo=GRPOSpec()),
+                              budget=None)
+        return next((b, how) for c, b, how in p.rows if c == "KV cache (rollout)")
+
+    static, auto = kv("static"), kv("auto")
+    assert static[0] > 0 and "static engine: resident" in static[1]
+    assert auto[0] == 0 and "(hf: freed)" in auto[1]
+
+
 def test_over_budget_advice_reaches_a_fit(tiny_model_dir):
     s = settings("sft", tiny_model_dir, batch_size=16, max_length=256)
     p = estimate_settings(s, budget=None)

@@ -183,8 +183,9 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     p, sp = spec_of(s), s.sampling
     rows, erows, P, R, mbs = shapes(s)
     seq, Pe = P + R, engine_prompt(s, P)
-    static = s.target == "cuda" and (sp.engine == "static" or (sp.engine == "auto" and engine_ok)) \
-        and getattr(s, "episodes", None) is None  # episodes decode with `generate` (`lit_ft.online.episodes`)
+    # `engine: static` on any device (eager off CUDA); `auto` on CUDA only; episodes decode with `generate`
+    static = (sp.engine == "static" or (s.target == "cuda" and sp.engine == "auto" and engine_ok)) \
+        and getattr(s, "episodes", None) is None
     engine = engine_bytes(d, erows, Pe, R, a)
     # Prefill (one no-grad pass over the prompts, `logits_to_keep=1`): a layer's forward, the bool visibility
     # [rows, 1, P, P + R], the last position's logits [rows, V] in the activation dtype and in fp32.
