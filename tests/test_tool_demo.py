@@ -38,7 +38,7 @@ class Scripted:
     """A sampler answering every episode of a round with the same text (then EOS), round by round."""
 
     def __init__(self, tok, texts):
-        self.tok, self.texts, self.round, self.merged = tok, texts, 0, None
+        self.tok, self.texts, self.round, self.weights = tok, texts, 0, None
 
     def __call__(self, ids, mask, spec, max_new_tokens=None, logprobs=False):
         t = self.tok(self.texts[self.round], add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]

@@ -78,8 +78,7 @@ class HeldOutEpisodes(L.Callback):
             eps = play(sampler, tok, env, self.episodes, rows[i:i + self.batch_size], self.sampling,
                        pl_module.device, lambda: generation_mode(model, trainer))
             out += [(float(e.reward or 0.0), float(e.called), e.messages) for e in eps]
-        if sampler.merged is not None:
-            sampler.merged = None
+        sampler.weights = None  # the rollout copy of the weights, if any, freed now
         return out
 
     def _print(self, when: str, results) -> None:
