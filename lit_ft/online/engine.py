@@ -122,8 +122,7 @@ class DecodeEngine:
     def _allocate(self, batch: int, prompt_len: int, max_new: int, device) -> None:
         from transformers import StaticCache
 
-        old = self.shape or (0, 0, 0)
-        batch, prompt_len, max_new = max(batch, old[0]), max(prompt_len, old[1]), max(max_new, old[2])
+        batch, prompt_len, max_new = self.grown(batch, prompt_len, max_new)
         L = prompt_len + max_new
         reason = engine_unsupported(self.model, L)
         if reason is not None:  # a sliding window shorter than the cache
@@ -138,6 +137,11 @@ class DecodeEngine:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.out = torch.zeros(batch, max_new, **z)
         self.out_logp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+
+    def grown(self, batch: int, prompt_len: int, max_new: int) -> tuple[int, int, int]:
+        """The buffers' shape after a rollout of this shape: they only grow (smaller rollouts are padded up)."""
+        old = self.shape or (0, 0, 0)
+        return max(batch, old[0]), max(prompt_len, old[1]), max(max_new, old[2])
 
     def _mask(self, visible: Tensor) -> Tensor:
         """A boolean visibility [B, 1, Q, L] as the attention implementation takes it (sdpa: bool, eager: additive)."""
@@ -366,8 +370,9 @@ class Sampler:
         from lit_ft.online.generation import generate
 
         n = max_new_tokens or spec.max_new_tokens
-        held = self.engine.shape if self.engine is not None and self.engine.shape else (0, 0, 0)
-        length = max(input_ids.shape[1], held[1]) + max(n, spec.max_new_tokens, held[2])  # what the cache would hold
+        # what the static cache would hold (the engine allocates for spec.max_new_tokens)
+        shape = (input_ids.shape[0], input_ids.shape[1], max(n, spec.max_new_tokens))
+        length = sum((self.engine.grown(*shape) if self.engine is not None else shape)[1:])
         choice = self.resolve(spec, input_ids.device, length)
         if choice != self.choice:
             notes = [note for note, on in (("merged policy", spec.merged),
@@ -400,7 +405,9 @@ class Sampler:
 
 def _copy_or_config_error(spec, build):
     """`build()`, its refusal of a base it cannot copy for the rollout (8-bit, DoRA; de-quantizing a base that is not
-    4-bit) raised as the setting's error."""
+    4-bit) raised as the setting's error (no copy asked for: any error as it is)."""
+    if not (spec.merged or spec.dequantize):
+        return build()
     try:
         return build()
     except ValueError as e:
