@@ -98,7 +98,7 @@ def engine_spec(engine: str, w):
 
 def decode_point(model, w, engine: str, batch: int, device: str) -> dict:
     """One engine at one batch size: warm-up, then one timed rollout of w.new_tokens tokens."""
-    from lit_ft.online.engine import Sampler
+    from lit_ft.online.sampler import Sampler
 
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
@@ -141,7 +141,7 @@ def mismatch_point(model, w, engine: str, batch: int, device: str) -> dict:
     them (`rollout/logprob_diff_*`, `lit_ft.losses.rollout_mismatch`)."""
     from lit_ft.losses import rollout_mismatch
     from lit_ft.online import roles
-    from lit_ft.online.engine import Sampler
+    from lit_ft.online.sampler import Sampler
 
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, w.vocab, (batch, w.prompt_len), generator=g).to(device)
@@ -171,7 +171,7 @@ def profile_point(model, w, engine: str, batch: int, device: str, steps: int = 1
     against the bound's time a step is how far the kernels themselves are from streaming the bytes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lit_ft.online.engine import Sampler
+    from lit_ft.online.sampler import Sampler
 
     if engine.startswith("hf"):
         raise ValueError("profile: the static engine's step only (static, merged, +compile)")

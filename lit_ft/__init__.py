@@ -99,7 +99,7 @@ MOVED = {
     "lit_ft.guards": "lit_ft.train.guards", "lit_ft.optim": "lit_ft.train.optim", "lit_ft.metrics": "lit_ft.train.metrics",
     "lit_ft.strategies": "lit_ft.train.strategies",
     "lit_ft.recipes": "lit_ft.data.recipes", "lit_ft.tasks": "lit_ft.data.tasks",
-    "lit_ft.generation": "lit_ft.online.generation", "lit_ft.rollout": "lit_ft.online.engine",
+    "lit_ft.generation": "lit_ft.online.generation", "lit_ft.rollout": "lit_ft.online.sampler",
     "lit_ft.rollout_ops": "lit_ft.online.engine_ops", "lit_ft.roles": "lit_ft.online.roles",
     "lit_ft.scoring": "lit_ft.online.scoring",
     "lit_ft.sft": "lit_ft.stages.sft", "lit_ft.reward": "lit_ft.stages.reward", "lit_ft.ppo": "lit_ft.stages.ppo",

@@ -309,7 +309,7 @@ def test_family_merged_decode(family, family_dirs):
     Conv1D layers included): the greedy tokens of the adapted model, and afterwards the same base tensors unchanged
     and the adapters on (the next forward gives the adapted logits)."""
     from lit_ft.online.generation import SamplingSpec
-    from lit_ft.online.engine import Sampler
+    from lit_ft.online.sampler import Sampler
     from lit_ft.online.engine_ops import lora_layers
 
     moe = family in ("granitemoe", "mixtral", "qwen2_moe", "qwen3_moe")  # grouped expert matmuls: no fp64 kernel
@@ -394,7 +394,8 @@ def test_a_sliding_window_shorter_than_the_rollout_goes_to_generate(family, fami
     """A window shorter than prompt + new tokens (the static cache would roll over): `auto` decodes with
     transformers' `generate` (the same tokens as asking for hf), `engine: static` is refused naming the window, and a
     rollout that fits the window still takes the static engine."""
-    from lit_ft.online.engine import DecodeEngine, Sampler
+    from lit_ft.online.engine import DecodeEngine
+    from lit_ft.online.sampler import Sampler
     from lit_ft.online.generation import SamplingSpec
 
     torch.manual_seed(0)

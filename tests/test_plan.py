@@ -584,7 +584,7 @@ def test_rollout_engine_row_equals_the_decode_engine(tiny_model_dir):
     from lit_ft.online import roles
     from lit_ft.online.generation import SamplingSpec
     from lit_ft.stages.grpo_spec import GRPOSpec
-    from lit_ft.online.engine import Sampler
+    from lit_ft.online.sampler import Sampler
 
     B, k, P, R, eval_rows = 3, 2, 9, 5, 8
     model, _ = roles.build_roles(ModelSpec(name_or_path=tiny_model_dir, dtype="bfloat16"), LoraSpec(r=4), None, None,

@@ -9,7 +9,8 @@ import torch
 
 from lit_ft.online import roles
 from lit_ft.online.generation import SamplingSpec, generate
-from lit_ft.online.engine import DecodeEngine, Sampler
+from lit_ft.online.engine import DecodeEngine
+from lit_ft.online.sampler import Sampler
 from lit_ft.online.engine_ops import filter_logits, lora_layers
 
 TEXTS = ["What is 12 plus 30?", "hi", "The quick brown fox jumps over", "Add the numbers 3 and 4.", "reward"]
@@ -198,7 +199,7 @@ def test_compile_is_unused_where_rollouts_decode_with_generate(tiny_model_dir, t
     model = peft_model(tiny_model_dir)
     ids, mask = prompts(tiny_tokenizer)
     sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
-    with caplog.at_level("INFO", logger="lit_ft.online.engine"):
+    with caplog.at_level("INFO", logger="lit_ft.online.sampler"):
         out = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="hf", compile=True))
     assert sampler.choice == "hf" and sampler.engine is None
     assert "rollouts decode with the hf engine (sampling.compile unused: hf has no step to compile)" in caplog.text
@@ -563,6 +564,28 @@ def test_sampler_auto_uses_hf_on_cpu_and_static_when_asked(tiny_model_dir, tiny_
     static = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="static"))
     assert sampler.choice == "static" and sampler.engine is not None
     assert torch.equal(hf[0], static[0]) and torch.equal(hf[1], static[1])
+
+
+def test_sampler_rebuilds_its_engine_for_a_spec_that_decodes_differently(tiny_model_dir, tiny_tokenizer):
+    """A spec asking for another rollout copy (merged) than the engine was built with gets an engine of its own, not
+    the first spec's: the same tokens as an engine built for it, and the copy gone again for a plain spec."""
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    sampler = Sampler(model, eos, pad)
+    plain = SamplingSpec(max_new_tokens=6, do_sample=False, engine="static")
+    sampler(ids, mask, plain)
+    first = sampler.engine
+    assert first.weights is None
+    out = sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="static", merged=True))
+    assert sampler.engine is not first and sampler.engine.weights is not None and sampler.engine.weights.merge
+    ref = DecodeEngine(model, eos, pad, merged=True).generate(ids, mask, 6, do_sample=False)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    again = sampler.engine
+    sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="static", merged=True, temperature=0.5))
+    assert sampler.engine is again  # sampling settings alone keep the engine (its cache and graphs)
+    sampler(ids, mask, plain)
+    assert sampler.engine.weights is None
 
 
 def test_ppo_iteration_with_the_static_engine(tiny_model_dir, tiny_tokenizer):

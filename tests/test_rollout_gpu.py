@@ -83,7 +83,7 @@ def test_auto_decodes_with_hf_under_autocast_over_fp32_weights(tiny_model_dir, t
     """fp32 weights under bf16 autocast (bf16-mixed): the static cache would get keys and values of mixed dtypes
     (the engine's index_copy_ failed on the H200), so auto uses HF generate and static is refused by name."""
     from lit_ft.errors import ConfigError
-    from lit_ft.online.engine import Sampler
+    from lit_ft.online.sampler import Sampler
 
     model, ids, mask = on_device(tiny_model_dir, tiny_tokenizer, adapters=("policy",))
     sampler = Sampler(model, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)

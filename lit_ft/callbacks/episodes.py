@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_ft.callbacks.heldout import paired_change
 from lit_ft.data.recipes import resolve_source
 from lit_ft.errors import ConfigError
-from lit_ft.online import engine as decode
+from lit_ft.online import sampler as decode
 from lit_ft.online.episodes import (Environment, EpisodeSpec, check_environment, check_tools, generation_mode,
                                     play)
 from lit_ft.online.generation import SamplingSpec

@@ -31,7 +31,7 @@ import torch
 from lit_ft.data.templates import as_chat
 from lit_ft.errors import ConfigError
 from lit_ft.models import eval_mode
-from lit_ft.online import engine as decode
+from lit_ft.online import sampler as decode
 from lit_ft.online.batch import Rollout
 from lit_ft.online.toolcalls import TOOL_PARSERS, assistant_message, tool_format
 from lit_ft.train import strategies
@@ -205,7 +205,7 @@ def generation_mode(model, trainer):
 
 def play(sampler, tok, env, spec: EpisodeSpec, rows: list[dict], sampling, device, generating=None) -> list[Episode]:
     """The episodes of `rows` (prompt rows: `prompt`, `answer`, ...) against `env`, every round one batched call of
-    `sampler` (a `lit_ft.online.engine.Sampler`, or anything called the same way) over the unfinished ones, inside
+    `sampler` (a `lit_ft.online.sampler.Sampler`, or anything called the same way) over the unfinished ones, inside
     `generating()` (a context manager; none: no context). `rollout` trains on them; the held-out evaluation of
     `lit_ft.HeldOutEpisodes` scores them."""
     tools = getattr(env, "tools", None)

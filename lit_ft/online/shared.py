@@ -3,7 +3,7 @@
 A stage module holds the same attributes (`model`, `roles`, `tokenizer`, `sampler`, `reward_head`, `reward_norm`,
 `reward_fn`, `reward_fn_weight`, `sampling`, `base`, `lora`, `sft_adapter`, `reward_adapter`, `counters`,
 `val_scores`, `val_parts`, `sample_table_every`) and calls these functions for the rollout (the decode engine via
-`lit_ft.online.engine.Sampler`), the scoring (reward adapter and/or a reward callable, the missing-EOS penalty), the
+`lit_ft.online.sampler.Sampler`), the scoring (reward adapter and/or a reward callable, the missing-EOS penalty), the
 no-grad log-prob passes of the policy and the reference, the minibatch update loop with token- or row-weighted
 gradients over accumulation and ranks, validation rollouts, the W&B sample table, checkpoints and the export.
 Several are bound as methods (``rollout = online.rollout``), as `runs.configure_callbacks` is.
@@ -26,7 +26,7 @@ from lit_ft.train import checkpointing, metrics, optim, strategies
 from lit_ft.errors import ConfigError
 from lit_ft.losses import rollout_correction, rollout_mismatch
 
-from lit_ft.online import episodes, roles, engine as decode
+from lit_ft.online import episodes, roles, sampler as decode
 from lit_ft.online.engine_ops import RolloutWeights
 from lit_ft.online.generation import SamplingSpec
 from lit_ft.online.scoring import resolve_callable
