@@ -63,6 +63,7 @@ def test_print_metrics_writes_validation_and_training_lines(caplog):
         def training_step(self, batch, batch_idx):
             loss = (self.w * batch[0]).sum()
             self.log("train/loss", loss)
+            self.log_dict({"rollout/kl_sampler_train": 0.5, "time/update": 0.25, "other/x": 1.0})
             return loss
 
         def validation_step(self, batch, batch_idx):
@@ -81,7 +82,9 @@ def test_print_metrics_writes_validation_and_training_lines(caplog):
     assert lines[0].startswith("[start] device cpu") and lines[-1].startswith("[end] step 4 after 0:00:")
     assert "peak resident memory" in lines[-1]
     train = [x for x in lines if x.startswith("[train")]
-    assert [x.split(" | ")[0].strip() for x in train] == ["[train step 2] train/loss 2", "[train step 4] train/loss 2"]
+    # the online stages' mismatch (rollout/) and phase times (time/) too; other prefixes are not printed
+    shown = "rollout/kl_sampler_train 0.5  time/update 0.25  train/loss 2"
+    assert [x.split(" | ")[0].strip() for x in train] == [f"[train step 2] {shown}", f"[train step 4] {shown}"]
     # progress: steps done of the total, the optimizer's lr (0.0 here), elapsed and the ETA (0 left at the end)
     assert re.fullmatch(r"2/4  lr 0  elapsed 0:00:\d\d  eta 0:00:\d\d", train[0].split(" | ")[1]), train[0]
     assert re.fullmatch(r"4/4  lr 0  elapsed 0:00:\d\d  eta 0:00:00", train[1].split(" | ")[1]), train[1]

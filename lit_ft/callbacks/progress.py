@@ -42,14 +42,16 @@ class PrintMetrics(L.Callback):
     """Logged metrics as plain lines of text.
 
     A start line (device, free CUDA memory, steps to run), one line every `every_n_steps` training batches with the
-    training metrics (`train/`, `objective/`, `ppo/` ...) followed by progress: steps done of the total, learning
+    training metrics (`train/`, `objective/`, `ppo/`; the online stages' sampler/trainer mismatch `rollout/` and
+    phase times `time/`) followed by progress: steps done of the total, learning
     rate, tokens per second (non-pad tokens of the batches, since the start), elapsed time and ETA; one line after
     each validation with every `val/` metric (the sanity check's too, labelled as such: with `num_sanity_val_steps`
     covering the validation batches it is the before-training figure); and a final line with the peak memory.
     `every_n_steps` 0 prints validation lines only.
     """
 
-    def __init__(self, every_n_steps: int = 0, train_prefixes: tuple[str, ...] = ("train/", "objective/", "ppo/")):
+    def __init__(self, every_n_steps: int = 0,
+                 train_prefixes: tuple[str, ...] = ("train/", "objective/", "ppo/", "rollout/", "time/")):
         """
         Args:
             every_n_steps: print the training metrics every this many training batches; 0 = never.
