@@ -679,6 +679,25 @@ def test_engine_static_is_planned_on_the_cpu_too(tiny_model_dir):
     assert auto[0] == 0 and "(hf: freed)" in auto[1]
 
 
+@pytest.mark.parametrize("window, kv", [(4096, "static engine: resident"), (12, "(hf: freed)")])
+def test_auto_plans_generate_where_a_sliding_window_is_shorter_than_the_rollout(tmp_path, window, kv):
+    """On CUDA `engine: auto` decodes a sliding-window model with the static engine only where the window covers
+    prompt + new tokens (`Sampler.resolve`); the plan decides the same: 16 + 8 tokens against windows of 4096 and
+    12."""
+    import dataclasses
+
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo_spec import GRPOSpec
+    from tests.family_models import make_family_model
+
+    make_family_model("mistral", str(tmp_path), vocab_size=64)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": window}))
+    s = settings("grpo", str(tmp_path), sampling=SamplingSpec(engine="auto", max_new_tokens=8), grpo=GRPOSpec())
+    p = estimate_settings(dataclasses.replace(s, target="cuda"), budget=None)
+    assert kv in next(how for c, _, how in p.rows if c == "KV cache (rollout)")
+
+
 def test_over_budget_advice_reaches_a_fit(tiny_model_dir):
     s = settings("sft", tiny_model_dir, batch_size=16, max_length=256)
     p = estimate_settings(s, budget=None)

@@ -42,6 +42,9 @@ class Dims:
     """A Phi-3-style layer: q, k and v come from one fused `qkv_proj` (v is a view of its output) and RoPE
     concatenates its rotated part (partial rotary), so q and the attention output are laid out [rows, h, seq, d]
     and `o_proj` reads a transposed copy of that output, not the tensor sdpa keeps."""
+    window: int | None = None
+    """The sliding window of its sliding-attention layers (None: none slide): the decode engine serves the model
+    only where the window covers the rollout's prompt + new tokens."""
 
     @classmethod
     def from_config(cls, config) -> "Dims":

@@ -178,13 +178,16 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
                teacher: "TeacherPlan | None" = None) -> list[tuple[str, int, str]]:
     """Rows of the rollout (engine), the rollout record and the largest phase (rollout prefill, no-grad passes,
     update). `engine_ok`: `sampling.engine: auto` picks the static engine for this model and precision
-    (`rollout.Sampler.resolve`: CUDA, an attention the engine serves, no autocast over weights of another dtype).
+    (`Sampler.resolve`: CUDA, an attention the engine serves, no autocast over weights of another dtype; a sliding
+    window is checked here against the rollout's length).
     `teacher`: distillation's teacher (`teacher_plan`), whose pass and divergence replace the log-prob passes."""
     p, sp = spec_of(s), s.sampling
     rows, erows, P, R, mbs = shapes(s)
     seq, Pe = P + R, engine_prompt(s, P)
-    # `engine: static` on any device (eager off CUDA); `auto` on CUDA only; episodes decode with `generate`
-    static = (sp.engine == "static" or (s.target == "cuda" and sp.engine == "auto" and engine_ok)) \
+    # `engine: static` on any device (eager off CUDA); `auto` on CUDA only, and for a sliding-window model only where
+    # the window covers the rollout (`Sampler.resolve`); episodes decode with `generate`
+    covered = d.window is None or d.window >= Pe + R
+    static = (sp.engine == "static" or (s.target == "cuda" and sp.engine == "auto" and engine_ok and covered)) \
         and getattr(s, "episodes", None) is None
     engine = engine_bytes(d, erows, Pe, R, a)
     # Prefill (one no-grad pass over the prompts, `logits_to_keep=1`): a layer's forward, the bool visibility

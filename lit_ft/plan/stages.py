@@ -118,7 +118,9 @@ def counted_model(s):
             _CACHE.clear()
         attn = getattr(model.get_base_model().config, "_attn_implementation", None) or "sdpa"  # `auto` resolved
         fused = any(n.endswith("qkv_proj") for n in families.linear_layers(model))
-        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn, fused_qkv=fused)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        dims = dataclasses.replace(act.Dims.from_config(config), attn=attn, fused_qkv=fused,
+                                   window=families.sliding_window(text)[0])
         engine = s.stage in online.ONLINE and engine_unsupported(model) is None
         _CACHE[key] = (dims, dtype, counts, lora_shape(model, s, a, cast), notes, heads, merged, engine)
     dims, dtype, counts, shape, notes, heads, merged, engine = _CACHE[key]
