@@ -107,16 +107,16 @@ def last_true_index(mask_bool: Tensor) -> Tensor:
 def response_mask_after_eos(tokens: Tensor, eos_id: int, pad_id: int | None = None) -> Tensor:
     """Mask of real response tokens: everything up to and including the first EOS, 0 after it.
 
-    Rows without an EOS (truncated at the length limit) keep every token, except that when ``pad_id`` differs
-    from ``eos_id`` pad tokens are never real tokens and are masked out. When ``pad_id == eos_id`` (SmolLM2 pads
-    with ``<|im_end|>``) the first pad is the EOS and is kept, as the reward must see it.
-    Shapes: ``tokens [B, T]`` -> mask ``[B, T]`` (bool).
+    Rows without an EOS (truncated at the length limit) keep every token. When ``pad_id`` differs from ``eos_id``,
+    pad tokens are never real tokens: the response ends before its first pad (a pad the policy samples mid-response
+    ends it there, as the sequence length of TRL's PPO did: a mask with a hole would give the later tokens other
+    positions and context in the training forward than they were sampled with). When ``pad_id == eos_id`` (SmolLM2
+    pads with ``<|im_end|>``) the first pad is the EOS and is kept, as the reward must see it.
+    Shapes: ``tokens [B, T]`` -> mask ``[B, T]`` (bool), ones then zeros in every row.
     """
     T = tokens.shape[-1]
-    first_eos = first_true_index(tokens == eos_id)  # T when there is no EOS
-    pos = torch.arange(T, device=tokens.device).expand_as(tokens)
-    mask = pos <= first_eos.unsqueeze(-1)
+    end = first_true_index(tokens == eos_id) + 1  # T + 1 when there is no EOS
     if pad_id is not None and pad_id != eos_id:
-        mask = mask & (tokens != pad_id)
-    return mask
+        end = torch.minimum(end, first_true_index(tokens == pad_id))
+    return torch.arange(T, device=tokens.device).expand_as(tokens) < end.unsqueeze(-1)
 
