@@ -83,6 +83,40 @@ def test_greedy_equals_hf_generate_with_ragged_prompts_and_eos_mid_batch(tiny_mo
             assert ref_mask.sum(1).min() < ref_mask.sum(1).max()
 
 
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_copies_of_a_prompt_share_one_prefill(tiny_model_dir, tiny_tokenizer, pad_is_eos, monkeypatch):
+    """GRPO's k copies of each prompt (side by side, as `repeat_prompts` lays them out): the prefill runs over the
+    distinct prompts only, and the copies decode as if each had its own: greedy tokens equal to `generate`'s, sampled
+    tokens that differ between copies with log-probs equal to the training forward's, in a static cache whose prompt
+    slots equal a full prefill's."""
+    model = peft_model(tiny_model_dir)
+    ids, mask = prompts(tiny_tokenizer)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    pad = tiny_tokenizer.pad_token_id
+    eos = mid_batch_eos(model, ids, mask, pad, 10)
+    pad = eos if pad_is_eos else pad
+    engine = DecodeEngine(model, eos, pad)
+    widths = []
+    forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda i, *a, **k: (widths.append(i.shape), forward(i, *a, **k))[1])
+    out, out_mask, _ = engine.generate(ids, mask, 10, do_sample=False)
+    assert widths[0] == (len(ids) // 3, ids.shape[1])  # the prefill: one row a distinct prompt
+    ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), eos, pad, max_new_tokens=10)
+    assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
+    assert ref_mask.sum(1).min() < ref_mask.sum(1).max()  # rows ended at different steps
+    shared = [layer.keys[:, :, :ids.shape[1]].clone() for layer in engine.cache.layers]
+    monkeypatch.setattr(torch, "unique", lambda x, **k: (x, torch.arange(len(x))))  # every row its own prefill
+    engine.generate(ids, mask, 10, do_sample=False)
+    for layer, keys in zip(engine.cache.layers, shared):
+        torch.testing.assert_close(layer.keys[:, :, :ids.shape[1]], keys, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    torch.manual_seed(3)
+    responses, rmask, logp = engine.generate(ids, mask, 10, do_sample=True, temperature=0.7)
+    assert not torch.equal(responses[0], responses[1]) or not torch.equal(responses[1], responses[2])
+    torch.testing.assert_close(logp, training_logprobs(model, ids, mask, responses, rmask, 0.7) * rmask, atol=1e-5,
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_sampled_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, merged):
     model = peft_model(tiny_model_dir)

@@ -4,7 +4,7 @@
 
 - a static KV cache (transformers' `StaticCache`) allocated once for `batch x (prompt + max_new_tokens)` and reused
   by every rollout (smaller batches and shorter prompts are padded up to it, so the shapes never change);
-- the prefill in one pass over the prompts;
+- the prefill in one pass over the prompts, each distinct prompt once (GRPO's k copies of a prompt share it);
 - a fixed-shape one-token decode step (`DecodeEngine.step`) that reads and writes only preallocated buffers, so
   on CUDA it is captured once into a CUDA graph and replayed for every token; on the CPU the same function runs
   eagerly (that is what the tests exercise);
@@ -153,10 +153,11 @@ class DecodeEngine:
 
     # -- forward, sampling, the step ---------------------------------------------------------------------------
 
-    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """Last-position logits [B, V] fp32 from the model's own forward (its LM head and logit processing)."""
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor, cache=None) -> Tensor:
+        """Last-position logits [B, V] fp32 from the model's own forward (its LM head and logit processing), writing
+        the keys and values into `cache` (the engine's static cache unless given)."""
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        kwargs[self.cache_kw] = self.cache
+        kwargs[self.cache_kw] = self.cache if cache is None else cache
         return self.base(**kwargs).logits[:, -1].float()
 
     def _emit(self, logits: Tensor) -> None:
@@ -202,7 +203,8 @@ class DecodeEngine:
             return self._forward(ids, positions, mask)
 
     def _prefill(self, ids: Tensor, mask: Tensor) -> None:
-        """One pass over the (padded) prompts [B, P] into cache slots [0, P); emits the first token."""
+        """One pass over the (padded) prompts [B, P] into cache slots [0, P), over each distinct prompt once; emits
+        the first token."""
         self.cache.reset()  # zeroes the cache in place and rewinds its write position (storage kept)
         B, P = ids.shape
         self.prompt_ok.zero_()
@@ -216,7 +218,23 @@ class DecodeEngine:
         q = self.cols[:P, None]
         # causal over real keys; a pad query sees itself only (a fully masked row would give NaN states)
         visible = (self.cols[None, :] <= q) & (self.prompt_ok[:, None, :] | (self.cols[None, :] == q))
-        self._emit(self._forward(ids, positions, self._mask(visible[:, None])))
+        distinct, inverse = torch.unique(torch.cat([ids, mask.long()], 1), dim=0, return_inverse=True)
+        if len(distinct) == B:
+            self._emit(self._forward(ids, positions, self._mask(visible[:, None])))
+            return
+        # Copies of a prompt (GRPO's k samples, the rows padded up to the allocation): one pass over each distinct
+        # prompt into a cache of its own, whose keys and values then fill every copy's slots through the static
+        # cache's own `update` (which keeps each layer kind's bookkeeping); the copies sample independently.
+        from transformers import DynamicCache
+
+        first = torch.zeros(len(distinct), dtype=torch.long, device=ids.device)
+        first.scatter_reduce_(0, inverse, torch.arange(B, device=ids.device), "amin", include_self=False)
+        prefix = DynamicCache(config=self.base.config)
+        logits = self._forward(ids[first], positions[first], self._mask(visible[first, None, :, :P]), prefix)
+        for layer, small in zip(self.cache.layers, prefix.layers):
+            layer.update(small.keys.index_select(0, inverse), small.values.index_select(0, inverse))
+        del prefix
+        self._emit(logits.index_select(0, inverse))
 
     # -- graphs ------------------------------------------------------------------------------------------------
 
