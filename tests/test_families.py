@@ -339,7 +339,7 @@ def test_family_merged_decode(family, family_dirs):
 @pytest.mark.parametrize("family", PRESENT)
 def test_family_static_engine_decodes_as_generate(family, family_dirs):
     """The static decode engine (the default on CUDA) on every family it serves: its greedy tokens from ragged
-    left-padded prompts equal transformers' `generate`; merged (the policy LoRA in a copy, GPT-2's Conv1D
+    left-padded prompts, some repeated (their prefill shared), equal transformers' `generate`; merged (the policy LoRA in a copy, GPT-2's Conv1D
     included) and with its step traced by torch.compile (the `aot_eager` backend here: dynamo's graph of the step,
     cache writes and all, without inductor's C++ build) the same tokens; sliding-window layers (Mistral, Gemma 2/3:
     4096-token windows here) attend as full ones within a cache shorter than the window; the families it does not
@@ -366,6 +366,7 @@ def test_family_static_engine_decodes_as_generate(family, family_dirs):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     mask[2, :1] = 0
+    ids, mask = ids[[0, 0, 1, 2, 2]], mask[[0, 0, 1, 2, 2]]  # copies of a prompt: one shared prefill
     ref, ref_mask = generate(model, ids, mask, SamplingSpec(do_sample=False), 1, 0, max_new_tokens=6)
     for merged, compiled in ((False, False), (True, False), (False, True)):
         engine = DecodeEngine(model, 1, 0, adapter="default", merged=merged, compile=compiled)
