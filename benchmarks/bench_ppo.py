@@ -53,7 +53,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _driver  # noqa: E402
 from bench_sft import build_random_model, make_tokenizer  # noqa: E402  (also puts ROOT on sys.path)
 
-HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e, nominal
+HBM = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12}  # nominal HBM bytes/s
+
+
+def hbm_bytes_per_s() -> float:
+    """The card's nominal memory bandwidth (the bound decode figures are a share of): H200 4.8 TB/s, H100 SXM
+    3.35 TB/s; other cards (and the CPU) are given the H200's figure, as the earlier reports used."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in HBM.items() if k in name), HBM["H200"])
+
+
+HBM_BYTES_PER_S = hbm_bytes_per_s()
 
 
 @dataclass
