@@ -384,15 +384,20 @@ def test_the_roles_switch_leaves_what_peft_set_adapter_leaves(tiny_model_dir):
                   if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
         return model.active_adapter, layers, [(n, p.requires_grad) for n, p in model.named_parameters()]
 
-    for role in ["value", "ref", "policy", "value", "value", "policy", "ref"]:
-        switch._switch(role)
-        peft_way.set_adapter(role)
-        reference.restore_flags()
-        assert state(ours) == state(peft_way), role
-        with torch.no_grad():
-            torch.testing.assert_close(ours(input_ids=ids).logits, peft_way(input_ids=ids).logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="Adapter nope not found"):
-        switch._switch("nope")
+    for fast in (True, False):  # the direct switch, then PEFT's own where its internals are not the known ones
+        switch._adapter_modules()
+        switch._fast = fast
+        for role in ["value", "ref", "policy", "value", "value", "policy", "ref"]:
+            switch._switch(role)
+            peft_way.set_adapter(role)
+            reference.restore_flags()
+            assert state(ours) == state(peft_way), (role, fast)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(input_ids=ids).logits, peft_way(input_ids=ids).logits, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="Adapter nope not found"):
+            switch._switch("nope")
+    switch._modules_key = None
+    assert switch._adapter_modules() and switch._fast  # this PEFT: the direct switch
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "distill"])

@@ -140,7 +140,7 @@ class AdapterRoles:
         for n, p in model.named_parameters():
             owner = next((a for a in names if f".{a}." in n or n.endswith(f".{a}")), None)
             (self._train if owner in trainable else self._frozen).append(p)
-        self._modules_key, self._modules = None, ([], [])  # `_adapter_modules`: found at the first switch
+        self._modules_key, self._modules, self._fast = None, ([], []), True  # `_adapter_modules`: at the first switch
         self.restore_flags()
 
     def restore_flags(self) -> None:
@@ -173,6 +173,10 @@ class AdapterRoles:
         if role not in self.model.peft_config:
             raise ValueError(f"Adapter {role} not found.")
         layers, wrappers = self._adapter_modules()
+        if not self._fast:  # a PEFT whose layers keep their active adapter otherwise: its own (slower) switch
+            self.model.set_adapter(role)
+            self.restore_flags()
+            return
         self.model.active_adapter = role  # what PeftModel.set_adapter and its tuner record
         self.model.base_model.active_adapter = role
         for m in wrappers:  # modules_to_save and the like: their own switch (a role without one disables them)
@@ -194,6 +198,10 @@ class AdapterRoles:
             self._modules = ([m for m in mods if isinstance(m, BaseTunerLayer)],
                              [m for m in mods if isinstance(m, AuxiliaryTrainingWrapper)])
             self._modules_key = key
+            # the PEFT internals the fast switch writes (peft 0.21-0.22); missing, PEFT's `set_adapter` switches
+            self._fast = (all(isinstance(getattr(m, "_active_adapter", None), (list, str)) for m in self._modules[0])
+                          and all(hasattr(m, "check_set_adapter") and hasattr(m, "_adapters")
+                                  for m in self._modules[1]))
         return self._modules
 
 
