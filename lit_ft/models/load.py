@@ -247,15 +247,17 @@ def checkpoint_layer(function, *args):
     forward runs without grad, a second set of graphs to compile.
     """
     bound = (*function.args, *function.keywords.values()) if isinstance(function, functools.partial) else ()
-    reentrant = any(map(_needs_grad, args)) and not any(map(_needs_grad, bound)) and not _distributed()
+    reentrant = any(map(_holds_grad, args)) and not any(map(_holds_grad, bound)) and not _distributed()
     return checkpoint(function, *args, use_reentrant=reentrant)
 
 
-def _needs_grad(x) -> bool:
+def _holds_grad(x) -> bool:
+    """Whether `x` (a tensor, or tuples, lists and dicts of them) holds a tensor that requires grad, whatever the
+    grad mode (the checkpoint runs under the caller's)."""
     if isinstance(x, (tuple, list)):
-        return any(map(_needs_grad, x))
+        return any(map(_holds_grad, x))
     if isinstance(x, dict):
-        return any(map(_needs_grad, x.values()))
+        return any(map(_holds_grad, x.values()))
     return isinstance(x, torch.Tensor) and x.requires_grad
 
 
