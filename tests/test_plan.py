@@ -543,7 +543,10 @@ def test_checkpointing_every_kth_layer_saves_between_none_and_all_with_the_same_
     from lit_ft.models.load import checkpoint_every_kth
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
-    gpt2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(gpt2, "activation_checkpointing_enable"):  # transformers' newer name (the old one is deprecated)
+        gpt2.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        gpt2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpoint_every_kth(gpt2, 2)  # a family whose blocks are not `layers` (GPT-2's `h`)
     assert [block.gradient_checkpointing for block in gpt2.transformer.h] == [True, False, True, False]
     plain_loss, plain = grads()
