@@ -96,7 +96,7 @@ RULES: dict[str, dict[str, Rule]] = {
                    "cispo_ratio_max": POSITIVE, "cispo_ratio_min": NONNEG_OR_NONE,
                    "rollout_correction_cap": Rule(lo=1, lo_open=True)},
     "model.sampling": {"max_new_tokens": POS_INT, "min_new_tokens": POS_INT_OR_NONE, "temperature": POSITIVE,
-                       "top_k": NONNEG_INT, "top_p": Rule(lo=0, hi=1, lo_open=True)},
+                       "top_k": NONNEG_INT, "top_p": Rule(lo=0, hi=1, lo_open=True), "check_every": POS_INT},
     "model (SFTModule)": {"loss_chunk_size": POS_INT, "max_consecutive_skips": POS_INT,
                           "neftune_alpha": POSITIVE_OR_NONE},
     "model (RewardModule)": {"center_coef": NONNEG, "max_consecutive_skips": POS_INT},

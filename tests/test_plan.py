@@ -682,6 +682,21 @@ def test_engine_static_is_planned_on_the_cpu_too(tiny_model_dir):
     assert auto[0] == 0 and "(hf: freed)" in auto[1]
 
 
+def test_the_engine_keeps_validation_rows_only_where_the_fit_validates(tiny_model_dir):
+    """The static engine's cache holds the larger of the rollout and the validation batch (it keeps the largest
+    shape it has seen); with validation off (`limit_val_batches: 0`, the GRPO recipe's) only the rollout's rows."""
+    import dataclasses
+
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.stages.grpo_spec import GRPOSpec
+
+    s = settings("grpo", tiny_model_dir, sampling=SamplingSpec(engine="static", max_new_tokens=8),
+                 grpo=GRPOSpec(samples_per_prompt=2, mini_batch_size=4), eval_batch_size=64)
+    how = {v: next(h for c, _, h in estimate_settings(dataclasses.replace(s, validation=v), budget=None).rows
+                   if c == "KV cache (rollout)") for v in (True, False)}
+    assert how[True].startswith("64 rows x") and how[False].startswith("4 rows x"), how
+
+
 @pytest.mark.parametrize("window, kv", [(4096, "static engine: resident"), (12, "(hf: freed)")])
 def test_auto_plans_generate_where_a_sliding_window_is_shorter_than_the_rollout(tmp_path, window, kv):
     """On CUDA `engine: auto` decodes a sliding-window model with the static engine only where the window covers

@@ -478,6 +478,27 @@ def test_an_online_stage_refuses_merged_rollouts_over_an_8bit_base_when_it_build
         module.configure_model()
 
 
+def test_an_online_stage_refuses_the_static_engine_under_mixed_precision_over_fp32_weights(tiny_model_dir):
+    """`engine: static` with `bf16-mixed` over fp32 weights (keys and values of two dtypes for one static cache):
+    refused when the roles are built, naming both settings; bf16 weights serve it."""
+    import lightning as L
+
+    from lit_ft.errors import ConfigError
+    from lit_ft.models import ModelSpec
+    from lit_ft.stages.grpo import GRPOModule
+
+    def build(dtype):
+        module = GRPOModule(base=ModelSpec(name_or_path=tiny_model_dir, dtype=dtype),
+                            reward_fn="tests.test_ppo.uppercase_share", sampling=SamplingSpec(engine="static"))
+        module.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+        module.configure_model()
+
+    with pytest.raises(ConfigError, match=r"model.sampling.engine: static cannot serve this model \(torch.bfloat16 "
+                                          r"autocast over torch.float32 weights: trainer.precision .*model.base.dtype"):
+        build("float32")
+    build("bfloat16")
+
+
 def nf4_policy(model_dir, device=None, lora_b: float = 0.0, compute_dtype: str = "float32"):
     """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy
     (`lora_b`: the std of LoRA B's random values; 0 keeps PEFT's zeros)."""
@@ -620,6 +641,17 @@ def test_sampler_rebuilds_its_engine_for_a_spec_that_decodes_differently(tiny_mo
     assert sampler.engine is again  # sampling settings alone keep the engine (its cache and graphs)
     sampler(ids, mask, plain)
     assert sampler.engine.weights is None
+
+
+def test_sampling_settings_that_cannot_hold_are_refused_when_the_spec_is_built():
+    """Before any model loads: both rollout copies at once, and a finish check every 0 tokens."""
+    from lit_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.sampling.dequantize and model.sampling.merged are both true: .*set "
+                                          r"one of them false"):
+        SamplingSpec(merged=True, dequantize=True)
+    with pytest.raises(ConfigError, match=r"model.sampling.check_every"):
+        SamplingSpec(check_every=0)
 
 
 def test_ppo_iteration_with_the_static_engine(tiny_model_dir, tiny_tokenizer):

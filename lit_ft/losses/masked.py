@@ -107,16 +107,18 @@ def last_true_index(mask_bool: Tensor) -> Tensor:
 def response_mask_after_eos(tokens: Tensor, eos_id: int, pad_id: int | None = None) -> Tensor:
     """Mask of real response tokens: everything up to and including the first EOS, 0 after it.
 
-    Rows without an EOS (truncated at the length limit) keep every token. When ``pad_id`` differs from ``eos_id``,
-    pad tokens are never real tokens: the response ends before its first pad (a pad the policy samples mid-response
-    ends it there, as the sequence length of TRL's PPO did: a mask with a hole would give the later tokens other
-    positions and context in the training forward than they were sampled with). When ``pad_id == eos_id`` (SmolLM2
-    pads with ``<|im_end|>``) the first pad is the EOS and is kept, as the reward must see it.
-    Shapes: ``tokens [B, T]`` -> mask ``[B, T]`` (bool), ones then zeros in every row.
+    Rows without an EOS (truncated at the length limit) keep every token. A pad token the policy samples (``pad_id``
+    other than ``eos_id``) ends the response as an EOS would, and is kept: the sampler saw it, so the training forward
+    must too, and a mask with a hole (the tokens after a masked-out pad) would give the later tokens other positions
+    and context in the training forward than they were sampled with; a response that starts with one keeps that one
+    token (an episode to score, not an empty one). The pads written after an EOS come after it and are masked. When
+    ``pad_id == eos_id`` (SmolLM2 pads with ``<|im_end|>``) the first pad is the EOS, kept as the reward must see it.
+    Shapes: ``tokens [B, T]`` -> mask ``[B, T]`` (bool), ones then zeros in every row, at least one one.
     """
     T = tokens.shape[-1]
-    end = first_true_index(tokens == eos_id) + 1  # T + 1 when there is no EOS
+    stop = tokens == eos_id
     if pad_id is not None and pad_id != eos_id:
-        end = torch.minimum(end, first_true_index(tokens == pad_id))
+        stop = stop | (tokens == pad_id)
+    end = first_true_index(stop) + 1  # T + 1 when there is no stop token
     return torch.arange(T, device=tokens.device).expand_as(tokens) < end.unsqueeze(-1)
 

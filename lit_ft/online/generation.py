@@ -60,6 +60,10 @@ class SamplingSpec:
         if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(f"model.sampling.min_new_tokens={self.min_new_tokens}: expected at most "
                               f"model.sampling.max_new_tokens={self.max_new_tokens}")
+        if self.merged and self.dequantize:
+            raise ConfigError("model.sampling.dequantize and model.sampling.merged are both true: merged folds the "
+                              "LoRA into its (de-quantized) copy, dequantize keeps the LoRA branches on it (the 4-bit "
+                              "layers' exact numbers); set one of them false")
 
 
 class SampledLogprobs:

@@ -19,10 +19,19 @@ def autocast_mismatch(model, device) -> str | None:
     bf16-mixed) gives keys and values of mixed dtypes (RoPE promotes the keys back to fp32), which a static cache
     written in place cannot hold (HF's dynamic cache concatenates and promotes); seen on the H200."""
     dev = torch.device(device).type
-    if not torch.is_autocast_enabled(dev):
-        return None
+    return _mixed(model, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
+
+
+def precision_mismatch(model, precision) -> str | None:
+    """`autocast_mismatch` from the trainer's precision setting, before any autocast is on (when a stage builds its
+    roles): `bf16-mixed` / `16-mixed` over weights of another dtype."""
+    text = str(precision)
+    low = {"bf16": torch.bfloat16, "16": torch.float16}.get(text.split("-")[0])
+    return _mixed(model, low) if low is not None and text.endswith("mixed") else None
+
+
+def _mixed(model, low: torch.dtype) -> str | None:
     weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    low = torch.get_autocast_dtype(dev)
     if weights is None or weights == low:
         return None
     return (f"{low} autocast over {weights} weights: trainer.precision *-mixed over model.base.dtype {weights}; "
@@ -48,12 +57,10 @@ class Sampler:
         from lit_ft.errors import ConfigError
 
         if spec.engine not in ("auto", "static", "hf"):
-            raise ConfigError(f"sampling.engine: expected auto, static or hf, got {spec.engine!r}")
-        if spec.check_every < 1:
-            raise ConfigError(f"sampling.check_every: must be >= 1, got {spec.check_every}")
+            raise ConfigError(f"model.sampling.engine: expected auto, static or hf, got {spec.engine!r}")
         reason = engine_unsupported(self.model, length) or autocast_mismatch(self.model, device)
         if spec.engine == "static" and reason is not None:
-            raise ConfigError(f"sampling.engine: static cannot serve this model ({reason}); use hf or auto")
+            raise ConfigError(f"model.sampling.engine: static cannot serve this model ({reason}); use hf or auto")
         if spec.engine == "auto":
             return "static" if device.type == "cuda" and reason is None else "hf"
         return spec.engine
@@ -112,4 +119,4 @@ def _copy_or_config_error(spec, build):
     except ValueError as e:
         from lit_ft.errors import ConfigError
 
-        raise ConfigError(f"sampling.{'merged' if spec.merged else 'dequantize'}: {e}") from e
+        raise ConfigError(f"model.sampling.{'merged' if spec.merged else 'dequantize'}: {e}") from e

@@ -102,7 +102,9 @@ def build_roles(module, value_model: str, disable_dropout: bool, frozen: dict[st
     module.model, module.roles = model, roles.AdapterRoles(model, trainable)
     sampling = getattr(module, "sampling", None)
     if sampling is not None and sampling.engine == "static":  # now, not at the first rollout after validation
-        reason = decode.engine_unsupported(model)
+        trainer = module._trainer
+        reason = decode.engine_unsupported(model) or (decode.precision_mismatch(model, trainer.precision)
+                                                      if trainer is not None else None)
         if reason is not None:
             raise ConfigError(f"model.sampling.engine: static cannot serve this model ({reason}); use hf or auto")
     if sampling is not None and (sampling.merged or sampling.dequantize):

@@ -100,13 +100,14 @@ def roles_meta(s, base, notes, heads):
 
 def shapes(s) -> tuple[int, int, int, int, int]:
     """(rollout rows, engine rows, prompt P, response R, minibatch rows). A rollout holds batch_size x
-    samples_per_prompt episodes; validation rolls out eval_batch_size prompts once each through the same engine,
-    which keeps the largest batch it has seen (`DecodeEngine._allocate`). Prompts are left-padded to the batch's
+    samples_per_prompt episodes; validation (where the fit runs it) rolls out eval_batch_size prompts once each
+    through the same engine, which keeps the largest batch it has seen (`DecodeEngine._allocate`). Prompts are
+    left-padded to the batch's
     longest (`PromptCollator`): the longest real prompt, else `max_length` (`plan_data.seq_len`). Episodes against an
     environment hold up to `episodes.max_tokens` response tokens, the model's turns and the environment's."""
     p, sp = spec_of(s), s.sampling
     rows = s.batch_size * getattr(p, "samples_per_prompt", 1)  # distillation: one response a prompt
-    engine_rows = max(rows, s.eval_batch_size or s.batch_size)
+    engine_rows = max(rows, s.eval_batch_size or s.batch_size) if s.validation else rows
     R = s.episodes.max_tokens if getattr(s, "episodes", None) is not None else sp.max_new_tokens
     return rows, engine_rows, plan_data.seq_len(s), R, min(p.mini_batch_size, rows)
 
@@ -126,8 +127,8 @@ def update_shape(s) -> tuple[int, int, int, int]:
 
 def engine_prompt(s, P: int) -> int:
     """The prompt width the engine allocates: the largest it has seen (`DecodeEngine._allocate` keeps the maximum
-    of every shape), so the longest of the training and the validation prompts."""
-    return max(P, s.data.eval_longest or 0) if s.data is not None else P
+    of every shape), so the longest of the training and (where the fit validates) the validation prompts."""
+    return max(P, s.data.eval_longest or 0) if s.data is not None and s.validation else P
 
 
 def engine_bytes(d: act.Dims, rows: int, P: int, R: int, a: int) -> int:
