@@ -682,6 +682,34 @@ def test_engine_static_is_planned_on_the_cpu_too(tiny_model_dir):
     assert auto[0] == 0 and "(hf: freed)" in auto[1]
 
 
+def test_the_planned_prefill_runs_each_distinct_prompt_once(tiny_model_dir):
+    """16 rollout rows as 4 prompts x 4 samples: the prefill's forward over 4 prompts (plus their own KV cache in
+    the static engine), against 16 prompts x 1 sample; a validation batch of 16 distinct prompts plans 16."""
+    import dataclasses
+
+    from lit_ft.online.generation import SamplingSpec
+    from lit_ft.plan import online
+    from lit_ft.plan.stages import counted_model
+    from lit_ft.stages.grpo_spec import GRPOSpec
+
+    def prefill(batch, k, evaluated=None, engine="static"):
+        grpo = GRPOSpec(samples_per_prompt=k, mini_batch_size=4, advantage="grpo" if k > 1 else "reinforce_pp")
+        s = settings("grpo", tiny_model_dir, batch_size=batch, eval_batch_size=evaluated,
+                     sampling=SamplingSpec(engine=engine, max_new_tokens=8), grpo=grpo)
+        s = dataclasses.replace(s, validation=evaluated is not None)
+        d = counted_model(s)[0]
+        rows, erows, P, R, _ = online.shapes(s)
+        return online.prefill_bytes(s, d, 4, rows, erows, P, R, engine == "static"), d, P
+
+    shared, d, P = prefill(4, 4)
+    alone = prefill(16, 1)[0]
+    fwd = lambda n: act.nograd_forward(d, n * P, 4) + n * d.vocab * 8  # noqa: E731
+    assert alone - shared == fwd(16) - fwd(4) - act.kv_cache(d, 4, P, 4) - 4 * P * P > 0
+    assert prefill(4, 4, engine="hf")[0] == alone - fwd(16) + fwd(4)  # generate shares it too, in its own cache
+    assert prefill(4, 4, evaluated=4)[0] == shared  # 4 validation prompts padded to 16 rows with copies: shared
+    assert prefill(4, 4, evaluated=16)[0] == alone  # 16 distinct validation prompts: the larger prefill
+
+
 def test_the_engine_keeps_validation_rows_only_where_the_fit_validates(tiny_model_dir):
     """The static engine's cache holds the larger of the rollout and the validation batch (it keeps the largest
     shape it has seen); with validation off (`limit_val_batches: 0`, the GRPO recipe's) only the rollout's rows."""

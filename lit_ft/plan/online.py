@@ -191,9 +191,7 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     static = (sp.engine == "static" or (s.target == "cuda" and sp.engine == "auto" and engine_ok and covered)) \
         and getattr(s, "episodes", None) is None
     engine = engine_bytes(d, erows, Pe, R, a)
-    # Prefill (one no-grad pass over the prompts, `logits_to_keep=1`): a layer's forward, the bool visibility
-    # [rows, 1, P, P + R], the last position's logits [rows, V] in the activation dtype and in fp32.
-    prefill = act.nograd_forward(d, erows * Pe, a) + erows * Pe * (Pe + R) + erows * d.vocab * (a + 4)
+    prefill = prefill_bytes(s, d, a, rows, erows, Pe, R, static)
     kv_hf = act.kv_cache(d, erows, Pe + R, a)
     # No-grad passes, mbs rows at a time: a layer's forward over mbs x (P + R) and the logits (old and reference
     # log-probs, entropy); a reward adapter's scoring pass has only the trunk.
@@ -217,6 +215,25 @@ def components(s, d: act.Dims, a: int, lora, mask, trunk, engine_ok: bool, head_
     out.append((f"activations (peak phase: {phase[0]})", phase[1],
                 f"update: {mbs} rows x {seq} tokens with grad; rollout: prefill of {erows} x {Pe}"))
     return out
+
+
+def prefill_bytes(s, d: act.Dims, a: int, rows: int, erows: int, Pe: int, R: int, static: bool) -> int:
+    """Peak of the rollout's prefill: one no-grad pass over each distinct prompt (`logits_to_keep=1`; the copies of
+    a prompt share it, in either engine): a layer's forward over the distinct prompts, the bool visibility
+    [erows, 1, P, P + R] (the static engine's, of every row), the last position's logits [distinct, V] in the
+    activation dtype and in fp32; where the static engine shares a prefill, also the distinct prompts' own KV cache
+    and their visibility [distinct, 1, P, P] (`DecodeEngine._prefill`). The larger of the training rollout
+    (`batch_size` distinct prompts of `samples_per_prompt` copies, padded up to the engine's rows with copies of
+    the first) and a validation rollout (one copy of each of `eval_batch_size` prompts)."""
+    k = getattr(spec_of(s), "samples_per_prompt", 1)
+    kinds = [s.batch_size if k > 1 else rows] + ([s.eval_batch_size or s.batch_size] if s.validation else [])
+
+    def one(n: int) -> int:
+        n = min(n, erows)
+        own = act.kv_cache(d, n, Pe, a) + n * Pe * Pe if static and n < erows else 0
+        return act.nograd_forward(d, n * Pe, a) + erows * Pe * (Pe + R) + n * d.vocab * (a + 4) + own
+
+    return max(one(n) for n in kinds)
 
 
 def kv_row(erows: int, Pe: int, R: int, engine: int, static: bool) -> tuple[str, int, str]:
