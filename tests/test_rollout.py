@@ -499,12 +499,14 @@ def test_an_online_stage_refuses_the_static_engine_under_mixed_precision_over_fp
     build("bfloat16")
 
 
-def nf4_policy(model_dir, device=None, lora_b: float = 0.0, compute_dtype: str = "float32"):
+def nf4_policy(model_dir, device=None, lora_b: float = 0.0, compute_dtype: str = "float32", dtype: str = "auto"):
     """The tiny Llama as PPO holds a 4-bit base (lit_ft's loader, NF4 + double quant, fp32 compute) + LoRA policy
-    (`lora_b`: the std of LoRA B's random values; 0 keeps PEFT's zeros)."""
+    (`lora_b`: the std of LoRA B's random values; 0 keeps PEFT's zeros). `dtype`: the other weights' (auto: fp32 on
+    the CPU, bf16 on CUDA)."""
     from lit_ft.models import LoraSpec, ModelSpec
 
-    spec = ModelSpec(name_or_path=model_dir, quantization="nf4", double_quant=True, compute_dtype=compute_dtype)
+    spec = ModelSpec(name_or_path=model_dir, quantization="nf4", double_quant=True, compute_dtype=compute_dtype,
+                     dtype=dtype)
     model, _ = roles.build_roles(spec, LoraSpec(r=4), None, None, "shared_trunk", device)
     if lora_b:
         torch.manual_seed(0)

@@ -13,7 +13,7 @@
 - an optional `merged` mode: the policy LoRA is merged into a rollout copy of the LoRA-wrapped weights (4-bit bases:
   de-quantized into it; refreshed at the start of every rollout, so it follows each optimizer update), and the step
   runs plain matmuls with the policy's LoRA branches off; or, for 4-bit bases, `dequantize`: the copy holds the base
-  weights de-quantized once a rollout and the LoRA branches stay on (the 4-bit layers' own numbers).
+  weights de-quantized once a rollout and the LoRA branches stay on (the 4-bit layers' de-quantized weights).
 
 What is hand-written here, and why transformers/torch could not do it:
 

@@ -121,8 +121,9 @@ class RolloutWeights:
     compute dtype, each 4-bit layer replaced by a plain linear over it for the rollout.
 
     `merge=False` (`sampling.dequantize`, 4-bit bases): the copy is the de-quantized W alone and the LoRA branches
-    stay on, so the decode computes what the 4-bit layers do (bitsandbytes de-quantizes to the same compute-dtype
-    weight for batches of more than one row, at every step) from weights de-quantized once a rollout.
+    stay on, so the decode multiplies by the weights the 4-bit layers de-quantize to, de-quantized once a rollout
+    (bit for bit their numbers on the CPU; on CUDA bitsandbytes multiplies with its own 4-bit GEMM kernel, which
+    rounds differently from cuBLAS over the copy).
 
     The copy is recomputed at each `swapped_in()` (it follows the optimizer) in place (a captured graph keeps reading
     it). Memory: one copy of each weight it covers (`nbytes`, logged): for a 4-bit base nearly 4x its 4-bit weights

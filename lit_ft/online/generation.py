@@ -40,10 +40,10 @@ class SamplingSpec:
     8-bit bases are refused. Both engines; the tokens are the unmerged policy's up to float rounding."""
     dequantize: bool = False
     """With a 4-bit base (QLoRA): decode from a copy of the policy's LoRA-wrapped base weights de-quantized once a
-    rollout (in the compute dtype; one copy, logged and planned), the LoRA branches on as trained: the same numbers
-    the 4-bit layers compute (bitsandbytes de-quantizes to that weight at every step for batches of more than one
-    row), without the per-step de-quantization. `merged` does this too and also folds the LoRA in, which in bf16 rounds
-    W + delta once more (a larger sampler/trainer mismatch). Both engines."""
+    rollout (in the compute dtype; one copy, logged and planned), the LoRA branches on as trained: the weights the
+    4-bit layers de-quantize to, without their per-step de-quantization (equal numbers on the CPU; on CUDA
+    bitsandbytes' own 4-bit GEMM rounds differently). `merged` does this too and also folds the LoRA in, which in bf16
+    rounds W + delta once more (a larger sampler/trainer mismatch); the two exclude each other. Both engines."""
     cuda_graph: bool = True
     """Capture the static engine's decode step as a CUDA graph (CUDA only)."""
     compile: bool = False
@@ -62,8 +62,8 @@ class SamplingSpec:
                               f"model.sampling.max_new_tokens={self.max_new_tokens}")
         if self.merged and self.dequantize:
             raise ConfigError("model.sampling.dequantize and model.sampling.merged are both true: merged folds the "
-                              "LoRA into its (de-quantized) copy, dequantize keeps the LoRA branches on it (the 4-bit "
-                              "layers' exact numbers); set one of them false")
+                              "LoRA into its (de-quantized) copy, dequantize keeps the LoRA branches on it (closer to the "
+                              "4-bit layers' numbers); set one of them false")
 
 
 class SampledLogprobs:
