@@ -102,9 +102,9 @@ def shapes(s) -> tuple[int, int, int, int, int]:
     """(rollout rows, engine rows, prompt P, response R, minibatch rows). A rollout holds batch_size x
     samples_per_prompt episodes; validation (where the fit runs it) rolls out eval_batch_size prompts once each
     through the same engine, which keeps the largest batch it has seen (`DecodeEngine._allocate`). Prompts are
-    left-padded to the batch's
-    longest (`PromptCollator`): the longest real prompt, else `max_length` (`plan_data.seq_len`). Episodes against an
-    environment hold up to `episodes.max_tokens` response tokens, the model's turns and the environment's."""
+    left-padded to the batch's longest (`PromptCollator`): the longest real prompt, else `max_length`
+    (`plan_data.seq_len`). Episodes against an environment hold up to `episodes.max_tokens` response tokens, the
+    model's turns and the environment's."""
     p, sp = spec_of(s), s.sampling
     rows = s.batch_size * getattr(p, "samples_per_prompt", 1)  # distillation: one response a prompt
     engine_rows = max(rows, s.eval_batch_size or s.batch_size) if s.validation else rows
