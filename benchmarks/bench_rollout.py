@@ -18,7 +18,7 @@ merged into a rollout copy; a 4-bit base de-quantized into it); `+compile` after
 torch.compile before its capture (`SamplingSpec.compile`); `+dequant` (4-bit bases): the weights de-quantized once a
 rollout, the LoRA kept (`SamplingSpec.dequantize`).
 
-Bandwidth bound (H200 HBM3e, 4.8 TB/s nominal): one decode step must read the base weights once (`W`, bytes as
+Bandwidth bound (the card's nominal HBM bandwidth, `bench_ppo.hbm_bytes_per_s`: H100 SXM 3.35 TB/s, H200 4.8 TB/s): one decode step must read the base weights once (`W`, bytes as
 `bench_ppo.weight_bytes` counts them: the input embedding is a lookup and excluded, a tied LM head counted once,
 4-bit quantization constants included; LoRA excluded) and each row's KV cache up to its current length:
 

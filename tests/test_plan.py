@@ -704,7 +704,8 @@ def test_the_planned_prefill_runs_each_distinct_prompt_once(tiny_model_dir):
     shared, d, P = prefill(4, 4)
     alone = prefill(16, 1)[0]
     fwd = lambda n: act.nograd_forward(d, n * P, 4) + n * d.vocab * 8  # noqa: E731
-    assert alone - shared == fwd(16) - fwd(4) - act.kv_cache(d, 4, P, 4) - 4 * P * P > 0
+    own = act.kv_cache(d, 4, P, 4) + 4 * P * P + act.kv_cache(d, 16, P, 4) // d.layers + 16 * d.vocab * 4
+    assert alone - shared == fwd(16) - fwd(4) - own > 0
     assert prefill(4, 4, engine="hf")[0] == alone - fwd(16) + fwd(4)  # generate shares it too, in its own cache
     assert prefill(4, 4, evaluated=4)[0] == shared  # 4 validation prompts padded to 16 rows with copies: shared
     assert prefill(4, 4, evaluated=16)[0] == alone  # 16 distinct validation prompts: the larger prefill

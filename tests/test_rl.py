@@ -99,12 +99,12 @@ def test_index_helpers_and_response_mask():
             [5, 2, 7, 2, 0],  # two EOS: cut after the first
             [5, 6, 7, 8, 9],  # truncated: keep all
             [2, 0, 0, 0, 0],  # immediate EOS
-            [5, 6, 0, 0, 0],  # no EOS, a sampled pad (pad != eos): it ends the response, kept as an EOS would be
-            [5, 0, 7, 2, 0],  # a sampled pad mid-response: no hole in the mask
+            [5, 6, 0, 0, 0],  # no EOS, a sampled pad (pad != eos): the response ends before it
+            [5, 0, 7, 2, 0],  # a sampled pad mid-response: it ends there, no hole in the mask
             [0, 5, 6, 2, 0],  # a response that starts with a pad: that one token, not an empty response
         ]
     )
-    expected = [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0],
+    expected = [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0],
                 [1, 0, 0, 0, 0]]
     assert response_mask_after_eos(tokens, eos, pad).int().tolist() == expected
     # pad == eos (SmolLM2): the first pad is the EOS and is kept.

@@ -117,6 +117,24 @@ def test_copies_of_a_prompt_share_one_prefill(tiny_model_dir, tiny_tokenizer, pa
                                rtol=1e-5)
 
 
+def test_the_shared_prefill_skips_layers_that_read_another_layers_cache():
+    """Gemma 4's KV sharing: its last layers read an earlier layer's keys and values (their cache layers hold none);
+    copies of a prompt still decode as transformers' `generate` does."""
+    gemma4 = pytest.importorskip("transformers.models.gemma4")
+    cfg = gemma4.Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_kv_shared_layers=2,
+                                  sliding_window=4096, layer_types=["sliding_attention", "full_attention"] * 2,
+                                  hidden_size_per_layer_input=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = gemma4.Gemma4ForCausalLM(cfg).eval()
+    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))[[0, 0, 1, 1]]
+    mask = torch.ones_like(ids)
+    ref = generate(model, ids, mask, SamplingSpec(do_sample=False), 1, 0, max_new_tokens=5)[0]
+    out = DecodeEngine(model, 1, 0, adapter=None).generate(ids, mask, 5, do_sample=False)[0]
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_sampled_logprobs_equal_training_forward(tiny_model_dir, tiny_tokenizer, merged):
     model = peft_model(tiny_model_dir)
@@ -641,6 +659,8 @@ def test_sampler_rebuilds_its_engine_for_a_spec_that_decodes_differently(tiny_mo
     again = sampler.engine
     sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="static", merged=True, temperature=0.5))
     assert sampler.engine is again  # sampling settings alone keep the engine (its cache and graphs)
+    sampler(ids, mask, SamplingSpec(max_new_tokens=6, do_sample=False, engine="static", merged=True, check_every=2))
+    assert sampler.engine is again and again.check_every == 2  # read by the host loop only
     sampler(ids, mask, plain)
     assert sampler.engine.weights is None
 

@@ -108,17 +108,17 @@ def response_mask_after_eos(tokens: Tensor, eos_id: int, pad_id: int | None = No
     """Mask of real response tokens: everything up to and including the first EOS, 0 after it.
 
     Rows without an EOS (truncated at the length limit) keep every token. A pad token the policy samples (``pad_id``
-    other than ``eos_id``) ends the response as an EOS would, and is kept: the sampler saw it, so the training forward
-    must too, and a mask with a hole (the tokens after a masked-out pad) would give the later tokens other positions
-    and context in the training forward than they were sampled with; a response that starts with one keeps that one
-    token (an episode to score, not an empty one). The pads written after an EOS come after it and are masked. When
-    ``pad_id == eos_id`` (SmolLM2 pads with ``<|im_end|>``) the first pad is the EOS, kept as the reward must see it.
+    other than ``eos_id``) ends the response just before it, as the sequence length of TRL's PPO does: the pad is no
+    response token (the reward is read at the token before it) and nothing after it is, so the mask has no hole (a
+    masked-out pad with real tokens after it would give them other positions and context in the training forward
+    than they were sampled with). A response that starts with a pad keeps that one token (an episode to score, not
+    an empty one). The pads written after an EOS come after it and are masked. When ``pad_id == eos_id`` (SmolLM2
+    pads with ``<|im_end|>``) the first pad is the EOS, kept as the reward must see it.
     Shapes: ``tokens [B, T]`` -> mask ``[B, T]`` (bool), ones then zeros in every row, at least one one.
     """
     T = tokens.shape[-1]
-    stop = tokens == eos_id
+    end = first_true_index(tokens == eos_id) + 1  # T + 1 when there is no EOS
     if pad_id is not None and pad_id != eos_id:
-        stop = stop | (tokens == pad_id)
-    end = first_true_index(stop) + 1  # T + 1 when there is no stop token
+        end = torch.minimum(end, first_true_index(tokens == pad_id).clamp(min=1))
     return torch.arange(T, device=tokens.device).expand_as(tokens) < end.unsqueeze(-1)
 

@@ -232,6 +232,8 @@ class DecodeEngine:
         prefix = DynamicCache(config=self.base.config)
         logits = self._forward(ids[first], positions[first], self._mask(visible[first, None, :, :P]), prefix)
         for layer, small in zip(self.cache.layers, prefix.layers):
+            if getattr(small, "keys", None) is None:  # a layer that reads another's cache (Gemma 4's KV sharing)
+                continue
             layer.update(small.keys.index_select(0, inverse), small.values.index_select(0, inverse))
         del prefix
         self._emit(logits.index_select(0, inverse))

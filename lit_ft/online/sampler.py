@@ -74,6 +74,11 @@ class Sampler:
         shape = (input_ids.shape[0], input_ids.shape[1], max(n, spec.max_new_tokens))
         length = sum((self.engine.grown(*shape) if self.engine is not None else shape)[1:])
         choice = self.resolve(spec, input_ids.device, length)
+        settings = (spec.merged, spec.dequantize, spec.cuda_graph, spec.compile)
+        if choice == "static" and self.engine is not None and self.engine_settings != settings:
+            # a spec that decodes differently (another rollout copy, graphs or compile): a new engine, the old one's
+            # cache, graphs and copy freed first, and the choice logged again
+            self.engine, self.choice = None, None
         if choice != self.choice:
             notes = [note for note, on in (("merged policy", spec.merged),
                                            ("de-quantized base", spec.dequantize and not spec.merged),
@@ -91,16 +96,12 @@ class Sampler:
                                                                                    merge=spec.merged))
             with self.weights.swapped_in():
                 return generate(*args)
-        settings = (spec.merged, spec.dequantize, spec.cuda_graph, spec.check_every, spec.compile)
-        if self.engine is not None and self.engine_settings != settings:
-            # a spec that decodes differently (another rollout copy, graphs or compile): a new engine, the old one's
-            # cache, graphs and copy freed first
-            self.engine = None
         if self.engine is None:
             self.engine_settings = settings
             self.engine = _copy_or_config_error(spec, lambda: DecodeEngine(
                 self.model, self.eos, self.pad, self.adapter, spec.merged, spec.cuda_graph, spec.check_every,
                 spec.compile, spec.dequantize))
+        self.engine.check_every = spec.check_every  # read by the host loop only: no rebuild
         # the allocation covers max_new_tokens, so a shorter drawn length (min_new_tokens) reuses the graphs
         if self.engine.shape is None:
             self.engine._allocate(*input_ids.shape, spec.max_new_tokens, input_ids.device)

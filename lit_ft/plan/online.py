@@ -221,8 +221,9 @@ def prefill_bytes(s, d: act.Dims, a: int, rows: int, erows: int, Pe: int, R: int
     """Peak of the rollout's prefill: one no-grad pass over each distinct prompt (`logits_to_keep=1`; the copies of
     a prompt share it, in either engine): a layer's forward over the distinct prompts, the bool visibility
     [erows, 1, P, P + R] (the static engine's, of every row), the last position's logits [distinct, V] in the
-    activation dtype and in fp32; where the static engine shares a prefill, also the distinct prompts' own KV cache
-    and their visibility [distinct, 1, P, P] (`DecodeEngine._prefill`). The larger of the training rollout
+    activation dtype and in fp32; where the static engine shares a prefill, also the distinct prompts' own KV cache,
+    their visibility [distinct, 1, P, P], one layer's keys and values repeated to every row on their way into the
+    static cache and the logits repeated to every row in fp32 (`DecodeEngine._prefill`). The larger of the training rollout
     (`batch_size` distinct prompts of `samples_per_prompt` copies, padded up to the engine's rows with copies of
     the first) and a validation rollout (one copy of each of `eval_batch_size` prompts)."""
     k = getattr(spec_of(s), "samples_per_prompt", 1)
@@ -230,7 +231,8 @@ def prefill_bytes(s, d: act.Dims, a: int, rows: int, erows: int, Pe: int, R: int
 
     def one(n: int) -> int:
         n = min(n, erows)
-        own = act.kv_cache(d, n, Pe, a) + n * Pe * Pe if static and n < erows else 0
+        own = (act.kv_cache(d, n, Pe, a) + n * Pe * Pe + act.kv_cache(d, erows, Pe, a) // d.layers
+               + erows * d.vocab * 4) if static and n < erows else 0
         return act.nograd_forward(d, n * Pe, a) + erows * Pe * (Pe + R) + n * d.vocab * (a + 4) + own
 
     return max(one(n) for n in kinds)
