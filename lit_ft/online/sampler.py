@@ -11,7 +11,7 @@ from torch import Tensor
 from lit_ft.online.engine import DecodeEngine
 from lit_ft.online.engine_ops import RolloutWeights, engine_unsupported
 
-__all__ = ["DecodeEngine", "Sampler", "autocast_mismatch"]
+__all__ = ["DecodeEngine", "Sampler", "autocast_mismatch", "precision_mismatch"]
 
 
 def autocast_mismatch(model, device) -> str | None:
